@@ -1,0 +1,156 @@
+//! Start-up and shutdown order of the agent's parts.
+//!
+//! Start: bind the metrics endpoint, check privileges and load the programs, install a flow
+//! table, start the collector, start the interface watcher (which attaches to what is present),
+//! report ready. Stop (SIGTERM/SIGINT, or a part failing): the watcher detaches every program,
+//! then the collector drains the tables one last time and flushes every flow, then we exit.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+};
+
+use tokio::{net::TcpListener, signal::unix::SignalKind, sync::oneshot};
+
+use crate::{
+    capture::{self, CaptureError},
+    collector::{Collector, RecordBuilder},
+    config::{Config, Output},
+    flows::FlowTracker,
+    interfaces::{self, InterfaceNames, WatchError},
+    metrics::{self, Metrics},
+    netns::NetnsError,
+    sink::{JsonLines, RecordSink, SinkError},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("binding the metrics endpoint {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    #[error(transparent)]
+    Watch(#[from] WatchError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("collector: {0}")]
+    Collector(CaptureError),
+    #[error("{0}")]
+    Runtime(std::io::Error),
+}
+
+impl AgentError {
+    /// Errors the operator fixes in the environment (privileges, kernel), not in the agent.
+    pub fn is_environment(&self) -> bool {
+        matches!(
+            self,
+            AgentError::Capture(CaptureError::NoBtf | CaptureError::MissingCapability { .. })
+                | AgentError::Watch(WatchError::Netns(NetnsError::NotPermitted { .. }))
+        )
+    }
+}
+
+pub fn run(config: Config) -> Result<(), AgentError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(AgentError::Runtime)?;
+    runtime.block_on(run_async(config))
+}
+
+async fn run_async(config: Config) -> Result<(), AgentError> {
+    let listener = TcpListener::bind(config.metrics_listen)
+        .await
+        .map_err(|source| AgentError::Bind {
+            addr: config.metrics_listen,
+            source,
+        })?;
+    let metrics = Arc::new(Metrics::new());
+    let capture = capture::load(config.kernel_table_entries)?;
+    metrics
+        .kernel_table_capacity
+        .set(i64::from(capture.tables.entries()));
+    let sink: Box<dyn RecordSink> = match &config.output {
+        Output::Stdout => Box::new(JsonLines::new(std::io::stdout())),
+        Output::File(path) => Box::new(JsonLines::create(path)?),
+    };
+    let names = InterfaceNames::default();
+
+    let stop_collector = Arc::new(AtomicBool::new(false));
+    let (collector_done_tx, collector_done) = oneshot::channel();
+    let collector = Collector {
+        tables: capture.tables,
+        overflow: capture.overflow,
+        counters: capture.counters,
+        tracker: FlowTracker::new(config.timeouts.clone(), config.max_tracked_flows),
+        sink,
+        records: RecordBuilder {
+            node_name: config.node_name.clone(),
+            names: names.clone(),
+        },
+        metrics: metrics.clone(),
+        scan_interval: config.scan_interval,
+    };
+    let collector_thread = {
+        let stop = stop_collector.clone();
+        thread::Builder::new()
+            .name("mermin-collector".into())
+            .spawn(move || {
+                let result = collector.run(&stop);
+                let _ = collector_done_tx.send(());
+                result
+            })
+            .map_err(AgentError::Runtime)?
+    };
+
+    let stop_watcher = Arc::new(AtomicBool::new(false));
+    let watcher = interfaces::spawn_watcher(
+        capture.programs,
+        config.interfaces,
+        config.netns,
+        names,
+        metrics.clone(),
+        stop_watcher.clone(),
+    );
+    let watcher = match watcher {
+        Ok(watcher) => watcher,
+        Err(err) => {
+            stop_collector.store(true, Ordering::Relaxed);
+            let _ = collector_thread.join();
+            return Err(err.into());
+        }
+    };
+    metrics.set_ready();
+    tracing::info!(listen = %config.metrics_listen, node = %config.node_name, "mermin-agent ready");
+
+    let stall_ns = (config.scan_interval * 10).as_nanos() as u64;
+    let server = axum::serve(listener, metrics::router(metrics.clone(), stall_ns));
+    let mut sigterm =
+        tokio::signal::unix::signal(SignalKind::terminate()).map_err(AgentError::Runtime)?;
+    let mut sigint =
+        tokio::signal::unix::signal(SignalKind::interrupt()).map_err(AgentError::Runtime)?;
+    tokio::select! {
+        _ = sigterm.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = sigint.recv() => tracing::info!("SIGINT: stopping"),
+        _ = collector_done => tracing::error!("collector stopped unexpectedly"),
+        result = server => if let Err(err) = result {
+            tracing::error!(%err, "metrics endpoint failed");
+        },
+    }
+
+    stop_watcher.store(true, Ordering::Relaxed);
+    let _ = watcher.join();
+    stop_collector.store(true, Ordering::Relaxed);
+    match collector_thread.join() {
+        Ok(result) => result.map_err(AgentError::Collector)?,
+        Err(_) => tracing::error!("collector thread panicked"),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,78 @@
+//! The one place where kernel boot-time timestamps become wall-clock time.
+//!
+//! The programs stamp packets with `CLOCK_BOOTTIME` (monotonic, counts suspend). Records carry
+//! Unix time. The offset between the two clocks is re-measured every scan, so wall-clock steps
+//! (NTP) show up in records within one interval.
+
+/// Converts boot-time nanoseconds to Unix nanoseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct WallClock {
+    /// Unix time minus boot time, in nanoseconds.
+    offset_ns: i128,
+}
+
+impl WallClock {
+    /// Measures the offset now. Reads the clocks in the order realtime, boottime, realtime and
+    /// keeps the tightest of a few tries, so a preemption between the reads cannot skew it.
+    pub fn measure() -> Self {
+        let mut best: Option<(i128, i128)> = None; // (window, offset)
+        for _ in 0..3 {
+            let before = read(libc::CLOCK_REALTIME);
+            let boot = read(libc::CLOCK_BOOTTIME);
+            let after = read(libc::CLOCK_REALTIME);
+            let window = after - before;
+            let offset = before + window / 2 - boot;
+            if best.is_none_or(|(w, _)| window < w) {
+                best = Some((window, offset));
+            }
+        }
+        let (_, offset_ns) = best.unwrap_or_default();
+        Self { offset_ns }
+    }
+
+    /// A clock with a fixed offset (tests).
+    pub fn with_offset(offset_ns: i128) -> Self {
+        Self { offset_ns }
+    }
+
+    pub fn unix_nanos(&self, boot_ns: u64) -> u64 {
+        u64::try_from(i128::from(boot_ns) + self.offset_ns).unwrap_or(0)
+    }
+
+    /// The current boot time in nanoseconds, the clock the programs use.
+    pub fn boot_now() -> u64 {
+        u64::try_from(read(libc::CLOCK_BOOTTIME)).unwrap_or(0)
+    }
+}
+
+fn read(clock: libc::clockid_t) -> i128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; both clock ids exist on every supported kernel.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_time_maps_close_to_system_time() {
+        let clock = WallClock::measure();
+        let unix = clock.unix_nanos(WallClock::boot_now());
+        let system = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        assert!(unix.abs_diff(system) < 50_000_000, "{unix} vs {system}");
+    }
+
+    #[test]
+    fn fixed_offset_is_exact() {
+        assert_eq!(WallClock::with_offset(1_000).unix_nanos(5), 1_005);
+        assert_eq!(WallClock::with_offset(-10).unix_nanos(5), 0);
+    }
+}

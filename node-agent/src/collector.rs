@@ -1,0 +1,222 @@
+//! The collector loop: every scan interval it swaps the kernel flow tables, feeds what the retired
+//! table counted (and any overflow packets) to the [`FlowTracker`], turns due reports into
+//! [`FlowRecord`]s and hands them to the sink. It owns the tracker; nothing else touches it.
+//!
+//! On stop (after the watcher has detached the programs) it drains both tables and the overflow
+//! ring one last time and reports every flow it still holds with `AGENT_SHUTDOWN`.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use aya::maps::{MapData, RingBuf};
+use mermin_protocol::flow::v1::{Direction, EndReason, FlowRecord};
+use node_common::{FlowKey, FlowStats, direction};
+
+use crate::{
+    capture::{self, CaptureError, FlowTables, KernelCounters},
+    clock::WallClock,
+    flows::{FlowTracker, Reason, Report},
+    interfaces::{InterfaceNames, wait_readable},
+    metrics::Metrics,
+    sink::RecordSink,
+};
+
+pub struct Collector {
+    pub tables: FlowTables,
+    pub overflow: RingBuf<MapData>,
+    pub counters: KernelCounters,
+    pub tracker: FlowTracker,
+    pub sink: Box<dyn RecordSink>,
+    pub records: RecordBuilder,
+    pub metrics: Arc<Metrics>,
+    pub scan_interval: Duration,
+}
+
+impl Collector {
+    /// Runs until `stop` is set, then drains everything and returns.
+    pub fn run(mut self, stop: &AtomicBool) -> Result<(), CaptureError> {
+        let mut drained: Vec<(FlowKey, FlowStats)> = Vec::new();
+        let mut reports: Vec<Report> = Vec::new();
+        let mut next_scan = Instant::now() + self.scan_interval;
+        while !stop.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            if now < next_scan {
+                // Overflow packets are read as they come, so the ring never fills while we wait.
+                let wait = (next_scan - now).min(Duration::from_millis(100));
+                if wait_readable(&self.overflow, wait).unwrap_or(false) {
+                    self.read_overflow(&mut reports);
+                }
+                continue;
+            }
+            next_scan += self.scan_interval;
+            if next_scan < now {
+                next_scan = now + self.scan_interval;
+            }
+            self.scan(&mut drained, &mut reports)?;
+            self.tracker.evict(WallClock::boot_now(), &mut reports);
+            self.emit(&mut reports);
+        }
+        // The programs are detached: one swap retires the active table, a second one the other.
+        self.scan(&mut drained, &mut reports)?;
+        self.scan(&mut drained, &mut reports)?;
+        self.tracker.flush(&mut reports);
+        self.emit(&mut reports);
+        Ok(())
+    }
+
+    fn scan(
+        &mut self,
+        drained: &mut Vec<(FlowKey, FlowStats)>,
+        reports: &mut Vec<Report>,
+    ) -> Result<(), CaptureError> {
+        drained.clear();
+        let entries = self.tables.swap_and_drain(drained)?;
+        for (key, stats) in drained.iter() {
+            self.tracker.absorb(key, stats, reports);
+        }
+        self.read_overflow(reports);
+        self.metrics.observe_kernel_counters(&self.counters.read()?);
+        self.metrics.kernel_table_entries.set(entries as i64);
+        self.metrics.tracked_flows.set(self.tracker.len() as i64);
+        self.metrics.scanned(WallClock::boot_now());
+        Ok(())
+    }
+
+    fn read_overflow(&mut self, reports: &mut Vec<Report>) {
+        while let Some(item) = self.overflow.next() {
+            match capture::decode_packet_event(&item) {
+                Some(event) => self.tracker.absorb_packet(&event, reports),
+                None => tracing::warn!(len = item.len(), "overflow record of unexpected size"),
+            }
+        }
+    }
+
+    fn emit(&mut self, reports: &mut Vec<Report>) {
+        if reports.is_empty() {
+            return;
+        }
+        let clock = WallClock::measure();
+        let records: Vec<FlowRecord> = reports
+            .iter()
+            .map(|r| self.records.build(r, &clock))
+            .collect();
+        match self.sink.send(&records) {
+            Ok(()) => {
+                for report in reports.iter() {
+                    self.metrics.record_emitted(report.reason);
+                }
+            }
+            Err(err) => {
+                tracing::error!(%err, records = records.len(), "sink failed; records dropped");
+                self.metrics
+                    .records_dropped
+                    .get_or_create(&crate::metrics::ReasonLabel {
+                        reason: "sink_error",
+                    })
+                    .inc_by(records.len() as u64);
+            }
+        }
+        reports.clear();
+    }
+}
+
+/// Turns tracker reports into protocol records: node and interface names, wall-clock times.
+pub struct RecordBuilder {
+    pub node_name: String,
+    pub names: InterfaceNames,
+}
+
+impl RecordBuilder {
+    pub fn build(&self, report: &Report, clock: &WallClock) -> FlowRecord {
+        let key = &report.key;
+        let address_len = if key.ip_version == 4 { 4 } else { 16 };
+        FlowRecord {
+            node_name: self.node_name.clone(),
+            interface_name: self.names.get(key.ifindex).unwrap_or_default(),
+            interface_index: key.ifindex,
+            direction: match key.direction {
+                direction::INGRESS => Direction::Ingress,
+                direction::EGRESS => Direction::Egress,
+                _ => Direction::Unspecified,
+            } as i32,
+            source_address: key.src_addr[..address_len].to_vec(),
+            destination_address: key.dst_addr[..address_len].to_vec(),
+            source_port: u32::from(key.src_port),
+            destination_port: u32::from(key.dst_port),
+            ip_protocol: u32::from(key.protocol),
+            icmp_type: u32::from(key.icmp_type),
+            icmp_code: u32::from(key.icmp_code),
+            delta_packets: report.delta_packets,
+            delta_octets: report.delta_bytes,
+            first_seen_unix_nanos: clock.unix_nanos(report.first_seen_boot_ns),
+            last_seen_unix_nanos: clock.unix_nanos(report.last_seen_boot_ns),
+            flow_start_unix_nanos: clock.unix_nanos(report.flow_start_boot_ns),
+            tcp_flags: report.tcp_flags,
+            first_tcp_flags: report.first_tcp_flags,
+            end_reason: end_reason(report.reason) as i32,
+            record_sequence: report.sequence,
+        }
+    }
+}
+
+fn end_reason(reason: Reason) -> EndReason {
+    match reason {
+        Reason::ActiveTimeout => EndReason::ActiveTimeout,
+        Reason::IdleTimeout => EndReason::IdleTimeout,
+        Reason::TcpClose => EndReason::TcpClose,
+        Reason::TablePressure => EndReason::TablePressure,
+        Reason::AgentShutdown => EndReason::AgentShutdown,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builds_ipv4_record_with_wall_clock_times() {
+        let key = FlowKey {
+            src_addr: [192, 0, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            dst_addr: [192, 0, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            src_port: 43210,
+            dst_port: 443,
+            ifindex: 7,
+            ip_version: 4,
+            protocol: 6,
+            direction: direction::INGRESS,
+            ..FlowKey::default()
+        };
+        let report = Report {
+            key,
+            reason: Reason::TcpClose,
+            delta_packets: 12,
+            delta_bytes: 3456,
+            first_seen_boot_ns: 100,
+            last_seen_boot_ns: 200,
+            flow_start_boot_ns: 50,
+            tcp_flags: 0x1b,
+            first_tcp_flags: 0x02,
+            sequence: 4,
+        };
+        let builder = RecordBuilder {
+            node_name: "node-a".into(),
+            names: InterfaceNames::default(),
+        };
+        let record = builder.build(&report, &WallClock::with_offset(1_000_000));
+        assert_eq!(record.source_address, [192, 0, 2, 1]);
+        assert_eq!(record.destination_address, [192, 0, 2, 2]);
+        assert_eq!(record.direction, Direction::Ingress as i32);
+        assert_eq!(record.end_reason, EndReason::TcpClose as i32);
+        assert_eq!(record.first_seen_unix_nanos, 1_000_100);
+        assert_eq!(record.last_seen_unix_nanos, 1_000_200);
+        assert_eq!(record.flow_start_unix_nanos, 1_000_050);
+        assert_eq!(record.record_sequence, 4);
+        assert_eq!(record.node_name, "node-a");
+        assert_eq!(record.interface_name, "");
+    }
+}

@@ -1,0 +1,498 @@
+//! The agent's flow tracker: per-observation-point flow state across scan intervals, and the
+//! eviction policy (active timeout, per-protocol idle timeouts, TCP close, table pressure).
+//!
+//! It is fed the counts the kernel accumulated in one interval ([`FlowTracker::absorb`]) or single
+//! overflow packets ([`FlowTracker::absorb_packet`]) and hands out [`Report`]s: the deltas since
+//! the previous report of the same flow. It never reads the clock — callers pass boot-time `now` —
+//! so every decision is reproducible in tests.
+//!
+//! Invariant: for each flow, the sum of `delta_packets` / `delta_bytes` over its reports equals
+//! everything absorbed for it. Counts only leave the tracker inside a report.
+
+use std::{collections::HashMap, time::Duration};
+
+use node_common::{FlowKey, FlowStats, PacketEvent, tcp_flags};
+
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
+
+/// When flows are reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timeouts {
+    pub active: Duration,
+    pub tcp_close: Duration,
+    pub tcp_idle: Duration,
+    pub udp_idle: Duration,
+    pub icmp_idle: Duration,
+    pub other_idle: Duration,
+}
+
+impl Timeouts {
+    /// Each timeout with the name of its command-line option.
+    pub fn named(&self) -> [(&'static str, Duration); 6] {
+        [
+            ("active-timeout", self.active),
+            ("tcp-close-timeout", self.tcp_close),
+            ("tcp-idle-timeout", self.tcp_idle),
+            ("udp-idle-timeout", self.udp_idle),
+            ("icmp-idle-timeout", self.icmp_idle),
+            ("other-idle-timeout", self.other_idle),
+        ]
+    }
+
+    fn idle(&self, protocol: u8) -> Duration {
+        match protocol {
+            IPPROTO_TCP => self.tcp_idle,
+            IPPROTO_UDP => self.udp_idle,
+            IPPROTO_ICMP | IPPROTO_ICMPV6 => self.icmp_idle,
+            _ => self.other_idle,
+        }
+    }
+}
+
+/// Why a report was made; mirrors the protocol's `EndReason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    ActiveTimeout,
+    IdleTimeout,
+    TcpClose,
+    TablePressure,
+    AgentShutdown,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 5] = [
+        Reason::ActiveTimeout,
+        Reason::IdleTimeout,
+        Reason::TcpClose,
+        Reason::TablePressure,
+        Reason::AgentShutdown,
+    ];
+
+    /// Whether the flow ends with this report (every reason but the active timeout).
+    pub fn is_final(self) -> bool {
+        self != Reason::ActiveTimeout
+    }
+}
+
+/// One record's worth of a flow: the counts since its previous report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub key: FlowKey,
+    pub reason: Reason,
+    pub delta_packets: u64,
+    pub delta_bytes: u64,
+    /// First and last packet of the reported interval (boot ns). For a report without packets
+    /// (a flow that ends after an interim report) both are the flow's last packet.
+    pub first_seen_boot_ns: u64,
+    pub last_seen_boot_ns: u64,
+    pub flow_start_boot_ns: u64,
+    pub tcp_flags: u32,
+    pub first_tcp_flags: u32,
+    pub sequence: u64,
+}
+
+#[derive(Debug, Clone)]
+struct FlowState {
+    flow_start: u64,
+    first_tcp_flags: u32,
+    last_seen: u64,
+    /// When the previous report was made (or the flow started).
+    last_report: u64,
+    sequence: u64,
+    /// Counts not reported yet.
+    pending: Pending,
+    /// FIN or RST seen: the flow closes after the close timeout of silence.
+    closing: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Pending {
+    packets: u64,
+    bytes: u64,
+    first_seen: u64,
+    last_seen: u64,
+    tcp_flags: u32,
+}
+
+impl Pending {
+    fn add(&mut self, packets: u64, bytes: u64, first: u64, last: u64, flags: u32) {
+        if self.packets == 0 {
+            self.first_seen = first;
+            self.last_seen = last;
+        } else {
+            self.first_seen = self.first_seen.min(first);
+            self.last_seen = self.last_seen.max(last);
+        }
+        self.packets += packets;
+        self.bytes += bytes;
+        self.tcp_flags |= flags;
+    }
+}
+
+/// Per-observation-point flows the agent has seen and not yet finally reported.
+pub struct FlowTracker {
+    flows: HashMap<FlowKey, FlowState>,
+    timeouts: Timeouts,
+    capacity: usize,
+}
+
+impl FlowTracker {
+    pub fn new(timeouts: Timeouts, capacity: usize) -> Self {
+        Self {
+            flows: HashMap::new(),
+            timeouts,
+            capacity,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+    }
+
+    /// Adds one kernel interval's counts for `key`. A new TCP connection on the 5-tuple of a
+    /// closing one (SYN without ACK first) ends the old flow first, into `out`.
+    pub fn absorb(&mut self, key: &FlowKey, stats: &FlowStats, out: &mut Vec<Report>) {
+        self.add(
+            key,
+            stats.packets,
+            stats.bytes,
+            stats.first_seen_boot_ns,
+            stats.last_seen_boot_ns,
+            stats.tcp_flags as u32,
+            stats.first_tcp_flags,
+            out,
+        );
+    }
+
+    /// Adds one packet that came through the overflow ring.
+    pub fn absorb_packet(&mut self, event: &PacketEvent, out: &mut Vec<Report>) {
+        self.add(
+            &event.key,
+            event.packets,
+            event.bytes,
+            event.seen_boot_ns,
+            event.seen_boot_ns,
+            event.tcp_flags,
+            event.tcp_flags,
+            out,
+        );
+    }
+
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the two absorb paths share this body"
+    )]
+    fn add(
+        &mut self,
+        key: &FlowKey,
+        packets: u64,
+        bytes: u64,
+        first: u64,
+        last: u64,
+        flags: u32,
+        first_flags: u32,
+        out: &mut Vec<Report>,
+    ) {
+        let opens = first_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
+        if opens && self.flows.get(key).is_some_and(|f| f.closing) {
+            self.finish(key, Reason::TcpClose, out);
+        }
+        let state = self.flows.entry(*key).or_insert_with(|| FlowState {
+            flow_start: first,
+            first_tcp_flags: first_flags,
+            last_seen: last,
+            last_report: first,
+            sequence: 0,
+            pending: Pending::default(),
+            closing: false,
+        });
+        state.pending.add(packets, bytes, first, last, flags);
+        state.last_seen = state.last_seen.max(last);
+        if flags & (tcp_flags::FIN | tcp_flags::RST) != 0 {
+            state.closing = true;
+        }
+    }
+
+    /// Reports every flow that is due at `now`: interim reports for flows active longer than the
+    /// active timeout, final reports for closed and idle flows, and — when more flows are tracked
+    /// than the capacity — final reports for the least recently seen.
+    pub fn evict(&mut self, now: u64, out: &mut Vec<Report>) {
+        let mut finished = Vec::new();
+        for (key, state) in &mut self.flows {
+            let quiet = Duration::from_nanos(now.saturating_sub(state.last_seen));
+            let idle_limit = if state.closing {
+                self.timeouts.tcp_close
+            } else {
+                self.timeouts.idle(key.protocol)
+            };
+            if quiet >= idle_limit {
+                let reason = if state.closing {
+                    Reason::TcpClose
+                } else {
+                    Reason::IdleTimeout
+                };
+                finished.push((*key, reason));
+            } else if state.pending.packets > 0
+                && Duration::from_nanos(now.saturating_sub(state.last_report))
+                    >= self.timeouts.active
+            {
+                out.push(report(key, state, Reason::ActiveTimeout));
+                state.last_report = now;
+            }
+        }
+        for (key, reason) in finished {
+            self.finish(&key, reason, out);
+        }
+        if self.flows.len() > self.capacity {
+            self.relieve_pressure(out);
+        }
+    }
+
+    /// Final reports for every flow (agent shutdown).
+    pub fn flush(&mut self, out: &mut Vec<Report>) {
+        let keys: Vec<FlowKey> = self.flows.keys().copied().collect();
+        for key in keys {
+            self.finish(&key, Reason::AgentShutdown, out);
+        }
+    }
+
+    /// Drops the least recently seen flows down to 90% of the capacity, reporting each.
+    fn relieve_pressure(&mut self, out: &mut Vec<Report>) {
+        let target = self.capacity - self.capacity / 10;
+        let mut by_age: Vec<(u64, FlowKey)> = self
+            .flows
+            .iter()
+            .map(|(key, state)| (state.last_seen, *key))
+            .collect();
+        let excess = by_age.len().saturating_sub(target);
+        by_age.select_nth_unstable_by_key(excess.saturating_sub(1), |(seen, _)| *seen);
+        for (_, key) in by_age.into_iter().take(excess) {
+            self.finish(&key, Reason::TablePressure, out);
+        }
+    }
+
+    fn finish(&mut self, key: &FlowKey, reason: Reason, out: &mut Vec<Report>) {
+        if let Some(mut state) = self.flows.remove(key) {
+            out.push(report(key, &mut state, reason));
+        }
+    }
+}
+
+/// Takes the pending counts of `state` into a report.
+fn report(key: &FlowKey, state: &mut FlowState, reason: Reason) -> Report {
+    let pending = std::mem::take(&mut state.pending);
+    let (first, last) = if pending.packets == 0 {
+        (state.last_seen, state.last_seen)
+    } else {
+        (pending.first_seen, pending.last_seen)
+    };
+    let sequence = state.sequence;
+    state.sequence += 1;
+    Report {
+        key: *key,
+        reason,
+        delta_packets: pending.packets,
+        delta_bytes: pending.bytes,
+        first_seen_boot_ns: first,
+        last_seen_boot_ns: last,
+        flow_start_boot_ns: state.flow_start,
+        tcp_flags: pending.tcp_flags,
+        first_tcp_flags: state.first_tcp_flags,
+        sequence,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn timeouts() -> Timeouts {
+        Timeouts {
+            active: Duration::from_secs(10),
+            tcp_close: Duration::from_secs(2),
+            tcp_idle: Duration::from_secs(20),
+            udp_idle: Duration::from_secs(30),
+            icmp_idle: Duration::from_secs(5),
+            other_idle: Duration::from_secs(30),
+        }
+    }
+
+    fn key(protocol: u8, src_port: u16) -> FlowKey {
+        FlowKey {
+            src_addr: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            dst_addr: [10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            src_port,
+            dst_port: 80,
+            ifindex: 3,
+            ip_version: 4,
+            protocol,
+            direction: 2,
+            ..FlowKey::default()
+        }
+    }
+
+    fn stats(packets: u64, bytes: u64, first: u64, last: u64, flags: u32) -> FlowStats {
+        FlowStats {
+            packets,
+            bytes,
+            first_seen_boot_ns: first,
+            last_seen_boot_ns: last,
+            tcp_flags: u64::from(flags),
+            first_tcp_flags: flags,
+            _pad: 0,
+        }
+    }
+
+    #[test]
+    fn long_flow_gets_interim_reports_whose_deltas_sum_to_the_total() {
+        let mut tracker = FlowTracker::new(timeouts(), 100);
+        let k = key(IPPROTO_UDP, 5000);
+        let mut out = Vec::new();
+        // 25 one-second intervals of 10 packets / 1000 bytes each.
+        for second in 0..25 {
+            let t = second * S;
+            tracker.absorb(&k, &stats(10, 1000, t, t + S / 2, 0), &mut out);
+            tracker.evict(t + S, &mut out);
+        }
+        tracker.evict(25 * S + 31 * S, &mut out);
+        let reasons: Vec<Reason> = out.iter().map(|r| r.reason).collect();
+        assert_eq!(
+            reasons,
+            [
+                Reason::ActiveTimeout,
+                Reason::ActiveTimeout,
+                Reason::IdleTimeout
+            ]
+        );
+        assert_eq!(out.iter().map(|r| r.delta_packets).sum::<u64>(), 250);
+        assert_eq!(out.iter().map(|r| r.delta_bytes).sum::<u64>(), 25_000);
+        assert_eq!(
+            out.iter().map(|r| r.delta_packets).collect::<Vec<_>>(),
+            [100, 100, 50]
+        );
+        assert!(out.iter().all(|r| r.flow_start_boot_ns == 0));
+        assert_eq!(
+            out.iter().map(|r| r.sequence).collect::<Vec<_>>(),
+            [0, 1, 2]
+        );
+        assert_eq!(out[1].first_seen_boot_ns, 10 * S);
+        assert_eq!(out[2].last_seen_boot_ns, 24 * S + S / 2);
+        assert!(tracker.is_empty());
+    }
+
+    #[test]
+    fn fin_closes_after_the_close_timeout_not_the_idle_timeout() {
+        let mut tracker = FlowTracker::new(timeouts(), 100);
+        let k = key(IPPROTO_TCP, 40000);
+        let mut out = Vec::new();
+        let syn = tcp_flags::SYN;
+        tracker.absorb(&k, &stats(3, 180, 0, S / 10, syn), &mut out);
+        tracker.absorb(
+            &k,
+            &stats(2, 104, S, S, tcp_flags::FIN | tcp_flags::ACK),
+            &mut out,
+        );
+        tracker.evict(2 * S + S / 2, &mut out);
+        assert!(
+            out.is_empty(),
+            "closing flow reported before the close timeout"
+        );
+        tracker.evict(3 * S, &mut out);
+        assert_eq!(out.len(), 1);
+        let r = &out[0];
+        assert_eq!(r.reason, Reason::TcpClose);
+        assert_eq!((r.delta_packets, r.delta_bytes), (5, 284));
+        assert_eq!(r.first_tcp_flags, syn);
+        assert_eq!(
+            r.tcp_flags,
+            tcp_flags::SYN | tcp_flags::FIN | tcp_flags::ACK
+        );
+    }
+
+    #[test]
+    fn new_syn_on_a_closing_tuple_starts_a_new_flow() {
+        let mut tracker = FlowTracker::new(timeouts(), 100);
+        let k = key(IPPROTO_TCP, 40001);
+        let mut out = Vec::new();
+        tracker.absorb(
+            &k,
+            &stats(4, 200, 0, S, tcp_flags::SYN | tcp_flags::RST),
+            &mut out,
+        );
+        tracker.absorb(&k, &stats(1, 60, S + 1, S + 1, tcp_flags::SYN), &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].reason, Reason::TcpClose);
+        assert_eq!(out[0].delta_packets, 4);
+        assert_eq!(tracker.len(), 1);
+        tracker.flush(&mut out);
+        assert_eq!(out[1].reason, Reason::AgentShutdown);
+        assert_eq!(out[1].flow_start_boot_ns, S + 1);
+        assert_eq!(out[1].sequence, 0);
+    }
+
+    #[test]
+    fn idle_timeouts_are_per_protocol() {
+        let mut tracker = FlowTracker::new(timeouts(), 100);
+        let mut out = Vec::new();
+        tracker.absorb(&key(IPPROTO_ICMP, 0), &stats(1, 84, 0, 0, 0), &mut out);
+        tracker.absorb(&key(IPPROTO_UDP, 53), &stats(1, 70, 0, 0, 0), &mut out);
+        tracker.evict(5 * S, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].key.protocol, IPPROTO_ICMP);
+        assert_eq!(out[0].reason, Reason::IdleTimeout);
+        tracker.evict(30 * S, &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[1].key.protocol, IPPROTO_UDP);
+    }
+
+    #[test]
+    fn pressure_reports_the_least_recently_seen_flows() {
+        let mut tracker = FlowTracker::new(timeouts(), 10);
+        let mut out = Vec::new();
+        for port in 0..12u16 {
+            let t = u64::from(port) * 1000;
+            tracker.absorb(&key(IPPROTO_UDP, port), &stats(1, 50, t, t, 0), &mut out);
+        }
+        tracker.evict(20_000, &mut out);
+        // 12 flows, capacity 10: down to 9, the three oldest go.
+        let mut ports: Vec<u16> = out.iter().map(|r| r.key.src_port).collect();
+        ports.sort_unstable();
+        assert_eq!(ports, [0, 1, 2]);
+        assert!(out.iter().all(|r| r.reason == Reason::TablePressure));
+        assert_eq!(tracker.len(), 9);
+    }
+
+    #[test]
+    fn overflow_packets_join_their_flow() {
+        let mut tracker = FlowTracker::new(timeouts(), 100);
+        let k = key(IPPROTO_UDP, 7);
+        let mut out = Vec::new();
+        tracker.absorb(&k, &stats(2, 200, 10, 20, 0), &mut out);
+        let event = PacketEvent {
+            key: k,
+            packets: 3,
+            bytes: 4500,
+            seen_boot_ns: 5,
+            tcp_flags: 0,
+            _pad: 0,
+        };
+        tracker.absorb_packet(&event, &mut out);
+        tracker.flush(&mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].delta_packets, out[0].delta_bytes), (5, 4700));
+        assert_eq!(
+            (out[0].first_seen_boot_ns, out[0].last_seen_boot_ns),
+            (5, 20)
+        );
+        assert_eq!(out[0].flow_start_boot_ns, 10);
+    }
+}

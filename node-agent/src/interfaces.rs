@@ -1,0 +1,329 @@
+//! Which interfaces get the programs, and keeping that true as interfaces come and go.
+//!
+//! The watcher runs on its own thread (in the target network namespace, if any). It subscribes to
+//! rtnetlink link notifications and, on every notification (and every few hundred ms regardless),
+//! reconciles: attach to each matching interface not yet attached, detach from each attached one
+//! that vanished or was renamed out of the patterns. The notification is only a trigger; the
+//! truth is always a fresh listing, so a lost or coalesced notification cannot leave a gap.
+
+use std::{
+    collections::{HashMap, HashSet},
+    ffi::CStr,
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::PathBuf,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    capture::Programs,
+    config::ConfigError,
+    metrics::Metrics,
+    netns::{self, NetnsError},
+};
+
+/// Interface name patterns (globs).
+#[derive(Debug)]
+pub struct InterfaceFilter {
+    patterns: Vec<glob::Pattern>,
+}
+
+impl InterfaceFilter {
+    pub fn new(patterns: &[String]) -> Result<Self, ConfigError> {
+        let patterns = patterns
+            .iter()
+            .map(|p| p.trim())
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                glob::Pattern::new(p).map_err(|e| ConfigError::BadPattern {
+                    pattern: p.to_owned(),
+                    reason: e.msg.to_owned(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if patterns.is_empty() {
+            return Err(ConfigError::NoPatterns);
+        }
+        Ok(Self { patterns })
+    }
+
+    pub fn matches(&self, name: &str) -> bool {
+        self.patterns.iter().any(|p| p.matches(name))
+    }
+}
+
+/// How long the name of a vanished interface is kept for records still in flight.
+const VANISHED_NAME_RETENTION: Duration = Duration::from_secs(600);
+/// Reconcile at least this often even without notifications.
+const RESCAN_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Interface names by index, shared between the watcher (writer) and the collector (reader).
+#[derive(Clone, Default)]
+pub struct InterfaceNames(Arc<RwLock<HashMap<u32, NameEntry>>>);
+
+struct NameEntry {
+    name: String,
+    vanished: Option<Instant>,
+}
+
+impl InterfaceNames {
+    pub fn get(&self, index: u32) -> Option<String> {
+        let names = self.0.read().unwrap_or_else(|e| e.into_inner());
+        names.get(&index).map(|e| e.name.clone())
+    }
+
+    fn update(&self, present: &HashMap<u32, String>, now: Instant) {
+        let mut names = self.0.write().unwrap_or_else(|e| e.into_inner());
+        for (index, entry) in names.iter_mut() {
+            if !present.contains_key(index) && entry.vanished.is_none() {
+                entry.vanished = Some(now);
+            }
+        }
+        names.retain(|_, e| e.vanished.is_none_or(|t| now - t < VANISHED_NAME_RETENTION));
+        for (index, name) in present {
+            names.insert(
+                *index,
+                NameEntry {
+                    name: name.clone(),
+                    vanished: None,
+                },
+            );
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("subscribing to rtnetlink link notifications: {0}")]
+    Netlink(io::Error),
+    #[error("listing interfaces: {0}")]
+    List(io::Error),
+    #[error("the interface watcher stopped before it started")]
+    Vanished,
+}
+
+/// Starts the watcher thread and waits until it has attached to the interfaces present now.
+/// Start-up failures (namespace, netlink) come back here; attach failures of single interfaces
+/// are logged and counted, not fatal.
+pub fn spawn_watcher(
+    programs: Programs,
+    filter: InterfaceFilter,
+    netns: Option<PathBuf>,
+    names: InterfaceNames,
+    metrics: Arc<Metrics>,
+    stop: Arc<AtomicBool>,
+) -> Result<thread::JoinHandle<()>, WatchError> {
+    let (started_tx, started_rx) = mpsc::channel();
+    let handle = thread::Builder::new()
+        .name("mermin-interfaces".into())
+        .spawn(move || {
+            let mut watcher = match Watcher::start(programs, filter, netns, names, metrics) {
+                Ok(watcher) => watcher,
+                Err(err) => {
+                    let _ = started_tx.send(Err(err));
+                    return;
+                }
+            };
+            let _ = started_tx.send(Ok(()));
+            watcher.run(&stop);
+        })
+        .map_err(WatchError::Netlink)?;
+    match started_rx.recv() {
+        Ok(Ok(())) => Ok(handle),
+        Ok(Err(err)) => {
+            let _ = handle.join();
+            Err(err)
+        }
+        Err(_) => Err(WatchError::Vanished),
+    }
+}
+
+struct Watcher {
+    programs: Programs,
+    filter: InterfaceFilter,
+    names: InterfaceNames,
+    metrics: Arc<Metrics>,
+    netlink: OwnedFd,
+    /// Interfaces whose attach failed, not retried until they change.
+    failed: HashSet<(u32, String)>,
+}
+
+impl Watcher {
+    fn start(
+        programs: Programs,
+        filter: InterfaceFilter,
+        netns: Option<PathBuf>,
+        names: InterfaceNames,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, WatchError> {
+        if let Some(path) = &netns {
+            netns::enter(path)?;
+        }
+        // Subscribe before the first listing, so no interface can appear unnoticed in between.
+        let netlink = link_notifications().map_err(WatchError::Netlink)?;
+        let mut watcher = Self {
+            programs,
+            filter,
+            names,
+            metrics,
+            netlink,
+            failed: HashSet::new(),
+        };
+        watcher.reconcile()?;
+        Ok(watcher)
+    }
+
+    fn run(&mut self, stop: &AtomicBool) {
+        while !stop.load(Ordering::Relaxed) {
+            match wait_readable(&self.netlink, RESCAN_INTERVAL) {
+                Ok(true) => drain(&self.netlink),
+                Ok(false) => {}
+                Err(err) => tracing::warn!(%err, "polling rtnetlink"),
+            }
+            if let Err(err) = self.reconcile() {
+                tracing::warn!(%err, "reconciling interfaces");
+            }
+        }
+        self.programs.detach_all();
+        self.metrics.attached_interfaces.set(0);
+        tracing::info!("detached from all interfaces");
+    }
+
+    fn reconcile(&mut self) -> Result<(), WatchError> {
+        let present = list_interfaces().map_err(WatchError::List)?;
+        let stale: Vec<u32> = self
+            .programs
+            .attached()
+            .filter(|(index, name)| present.get(index).map(String::as_str) != Some(*name))
+            .map(|(index, _)| index)
+            .collect();
+        for index in stale {
+            self.programs.detach(index);
+            tracing::info!(index, "detached from vanished or renamed interface");
+        }
+        self.failed
+            .retain(|(index, name)| present.get(index) == Some(name));
+        self.names.update(&present, Instant::now());
+
+        let attached: HashSet<u32> = self.programs.attached().map(|(i, _)| i).collect();
+        for (index, name) in &present {
+            if attached.contains(index)
+                || !self.filter.matches(name)
+                || self.failed.contains(&(*index, name.clone()))
+            {
+                continue;
+            }
+            match self.programs.attach(*index, name) {
+                Ok(()) => tracing::info!(interface = %name, index, "attached"),
+                Err(err) => {
+                    self.metrics.attach_errors.inc();
+                    self.failed.insert((*index, name.clone()));
+                    tracing::warn!(%err, "attach failed");
+                }
+            }
+        }
+        let count = self.programs.attached().count();
+        self.metrics.attached_interfaces.set(count as i64);
+        Ok(())
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.programs.detach_all();
+    }
+}
+
+/// Interfaces of the calling thread's network namespace: index → name.
+fn list_interfaces() -> io::Result<HashMap<u32, String>> {
+    // SAFETY: if_nameindex returns a heap array terminated by a zero entry, freed below.
+    let head = unsafe { libc::if_nameindex() };
+    if head.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    let mut interfaces = HashMap::new();
+    let mut entry = head;
+    // SAFETY: walks the array up to its terminating entry; names are NUL-terminated C strings.
+    unsafe {
+        while (*entry).if_index != 0 {
+            let name = CStr::from_ptr((*entry).if_name)
+                .to_string_lossy()
+                .into_owned();
+            interfaces.insert((*entry).if_index, name);
+            entry = entry.add(1);
+        }
+        libc::if_freenameindex(head);
+    }
+    Ok(interfaces)
+}
+
+/// A non-blocking rtnetlink socket subscribed to link notifications.
+fn link_notifications() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket syscall; the fd is owned right away.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh, valid fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: sockaddr_nl is plain data; zeroed is a valid initial value.
+    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    addr.nl_groups = libc::RTMGRP_LINK as u32;
+    // SAFETY: `addr` is a valid sockaddr_nl and the length matches it.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&raw const addr).cast(),
+            size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// Waits up to `timeout` for `fd` to become readable.
+pub(crate) fn wait_readable(fd: &impl AsRawFd, timeout: Duration) -> io::Result<bool> {
+    let mut pollfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let millis = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: one valid pollfd.
+    match unsafe { libc::poll(&mut pollfd, 1, millis) } {
+        -1 => {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(err)
+            }
+        }
+        0 => Ok(false),
+        _ => Ok(true),
+    }
+}
+
+/// Discards queued notifications; their content does not matter (see the module docs).
+fn drain(fd: &OwnedFd) {
+    let mut buf = [0u8; 16 * 1024];
+    // SAFETY: reads into a valid buffer of the given length on a non-blocking socket.
+    while unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) } > 0 {}
+}

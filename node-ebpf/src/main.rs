@@ -1,0 +1,159 @@
+//! Mermin's kernel side: two passive TC classifiers (ingress and egress) that count every packet
+//! into a per-flow, per-observation-point table.
+//!
+//! What this owns:
+//! - parsing Ethernet (+ up to two VLAN tags), IPv4 (with options), IPv6 (skipping hop-by-hop,
+//!   routing, destination-options, fragment and AH headers), TCP, UDP, ICMP and ICMPv6;
+//! - the flow table update: lookup, atomic adds, insert-if-absent (see `record`);
+//! - the overflow path: a packet that finds the table full goes to a ring buffer; if that is full
+//!   too, the `OverflowLost` counter says so. Nothing is dropped without a count.
+//!
+//! What it never does: change a verdict (every path returns `TC_ACT_UNSPEC`, "continue"), read the
+//! flow table it is not told to write (the agent swaps tables through `ACTIVE_FLOWS`), or delete.
+//! The units (IP bytes, wire packets, boot-time ns) are defined in `node-common`.
+#![no_std]
+#![no_main]
+// The BPF target has no compare-and-swap, so core's atomic types lack fetch_add/fetch_or; the
+// intrinsics lower to the BPF atomic add/or instructions directly.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+mod parse;
+
+use core::intrinsics::{AtomicOrdering::Relaxed, atomic_or, atomic_xadd};
+
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, TC_ACT_UNSPEC},
+    btf_maps::{ArrayOfMaps, HashMap, PerCpuArray, RingBuf},
+    helpers::bpf_ktime_get_boot_ns,
+    macros::{btf_map, classifier},
+    programs::TcContext,
+};
+use node_common::{
+    Counter, FLOW_TABLE_TEMPLATE_ENTRIES, FlowKey, FlowStats, OVERFLOW_RING_BYTES, PacketEvent,
+    direction,
+};
+
+use crate::parse::{Packet, ParseError};
+
+type FlowTable = HashMap<FlowKey, FlowStats, FLOW_TABLE_TEMPLATE_ENTRIES>;
+
+/// Slot 0 holds the flow table being written. The agent installs the other table and the kernel
+/// waits for an RCU grace period before the update returns, so once the agent reads a table no
+/// program can still be writing to it.
+#[btf_map]
+static ACTIVE_FLOWS: ArrayOfMaps<FlowTable, 1> = ArrayOfMaps::new();
+
+#[btf_map]
+static OVERFLOW_EVENTS: RingBuf<PacketEvent, OVERFLOW_RING_BYTES> = RingBuf::new();
+
+#[btf_map]
+static COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::new();
+
+const EEXIST: i32 = 17;
+
+#[classifier]
+pub fn mermin_ingress(ctx: TcContext) -> i32 {
+    observe(&ctx, direction::INGRESS);
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn mermin_egress(ctx: TcContext) -> i32 {
+    observe(&ctx, direction::EGRESS);
+    TC_ACT_UNSPEC
+}
+
+#[inline(always)]
+fn observe(ctx: &TcContext, hook: u8) {
+    match parse::packet(ctx, hook) {
+        Ok(packet) => record(&packet),
+        Err(ParseError::NotIp) => count(Counter::NonIp),
+        Err(ParseError::Malformed) => count(Counter::Malformed),
+    }
+}
+
+/// Adds one packet to the active flow table, or to the overflow ring when the table is full.
+#[inline(always)]
+fn record(packet: &Packet) {
+    let Some(table) = ACTIVE_FLOWS.get(0) else {
+        count(Counter::NoFlowTable);
+        return;
+    };
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    if let Some(stats) = table.get_ptr_mut(&packet.key) {
+        add(stats, packet, now);
+        return;
+    }
+    let fresh = FlowStats {
+        packets: packet.packets,
+        bytes: packet.bytes,
+        first_seen_boot_ns: now,
+        last_seen_boot_ns: now,
+        tcp_flags: u64::from(packet.tcp_flags),
+        first_tcp_flags: packet.tcp_flags,
+        _pad: 0,
+    };
+    match table.insert(&packet.key, &fresh, BPF_NOEXIST.into()) {
+        Ok(()) => {}
+        // Another CPU inserted the same key between our lookup and insert: add to its entry.
+        Err(err) if err == -EEXIST => match table.get_ptr_mut(&packet.key) {
+            Some(stats) => add(stats, packet, now),
+            None => overflow(packet, now),
+        },
+        // -E2BIG (table full) or -ENOMEM.
+        Err(_) => overflow(packet, now),
+    }
+}
+
+#[inline(always)]
+fn add(stats: *mut FlowStats, packet: &Packet, now: u64) {
+    // SAFETY: `stats` points into a live map value; other CPUs update the same value only with
+    // these atomic instructions, so no update is lost and nothing tears.
+    unsafe {
+        atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*stats).packets, packet.packets);
+        atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*stats).bytes, packet.bytes);
+        // An aligned 64-bit store cannot tear; racing CPUs differ by nanoseconds.
+        (&raw mut (*stats).last_seen_boot_ns).write_volatile(now);
+        if packet.tcp_flags != 0 {
+            atomic_or::<u64, u64, { Relaxed }>(
+                &raw mut (*stats).tcp_flags,
+                u64::from(packet.tcp_flags),
+            );
+        }
+    }
+}
+
+#[inline(always)]
+fn overflow(packet: &Packet, now: u64) {
+    let event = PacketEvent {
+        key: packet.key,
+        packets: packet.packets,
+        bytes: packet.bytes,
+        seen_boot_ns: now,
+        tcp_flags: packet.tcp_flags,
+        _pad: 0,
+    };
+    match OVERFLOW_EVENTS.output(&event, 0) {
+        Ok(()) => count(Counter::OverflowEvents),
+        Err(_) => count(Counter::OverflowLost),
+    }
+}
+
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(value) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot; programs on this CPU do not preempt each other.
+        unsafe { *value += 1 };
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,239 @@
+//! Header parsing: turns one skb into a [`Packet`] (flow key + what to add), or says why not.
+//!
+//! All reads go through `bpf_skb_load_bytes` (`TcContext::load`), so headers that are not in the
+//! linear part of the skb are read correctly too. Each header is read with one load.
+
+use aya_ebpf::programs::TcContext;
+use node_common::FlowKey;
+
+/// What one skb contributes to its flow.
+pub struct Packet {
+    pub key: FlowKey,
+    pub packets: u64,
+    pub bytes: u64,
+    pub tcp_flags: u32,
+}
+
+pub enum ParseError {
+    /// Not IPv4 or IPv6 (ARP, LLDP, ...).
+    NotIp,
+    /// Truncated or invalid IP headers.
+    Malformed,
+}
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
+const VLAN_HLEN: usize = 4;
+const MAX_VLAN_TAGS: usize = 2;
+
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ICMPV6: u8 = 58;
+
+const IPV6_HLEN: usize = 40;
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_AH: u8 = 51;
+const IPV6_DEST_OPTS: u8 = 60;
+const MAX_IPV6_EXT_HEADERS: usize = 6;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv4Header {
+    version_ihl: u8,
+    tos: u8,
+    total_len: [u8; 2],
+    id: [u8; 2],
+    frag: [u8; 2],
+    ttl: u8,
+    protocol: u8,
+    check: [u8; 2],
+    src: [u8; 4],
+    dst: [u8; 4],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv6Header {
+    version_class_flow: [u8; 4],
+    payload_len: [u8; 2],
+    next_header: u8,
+    hop_limit: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+}
+
+/// The first 16 bytes of a TCP header; UDP and ICMP use a prefix of it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct L4Prefix {
+    bytes: [u8; 16],
+}
+
+/// Layer-3 facts the transport parser and the byte count need.
+struct Network {
+    /// Offset of the IP header from the start of the frame.
+    l3_offset: usize,
+    /// Offset of the transport header, or `None` for a non-first fragment (no transport header).
+    l4_offset: Option<usize>,
+    protocol: u8,
+    /// IP packet length from the header (0 for IPv4 "BIG TCP" packets).
+    ip_len: u64,
+}
+
+#[inline(always)]
+fn be16(b: [u8; 2]) -> u16 {
+    u16::from_be_bytes(b)
+}
+
+#[inline(always)]
+pub fn packet(ctx: &TcContext, hook: u8) -> Result<Packet, ParseError> {
+    let (ethertype, l3_offset) = link_layer(ctx)?;
+    let mut key = FlowKey {
+        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        direction: hook,
+        ..FlowKey::default()
+    };
+    let network = match ethertype {
+        ETH_P_IP => ipv4(ctx, l3_offset, &mut key)?,
+        ETH_P_IPV6 => ipv6(ctx, l3_offset, &mut key)?,
+        _ => return Err(ParseError::NotIp),
+    };
+    key.protocol = network.protocol;
+
+    let mut tcp_flags = 0;
+    // Length of the IP + transport headers each segment of a GSO packet repeats.
+    let mut header_len = 0;
+    if let Some(l4) = network.l4_offset {
+        let prefix: L4Prefix = ctx.load(l4).map_err(|_| ParseError::Malformed)?;
+        let b = prefix.bytes;
+        match network.protocol {
+            IPPROTO_TCP => {
+                key.src_port = be16([b[0], b[1]]);
+                key.dst_port = be16([b[2], b[3]]);
+                tcp_flags = u32::from(b[13]);
+                header_len = l4 - l3_offset + usize::from(b[12] >> 4) * 4;
+            }
+            IPPROTO_UDP => {
+                key.src_port = be16([b[0], b[1]]);
+                key.dst_port = be16([b[2], b[3]]);
+                header_len = l4 - l3_offset + 8;
+            }
+            IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+                key.icmp_type = b[0];
+                key.icmp_code = b[1];
+            }
+            _ => {}
+        }
+    }
+
+    let (packets, bytes) = wire_size(ctx, &network, header_len);
+    Ok(Packet {
+        key,
+        packets,
+        bytes,
+        tcp_flags,
+    })
+}
+
+/// Returns the ethertype after up to two VLAN tags, and the offset of the IP header.
+#[inline(always)]
+fn link_layer(ctx: &TcContext) -> Result<(u16, usize), ParseError> {
+    let mut ethertype = be16(ctx.load(12).map_err(|_| ParseError::NotIp)?);
+    let mut offset = ETH_HLEN;
+    for _ in 0..MAX_VLAN_TAGS {
+        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+            break;
+        }
+        ethertype = be16(ctx.load(offset + 2).map_err(|_| ParseError::NotIp)?);
+        offset += VLAN_HLEN;
+    }
+    Ok((ethertype, offset))
+}
+
+#[inline(always)]
+fn ipv4(ctx: &TcContext, offset: usize, key: &mut FlowKey) -> Result<Network, ParseError> {
+    let ip: Ipv4Header = ctx.load(offset).map_err(|_| ParseError::Malformed)?;
+    let header_len = usize::from(ip.version_ihl & 0x0f) * 4;
+    if ip.version_ihl >> 4 != 4 || header_len < 20 {
+        return Err(ParseError::Malformed);
+    }
+    key.ip_version = 4;
+    key.src_addr[..4].copy_from_slice(&ip.src);
+    key.dst_addr[..4].copy_from_slice(&ip.dst);
+    let fragment_offset = be16(ip.frag) & 0x1fff;
+    Ok(Network {
+        l3_offset: offset,
+        l4_offset: (fragment_offset == 0).then_some(offset + header_len),
+        protocol: ip.protocol,
+        ip_len: u64::from(be16(ip.total_len)),
+    })
+}
+
+#[inline(always)]
+fn ipv6(ctx: &TcContext, offset: usize, key: &mut FlowKey) -> Result<Network, ParseError> {
+    let ip: Ipv6Header = ctx.load(offset).map_err(|_| ParseError::Malformed)?;
+    if ip.version_class_flow[0] >> 4 != 6 {
+        return Err(ParseError::Malformed);
+    }
+    key.ip_version = 6;
+    key.src_addr = ip.src;
+    key.dst_addr = ip.dst;
+
+    let mut next = ip.next_header;
+    let mut l4 = offset + IPV6_HLEN;
+    let mut first_fragment = true;
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        let header_len = match next {
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
+                let ext: [u8; 2] = ctx.load(l4).map_err(|_| ParseError::Malformed)?;
+                next = ext[0];
+                (usize::from(ext[1]) + 1) * 8
+            }
+            IPV6_FRAGMENT => {
+                let ext: [u8; 4] = ctx.load(l4).map_err(|_| ParseError::Malformed)?;
+                next = ext[0];
+                first_fragment = be16([ext[2], ext[3]]) & 0xfff8 == 0;
+                8
+            }
+            IPV6_AH => {
+                let ext: [u8; 2] = ctx.load(l4).map_err(|_| ParseError::Malformed)?;
+                next = ext[0];
+                (usize::from(ext[1]) + 2) * 4
+            }
+            _ => break,
+        };
+        l4 += header_len;
+    }
+    Ok(Network {
+        l3_offset: offset,
+        l4_offset: first_fragment.then_some(l4),
+        protocol: next,
+        ip_len: IPV6_HLEN as u64 + u64::from(be16(ip.payload_len)),
+    })
+}
+
+/// Wire packets and IP bytes this skb stands for (see `node-common` for the unit).
+///
+/// A plain packet counts its IP length from the header (so link-layer padding is not counted).
+/// A GSO/GRO super-packet of N segments counts N packets, and its bytes are the skb's IP bytes
+/// plus the IP + transport headers that segmentation repeats N - 1 times.
+#[inline(always)]
+fn wire_size(ctx: &TcContext, network: &Network, header_len: usize) -> (u64, u64) {
+    let segments = u64::from(unsafe { (*ctx.skb.skb).gso_segs });
+    let skb_ip_bytes = u64::from(ctx.len()).saturating_sub(network.l3_offset as u64);
+    if segments > 1 {
+        let repeated = (segments - 1) * header_len as u64;
+        (segments, skb_ip_bytes + repeated)
+    } else if network.ip_len == 0 {
+        // IPv4 BIG TCP leaves total_len zero; the skb length is then the only measure.
+        (1, skb_ip_bytes)
+    } else {
+        (1, network.ip_len)
+    }
+}
