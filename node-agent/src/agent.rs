@@ -17,6 +17,7 @@ use tokio::{net::TcpListener, signal::unix::SignalKind, sync::oneshot};
 
 use crate::{
     capture::{self, CaptureError},
+    clock::WallClock,
     collector::{Collector, RecordBuilder},
     config::{Config, Output},
     flows::FlowTracker,
@@ -96,6 +97,7 @@ async fn run_async(config: Config) -> Result<(), AgentError> {
         },
         metrics: metrics.clone(),
         scan_interval: config.scan_interval,
+        clock: WallClock::measure(),
     };
     let collector_thread = {
         let stop = stop_collector.clone();

@@ -1,8 +1,9 @@
 //! The one place where kernel boot-time timestamps become wall-clock time.
 //!
 //! The programs stamp packets with `CLOCK_BOOTTIME` (monotonic, counts suspend). Records carry
-//! Unix time. The offset between the two clocks is re-measured every scan, so wall-clock steps
-//! (NTP) show up in records within one interval.
+//! Unix time. The offset between the two clocks is re-measured every scan but only adopted when it
+//! moved by more than [`STEP_THRESHOLD_NS`] (a wall-clock step, e.g. by NTP): measurement jitter
+//! must not change a flow's `flow_start_unix_nanos`, which is part of its identity.
 
 /// Converts boot-time nanoseconds to Unix nanoseconds.
 #[derive(Debug, Clone, Copy)]
@@ -11,7 +12,18 @@ pub struct WallClock {
     offset_ns: i128,
 }
 
+/// Offset changes smaller than this are measurement noise, not clock steps.
+pub const STEP_THRESHOLD_NS: i128 = 1_000_000;
+
 impl WallClock {
+    /// Re-measures and adopts the new offset only if the wall clock stepped.
+    pub fn follow_steps(&mut self) {
+        let measured = Self::measure();
+        if (measured.offset_ns - self.offset_ns).abs() > STEP_THRESHOLD_NS {
+            *self = measured;
+        }
+    }
+
     /// Measures the offset now. Reads the clocks in the order realtime, boottime, realtime and
     /// keeps the tightest of a few tries, so a preemption between the reads cannot skew it.
     pub fn measure() -> Self {
@@ -68,6 +80,17 @@ mod tests {
             .unwrap()
             .as_nanos() as u64;
         assert!(unix.abs_diff(system) < 50_000_000, "{unix} vs {system}");
+    }
+
+    #[test]
+    fn jitter_is_ignored_but_steps_are_followed() {
+        let measured = WallClock::measure();
+        let mut clock = WallClock::with_offset(measured.offset_ns + 1_000);
+        clock.follow_steps();
+        assert_eq!(clock.offset_ns, measured.offset_ns + 1_000);
+        let mut stepped = WallClock::with_offset(measured.offset_ns - 5_000_000_000);
+        stepped.follow_steps();
+        assert!((stepped.offset_ns - measured.offset_ns).abs() < STEP_THRESHOLD_NS);
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub struct Collector {
     pub records: RecordBuilder,
     pub metrics: Arc<Metrics>,
     pub scan_interval: Duration,
+    pub clock: WallClock,
 }
 
 impl Collector {
@@ -100,10 +101,10 @@ impl Collector {
         if reports.is_empty() {
             return;
         }
-        let clock = WallClock::measure();
+        self.clock.follow_steps();
         let records: Vec<FlowRecord> = reports
             .iter()
-            .map(|r| self.records.build(r, &clock))
+            .map(|r| self.records.build(r, &self.clock))
             .collect();
         match self.sink.send(&records) {
             Ok(()) => {

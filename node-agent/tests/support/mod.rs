@@ -1,0 +1,489 @@
+//! Test harness for the capture tests: network namespaces and veth pairs the tests create (and
+//! always delete, also on failure), threads running inside a namespace, the agent binary as a
+//! child process, and its JSON-lines records.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::{
+    fs,
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde::Deserialize;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A short name unique to this process and call, usable for namespaces and interfaces (≤ 15).
+pub fn unique(prefix: &str) -> String {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}{}x{n}", std::process::id() % 100_000)
+}
+
+/// Runs a command and panics with its output if it fails.
+pub fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("spawning {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new() -> Self {
+        let name = unique("mrm");
+        sh(&["ip", "netns", "add", &name]);
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        // Uniform TCP headers (no SACK blocks) and no tail-loss probes, so the byte counts the
+        // tests derive from first principles hold even when the machine is busy.
+        for key in ["tcp_sack", "tcp_dsack", "tcp_early_retrans"] {
+            ns.sysctl(&format!("net.ipv4.{key}"), "0");
+        }
+        ns
+    }
+
+    /// `ip -n <ns> ...`
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut full = vec!["ip", "-n", &self.name];
+        full.extend_from_slice(args);
+        sh(&full)
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn exec(&self, args: &[&str]) -> String {
+        let mut full = vec!["ip", "netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        sh(&full)
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) {
+        self.exec(&["sysctl", "-qw", &format!("{key}={value}")]);
+    }
+
+    /// Runs `f` on a new thread that has entered this namespace.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> thread::JoinHandle<T> {
+        let path = format!("/run/netns/{}", self.name);
+        thread::spawn(move || {
+            let file = fs::File::open(&path).unwrap();
+            // SAFETY: valid fd; moves only this thread.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            f()
+        })
+    }
+
+    /// Kernel counters of an interface in this namespace.
+    pub fn counters(&self, interface: &str) -> IfCounters {
+        let read = |what: &str| -> u64 {
+            self.exec(&[
+                "cat",
+                &format!("/sys/class/net/{interface}/statistics/{what}"),
+            ])
+            .trim()
+            .parse()
+            .unwrap()
+        };
+        IfCounters {
+            rx_packets: read("rx_packets"),
+            rx_bytes: read("rx_bytes"),
+            tx_packets: read("tx_packets"),
+            tx_bytes: read("tx_bytes"),
+        }
+    }
+
+    pub fn ifindex(&self, interface: &str) -> u32 {
+        self.exec(&["cat", &format!("/sys/class/net/{interface}/ifindex")])
+            .trim()
+            .parse()
+            .unwrap()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct IfCounters {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+}
+
+impl IfCounters {
+    pub fn since(&self, before: &IfCounters) -> IfCounters {
+        IfCounters {
+            rx_packets: self.rx_packets - before.rx_packets,
+            rx_bytes: self.rx_bytes - before.rx_bytes,
+            tx_packets: self.tx_packets - before.tx_packets,
+            tx_bytes: self.tx_bytes - before.tx_bytes,
+        }
+    }
+}
+
+/// One end of a veth link.
+pub struct End<'a> {
+    pub ns: &'a Netns,
+    pub name: String,
+    pub mac: String,
+}
+
+/// Options for [`link`].
+#[derive(Clone, Copy)]
+pub struct LinkOptions {
+    /// Keep IPv6 on (otherwise disabled, so no NDP/MLD chatter reaches the counters).
+    pub ipv6: bool,
+    /// One segment per skb: the stack does no GSO, so skb counters equal wire packets.
+    pub no_gso: bool,
+}
+
+impl Default for LinkOptions {
+    fn default() -> Self {
+        Self {
+            ipv6: false,
+            no_gso: true,
+        }
+    }
+}
+
+/// Creates a veth pair `a_name` (in `a`) ↔ `b_name` (in `b`), both down.
+pub fn link<'a>(
+    a: &'a Netns,
+    a_name: &str,
+    b: &'a Netns,
+    b_name: &str,
+    options: LinkOptions,
+) -> (End<'a>, End<'a>) {
+    sh(&[
+        "ip", "link", "add", "name", a_name, "netns", &a.name, "type", "veth", "peer", "name",
+        b_name, "netns", &b.name,
+    ]);
+    (prepare(a, a_name, options), prepare(b, b_name, options))
+}
+
+fn prepare<'a>(ns: &'a Netns, name: &str, options: LinkOptions) -> End<'a> {
+    if options.no_gso {
+        ns.ip(&["link", "set", "dev", name, "gso_max_segs", "1"]);
+    }
+    if options.ipv6 {
+        // No link-local address (no router solicitations), no DAD.
+        ns.ip(&["link", "set", "dev", name, "addrgenmode", "none"]);
+        ns.sysctl(&format!("net.ipv6.conf.{name}.accept_dad"), "0");
+    } else {
+        ns.sysctl(&format!("net.ipv6.conf.{name}.disable_ipv6"), "1");
+    }
+    let mac = ns.exec(&["cat", &format!("/sys/class/net/{name}/address")]);
+    End {
+        ns,
+        name: name.to_owned(),
+        mac: mac.trim().to_owned(),
+    }
+}
+
+impl End<'_> {
+    pub fn addr(&self, cidr: &str) {
+        let mut args = vec!["addr", "add", cidr, "dev", &self.name];
+        if cidr.contains(':') {
+            args.push("nodad");
+        }
+        self.ns.ip(&args);
+    }
+
+    pub fn up(&self) {
+        self.ns.ip(&["link", "set", "dev", &self.name, "up"]);
+    }
+
+    /// A permanent neighbour entry, so no ARP/NDP crosses the link.
+    pub fn neighbour(&self, ip: &str, mac: &str) {
+        self.ns.ip(&[
+            "neigh",
+            "replace",
+            ip,
+            "lladdr",
+            mac,
+            "dev",
+            &self.name,
+            "nud",
+            "permanent",
+        ]);
+    }
+}
+
+/// A free TCP port on loopback (for the agent's metrics endpoint).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A plain HTTP GET on loopback; returns (status, body).
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    Some((status, body))
+}
+
+/// The agent binary running as a child process; killed on drop if still running.
+pub struct Agent {
+    child: Option<Child>,
+    pub port: u16,
+    pub output: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+pub const AGENT: &str = env!("CARGO_BIN_EXE_mermin-agent");
+
+impl Agent {
+    /// Starts the agent in `ns` with the given extra arguments and waits until it is ready.
+    pub fn start(ns: &Netns, interfaces: &str, extra: &[&str]) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let output = dir.path().join("records.jsonl");
+        let port = free_port();
+        let mut args = vec![
+            "--node-name".to_owned(),
+            "test-node".to_owned(),
+            "--netns".to_owned(),
+            ns.name.clone(),
+            "--interfaces".to_owned(),
+            interfaces.to_owned(),
+            "--output".to_owned(),
+            output.display().to_string(),
+            "--metrics-listen".to_owned(),
+            format!("127.0.0.1:{port}"),
+            "--scan-interval".to_owned(),
+            "200ms".to_owned(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let child = Command::new(AGENT)
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut agent = Agent {
+            child: Some(child),
+            port,
+            output,
+            _dir: dir,
+        };
+        agent.wait_ready();
+        agent
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some((200, _)) = http_get(self.port, "/readyz") {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("agent exited during start-up: {status}");
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        panic!("agent not ready within 20 s");
+    }
+
+    /// The value of an unlabelled metric, or of one labelled series (`name{label="x"}`).
+    pub fn metric(&self, series: &str) -> Option<u64> {
+        let (_, body) = http_get(self.port, "/metrics")?;
+        body.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    /// Records written so far.
+    pub fn records(&self) -> Vec<Record> {
+        let text = fs::read_to_string(&self.output).unwrap_or_default();
+        text.lines()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+            .collect()
+    }
+
+    /// Polls until `done(records)` holds, at most `timeout`.
+    pub fn wait_for(&self, timeout: Duration, done: impl Fn(&[Record]) -> bool) -> Vec<Record> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let records = self.records();
+            if done(&records) || Instant::now() >= deadline {
+                return records;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, wait (at most 10 s), and return every record written.
+    pub fn stop(mut self) -> (ExitStatus, Vec<Record>) {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                panic!("agent did not stop within 10 s of SIGTERM");
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        (status, self.records())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// One JSON-lines record, as the agent writes it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Record {
+    pub node_name: String,
+    pub interface_name: String,
+    pub interface_index: u32,
+    pub direction: String,
+    pub source_address: String,
+    pub destination_address: String,
+    pub source_port: u32,
+    pub destination_port: u32,
+    pub ip_protocol: u32,
+    pub icmp_type: u32,
+    pub icmp_code: u32,
+    pub delta_packets: u64,
+    pub delta_octets: u64,
+    pub first_seen_unix_nanos: u64,
+    pub last_seen_unix_nanos: u64,
+    pub flow_start_unix_nanos: u64,
+    pub tcp_flags: u32,
+    pub first_tcp_flags: u32,
+    pub end_reason: String,
+    pub record_sequence: u64,
+}
+
+impl Record {
+    pub fn is(&self, interface: &str, direction: &str) -> bool {
+        self.interface_name == interface && self.direction == direction
+    }
+}
+
+/// Sum of (packets, bytes) over records.
+pub fn totals<'a>(records: impl IntoIterator<Item = &'a Record>) -> (u64, u64) {
+    records.into_iter().fold((0, 0), |(p, b), r| {
+        (p + r.delta_packets, b + r.delta_octets)
+    })
+}
+
+pub const ETH_HLEN: u64 = 14;
+
+/// Asserts that the records of `interface` account for exactly the packets and bytes the kernel
+/// counted on it (sysfs counts Ethernet frames; records count IP bytes).
+pub fn assert_matches_interface(records: &[Record], interface: &str, delta: &IfCounters) {
+    let (tx_p, tx_b) = totals(
+        records
+            .iter()
+            .filter(|r| r.is(interface, "DIRECTION_EGRESS")),
+    );
+    let (rx_p, rx_b) = totals(
+        records
+            .iter()
+            .filter(|r| r.is(interface, "DIRECTION_INGRESS")),
+    );
+    assert_eq!(tx_p, delta.tx_packets, "{interface} egress packets");
+    assert_eq!(
+        tx_b + ETH_HLEN * tx_p,
+        delta.tx_bytes,
+        "{interface} egress bytes"
+    );
+    assert_eq!(rx_p, delta.rx_packets, "{interface} ingress packets");
+    assert_eq!(
+        rx_b + ETH_HLEN * rx_p,
+        delta.rx_bytes,
+        "{interface} ingress bytes"
+    );
+}
+
+/// A TCP exchange: the client sends `upload` bytes, the server answers `download` bytes, both
+/// close. Returns the client's local address.
+pub fn tcp_exchange(
+    client_ns: &Netns,
+    server_ns: &Netns,
+    server: SocketAddr,
+    upload: usize,
+    download: usize,
+) -> SocketAddr {
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    let server_thread = server_ns.spawn(move || {
+        let listener = TcpListener::bind(server).unwrap();
+        bound_tx.send(()).unwrap();
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut received = vec![0u8; upload];
+        conn.read_exact(&mut received).unwrap();
+        conn.write_all(&vec![7u8; download]).unwrap();
+        conn.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        conn.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+    });
+    bound_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let client = client_ns
+        .spawn(move || {
+            let mut conn = TcpStream::connect_timeout(&server, Duration::from_secs(5)).unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let local = conn.local_addr().unwrap();
+            conn.write_all(&vec![1u8; upload]).unwrap();
+            conn.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut answer = Vec::new();
+            conn.read_to_end(&mut answer).unwrap();
+            assert_eq!(answer.len(), download);
+            local
+        })
+        .join()
+        .unwrap();
+    server_thread.join().unwrap();
+    client
+}
