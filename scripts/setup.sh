@@ -18,13 +18,20 @@ if ((${#need_apt[@]})); then
   apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
+# The eBPF crate is built with -Z build-std=core: on nightly, or (fallback, see
+# node-agent/build.rs) on the pinned stable toolchain with RUSTC_BOOTSTRAP=1. Either needs rust-src.
 if ! rustup toolchain list | grep -q '^nightly'; then
   log "installing the nightly toolchain"
-  rustup toolchain install nightly --profile minimal
+  rustup toolchain install nightly --profile minimal || log "no nightly; falling back to stable + RUSTC_BOOTSTRAP"
 fi
-if ! rustup component list --toolchain nightly --installed | grep -q '^rust-src'; then
-  log "adding rust-src to nightly"
-  rustup component add rust-src --toolchain nightly
+if rustup toolchain list | grep -q '^nightly'; then
+  ebpf_toolchain=nightly
+else
+  ebpf_toolchain=$(sed -n 's/^channel = "\(.*\)"/\1/p' "$(dirname "$0")/../rust-toolchain.toml")
+fi
+if ! rustup component list --toolchain "$ebpf_toolchain" --installed | grep -q '^rust-src'; then
+  log "adding rust-src to $ebpf_toolchain"
+  rustup component add rust-src --toolchain "$ebpf_toolchain"
 fi
 
 if ! command -v bpf-linker >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/bpf-linker" ]; then

@@ -222,7 +222,7 @@ fn icmp_echo_and_arp_are_accounted() {
         s.up();
     }
     let agent = Agent::start(&client, "c0", &["--icmp-idle-timeout", "1s"]);
-    client.exec(&["ping", "-c", "4", "-i", "0.2", "-W", "2", "10.77.0.2"]);
+    client.exec(&["ping", "-n", "-c", "4", "-i", "0.2", "-W", "2", "10.77.0.2"]);
     let records = agent.wait_for(Duration::from_secs(5), |r| {
         r.iter().filter(|r| r.ip_protocol == 1).count() >= 2
     });
@@ -381,7 +381,7 @@ fn interface_created_later_is_attached_within_a_second() {
     p.neighbour("10.78.0.1", &n.mac);
     n.up();
     p.up();
-    node.exec(&["ping", "-c", "2", "-i", "0.2", "-W", "2", "10.78.0.2"]);
+    node.exec(&["ping", "-n", "-c", "2", "-i", "0.2", "-W", "2", "10.78.0.2"]);
     let records = agent.wait_for(Duration::from_secs(5), |r| r.len() >= 2);
     let request = records
         .iter()
