@@ -7,12 +7,15 @@
 //! read-side sections, so when the update returns no program can still be writing to the retired
 //! table. It is then read and emptied at leisure. No count can slip in between read and delete.
 
-use std::{collections::HashMap as StdHashMap, fs, path::Path};
+use std::{collections::HashMap as StdHashMap, fs, path::Path, time::Duration};
 
 use aya::{
     Ebpf, EbpfError,
     maps::{ArrayOfMaps, HashMap, MapData, MapError, PerCpuArray, RingBuf},
-    programs::{ProgramError, SchedClassifier, TcAttachType, tc, tc::SchedClassifierLinkId},
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions, tc,
+        tc::SchedClassifierLinkId,
+    },
     util::KernelVersion,
 };
 use node_common::{Counter, FlowKey, FlowStats, PacketEvent, map_names, program_names};
@@ -179,15 +182,15 @@ impl Programs {
             // Already present is fine; any other failure shows up in the attach below.
             let _ = tc::qdisc_add_clsact(name);
         }
-        let ingress = classifier(&mut self.ebpf, program_names::INGRESS)?
+        let ingress = classifier(&mut self.ebpf, Hook::Ingress.program_name())?
             .attach(name, TcAttachType::Ingress)
             .map_err(attach_error)?;
-        let egress = match classifier(&mut self.ebpf, program_names::EGRESS)?
+        let egress = match classifier(&mut self.ebpf, Hook::Egress.program_name())?
             .attach(name, TcAttachType::Egress)
         {
             Ok(link) => link,
             Err(source) => {
-                let _ = classifier(&mut self.ebpf, program_names::INGRESS)?.detach(ingress);
+                let _ = classifier(&mut self.ebpf, Hook::Ingress.program_name())?.detach(ingress);
                 return Err(attach_error(source));
             }
         };
@@ -208,11 +211,11 @@ impl Programs {
         let Some(attachment) = self.attached.remove(&index) else {
             return;
         };
-        for (name, link) in [
-            (program_names::INGRESS, attachment.ingress),
-            (program_names::EGRESS, attachment.egress),
+        for (hook, link) in [
+            (Hook::Ingress, attachment.ingress),
+            (Hook::Egress, attachment.egress),
         ] {
-            if let Ok(program) = classifier(&mut self.ebpf, name)
+            if let Ok(program) = classifier(&mut self.ebpf, hook.program_name())
                 && let Err(err) = program.detach(link)
             {
                 tracing::debug!(interface = %attachment.name, %err, "detach");
@@ -225,10 +228,46 @@ impl Programs {
         self.attached.iter().map(|(i, a)| (*i, a.name.as_str()))
     }
 
+    /// Runs the program of `hook` `repeat` times on `frame` (an Ethernet frame) with
+    /// BPF_PROG_TEST_RUN, exactly as on a real interface (the skb's interface is loopback), and
+    /// returns the kernel's mean time per run. For the parser tests and the per-packet benchmark.
+    pub fn test_run(
+        &mut self,
+        hook: Hook,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<Duration, CaptureError> {
+        let name = hook.program_name();
+        let result = classifier(&mut self.ebpf, name)?
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                repeat,
+                ..TestRunOptions::default()
+            })
+            .map_err(|source| CaptureError::Program { name, source })?;
+        Ok(result.duration)
+    }
+
     pub fn detach_all(&mut self) {
         let indexes: Vec<u32> = self.attached.keys().copied().collect();
         for index in indexes {
             self.detach(index);
+        }
+    }
+}
+
+/// The TC hook a program runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    Ingress,
+    Egress,
+}
+
+impl Hook {
+    fn program_name(self) -> &'static str {
+        match self {
+            Hook::Ingress => program_names::INGRESS,
+            Hook::Egress => program_names::EGRESS,
         }
     }
 }

@@ -23,7 +23,8 @@ pub const DEFAULT_INTERFACE_PATTERNS: &[&str] = &[
 #[command(
     name = "mermin-agent",
     version,
-    about = "Counts every flow crossing this node's interfaces and emits raw flow records."
+    about = "Counts every flow crossing this node's interfaces and emits raw flow records.",
+    args_override_self = true
 )]
 pub struct Args {
     /// Node name put in every record [default: the host name].

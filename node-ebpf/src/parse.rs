@@ -68,12 +68,8 @@ struct Ipv6Header {
     dst: [u8; 16],
 }
 
-/// The first 16 bytes of a TCP header; UDP and ICMP use a prefix of it.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct L4Prefix {
-    bytes: [u8; 16],
-}
+/// The TCP header up to and including the flags byte.
+const TCP_PREFIX: usize = 14;
 
 /// Layer-3 facts the transport parser and the byte count need.
 struct Network {
@@ -109,22 +105,25 @@ pub fn packet(ctx: &TcContext, hook: u8) -> Result<Packet, ParseError> {
     let mut tcp_flags = 0;
     // Length of the IP + transport headers each segment of a GSO packet repeats.
     let mut header_len = 0;
+    // Each transport header is read only as far as needed: a short datagram is not malformed.
     if let Some(l4) = network.l4_offset {
-        let prefix: L4Prefix = ctx.load(l4).map_err(|_| ParseError::Malformed)?;
-        let b = prefix.bytes;
+        let malformed = |_| ParseError::Malformed;
         match network.protocol {
             IPPROTO_TCP => {
+                let b: [u8; TCP_PREFIX] = ctx.load(l4).map_err(malformed)?;
                 key.src_port = be16([b[0], b[1]]);
                 key.dst_port = be16([b[2], b[3]]);
                 tcp_flags = u32::from(b[13]);
                 header_len = l4 - l3_offset + usize::from(b[12] >> 4) * 4;
             }
             IPPROTO_UDP => {
+                let b: [u8; 4] = ctx.load(l4).map_err(malformed)?;
                 key.src_port = be16([b[0], b[1]]);
                 key.dst_port = be16([b[2], b[3]]);
                 header_len = l4 - l3_offset + 8;
             }
             IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+                let b: [u8; 2] = ctx.load(l4).map_err(malformed)?;
                 key.icmp_type = b[0];
                 key.icmp_code = b[1];
             }

@@ -3,6 +3,8 @@
 //! child process, and its JSON-lines records.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod frames;
+
 use std::{
     fs,
     io::{Read, Write},
@@ -51,9 +53,9 @@ impl Netns {
         sh(&["ip", "netns", "add", &name]);
         let ns = Self { name };
         ns.ip(&["link", "set", "lo", "up"]);
-        // Uniform TCP headers (no SACK blocks) and no tail-loss probes, so the byte counts the
-        // tests derive from first principles hold even when the machine is busy.
-        for key in ["tcp_sack", "tcp_dsack", "tcp_early_retrans"] {
+        // Uniform TCP headers (no SACK blocks), so the byte counts the tests derive from first
+        // principles hold; retransmissions are accounted from TCP_INFO.
+        for key in ["tcp_sack", "tcp_dsack"] {
             ns.sysctl(&format!("net.ipv4.{key}"), "0");
         }
         ns
@@ -320,6 +322,10 @@ impl Agent {
         panic!("agent not ready within 20 s");
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
     /// The value of an unlabelled metric, or of one labelled series (`name{label="x"}`).
     pub fn metric(&self, series: &str) -> Option<u64> {
         let (_, body) = http_get(self.port, "/metrics")?;
@@ -444,15 +450,52 @@ pub fn assert_matches_interface(records: &[Record], interface: &str, delta: &IfC
     );
 }
 
+/// What the TCP stack itself counted for one side of a connection (TCP_INFO), read after the
+/// side's last segment went out.
+#[derive(Debug, Clone, Copy)]
+pub struct TcpSide {
+    /// Every segment this side put on the wire.
+    pub segments: u64,
+    pub bytes_retrans: u64,
+}
+
+fn tcp_side(stream: &TcpStream) -> TcpSide {
+    // SAFETY: tcp_info is plain data; getsockopt writes at most `len` bytes into it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    TcpSide {
+        segments: u64::from(info.tcpi_segs_out),
+        bytes_retrans: info.tcpi_bytes_retrans,
+    }
+}
+
+/// One finished TCP exchange.
+pub struct TcpExchange {
+    pub client: SocketAddr,
+    pub client_side: TcpSide,
+    pub server_side: TcpSide,
+}
+
 /// A TCP exchange: the client sends `upload` bytes, the server answers `download` bytes, both
-/// close. Returns the client's local address.
+/// close. Each side's TCP_INFO is read once it has sent its last segment: the client's after it
+/// read the server's FIN (acknowledged at once), the server's after the client got that FIN.
 pub fn tcp_exchange(
     client_ns: &Netns,
     server_ns: &Netns,
     server: SocketAddr,
     upload: usize,
     download: usize,
-) -> SocketAddr {
+) -> TcpExchange {
     let (bound_tx, bound_rx) = std::sync::mpsc::channel();
     let server_thread = server_ns.spawn(move || {
         let listener = TcpListener::bind(server).unwrap();
@@ -467,9 +510,10 @@ pub fn tcp_exchange(
         let mut rest = Vec::new();
         conn.read_to_end(&mut rest).unwrap();
         assert!(rest.is_empty());
+        conn
     });
     bound_rx.recv_timeout(Duration::from_secs(5)).unwrap();
-    let client = client_ns
+    let (client, client_side) = client_ns
         .spawn(move || {
             let mut conn = TcpStream::connect_timeout(&server, Duration::from_secs(5)).unwrap();
             conn.set_read_timeout(Some(Duration::from_secs(10)))
@@ -480,10 +524,44 @@ pub fn tcp_exchange(
             let mut answer = Vec::new();
             conn.read_to_end(&mut answer).unwrap();
             assert_eq!(answer.len(), download);
-            local
+            (local, tcp_side(&conn))
         })
         .join()
         .unwrap();
-    server_thread.join().unwrap();
-    client
+    let mut server_side = tcp_side(&server_thread.join().unwrap());
+    // The SYN-ACK goes out from the listener's request socket, not the accepted socket whose
+    // TCP_INFO this is.
+    server_side.segments += 1;
+    TcpExchange {
+        client,
+        client_side,
+        server_side,
+    }
+}
+
+/// Asserts that a record of one TCP direction counts exactly what that side's stack sent: its
+/// segments, and its payload (plus retransmissions) with 20 + 40 header bytes on the SYN and
+/// 20 + 32 (timestamps option) on every other segment — `ip_header` 20 for IPv4, 40 for IPv6.
+pub fn assert_tcp_side(record: &Record, side: &TcpSide, payload: usize, ip_header: u64) {
+    let flow = format!(
+        "{} {} {}:{} -> {}:{}",
+        record.interface_name,
+        record.direction,
+        record.source_address,
+        record.source_port,
+        record.destination_address,
+        record.destination_port
+    );
+    assert_eq!(
+        record.delta_packets, side.segments,
+        "{flow}: segments vs TCP_INFO"
+    );
+    let expected = payload as u64
+        + side.bytes_retrans
+        + (ip_header + 40)
+        + (record.delta_packets - 1) * (ip_header + 32);
+    assert_eq!(
+        record.delta_octets, expected,
+        "{flow}: bytes vs first principles ({side:?})"
+    );
 }

@@ -1,0 +1,329 @@
+//! Capture benchmarks (BENCHMARKS.md has the figures and the commands):
+//!
+//! - `per-packet`: mean cost of the programs per packet for several shapes, measured by the kernel
+//!   with BPF_PROG_TEST_RUN (established-flow path: lookup + atomic adds).
+//! - `throughput`: TCP bulk and small-UDP packet rates over a veth pair, without and with the
+//!   agent attached, alternating runs.
+//! - `agent-load`: the agent's CPU and memory while it evicts 10k new flows per second.
+//!
+//! Run as root: `cargo bench -p mermin-node-agent --bench capture -- [per-packet|throughput|agent-load]`.
+//! Every loop is bounded in time; every namespace is removed on exit.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use mermin_node_agent::capture::{self, Hook};
+use support::{Agent, LinkOptions, Netns, frames::*, link};
+
+fn main() {
+    let which: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let all = which.is_empty();
+    let wants = |name: &str| all || which.iter().any(|w| w == name);
+    if wants("per-packet") {
+        per_packet();
+    }
+    if wants("throughput") {
+        throughput();
+    }
+    if wants("agent-load") {
+        agent_load();
+    }
+}
+
+fn per_packet() {
+    const REPEAT: u32 = 2_000_000;
+    let shapes: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "IPv4 TCP, 64 B payload",
+            ethernet(
+                &[],
+                ETH_P_IP,
+                &ipv4(6, V4_A, V4_B, &[], 0, &tcp(40000, 443, 0x10, 64)),
+            ),
+        ),
+        (
+            "IPv4 TCP, 1448 B payload",
+            ethernet(
+                &[],
+                ETH_P_IP,
+                &ipv4(6, V4_A, V4_B, &[], 0, &tcp(40000, 443, 0x10, 1448)),
+            ),
+        ),
+        (
+            "IPv4 UDP in 802.1Q VLAN",
+            ethernet(
+                &[(ETH_P_8021Q, 42)],
+                ETH_P_IP,
+                &ipv4(17, V4_A, V4_B, &[], 0, &udp(53, 53, 100)),
+            ),
+        ),
+        (
+            "IPv6 TCP",
+            ethernet(
+                &[],
+                ETH_P_IPV6,
+                &ipv6(6, V6_A, V6_B, &[], &tcp(40000, 443, 0x10, 64)),
+            ),
+        ),
+        (
+            "IPv6 TCP behind hop-by-hop header",
+            ethernet(
+                &[],
+                ETH_P_IPV6,
+                &ipv6(
+                    0,
+                    V6_A,
+                    V6_B,
+                    &[6, 0, 0, 0, 0, 0, 0, 0],
+                    &tcp(40000, 443, 0x10, 64),
+                ),
+            ),
+        ),
+        (
+            "ICMP echo",
+            ethernet(&[], ETH_P_IP, &ipv4(1, V4_A, V4_B, &[], 0, &icmp(8, 0, 56))),
+        ),
+        (
+            "ARP (not IP: counted and skipped)",
+            ethernet(&[], ETH_P_ARP, &[0; 28]),
+        ),
+    ];
+    let mut capture = capture::load(65_536).expect("load (run as root)");
+    println!("| packet shape | ns per packet (egress) | ns per packet (ingress) |");
+    println!("|---|---:|---:|");
+    for (name, frame) in &shapes {
+        let mut cost = |hook| {
+            // Warm up (creates the flow entry), then measure the established-flow path.
+            capture.programs.test_run(hook, frame, 1000).unwrap();
+            capture
+                .programs
+                .test_run(hook, frame, REPEAT)
+                .unwrap()
+                .as_nanos()
+        };
+        let egress = cost(Hook::Egress);
+        let ingress = cost(Hook::Ingress);
+        println!("| {name} | {egress} | {ingress} |");
+    }
+}
+
+/// Client 10.77.0.1 (c0) ↔ server 10.77.0.2 (s0); 10.77.0.3 resolves to s0 but nobody owns it.
+fn pair(options: LinkOptions) -> (Netns, Netns) {
+    let client = Netns::new();
+    let server = Netns::new();
+    {
+        let (c, s) = link(&client, "c0", &server, "s0", options);
+        c.addr("10.77.0.1/24");
+        s.addr("10.77.0.2/24");
+        c.neighbour("10.77.0.2", &s.mac);
+        c.neighbour("10.77.0.3", &s.mac);
+        s.neighbour("10.77.0.1", &c.mac);
+        c.up();
+        s.up();
+    }
+    (client, server)
+}
+
+const RUN: Duration = Duration::from_secs(4);
+
+/// Bytes per second of one TCP stream client → server.
+fn tcp_rate(client: &Netns, server: &Netns) -> f64 {
+    let listener = server
+        .spawn(|| TcpListener::bind("10.77.0.2:7001").unwrap())
+        .join()
+        .unwrap();
+    let receiver = thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        while let Ok(n) = conn.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+        }
+        total
+    });
+    let start = Instant::now();
+    client
+        .spawn(|| {
+            let mut conn = TcpStream::connect("10.77.0.2:7001").unwrap();
+            let buf = vec![0u8; 1 << 20];
+            let start = Instant::now();
+            while start.elapsed() < RUN {
+                conn.write_all(&buf).unwrap();
+            }
+        })
+        .join()
+        .unwrap();
+    let total = receiver.join().unwrap();
+    total as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Datagrams per second received, one sender of 64-byte UDP payloads.
+fn udp_rate(client: &Netns, server: &Netns) -> f64 {
+    let socket = server
+        .spawn(|| {
+            let s = UdpSocket::bind("10.77.0.2:7002").unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            s
+        })
+        .join()
+        .unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let received = Arc::new(AtomicU64::new(0));
+    let receiver = {
+        let (done, received) = (done.clone(), received.clone());
+        thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !done.load(Ordering::Relaxed) {
+                if socket.recv(&mut buf).is_ok() {
+                    received.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let start = Instant::now();
+    client
+        .spawn(|| {
+            let s = UdpSocket::bind("10.77.0.1:0").unwrap();
+            s.connect("10.77.0.2:7002").unwrap();
+            let start = Instant::now();
+            let payload = [0u8; 64];
+            while start.elapsed() < RUN {
+                for _ in 0..64 {
+                    let _ = s.send(&payload);
+                }
+            }
+        })
+        .join()
+        .unwrap();
+    let elapsed = start.elapsed().as_secs_f64();
+    thread::sleep(Duration::from_millis(300));
+    done.store(true, Ordering::Relaxed);
+    receiver.join().unwrap();
+    received.load(Ordering::Relaxed) as f64 / elapsed
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn throughput() {
+    let (client, server) = pair(LinkOptions {
+        no_gso: false,
+        ..LinkOptions::default()
+    });
+    println!("| traffic (one sender, veth pair) | without agent | with agent | change |");
+    println!("|---|---:|---:|---:|");
+    type Rate = fn(&Netns, &Netns) -> f64;
+    let cases: [(&str, Rate, f64, &str); 2] = [
+        ("TCP bulk", tcp_rate, 1e9 / 8.0, "Gbit/s"),
+        ("UDP 64 B datagrams", udp_rate, 1e3, "k datagrams/s"),
+    ];
+    for (name, rate, unit, unit_name) in cases {
+        let (mut off, mut on) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            off.push(rate(&client, &server));
+            let agent = Agent::start(&client, "c0", &[]);
+            on.push(rate(&client, &server));
+            drop(agent.stop());
+        }
+        let (off, on) = (median(off), median(on));
+        println!(
+            "| {name} | {:.2} {unit_name} | {:.2} {unit_name} | {:+.1}% |",
+            off / unit,
+            on / unit,
+            (on - off) / off * 100.0
+        );
+    }
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after_comm.split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap()
+}
+
+fn agent_load() {
+    const FLOWS_PER_SEC: u64 = 10_000;
+    const WARMUP: Duration = Duration::from_secs(5);
+    const MEASURE: Duration = Duration::from_secs(20);
+    let (client, _server) = pair(LinkOptions::default());
+    let agent = Agent::start(
+        &client,
+        "c0",
+        &["--scan-interval", "1s", "--udp-idle-timeout", "2s"],
+    );
+    let pid = agent.pid();
+    let ticks_per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let generator = client.spawn(move || {
+        // One datagram per flow to an address that resolves but is not owned: no replies.
+        let s = UdpSocket::bind("10.77.0.1:0").unwrap();
+        let start = Instant::now();
+        let mut sent = 0u64;
+        while start.elapsed() < WARMUP + MEASURE {
+            let due = (start.elapsed().as_secs_f64() * FLOWS_PER_SEC as f64) as u64;
+            while sent < due {
+                let port = 1024 + (sent % 60_000) as u16;
+                let _ = s.send_to(&[0u8; 32], ("10.77.0.3", port));
+                sent += 1;
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+        sent
+    });
+    thread::sleep(WARMUP);
+    let (t0, c0) = (Instant::now(), cpu_ticks(pid));
+    let records0 = agent.metric("mermin_agent_records_emitted_total{reason=\"idle_timeout\"}");
+    thread::sleep(MEASURE);
+    let (t1, c1) = (Instant::now(), cpu_ticks(pid));
+    let records1 = agent.metric("mermin_agent_records_emitted_total{reason=\"idle_timeout\"}");
+    let rss = status_kib(pid, "VmRSS:");
+    let hwm = status_kib(pid, "VmHWM:");
+    let sent = generator.join().unwrap();
+    let drops =
+        agent.metric("mermin_agent_kernel_dropped_packets_total{reason=\"overflow_ring_full\"}");
+    drop(agent.stop());
+    let secs = (t1 - t0).as_secs_f64();
+    let cpu = (c1 - c0) as f64 / ticks_per_sec / secs * 100.0;
+    let evicted = (records1.unwrap_or(0) - records0.unwrap_or(0)) as f64 / secs;
+    println!("| measure | value |");
+    println!("|---|---:|");
+    println!("| new flows generated | {sent} ({FLOWS_PER_SEC}/s) |");
+    println!("| records evicted (idle timeout) per second | {evicted:.0} |");
+    println!("| agent CPU, share of one core | {cpu:.2}% |");
+    println!(
+        "| agent RSS at the end / peak | {:.1} MB / {:.1} MB |",
+        rss as f64 / 1024.0,
+        hwm as f64 / 1024.0
+    );
+    println!("| packets lost by the kernel | {} |", drops.unwrap_or(0));
+}
