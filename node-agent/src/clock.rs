@@ -1,14 +1,15 @@
-//! The one place where kernel boot-time timestamps become wall-clock time.
+//! The one place where kernel timestamps become wall-clock time.
 //!
-//! The programs stamp packets with `CLOCK_BOOTTIME` (monotonic, counts suspend). Records carry
+//! The programs stamp packets with `CLOCK_MONOTONIC` (what `bpf_ktime_get_ns` and
+//! `bpf_ktime_get_coarse_ns` read). Records carry
 //! Unix time. The offset between the two clocks is re-measured every scan but only adopted when it
 //! moved by more than [`STEP_THRESHOLD_NS`] (a wall-clock step, e.g. by NTP): measurement jitter
 //! must not change a flow's `flow_start_unix_nanos`, which is part of its identity.
 
-/// Converts boot-time nanoseconds to Unix nanoseconds.
+/// Converts kernel `CLOCK_MONOTONIC` nanoseconds to Unix nanoseconds.
 #[derive(Debug, Clone, Copy)]
 pub struct WallClock {
-    /// Unix time minus boot time, in nanoseconds.
+    /// Unix time minus monotonic time, in nanoseconds.
     offset_ns: i128,
 }
 
@@ -24,16 +25,16 @@ impl WallClock {
         }
     }
 
-    /// Measures the offset now. Reads the clocks in the order realtime, boottime, realtime and
+    /// Measures the offset now. Reads the clocks in the order realtime, monotonic, realtime and
     /// keeps the tightest of a few tries, so a preemption between the reads cannot skew it.
     pub fn measure() -> Self {
         let mut best: Option<(i128, i128)> = None; // (window, offset)
         for _ in 0..3 {
             let before = read(libc::CLOCK_REALTIME);
-            let boot = read(libc::CLOCK_BOOTTIME);
+            let mono = read(libc::CLOCK_MONOTONIC);
             let after = read(libc::CLOCK_REALTIME);
             let window = after - before;
-            let offset = before + window / 2 - boot;
+            let offset = before + window / 2 - mono;
             if best.is_none_or(|(w, _)| window < w) {
                 best = Some((window, offset));
             }
@@ -47,13 +48,13 @@ impl WallClock {
         Self { offset_ns }
     }
 
-    pub fn unix_nanos(&self, boot_ns: u64) -> u64 {
-        u64::try_from(i128::from(boot_ns) + self.offset_ns).unwrap_or(0)
+    pub fn unix_nanos(&self, kernel_ns: u64) -> u64 {
+        u64::try_from(i128::from(kernel_ns) + self.offset_ns).unwrap_or(0)
     }
 
-    /// The current boot time in nanoseconds, the clock the programs use.
-    pub fn boot_now() -> u64 {
-        u64::try_from(read(libc::CLOCK_BOOTTIME)).unwrap_or(0)
+    /// The kernel clock the programs use (`CLOCK_MONOTONIC`), now, in nanoseconds.
+    pub fn kernel_now() -> u64 {
+        u64::try_from(read(libc::CLOCK_MONOTONIC)).unwrap_or(0)
     }
 }
 
@@ -72,9 +73,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn boot_time_maps_close_to_system_time() {
+    fn kernel_time_maps_close_to_system_time() {
         let clock = WallClock::measure();
-        let unix = clock.unix_nanos(WallClock::boot_now());
+        let unix = clock.unix_nanos(WallClock::kernel_now());
         let system = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()

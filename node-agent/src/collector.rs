@@ -59,7 +59,7 @@ impl Collector {
                 next_scan = now + self.scan_interval;
             }
             self.scan(&mut drained, &mut reports)?;
-            self.tracker.evict(WallClock::boot_now(), &mut reports);
+            self.tracker.evict(WallClock::kernel_now(), &mut reports);
             self.emit(&mut reports);
         }
         // The programs are detached: one swap retires the active table, a second one the other.
@@ -84,7 +84,7 @@ impl Collector {
         self.metrics.observe_kernel_counters(&self.counters.read()?);
         self.metrics.kernel_table_entries.set(entries as i64);
         self.metrics.tracked_flows.set(self.tracker.len() as i64);
-        self.metrics.scanned(WallClock::boot_now());
+        self.metrics.scanned(WallClock::kernel_now());
         Ok(())
     }
 
@@ -154,9 +154,9 @@ impl RecordBuilder {
             icmp_code: u32::from(key.icmp_code),
             delta_packets: report.delta_packets,
             delta_octets: report.delta_bytes,
-            first_seen_unix_nanos: clock.unix_nanos(report.first_seen_boot_ns),
-            last_seen_unix_nanos: clock.unix_nanos(report.last_seen_boot_ns),
-            flow_start_unix_nanos: clock.unix_nanos(report.flow_start_boot_ns),
+            first_seen_unix_nanos: clock.unix_nanos(report.first_seen_ns),
+            last_seen_unix_nanos: clock.unix_nanos(report.last_seen_ns),
+            flow_start_unix_nanos: clock.unix_nanos(report.flow_start_ns),
             tcp_flags: report.tcp_flags,
             first_tcp_flags: report.first_tcp_flags,
             end_reason: end_reason(report.reason) as i32,
@@ -197,9 +197,9 @@ mod tests {
             reason: Reason::TcpClose,
             delta_packets: 12,
             delta_bytes: 3456,
-            first_seen_boot_ns: 100,
-            last_seen_boot_ns: 200,
-            flow_start_boot_ns: 50,
+            first_seen_ns: 100,
+            last_seen_ns: 200,
+            flow_start_ns: 50,
             tcp_flags: 0x1b,
             first_tcp_flags: 0x02,
             sequence: 4,

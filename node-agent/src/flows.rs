@@ -3,7 +3,7 @@
 //!
 //! It is fed the counts the kernel accumulated in one interval ([`FlowTracker::absorb`]) or single
 //! overflow packets ([`FlowTracker::absorb_packet`]) and hands out [`Report`]s: the deltas since
-//! the previous report of the same flow. It never reads the clock — callers pass boot-time `now` —
+//! the previous report of the same flow. It never reads the clock — callers pass kernel-clock (`CLOCK_MONOTONIC`) `now` —
 //! so every decision is reproducible in tests.
 //!
 //! Invariant: for each flow, the sum of `delta_packets` / `delta_bytes` over its reports equals
@@ -84,11 +84,11 @@ pub struct Report {
     pub reason: Reason,
     pub delta_packets: u64,
     pub delta_bytes: u64,
-    /// First and last packet of the reported interval (boot ns). For a report without packets
+    /// First and last packet of the reported interval (kernel-clock ns). For a report without packets
     /// (a flow that ends after an interim report) both are the flow's last packet.
-    pub first_seen_boot_ns: u64,
-    pub last_seen_boot_ns: u64,
-    pub flow_start_boot_ns: u64,
+    pub first_seen_ns: u64,
+    pub last_seen_ns: u64,
+    pub flow_start_ns: u64,
     pub tcp_flags: u32,
     pub first_tcp_flags: u32,
     pub sequence: u64,
@@ -163,8 +163,8 @@ impl FlowTracker {
             key,
             stats.packets,
             stats.bytes,
-            stats.first_seen_boot_ns,
-            stats.last_seen_boot_ns,
+            stats.first_seen_ns,
+            stats.last_seen_ns,
             stats.tcp_flags as u32,
             stats.first_tcp_flags,
             out,
@@ -177,8 +177,8 @@ impl FlowTracker {
             &event.key,
             event.packets,
             event.bytes,
-            event.seen_boot_ns,
-            event.seen_boot_ns,
+            event.seen_ns,
+            event.seen_ns,
             event.tcp_flags,
             event.tcp_flags,
             out,
@@ -300,9 +300,9 @@ fn report(key: &FlowKey, state: &mut FlowState, reason: Reason) -> Report {
         reason,
         delta_packets: pending.packets,
         delta_bytes: pending.bytes,
-        first_seen_boot_ns: first,
-        last_seen_boot_ns: last,
-        flow_start_boot_ns: state.flow_start,
+        first_seen_ns: first,
+        last_seen_ns: last,
+        flow_start_ns: state.flow_start,
         tcp_flags: pending.tcp_flags,
         first_tcp_flags: state.first_tcp_flags,
         sequence,
@@ -344,8 +344,8 @@ mod tests {
         FlowStats {
             packets,
             bytes,
-            first_seen_boot_ns: first,
-            last_seen_boot_ns: last,
+            first_seen_ns: first,
+            last_seen_ns: last,
             tcp_flags: u64::from(flags),
             first_tcp_flags: flags,
             _pad: 0,
@@ -379,13 +379,13 @@ mod tests {
             out.iter().map(|r| r.delta_packets).collect::<Vec<_>>(),
             [100, 100, 50]
         );
-        assert!(out.iter().all(|r| r.flow_start_boot_ns == 0));
+        assert!(out.iter().all(|r| r.flow_start_ns == 0));
         assert_eq!(
             out.iter().map(|r| r.sequence).collect::<Vec<_>>(),
             [0, 1, 2]
         );
-        assert_eq!(out[1].first_seen_boot_ns, 10 * S);
-        assert_eq!(out[2].last_seen_boot_ns, 24 * S + S / 2);
+        assert_eq!(out[1].first_seen_ns, 10 * S);
+        assert_eq!(out[2].last_seen_ns, 24 * S + S / 2);
         assert!(tracker.is_empty());
     }
 
@@ -435,7 +435,7 @@ mod tests {
         assert_eq!(tracker.len(), 1);
         tracker.flush(&mut out);
         assert_eq!(out[1].reason, Reason::AgentShutdown);
-        assert_eq!(out[1].flow_start_boot_ns, S + 1);
+        assert_eq!(out[1].flow_start_ns, S + 1);
         assert_eq!(out[1].sequence, 0);
     }
 
@@ -481,7 +481,7 @@ mod tests {
             key: k,
             packets: 3,
             bytes: 4500,
-            seen_boot_ns: 5,
+            seen_ns: 5,
             tcp_flags: 0,
             _pad: 0,
         };
@@ -489,10 +489,7 @@ mod tests {
         tracker.flush(&mut out);
         assert_eq!(out.len(), 1);
         assert_eq!((out[0].delta_packets, out[0].delta_bytes), (5, 4700));
-        assert_eq!(
-            (out[0].first_seen_boot_ns, out[0].last_seen_boot_ns),
-            (5, 20)
-        );
-        assert_eq!(out[0].flow_start_boot_ns, 10);
+        assert_eq!((out[0].first_seen_ns, out[0].last_seen_ns), (5, 20));
+        assert_eq!(out[0].flow_start_ns, 10);
     }
 }

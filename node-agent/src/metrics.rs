@@ -36,7 +36,7 @@ pub struct Metrics {
     pub attach_errors: Counter,
     pub scans: Counter,
     kernel_totals: [AtomicU64; KernelCounter::COUNT as usize],
-    last_scan_boot_ns: AtomicU64,
+    last_scan_ns: AtomicU64,
     ready: AtomicBool,
 }
 
@@ -119,7 +119,7 @@ impl Metrics {
             attach_errors,
             scans,
             kernel_totals: Default::default(),
-            last_scan_boot_ns: AtomicU64::new(WallClock::boot_now()),
+            last_scan_ns: AtomicU64::new(WallClock::kernel_now()),
             ready: AtomicBool::new(false),
         }
     }
@@ -168,9 +168,9 @@ impl Metrics {
             .inc_by(delta);
     }
 
-    pub fn scanned(&self, now_boot_ns: u64) {
+    pub fn scanned(&self, now_ns: u64) {
         self.scans.inc();
-        self.last_scan_boot_ns.store(now_boot_ns, Ordering::Relaxed);
+        self.last_scan_ns.store(now_ns, Ordering::Relaxed);
     }
 
     pub fn set_ready(&self) {
@@ -219,8 +219,8 @@ pub fn router(metrics: Arc<Metrics>, stall_ns: u64) -> Router {
         .route(
             "/livez",
             get(|State((m, stall)): State<(Arc<Metrics>, u64)>| async move {
-                let last = m.last_scan_boot_ns.load(Ordering::Relaxed);
-                if WallClock::boot_now().saturating_sub(last) > stall {
+                let last = m.last_scan_ns.load(Ordering::Relaxed);
+                if WallClock::kernel_now().saturating_sub(last) > stall {
                     (StatusCode::SERVICE_UNAVAILABLE, "collector stalled\n").into_response()
                 } else {
                     (StatusCode::OK, "ok\n").into_response()

@@ -9,8 +9,11 @@
 //!   the wire packets (NetFlow/IPFIX `octetDeltaCount`). Link-layer headers are not counted.
 //!   A GSO/GRO super-packet counts as the segments it stands for, each with its own headers.
 //! - **packets** are wire packets (a GSO super-packet of N segments counts N).
-//! - **timestamps** are `CLOCK_BOOTTIME` nanoseconds (`bpf_ktime_get_boot_ns`); the agent converts
-//!   them to wall-clock time in one place.
+//! - **timestamps** are `CLOCK_MONOTONIC` nanoseconds; the agent converts them to wall-clock time
+//!   in one place. A flow table entry's `first_seen_ns` is precise (`bpf_ktime_get_ns`, read once
+//!   per new entry); `last_seen_ns` uses the tick-resolution clock (`bpf_ktime_get_coarse_ns`,
+//!   1–4 ms) because a precise read would be the largest part of the per-packet cost. It never
+//!   goes below `first_seen_ns`.
 #![no_std]
 
 /// Names of the maps in the eBPF object, so the two sides cannot drift apart.
@@ -84,8 +87,8 @@ const _: () = assert!(size_of::<FlowKey>() == 48);
 pub struct FlowStats {
     pub packets: u64,
     pub bytes: u64,
-    pub first_seen_boot_ns: u64,
-    pub last_seen_boot_ns: u64,
+    pub first_seen_ns: u64,
+    pub last_seen_ns: u64,
     /// OR of the TCP flags of every packet. 64 bits wide because BPF's atomic OR is 64-bit only
     /// on the baseline CPU; only the low 8 bits are used.
     pub tcp_flags: u64,
@@ -102,7 +105,7 @@ pub struct PacketEvent {
     pub key: FlowKey,
     pub packets: u64,
     pub bytes: u64,
-    pub seen_boot_ns: u64,
+    pub seen_ns: u64,
     pub tcp_flags: u32,
     pub _pad: u32,
 }

@@ -10,7 +10,7 @@
 //!
 //! What it never does: change a verdict (every path returns `TC_ACT_UNSPEC`, "continue"), read the
 //! flow table it is not told to write (the agent swaps tables through `ACTIVE_FLOWS`), or delete.
-//! The units (IP bytes, wire packets, boot-time ns) are defined in `node-common`.
+//! The units (IP bytes, wire packets, monotonic ns) are defined in `node-common`.
 #![no_std]
 #![no_main]
 // The BPF target has no compare-and-swap, so core's atomic types lack fetch_add/fetch_or; the
@@ -29,7 +29,7 @@ use core::intrinsics::{AtomicOrdering::Relaxed, atomic_or, atomic_xadd};
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_UNSPEC},
     btf_maps::{ArrayOfMaps, HashMap, PerCpuArray, RingBuf},
-    helpers::bpf_ktime_get_boot_ns,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::{btf_map, classifier},
     programs::TcContext,
 };
@@ -84,16 +84,18 @@ fn record(packet: &Packet) {
         count(Counter::NoFlowTable);
         return;
     };
-    let now = unsafe { bpf_ktime_get_boot_ns() };
     if let Some(stats) = table.get_ptr_mut(&packet.key) {
-        add(stats, packet, now);
+        // Established flow: the tick-resolution clock is enough for `last_seen` and costs a
+        // fraction of a precise read (see node-common's units).
+        add(stats, packet, unsafe { bpf_ktime_get_coarse_ns() });
         return;
     }
+    let now = unsafe { bpf_ktime_get_ns() };
     let fresh = FlowStats {
         packets: packet.packets,
         bytes: packet.bytes,
-        first_seen_boot_ns: now,
-        last_seen_boot_ns: now,
+        first_seen_ns: now,
+        last_seen_ns: now,
         tcp_flags: u64::from(packet.tcp_flags),
         first_tcp_flags: packet.tcp_flags,
         _pad: 0,
@@ -117,8 +119,12 @@ fn add(stats: *mut FlowStats, packet: &Packet, now: u64) {
     unsafe {
         atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*stats).packets, packet.packets);
         atomic_xadd::<u64, u64, { Relaxed }>(&raw mut (*stats).bytes, packet.bytes);
-        // An aligned 64-bit store cannot tear; racing CPUs differ by nanoseconds.
-        (&raw mut (*stats).last_seen_boot_ns).write_volatile(now);
+        // The coarse clock may lag the precise first_seen by up to a tick: never move backwards.
+        // An aligned 64-bit store cannot tear; racing CPUs differ by at most a tick.
+        let last = &raw mut (*stats).last_seen_ns;
+        if now > last.read_volatile() {
+            last.write_volatile(now);
+        }
         if packet.tcp_flags != 0 {
             atomic_or::<u64, u64, { Relaxed }>(
                 &raw mut (*stats).tcp_flags,
@@ -134,7 +140,7 @@ fn overflow(packet: &Packet, now: u64) {
         key: packet.key,
         packets: packet.packets,
         bytes: packet.bytes,
-        seen_boot_ns: now,
+        seen_ns: now,
         tcp_flags: packet.tcp_flags,
         _pad: 0,
     };

@@ -1,7 +1,8 @@
 //! Header parsing: turns one skb into a [`Packet`] (flow key + what to add), or says why not.
 //!
-//! All reads go through `bpf_skb_load_bytes` (`TcContext::load`), so headers that are not in the
-//! linear part of the skb are read correctly too. Each header is read with one load.
+//! Headers are read with direct packet access (bounds-checked pointer reads, no helper call) when
+//! they lie in the skb's linear data, which is nearly always; otherwise with `bpf_skb_load_bytes`,
+//! which also reaches paged data. Both paths are in [`read`], so parsing has one code path.
 
 use aya_ebpf::programs::TcContext;
 use node_common::FlowKey;
@@ -87,6 +88,25 @@ fn be16(b: [u8; 2]) -> u16 {
     u16::from_be_bytes(b)
 }
 
+/// Deepest header offset the parser follows; bounds the IPv6 extension-header walk for the
+/// verifier and rejects absurd chains.
+const MAX_HEADER_OFFSET: usize = 512;
+
+/// Reads a `T` at `offset` from the start of the frame.
+#[inline(always)]
+fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, ParseError> {
+    if offset > MAX_HEADER_OFFSET {
+        return Err(ParseError::Malformed);
+    }
+    let start = ctx.data();
+    if start + offset + size_of::<T>() <= ctx.data_end() {
+        // SAFETY: the range was just checked to lie inside the linear packet data.
+        Ok(unsafe { ((start + offset) as *const T).read_unaligned() })
+    } else {
+        ctx.load(offset).map_err(|_| ParseError::Malformed)
+    }
+}
+
 #[inline(always)]
 pub fn packet(ctx: &TcContext, hook: u8) -> Result<Packet, ParseError> {
     let (ethertype, l3_offset) = link_layer(ctx)?;
@@ -107,23 +127,22 @@ pub fn packet(ctx: &TcContext, hook: u8) -> Result<Packet, ParseError> {
     let mut header_len = 0;
     // Each transport header is read only as far as needed: a short datagram is not malformed.
     if let Some(l4) = network.l4_offset {
-        let malformed = |_| ParseError::Malformed;
         match network.protocol {
             IPPROTO_TCP => {
-                let b: [u8; TCP_PREFIX] = ctx.load(l4).map_err(malformed)?;
+                let b: [u8; TCP_PREFIX] = read(ctx, l4)?;
                 key.src_port = be16([b[0], b[1]]);
                 key.dst_port = be16([b[2], b[3]]);
                 tcp_flags = u32::from(b[13]);
                 header_len = l4 - l3_offset + usize::from(b[12] >> 4) * 4;
             }
             IPPROTO_UDP => {
-                let b: [u8; 4] = ctx.load(l4).map_err(malformed)?;
+                let b: [u8; 4] = read(ctx, l4)?;
                 key.src_port = be16([b[0], b[1]]);
                 key.dst_port = be16([b[2], b[3]]);
                 header_len = l4 - l3_offset + 8;
             }
             IPPROTO_ICMP | IPPROTO_ICMPV6 => {
-                let b: [u8; 2] = ctx.load(l4).map_err(malformed)?;
+                let b: [u8; 2] = read(ctx, l4)?;
                 key.icmp_type = b[0];
                 key.icmp_code = b[1];
             }
@@ -143,13 +162,13 @@ pub fn packet(ctx: &TcContext, hook: u8) -> Result<Packet, ParseError> {
 /// Returns the ethertype after up to two VLAN tags, and the offset of the IP header.
 #[inline(always)]
 fn link_layer(ctx: &TcContext) -> Result<(u16, usize), ParseError> {
-    let mut ethertype = be16(ctx.load(12).map_err(|_| ParseError::NotIp)?);
+    let mut ethertype = be16(read(ctx, 12).map_err(|_| ParseError::NotIp)?);
     let mut offset = ETH_HLEN;
     for _ in 0..MAX_VLAN_TAGS {
         if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
             break;
         }
-        ethertype = be16(ctx.load(offset + 2).map_err(|_| ParseError::NotIp)?);
+        ethertype = be16(read(ctx, offset + 2).map_err(|_| ParseError::NotIp)?);
         offset += VLAN_HLEN;
     }
     Ok((ethertype, offset))
@@ -157,7 +176,7 @@ fn link_layer(ctx: &TcContext) -> Result<(u16, usize), ParseError> {
 
 #[inline(always)]
 fn ipv4(ctx: &TcContext, offset: usize, key: &mut FlowKey) -> Result<Network, ParseError> {
-    let ip: Ipv4Header = ctx.load(offset).map_err(|_| ParseError::Malformed)?;
+    let ip: Ipv4Header = read(ctx, offset)?;
     let header_len = usize::from(ip.version_ihl & 0x0f) * 4;
     if ip.version_ihl >> 4 != 4 || header_len < 20 {
         return Err(ParseError::Malformed);
@@ -176,7 +195,7 @@ fn ipv4(ctx: &TcContext, offset: usize, key: &mut FlowKey) -> Result<Network, Pa
 
 #[inline(always)]
 fn ipv6(ctx: &TcContext, offset: usize, key: &mut FlowKey) -> Result<Network, ParseError> {
-    let ip: Ipv6Header = ctx.load(offset).map_err(|_| ParseError::Malformed)?;
+    let ip: Ipv6Header = read(ctx, offset)?;
     if ip.version_class_flow[0] >> 4 != 6 {
         return Err(ParseError::Malformed);
     }
@@ -190,18 +209,18 @@ fn ipv6(ctx: &TcContext, offset: usize, key: &mut FlowKey) -> Result<Network, Pa
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         let header_len = match next {
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
-                let ext: [u8; 2] = ctx.load(l4).map_err(|_| ParseError::Malformed)?;
+                let ext: [u8; 2] = read(ctx, l4)?;
                 next = ext[0];
                 (usize::from(ext[1]) + 1) * 8
             }
             IPV6_FRAGMENT => {
-                let ext: [u8; 4] = ctx.load(l4).map_err(|_| ParseError::Malformed)?;
+                let ext: [u8; 4] = read(ctx, l4)?;
                 next = ext[0];
                 first_fragment = be16([ext[2], ext[3]]) & 0xfff8 == 0;
                 8
             }
             IPV6_AH => {
-                let ext: [u8; 2] = ctx.load(l4).map_err(|_| ParseError::Malformed)?;
+                let ext: [u8; 2] = read(ctx, l4)?;
                 next = ext[0];
                 (usize::from(ext[1]) + 2) * 4
             }
