@@ -225,13 +225,27 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// (run count, total run time) of every loaded mermin program, from the kernel's BPF statistics.
+fn program_stats() -> (u64, Duration) {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|info| info.name_as_str().is_some_and(|n| n.starts_with("mermin_")))
+        .fold((0, Duration::ZERO), |(count, time), info| {
+            (count + info.run_count(), time + info.run_time())
+        })
+}
+
 fn throughput() {
     let (client, server) = pair(LinkOptions {
         no_gso: false,
         ..LinkOptions::default()
     });
-    println!("| traffic (one sender, veth pair) | without agent | with agent | change |");
-    println!("|---|---:|---:|---:|");
+    // Per-program run counts and times, to report the cost per packet under real traffic.
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").unwrap();
+    println!(
+        "| traffic (one sender, veth pair) | without agent | with agent | change | program runs/s | ns per run (bpf_stats) |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
     type Rate = fn(&Netns, &Netns) -> f64;
     let cases: [(&str, Rate, f64, &str); 2] = [
         ("TCP bulk", tcp_rate, 1e9 / 8.0, "Gbit/s"),
@@ -239,20 +253,30 @@ fn throughput() {
     ];
     for (name, rate, unit, unit_name) in cases {
         let (mut off, mut on) = (Vec::new(), Vec::new());
+        let (mut runs, mut run_time, mut seconds) = (0, Duration::ZERO, 0.0);
         for _ in 0..3 {
             off.push(rate(&client, &server));
             let agent = Agent::start(&client, "c0", &[]);
+            let (count0, time0) = program_stats();
+            let start = Instant::now();
             on.push(rate(&client, &server));
+            seconds += start.elapsed().as_secs_f64();
+            let (count1, time1) = program_stats();
+            runs += count1 - count0;
+            run_time += time1 - time0;
             drop(agent.stop());
         }
         let (off, on) = (median(off), median(on));
         println!(
-            "| {name} | {:.2} {unit_name} | {:.2} {unit_name} | {:+.1}% |",
+            "| {name} | {:.2} {unit_name} | {:.2} {unit_name} | {:+.1}% | {:.0} k | {} |",
             off / unit,
             on / unit,
-            (on - off) / off * 100.0
+            (on - off) / off * 100.0,
+            runs as f64 / seconds / 1e3,
+            run_time.as_nanos() / u128::from(runs.max(1)),
         );
     }
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0").unwrap();
 }
 
 /// utime + stime of a process, in clock ticks.

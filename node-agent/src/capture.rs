@@ -7,11 +7,17 @@
 //! read-side sections, so when the update returns no program can still be writing to the retired
 //! table. It is then read and emptied at leisure. No count can slip in between read and delete.
 
-use std::{collections::HashMap as StdHashMap, fs, path::Path, time::Duration};
+use std::{
+    collections::HashMap as StdHashMap,
+    fs, io,
+    os::fd::{AsFd, AsRawFd},
+    path::Path,
+    time::Duration,
+};
 
 use aya::{
-    Ebpf, EbpfError,
-    maps::{ArrayOfMaps, HashMap, MapData, MapError, PerCpuArray, RingBuf},
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{ArrayOfMaps, HashMap, IterableMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
         ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions, tc,
         tc::SchedClassifierLinkId,
@@ -56,6 +62,8 @@ pub enum CaptureError {
     },
     #[error("creating a kernel flow table of {entries} entries: {source}")]
     CreateTable { entries: u32, source: MapError },
+    #[error("draining the retired flow table: {0}")]
+    Drain(#[source] io::Error),
     #[error("attaching to interface {interface}: {source}")]
     Attach {
         interface: String,
@@ -75,10 +83,14 @@ pub struct Capture {
 /// Attaches nothing.
 pub fn load(table_entries: u32) -> Result<Capture, CaptureError> {
     check_environment()?;
-    let mut ebpf = Ebpf::load(aya::include_bytes_aligned!(concat!(
-        env!("OUT_DIR"),
-        "/node-ebpf"
-    )))?;
+    // No kernel BTF for relocations: the programs use no CO-RE, and parsing vmlinux BTF would
+    // double the agent's start-up memory. The object's own BTF (map definitions) still loads.
+    let mut ebpf = EbpfLoader::new()
+        .btf(None)
+        .load(aya::include_bytes_aligned!(concat!(
+            env!("OUT_DIR"),
+            "/node-ebpf"
+        )))?;
     for name in [program_names::INGRESS, program_names::EGRESS] {
         classifier(&mut ebpf, name)?
             .load()
@@ -278,6 +290,7 @@ pub struct FlowTables {
     tables: [FlowTable; 2],
     active: usize,
     entries: u32,
+    scratch: Scratch,
 }
 
 impl FlowTables {
@@ -298,6 +311,7 @@ impl FlowTables {
             tables,
             active: 0,
             entries,
+            scratch: Scratch::new(),
         })
     }
 
@@ -324,20 +338,112 @@ impl FlowTables {
         self.active = next;
         let table = &mut self.tables[retired];
         let start = out.len();
-        for entry in table.iter() {
-            out.push(entry.map_err(|source| CaptureError::Map {
-                name: "retired flow table",
-                source,
-            })?);
-        }
-        for (key, _) in &out[start..] {
-            table.remove(key).map_err(|source| CaptureError::Map {
-                name: "retired flow table",
-                source,
-            })?;
+        match lookup_and_delete_batch(table, &mut self.scratch, out) {
+            Err(err) if err.raw_os_error() == Some(libc::EINVAL) => drain_one_by_one(table, out)?,
+            result => result.map_err(CaptureError::Drain)?,
         }
         Ok(out.len() - start)
     }
+}
+
+/// Reusable buffers for one batch of keys and values.
+struct Scratch {
+    keys: Vec<FlowKey>,
+    values: Vec<FlowStats>,
+}
+
+impl Scratch {
+    fn new() -> Self {
+        Self {
+            keys: vec![FlowKey::default(); DRAIN_BATCH],
+            values: vec![FlowStats::default(); DRAIN_BATCH],
+        }
+    }
+}
+
+/// Entries moved per BPF_MAP_LOOKUP_AND_DELETE_BATCH call. The kernel needs room for a whole hash
+/// bucket in one call; buckets hold a handful of entries, so this is ample.
+const DRAIN_BATCH: usize = 4096;
+
+/// Moves every entry of a quiescent table into `out` with BPF_MAP_LOOKUP_AND_DELETE_BATCH: one
+/// syscall per [`DRAIN_BATCH`] entries instead of three per entry.
+fn lookup_and_delete_batch(
+    table: &FlowTable,
+    scratch: &mut Scratch,
+    out: &mut Vec<(FlowKey, FlowStats)>,
+) -> io::Result<()> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_LOOKUP_AND_DELETE_BATCH: libc::c_long = 25;
+
+    let fd = table.map().fd().as_fd().as_raw_fd() as u32;
+    let Scratch { keys, values } = scratch;
+    let mut cursor: u32 = 0;
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { (&raw const cursor) as u64 },
+            out_batch: (&raw mut cursor) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: DRAIN_BATCH as u32,
+            map_fd: fd,
+            ..BatchAttr::default()
+        };
+        // SAFETY: `attr` describes buffers of DRAIN_BATCH keys and values that outlive the call;
+        // the kernel writes at most `count` of each and updates `count` and `cursor`.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_AND_DELETE_BATCH,
+                &raw mut attr,
+                size_of::<BatchAttr>(),
+            )
+        };
+        let err = (rc < 0).then(io::Error::last_os_error);
+        let moved = attr.count as usize;
+        out.extend(
+            keys[..moved]
+                .iter()
+                .copied()
+                .zip(values[..moved].iter().copied()),
+        );
+        match err {
+            None => first = false,
+            // ENOENT: the walk reached the end (this call may still have moved entries).
+            Some(err) if err.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+            Some(err) => return Err(err),
+        }
+    }
+}
+
+/// The same with per-entry syscalls, for kernels without batch operations on hash maps (< 5.6).
+fn drain_one_by_one(
+    table: &mut FlowTable,
+    out: &mut Vec<(FlowKey, FlowStats)>,
+) -> Result<(), CaptureError> {
+    let map_error = |source| CaptureError::Map {
+        name: "retired flow table",
+        source,
+    };
+    let start = out.len();
+    for entry in table.iter() {
+        out.push(entry.map_err(map_error)?);
+    }
+    for (key, _) in &out[start..] {
+        table.remove(key).map_err(map_error)?;
+    }
+    Ok(())
 }
 
 /// The per-CPU outcome counters of the programs (see [`Counter`]).
