@@ -45,7 +45,7 @@ fn main() {
 }
 
 fn per_packet() {
-    const REPEAT: u32 = 2_000_000;
+    const REPEAT: u32 = 1_000_000;
     let shapes: Vec<(&str, Vec<u8>)> = vec![
         (
             "IPv4 TCP, 64 B payload",
