@@ -11,6 +11,8 @@
 
 use std::{collections::HashMap, time::Duration};
 
+use foldhash::fast::RandomState;
+
 use node_common::{FlowKey, FlowStats, PacketEvent, tcp_flags};
 
 const IPPROTO_TCP: u8 = 6;
@@ -134,7 +136,9 @@ impl Pending {
 
 /// Per-observation-point flows the agent has seen and not yet finally reported.
 pub struct FlowTracker {
-    flows: HashMap<FlowKey, FlowState>,
+    /// Keyed by traffic the network controls: a per-process random seed keeps collisions from
+    /// being chosen by senders (foldhash, a fraction of SipHash's cost on 48-byte keys).
+    flows: HashMap<FlowKey, FlowState, RandomState>,
     timeouts: Timeouts,
     capacity: usize,
 }
@@ -142,7 +146,7 @@ pub struct FlowTracker {
 impl FlowTracker {
     pub fn new(timeouts: Timeouts, capacity: usize) -> Self {
         Self {
-            flows: HashMap::new(),
+            flows: HashMap::with_hasher(RandomState::default()),
             timeouts,
             capacity,
         }
