@@ -6,6 +6,9 @@
 //! both ends, and export of one span per flow interval over OTLP. Its input is
 //! `mermin_protocol::flow::v1::FlowRecord`, exactly as node agents emit it.
 //!
-//! Built so far, as pure logic with no I/O: `connection_key` (canonical key, Community ID v1).
+//! Built so far, as pure logic with no I/O: `observation` (record validation) →
+//! `connection_key` (canonical key, Community ID v1) → `stitch` (one flow per connection).
 
 pub mod connection_key;
+pub mod observation;
+pub mod stitch;

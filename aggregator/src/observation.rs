@@ -1,0 +1,273 @@
+//! One validated observation: a raw `FlowRecord` checked field by field and turned into typed
+//! values. Everything malformed is rejected here, with a message that names the field, so later
+//! stages never see an impossible record.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use mermin_protocol::flow::v1::{Direction, EndReason, FlowRecord};
+
+use crate::connection_key::{ConnectionKey, Orientation, Tuple};
+
+/// The TC hook of an observation point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Hook {
+    Ingress,
+    Egress,
+}
+
+/// Where on which node packets were counted.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObservationPoint {
+    pub node: String,
+    pub interface: String,
+    pub hook: Hook,
+}
+
+/// Counts of one direction at one point over some interval (sums of record deltas).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counts {
+    pub packets: u64,
+    pub bytes: u64,
+    pub first_seen_unix_nanos: u64,
+    pub last_seen_unix_nanos: u64,
+    pub tcp_flags: u32,
+    /// Flags of the first packet this point saw in this direction.
+    pub first_tcp_flags: u32,
+}
+
+impl Counts {
+    /// Adds a later interval of the same direction at the same point.
+    pub fn merge(&mut self, later: &Counts) {
+        if self.packets == 0 && self.first_seen_unix_nanos == 0 {
+            *self = *later;
+            return;
+        }
+        self.packets += later.packets;
+        self.bytes += later.bytes;
+        self.tcp_flags |= later.tcp_flags;
+        if later.first_seen_unix_nanos < self.first_seen_unix_nanos {
+            self.first_seen_unix_nanos = later.first_seen_unix_nanos;
+            self.first_tcp_flags = later.first_tcp_flags;
+        }
+        self.last_seen_unix_nanos = self.last_seen_unix_nanos.max(later.last_seen_unix_nanos);
+    }
+}
+
+/// A record, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observation {
+    pub key: ConnectionKey,
+    /// How the observed packets run relative to `key`.
+    pub orientation: Orientation,
+    pub tuple: Tuple,
+    pub point: ObservationPoint,
+    pub counts: Counts,
+    pub end_reason: EndReason,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidRecord {
+    #[error("{field}: {len} bytes, expected 4 (IPv4) or 16 (IPv6)")]
+    AddressLength { field: &'static str, len: usize },
+    #[error("source and destination addresses are of different families")]
+    MixedFamilies,
+    #[error("{field}: {value} does not fit in {bits} bits")]
+    OutOfRange {
+        field: &'static str,
+        value: u32,
+        bits: u32,
+    },
+    #[error("direction: {0} is not INGRESS or EGRESS")]
+    Direction(i32),
+    #[error("end_reason: {0} is not a known reason")]
+    EndReason(i32),
+    #[error("{0} is empty")]
+    Empty(&'static str),
+    #[error("last_seen_unix_nanos ({last}) is before first_seen_unix_nanos ({first})")]
+    TimeOrder { first: u64, last: u64 },
+    #[error("delta_octets ({bytes}) is smaller than 20 bytes per packet ({packets} packets)")]
+    TooFewBytes { packets: u64, bytes: u64 },
+}
+
+impl TryFrom<&FlowRecord> for Observation {
+    type Error = InvalidRecord;
+
+    fn try_from(r: &FlowRecord) -> Result<Self, InvalidRecord> {
+        let source = address("source_address", &r.source_address)?;
+        let destination = address("destination_address", &r.destination_address)?;
+        if source.is_ipv4() != destination.is_ipv4() {
+            return Err(InvalidRecord::MixedFamilies);
+        }
+        if r.node_name.is_empty() {
+            return Err(InvalidRecord::Empty("node_name"));
+        }
+        if r.last_seen_unix_nanos < r.first_seen_unix_nanos {
+            return Err(InvalidRecord::TimeOrder {
+                first: r.first_seen_unix_nanos,
+                last: r.last_seen_unix_nanos,
+            });
+        }
+        // The smallest IP packet is a 20-byte IPv4 header.
+        if r.delta_octets < r.delta_packets.saturating_mul(20) {
+            return Err(InvalidRecord::TooFewBytes {
+                packets: r.delta_packets,
+                bytes: r.delta_octets,
+            });
+        }
+        let hook = match Direction::try_from(r.direction) {
+            Ok(Direction::Ingress) => Hook::Ingress,
+            Ok(Direction::Egress) => Hook::Egress,
+            _ => return Err(InvalidRecord::Direction(r.direction)),
+        };
+        let end_reason = match EndReason::try_from(r.end_reason) {
+            Ok(EndReason::Unspecified) | Err(_) => {
+                return Err(InvalidRecord::EndReason(r.end_reason));
+            }
+            Ok(reason) => reason,
+        };
+        let tuple = Tuple {
+            protocol: narrow("ip_protocol", r.ip_protocol, 8)? as u8,
+            source,
+            destination,
+            source_port: narrow("source_port", r.source_port, 16)? as u16,
+            destination_port: narrow("destination_port", r.destination_port, 16)? as u16,
+            icmp_type: narrow("icmp_type", r.icmp_type, 8)? as u8,
+            icmp_code: narrow("icmp_code", r.icmp_code, 8)? as u8,
+        };
+        let (key, orientation) = ConnectionKey::of(&tuple);
+        Ok(Observation {
+            key,
+            orientation,
+            tuple,
+            point: ObservationPoint {
+                node: r.node_name.clone(),
+                interface: r.interface_name.clone(),
+                hook,
+            },
+            counts: Counts {
+                packets: r.delta_packets,
+                bytes: r.delta_octets,
+                first_seen_unix_nanos: r.first_seen_unix_nanos,
+                last_seen_unix_nanos: r.last_seen_unix_nanos,
+                tcp_flags: narrow("tcp_flags", r.tcp_flags, 8)?,
+                first_tcp_flags: narrow("first_tcp_flags", r.first_tcp_flags, 8)?,
+            },
+            end_reason,
+        })
+    }
+}
+
+fn address(field: &'static str, bytes: &[u8]) -> Result<IpAddr, InvalidRecord> {
+    match bytes.len() {
+        4 => Ok(Ipv4Addr::from(<[u8; 4]>::try_from(bytes).unwrap_or_default()).into()),
+        16 => Ok(Ipv6Addr::from(<[u8; 16]>::try_from(bytes).unwrap_or_default()).into()),
+        len => Err(InvalidRecord::AddressLength { field, len }),
+    }
+}
+
+fn narrow(field: &'static str, value: u32, bits: u32) -> Result<u32, InvalidRecord> {
+    if value >> bits == 0 {
+        Ok(value)
+    } else {
+        Err(InvalidRecord::OutOfRange { field, value, bits })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> FlowRecord {
+        FlowRecord {
+            node_name: "node-a".into(),
+            interface_name: "eth0".into(),
+            direction: Direction::Egress as i32,
+            source_address: vec![10, 0, 0, 1],
+            destination_address: vec![10, 0, 0, 2],
+            source_port: 40000,
+            destination_port: 443,
+            ip_protocol: 6,
+            delta_packets: 3,
+            delta_octets: 180,
+            first_seen_unix_nanos: 10,
+            last_seen_unix_nanos: 20,
+            tcp_flags: 0x02,
+            first_tcp_flags: 0x02,
+            end_reason: EndReason::TcpClose as i32,
+            ..FlowRecord::default()
+        }
+    }
+
+    fn error(change: impl FnOnce(&mut FlowRecord)) -> String {
+        let mut r = record();
+        change(&mut r);
+        Observation::try_from(&r).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn valid_record_becomes_an_observation() {
+        let o = Observation::try_from(&record()).unwrap();
+        assert_eq!(o.point.node, "node-a");
+        assert_eq!(o.point.hook, Hook::Egress);
+        assert_eq!(o.tuple.source_port, 40000);
+        assert_eq!(o.orientation, Orientation::Forward);
+        assert_eq!((o.counts.packets, o.counts.bytes), (3, 180));
+        assert_eq!(o.end_reason, EndReason::TcpClose);
+    }
+
+    #[test]
+    fn malformed_records_are_rejected_with_the_field_named() {
+        assert_eq!(
+            error(|r| r.source_address = vec![1, 2, 3]),
+            "source_address: 3 bytes, expected 4 (IPv4) or 16 (IPv6)"
+        );
+        assert_eq!(
+            error(|r| r.destination_address = vec![0; 16]),
+            "source and destination addresses are of different families"
+        );
+        assert_eq!(
+            error(|r| r.source_port = 70000),
+            "source_port: 70000 does not fit in 16 bits"
+        );
+        assert_eq!(
+            error(|r| r.direction = 0),
+            "direction: 0 is not INGRESS or EGRESS"
+        );
+        assert_eq!(
+            error(|r| r.end_reason = 99),
+            "end_reason: 99 is not a known reason"
+        );
+        assert_eq!(error(|r| r.node_name.clear()), "node_name is empty");
+        assert_eq!(
+            error(|r| r.last_seen_unix_nanos = 5),
+            "last_seen_unix_nanos (5) is before first_seen_unix_nanos (10)"
+        );
+        assert_eq!(
+            error(|r| r.delta_octets = 59),
+            "delta_octets (59) is smaller than 20 bytes per packet (3 packets)"
+        );
+    }
+
+    #[test]
+    fn merging_keeps_the_earliest_first_packet() {
+        let mut a = Counts {
+            packets: 2,
+            bytes: 100,
+            first_seen_unix_nanos: 50,
+            last_seen_unix_nanos: 60,
+            tcp_flags: 0x10,
+            first_tcp_flags: 0x10,
+        };
+        a.merge(&Counts {
+            packets: 1,
+            bytes: 60,
+            first_seen_unix_nanos: 40,
+            last_seen_unix_nanos: 45,
+            tcp_flags: 0x02,
+            first_tcp_flags: 0x02,
+        });
+        assert_eq!((a.packets, a.bytes), (3, 160));
+        assert_eq!((a.first_seen_unix_nanos, a.last_seen_unix_nanos), (40, 60));
+        assert_eq!((a.tcp_flags, a.first_tcp_flags), (0x12, 0x02));
+    }
+}

@@ -1,0 +1,590 @@
+//! Stitching: every observation of one connection — client node and server node, both
+//! directions, pod veth and host interface — becomes one bidirectional [`Flow`] with the client
+//! and server right and each direction counted exactly once.
+//!
+//! **Client and server.** The first rule that applies decides, and the flow says which
+//! ([`ClientRule`]):
+//! 1. `tcp_handshake` — a direction whose first packet was SYN without ACK comes from the client
+//!    (or, if only the answer was seen, a first packet SYN+ACK goes to the client);
+//! 2. `icmp_request` — an ICMP/ICMPv6 request (echo, timestamp, ...) comes from the client;
+//! 3. `well_known_port` — exactly one port is below 1024: that side is the server;
+//! 4. `ephemeral_port` — exactly one port is in the ephemeral range (≥ 32768): that side is the
+//!    client;
+//! 5. `first_packet` — otherwise the sender of the earliest packet is the client.
+//!
+//! **Counts.** Each direction's packets and bytes come from one observation point, never a sum
+//! over points: the point nearest the sender that saw that direction, ranked pod-side ingress
+//! (the packet just left the sending pod) < host-side egress < host-side ingress < pod-side
+//! egress (the packet is about to enter the receiving pod); ties go to the earlier first packet.
+//! A direction that the preferred point did not see is taken from the next one.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use mermin_protocol::flow::v1::EndReason;
+
+use crate::{
+    connection_key::{ConnectionKey, Endpoint, Orientation, Tuple},
+    observation::{Counts, Hook, Observation, ObservationPoint},
+};
+
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ICMPV6: u8 = 58;
+const IPPROTO_SCTP: u8 = 132;
+const SYN: u32 = 0x02;
+const ACK: u32 = 0x10;
+const EPHEMERAL_PORTS_START: u16 = 32768;
+const ICMP_V4_REQUESTS: &[u8] = &[8, 13, 15, 10, 17];
+const ICMP_V4_REPLIES: &[u8] = &[0, 14, 16, 9, 18];
+const ICMP_V6_REQUESTS: &[u8] = &[128, 130, 133, 135, 139, 144];
+const ICMP_V6_REPLIES: &[u8] = &[129, 131, 134, 136, 140, 145];
+
+/// Which rule decided the client (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientRule {
+    TcpHandshake,
+    IcmpRequest,
+    WellKnownPort,
+    EphemeralPort,
+    FirstPacket,
+}
+
+impl ClientRule {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientRule::TcpHandshake => "tcp_handshake",
+            ClientRule::IcmpRequest => "icmp_request",
+            ClientRule::WellKnownPort => "well_known_port",
+            ClientRule::EphemeralPort => "ephemeral_port",
+            ClientRule::FirstPacket => "first_packet",
+        }
+    }
+}
+
+/// Tells pod-side interfaces (the host end of a pod's veth) from host-side ones (uplinks,
+/// tunnels, bridges) by name prefix.
+#[derive(Debug, Clone)]
+pub struct InterfaceKinds {
+    pod_prefixes: Vec<String>,
+}
+
+impl InterfaceKinds {
+    pub fn new(pod_prefixes: impl IntoIterator<Item = String>) -> Self {
+        Self {
+            pod_prefixes: pod_prefixes.into_iter().collect(),
+        }
+    }
+
+    pub fn is_pod_side(&self, interface: &str) -> bool {
+        self.pod_prefixes.iter().any(|p| interface.starts_with(p))
+    }
+
+    /// Rank of a point for one direction: lower is nearer the sender.
+    fn rank(&self, point: &ObservationPoint) -> u8 {
+        match (self.is_pod_side(&point.interface), point.hook) {
+            (true, Hook::Ingress) => 0,
+            (false, Hook::Egress) => 1,
+            (false, Hook::Ingress) => 2,
+            (true, Hook::Egress) => 3,
+        }
+    }
+}
+
+impl Default for InterfaceKinds {
+    /// The host ends of pod veths of the common CNIs.
+    fn default() -> Self {
+        Self::new(
+            ["veth", "cali", "lxc", "gke", "eni", "azv", "cni", "vethwe"]
+                .into_iter()
+                .map(String::from),
+        )
+    }
+}
+
+/// One side of a flow as shown to users: address and real port (zero for ICMP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Side {
+    pub address: IpAddr,
+    pub port: u16,
+}
+
+/// One direction's counts and the point they come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Measured {
+    pub counts: Counts,
+    pub point: ObservationPoint,
+}
+
+/// A connection over one reporting interval, stitched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Flow {
+    pub key: ConnectionKey,
+    pub client: Side,
+    pub server: Side,
+    pub client_rule: ClientRule,
+    pub client_to_server: Option<Measured>,
+    pub server_to_client: Option<Measured>,
+    /// Every point that saw the connection in this interval, sorted.
+    pub points: Vec<ObservationPoint>,
+    pub start_unix_nanos: u64,
+    pub end_unix_nanos: u64,
+    /// The most final reason any point gave (`ActiveTimeout` if the connection goes on).
+    pub end_reason: EndReason,
+}
+
+/// What one point saw of one direction.
+#[derive(Debug, Clone)]
+struct Seen {
+    counts: Counts,
+    tuple: Tuple,
+    end_reason: EndReason,
+}
+
+/// All observations of one connection in the current interval.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    key: ConnectionKey,
+    seen: BTreeMap<(ObservationPoint, OrientationKey), Seen>,
+}
+
+/// `Orientation` with an order, for the map key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum OrientationKey {
+    Forward,
+    Reverse,
+}
+
+impl From<Orientation> for OrientationKey {
+    fn from(o: Orientation) -> Self {
+        match o {
+            Orientation::Forward => OrientationKey::Forward,
+            Orientation::Reverse => OrientationKey::Reverse,
+        }
+    }
+}
+
+impl Connection {
+    pub fn new(key: ConnectionKey) -> Self {
+        Self {
+            key,
+            seen: BTreeMap::new(),
+        }
+    }
+
+    pub fn key(&self) -> &ConnectionKey {
+        &self.key
+    }
+
+    /// Adds an observation of this connection (its key must be this connection's).
+    pub fn add(&mut self, observation: &Observation) {
+        debug_assert_eq!(observation.key, self.key);
+        let slot = (
+            observation.point.clone(),
+            OrientationKey::from(observation.orientation),
+        );
+        match self.seen.get_mut(&slot) {
+            Some(seen) => {
+                seen.counts.merge(&observation.counts);
+                seen.end_reason = more_final(seen.end_reason, observation.end_reason);
+            }
+            None => {
+                self.seen.insert(
+                    slot,
+                    Seen {
+                        counts: observation.counts,
+                        tuple: observation.tuple,
+                        end_reason: observation.end_reason,
+                    },
+                );
+            }
+        }
+    }
+
+    /// The stitched flow, or `None` if nothing was observed.
+    pub fn stitch(&self, kinds: &InterfaceKinds) -> Option<Flow> {
+        let forward = self.best(OrientationKey::Forward, kinds);
+        let reverse = self.best(OrientationKey::Reverse, kinds);
+        if forward.is_none() && reverse.is_none() {
+            return None;
+        }
+        let (client_is_first, client_rule) = self.client(forward, reverse);
+        let (to_server, to_client) = if client_is_first {
+            (forward, reverse)
+        } else {
+            (reverse, forward)
+        };
+        let (client, server) = if client_is_first {
+            (self.key.first, self.key.second)
+        } else {
+            (self.key.second, self.key.first)
+        };
+        let measured = |best: Option<(&ObservationPoint, &Seen)>| {
+            best.map(|(point, seen)| Measured {
+                counts: seen.counts,
+                point: point.clone(),
+            })
+        };
+        let points: BTreeSet<&ObservationPoint> = self.seen.keys().map(|(p, _)| p).collect();
+        let all = || self.seen.values();
+        Some(Flow {
+            key: self.key,
+            client: self.side(client),
+            server: self.side(server),
+            client_rule,
+            client_to_server: measured(to_server),
+            server_to_client: measured(to_client),
+            points: points.into_iter().cloned().collect(),
+            start_unix_nanos: all().map(|s| s.counts.first_seen_unix_nanos).min()?,
+            end_unix_nanos: all().map(|s| s.counts.last_seen_unix_nanos).max()?,
+            end_reason: all()
+                .map(|s| s.end_reason)
+                .fold(EndReason::ActiveTimeout, more_final),
+        })
+    }
+
+    /// The preferred point for one orientation (see the module docs).
+    fn best(
+        &self,
+        orientation: OrientationKey,
+        kinds: &InterfaceKinds,
+    ) -> Option<(&ObservationPoint, &Seen)> {
+        self.seen
+            .iter()
+            .filter(|((_, o), _)| *o == orientation)
+            .map(|((point, _), seen)| (point, seen))
+            .min_by_key(|(point, seen)| {
+                (
+                    kinds.rank(point),
+                    seen.counts.first_seen_unix_nanos,
+                    (*point).clone(),
+                )
+            })
+    }
+
+    /// Whether the key's first endpoint is the client, and the rule that says so.
+    fn client(
+        &self,
+        forward: Option<(&ObservationPoint, &Seen)>,
+        reverse: Option<(&ObservationPoint, &Seen)>,
+    ) -> (bool, ClientRule) {
+        let forward = forward.map(|(_, s)| s);
+        let reverse = reverse.map(|(_, s)| s);
+        // Each rule answers "does the forward direction come from the client?".
+        let by_direction = |test: &dyn Fn(&Seen) -> Option<bool>| {
+            forward
+                .and_then(test)
+                .or_else(|| reverse.and_then(test).map(|from_client| !from_client))
+        };
+        let protocol = self.key.protocol;
+        if protocol == IPPROTO_TCP
+            && let Some(first) =
+                by_direction(&|s: &Seen| match s.counts.first_tcp_flags & (SYN | ACK) {
+                    SYN => Some(true),
+                    f if f == SYN | ACK => Some(false),
+                    _ => None,
+                })
+        {
+            return (first, ClientRule::TcpHandshake);
+        }
+        if matches!(protocol, IPPROTO_ICMP | IPPROTO_ICMPV6) {
+            let (requests, replies) = if protocol == IPPROTO_ICMP {
+                (ICMP_V4_REQUESTS, ICMP_V4_REPLIES)
+            } else {
+                (ICMP_V6_REQUESTS, ICMP_V6_REPLIES)
+            };
+            let test = |s: &Seen| {
+                if requests.contains(&s.tuple.icmp_type) {
+                    Some(true)
+                } else if replies.contains(&s.tuple.icmp_type) {
+                    Some(false)
+                } else {
+                    None
+                }
+            };
+            if let Some(first) = by_direction(&test) {
+                return (first, ClientRule::IcmpRequest);
+            }
+        }
+        if has_ports(protocol) {
+            let (a, b) = (self.key.first.port, self.key.second.port);
+            if (a < 1024) != (b < 1024) {
+                return (b < 1024, ClientRule::WellKnownPort);
+            }
+            let ephemeral = |p: u16| p >= EPHEMERAL_PORTS_START;
+            if ephemeral(a) != ephemeral(b) {
+                return (ephemeral(a), ClientRule::EphemeralPort);
+            }
+        }
+        let first_seen = |s: Option<&Seen>| s.map_or(u64::MAX, |s| s.counts.first_seen_unix_nanos);
+        (
+            first_seen(forward) <= first_seen(reverse),
+            ClientRule::FirstPacket,
+        )
+    }
+
+    fn side(&self, endpoint: Endpoint) -> Side {
+        Side {
+            address: endpoint.address,
+            port: if has_ports(self.key.protocol) {
+                endpoint.port
+            } else {
+                0
+            },
+        }
+    }
+}
+
+fn has_ports(protocol: u8) -> bool {
+    matches!(protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP)
+}
+
+/// The more final of two reasons: a close beats an idle end beats the rest; any final reason
+/// beats `ActiveTimeout` (the connection goes on).
+fn more_final(a: EndReason, b: EndReason) -> EndReason {
+    let weight = |r: EndReason| match r {
+        EndReason::TcpClose => 5,
+        EndReason::IdleTimeout => 4,
+        EndReason::TablePressure => 3,
+        EndReason::AgentShutdown => 2,
+        EndReason::ActiveTimeout => 1,
+        EndReason::Unspecified => 0,
+    };
+    if weight(b) > weight(a) { b } else { a }
+}
+
+#[cfg(test)]
+mod tests {
+    use mermin_protocol::flow::v1::{Direction, FlowRecord};
+
+    use super::*;
+
+    /// A record builder: `from`/`to` as "addr:port".
+    struct R(FlowRecord);
+
+    fn r(node: &str, interface: &str, direction: Direction, from: &str, to: &str) -> R {
+        let (src, sport) = split(from);
+        let (dst, dport) = split(to);
+        R(FlowRecord {
+            node_name: node.into(),
+            interface_name: interface.into(),
+            direction: direction as i32,
+            source_address: src,
+            destination_address: dst,
+            source_port: sport,
+            destination_port: dport,
+            ip_protocol: 6,
+            end_reason: EndReason::TcpClose as i32,
+            ..FlowRecord::default()
+        })
+    }
+
+    fn split(s: &str) -> (Vec<u8>, u32) {
+        let (ip, port) = s.rsplit_once(':').unwrap();
+        let ip: std::net::Ipv4Addr = ip.parse().unwrap();
+        (ip.octets().to_vec(), port.parse().unwrap())
+    }
+
+    impl R {
+        fn counts(mut self, packets: u64, bytes: u64, first: u64, last: u64) -> R {
+            self.0.delta_packets = packets;
+            self.0.delta_octets = bytes;
+            self.0.first_seen_unix_nanos = first;
+            self.0.last_seen_unix_nanos = last;
+            self
+        }
+        fn flags(mut self, first: u32, all: u32) -> R {
+            self.0.first_tcp_flags = first;
+            self.0.tcp_flags = all;
+            self
+        }
+        fn proto(mut self, protocol: u32) -> R {
+            self.0.ip_protocol = protocol;
+            self
+        }
+        fn icmp(mut self, kind: u32) -> R {
+            self.0.icmp_type = kind;
+            self
+        }
+        fn reason(mut self, reason: EndReason) -> R {
+            self.0.end_reason = reason as i32;
+            self
+        }
+    }
+
+    fn stitch(records: Vec<R>) -> Flow {
+        let observations: Vec<Observation> = records
+            .iter()
+            .map(|r| Observation::try_from(&r.0).unwrap())
+            .collect();
+        let mut connection = Connection::new(observations[0].key);
+        for o in &observations {
+            assert_eq!(o.key, observations[0].key, "records of one connection");
+            connection.add(o);
+        }
+        connection.stitch(&InterfaceKinds::default()).unwrap()
+    }
+
+    const C: &str = "10.0.1.5:51000";
+    const S: &str = "10.0.2.7:443";
+    use Direction::{Egress as Out, Ingress as In};
+
+    #[test]
+    fn cross_node_tcp_four_points_each_direction_counted_once() {
+        let flow = stitch(vec![
+            // Client node: the pod's veth (host end) and the uplink.
+            r("node-c", "vethc1", In, C, S)
+                .counts(10, 5_000, 100, 900)
+                .flags(SYN, 0x1b),
+            r("node-c", "eth0", Out, C, S)
+                .counts(10, 5_000, 101, 901)
+                .flags(SYN, 0x1b),
+            r("node-c", "eth0", In, S, C)
+                .counts(8, 90_000, 150, 950)
+                .flags(SYN | ACK, 0x1b),
+            r("node-c", "vethc1", Out, S, C)
+                .counts(8, 90_000, 151, 951)
+                .flags(SYN | ACK, 0x1b),
+            // Server node: one client packet was lost on the way (9 arrive).
+            r("node-s", "eth0", In, C, S)
+                .counts(9, 4_500, 120, 920)
+                .flags(SYN, 0x1b),
+            r("node-s", "veths1", Out, C, S)
+                .counts(9, 4_500, 121, 921)
+                .flags(SYN, 0x1b),
+            r("node-s", "veths1", In, S, C)
+                .counts(8, 90_000, 130, 930)
+                .flags(SYN | ACK, 0x1b),
+            r("node-s", "eth0", Out, S, C)
+                .counts(8, 90_000, 131, 931)
+                .flags(SYN | ACK, 0x1b),
+        ]);
+        assert_eq!(flow.client_rule, ClientRule::TcpHandshake);
+        assert_eq!(flow.client.address.to_string(), "10.0.1.5");
+        assert_eq!((flow.client.port, flow.server.port), (51000, 443));
+        let sent = flow.client_to_server.unwrap();
+        assert_eq!((sent.counts.packets, sent.counts.bytes), (10, 5_000));
+        assert_eq!(
+            (sent.point.node.as_str(), sent.point.interface.as_str()),
+            ("node-c", "vethc1")
+        );
+        let received = flow.server_to_client.unwrap();
+        assert_eq!(
+            (received.counts.packets, received.counts.bytes),
+            (8, 90_000)
+        );
+        assert_eq!(
+            (
+                received.point.node.as_str(),
+                received.point.interface.as_str()
+            ),
+            ("node-s", "veths1")
+        );
+        assert_eq!(flow.points.len(), 8);
+        assert_eq!((flow.start_unix_nanos, flow.end_unix_nanos), (100, 951));
+        assert_eq!(flow.end_reason, EndReason::TcpClose);
+    }
+
+    #[test]
+    fn only_the_answer_seen_still_finds_the_client() {
+        let flow = stitch(vec![
+            r("node-s", "veths1", In, S, C)
+                .counts(5, 7_000, 10, 20)
+                .flags(SYN | ACK, 0x12),
+        ]);
+        assert_eq!(flow.client_rule, ClientRule::TcpHandshake);
+        assert_eq!(flow.client.port, 51000);
+        assert!(flow.client_to_server.is_none());
+        assert_eq!(flow.server_to_client.unwrap().counts.bytes, 7_000);
+    }
+
+    #[test]
+    fn mid_stream_flows_fall_back_to_ports() {
+        let https = stitch(vec![
+            r("n", "eth0", Out, S, C)
+                .counts(3, 3_000, 5, 6)
+                .flags(ACK, ACK),
+        ]);
+        assert_eq!(https.client_rule, ClientRule::WellKnownPort);
+        assert_eq!((https.client.port, https.server.port), (51000, 443));
+        let app = stitch(vec![
+            r("n", "eth0", Out, "10.0.2.7:8080", "10.0.1.5:45000")
+                .counts(1, 60, 5, 5)
+                .flags(ACK, ACK),
+        ]);
+        assert_eq!(app.client_rule, ClientRule::EphemeralPort);
+        assert_eq!((app.client.port, app.server.port), (45000, 8080));
+    }
+
+    #[test]
+    fn udp_between_service_ports_uses_the_first_packet() {
+        let flow = stitch(vec![
+            r("n", "veth1", In, "10.0.0.2:5001", "10.0.0.1:5000")
+                .proto(17)
+                .counts(1, 100, 50, 50),
+            r("n", "veth1", Out, "10.0.0.1:5000", "10.0.0.2:5001")
+                .proto(17)
+                .counts(1, 100, 40, 40),
+        ]);
+        assert_eq!(flow.client_rule, ClientRule::FirstPacket);
+        assert_eq!((flow.client.port, flow.server.port), (5000, 5001));
+    }
+
+    #[test]
+    fn icmp_echo_request_marks_the_client() {
+        let flow = stitch(vec![
+            r("n", "veth1", Out, "10.0.0.9:0", "10.0.0.3:0")
+                .proto(1)
+                .icmp(0)
+                .counts(3, 252, 11, 31),
+            r("n", "veth1", In, "10.0.0.3:0", "10.0.0.9:0")
+                .proto(1)
+                .icmp(8)
+                .counts(3, 252, 10, 30),
+        ]);
+        assert_eq!(flow.client_rule, ClientRule::IcmpRequest);
+        assert_eq!(flow.client.address.to_string(), "10.0.0.3");
+        assert_eq!((flow.client.port, flow.server.port), (0, 0));
+        assert_eq!(flow.client_to_server.unwrap().counts.packets, 3);
+    }
+
+    #[test]
+    fn same_node_pods_count_at_the_sending_pods_veth() {
+        let flow = stitch(vec![
+            r("n", "vethp2", Out, C, S)
+                .counts(7, 700, 2, 9)
+                .flags(SYN, 0x1b),
+            r("n", "vethp1", In, C, S)
+                .counts(7, 700, 1, 8)
+                .flags(SYN, 0x1b),
+            r("n", "vethp2", In, S, C)
+                .counts(6, 600, 3, 10)
+                .flags(SYN | ACK, 0x1b),
+            r("n", "vethp1", Out, S, C)
+                .counts(6, 600, 4, 11)
+                .flags(SYN | ACK, 0x1b),
+        ]);
+        assert_eq!(flow.client_to_server.unwrap().point.interface, "vethp1");
+        assert_eq!(flow.server_to_client.unwrap().point.interface, "vethp2");
+    }
+
+    #[test]
+    fn interim_records_of_one_point_add_up() {
+        let flow = stitch(vec![
+            r("n", "eth0", Out, C, S)
+                .counts(4, 400, 1, 9)
+                .flags(SYN, 0x12)
+                .reason(EndReason::ActiveTimeout),
+            r("n", "eth0", Out, C, S)
+                .counts(6, 600, 10, 19)
+                .flags(ACK, 0x11),
+        ]);
+        let sent = flow.client_to_server.unwrap();
+        assert_eq!((sent.counts.packets, sent.counts.bytes), (10, 1_000));
+        assert_eq!(sent.counts.first_tcp_flags, SYN);
+        assert_eq!(flow.end_reason, EndReason::TcpClose);
+    }
+}
