@@ -7,8 +7,10 @@
 //! `mermin_protocol::flow::v1::FlowRecord`, exactly as node agents emit it.
 //!
 //! Built so far, as pure logic with no I/O: `observation` (record validation) →
-//! `connection_key` (canonical key, Community ID v1) → `stitch` (one flow per connection).
+//! `connection_key` (canonical key, Community ID v1) → `stitch` (one flow per connection) →
+//! `span` (OTLP spans with deterministic ids).
 
 pub mod connection_key;
 pub mod observation;
+pub mod span;
 pub mod stitch;

@@ -1,0 +1,481 @@
+//! Spans: one stitched flow interval becomes a CLIENT span (carrying every flow attribute, the
+//! one users query) and a child SERVER span, each under the resource of its side, so Tempo's
+//! service graph draws an edge from client to server.
+//!
+//! Attribute names are the ones the seed's TraceQL uses, as span attributes with these types:
+//! `network.protocol` ("TCP", "UDP", "ICMP", "ICMPv6", or the protocol number), `source.address`
+//! / `destination.address` (client / server), `source.port` / `destination.port` (int),
+//! `flow.bytes.sent` / `flow.bytes.received` and `flow.packets.sent` / `flow.packets.received`
+//! (int; sent = client → server), plus `network.transport` and `network.type` (OTel),
+//! `flow.community_id`, `flow.tcp.flags`, `flow.end_reason`, `flow.client_rule` and the
+//! observation points.
+//!
+//! **Identity.** Ids are derived, never random, so re-exporting an interval after a crash yields
+//! the same ids and Tempo keeps one copy: the trace id from (Community ID, connection start,
+//! window), the span ids from (trace id, interval, role). A trace covers [`INTERVALS_PER_TRACE`]
+//! intervals; the first span of the next window links to the last CLIENT span of the previous
+//! one, which keeps a connection that lives for days far below Tempo's 5 MB per-trace limit.
+
+use opentelemetry_proto::tonic::{
+    common::v1::{AnyValue, ArrayValue, InstrumentationScope, KeyValue, any_value::Value},
+    resource::v1::Resource,
+    trace::v1::{ResourceSpans, ScopeSpans, Span, span::Link, span::SpanKind},
+};
+use sha1::{Digest, Sha1};
+
+use crate::{
+    observation::{Hook, ObservationPoint},
+    stitch::{Flow, Side},
+};
+
+/// Intervals in one trace. With the default 60 s active timeout a trace spans an hour: at most
+/// 120 spans of a few hundred bytes each.
+pub const INTERVALS_PER_TRACE: u64 = 60;
+
+/// Where an interval sits in its connection's life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interval {
+    /// First packet of the connection (the first interval's start); constant for its life.
+    pub connection_start_unix_nanos: u64,
+    /// 0 for the connection's first interval, then 1, 2, ...
+    pub index: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Client,
+    Server,
+}
+
+pub fn trace_id(community_id: &str, interval: &Interval) -> [u8; 16] {
+    let window = interval.index / INTERVALS_PER_TRACE;
+    let digest = Sha1::new()
+        .chain_update(b"mermin.trace\0")
+        .chain_update(community_id.as_bytes())
+        .chain_update(interval.connection_start_unix_nanos.to_be_bytes())
+        .chain_update(window.to_be_bytes())
+        .finalize();
+    let mut id = [0; 16];
+    id.copy_from_slice(&digest[..16]);
+    id
+}
+
+fn span_id(trace_id: &[u8; 16], index: u64, role: Role) -> [u8; 8] {
+    let digest = Sha1::new()
+        .chain_update(b"mermin.span\0")
+        .chain_update(trace_id)
+        .chain_update(index.to_be_bytes())
+        .chain_update([role as u8])
+        .finalize();
+    let mut id = [0; 8];
+    id.copy_from_slice(&digest[..8]);
+    // An all-zero span id is invalid in OTLP; astronomically unlikely, but never emit one.
+    if id == [0; 8] {
+        id[7] = 1;
+    }
+    id
+}
+
+/// The OTLP spans of one flow interval: the client side's resource with the CLIENT span, the
+/// server side's with the SERVER span.
+pub fn flow_spans(flow: &Flow, interval: &Interval) -> Vec<ResourceSpans> {
+    let community_id = flow.key.community_id(0);
+    let trace = trace_id(&community_id, interval);
+    let client_span = span_id(&trace, interval.index, Role::Client);
+    let server_span = span_id(&trace, interval.index, Role::Server);
+    let name = span_name(flow);
+
+    let mut links = Vec::new();
+    if interval.index > 0 && interval.index.is_multiple_of(INTERVALS_PER_TRACE) {
+        let previous = Interval {
+            index: interval.index - 1,
+            ..*interval
+        };
+        let previous_trace = trace_id(&community_id, &previous);
+        links.push(Link {
+            trace_id: previous_trace.to_vec(),
+            span_id: span_id(&previous_trace, previous.index, Role::Client).to_vec(),
+            ..Link::default()
+        });
+    }
+
+    let client = Span {
+        trace_id: trace.to_vec(),
+        span_id: client_span.to_vec(),
+        name: name.clone(),
+        kind: SpanKind::Client as i32,
+        start_time_unix_nano: flow.start_unix_nanos,
+        end_time_unix_nano: flow.end_unix_nanos,
+        attributes: flow_attributes(flow, &community_id, interval),
+        links,
+        ..Span::default()
+    };
+    let server = Span {
+        trace_id: trace.to_vec(),
+        span_id: server_span.to_vec(),
+        parent_span_id: client_span.to_vec(),
+        name,
+        kind: SpanKind::Server as i32,
+        start_time_unix_nano: flow.start_unix_nanos,
+        end_time_unix_nano: flow.end_unix_nanos,
+        attributes: vec![
+            string("flow.community_id", &community_id),
+            string("network.protocol", &protocol_name(flow.key.protocol)),
+        ],
+        ..Span::default()
+    };
+    vec![
+        resource_spans(&flow.client, false, client),
+        resource_spans(&flow.server, true, server),
+    ]
+}
+
+/// Low-cardinality span name in the style Mermin users know: `flow_ipv4_tcp`.
+fn span_name(flow: &Flow) -> String {
+    format!(
+        "flow_{}_{}",
+        network_type(flow),
+        protocol_name(flow.key.protocol).to_lowercase()
+    )
+}
+
+fn network_type(flow: &Flow) -> &'static str {
+    if flow.client.address.is_ipv4() {
+        "ipv4"
+    } else {
+        "ipv6"
+    }
+}
+
+fn protocol_name(protocol: u8) -> String {
+    match protocol {
+        1 => "ICMP".into(),
+        6 => "TCP".into(),
+        17 => "UDP".into(),
+        58 => "ICMPv6".into(),
+        132 => "SCTP".into(),
+        other => other.to_string(),
+    }
+}
+
+const TCP_FLAG_NAMES: [(u32, &str); 8] = [
+    (0x01, "FIN"),
+    (0x02, "SYN"),
+    (0x04, "RST"),
+    (0x08, "PSH"),
+    (0x10, "ACK"),
+    (0x20, "URG"),
+    (0x40, "ECE"),
+    (0x80, "CWR"),
+];
+
+fn flow_attributes(flow: &Flow, community_id: &str, interval: &Interval) -> Vec<KeyValue> {
+    let protocol = protocol_name(flow.key.protocol);
+    let mut attributes = vec![
+        string("network.protocol", &protocol),
+        string("network.transport", &protocol.to_lowercase()),
+        string("network.type", network_type(flow)),
+        string("source.address", &flow.client.address.to_string()),
+        int("source.port", i64::from(flow.client.port)),
+        string("destination.address", &flow.server.address.to_string()),
+        int("destination.port", i64::from(flow.server.port)),
+        string("flow.community_id", community_id),
+        string("flow.client_rule", flow.client_rule.as_str()),
+        string("flow.end_reason", end_reason_name(flow)),
+        int("flow.interval", interval.index as i64),
+    ];
+    let mut flags = 0;
+    for (direction, measured) in [
+        ("sent", &flow.client_to_server),
+        ("received", &flow.server_to_client),
+    ] {
+        let (packets, bytes) = measured
+            .as_ref()
+            .map_or((0, 0), |m| (m.counts.packets, m.counts.bytes));
+        attributes.push(int(&format!("flow.bytes.{direction}"), bytes as i64));
+        attributes.push(int(&format!("flow.packets.{direction}"), packets as i64));
+        if let Some(m) = measured {
+            flags |= m.counts.tcp_flags;
+            attributes.push(string(
+                &format!("flow.{direction}.observation_point"),
+                &point_label(&m.point),
+            ));
+        }
+    }
+    if flow.key.protocol == 6 {
+        let names = TCP_FLAG_NAMES
+            .iter()
+            .filter(|(bit, _)| flags & bit != 0)
+            .map(|(_, name)| *name);
+        attributes.push(strings("flow.tcp.flags", names));
+    }
+    attributes.push(strings(
+        "flow.observation_points",
+        flow.points.iter().map(|p| point_label(p)),
+    ));
+    attributes
+}
+
+fn end_reason_name(flow: &Flow) -> &'static str {
+    use mermin_protocol::flow::v1::EndReason;
+    match flow.end_reason {
+        EndReason::ActiveTimeout | EndReason::Unspecified => "active_timeout",
+        EndReason::IdleTimeout => "idle_timeout",
+        EndReason::TcpClose => "tcp_close",
+        EndReason::TablePressure => "table_pressure",
+        EndReason::AgentShutdown => "agent_shutdown",
+    }
+}
+
+/// `node/interface/ingress` — how users read an observation point.
+fn point_label(point: &ObservationPoint) -> String {
+    let hook = match point.hook {
+        Hook::Ingress => "ingress",
+        Hook::Egress => "egress",
+    };
+    format!("{}/{}/{hook}", point.node, point.interface)
+}
+
+fn resource_spans(side: &Side, server: bool, span: Span) -> ResourceSpans {
+    // Until Kubernetes metadata names workloads, a side is named by its address (and, for the
+    // server, its port), which is what the service graph shows.
+    let service = if server && side.port != 0 {
+        format!("{}:{}", side.address, side.port)
+    } else {
+        side.address.to_string()
+    };
+    ResourceSpans {
+        resource: Some(Resource {
+            attributes: vec![string("service.name", &service)],
+            ..Resource::default()
+        }),
+        scope_spans: vec![ScopeSpans {
+            scope: Some(InstrumentationScope {
+                name: "mermin".into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                ..InstrumentationScope::default()
+            }),
+            spans: vec![span],
+            ..ScopeSpans::default()
+        }],
+        ..ResourceSpans::default()
+    }
+}
+
+fn string(key: &str, value: &str) -> KeyValue {
+    key_value(key, Value::StringValue(value.to_owned()))
+}
+
+fn int(key: &str, value: i64) -> KeyValue {
+    key_value(key, Value::IntValue(value))
+}
+
+fn strings<S: Into<String>>(key: &str, values: impl IntoIterator<Item = S>) -> KeyValue {
+    let values = values
+        .into_iter()
+        .map(|v| AnyValue {
+            value: Some(Value::StringValue(v.into())),
+        })
+        .collect();
+    key_value(key, Value::ArrayValue(ArrayValue { values }))
+}
+
+fn key_value(key: &str, value: Value) -> KeyValue {
+    KeyValue {
+        key: key.to_owned(),
+        value: Some(AnyValue { value: Some(value) }),
+        ..KeyValue::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use mermin_protocol::flow::v1::EndReason;
+
+    use super::*;
+    use crate::{
+        connection_key::{ConnectionKey, Tuple},
+        observation::Counts,
+        stitch::{ClientRule, Measured},
+    };
+
+    fn flow() -> Flow {
+        let tuple = Tuple {
+            protocol: 6,
+            source: "10.0.1.5".parse().unwrap(),
+            destination: "10.0.2.7".parse().unwrap(),
+            source_port: 51000,
+            destination_port: 443,
+            icmp_type: 0,
+            icmp_code: 0,
+        };
+        let point = |node: &str, interface: &str, hook| ObservationPoint {
+            node: node.into(),
+            interface: interface.into(),
+            hook,
+        };
+        let measured = |packets, bytes, flags, point| Measured {
+            counts: Counts {
+                packets,
+                bytes,
+                first_seen_unix_nanos: 1_000,
+                last_seen_unix_nanos: 9_000,
+                tcp_flags: flags,
+                first_tcp_flags: 0x02,
+            },
+            point,
+        };
+        Flow {
+            key: ConnectionKey::of(&tuple).0,
+            client: Side {
+                address: tuple.source,
+                port: 51000,
+            },
+            server: Side {
+                address: tuple.destination,
+                port: 443,
+            },
+            client_rule: ClientRule::TcpHandshake,
+            client_to_server: Some(measured(
+                12,
+                2_400_000,
+                0x1b,
+                point("node-c", "vethc1", Hook::Ingress),
+            )),
+            server_to_client: Some(measured(
+                9,
+                900,
+                0x12,
+                point("node-s", "veths1", Hook::Ingress),
+            )),
+            points: vec![
+                point("node-c", "vethc1", Hook::Ingress),
+                point("node-s", "veths1", Hook::Ingress),
+            ],
+            start_unix_nanos: 1_000,
+            end_unix_nanos: 9_500,
+            end_reason: EndReason::TcpClose,
+        }
+    }
+
+    fn attributes(span: &Span) -> HashMap<&str, Value> {
+        span.attributes
+            .iter()
+            .map(|kv| (kv.key.as_str(), kv.value.clone().unwrap().value.unwrap()))
+            .collect()
+    }
+
+    fn text(v: &str) -> Value {
+        Value::StringValue(v.into())
+    }
+
+    const START: Interval = Interval {
+        connection_start_unix_nanos: 1_000,
+        index: 0,
+    };
+
+    #[test]
+    fn client_span_carries_the_seed_attributes_with_their_types() {
+        let spans = flow_spans(&flow(), &START);
+        let client = &spans[0].scope_spans[0].spans[0];
+        assert_eq!(client.kind, SpanKind::Client as i32);
+        assert_eq!(client.name, "flow_ipv4_tcp");
+        assert_eq!(
+            (client.start_time_unix_nano, client.end_time_unix_nano),
+            (1_000, 9_500)
+        );
+        let a = attributes(client);
+        assert_eq!(a["network.protocol"], text("TCP"));
+        assert_eq!(a["network.transport"], text("tcp"));
+        assert_eq!(a["network.type"], text("ipv4"));
+        assert_eq!(a["source.address"], text("10.0.1.5"));
+        assert_eq!(a["source.port"], Value::IntValue(51000));
+        assert_eq!(a["destination.address"], text("10.0.2.7"));
+        assert_eq!(a["destination.port"], Value::IntValue(443));
+        assert_eq!(a["flow.bytes.sent"], Value::IntValue(2_400_000));
+        assert_eq!(a["flow.bytes.received"], Value::IntValue(900));
+        assert_eq!(a["flow.packets.sent"], Value::IntValue(12));
+        assert_eq!(a["flow.packets.received"], Value::IntValue(9));
+        assert_eq!(a["flow.client_rule"], text("tcp_handshake"));
+        assert_eq!(a["flow.end_reason"], text("tcp_close"));
+        assert_eq!(
+            a["flow.sent.observation_point"],
+            text("node-c/vethc1/ingress")
+        );
+        let Value::ArrayValue(flags) = &a["flow.tcp.flags"] else {
+            panic!("flags not an array")
+        };
+        let flags: Vec<_> = flags
+            .values
+            .iter()
+            .map(|v| v.value.clone().unwrap())
+            .collect();
+        assert_eq!(flags, [text("FIN"), text("SYN"), text("PSH"), text("ACK")]);
+        let Value::StringValue(id) = &a["flow.community_id"] else {
+            panic!()
+        };
+        assert!(id.starts_with("1:"), "{id}");
+    }
+
+    #[test]
+    fn server_span_is_a_child_under_the_server_resource() {
+        let spans = flow_spans(&flow(), &START);
+        let client = &spans[0].scope_spans[0].spans[0];
+        let server = &spans[1].scope_spans[0].spans[0];
+        assert_eq!(server.kind, SpanKind::Server as i32);
+        assert_eq!(server.trace_id, client.trace_id);
+        assert_eq!(server.parent_span_id, client.span_id);
+        let service = |rs: &ResourceSpans| {
+            rs.resource.as_ref().unwrap().attributes[0]
+                .value
+                .clone()
+                .unwrap()
+                .value
+                .unwrap()
+        };
+        assert_eq!(service(&spans[0]), text("10.0.1.5"));
+        assert_eq!(service(&spans[1]), text("10.0.2.7:443"));
+    }
+
+    #[test]
+    fn ids_are_deterministic_per_interval_and_windowed() {
+        let first = flow_spans(&flow(), &START);
+        let again = flow_spans(&flow(), &START);
+        assert_eq!(first, again, "re-export yields identical spans");
+        let span = |rs: &[ResourceSpans]| rs[0].scope_spans[0].spans[0].clone();
+        let next = span(&flow_spans(&flow(), &Interval { index: 1, ..START }));
+        assert_eq!(next.trace_id, span(&first).trace_id);
+        assert_ne!(next.span_id, span(&first).span_id);
+        assert!(next.links.is_empty());
+
+        let new_window = span(&flow_spans(
+            &flow(),
+            &Interval {
+                index: INTERVALS_PER_TRACE,
+                ..START
+            },
+        ));
+        assert_ne!(new_window.trace_id, span(&first).trace_id);
+        let last_of_previous = span(&flow_spans(
+            &flow(),
+            &Interval {
+                index: INTERVALS_PER_TRACE - 1,
+                ..START
+            },
+        ));
+        assert_eq!(new_window.links.len(), 1);
+        assert_eq!(new_window.links[0].trace_id, last_of_previous.trace_id);
+        assert_eq!(new_window.links[0].span_id, last_of_previous.span_id);
+
+        let other_connection = Interval {
+            connection_start_unix_nanos: 2_000,
+            index: 0,
+        };
+        assert_ne!(
+            span(&flow_spans(&flow(), &other_connection)).trace_id,
+            span(&first).trace_id
+        );
+    }
+}
