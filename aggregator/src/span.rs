@@ -211,7 +211,7 @@ fn flow_attributes(flow: &Flow, community_id: &str, interval: &Interval) -> Vec<
     }
     attributes.push(strings(
         "flow.observation_points",
-        flow.points.iter().map(|p| point_label(p)),
+        flow.points.iter().map(point_label),
     ));
     attributes
 }
