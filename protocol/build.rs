@@ -1,11 +1,15 @@
-//! Compiles the .proto files with protox (pure Rust, no protoc) and generates prost types.
+//! Compiles the .proto files with protox (pure Rust, no protoc) and generates prost types and
+//! tonic services.
 fn main() -> anyhow::Result<()> {
-    let protos = ["proto/mermin/flow/v1/flow.proto"];
+    let protos = [
+        "proto/mermin/flow/v1/flow.proto",
+        "proto/mermin/agent/v1/agent.proto",
+    ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }
     let descriptors = protox::compile(protos, ["proto"])?;
-    prost_build::Config::new()
+    tonic_prost_build::configure()
         .type_attribute(".mermin.flow.v1.FlowRecord", "#[derive(serde::Serialize)]")
         .field_attribute(
             ".mermin.flow.v1.FlowRecord.source_address",

@@ -1,6 +1,7 @@
 //! Mermin's wire contracts, generated from `proto/` by prost (compiled with protox, no protoc).
 //!
 //! - [`flow::v1`]: raw flow records, the shape the node agent emits and the aggregator ingests.
+//! - [`agent::v1`]: the agent → aggregator stream (hello, sequenced batches, durable acks).
 //!
 //! Protobuf hygiene: every enum starts with `*_UNSPECIFIED = 0`; fields are never renumbered
 //! (removed ones become `reserved`); units are in field names.
@@ -8,6 +9,12 @@
 pub mod flow {
     pub mod v1 {
         include!(concat!(env!("OUT_DIR"), "/mermin.flow.v1.rs"));
+    }
+}
+
+pub mod agent {
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/mermin.agent.v1.rs"));
     }
 }
 
