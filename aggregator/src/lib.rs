@@ -6,11 +6,15 @@
 //! both ends, and export of one span per flow interval over OTLP. Its input is
 //! `mermin_protocol::flow::v1::FlowRecord`, exactly as node agents emit it.
 //!
-//! Built so far, as pure logic with no I/O: `observation` (record validation) →
+//! Built so far: `ingest` (the agent stream endpoint: validation, durable append, acks) over
+//! `store` (sled log of batches); and, as pure logic, `observation` (record validation) →
 //! `connection_key` (canonical key, Community ID v1) → `stitch` (one flow per connection) →
-//! `span` (OTLP spans with deterministic ids).
+//! `span` (OTLP spans with deterministic ids). Still to come: the flow-table actors that stitch
+//! on time, the durable export queue and OTLP exporter, configuration, the binary.
 
 pub mod connection_key;
+pub mod ingest;
 pub mod observation;
 pub mod span;
 pub mod stitch;
+pub mod store;

@@ -1,0 +1,243 @@
+//! The `AgentService` endpoint: one task per agent stream, speaking `mermin.agent.v1`.
+//!
+//! Per stream: a `Hello` (protocol version, node, 16-byte boot id), answered by a `Welcome` with
+//! the highest sequence already durable for that boot id; then `Batch`es. Each batch is checked
+//! completely (sequence, size, every record) before anything happens, appended to the [`Store`]
+//! (durable when `append` returns), handed to the flow table, and only then acknowledged. A batch
+//! the store already holds is acknowledged again and not applied twice. Anything wrong ends this
+//! stream — and only this stream — with a status whose message names the problem.
+//!
+//! Nothing here queues without bound: the answer channel holds `max_in_flight_batches` acks, the
+//! flow-table channel is bounded, and a stream reads its next batch only after acking the last.
+
+use mermin_protocol::agent::v1::{
+    AgentMessage, AggregatorMessage, Batch, Hello, Welcome, agent_message,
+    agent_service_server::{AgentService, AgentServiceServer},
+    aggregator_message,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{
+    observation::Observation,
+    store::{BOOT_ID_LEN, BootId, Store, StoreError},
+};
+
+/// The protocol revision this aggregator speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+#[derive(Debug, Clone)]
+pub struct IngestLimits {
+    pub max_in_flight_batches: u32,
+    pub max_batch_records: u32,
+    /// Largest encoded message accepted (gRPC decoding limit).
+    pub max_message_bytes: usize,
+}
+
+impl Default for IngestLimits {
+    fn default() -> Self {
+        Self {
+            max_in_flight_batches: 8,
+            max_batch_records: 10_000,
+            max_message_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// Validated observations of one batch, on their way to the flow table.
+pub type ObservationSender = mpsc::Sender<Vec<Observation>>;
+
+#[derive(Clone)]
+pub struct Ingest {
+    store: Store,
+    limits: IngestLimits,
+    flows: ObservationSender,
+}
+
+impl Ingest {
+    pub fn new(store: Store, limits: IngestLimits, flows: ObservationSender) -> Self {
+        Self {
+            store,
+            limits,
+            flows,
+        }
+    }
+
+    /// The tonic service, with the message size limit applied.
+    pub fn into_service(self) -> AgentServiceServer<Self> {
+        let max = self.limits.max_message_bytes;
+        AgentServiceServer::new(self).max_decoding_message_size(max)
+    }
+}
+
+#[tonic::async_trait]
+impl AgentService for Ingest {
+    type StreamStream = ReceiverStream<Result<AggregatorMessage, Status>>;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (answers, receiver) = mpsc::channel(self.limits.max_in_flight_batches as usize + 1);
+        let session = Session {
+            ingest: self.clone(),
+            answers: answers.clone(),
+        };
+        tokio::spawn(async move {
+            if let Err(status) = session.run(&mut inbound).await {
+                tracing::warn!(code = ?status.code(), message = status.message(), "agent stream rejected");
+                let _ = answers.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+}
+
+struct Session {
+    ingest: Ingest,
+    answers: mpsc::Sender<Result<AggregatorMessage, Status>>,
+}
+
+/// What the session knows about its agent after the Hello.
+struct Agent {
+    node: String,
+    boot_id: BootId,
+    last: u64,
+}
+
+impl Session {
+    async fn run(&self, inbound: &mut Streaming<AgentMessage>) -> Result<(), Status> {
+        let hello = match inbound.message().await?.and_then(|m| m.message) {
+            Some(agent_message::Message::Hello(hello)) => hello,
+            Some(_) => {
+                return Err(Status::invalid_argument(
+                    "the first message of a stream must be a Hello",
+                ));
+            }
+            None => return Ok(()),
+        };
+        let mut agent = self.welcome(hello).await?;
+        while let Some(message) = inbound.message().await? {
+            match message.message {
+                Some(agent_message::Message::Batch(batch)) => self.batch(&mut agent, batch).await?,
+                Some(agent_message::Message::Hello(_)) => {
+                    return Err(Status::invalid_argument(
+                        "a stream carries exactly one Hello",
+                    ));
+                }
+                None => return Err(Status::invalid_argument("empty AgentMessage")),
+            }
+        }
+        Ok(())
+    }
+
+    async fn welcome(&self, hello: Hello) -> Result<Agent, Status> {
+        if hello.protocol_version != PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "protocol version {} is not supported; this aggregator speaks {PROTOCOL_VERSION}",
+                hello.protocol_version
+            )));
+        }
+        if hello.node_name.is_empty() {
+            return Err(Status::invalid_argument("Hello.node_name is empty"));
+        }
+        let boot_id: BootId = hello.boot_id.as_slice().try_into().map_err(|_| {
+            Status::invalid_argument(format!(
+                "Hello.boot_id is {} bytes, expected {BOOT_ID_LEN}",
+                hello.boot_id.len()
+            ))
+        })?;
+        let last = self
+            .ingest
+            .store
+            .last_sequence(&boot_id)
+            .map_err(internal)?;
+        self.send(aggregator_message::Message::Welcome(Welcome {
+            last_durable_sequence: last,
+            max_in_flight_batches: self.ingest.limits.max_in_flight_batches,
+            max_batch_records: self.ingest.limits.max_batch_records,
+        }))
+        .await?;
+        tracing::info!(node = %hello.node_name, agent_version = %hello.agent_version, last, "agent connected");
+        Ok(Agent {
+            node: hello.node_name,
+            boot_id,
+            last,
+        })
+    }
+
+    async fn batch(&self, agent: &mut Agent, batch: Batch) -> Result<(), Status> {
+        let sequence = batch.sequence;
+        if sequence != 0 && sequence <= agent.last {
+            // Already durable (a replay after reconnect): acknowledge again, apply nothing.
+            return self.ack(sequence).await;
+        }
+        if sequence != agent.last + 1 {
+            return Err(Status::invalid_argument(format!(
+                "batch sequence {sequence} does not follow {}: sequences start at 1 and increase by one",
+                agent.last
+            )));
+        }
+        let limit = self.ingest.limits.max_batch_records as usize;
+        if batch.records.len() > limit {
+            return Err(Status::invalid_argument(format!(
+                "batch {sequence} has {} records; the limit is {limit}",
+                batch.records.len()
+            )));
+        }
+        let mut observations = Vec::with_capacity(batch.records.len());
+        for (index, record) in batch.records.iter().enumerate() {
+            if record.node_name != agent.node {
+                return Err(Status::invalid_argument(format!(
+                    "batch {sequence}, record {index}: node_name {:?} is not the stream's node {:?}",
+                    record.node_name, agent.node
+                )));
+            }
+            let observation = Observation::try_from(record).map_err(|err| {
+                Status::invalid_argument(format!("batch {sequence}, record {index}: {err}"))
+            })?;
+            observations.push(observation);
+        }
+        match self.ingest.store.append(&agent.boot_id, &batch).await {
+            Ok(()) => {}
+            Err(StoreError::OutOfOrder { .. }) => {
+                return Err(Status::aborted(
+                    "another stream of this agent (same boot id) is active",
+                ));
+            }
+            Err(err) => return Err(internal(err)),
+        }
+        agent.last = sequence;
+        self.ingest
+            .flows
+            .send(observations)
+            .await
+            .map_err(|_| Status::unavailable("the aggregator is shutting down"))?;
+        self.ack(sequence).await
+    }
+
+    async fn ack(&self, sequence: u64) -> Result<(), Status> {
+        self.send(aggregator_message::Message::Ack(
+            mermin_protocol::agent::v1::Ack { sequence },
+        ))
+        .await
+    }
+
+    async fn send(&self, message: aggregator_message::Message) -> Result<(), Status> {
+        self.answers
+            .send(Ok(AggregatorMessage {
+                message: Some(message),
+            }))
+            .await
+            .map_err(|_| Status::cancelled("the agent went away"))
+    }
+}
+
+fn internal(err: StoreError) -> Status {
+    tracing::error!(%err, "store failure");
+    Status::unavailable(format!(
+        "the aggregator cannot store batches right now: {err}"
+    ))
+}
