@@ -209,42 +209,34 @@ async fn bad_input_is_refused_with_a_clear_status_and_other_streams_go_on() {
     good.hello("node-good", [1; 16]).await;
     assert_eq!(good.welcome().await, 0);
 
-    let cases: Vec<(Box<dyn Fn(&str) -> Vec<agent_message::Message>>, Code, &str)> = vec![
+    let hello = |version, boot_id: Vec<u8>| {
+        agent_message::Message::Hello(Hello {
+            protocol_version: version,
+            node_name: "node-bad".into(),
+            boot_id,
+            ..Hello::default()
+        })
+    };
+    let cases = [
         (
-            Box::new(|_| vec![agent_message::Message::Batch(Batch::default())]),
+            agent_message::Message::Batch(Batch::default()),
             Code::InvalidArgument,
             "the first message of a stream must be a Hello",
         ),
         (
-            Box::new(|n| {
-                vec![agent_message::Message::Hello(Hello {
-                    protocol_version: 2,
-                    node_name: n.into(),
-                    boot_id: vec![2; 16],
-                    ..Hello::default()
-                })]
-            }),
+            hello(2, vec![2; 16]),
             Code::FailedPrecondition,
             "protocol version 2 is not supported; this aggregator speaks 1",
         ),
         (
-            Box::new(|n| {
-                vec![agent_message::Message::Hello(Hello {
-                    protocol_version: 1,
-                    node_name: n.into(),
-                    boot_id: vec![2; 5],
-                    ..Hello::default()
-                })]
-            }),
+            hello(1, vec![2; 5]),
             Code::InvalidArgument,
             "Hello.boot_id is 5 bytes, expected 16",
         ),
     ];
-    for (i, (messages, code, text)) in cases.into_iter().enumerate() {
+    for (message, code, text) in cases {
         let mut bad = connect(agg.addr).await;
-        for m in messages(&format!("node-bad-{i}")) {
-            bad.send(m).await;
-        }
+        bad.send(message).await;
         let status = bad.status().await;
         assert_eq!((status.code(), status.message()), (code, text));
     }
