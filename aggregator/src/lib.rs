@@ -13,7 +13,9 @@
 //! on time, the durable export queue and OTLP exporter, configuration, the binary.
 
 pub mod connection_key;
+pub mod export;
 pub mod ingest;
+pub mod metrics;
 pub mod observation;
 pub mod span;
 pub mod stitch;

@@ -5,6 +5,9 @@
 //! order). A batch and its agent's new high-water mark are written in one transaction and flushed
 //! before [`Store::append`] returns — that is the moment an agent may be acknowledged.
 //!
+//! It also owns the export outbox: encoded OTLP export requests, keyed by a big-endian counter,
+//! written (and flushed) before the flows they carry leave memory, deleted once delivered.
+//!
 //! sled 0.34 is the last stable release and is known for disk growth; it stays behind this
 //! interface so that it can be replaced (the replication issue moves the log under openraft).
 //! Truncating batches whose flows have been exported comes with the flow-table checkpoint.
@@ -39,6 +42,7 @@ pub struct Store {
     db: sled::Db,
     agents: sled::Tree,
     batches: sled::Tree,
+    outbox: sled::Tree,
 }
 
 impl Store {
@@ -50,6 +54,7 @@ impl Store {
         Ok(Self {
             agents: db.open_tree("agents")?,
             batches: db.open_tree("batches")?,
+            outbox: db.open_tree("outbox")?,
             db,
         })
     }
@@ -100,6 +105,40 @@ impl Store {
                 Batch::decode(value.as_ref()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             Ok((boot_id, batch))
         })
+    }
+}
+
+impl Store {
+    /// Queues an encoded export request durably; returns its outbox id.
+    pub async fn outbox_push(&self, request: &[u8]) -> Result<u64, StoreError> {
+        let id = self.db.generate_id()?;
+        self.outbox.insert(id.to_be_bytes(), request)?;
+        self.db.flush_async().await?;
+        Ok(id)
+    }
+
+    /// Up to `max` queued requests, oldest first.
+    pub fn outbox_oldest(&self, max: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.outbox
+            .iter()
+            .take(max)
+            .map(|entry| {
+                let (key, value) = entry?;
+                Ok((decode_u64(&key)?, value.to_vec()))
+            })
+            .collect()
+    }
+
+    /// Removes a delivered (or permanently rejected) request.
+    pub async fn outbox_remove(&self, id: u64) -> Result<(), StoreError> {
+        self.outbox.remove(id.to_be_bytes())?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Requests waiting in the outbox.
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.len()
     }
 }
 

@@ -1,0 +1,288 @@
+//! The exporter against a real OTLP/gRPC receiver on loopback (opentelemetry-proto's generated
+//! TraceService): delivery in order, an endpoint that is down and comes back, permanent rejects,
+//! and an outbox that survives a restart.
+
+use std::{
+    collections::VecDeque,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use mermin_aggregator::{
+    export::{ExportConfig, Exporter},
+    metrics::Metrics,
+    store::Store,
+};
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{
+        ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    },
+    trace::v1::{ResourceSpans, ScopeSpans, Span},
+};
+use prost::Message;
+use tokio::{
+    net::TcpListener,
+    sync::{Notify, watch},
+};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+
+type Answer = Result<ExportTraceServiceResponse, Status>;
+
+/// Records every request it accepts; answers from a script first, then with success.
+#[derive(Clone, Default)]
+struct Receiver {
+    accepted: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
+    script: Arc<Mutex<VecDeque<Answer>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        request: Request<ExportTraceServiceRequest>,
+    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        let answer = self.script.lock().unwrap().pop_front();
+        match answer {
+            Some(Err(status)) => Err(status),
+            other => {
+                self.accepted.lock().unwrap().push(request.into_inner());
+                Ok(Response::new(
+                    other.map_or_else(Default::default, Result::unwrap),
+                ))
+            }
+        }
+    }
+}
+
+impl Receiver {
+    fn names(&self) -> Vec<String> {
+        self.accepted
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|r| &r.resource_spans)
+            .flat_map(|r| &r.scope_spans)
+            .flat_map(|s| &s.spans)
+            .map(|s| s.name.clone())
+            .collect()
+    }
+}
+
+async fn serve(receiver: Receiver, listener: TcpListener) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(receiver))
+            .serve_with_incoming(TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    })
+}
+
+fn request(names: &[&str]) -> Vec<u8> {
+    ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            scope_spans: vec![ScopeSpans {
+                spans: names
+                    .iter()
+                    .map(|n| Span {
+                        name: (*n).into(),
+                        trace_id: vec![1; 16],
+                        span_id: vec![2; 8],
+                        ..Span::default()
+                    })
+                    .collect(),
+                ..ScopeSpans::default()
+            }],
+            ..ResourceSpans::default()
+        }],
+    }
+    .encode_to_vec()
+}
+
+struct Running {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    metrics: Arc<Metrics>,
+}
+
+fn start_exporter(store: &Store, addr: SocketAddr) -> Running {
+    let metrics = Arc::new(Metrics::new());
+    let config = ExportConfig {
+        min_backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(200),
+        timeout: Duration::from_secs(2),
+        ..ExportConfig::new(format!("http://{addr}"))
+    };
+    let exporter = Exporter::new(
+        store.clone(),
+        config,
+        metrics.clone(),
+        Arc::new(Notify::new()),
+    )
+    .unwrap();
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(async move { exporter.run(stopped).await.unwrap() });
+    Running {
+        stop,
+        task,
+        metrics,
+    }
+}
+
+impl Running {
+    async fn stop(self) {
+        self.stop.send(true).unwrap();
+        self.task.await.unwrap();
+    }
+}
+
+/// Waits (at most 10 s) until the outbox is empty.
+async fn drained(store: &Store) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.outbox_len() > 0 {
+        assert!(Instant::now() < deadline, "outbox not drained within 10 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn metric(metrics: &Metrics, series: &str) -> u64 {
+    metrics
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn an_endpoint_that_is_down_gets_everything_once_it_is_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    // Reserve a port, then leave it closed: the endpoint is down.
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    for names in [&["a1", "a2"][..], &["b1"], &["c1", "c2", "c3"]] {
+        store.outbox_push(&request(names)).await.unwrap();
+    }
+    let exporter = start_exporter(&store, addr);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&exporter.metrics, "mermin_aggregator_export_retries_total") < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "no retries while the endpoint is down"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        store.outbox_len(),
+        3,
+        "nothing dropped while the endpoint is down"
+    );
+
+    let receiver = Receiver::default();
+    let server = serve(receiver.clone(), TcpListener::bind(addr).await.unwrap()).await;
+    drained(&store).await;
+    assert_eq!(receiver.names(), ["a1", "a2", "b1", "c1", "c2", "c3"]);
+    assert_eq!(
+        metric(&exporter.metrics, "mermin_aggregator_spans_exported_total"),
+        6
+    );
+    exporter.stop().await;
+    server.abort();
+}
+
+#[tokio::test]
+async fn transient_errors_retry_and_permanent_rejects_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let receiver = Receiver::default();
+    receiver.script.lock().unwrap().extend([
+        Err(Status::unavailable("warming up")),
+        Err(Status::resource_exhausted("slow down")),
+        Err(Status::invalid_argument("span too large")),
+        Ok(ExportTraceServiceResponse {
+            partial_success: Some(ExportTracePartialSuccess {
+                rejected_spans: 1,
+                error_message: "one span too old".into(),
+            }),
+        }),
+    ]);
+    let server = serve(receiver.clone(), listener).await;
+    store
+        .outbox_push(&request(&["refused1", "refused2"]))
+        .await
+        .unwrap();
+    store
+        .outbox_push(&request(&["p1", "p2", "p3"]))
+        .await
+        .unwrap();
+    store.outbox_push(&request(&["last"])).await.unwrap();
+    let exporter = start_exporter(&store, addr);
+    drained(&store).await;
+    // The first request was retried twice, then refused for good; the second partly accepted.
+    assert_eq!(receiver.names(), ["p1", "p2", "p3", "last"]);
+    let m = &exporter.metrics;
+    assert_eq!(metric(m, "mermin_aggregator_export_retries_total"), 2);
+    assert_eq!(
+        metric(
+            m,
+            "mermin_aggregator_spans_rejected_total{reason=\"invalid_argument\"}"
+        ),
+        2
+    );
+    assert_eq!(
+        metric(
+            m,
+            "mermin_aggregator_spans_rejected_total{reason=\"partial_success\"}"
+        ),
+        1
+    );
+    assert_eq!(metric(m, "mermin_aggregator_spans_exported_total"), 3);
+    exporter.stop().await;
+    server.abort();
+}
+
+#[tokio::test]
+async fn the_outbox_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path()).unwrap();
+        store.outbox_push(&request(&["kept"])).await.unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.outbox_len(), 1);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let receiver = Receiver::default();
+    let server = serve(receiver.clone(), listener).await;
+    let exporter = start_exporter(&store, addr);
+    drained(&store).await;
+    assert_eq!(receiver.names(), ["kept"]);
+    exporter.stop().await;
+    server.abort();
+}
+
+#[test]
+fn a_bad_endpoint_is_refused_up_front() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let err = Exporter::new(
+        store,
+        ExportConfig::new("tempo:4317"),
+        Arc::new(Metrics::new()),
+        Arc::new(Notify::new()),
+    )
+    .err()
+    .unwrap();
+    assert_eq!(
+        err.to_string(),
+        "invalid OTLP endpoint \"tempo:4317\": must start with http:// or https://"
+    );
+}
