@@ -14,6 +14,7 @@
 
 pub mod connection_key;
 pub mod export;
+pub mod flow_table;
 pub mod ingest;
 pub mod metrics;
 pub mod observation;

@@ -17,6 +17,11 @@
 //! (the packet just left the sending pod) < host-side egress < host-side ingress < pod-side
 //! egress (the packet is about to enter the receiving pod); ties go to the earlier first packet.
 //! A direction that the preferred point did not see is taken from the next one.
+//!
+//! **Stability.** The first interval of a connection fixes these decisions in [`Decisions`]; later
+//! intervals keep them, so an interval without a SYN cannot flip client and server, and a
+//! direction is counted at the same point for the connection's whole life. That makes the sum of
+//! a direction's counts over all intervals exactly what that one point counted.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -144,6 +149,26 @@ struct Seen {
     end_reason: EndReason,
 }
 
+/// What the first interval decided; kept for the connection's life (see the module docs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Decisions {
+    /// Whether the key's first endpoint is the client, and why.
+    client: Option<(bool, ClientRule)>,
+    forward_point: Option<ObservationPoint>,
+    reverse_point: Option<ObservationPoint>,
+}
+
+impl Decisions {
+    /// Whether `point` counts the direction `orientation` of this connection.
+    pub fn counts_at(&self, point: &ObservationPoint, orientation: Orientation) -> bool {
+        let chosen = match orientation {
+            Orientation::Forward => &self.forward_point,
+            Orientation::Reverse => &self.reverse_point,
+        };
+        chosen.as_ref() == Some(point)
+    }
+}
+
 /// All observations of one connection in the current interval.
 #[derive(Debug, Clone)]
 pub struct Connection {
@@ -204,14 +229,20 @@ impl Connection {
         }
     }
 
-    /// The stitched flow, or `None` if nothing was observed.
-    pub fn stitch(&self, kinds: &InterfaceKinds) -> Option<Flow> {
-        let forward = self.best(OrientationKey::Forward, kinds);
-        let reverse = self.best(OrientationKey::Reverse, kinds);
-        if forward.is_none() && reverse.is_none() {
+    /// The stitched flow, or `None` if nothing was observed. `decisions` carries what earlier
+    /// intervals of this connection decided and takes what this one decides first.
+    pub fn stitch(&self, kinds: &InterfaceKinds, decisions: &mut Decisions) -> Option<Flow> {
+        if self.seen.is_empty() {
             return None;
         }
-        let (client_is_first, client_rule) = self.client(forward, reverse);
+        if decisions.client.is_none() {
+            let forward = self.best(OrientationKey::Forward, kinds);
+            let reverse = self.best(OrientationKey::Reverse, kinds);
+            decisions.client = Some(self.client(forward, reverse));
+        }
+        let forward = self.counted(OrientationKey::Forward, kinds, &mut decisions.forward_point);
+        let reverse = self.counted(OrientationKey::Reverse, kinds, &mut decisions.reverse_point);
+        let (client_is_first, client_rule) = decisions.client?;
         let (to_server, to_client) = if client_is_first {
             (forward, reverse)
         } else {
@@ -244,6 +275,26 @@ impl Connection {
                 .map(|s| s.end_reason)
                 .fold(EndReason::ActiveTimeout, more_final),
         })
+    }
+
+    /// What the chosen point of `orientation` saw in this interval, choosing it first if needed.
+    fn counted(
+        &self,
+        orientation: OrientationKey,
+        kinds: &InterfaceKinds,
+        chosen: &mut Option<ObservationPoint>,
+    ) -> Option<(&ObservationPoint, &Seen)> {
+        match chosen {
+            Some(point) => self
+                .seen
+                .get_key_value(&(point.clone(), orientation))
+                .map(|((point, _), seen)| (point, seen)),
+            None => {
+                let best = self.best(orientation, kinds);
+                *chosen = best.map(|(point, _)| point.clone());
+                best
+            }
+        }
     }
 
     /// The preferred point for one orientation (see the module docs).
@@ -425,7 +476,9 @@ mod tests {
             assert_eq!(o.key, observations[0].key, "records of one connection");
             connection.add(o);
         }
-        connection.stitch(&InterfaceKinds::default()).unwrap()
+        connection
+            .stitch(&InterfaceKinds::default(), &mut Decisions::default())
+            .unwrap()
     }
 
     const C: &str = "10.0.1.5:51000";
@@ -569,6 +622,61 @@ mod tests {
         ]);
         assert_eq!(flow.client_to_server.unwrap().point.interface, "vethp1");
         assert_eq!(flow.server_to_client.unwrap().point.interface, "vethp2");
+    }
+
+    #[test]
+    fn later_intervals_keep_the_client_and_the_counting_points() {
+        let kinds = InterfaceKinds::default();
+        let mut decisions = Decisions::default();
+        let observe = |records: Vec<R>| {
+            let observations: Vec<Observation> = records
+                .iter()
+                .map(|r| Observation::try_from(&r.0).unwrap())
+                .collect();
+            let mut c = Connection::new(observations[0].key);
+            observations.iter().for_each(|o| c.add(o));
+            c
+        };
+        // Interval 0: only the host uplinks saw the handshake.
+        let first = observe(vec![
+            r("n", "eth0", Out, C, S)
+                .counts(3, 180, 1, 2)
+                .flags(SYN, SYN | ACK),
+            r("n", "eth0", In, S, C)
+                .counts(2, 120, 1, 2)
+                .flags(SYN | ACK, SYN | ACK),
+        ]);
+        let flow = first.stitch(&kinds, &mut decisions).unwrap();
+        assert_eq!(flow.client_rule, ClientRule::TcpHandshake);
+        // Interval 1: no SYN, and a better-ranked pod veth appears; decisions hold.
+        let second = observe(vec![
+            r("n", "eth0", In, S, C)
+                .counts(5, 500, 3, 4)
+                .flags(ACK, ACK),
+            r("n", "vethc1", In, C, S)
+                .counts(9, 900, 3, 4)
+                .flags(ACK, ACK),
+            r("n", "eth0", Out, C, S)
+                .counts(9, 900, 3, 4)
+                .flags(ACK, ACK),
+        ]);
+        let flow = second.stitch(&kinds, &mut decisions).unwrap();
+        assert_eq!(flow.client_rule, ClientRule::TcpHandshake);
+        assert_eq!(flow.client.port, 51000);
+        let sent = flow.client_to_server.unwrap();
+        assert_eq!(
+            (sent.point.interface.as_str(), sent.counts.packets),
+            ("eth0", 9)
+        );
+        // Interval 2: the counting point of the answers has not reported yet: nothing counted.
+        let third = observe(vec![
+            r("n", "eth0", Out, C, S)
+                .counts(1, 60, 5, 5)
+                .flags(ACK, ACK),
+        ]);
+        let flow = third.stitch(&kinds, &mut decisions).unwrap();
+        assert!(flow.server_to_client.is_none());
+        assert_eq!(flow.client_to_server.unwrap().counts.packets, 1);
     }
 
     #[test]

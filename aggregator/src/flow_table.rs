@@ -1,0 +1,316 @@
+//! The flow table: every open connection, its current interval, and when that interval becomes
+//! a span. Pure and clock-free: callers pass the current Unix time.
+//!
+//! **When.** The first record of an interval starts its settle timer; when it expires the interval
+//! is stitched and emitted, so records of the same moment from the other observation points
+//! (other nodes report on their own scan schedules) land in the same span. An interval that
+//! contains a final record (close, idle, pressure, shutdown) ends the connection.
+//!
+//! **Late records.** A closed connection is remembered for a grace period. A late record from a
+//! point that counts one of its directions opens one more interval (so totals stay exact); a late
+//! record from any other point is ignored and counted, since its packets are already counted
+//! elsewhere.
+
+use std::{collections::HashMap, time::Duration};
+
+use mermin_protocol::flow::v1::EndReason;
+
+use crate::{
+    connection_key::ConnectionKey,
+    observation::Observation,
+    span::Interval,
+    stitch::{Connection, Decisions, Flow, InterfaceKinds},
+};
+
+/// One interval of one connection, ready to become spans.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Emitted {
+    pub flow: Flow,
+    pub interval: Interval,
+}
+
+#[derive(Debug)]
+struct Tracked {
+    connection: Connection,
+    decisions: Decisions,
+    /// Start of the connection's first interval.
+    start_unix_nanos: Option<u64>,
+    /// Index of the current interval.
+    index: u64,
+    /// When the current interval is emitted; `None` while it is empty.
+    due_unix_nanos: Option<u64>,
+    /// The current interval holds a final record.
+    closing: bool,
+    /// Closed: kept until this time for late records.
+    closed_until: Option<u64>,
+}
+
+pub struct FlowTable {
+    open: HashMap<ConnectionKey, Tracked>,
+    kinds: InterfaceKinds,
+    settle_ns: u64,
+    /// How long a closed connection is remembered.
+    grace_ns: u64,
+    late_ignored: u64,
+}
+
+impl FlowTable {
+    pub fn new(kinds: InterfaceKinds, settle: Duration, grace: Duration) -> Self {
+        Self {
+            open: HashMap::new(),
+            kinds,
+            settle_ns: settle.as_nanos() as u64,
+            grace_ns: grace.as_nanos() as u64,
+            late_ignored: 0,
+        }
+    }
+
+    /// Connections held (open or in their grace period).
+    pub fn len(&self) -> usize {
+        self.open.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.open.is_empty()
+    }
+
+    /// Late records of closed connections that were not needed (see the module docs).
+    pub fn late_ignored(&self) -> u64 {
+        self.late_ignored
+    }
+
+    pub fn apply(&mut self, observation: &Observation, now: u64) {
+        let tracked = self.open.entry(observation.key).or_insert_with(|| Tracked {
+            connection: Connection::new(observation.key),
+            decisions: Decisions::default(),
+            start_unix_nanos: None,
+            index: 0,
+            due_unix_nanos: None,
+            closing: false,
+            closed_until: None,
+        });
+        if tracked.closed_until.is_some() {
+            if !tracked
+                .decisions
+                .counts_at(&observation.point, observation.orientation)
+            {
+                self.late_ignored += 1;
+                return;
+            }
+            // A counting point's late record: one more (final) interval.
+            tracked.closed_until = None;
+            tracked.closing = true;
+        }
+        tracked.connection.add(observation);
+        if observation.end_reason != EndReason::ActiveTimeout {
+            tracked.closing = true;
+        }
+        tracked.due_unix_nanos.get_or_insert(now + self.settle_ns);
+    }
+
+    /// Emits every interval whose settle time has come, and forgets connections whose grace
+    /// period is over.
+    pub fn emit_due(&mut self, now: u64, out: &mut Vec<Emitted>) {
+        let (kinds, grace) = (&self.kinds, self.grace_ns);
+        self.open.retain(|_, tracked| {
+            if let Some(until) = tracked.closed_until {
+                return until > now;
+            }
+            if tracked.due_unix_nanos.is_some_and(|due| due <= now) {
+                emit(tracked, kinds, now, grace, out);
+            }
+            true
+        });
+    }
+
+    /// Emits every interval that holds anything, now (shutdown).
+    pub fn flush(&mut self, now: u64, out: &mut Vec<Emitted>) {
+        for tracked in self.open.values_mut() {
+            if tracked.closed_until.is_none() && tracked.due_unix_nanos.is_some() {
+                emit(tracked, &self.kinds, now, self.grace_ns, out);
+            }
+        }
+    }
+}
+
+fn emit(
+    tracked: &mut Tracked,
+    kinds: &InterfaceKinds,
+    now: u64,
+    grace: u64,
+    out: &mut Vec<Emitted>,
+) {
+    let key = *tracked.connection.key();
+    if let Some(flow) = tracked.connection.stitch(kinds, &mut tracked.decisions) {
+        let start = *tracked
+            .start_unix_nanos
+            .get_or_insert(flow.start_unix_nanos);
+        out.push(Emitted {
+            flow,
+            interval: Interval {
+                connection_start_unix_nanos: start,
+                index: tracked.index,
+            },
+        });
+    }
+    tracked.connection = Connection::new(key);
+    tracked.index += 1;
+    tracked.due_unix_nanos = None;
+    if tracked.closing {
+        tracked.closing = false;
+        tracked.closed_until = Some(now + grace);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mermin_protocol::flow::v1::{Direction, FlowRecord};
+
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn observation(
+        node: &str,
+        interface: &str,
+        outbound: bool,
+        packets: u64,
+        reason: EndReason,
+    ) -> Observation {
+        let (src, dst, sport, dport, direction) = if outbound {
+            ([10, 0, 0, 1], [10, 0, 0, 2], 40000, 443, Direction::Egress)
+        } else {
+            ([10, 0, 0, 2], [10, 0, 0, 1], 443, 40000, Direction::Ingress)
+        };
+        Observation::try_from(&FlowRecord {
+            node_name: node.into(),
+            interface_name: interface.into(),
+            direction: direction as i32,
+            source_address: src.to_vec(),
+            destination_address: dst.to_vec(),
+            source_port: sport,
+            destination_port: dport,
+            ip_protocol: 6,
+            delta_packets: packets,
+            delta_octets: packets * 100,
+            first_seen_unix_nanos: 10 * S,
+            last_seen_unix_nanos: 11 * S,
+            first_tcp_flags: if outbound { 0x02 } else { 0x12 },
+            tcp_flags: 0x12,
+            end_reason: reason as i32,
+            ..FlowRecord::default()
+        })
+        .unwrap()
+    }
+
+    fn table() -> FlowTable {
+        FlowTable::new(
+            InterfaceKinds::default(),
+            Duration::from_secs(3),
+            Duration::from_secs(30),
+        )
+    }
+
+    #[test]
+    fn records_within_the_settle_time_share_one_span() {
+        let mut t = table();
+        let mut out = Vec::new();
+        t.apply(
+            &observation("a", "eth0", true, 5, EndReason::TcpClose),
+            100 * S,
+        );
+        t.emit_due(101 * S, &mut out);
+        assert!(out.is_empty(), "emitted before the settle time");
+        t.apply(
+            &observation("b", "eth0", false, 4, EndReason::TcpClose),
+            102 * S,
+        );
+        t.emit_due(103 * S, &mut out);
+        assert_eq!(out.len(), 1);
+        let flow = &out[0].flow;
+        assert_eq!(flow.client_to_server.as_ref().unwrap().counts.packets, 5);
+        assert_eq!(flow.server_to_client.as_ref().unwrap().counts.packets, 4);
+        assert_eq!(out[0].interval.index, 0);
+        assert_eq!(out[0].interval.connection_start_unix_nanos, 10 * S);
+    }
+
+    #[test]
+    fn long_connections_emit_numbered_intervals_until_closed() {
+        let mut t = table();
+        let mut out = Vec::new();
+        for (i, reason) in [
+            EndReason::ActiveTimeout,
+            EndReason::ActiveTimeout,
+            EndReason::IdleTimeout,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let now = (100 + 60 * i as u64) * S;
+            t.apply(&observation("a", "eth0", true, 10, reason), now);
+            t.emit_due(now + 3 * S, &mut out);
+        }
+        assert_eq!(
+            out.iter().map(|e| e.interval.index).collect::<Vec<_>>(),
+            [0, 1, 2]
+        );
+        assert!(
+            out.iter()
+                .all(|e| e.interval.connection_start_unix_nanos == 10 * S)
+        );
+        assert_eq!(out[2].flow.end_reason, EndReason::IdleTimeout);
+        // Closed: the next emit after the grace period forgets it.
+        t.emit_due(300 * S, &mut out);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn late_records_count_only_from_counting_points() {
+        let mut t = table();
+        let mut out = Vec::new();
+        t.apply(
+            &observation("a", "eth0", true, 5, EndReason::TcpClose),
+            100 * S,
+        );
+        t.emit_due(103 * S, &mut out);
+        assert_eq!(out.len(), 1);
+        // Another point's view of the same packets, late: ignored.
+        t.apply(
+            &observation("b", "eth0", true, 5, EndReason::TcpClose),
+            104 * S,
+        );
+        t.emit_due(110 * S, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(t.late_ignored(), 1);
+        // The counting point's own late record: one more interval, so its total stays exact.
+        t.apply(
+            &observation("a", "eth0", true, 2, EndReason::TcpClose),
+            111 * S,
+        );
+        t.emit_due(114 * S, &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[1].interval.index, 1);
+        assert_eq!(
+            out[1]
+                .flow
+                .client_to_server
+                .as_ref()
+                .unwrap()
+                .counts
+                .packets,
+            2
+        );
+    }
+
+    #[test]
+    fn flush_emits_everything_pending() {
+        let mut t = table();
+        let mut out = Vec::new();
+        t.apply(
+            &observation("a", "eth0", true, 1, EndReason::ActiveTimeout),
+            100 * S,
+        );
+        t.flush(100 * S, &mut out);
+        assert_eq!(out.len(), 1);
+    }
+}
