@@ -18,6 +18,7 @@ pub mod flow_table;
 pub mod ingest;
 pub mod metrics;
 pub mod observation;
+pub mod pipeline;
 pub mod span;
 pub mod stitch;
 pub mod store;

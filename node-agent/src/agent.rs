@@ -21,6 +21,7 @@ use crate::{
     collector::{Collector, RecordBuilder},
     config::{Config, Output},
     flows::FlowTracker,
+    grpc_sink::{self, GrpcSinkConfig},
     interfaces::{self, InterfaceNames, WatchError},
     metrics::{self, Metrics},
     netns::NetnsError,
@@ -57,6 +58,9 @@ impl AgentError {
     }
 }
 
+/// How long a stopping agent waits for the aggregator to acknowledge its last batches.
+const SHUTDOWN_ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub fn run(config: Config) -> Result<(), AgentError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -77,9 +81,25 @@ async fn run_async(config: Config) -> Result<(), AgentError> {
     metrics
         .kernel_table_capacity
         .set(i64::from(capture.tables.entries()));
+    let mut acknowledgements = None;
     let sink: Box<dyn RecordSink> = match &config.output {
         Output::Stdout => Box::new(JsonLines::new(std::io::stdout())),
         Output::File(path) => Box::new(JsonLines::create(path)?),
+        Output::Aggregator {
+            endpoint,
+            buffer_batches,
+        } => {
+            let sink = grpc_sink::start(
+                GrpcSinkConfig {
+                    endpoint: endpoint.clone(),
+                    node_name: config.node_name.clone(),
+                    capacity: *buffer_batches,
+                },
+                metrics.clone(),
+            )?;
+            acknowledgements = Some(sink.handle());
+            Box::new(sink)
+        }
     };
     let names = InterfaceNames::default();
 
@@ -146,12 +166,27 @@ async fn run_async(config: Config) -> Result<(), AgentError> {
         },
     }
 
+    // Joins happen off the runtime's thread: the aggregator stream task runs on it meanwhile.
     stop_watcher.store(true, Ordering::Relaxed);
-    let _ = watcher.join();
+    let _ = tokio::task::spawn_blocking(move || watcher.join()).await;
     stop_collector.store(true, Ordering::Relaxed);
-    match collector_thread.join() {
-        Ok(result) => result.map_err(AgentError::Collector)?,
-        Err(_) => tracing::error!("collector thread panicked"),
+    match tokio::task::spawn_blocking(move || collector_thread.join()).await {
+        Ok(Ok(result)) => result.map_err(AgentError::Collector)?,
+        _ => tracing::error!("collector thread panicked"),
+    }
+    if let Some(acknowledgements) = acknowledgements {
+        // The stream task runs on this runtime: wait for it off the runtime's thread.
+        let left = tokio::task::spawn_blocking(move || {
+            acknowledgements.wait_acknowledged(SHUTDOWN_ACK_TIMEOUT)
+        })
+        .await
+        .unwrap_or(usize::MAX);
+        if left > 0 {
+            tracing::error!(
+                batches = left,
+                "stopping with batches the aggregator has not acknowledged"
+            );
+        }
     }
     tracing::info!("stopped");
     Ok(())

@@ -39,9 +39,18 @@ pub struct Args {
     #[arg(long)]
     pub netns: Option<String>,
 
-    /// Where to write JSON-lines records: a file path, or `-` for standard output.
+    /// Stream records to this aggregator (`http://host:4600`) instead of writing JSON lines.
+    #[arg(long, env = "MERMIN_AGGREGATOR")]
+    pub aggregator: Option<String>,
+
+    /// Where to write JSON-lines records when no aggregator is given: a file path, or `-` for
+    /// standard output.
     #[arg(long, default_value = "-")]
     pub output: String,
+
+    /// Batches held for the aggregator until it acknowledges them; when full, the agent waits.
+    #[arg(long, default_value_t = 64)]
+    pub aggregator_buffer_batches: usize,
 
     /// Address of the /metrics, /livez and /readyz endpoints.
     #[arg(long, default_value = "0.0.0.0:9464")]
@@ -89,6 +98,10 @@ pub struct Args {
 pub enum Output {
     Stdout,
     File(PathBuf),
+    Aggregator {
+        endpoint: String,
+        buffer_batches: usize,
+    },
 }
 
 /// A validated configuration.
@@ -122,6 +135,8 @@ pub enum ConfigError {
         option: &'static str,
         timeout: Duration,
     },
+    #[error("--aggregator {0:?} must start with http:// or https://")]
+    AggregatorEndpoint(String),
     #[error("cannot determine the host name for --node-name: {0}")]
     NodeName(std::io::Error),
 }
@@ -134,9 +149,18 @@ impl Config {
             Some(name) => name,
             None => hostname().map_err(ConfigError::NodeName)?,
         };
-        let output = match args.output.as_str() {
-            "-" => Output::Stdout,
-            path => Output::File(PathBuf::from(path)),
+        let output = match (args.aggregator, args.output.as_str()) {
+            (Some(endpoint), _) => {
+                if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                    return Err(ConfigError::AggregatorEndpoint(endpoint));
+                }
+                Output::Aggregator {
+                    endpoint,
+                    buffer_batches: args.aggregator_buffer_batches.max(1),
+                }
+            }
+            (None, "-") => Output::Stdout,
+            (None, path) => Output::File(PathBuf::from(path)),
         };
         let timeouts = Timeouts {
             active: args.active_timeout,

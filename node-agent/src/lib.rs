@@ -4,7 +4,7 @@
 //!
 //! Pipeline, one module per stage:
 //! `config` → `capture` (load, attach, flow-table swap) → `collector` (scan loop) → `flows`
-//! (tracking, eviction) → `sink` (JSON lines). `interfaces` follows interfaces as they come and
+//! (tracking, eviction) → `sink` (JSON lines) or `grpc_sink` (the aggregator stream). `interfaces` follows interfaces as they come and
 //! go; `clock` converts kernel time; `metrics` serves /metrics, /livez, /readyz; `agent` wires the
 //! parts together in start-up and shutdown order.
 
@@ -14,6 +14,7 @@ pub mod clock;
 pub mod collector;
 pub mod config;
 pub mod flows;
+pub mod grpc_sink;
 pub mod interfaces;
 pub mod metrics;
 pub mod netns;

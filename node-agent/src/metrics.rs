@@ -35,6 +35,8 @@ pub struct Metrics {
     pub attached_interfaces: Gauge,
     pub attach_errors: Counter,
     pub scans: Counter,
+    pub sink_backpressure: Counter,
+    pub sink_reconnects: Counter,
     kernel_totals: [AtomicU64; KernelCounter::COUNT as usize],
     last_scan_ns: AtomicU64,
     ready: AtomicBool,
@@ -105,6 +107,18 @@ impl Metrics {
         );
         let scans = Counter::default();
         registry.register("scans", "Flow table swaps", scans.clone());
+        let sink_backpressure = Counter::default();
+        registry.register(
+            "sink_backpressure",
+            "Times the collector waited because the aggregator had not acknowledged enough batches",
+            sink_backpressure.clone(),
+        );
+        let sink_reconnects = Counter::default();
+        registry.register(
+            "sink_reconnects",
+            "Aggregator streams that failed and were reopened",
+            sink_reconnects.clone(),
+        );
         Self {
             registry,
             records_emitted,
@@ -118,6 +132,8 @@ impl Metrics {
             attached_interfaces,
             attach_errors,
             scans,
+            sink_backpressure,
+            sink_reconnects,
             kernel_totals: Default::default(),
             last_scan_ns: AtomicU64::new(WallClock::kernel_now()),
             ready: AtomicBool::new(false),

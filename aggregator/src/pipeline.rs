@@ -1,0 +1,235 @@
+//! The aggregator's running parts and how data moves between them:
+//!
+//! ```text
+//! ingest (one task per agent stream) --bounded channel--> flow table task
+//!   --every tick: due intervals -> spans -> one OTLP request--> store outbox --> exporter task
+//! ```
+//!
+//! An interval's spans are durable in the outbox before the flow table forgets the interval; the
+//! exporter delivers the outbox. [`Aggregator::start`] binds and spawns everything;
+//! [`Aggregator::shutdown`] flushes every pending interval into the outbox and stops.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use prost::Message;
+use tokio::{
+    net::TcpListener,
+    sync::{Notify, mpsc, watch},
+    task::JoinHandle,
+};
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::{
+    export::{ExportConfig, ExportError, Exporter},
+    flow_table::{Emitted, FlowTable},
+    ingest::{Ingest, IngestLimits},
+    metrics::Metrics,
+    observation::Observation,
+    span::flow_spans,
+    stitch::InterfaceKinds,
+    store::{Store, StoreError},
+};
+
+#[derive(Debug, Clone)]
+pub struct AggregatorConfig {
+    /// Where agents connect (gRPC).
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub export: ExportConfig,
+    pub limits: IngestLimits,
+    /// How long an interval waits for the other observation points' records.
+    pub settle: Duration,
+    /// How long a closed connection is remembered for late records.
+    pub grace: Duration,
+    /// Print a one-line summary of every emitted flow on standard output.
+    pub print_flows: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("binding the agent endpoint {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Export(#[from] ExportError),
+}
+
+pub struct Aggregator {
+    pub local_addr: SocketAddr,
+    pub metrics: Arc<Metrics>,
+    stop: watch::Sender<bool>,
+    server: JoinHandle<()>,
+    table: JoinHandle<()>,
+    exporter: JoinHandle<()>,
+}
+
+/// How often the flow table looks for due intervals.
+const TICK: Duration = Duration::from_millis(250);
+
+impl Aggregator {
+    pub async fn start(config: AggregatorConfig) -> Result<Self, StartError> {
+        let store = Store::open(&config.data_dir)?;
+        let metrics = Arc::new(Metrics::new());
+        let wake = Arc::new(Notify::new());
+        let exporter = Exporter::new(
+            store.clone(),
+            config.export.clone(),
+            metrics.clone(),
+            wake.clone(),
+        )?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let (stop, stopped) = watch::channel(false);
+        let (flows_tx, flows_rx) = mpsc::channel(64);
+
+        let service = Ingest::new(store.clone(), config.limits.clone(), flows_tx).into_service();
+        let mut server_stop = stopped.clone();
+        let server = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = server_stop.wait_for(|s| *s).await;
+            };
+            if let Err(err) = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+                .await
+            {
+                tracing::error!(%err, "agent endpoint failed");
+            }
+        });
+        let table = tokio::spawn(run_table(
+            FlowTable::new(InterfaceKinds::default(), config.settle, config.grace),
+            flows_rx,
+            store,
+            wake,
+            config.print_flows,
+            stopped.clone(),
+        ));
+        let exporter = tokio::spawn(async move {
+            if let Err(err) = exporter.run(stopped).await {
+                tracing::error!(%err, "exporter failed");
+            }
+        });
+        tracing::info!(%local_addr, endpoint = %config.export.endpoint, "aggregator ready");
+        Ok(Self {
+            local_addr,
+            metrics,
+            stop,
+            server,
+            table,
+            exporter,
+        })
+    }
+
+    /// Stops accepting agents, writes every pending interval to the outbox, stops exporting.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.server.await;
+        let _ = self.table.await;
+        let _ = self.exporter.await;
+    }
+}
+
+async fn run_table(
+    mut table: FlowTable,
+    mut flows: mpsc::Receiver<Vec<Observation>>,
+    store: Store,
+    wake: Arc<Notify>,
+    print_flows: bool,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(TICK);
+    let mut emitted = Vec::new();
+    loop {
+        tokio::select! {
+            batch = flows.recv() => match batch {
+                Some(batch) => {
+                    let now = unix_now();
+                    for observation in &batch {
+                        table.apply(observation, now);
+                    }
+                }
+                None => break,
+            },
+            _ = tick.tick() => table.emit_due(unix_now(), &mut emitted),
+            _ = stop.wait_for(|s| *s) => break,
+        }
+        if !emitted.is_empty() {
+            queue(&store, &wake, &emitted, print_flows).await;
+            emitted.clear();
+        }
+    }
+    table.flush(unix_now(), &mut emitted);
+    queue(&store, &wake, &emitted, print_flows).await;
+}
+
+/// Writes the spans of `emitted` to the outbox as one export request.
+async fn queue(store: &Store, wake: &Notify, emitted: &[Emitted], print_flows: bool) {
+    if emitted.is_empty() {
+        return;
+    }
+    let request = ExportTraceServiceRequest {
+        resource_spans: emitted
+            .iter()
+            .flat_map(|e| flow_spans(&e.flow, &e.interval))
+            .collect(),
+    };
+    // The outbox is the only way out: keep trying until the write succeeds.
+    let encoded = request.encode_to_vec();
+    while let Err(err) = store.outbox_push(&encoded).await {
+        tracing::error!(%err, "cannot queue spans; retrying");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    wake.notify_one();
+    if print_flows {
+        for e in emitted {
+            println!("{}", summary(e));
+        }
+    }
+}
+
+/// One line per flow interval, for people watching the aggregator.
+fn summary(e: &Emitted) -> String {
+    let f = &e.flow;
+    let counts = |m: &Option<crate::stitch::Measured>| {
+        m.as_ref()
+            .map_or((0, 0), |m| (m.counts.packets, m.counts.bytes))
+    };
+    let (sent_packets, sent_bytes) = counts(&f.client_to_server);
+    let (received_packets, received_bytes) = counts(&f.server_to_client);
+    format!(
+        "span {proto:<6} {client:<22} -> {server:<22} sent {sent_packets} pkts / {sent_bytes} B, received {received_packets} pkts / {received_bytes} B, client by {rule}, {reason:?}, {points} points, interval {index}",
+        proto = match f.key.protocol {
+            6 => "TCP".to_owned(),
+            17 => "UDP".to_owned(),
+            1 => "ICMP".to_owned(),
+            58 => "ICMPv6".to_owned(),
+            p => p.to_string(),
+        },
+        client = format!("{}:{}", f.client.address, f.client.port),
+        server = format!("{}:{}", f.server.address, f.server.port),
+        rule = f.client_rule.as_str(),
+        reason = f.end_reason,
+        points = f.points.len(),
+        index = e.interval.index,
+    )
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}

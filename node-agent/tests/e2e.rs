@@ -1,0 +1,350 @@
+//! End to end on the real kernel: two "nodes" (network namespaces, an agent each), pods behind
+//! veths on each, cross-node and same-node connections; the aggregator in this process over real
+//! gRPC; an OTLP/gRPC receiver in this process. Every connection must arrive as exactly one
+//! CLIENT span (with its SERVER child), client and server right, bytes per direction exact.
+
+mod support;
+
+use std::{
+    collections::HashMap,
+    net::UdpSocket,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use mermin_aggregator::{
+    export::ExportConfig,
+    ingest::IngestLimits,
+    pipeline::{Aggregator, AggregatorConfig},
+};
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    },
+    common::v1::any_value::Value,
+    trace::v1::{Span, span::SpanKind},
+};
+use support::*;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+
+#[derive(Clone, Default)]
+struct Receiver(Arc<Mutex<Vec<(String, Span)>>>);
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        request: Request<ExportTraceServiceRequest>,
+    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        let mut spans = self.0.lock().unwrap();
+        for rs in request.into_inner().resource_spans {
+            let service = rs
+                .resource
+                .and_then(|r| r.attributes.into_iter().find(|a| a.key == "service.name"))
+                .and_then(|a| a.value?.value)
+                .map(|v| match v {
+                    Value::StringValue(s) => s,
+                    other => format!("{other:?}"),
+                })
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                spans.extend(ss.spans.into_iter().map(|s| (service.clone(), s)));
+            }
+        }
+        Ok(Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+fn attr(span: &Span, key: &str) -> Value {
+    span.attributes
+        .iter()
+        .find(|a| a.key == key)
+        .and_then(|a| a.value.clone()?.value)
+        .unwrap_or_else(|| panic!("no attribute {key} on {}", span.name))
+}
+
+fn text(span: &Span, key: &str) -> String {
+    match attr(span, key) {
+        Value::StringValue(s) => s,
+        other => panic!("{key} is not a string: {other:?}"),
+    }
+}
+
+fn int(span: &Span, key: &str) -> i64 {
+    match attr(span, key) {
+        Value::IntValue(i) => i,
+        other => panic!("{key} is not an int: {other:?}"),
+    }
+}
+
+/// node-a: pod a1 (10.90.1.2), pod a2 (10.90.1.3); node-b: pod b1 (10.90.2.2). The nodes are
+/// joined by an "uplink" veth (10.90.0.1 ↔ 10.90.0.2) and route pod subnets across it.
+struct Cluster {
+    node_a: Netns,
+    node_b: Netns,
+    a1: Netns,
+    a2: Netns,
+    b1: Netns,
+}
+
+fn cluster() -> Cluster {
+    let c = Cluster {
+        node_a: Netns::new(),
+        node_b: Netns::new(),
+        a1: Netns::new(),
+        a2: Netns::new(),
+        b1: Netns::new(),
+    };
+    for node in [&c.node_a, &c.node_b] {
+        node.sysctl("net.ipv4.ip_forward", "1");
+    }
+    let (ua, ub) = link(&c.node_a, "eth0", &c.node_b, "eth0", LinkOptions::default());
+    ua.addr("10.90.0.1/30");
+    ub.addr("10.90.0.2/30");
+    ua.neighbour("10.90.0.2", &ub.mac);
+    ub.neighbour("10.90.0.1", &ua.mac);
+    ua.up();
+    ub.up();
+    let pod = |node: &Netns, host_if: &str, pod_ns: &Netns, pod_ip: &str, gateway: &str| {
+        let (h, p) = link(node, host_if, pod_ns, "eth0", LinkOptions::default());
+        h.addr(&format!("{gateway}/32"));
+        p.addr(&format!("{pod_ip}/32"));
+        h.neighbour(pod_ip, &p.mac);
+        p.neighbour(gateway, &h.mac);
+        h.up();
+        p.up();
+        node.ip(&["route", "add", pod_ip, "dev", host_if]);
+        pod_ns.ip(&["route", "add", gateway, "dev", "eth0"]);
+        pod_ns.ip(&["route", "add", "default", "via", gateway]);
+    };
+    pod(&c.node_a, "vetha1", &c.a1, "10.90.1.2", "10.90.1.1");
+    pod(&c.node_a, "vetha2", &c.a2, "10.90.1.3", "10.90.1.1");
+    pod(&c.node_b, "vethb1", &c.b1, "10.90.2.2", "10.90.2.1");
+    c.node_a
+        .ip(&["route", "add", "10.90.2.0/24", "via", "10.90.0.2"]);
+    c.node_b
+        .ip(&["route", "add", "10.90.1.0/24", "via", "10.90.0.1"]);
+    c
+}
+
+#[test]
+fn every_connection_becomes_one_exact_span() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let receiver = Receiver::default();
+    let data = tempfile::tempdir().unwrap();
+    let aggregator = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let otlp = listener.local_addr().unwrap();
+        let service = TraceServiceServer::new(receiver.clone());
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(TcpListenerStream::new(listener))
+                .await
+                .unwrap();
+        });
+        Aggregator::start(AggregatorConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: data.path().to_owned(),
+            export: ExportConfig::new(format!("http://{otlp}")),
+            limits: IngestLimits::default(),
+            settle: Duration::from_secs(1),
+            grace: Duration::from_secs(10),
+            print_flows: false,
+        })
+        .await
+        .unwrap()
+    });
+    let endpoint = format!("http://{}", aggregator.local_addr);
+
+    let c = cluster();
+    let agent_args = |node: &str| {
+        vec![
+            "--aggregator".to_owned(),
+            endpoint.clone(),
+            "--node-name".to_owned(),
+            node.to_owned(),
+            "--tcp-close-timeout".to_owned(),
+            "1s".to_owned(),
+            "--udp-idle-timeout".to_owned(),
+            "1s".to_owned(),
+            "--icmp-idle-timeout".to_owned(),
+            "1s".to_owned(),
+        ]
+    };
+    let args_a = agent_args("node-a");
+    let args_b = agent_args("node-b");
+    let agent_a = Agent::start(
+        &c.node_a,
+        "veth*,eth0",
+        &args_a.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let agent_b = Agent::start(
+        &c.node_b,
+        "veth*,eth0",
+        &args_b.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+
+    let cross = tcp_exchange(
+        &c.a1,
+        &c.b1,
+        "10.90.2.2:8443".parse().unwrap(),
+        300_000,
+        40_000,
+    );
+    let same = tcp_exchange(
+        &c.a1,
+        &c.a2,
+        "10.90.1.3:8080".parse().unwrap(),
+        50_000,
+        2_000,
+    );
+    c.b1.spawn(|| {
+        let s = UdpSocket::bind("10.90.2.2:5353").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 512];
+        for _ in 0..3 {
+            let (n, from) = s.recv_from(&mut buf).unwrap();
+            s.send_to(&buf[..n * 2], from).unwrap();
+        }
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    c.a1.spawn(|| {
+        let s = UdpSocket::bind("10.90.1.2:40053").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 512];
+        for _ in 0..3 {
+            s.send_to(&[1u8; 100], "10.90.2.2:5353").unwrap();
+            assert_eq!(s.recv(&mut buf).unwrap(), 200);
+        }
+    })
+    .join()
+    .unwrap();
+    c.a1.exec(&["ping", "-n", "-c", "2", "-i", "0.2", "-W", "2", "10.90.2.2"]);
+
+    // Four connections: wait (bounded) until each has its CLIENT span.
+    let clients = |spans: &[(String, Span)]| -> Vec<Span> {
+        spans
+            .iter()
+            .filter(|(_, s)| s.kind == SpanKind::Client as i32)
+            .map(|(_, s)| s.clone())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while clients(&receiver.0.lock().unwrap()).len() < 4 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A little longer: nothing more may arrive (no duplicates).
+    std::thread::sleep(Duration::from_secs(2));
+    agent_a.stop();
+    agent_b.stop();
+    runtime.block_on(aggregator.shutdown());
+
+    let all = receiver.0.lock().unwrap().clone();
+    let spans = clients(&all);
+    let by_server: HashMap<String, &Span> = spans
+        .iter()
+        .map(|s| {
+            (
+                format!(
+                    "{}:{}",
+                    text(s, "destination.address"),
+                    int(s, "destination.port")
+                ),
+                s,
+            )
+        })
+        .collect();
+    assert_eq!(spans.len(), 4, "one CLIENT span per connection: {spans:#?}");
+    assert_eq!(by_server.len(), 4);
+
+    let tcp = by_server["10.90.2.2:8443"];
+    assert_eq!(text(tcp, "network.protocol"), "TCP");
+    assert_eq!(text(tcp, "source.address"), "10.90.1.2");
+    assert_eq!(int(tcp, "source.port"), i64::from(cross.client.port()));
+    assert_eq!(text(tcp, "flow.client_rule"), "tcp_handshake");
+    assert_eq!(text(tcp, "flow.end_reason"), "tcp_close");
+    let wire =
+        |side: &TcpSide, payload: u64| payload + side.bytes_retrans + 60 + (side.segments - 1) * 52;
+    assert_eq!(
+        int(tcp, "flow.packets.sent") as u64,
+        cross.client_side.segments
+    );
+    assert_eq!(
+        int(tcp, "flow.bytes.sent") as u64,
+        wire(&cross.client_side, 300_000)
+    );
+    assert_eq!(
+        int(tcp, "flow.packets.received") as u64,
+        cross.server_side.segments
+    );
+    assert_eq!(
+        int(tcp, "flow.bytes.received") as u64,
+        wire(&cross.server_side, 40_000)
+    );
+    // Counted where the packets left their pods.
+    assert_eq!(
+        text(tcp, "flow.sent.observation_point"),
+        "node-a/vetha1/ingress"
+    );
+    assert_eq!(
+        text(tcp, "flow.received.observation_point"),
+        "node-b/vethb1/ingress"
+    );
+
+    let local = by_server["10.90.1.3:8080"];
+    assert_eq!(
+        int(local, "flow.bytes.sent") as u64,
+        wire(&same.client_side, 50_000)
+    );
+    assert_eq!(
+        int(local, "flow.bytes.received") as u64,
+        wire(&same.server_side, 2_000)
+    );
+    assert_eq!(
+        text(local, "flow.sent.observation_point"),
+        "node-a/vetha1/ingress"
+    );
+    assert_eq!(
+        text(local, "flow.received.observation_point"),
+        "node-a/vetha2/ingress"
+    );
+
+    let udp = by_server["10.90.2.2:5353"];
+    assert_eq!(text(udp, "network.protocol"), "UDP");
+    assert_eq!(int(udp, "source.port"), 40053);
+    assert_eq!(
+        (int(udp, "flow.packets.sent"), int(udp, "flow.bytes.sent")),
+        (3, 3 * 128)
+    );
+    assert_eq!(
+        (
+            int(udp, "flow.packets.received"),
+            int(udp, "flow.bytes.received")
+        ),
+        (3, 3 * 228)
+    );
+
+    let icmp = by_server["10.90.2.2:0"];
+    assert_eq!(text(icmp, "network.protocol"), "ICMP");
+    assert_eq!(text(icmp, "flow.client_rule"), "icmp_request");
+    assert_eq!(
+        (int(icmp, "flow.packets.sent"), int(icmp, "flow.bytes.sent")),
+        (2, 2 * 84)
+    );
+
+    // Every CLIENT span has its SERVER child in the same trace, under the server's resource.
+    for client in &spans {
+        let child = all
+            .iter()
+            .find(|(_, s)| s.kind == SpanKind::Server as i32 && s.parent_span_id == client.span_id)
+            .unwrap_or_else(|| panic!("no SERVER child for {}", client.name));
+        assert_eq!(child.1.trace_id, client.trace_id);
+        assert_eq!(
+            child.0.split(':').next().unwrap(),
+            text(client, "destination.address")
+        );
+    }
+}
