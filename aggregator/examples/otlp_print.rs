@@ -28,7 +28,7 @@ fn show(value: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> Str
     }
 }
 
-fn get<'a>(attributes: &'a [KeyValue], key: &str) -> String {
+fn get(attributes: &[KeyValue], key: &str) -> String {
     attributes
         .iter()
         .find(|a| a.key == key)
