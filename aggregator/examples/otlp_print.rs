@@ -56,7 +56,11 @@ impl TraceService for Printer {
                 println!(
                     "otlp span {name} trace={trace} service={service}: {proto} {src}:{sport} -> {dst}:{dport} sent={sent}B received={received}B end={end} community_id={cid}",
                     name = span.name,
-                    trace = span.trace_id.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+                    trace = span
+                        .trace_id
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<String>(),
                     proto = get(a, "network.protocol"),
                     src = get(a, "source.address"),
                     sport = get(a, "source.port"),

@@ -9,6 +9,7 @@
 use std::net::IpAddr;
 
 use base64::{Engine as _, engine::general_purpose::STANDARD};
+use serde::{Deserialize, Serialize};
 use sha1::{Digest, Sha1};
 
 const IPPROTO_ICMP: u8 = 1;
@@ -18,7 +19,7 @@ const IPPROTO_ICMPV6: u8 = 58;
 const IPPROTO_SCTP: u8 = 132;
 
 /// One end of a connection as the key orders it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Endpoint {
     pub address: IpAddr,
     /// The transport port; for ICMP the (mapped) message type or code, see the module docs.
@@ -26,7 +27,7 @@ pub struct Endpoint {
 }
 
 /// A directional packet tuple as observed: source → destination.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tuple {
     pub protocol: u8,
     pub source: IpAddr,
@@ -38,7 +39,7 @@ pub struct Tuple {
     pub icmp_code: u8,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ConnectionKey {
     pub protocol: u8,
     /// The endpoint the specification puts first.

@@ -6,14 +6,22 @@
 //! (other nodes report on their own scan schedules) land in the same span. An interval that
 //! contains a final record (close, idle, pressure, shutdown) ends the connection.
 //!
+//! **Persistence.** The table records which connections changed ([`FlowTable::take_changes`]);
+//! the pipeline writes those, serialized, in the same store transaction as the spans they
+//! produced, and [`FlowTable::restore`] rebuilds the table after a restart.
+//!
 //! **Late records.** A closed connection is remembered for a grace period. A late record from a
 //! point that counts one of its directions opens one more interval (so totals stay exact); a late
 //! record from any other point is ignored and counted, since its packets are already counted
 //! elsewhere.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use mermin_protocol::flow::v1::EndReason;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     connection_key::ConnectionKey,
@@ -29,7 +37,7 @@ pub struct Emitted {
     pub interval: Interval,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 struct Tracked {
     connection: Connection,
     decisions: Decisions,
@@ -45,8 +53,17 @@ struct Tracked {
     closed_until: Option<u64>,
 }
 
+/// A connection's serialized key and state (`None`: forgotten), for the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub key: Vec<u8>,
+    pub state: Option<Vec<u8>>,
+}
+
 pub struct FlowTable {
     open: HashMap<ConnectionKey, Tracked>,
+    /// Connections changed since the last `take_changes`.
+    dirty: HashSet<ConnectionKey>,
     kinds: InterfaceKinds,
     settle_ns: u64,
     /// How long a closed connection is remembered.
@@ -58,6 +75,7 @@ impl FlowTable {
     pub fn new(kinds: InterfaceKinds, settle: Duration, grace: Duration) -> Self {
         Self {
             open: HashMap::new(),
+            dirty: HashSet::new(),
             kinds,
             settle_ns: settle.as_nanos() as u64,
             grace_ns: grace.as_nanos() as u64,
@@ -101,6 +119,7 @@ impl FlowTable {
             tracked.closed_until = None;
             tracked.closing = true;
         }
+        self.dirty.insert(observation.key);
         tracked.connection.add(observation);
         if observation.end_reason != EndReason::ActiveTimeout {
             tracked.closing = true;
@@ -111,13 +130,18 @@ impl FlowTable {
     /// Emits every interval whose settle time has come, and forgets connections whose grace
     /// period is over.
     pub fn emit_due(&mut self, now: u64, out: &mut Vec<Emitted>) {
-        let (kinds, grace) = (&self.kinds, self.grace_ns);
-        self.open.retain(|_, tracked| {
+        let (kinds, grace, dirty) = (&self.kinds, self.grace_ns, &mut self.dirty);
+        self.open.retain(|key, tracked| {
             if let Some(until) = tracked.closed_until {
-                return until > now;
+                if until <= now {
+                    dirty.insert(*key);
+                    return false;
+                }
+                return true;
             }
             if tracked.due_unix_nanos.is_some_and(|due| due <= now) {
                 emit(tracked, kinds, now, grace, out);
+                dirty.insert(*key);
             }
             true
         });
@@ -125,11 +149,37 @@ impl FlowTable {
 
     /// Emits every interval that holds anything, now (shutdown).
     pub fn flush(&mut self, now: u64, out: &mut Vec<Emitted>) {
-        for tracked in self.open.values_mut() {
+        for (key, tracked) in &mut self.open {
             if tracked.closed_until.is_none() && tracked.due_unix_nanos.is_some() {
                 emit(tracked, &self.kinds, now, self.grace_ns, out);
+                self.dirty.insert(*key);
             }
         }
+    }
+
+    /// The connections changed since the last call, serialized for the store.
+    pub fn take_changes(&mut self) -> Result<Vec<Change>, postcard::Error> {
+        self.dirty
+            .drain()
+            .map(|key| {
+                Ok(Change {
+                    key: postcard::to_allocvec(&key)?,
+                    state: self.open.get(&key).map(postcard::to_allocvec).transpose()?,
+                })
+            })
+            .collect()
+    }
+
+    /// Rebuilds the table from stored states; returns how many connections it holds.
+    pub fn restore(
+        &mut self,
+        states: impl IntoIterator<Item = Vec<u8>>,
+    ) -> Result<usize, postcard::Error> {
+        for bytes in states {
+            let tracked: Tracked = postcard::from_bytes(&bytes)?;
+            self.open.insert(*tracked.connection.key(), tracked);
+        }
+        Ok(self.open.len())
     }
 }
 
@@ -300,6 +350,46 @@ mod tests {
                 .packets,
             2
         );
+    }
+
+    #[test]
+    fn a_restored_table_continues_where_it_stopped() {
+        let mut before = table();
+        let mut out = Vec::new();
+        before.apply(
+            &observation("a", "eth0", true, 5, EndReason::ActiveTimeout),
+            100 * S,
+        );
+        before.emit_due(103 * S, &mut out);
+        before.apply(
+            &observation("a", "eth0", true, 7, EndReason::TcpClose),
+            160 * S,
+        );
+        let changes = before.take_changes().unwrap();
+        assert_eq!(changes.len(), 1);
+        assert!(
+            before.take_changes().unwrap().is_empty(),
+            "changes are taken once"
+        );
+
+        let mut after = table();
+        let states = changes.into_iter().filter_map(|c| c.state);
+        assert_eq!(after.restore(states).unwrap(), 1);
+        let mut resumed = Vec::new();
+        after.emit_due(163 * S, &mut resumed);
+        before.emit_due(163 * S, &mut out);
+        assert_eq!(resumed.len(), 1);
+        assert_eq!(
+            resumed[0], out[1],
+            "the restored table emits what the original would"
+        );
+        assert_eq!(resumed[0].interval.index, 1);
+        // Forgetting a closed connection is a change too.
+        after.take_changes().unwrap();
+        after.emit_due(300 * S, &mut resumed);
+        let forgotten = after.take_changes().unwrap();
+        assert_eq!(forgotten.len(), 1);
+        assert_eq!(forgotten[0].state, None);
     }
 
     #[test]

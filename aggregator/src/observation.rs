@@ -5,18 +5,19 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use mermin_protocol::flow::v1::{Direction, EndReason, FlowRecord};
+use serde::{Deserialize, Serialize};
 
 use crate::connection_key::{ConnectionKey, Orientation, Tuple};
 
 /// The TC hook of an observation point.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Hook {
     Ingress,
     Egress,
 }
 
 /// Where on which node packets were counted.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ObservationPoint {
     pub node: String,
     pub interface: String,
@@ -24,7 +25,7 @@ pub struct ObservationPoint {
 }
 
 /// Counts of one direction at one point over some interval (sums of record deltas).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Counts {
     pub packets: u64,
     pub bytes: u64,
@@ -154,6 +155,21 @@ impl TryFrom<&FlowRecord> for Observation {
             },
             end_reason,
         })
+    }
+}
+
+/// Serde for protocol enums, which prost represents as `i32`: stored as that number.
+pub(crate) mod end_reason_number {
+    use mermin_protocol::flow::v1::EndReason;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(reason: &EndReason, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_i32(*reason as i32)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<EndReason, D::Error> {
+        let number = i32::deserialize(d)?;
+        EndReason::try_from(number).map_err(serde::de::Error::custom)
     }
 }
 

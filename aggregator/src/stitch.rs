@@ -29,6 +29,7 @@ use std::{
 };
 
 use mermin_protocol::flow::v1::EndReason;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     connection_key::{ConnectionKey, Endpoint, Orientation, Tuple},
@@ -49,7 +50,7 @@ const ICMP_V6_REQUESTS: &[u8] = &[128, 130, 133, 135, 139, 144];
 const ICMP_V6_REPLIES: &[u8] = &[129, 131, 134, 136, 140, 145];
 
 /// Which rule decided the client (see the module docs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientRule {
     TcpHandshake,
     IcmpRequest,
@@ -142,15 +143,16 @@ pub struct Flow {
 }
 
 /// What one point saw of one direction.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Seen {
     counts: Counts,
     tuple: Tuple,
+    #[serde(with = "crate::observation::end_reason_number")]
     end_reason: EndReason,
 }
 
 /// What the first interval decided; kept for the connection's life (see the module docs).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Decisions {
     /// Whether the key's first endpoint is the client, and why.
     client: Option<(bool, ClientRule)>,
@@ -170,14 +172,14 @@ impl Decisions {
 }
 
 /// All observations of one connection in the current interval.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Connection {
     key: ConnectionKey,
     seen: BTreeMap<(ObservationPoint, OrientationKey), Seen>,
 }
 
 /// `Orientation` with an order, for the map key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 enum OrientationKey {
     Forward,
     Reverse,
