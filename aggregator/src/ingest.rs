@@ -45,8 +45,16 @@ impl Default for IngestLimits {
     }
 }
 
-/// Validated observations of one batch, on their way to the flow table.
-pub type ObservationSender = mpsc::Sender<Vec<Observation>>;
+/// One durable batch, validated, on its way to the flow table. The table records how far it has
+/// applied each agent's batches, for recovery.
+#[derive(Debug)]
+pub struct AppliedBatch {
+    pub boot_id: BootId,
+    pub sequence: u64,
+    pub observations: Vec<Observation>,
+}
+
+pub type ObservationSender = mpsc::Sender<AppliedBatch>;
 
 #[derive(Clone)]
 pub struct Ingest {
@@ -212,7 +220,11 @@ impl Session {
         agent.last = sequence;
         self.ingest
             .flows
-            .send(observations)
+            .send(AppliedBatch {
+                boot_id: agent.boot_id,
+                sequence,
+                observations,
+            })
             .await
             .map_err(|_| Status::unavailable("the aggregator is shutting down"))?;
         self.ack(sequence).await

@@ -2,14 +2,15 @@
 //!
 //! ```text
 //! ingest (one task per agent stream) --bounded channel--> flow table task
-//!   --every tick: due intervals -> spans -> one OTLP request--> store outbox --> exporter task
+//!   --every tick: due intervals -> spans; checkpoint (table changes + positions + spans)-->
+//!   store --> exporter task
 //! ```
 //!
-//! An interval's spans are durable in the outbox before the flow table forgets the interval; the
-//! exporter delivers the outbox. [`Aggregator::start`] binds and spawns everything;
-//! [`Aggregator::shutdown`] flushes every pending interval into the outbox and stops.
+//! Start-up first rebuilds the flow table from the last checkpoint and replays the batches after
+//! it, then opens the agent endpoint. [`Aggregator::shutdown`] flushes every pending interval
+//! through a final checkpoint and stops.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
@@ -23,12 +24,12 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::{
     export::{ExportConfig, ExportError, Exporter},
     flow_table::{Emitted, FlowTable},
-    ingest::{Ingest, IngestLimits},
+    ingest::{AppliedBatch, Ingest, IngestLimits},
     metrics::Metrics,
     observation::Observation,
     span::flow_spans,
     stitch::InterfaceKinds,
-    store::{Store, StoreError},
+    store::{BootId, Checkpoint, Store, StoreError},
 };
 
 #[derive(Debug, Clone)]
@@ -57,6 +58,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Export(#[from] ExportError),
+    #[error("recovering the flow table: {0}")]
+    Recover(String),
 }
 
 pub struct Aggregator {
@@ -110,8 +113,10 @@ impl Aggregator {
                 tracing::error!(%err, "agent endpoint failed");
             }
         });
+        let (table_state, positions) = recover(&store, &config)?;
         let table = tokio::spawn(run_table(
-            FlowTable::new(InterfaceKinds::default(), config.settle, config.grace),
+            table_state,
+            positions,
             flows_rx,
             store,
             wake,
@@ -143,9 +148,46 @@ impl Aggregator {
     }
 }
 
+/// The flow table as the last checkpoint left it, with the batches after it replayed.
+fn recover(
+    store: &Store,
+    config: &AggregatorConfig,
+) -> Result<(FlowTable, HashMap<BootId, u64>), StartError> {
+    let recovered = store.recover()?;
+    let mut table = FlowTable::new(InterfaceKinds::default(), config.settle, config.grace);
+    let restored = table
+        .restore(recovered.connections)
+        .map_err(|e| StartError::Recover(e.to_string()))?;
+    let mut positions = recovered.positions;
+    let now = unix_now();
+    let mut replayed = 0;
+    for entry in store.batches() {
+        let (boot_id, batch) = entry?;
+        if batch.sequence <= positions.get(&boot_id).copied().unwrap_or(0) {
+            continue;
+        }
+        for record in &batch.records {
+            // Validated before it was stored; a record that no longer validates is corrupt.
+            let observation = Observation::try_from(record).map_err(|e| {
+                StartError::Recover(format!("stored batch {}: {e}", batch.sequence))
+            })?;
+            table.apply(&observation, now);
+        }
+        positions.insert(boot_id, batch.sequence);
+        replayed += 1;
+    }
+    tracing::info!(
+        connections = restored,
+        batches = replayed,
+        "flow table recovered"
+    );
+    Ok((table, positions))
+}
+
 async fn run_table(
     mut table: FlowTable,
-    mut flows: mpsc::Receiver<Vec<Observation>>,
+    mut positions: HashMap<BootId, u64>,
+    mut flows: mpsc::Receiver<AppliedBatch>,
     store: Store,
     wake: Arc<Notify>,
     print_flows: bool,
@@ -158,42 +200,68 @@ async fn run_table(
             batch = flows.recv() => match batch {
                 Some(batch) => {
                     let now = unix_now();
-                    for observation in &batch {
+                    for observation in &batch.observations {
                         table.apply(observation, now);
                     }
+                    positions.insert(batch.boot_id, batch.sequence);
+                    continue;
                 }
                 None => break,
             },
             _ = tick.tick() => table.emit_due(unix_now(), &mut emitted),
             _ = stop.wait_for(|s| *s) => break,
         }
-        if !emitted.is_empty() {
-            queue(&store, &wake, &emitted, print_flows).await;
-            emitted.clear();
-        }
+        checkpoint(&mut table, &positions, &store, &wake, &emitted, print_flows).await;
+        emitted.clear();
     }
     table.flush(unix_now(), &mut emitted);
-    queue(&store, &wake, &emitted, print_flows).await;
+    checkpoint(&mut table, &positions, &store, &wake, &emitted, print_flows).await;
 }
 
-/// Writes the spans of `emitted` to the outbox as one export request.
-async fn queue(store: &Store, wake: &Notify, emitted: &[Emitted], print_flows: bool) {
-    if emitted.is_empty() {
+/// Persists the table's changes, the agents' positions and the spans of `emitted` in one
+/// transaction, then lets the exporter know.
+async fn checkpoint(
+    table: &mut FlowTable,
+    positions: &HashMap<BootId, u64>,
+    store: &Store,
+    wake: &Notify,
+    emitted: &[Emitted],
+    print_flows: bool,
+) {
+    let changes = match table.take_changes() {
+        Ok(changes) => changes,
+        Err(err) => {
+            tracing::error!(%err, "cannot serialize flow state; checkpoint skipped");
+            return;
+        }
+    };
+    if changes.is_empty() && emitted.is_empty() {
         return;
     }
-    let request = ExportTraceServiceRequest {
-        resource_spans: emitted
-            .iter()
-            .flat_map(|e| flow_spans(&e.flow, &e.interval))
-            .collect(),
+    let outbox: Vec<Vec<u8>> = if emitted.is_empty() {
+        Vec::new()
+    } else {
+        let request = ExportTraceServiceRequest {
+            resource_spans: emitted
+                .iter()
+                .flat_map(|e| flow_spans(&e.flow, &e.interval))
+                .collect(),
+        };
+        vec![request.encode_to_vec()]
     };
-    // The outbox is the only way out: keep trying until the write succeeds.
-    let encoded = request.encode_to_vec();
-    while let Err(err) = store.outbox_push(&encoded).await {
-        tracing::error!(%err, "cannot queue spans; retrying");
+    let checkpoint = Checkpoint {
+        positions,
+        changes: &changes,
+        outbox: &outbox,
+    };
+    // The checkpoint is the only way out for spans: keep trying until it is written.
+    while let Err(err) = store.checkpoint(checkpoint).await {
+        tracing::error!(%err, "cannot write checkpoint; retrying");
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    wake.notify_one();
+    if !outbox.is_empty() {
+        wake.notify_one();
+    }
     if print_flows {
         for e in emitted {
             println!("{}", summary(e));

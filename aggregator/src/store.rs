@@ -5,16 +5,23 @@
 //! order). A batch and its agent's new high-water mark are written in one transaction and flushed
 //! before [`Store::append`] returns — that is the moment an agent may be acknowledged.
 //!
-//! It also owns the export outbox: encoded OTLP export requests, keyed by a big-endian counter,
-//! written (and flushed) before the flows they carry leave memory, deleted once delivered.
+//! It also owns the flow table's checkpoint and the export outbox. [`Store::checkpoint`] writes,
+//! in one transaction: the connections the flow table changed, the position (boot id → last
+//! applied sequence) of every agent's batches in the table, and the export requests the table
+//! emitted since the last checkpoint. After a crash, the checkpoint plus the batches after its
+//! positions rebuild exactly the table that produced the outbox — nothing acknowledged is lost and
+//! nothing is emitted twice. Batches up to a checkpointed position are no longer needed and are
+//! deleted.
 //!
 //! sled 0.34 is the last stable release and is known for disk growth; it stays behind this
 //! interface so that it can be replaced (the replication issue moves the log under openraft).
 //! Truncating batches whose flows have been exported comes with the flow-table checkpoint.
 
-use std::path::Path;
+use std::{collections::HashMap, path::Path};
 
 use mermin_protocol::agent::v1::Batch;
+
+use crate::flow_table::Change;
 use prost::Message;
 use sled::{
     Transactional,
@@ -43,6 +50,23 @@ pub struct Store {
     agents: sled::Tree,
     batches: sled::Tree,
     outbox: sled::Tree,
+    connections: sled::Tree,
+    positions: sled::Tree,
+}
+
+/// What one checkpoint writes (see the module docs).
+#[derive(Clone, Copy)]
+pub struct Checkpoint<'a> {
+    pub positions: &'a HashMap<BootId, u64>,
+    pub changes: &'a [Change],
+    pub outbox: &'a [Vec<u8>],
+}
+
+/// What a restart finds.
+pub struct Recovered {
+    pub positions: HashMap<BootId, u64>,
+    /// Serialized connection states.
+    pub connections: Vec<Vec<u8>>,
 }
 
 impl Store {
@@ -55,6 +79,8 @@ impl Store {
             agents: db.open_tree("agents")?,
             batches: db.open_tree("batches")?,
             outbox: db.open_tree("outbox")?,
+            connections: db.open_tree("connections")?,
+            positions: db.open_tree("positions")?,
             db,
         })
     }
@@ -109,6 +135,74 @@ impl Store {
 }
 
 impl Store {
+    /// Writes a checkpoint atomically and durably, then drops the batches it makes unnecessary.
+    pub async fn checkpoint(&self, checkpoint: Checkpoint<'_>) -> Result<(), StoreError> {
+        let ids = checkpoint
+            .outbox
+            .iter()
+            .map(|_| self.db.generate_id())
+            .collect::<Result<Vec<u64>, _>>()?;
+        let result: Result<(), TransactionError<StoreError>> =
+            (&self.connections, &self.positions, &self.outbox).transaction(
+                |(connections, positions, outbox)| {
+                    for change in checkpoint.changes {
+                        match &change.state {
+                            Some(state) => {
+                                connections.insert(change.key.as_slice(), state.as_slice())?
+                            }
+                            None => connections.remove(change.key.as_slice())?,
+                        };
+                    }
+                    for (boot_id, sequence) in checkpoint.positions {
+                        positions.insert(&boot_id[..], &sequence.to_be_bytes())?;
+                    }
+                    for (id, request) in ids.iter().zip(checkpoint.outbox) {
+                        outbox.insert(&id.to_be_bytes(), request.as_slice())?;
+                    }
+                    Ok(())
+                },
+            );
+        match result {
+            Ok(()) => {}
+            Err(TransactionError::Abort(err)) => return Err(err),
+            Err(TransactionError::Storage(err)) => return Err(err.into()),
+        }
+        self.db.flush_async().await?;
+        for (boot_id, sequence) in checkpoint.positions {
+            let applied = self
+                .batches
+                .range(batch_key(boot_id, 0)..=batch_key(boot_id, *sequence))
+                .keys();
+            for key in applied {
+                self.batches.remove(key?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The last checkpoint: agent positions and connection states.
+    pub fn recover(&self) -> Result<Recovered, StoreError> {
+        let mut positions = HashMap::new();
+        for entry in self.positions.iter() {
+            let (key, value) = entry?;
+            let boot_id: BootId = key
+                .as_ref()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("position key".into()))?;
+            positions.insert(boot_id, decode_u64(&value)?);
+        }
+        let connections = self
+            .connections
+            .iter()
+            .values()
+            .map(|v| Ok(v?.to_vec()))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(Recovered {
+            positions,
+            connections,
+        })
+    }
+
     /// Queues an encoded export request durably; returns its outbox id.
     pub async fn outbox_push(&self, request: &[u8]) -> Result<u64, StoreError> {
         let id = self.db.generate_id()?;
@@ -190,6 +284,45 @@ mod tests {
             .map(|(id, batch)| (id[0], batch.records[0].delta_packets))
             .collect();
         assert_eq!(replayed, [(1, 1), (1, 2), (2, 1)]);
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_is_recovered_and_drops_the_batches_it_covers() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = [4; BOOT_ID_LEN];
+        {
+            let store = Store::open(dir.path()).unwrap();
+            for sequence in 1..=3 {
+                store.append(&id, &batch(sequence)).await.unwrap();
+            }
+            let positions = HashMap::from([(id, 2)]);
+            let changes = [
+                Change {
+                    key: vec![1],
+                    state: Some(vec![10, 11]),
+                },
+                Change {
+                    key: vec![2],
+                    state: None,
+                },
+            ];
+            store
+                .checkpoint(Checkpoint {
+                    positions: &positions,
+                    changes: &changes,
+                    outbox: &[vec![7, 7]],
+                })
+                .await
+                .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let recovered = store.recover().unwrap();
+        assert_eq!(recovered.positions, HashMap::from([(id, 2)]));
+        assert_eq!(recovered.connections, [vec![10, 11]]);
+        let left: Vec<u64> = store.batches().map(|b| b.unwrap().1.sequence).collect();
+        assert_eq!(left, [3], "batches 1 and 2 are in the checkpoint");
+        assert_eq!(store.outbox_oldest(10).unwrap()[0].1, [7, 7]);
+        assert_eq!(store.last_sequence(&id).unwrap(), 3);
     }
 
     #[tokio::test]

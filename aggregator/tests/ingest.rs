@@ -5,8 +5,7 @@
 use std::{net::SocketAddr, path::Path, time::Duration};
 
 use mermin_aggregator::{
-    ingest::{Ingest, IngestLimits},
-    observation::Observation,
+    ingest::{AppliedBatch, Ingest, IngestLimits},
     store::Store,
 };
 use mermin_protocol::{
@@ -22,7 +21,7 @@ use tonic::{Code, Streaming};
 
 struct Aggregator {
     addr: SocketAddr,
-    flows: mpsc::Receiver<Vec<Observation>>,
+    flows: mpsc::Receiver<AppliedBatch>,
     server: tokio::task::JoinHandle<()>,
 }
 
@@ -168,6 +167,8 @@ async fn batches_are_acked_after_they_are_durable_and_replays_are_not_applied_tw
             .await;
         assert_eq!(s.ack().await, 1);
         let applied = agg.flows.recv().await.unwrap();
+        assert_eq!((applied.boot_id, applied.sequence), (boot, 1));
+        let applied = applied.observations;
         assert_eq!(
             applied.iter().map(|o| o.counts.packets).collect::<Vec<_>>(),
             [3, 4]
@@ -185,7 +186,7 @@ async fn batches_are_acked_after_they_are_durable_and_replays_are_not_applied_tw
     assert_eq!(s.ack().await, 1);
     s.batch(2, vec![record("node-a", 5)]).await;
     assert_eq!(s.ack().await, 2);
-    let applied = agg.flows.recv().await.unwrap();
+    let applied = agg.flows.recv().await.unwrap().observations;
     assert_eq!(
         applied.len(),
         1,
@@ -298,7 +299,7 @@ async fn bad_input_is_refused_with_a_clear_status_and_other_streams_go_on() {
     // None of that touched the healthy stream.
     good.batch(1, vec![record("node-good", 9)]).await;
     assert_eq!(good.ack().await, 1);
-    let applied = agg.flows.recv().await.unwrap();
+    let applied = agg.flows.recv().await.unwrap().observations;
     assert_eq!(applied[0].point.node, "node-good");
     assert!(agg.flows.try_recv().is_err(), "no bad batch was applied");
 }
