@@ -170,13 +170,19 @@ impl FlowTable {
             .collect()
     }
 
-    /// Rebuilds the table from stored states; returns how many connections it holds.
+    /// Rebuilds the table from stored states; returns how many connections it holds. Pending
+    /// intervals are due no later than this table's settle time from `now` (the settle time may
+    /// have been shortened since they were stored).
     pub fn restore(
         &mut self,
         states: impl IntoIterator<Item = Vec<u8>>,
+        now: u64,
     ) -> Result<usize, postcard::Error> {
         for bytes in states {
-            let tracked: Tracked = postcard::from_bytes(&bytes)?;
+            let mut tracked: Tracked = postcard::from_bytes(&bytes)?;
+            if let Some(due) = &mut tracked.due_unix_nanos {
+                *due = (*due).min(now + self.settle_ns);
+            }
             self.open.insert(*tracked.connection.key(), tracked);
         }
         Ok(self.open.len())
@@ -374,7 +380,7 @@ mod tests {
 
         let mut after = table();
         let states = changes.into_iter().filter_map(|c| c.state);
-        assert_eq!(after.restore(states).unwrap(), 1);
+        assert_eq!(after.restore(states, 160 * S).unwrap(), 1);
         let mut resumed = Vec::new();
         after.emit_due(163 * S, &mut resumed);
         before.emit_due(163 * S, &mut out);

@@ -155,11 +155,11 @@ fn recover(
 ) -> Result<(FlowTable, HashMap<BootId, u64>), StartError> {
     let recovered = store.recover()?;
     let mut table = FlowTable::new(InterfaceKinds::default(), config.settle, config.grace);
+    let now = unix_now();
     let restored = table
-        .restore(recovered.connections)
+        .restore(recovered.connections, now)
         .map_err(|e| StartError::Recover(e.to_string()))?;
     let mut positions = recovered.positions;
-    let now = unix_now();
     let mut replayed = 0;
     for entry in store.batches() {
         let (boot_id, batch) = entry?;

@@ -3,9 +3,8 @@
 //! and an outbox that survives a restart.
 
 use std::{
-    collections::VecDeque,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -17,69 +16,18 @@ use mermin_aggregator::{
 use opentelemetry_proto::tonic::{
     collector::trace::v1::{
         ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
-        trace_service_server::{TraceService, TraceServiceServer},
     },
     trace::v1::{ResourceSpans, ScopeSpans, Span},
 };
 use prost::Message;
+use support::otlp::{Receiver, serve};
 use tokio::{
     net::TcpListener,
     sync::{Notify, watch},
 };
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::{Request, Response, Status};
+use tonic::Status;
 
-type Answer = Result<ExportTraceServiceResponse, Status>;
-
-/// Records every request it accepts; answers from a script first, then with success.
-#[derive(Clone, Default)]
-struct Receiver {
-    accepted: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
-    script: Arc<Mutex<VecDeque<Answer>>>,
-}
-
-#[tonic::async_trait]
-impl TraceService for Receiver {
-    async fn export(
-        &self,
-        request: Request<ExportTraceServiceRequest>,
-    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
-        let answer = self.script.lock().unwrap().pop_front();
-        match answer {
-            Some(Err(status)) => Err(status),
-            other => {
-                self.accepted.lock().unwrap().push(request.into_inner());
-                Ok(Response::new(
-                    other.map_or_else(Default::default, Result::unwrap),
-                ))
-            }
-        }
-    }
-}
-
-impl Receiver {
-    fn names(&self) -> Vec<String> {
-        self.accepted
-            .lock()
-            .unwrap()
-            .iter()
-            .flat_map(|r| &r.resource_spans)
-            .flat_map(|r| &r.scope_spans)
-            .flat_map(|s| &s.spans)
-            .map(|s| s.name.clone())
-            .collect()
-    }
-}
-
-async fn serve(receiver: Receiver, listener: TcpListener) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(receiver))
-            .serve_with_incoming(TcpListenerStream::new(listener))
-            .await
-            .unwrap();
-    })
-}
+mod support;
 
 fn request(names: &[&str]) -> Vec<u8> {
     ExportTraceServiceRequest {

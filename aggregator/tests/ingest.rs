@@ -8,16 +8,13 @@ use mermin_aggregator::{
     ingest::{AppliedBatch, Ingest, IngestLimits},
     store::Store,
 };
-use mermin_protocol::{
-    agent::v1::{
-        AgentMessage, AggregatorMessage, Batch, Hello, agent_message,
-        agent_service_client::AgentServiceClient, aggregator_message,
-    },
-    flow::v1::{Direction, EndReason, FlowRecord},
-};
-use tokio::{net::TcpListener, sync::mpsc, time::timeout};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
-use tonic::{Code, Streaming};
+use mermin_protocol::agent::v1::{Batch, Hello, agent_message};
+use support::{connect, record};
+use tokio::{net::TcpListener, sync::mpsc};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::Code;
+
+mod support;
 
 struct Aggregator {
     addr: SocketAddr,
@@ -60,97 +57,6 @@ async fn start(dir: &Path, limits: IngestLimits) -> Aggregator {
         addr,
         flows,
         server,
-    }
-}
-
-struct Stream {
-    out: mpsc::Sender<AgentMessage>,
-    answers: Streaming<AggregatorMessage>,
-}
-
-async fn connect(addr: SocketAddr) -> Stream {
-    let mut client = AgentServiceClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
-    let (out, rx) = mpsc::channel(16);
-    let answers = client
-        .stream(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    Stream { out, answers }
-}
-
-impl Stream {
-    async fn send(&self, message: agent_message::Message) {
-        self.out
-            .send(AgentMessage {
-                message: Some(message),
-            })
-            .await
-            .unwrap();
-    }
-
-    async fn hello(&self, node: &str, boot_id: [u8; 16]) {
-        self.send(agent_message::Message::Hello(Hello {
-            protocol_version: 1,
-            node_name: node.into(),
-            agent_version: "test".into(),
-            boot_id: boot_id.to_vec(),
-        }))
-        .await;
-    }
-
-    async fn batch(&self, sequence: u64, records: Vec<FlowRecord>) {
-        self.send(agent_message::Message::Batch(Batch { sequence, records }))
-            .await;
-    }
-
-    async fn answer(&mut self) -> Result<aggregator_message::Message, tonic::Status> {
-        let next = timeout(Duration::from_secs(5), self.answers.message())
-            .await
-            .expect("answer within 5 s");
-        Ok(next?.expect("stream open").message.expect("message set"))
-    }
-
-    async fn welcome(&mut self) -> u64 {
-        match self.answer().await.unwrap() {
-            aggregator_message::Message::Welcome(w) => w.last_durable_sequence,
-            other => panic!("expected Welcome, got {other:?}"),
-        }
-    }
-
-    async fn ack(&mut self) -> u64 {
-        match self.answer().await.unwrap() {
-            aggregator_message::Message::Ack(a) => a.sequence,
-            other => panic!("expected Ack, got {other:?}"),
-        }
-    }
-
-    async fn status(&mut self) -> tonic::Status {
-        match self.answer().await {
-            Err(status) => status,
-            Ok(other) => panic!("expected an error, got {other:?}"),
-        }
-    }
-}
-
-fn record(node: &str, packets: u64) -> FlowRecord {
-    FlowRecord {
-        node_name: node.into(),
-        interface_name: "eth0".into(),
-        direction: Direction::Egress as i32,
-        source_address: vec![10, 0, 0, 1],
-        destination_address: vec![10, 0, 0, 2],
-        source_port: 40000,
-        destination_port: 443,
-        ip_protocol: 6,
-        delta_packets: packets,
-        delta_octets: packets * 100,
-        first_seen_unix_nanos: 1,
-        last_seen_unix_nanos: 2,
-        end_reason: EndReason::ActiveTimeout as i32,
-        ..FlowRecord::default()
     }
 }
 

@@ -1,0 +1,84 @@
+//! An OTLP/gRPC trace receiver on loopback for the tests: records what it accepts, answers from a
+//! script first.
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+};
+
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    },
+    trace::v1::Span,
+};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+
+pub type Answer = Result<ExportTraceServiceResponse, Status>;
+
+/// Records every request it accepts; answers from a script first, then with success.
+#[derive(Clone, Default)]
+pub struct Receiver {
+    pub accepted: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
+    pub script: Arc<Mutex<VecDeque<Answer>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        request: Request<ExportTraceServiceRequest>,
+    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        let answer = self.script.lock().unwrap().pop_front();
+        match answer {
+            Some(Err(status)) => Err(status),
+            other => {
+                self.accepted.lock().unwrap().push(request.into_inner());
+                Ok(Response::new(
+                    other.map_or_else(Default::default, Result::unwrap),
+                ))
+            }
+        }
+    }
+}
+
+impl Receiver {
+    pub fn names(&self) -> Vec<String> {
+        self.accepted
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|r| &r.resource_spans)
+            .flat_map(|r| &r.scope_spans)
+            .flat_map(|s| &s.spans)
+            .map(|s| s.name.clone())
+            .collect()
+    }
+}
+
+pub async fn serve(receiver: Receiver, listener: TcpListener) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(receiver))
+            .serve_with_incoming(TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    })
+}
+
+impl Receiver {
+    /// Every span accepted so far.
+    pub fn spans(&self) -> Vec<Span> {
+        self.accepted
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|r| &r.resource_spans)
+            .flat_map(|r| &r.scope_spans)
+            .flat_map(|s| s.spans.clone())
+            .collect()
+    }
+}
