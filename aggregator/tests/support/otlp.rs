@@ -45,20 +45,6 @@ impl TraceService for Receiver {
     }
 }
 
-impl Receiver {
-    pub fn names(&self) -> Vec<String> {
-        self.accepted
-            .lock()
-            .unwrap()
-            .iter()
-            .flat_map(|r| &r.resource_spans)
-            .flat_map(|r| &r.scope_spans)
-            .flat_map(|s| &s.spans)
-            .map(|s| s.name.clone())
-            .collect()
-    }
-}
-
 pub async fn serve(receiver: Receiver, listener: TcpListener) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         tonic::transport::Server::builder()
@@ -80,5 +66,10 @@ impl Receiver {
             .flat_map(|r| &r.scope_spans)
             .flat_map(|s| s.spans.clone())
             .collect()
+    }
+
+    /// The names of every span accepted so far, in order.
+    pub fn names(&self) -> Vec<String> {
+        self.spans().into_iter().map(|s| s.name).collect()
     }
 }
