@@ -297,15 +297,73 @@ fn status_kib(pid: u32, field: &str) -> u64 {
 }
 
 fn agent_load() {
+    // The production path: records streamed to an aggregator (in this process, on loopback).
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let aggregator = runtime.block_on(async {
+        mermin_aggregator::pipeline::Aggregator::start(
+            mermin_aggregator::pipeline::AggregatorConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                data_dir: data.path().to_owned(),
+                // Nothing listens there: spans stay in the outbox; the agent is what is measured.
+                export: mermin_aggregator::export::ExportConfig::new("http://127.0.0.1:9"),
+                limits: mermin_aggregator::ingest::IngestLimits::default(),
+                settle: Duration::from_secs(1),
+                grace: Duration::from_secs(5),
+                print_flows: false,
+            },
+        )
+        .await
+        .unwrap()
+    });
+    let endpoint = format!("http://{}", aggregator.local_addr);
+    println!("| measure | JSON lines to a file | gRPC stream to the aggregator |");
+    println!("|---|---:|---:|");
+    let json = agent_load_with(&[]);
+    let grpc = agent_load_with(&["--aggregator", &endpoint]);
+    for (name, a, b) in [
+        (
+            "new flows generated per second",
+            json.generated,
+            grpc.generated,
+        ),
+        ("records emitted per second", json.records, grpc.records),
+    ] {
+        println!("| {name} | {a:.0} | {b:.0} |");
+    }
+    println!(
+        "| agent CPU, share of one core | {:.2}% | {:.2}% |",
+        json.cpu, grpc.cpu
+    );
+    println!(
+        "| agent RSS at the end / peak | {:.1} / {:.1} MB | {:.1} / {:.1} MB |",
+        json.rss_mb, json.peak_mb, grpc.rss_mb, grpc.peak_mb
+    );
+    println!(
+        "| packets lost by the kernel | {} | {} |",
+        json.lost, grpc.lost
+    );
+    runtime.block_on(aggregator.shutdown());
+}
+
+struct Load {
+    generated: f64,
+    records: f64,
+    cpu: f64,
+    rss_mb: f64,
+    peak_mb: f64,
+    lost: u64,
+}
+
+/// The agent evicting 10k new flows per second, with `sink` arguments; CPU over 20 s.
+fn agent_load_with(sink: &[&str]) -> Load {
     const FLOWS_PER_SEC: u64 = 10_000;
     const WARMUP: Duration = Duration::from_secs(5);
     const MEASURE: Duration = Duration::from_secs(20);
     let (client, _server) = pair(LinkOptions::default());
-    let agent = Agent::start(
-        &client,
-        "c0",
-        &["--scan-interval", "1s", "--udp-idle-timeout", "2s"],
-    );
+    let mut args = vec!["--scan-interval", "1s", "--udp-idle-timeout", "2s"];
+    args.extend_from_slice(sink);
+    let agent = Agent::start(&client, "c0", &args);
     let pid = agent.pid();
     let ticks_per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let generator = client.spawn(move || {
@@ -325,29 +383,24 @@ fn agent_load() {
         sent
     });
     thread::sleep(WARMUP);
-    let (t0, c0) = (Instant::now(), cpu_ticks(pid));
-    let records0 = agent.metric("mermin_agent_records_emitted_total{reason=\"idle_timeout\"}");
+    let emitted = || agent.metric("mermin_agent_records_emitted_total{reason=\"idle_timeout\"}");
+    let (t0, c0, r0) = (Instant::now(), cpu_ticks(pid), emitted());
     thread::sleep(MEASURE);
-    let (t1, c1) = (Instant::now(), cpu_ticks(pid));
-    let records1 = agent.metric("mermin_agent_records_emitted_total{reason=\"idle_timeout\"}");
+    let (t1, c1, r1) = (Instant::now(), cpu_ticks(pid), emitted());
     let rss = status_kib(pid, "VmRSS:");
     let hwm = status_kib(pid, "VmHWM:");
     let sent = generator.join().unwrap();
-    let drops =
-        agent.metric("mermin_agent_kernel_dropped_packets_total{reason=\"overflow_ring_full\"}");
+    let lost = agent
+        .metric("mermin_agent_kernel_dropped_packets_total{reason=\"overflow_ring_full\"}")
+        .unwrap_or(0);
     drop(agent.stop());
     let secs = (t1 - t0).as_secs_f64();
-    let cpu = (c1 - c0) as f64 / ticks_per_sec / secs * 100.0;
-    let evicted = (records1.unwrap_or(0) - records0.unwrap_or(0)) as f64 / secs;
-    println!("| measure | value |");
-    println!("|---|---:|");
-    println!("| new flows generated | {sent} ({FLOWS_PER_SEC}/s) |");
-    println!("| records evicted (idle timeout) per second | {evicted:.0} |");
-    println!("| agent CPU, share of one core | {cpu:.2}% |");
-    println!(
-        "| agent RSS at the end / peak | {:.1} MB / {:.1} MB |",
-        rss as f64 / 1024.0,
-        hwm as f64 / 1024.0
-    );
-    println!("| packets lost by the kernel | {} |", drops.unwrap_or(0));
+    Load {
+        generated: sent as f64 / (WARMUP + MEASURE).as_secs_f64(),
+        records: (r1.unwrap_or(0) - r0.unwrap_or(0)) as f64 / secs,
+        cpu: (c1 - c0) as f64 / ticks_per_sec / secs * 100.0,
+        rss_mb: rss as f64 / 1024.0,
+        peak_mb: hwm as f64 / 1024.0,
+        lost,
+    }
 }
