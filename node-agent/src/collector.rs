@@ -106,20 +106,17 @@ impl Collector {
             .iter()
             .map(|r| self.records.build(r, &self.clock))
             .collect();
-        match self.sink.send(&records) {
-            Ok(()) => {
-                for report in reports.iter() {
-                    self.metrics.record_emitted(report.reason);
-                }
-            }
+        let count = records.len();
+        match self.sink.send(records) {
+            Ok(()) => self.metrics.records_emitted(reports),
             Err(err) => {
-                tracing::error!(%err, records = records.len(), "sink failed; records dropped");
+                tracing::error!(%err, records = count, "sink failed; records dropped");
                 self.metrics
                     .records_dropped
                     .get_or_create(&crate::metrics::ReasonLabel {
                         reason: "sink_error",
                     })
-                    .inc_by(records.len() as u64);
+                    .inc_by(count as u64);
             }
         }
         reports.clear();

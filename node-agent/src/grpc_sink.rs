@@ -143,8 +143,10 @@ impl GrpcSinkHandle {
 }
 
 impl RecordSink for GrpcSink {
-    fn send(&mut self, records: &[FlowRecord]) -> Result<(), SinkError> {
-        for chunk in records.chunks(BATCH_RECORDS) {
+    fn send(&mut self, mut records: Vec<FlowRecord>) -> Result<(), SinkError> {
+        while !records.is_empty() {
+            let rest = records.split_off(records.len().min(BATCH_RECORDS));
+            let chunk = std::mem::replace(&mut records, rest);
             let mut buffer = self.shared.lock();
             if buffer.unacked.len() >= self.shared.capacity {
                 self.metrics.sink_backpressure.inc();
@@ -160,7 +162,7 @@ impl RecordSink for GrpcSink {
             buffer.next_sequence += 1;
             buffer.unacked.push_back(Batch {
                 sequence,
-                records: chunk.to_vec(),
+                records: chunk,
             });
             drop(buffer);
             self.shared.appended.notify_one();

@@ -15,7 +15,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{clock::WallClock, flows::Reason};
+use crate::{
+    clock::WallClock,
+    flows::{Reason, Report},
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -140,12 +143,18 @@ impl Metrics {
         }
     }
 
-    pub fn record_emitted(&self, reason: Reason) {
-        self.records_emitted
-            .get_or_create(&ReasonLabel {
-                reason: reason_label(reason),
-            })
-            .inc();
+    /// Counts emitted records by reason, one counter update per reason.
+    pub fn records_emitted(&self, reports: &[Report]) {
+        for reason in Reason::ALL {
+            let count = reports.iter().filter(|r| r.reason == reason).count();
+            if count > 0 {
+                self.records_emitted
+                    .get_or_create(&ReasonLabel {
+                        reason: reason_label(reason),
+                    })
+                    .inc_by(count as u64);
+            }
+        }
     }
 
     /// Takes the kernel's running totals and advances the exported counters by the difference.

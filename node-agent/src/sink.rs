@@ -18,8 +18,9 @@ pub enum SinkError {
 }
 
 pub trait RecordSink: Send {
-    /// Delivers a batch; on error none of the batch may be assumed delivered.
-    fn send(&mut self, records: &[FlowRecord]) -> Result<(), SinkError>;
+    /// Delivers a batch (taking it, so a sink can keep it without copying); on error none of the
+    /// batch may be assumed delivered.
+    fn send(&mut self, records: Vec<FlowRecord>) -> Result<(), SinkError>;
 }
 
 /// One JSON object per line; flushed after every batch, so readers see whole records promptly.
@@ -51,8 +52,8 @@ impl<W: Write + Send> JsonLines<W> {
 }
 
 impl<W: Write + Send> RecordSink for JsonLines<W> {
-    fn send(&mut self, records: &[FlowRecord]) -> Result<(), SinkError> {
-        for record in records {
+    fn send(&mut self, records: Vec<FlowRecord>) -> Result<(), SinkError> {
+        for record in &records {
             serde_json::to_writer(&mut self.out, record).map_err(io::Error::from)?;
             self.out.write_all(b"\n")?;
         }
@@ -80,7 +81,7 @@ mod tests {
                     ..FlowRecord::default()
                 },
             ];
-            sink.send(&records).unwrap();
+            sink.send(records.to_vec()).unwrap();
         }
         let text = String::from_utf8(buf).unwrap();
         let lines: Vec<serde_json::Value> = text
