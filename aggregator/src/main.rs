@@ -5,6 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
 use mermin_aggregator::{
+    config::{self, FileConfig},
     export::ExportConfig,
     ingest::IngestLimits,
     pipeline::{Aggregator, AggregatorConfig},
@@ -20,25 +21,25 @@ use tracing_subscriber::EnvFilter;
     args_override_self = true
 )]
 struct Args {
-    /// Address agents connect to (gRPC).
-    #[arg(long, default_value = "0.0.0.0:4600")]
-    listen: SocketAddr,
-    /// OTLP/gRPC endpoint spans are exported to (Tempo or a collector).
-    #[arg(
-        long,
-        env = "MERMIN_OTLP_ENDPOINT",
-        default_value = "http://127.0.0.1:4317"
-    )]
-    otlp_endpoint: String,
-    /// Directory of the durable store (agent batches, export outbox).
-    #[arg(long, default_value = "mermin-data")]
-    data_dir: PathBuf,
-    /// How long a flow interval waits for the records of the other observation points.
-    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
-    settle: Duration,
-    /// How long a closed connection is remembered for late records.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
-    grace: Duration,
+    /// HCL configuration file; options given on the command line take precedence over it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address agents connect to (gRPC) [default: 0.0.0.0:4600].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// OTLP/gRPC endpoint spans are exported to (Tempo or a collector)
+    /// [default: http://127.0.0.1:4317].
+    #[arg(long, env = "MERMIN_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// Directory of the durable store [default: mermin-data].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// How long a flow interval waits for the other observation points' records [default: 3s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    settle: Option<Duration>,
+    /// How long a closed connection is remembered for late records [default: 60s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    grace: Option<Duration>,
     /// Print a summary line of every emitted flow on standard output.
     #[arg(long)]
     print_flows: bool,
@@ -50,13 +51,36 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let file = match &args.config {
+        Some(path) => match config::load(path) {
+            Ok(file) => file,
+            Err(err) => {
+                eprintln!("error: {err}");
+                return ExitCode::from(2);
+            }
+        },
+        None => FileConfig::default(),
+    };
     let config = AggregatorConfig {
-        listen: args.listen,
-        data_dir: args.data_dir,
-        export: ExportConfig::new(args.otlp_endpoint),
+        listen: args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 4600))),
+        data_dir: args
+            .data_dir
+            .or(file.data_dir.map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("mermin-data")),
+        export: ExportConfig::new(
+            args.otlp_endpoint
+                .or(file.otlp_endpoint)
+                .unwrap_or_else(|| "http://127.0.0.1:4317".into()),
+        ),
         limits: IngestLimits::default(),
-        settle: args.settle,
-        grace: args.grace,
+        settle: args
+            .settle
+            .or(file.settle)
+            .unwrap_or(Duration::from_secs(3)),
+        grace: args.grace.or(file.grace).unwrap_or(Duration::from_secs(60)),
         print_flows: args.print_flows,
     };
     let runtime = match tokio::runtime::Runtime::new() {

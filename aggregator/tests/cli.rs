@@ -1,0 +1,41 @@
+//! The binary's configuration handling: the seed's HCL block accepted as pasted, mistakes
+//! refused with file:line before anything starts.
+
+use std::process::Command;
+
+fn run(config: &str) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mermin.hcl");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mermin-aggregator"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr =
+        String::from_utf8_lossy(&out.stderr).replace(&path.display().to_string(), "mermin.hcl");
+    (out.status.code(), stderr)
+}
+
+#[test]
+fn a_bad_key_is_refused_with_file_and_line() {
+    let (code, stderr) = run(
+        "listen = \"127.0.0.1:0\"\nexport \"traces\" { otlp = { endpoint = \"http://tempo:4317\" protocol = \"grpc\" } }\nbogus = \"1\"\n",
+    );
+    assert_eq!(code, Some(2));
+    assert_eq!(
+        stderr.trim_end(),
+        "error: mermin.hcl:3: unknown key `bogus` (known: listen, data_dir, settle, grace, export \"traces\")"
+    );
+}
+
+#[test]
+fn a_bad_endpoint_is_refused_before_starting() {
+    let (code, stderr) =
+        run("export \"traces\" {\n  otlp = {\n    endpoint = \"tempo:4317\"\n  }\n}\n");
+    assert_eq!(code, Some(2));
+    assert_eq!(
+        stderr.trim_end(),
+        "error: mermin.hcl:3: otlp.endpoint = \"tempo:4317\": must start with http:// or https://"
+    );
+}
