@@ -111,11 +111,7 @@ impl Store {
             batches.insert(batch_key(boot_id, sequence).as_slice(), encoded.as_slice())?;
             Ok(())
         });
-        match result {
-            Ok(()) => {}
-            Err(TransactionError::Abort(err)) => return Err(err),
-            Err(TransactionError::Storage(err)) => return Err(err.into()),
-        }
+        committed(result)?;
         self.db.flush_async().await?;
         Ok(())
     }
@@ -162,11 +158,7 @@ impl Store {
                     Ok(())
                 },
             );
-        match result {
-            Ok(()) => {}
-            Err(TransactionError::Abort(err)) => return Err(err),
-            Err(TransactionError::Storage(err)) => return Err(err.into()),
-        }
+        committed(result)?;
         self.db.flush_async().await?;
         for (boot_id, sequence) in checkpoint.positions {
             let applied = self
@@ -233,6 +225,15 @@ impl Store {
     /// Requests waiting in the outbox.
     pub fn outbox_len(&self) -> usize {
         self.outbox.len()
+    }
+}
+
+/// A transaction's outcome as a store result.
+fn committed(result: Result<(), TransactionError<StoreError>>) -> Result<(), StoreError> {
+    match result {
+        Ok(()) => Ok(()),
+        Err(TransactionError::Abort(err)) => Err(err),
+        Err(TransactionError::Storage(err)) => Err(err.into()),
     }
 }
 
