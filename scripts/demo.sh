@@ -46,7 +46,7 @@ else
   echo "== exporting spans to $endpoint"
 fi
 
-./target/release/mermin-aggregator --listen 127.0.0.1:14600 --otlp-endpoint "$endpoint" \
+./target/release/mermin-aggregator --listen 127.0.0.1:14600 --metrics-listen 127.0.0.1:19465 --otlp-endpoint "$endpoint" \
   --data-dir "$out/aggregator-data" --settle 1s --print-flows >"$out/flows.log" 2>"$out/aggregator.log" &
 aggregator_pid=$!
 pids+=($aggregator_pid)

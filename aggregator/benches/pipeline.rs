@@ -179,7 +179,8 @@ fn ingest() {
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let service = Ingest::new(store, IngestLimits::default(), tx).into_service();
+        let service =
+            Ingest::new(store, IngestLimits::default(), tx, Default::default()).into_service();
         let server = tokio::spawn(async move {
             tonic::transport::Server::builder()
                 .add_service(service)

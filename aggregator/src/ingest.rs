@@ -10,6 +10,8 @@
 //! Nothing here queues without bound: the answer channel holds `max_in_flight_batches` acks, the
 //! flow-table channel is bounded, and a stream reads its next batch only after acking the last.
 
+use std::sync::Arc;
+
 use mermin_protocol::agent::v1::{
     AgentMessage, AggregatorMessage, Batch, Hello, Welcome, agent_message,
     agent_service_server::{AgentService, AgentServiceServer},
@@ -20,6 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
+    metrics::{Metrics, ReasonLabel},
     observation::Observation,
     store::{BOOT_ID_LEN, BootId, Store, StoreError},
 };
@@ -61,14 +64,21 @@ pub struct Ingest {
     store: Store,
     limits: IngestLimits,
     flows: ObservationSender,
+    metrics: Arc<Metrics>,
 }
 
 impl Ingest {
-    pub fn new(store: Store, limits: IngestLimits, flows: ObservationSender) -> Self {
+    pub fn new(
+        store: Store,
+        limits: IngestLimits,
+        flows: ObservationSender,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             store,
             limits,
             flows,
+            metrics,
         }
     }
 
@@ -96,6 +106,14 @@ impl AgentService for Ingest {
         tokio::spawn(async move {
             if let Err(status) = session.run(&mut inbound).await {
                 tracing::warn!(code = ?status.code(), message = status.message(), "agent stream rejected");
+                session
+                    .ingest
+                    .metrics
+                    .streams_rejected
+                    .get_or_create(&ReasonLabel {
+                        reason: code_name(status.code()).to_owned(),
+                    })
+                    .inc();
                 let _ = answers.send(Err(status)).await;
             }
         });
@@ -180,6 +198,7 @@ impl Session {
         let sequence = batch.sequence;
         if sequence != 0 && sequence <= agent.last {
             // Already durable (a replay after reconnect): acknowledge again, apply nothing.
+            self.ingest.metrics.batches_duplicate.inc();
             return self.ack(sequence).await;
         }
         if sequence != agent.last + 1 {
@@ -218,6 +237,11 @@ impl Session {
             Err(err) => return Err(internal(err)),
         }
         agent.last = sequence;
+        self.ingest.metrics.batches_accepted.inc();
+        self.ingest
+            .metrics
+            .records_accepted
+            .inc_by(observations.len() as u64);
         self.ingest
             .flows
             .send(AppliedBatch {
@@ -244,6 +268,20 @@ impl Session {
             }))
             .await
             .map_err(|_| Status::cancelled("the agent went away"))
+    }
+}
+
+/// The gRPC status code as a metric label.
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::InvalidArgument => "invalid_argument",
+        Code::FailedPrecondition => "failed_precondition",
+        Code::OutOfRange => "out_of_range",
+        Code::Aborted => "aborted",
+        Code::Unavailable => "unavailable",
+        Code::Cancelled => "cancelled",
+        _ => "other",
     }
 }
 

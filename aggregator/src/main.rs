@@ -43,6 +43,9 @@ struct Args {
     /// Print a summary line of every emitted flow on standard output.
     #[arg(long)]
     print_flows: bool,
+    /// Address of the /metrics, /livez and /readyz endpoints.
+    #[arg(long, default_value = "0.0.0.0:9465")]
+    metrics_listen: SocketAddr,
 }
 
 fn main() -> ExitCode {
@@ -82,6 +85,7 @@ fn main() -> ExitCode {
             .unwrap_or(Duration::from_secs(3)),
         grace: args.grace.or(file.grace).unwrap_or(Duration::from_secs(60)),
         print_flows: args.print_flows,
+        metrics_listen: Some(args.metrics_listen),
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,

@@ -1,4 +1,5 @@
-//! Every metric the aggregator exports, declared in one place.
+//! Every metric the aggregator exports, declared in one place, and the HTTP endpoints that serve
+//! them: `/metrics` (Prometheus text), `/livez`, `/readyz`.
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -13,6 +14,10 @@ pub struct ReasonLabel {
 
 pub struct Metrics {
     registry: Registry,
+    pub batches_accepted: Counter,
+    pub batches_duplicate: Counter,
+    pub records_accepted: Counter,
+    pub streams_rejected: Family<ReasonLabel, Counter>,
     pub spans_exported: Counter,
     pub spans_rejected: Family<ReasonLabel, Counter>,
     pub export_retries: Counter,
@@ -22,6 +27,30 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("mermin_aggregator");
+        let batches_accepted = Counter::default();
+        registry.register(
+            "batches_accepted",
+            "Agent batches made durable and acknowledged",
+            batches_accepted.clone(),
+        );
+        let batches_duplicate = Counter::default();
+        registry.register(
+            "batches_duplicate",
+            "Agent batches received again after they were durable (acknowledged, not applied)",
+            batches_duplicate.clone(),
+        );
+        let records_accepted = Counter::default();
+        registry.register(
+            "records_accepted",
+            "Flow records in accepted batches",
+            records_accepted.clone(),
+        );
+        let streams_rejected = Family::default();
+        registry.register(
+            "streams_rejected",
+            "Agent streams ended because of bad input, by gRPC status",
+            streams_rejected.clone(),
+        );
         let spans_exported = Counter::default();
         registry.register(
             "spans_exported",
@@ -48,6 +77,10 @@ impl Metrics {
         );
         Self {
             registry,
+            batches_accepted,
+            batches_duplicate,
+            records_accepted,
+            streams_rejected,
             spans_exported,
             spans_rejected,
             export_retries,
@@ -70,6 +103,30 @@ impl Metrics {
         let _ = encode(&mut text, &self.registry);
         text
     }
+}
+
+/// The HTTP endpoints; `/readyz` answers ready once the agent endpoint is listening (this router
+/// is only served after that).
+pub fn router(metrics: std::sync::Arc<Metrics>) -> axum::Router {
+    use axum::routing::get;
+    axum::Router::new()
+        .route(
+            "/metrics",
+            get(
+                |axum::extract::State(m): axum::extract::State<std::sync::Arc<Metrics>>| async move {
+                    (
+                        [(
+                            "content-type",
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        m.render(),
+                    )
+                },
+            ),
+        )
+        .route("/livez", get(|| async { "ok\n" }))
+        .route("/readyz", get(|| async { "ready\n" }))
+        .with_state(metrics)
 }
 
 impl Default for Metrics {

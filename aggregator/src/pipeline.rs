@@ -45,12 +45,15 @@ pub struct AggregatorConfig {
     pub grace: Duration,
     /// Print a one-line summary of every emitted flow on standard output.
     pub print_flows: bool,
+    /// Where `/metrics`, `/livez` and `/readyz` are served; `None` for none.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("binding the agent endpoint {addr}: {source}")]
+    #[error("binding {what} {addr}: {source}")]
     Bind {
+        what: &'static str,
         addr: SocketAddr,
         source: std::io::Error,
     },
@@ -85,21 +88,31 @@ impl Aggregator {
             metrics.clone(),
             wake.clone(),
         )?;
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
-        let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+        let bind_error = |what, addr| move |source| StartError::Bind { what, addr, source };
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(bind_error("the agent endpoint", config.listen))?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(bind_error("the agent endpoint", config.listen))?;
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(bind_error("the metrics endpoint", addr))?,
+            ),
+            None => None,
+        };
         let (stop, stopped) = watch::channel(false);
         let (flows_tx, flows_rx) = mpsc::channel(64);
 
-        let service = Ingest::new(store.clone(), config.limits.clone(), flows_tx).into_service();
+        let service = Ingest::new(
+            store.clone(),
+            config.limits.clone(),
+            flows_tx,
+            metrics.clone(),
+        )
+        .into_service();
         let mut server_stop = stopped.clone();
         let server = tokio::spawn(async move {
             let shutdown = async move {
@@ -123,6 +136,14 @@ impl Aggregator {
             config.print_flows,
             stopped.clone(),
         ));
+        if let Some(listener) = metrics_listener {
+            let router = crate::metrics::router(metrics.clone());
+            tokio::spawn(async move {
+                if let Err(err) = axum::serve(listener, router).await {
+                    tracing::error!(%err, "metrics endpoint failed");
+                }
+            });
+        }
         let exporter = tokio::spawn(async move {
             if let Err(err) = exporter.run(stopped).await {
                 tracing::error!(%err, "exporter failed");

@@ -2,10 +2,11 @@
 //! acknowledgements only after durability, replays acknowledged but not applied twice, and every
 //! bad input refused with a status that says what is wrong — without disturbing other streams.
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use mermin_aggregator::{
     ingest::{AppliedBatch, Ingest, IngestLimits},
+    metrics::Metrics,
     store::Store,
 };
 use mermin_protocol::agent::v1::{Batch, Hello, agent_message};
@@ -18,6 +19,7 @@ mod support;
 
 struct Aggregator {
     addr: SocketAddr,
+    metrics: Arc<Metrics>,
     flows: mpsc::Receiver<AppliedBatch>,
     server: tokio::task::JoinHandle<()>,
 }
@@ -45,7 +47,8 @@ async fn start(dir: &Path, limits: IngestLimits) -> Aggregator {
     let (tx, flows) = mpsc::channel(16);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let service = Ingest::new(store, limits, tx).into_service();
+    let metrics = Arc::new(Metrics::new());
+    let service = Ingest::new(store, limits, tx, metrics.clone()).into_service();
     let server = tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(service)
@@ -55,6 +58,7 @@ async fn start(dir: &Path, limits: IngestLimits) -> Aggregator {
     });
     Aggregator {
         addr,
+        metrics,
         flows,
         server,
     }
@@ -99,6 +103,12 @@ async fn batches_are_acked_after_they_are_durable_and_replays_are_not_applied_tw
         "the replayed batch 1 was not applied again"
     );
     assert_eq!(applied[0].counts.packets, 5);
+    let text = agg.metrics.render();
+    assert!(
+        text.lines()
+            .any(|l| l == "mermin_aggregator_batches_duplicate_total 1"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -208,4 +218,17 @@ async fn bad_input_is_refused_with_a_clear_status_and_other_streams_go_on() {
     let applied = agg.flows.recv().await.unwrap().observations;
     assert_eq!(applied[0].point.node, "node-good");
     assert!(agg.flows.try_recv().is_err(), "no bad batch was applied");
+    let text = agg.metrics.render();
+    for line in [
+        "mermin_aggregator_streams_rejected_total{reason=\"invalid_argument\"} 6",
+        "mermin_aggregator_streams_rejected_total{reason=\"failed_precondition\"} 1",
+        "mermin_aggregator_streams_rejected_total{reason=\"out_of_range\"} 1",
+        "mermin_aggregator_batches_accepted_total 1",
+        "mermin_aggregator_records_accepted_total 1",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
 }

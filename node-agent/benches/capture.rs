@@ -311,6 +311,7 @@ fn agent_load() {
                 settle: Duration::from_secs(1),
                 grace: Duration::from_secs(5),
                 print_flows: false,
+                metrics_listen: None,
             },
         )
         .await

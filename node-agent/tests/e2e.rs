@@ -153,6 +153,7 @@ fn every_connection_becomes_one_exact_span() {
             settle: Duration::from_secs(1),
             grace: Duration::from_secs(10),
             print_flows: false,
+            metrics_listen: None,
         })
         .await
         .unwrap()
