@@ -17,7 +17,7 @@ fi
 
 bash scripts/setup.sh
 echo "== building mermin-agent, mermin-aggregator and the demo OTLP receiver (release)"
-cargo build --release --locked -p mermin-node-agent -p mermin-aggregator --example otlp_print 2>&1 \
+cargo build --release --locked -p mermin-node-agent -p mermin-aggregator --bins --example otlp_print 2>&1 \
   | grep -v '^warning: mermin-node-agent@' | tail -n 2
 
 out=.demo
@@ -46,10 +46,15 @@ else
   echo "== exporting spans to $endpoint"
 fi
 
-./target/release/mermin-aggregator --listen 127.0.0.1:14600 --metrics-listen 127.0.0.1:19465 --otlp-endpoint "$endpoint" \
+./target/release/mermin-aggregator --listen 127.0.0.1:14600 --metrics-listen 127.0.0.1:19460 --otlp-endpoint "$endpoint" \
   --data-dir "$out/aggregator-data" --settle 1s --print-flows >"$out/flows.log" 2>"$out/aggregator.log" &
 aggregator_pid=$!
 pids+=($aggregator_pid)
+for _ in $(seq 1 100); do
+  curl -sf 127.0.0.1:19460/readyz >/dev/null 2>&1 && break
+  kill -0 "$aggregator_pid" 2>/dev/null || { echo "the aggregator did not start:" >&2; cat "$out/aggregator.log" >&2; exit 1; }
+  sleep 0.1
+done
 
 echo "== creating two nodes and three pods (network namespaces)"
 for ns in "${namespaces[@]}"; do
@@ -89,8 +94,10 @@ for node in "$node_a" "$node_b"; do
     --aggregator http://127.0.0.1:14600 --metrics-listen "127.0.0.1:$port" --scan-interval 250ms \
     --tcp-close-timeout 1s --udp-idle-timeout 2s --icmp-idle-timeout 2s 2>"$out/agent-$node.log" &
   pids+=($!)
+  agent_pid=${pids[-1]}
   for _ in $(seq 1 100); do
     curl -sf "127.0.0.1:$port/readyz" >/dev/null 2>&1 && break
+    kill -0 "$agent_pid" 2>/dev/null || { echo "an agent did not start:" >&2; cat "$out/agent-$node.log" >&2; exit 1; }
     sleep 0.1
   done
   port=$((port + 1))
