@@ -104,6 +104,7 @@ pub fn load(table_entries: u32) -> Result<Capture, CaptureError> {
         programs: Programs {
             ebpf,
             attached: StdHashMap::new(),
+            tcx: KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)),
         },
         tables,
         overflow,
@@ -174,6 +175,8 @@ fn effective_capabilities() -> Result<u64, CaptureError> {
 pub struct Programs {
     ebpf: Ebpf,
     attached: StdHashMap<u32, Attachment>,
+    /// The kernel attaches TC programs as TCX links (>= 6.6); decided once at load.
+    tcx: bool,
 }
 
 struct Attachment {
@@ -189,8 +192,7 @@ impl Programs {
             interface: name.to_owned(),
             source,
         };
-        let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
-        if !tcx {
+        if !self.tcx {
             // Already present is fine; any other failure shows up in the attach below.
             let _ = tc::qdisc_add_clsact(name);
         }
