@@ -170,6 +170,28 @@ impl FlowTable {
             .collect()
     }
 
+    /// Divides the table into `parts` tables by `part_of(key)` (each keeps its connections'
+    /// unsaved changes), for the shards after a recovery.
+    pub fn split(self, parts: usize, part_of: impl Fn(&ConnectionKey) -> usize) -> Vec<FlowTable> {
+        let mut tables: Vec<FlowTable> = (0..parts)
+            .map(|_| FlowTable {
+                open: HashMap::new(),
+                dirty: HashSet::new(),
+                kinds: self.kinds.clone(),
+                settle_ns: self.settle_ns,
+                grace_ns: self.grace_ns,
+                late_ignored: 0,
+            })
+            .collect();
+        for (key, tracked) in self.open {
+            tables[part_of(&key)].open.insert(key, tracked);
+        }
+        for key in self.dirty {
+            tables[part_of(&key)].dirty.insert(key);
+        }
+        tables
+    }
+
     /// Rebuilds the table from stored states; returns how many connections it holds. Pending
     /// intervals are due no later than this table's settle time from `now` (the settle time may
     /// have been shortened since they were stored).

@@ -3,14 +3,15 @@
 //! Per stream: a `Hello` (protocol version, node, 16-byte boot id), answered by a `Welcome` with
 //! the highest sequence already durable for that boot id; then `Batch`es. Each batch is checked
 //! completely (sequence, size, every record) before anything happens, appended to the [`Store`]
-//! (durable when `append` returns), handed to the flow table, and only then acknowledged. A batch
+//! (durable when `append` returns), handed to the flow shards ([`BatchSink`]), and only then
+//! acknowledged. A batch
 //! the store already holds is acknowledged again and not applied twice. Anything wrong ends this
 //! stream — and only this stream — with a status whose message names the problem.
 //!
 //! Nothing here queues without bound: the answer channel holds `max_in_flight_batches` acks, the
-//! flow-table channel is bounded, and a stream reads its next batch only after acking the last.
+//! shards' mailboxes are bounded, and a stream reads its next batch only after acking the last.
 
-use std::sync::Arc;
+use std::{future::Future, sync::Arc};
 
 use mermin_protocol::agent::v1::{
     AgentMessage, AggregatorMessage, Batch, Hello, Welcome, agent_message,
@@ -57,23 +58,33 @@ pub struct AppliedBatch {
     pub observations: Vec<Observation>,
 }
 
-pub type ObservationSender = mpsc::Sender<AppliedBatch>;
+/// The flow table is gone (shutting down).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the flow table is not accepting batches")]
+pub struct SinkClosed;
+
+/// Where durable batches go: the flow shards, or any bounded channel. Returns once the batch is
+/// accepted; waiting here is how backpressure reaches the agent.
+pub trait BatchSink: Clone + Send + Sync + 'static {
+    fn apply(&self, batch: AppliedBatch) -> impl Future<Output = Result<(), SinkClosed>> + Send;
+}
+
+impl BatchSink for mpsc::Sender<AppliedBatch> {
+    async fn apply(&self, batch: AppliedBatch) -> Result<(), SinkClosed> {
+        self.send(batch).await.map_err(|_| SinkClosed)
+    }
+}
 
 #[derive(Clone)]
-pub struct Ingest {
+pub struct Ingest<S> {
     store: Store,
     limits: IngestLimits,
-    flows: ObservationSender,
+    flows: S,
     metrics: Arc<Metrics>,
 }
 
-impl Ingest {
-    pub fn new(
-        store: Store,
-        limits: IngestLimits,
-        flows: ObservationSender,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+impl<S: BatchSink> Ingest<S> {
+    pub fn new(store: Store, limits: IngestLimits, flows: S, metrics: Arc<Metrics>) -> Self {
         Self {
             store,
             limits,
@@ -90,7 +101,7 @@ impl Ingest {
 }
 
 #[tonic::async_trait]
-impl AgentService for Ingest {
+impl<S: BatchSink> AgentService for Ingest<S> {
     type StreamStream = ReceiverStream<Result<AggregatorMessage, Status>>;
 
     async fn stream(
@@ -121,8 +132,8 @@ impl AgentService for Ingest {
     }
 }
 
-struct Session {
-    ingest: Ingest,
+struct Session<S> {
+    ingest: Ingest<S>,
     answers: mpsc::Sender<Result<AggregatorMessage, Status>>,
 }
 
@@ -133,7 +144,7 @@ struct Agent {
     last: u64,
 }
 
-impl Session {
+impl<S: BatchSink> Session<S> {
     async fn run(&self, inbound: &mut Streaming<AgentMessage>) -> Result<(), Status> {
         let hello = match inbound.message().await?.and_then(|m| m.message) {
             Some(agent_message::Message::Hello(hello)) => hello,
@@ -244,7 +255,7 @@ impl Session {
             .inc_by(observations.len() as u64);
         self.ingest
             .flows
-            .send(AppliedBatch {
+            .apply(AppliedBatch {
                 boot_id: agent.boot_id,
                 sequence,
                 observations,

@@ -20,6 +20,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod observation;
 pub mod pipeline;
+pub mod shard;
 pub mod span;
 pub mod stitch;
 pub mod store;

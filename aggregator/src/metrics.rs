@@ -22,6 +22,14 @@ pub struct Metrics {
     pub spans_rejected: Family<ReasonLabel, Counter>,
     pub export_retries: Counter,
     pub outbox_requests: Gauge,
+    pub shard_connections: Family<ShardLabel, Gauge>,
+    pub intervals_emitted: Counter,
+    pub late_records_ignored: Counter,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShardLabel {
+    pub shard: u16,
 }
 
 impl Metrics {
@@ -75,6 +83,24 @@ impl Metrics {
             "Export requests queued durably, not yet delivered",
             outbox_requests.clone(),
         );
+        let shard_connections = Family::default();
+        registry.register(
+            "shard_connections",
+            "Connections a flow shard holds (open, or closed and waiting for late records)",
+            shard_connections.clone(),
+        );
+        let intervals_emitted = Counter::default();
+        registry.register(
+            "intervals_emitted",
+            "Flow intervals stitched and queued for export (two spans each)",
+            intervals_emitted.clone(),
+        );
+        let late_records_ignored = Counter::default();
+        registry.register(
+            "late_records_ignored",
+            "Records of closed connections from points that do not count them (already counted elsewhere)",
+            late_records_ignored.clone(),
+        );
         Self {
             registry,
             batches_accepted,
@@ -85,6 +111,9 @@ impl Metrics {
             spans_rejected,
             export_retries,
             outbox_requests,
+            shard_connections,
+            intervals_emitted,
+            late_records_ignored,
         }
     }
 

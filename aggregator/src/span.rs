@@ -147,7 +147,7 @@ fn network_type(flow: &Flow) -> &'static str {
     }
 }
 
-fn protocol_name(protocol: u8) -> String {
+pub fn protocol_name(protocol: u8) -> String {
     match protocol {
         1 => "ICMP".into(),
         6 => "TCP".into(),

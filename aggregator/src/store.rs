@@ -5,13 +5,13 @@
 //! order). A batch and its agent's new high-water mark are written in one transaction and flushed
 //! before [`Store::append`] returns — that is the moment an agent may be acknowledged.
 //!
-//! It also owns the flow table's checkpoint and the export outbox. [`Store::checkpoint`] writes,
-//! in one transaction: the connections the flow table changed, the position (boot id → last
-//! applied sequence) of every agent's batches in the table, and the export requests the table
-//! emitted since the last checkpoint. After a crash, the checkpoint plus the batches after its
-//! positions rebuild exactly the table that produced the outbox — nothing acknowledged is lost and
-//! nothing is emitted twice. Batches up to a checkpointed position are no longer needed and are
-//! deleted.
+//! It also owns the flow shards' checkpoints and the export outbox. [`Store::checkpoint`] writes,
+//! for one shard and in one transaction: the connections the shard changed, the shard's position
+//! (boot id → last applied sequence) in every agent's batches, and the export requests the shard
+//! emitted since its last checkpoint. After a crash, each shard's checkpoint plus the batches after
+//! its positions rebuild exactly the table that produced the outbox — nothing acknowledged is lost
+//! and nothing is emitted twice. A batch that every shard has checkpointed past is no longer
+//! needed and is deleted.
 //!
 //! sled 0.34 is the last stable release and is known for disk growth; it stays behind this
 //! interface so that it can be replaced (the replication issue moves the log under openraft).
@@ -21,7 +21,10 @@ use std::{collections::HashMap, path::Path};
 
 use mermin_protocol::agent::v1::Batch;
 
-use crate::flow_table::Change;
+use crate::{
+    flow_table::Change,
+    shard::{SHARDS, ShardId},
+};
 use prost::Message;
 use sled::{
     Transactional,
@@ -54,9 +57,10 @@ pub struct Store {
     positions: sled::Tree,
 }
 
-/// What one checkpoint writes (see the module docs).
+/// What one checkpoint of one shard writes (see the module docs).
 #[derive(Clone, Copy)]
 pub struct Checkpoint<'a> {
+    pub shard: ShardId,
     pub positions: &'a HashMap<BootId, u64>,
     pub changes: &'a [Change],
     pub outbox: &'a [Vec<u8>],
@@ -64,7 +68,8 @@ pub struct Checkpoint<'a> {
 
 /// What a restart finds.
 pub struct Recovered {
-    pub positions: HashMap<BootId, u64>,
+    /// Per shard: how far it had applied each agent's batches.
+    pub positions: HashMap<(ShardId, BootId), u64>,
     /// Serialized connection states.
     pub connections: Vec<Vec<u8>>,
 }
@@ -131,8 +136,9 @@ impl Store {
 }
 
 impl Store {
-    /// Writes a checkpoint atomically and durably, then drops the batches it makes unnecessary.
-    pub async fn checkpoint(&self, checkpoint: Checkpoint<'_>) -> Result<(), StoreError> {
+    /// Writes a shard's checkpoint atomically and durably (blocking: a shard owns its thread),
+    /// then drops the batches every shard is past.
+    pub fn checkpoint(&self, checkpoint: Checkpoint<'_>) -> Result<(), StoreError> {
         let ids = checkpoint
             .outbox
             .iter()
@@ -150,7 +156,10 @@ impl Store {
                         };
                     }
                     for (boot_id, sequence) in checkpoint.positions {
-                        positions.insert(&boot_id[..], &sequence.to_be_bytes())?;
+                        positions.insert(
+                            &position_key(boot_id, checkpoint.shard)[..],
+                            &sequence.to_be_bytes(),
+                        )?;
                     }
                     for (id, request) in ids.iter().zip(checkpoint.outbox) {
                         outbox.insert(&id.to_be_bytes(), request.as_slice())?;
@@ -159,15 +168,30 @@ impl Store {
                 },
             );
         committed(result)?;
-        self.db.flush_async().await?;
-        for (boot_id, sequence) in checkpoint.positions {
-            let applied = self
-                .batches
-                .range(batch_key(boot_id, 0)..=batch_key(boot_id, *sequence))
-                .keys();
-            for key in applied {
-                self.batches.remove(key?)?;
-            }
+        self.db.flush()?;
+        for boot_id in checkpoint.positions.keys() {
+            self.drop_applied_batches(boot_id)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the batches of `boot_id` that every shard's checkpoint covers.
+    fn drop_applied_batches(&self, boot_id: &BootId) -> Result<(), StoreError> {
+        let mut shards = 0;
+        let mut covered = u64::MAX;
+        for entry in self.positions.scan_prefix(boot_id).values() {
+            shards += 1;
+            covered = covered.min(decode_u64(&entry?)?);
+        }
+        if shards < usize::from(SHARDS) {
+            return Ok(()); // a shard has not checkpointed this agent yet
+        }
+        let applied = self
+            .batches
+            .range(batch_key(boot_id, 0)..=batch_key(boot_id, covered))
+            .keys();
+        for key in applied {
+            self.batches.remove(key?)?;
         }
         Ok(())
     }
@@ -177,11 +201,11 @@ impl Store {
         let mut positions = HashMap::new();
         for entry in self.positions.iter() {
             let (key, value) = entry?;
-            let boot_id: BootId = key
-                .as_ref()
-                .try_into()
-                .map_err(|_| StoreError::Corrupt("position key".into()))?;
-            positions.insert(boot_id, decode_u64(&value)?);
+            let corrupt = || StoreError::Corrupt("position key".into());
+            let (boot_id, shard) = key.split_at_checked(BOOT_ID_LEN).ok_or_else(corrupt)?;
+            let boot_id: BootId = boot_id.try_into().map_err(|_| corrupt())?;
+            let shard = ShardId::from_be_bytes(shard.try_into().map_err(|_| corrupt())?);
+            positions.insert((shard, boot_id), decode_u64(&value)?);
         }
         let connections = self
             .connections
@@ -244,6 +268,13 @@ fn batch_key(boot_id: &BootId, sequence: u64) -> [u8; BOOT_ID_LEN + 8] {
     key
 }
 
+fn position_key(boot_id: &BootId, shard: ShardId) -> [u8; BOOT_ID_LEN + 2] {
+    let mut key = [0; BOOT_ID_LEN + 2];
+    key[..BOOT_ID_LEN].copy_from_slice(boot_id);
+    key[BOOT_ID_LEN..].copy_from_slice(&shard.to_be_bytes());
+    key
+}
+
 fn decode_u64(bytes: &[u8]) -> Result<u64, StoreError> {
     <[u8; 8]>::try_from(bytes)
         .map(u64::from_be_bytes)
@@ -288,7 +319,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_checkpoint_is_recovered_and_drops_the_batches_it_covers() {
+    async fn checkpoints_are_recovered_and_a_batch_goes_once_every_shard_is_past_it() {
         let dir = tempfile::tempdir().unwrap();
         let id = [4; BOOT_ID_LEN];
         {
@@ -296,7 +327,6 @@ mod tests {
             for sequence in 1..=3 {
                 store.append(&id, &batch(sequence)).await.unwrap();
             }
-            let positions = HashMap::from([(id, 2)]);
             let changes = [
                 Change {
                     key: vec![1],
@@ -307,21 +337,37 @@ mod tests {
                     state: None,
                 },
             ];
+            let at = |sequence| HashMap::from([(id, sequence)]);
             store
                 .checkpoint(Checkpoint {
-                    positions: &positions,
+                    shard: 0,
+                    positions: &at(2),
                     changes: &changes,
                     outbox: &[vec![7, 7]],
                 })
-                .await
                 .unwrap();
+            let left: Vec<u64> = store.batches().map(|b| b.unwrap().1.sequence).collect();
+            assert_eq!(left, [1, 2, 3], "the other shards have not checkpointed");
+            for shard in 1..SHARDS {
+                store
+                    .checkpoint(Checkpoint {
+                        shard,
+                        positions: &at(if shard == 5 { 1 } else { 3 }),
+                        changes: &[],
+                        outbox: &[],
+                    })
+                    .unwrap();
+            }
         }
         let store = Store::open(dir.path()).unwrap();
         let recovered = store.recover().unwrap();
-        assert_eq!(recovered.positions, HashMap::from([(id, 2)]));
+        assert_eq!(recovered.positions.len(), usize::from(SHARDS));
+        assert_eq!(recovered.positions[&(0, id)], 2);
+        assert_eq!(recovered.positions[&(5, id)], 1);
+        assert_eq!(recovered.positions[&(7, id)], 3);
         assert_eq!(recovered.connections, [vec![10, 11]]);
         let left: Vec<u64> = store.batches().map(|b| b.unwrap().1.sequence).collect();
-        assert_eq!(left, [3], "batches 1 and 2 are in the checkpoint");
+        assert_eq!(left, [2, 3], "shard 5 still needs batch 2, shard 0 batch 3");
         assert_eq!(store.outbox_oldest(10).unwrap()[0].1, [7, 7]);
         assert_eq!(store.last_sequence(&id).unwrap(), 3);
     }

@@ -1,0 +1,371 @@
+//! Flow shards: the flow table divided by connection key into [`SHARDS`] fixed ranges, each range
+//! owned by one actix actor ([`FlowShard`]) and nothing else.
+//!
+//! A connection belongs to the shard whose range holds the stable hash of its key
+//! ([`shard_of`]), so every observation of one connection — from any agent — reaches the same
+//! actor, which stitches them alone. The number of shards is fixed (it lays out stored state, and
+//! it is the unit the replication issue places on replicas); how many threads run them is not:
+//! shards are spread over one actix arbiter per core ([`ShardSystem`]).
+//!
+//! A shard's life: [`Apply`] messages (its part of one durable agent batch) arrive through a
+//! bounded mailbox — a full mailbox makes the sending agent session wait, which stops that agent's
+//! acks and so its draining. Every [`TICK`] the shard emits the intervals that are due and writes
+//! one checkpoint (its changed connections, its positions in the agents' batch logs, the emitted
+//! spans) in one store transaction; then it wakes the exporter. [`Flush`] (shutdown) emits every
+//! pending interval through a last checkpoint.
+//!
+//! Each shard records its own positions, so an agent batch can be applied by some shards and not
+//! yet by others (the session sends each shard its part separately); recovery replays each part
+//! to its shard only if that shard had not applied it.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use actix::{Actor, ActorContext, Addr, Arbiter, AsyncContext, Context, Handler, Message, System};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use prost::Message as _;
+use tokio::sync::Notify;
+
+use crate::{
+    connection_key::ConnectionKey,
+    flow_table::{Emitted, FlowTable},
+    ingest::{AppliedBatch, BatchSink, SinkClosed},
+    metrics::{Metrics, ShardLabel},
+    observation::Observation,
+    span::flow_spans,
+    stitch::Measured,
+    store::{BootId, Checkpoint, Store},
+};
+
+pub type ShardId = u16;
+
+/// Number of key ranges. Fixed: stored positions are per shard.
+pub const SHARDS: ShardId = 8;
+
+/// How often a shard looks for due intervals and checkpoints.
+pub const TICK: Duration = Duration::from_millis(250);
+
+/// Parts of agent batches a shard's mailbox holds before senders wait.
+const MAILBOX_CAPACITY: usize = 16;
+
+/// The shard owning `key`: FNV-1a over the key's canonical bytes, its 64-bit space cut into
+/// [`SHARDS`] equal ranges. Written out (not `std::hash`) because it must never change between
+/// versions: stored state is laid out by it.
+pub fn shard_of(key: &ConnectionKey) -> ShardId {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut hash = OFFSET;
+    let mut feed = |bytes: &[u8]| {
+        for byte in bytes {
+            hash = (hash ^ u64::from(*byte)).wrapping_mul(PRIME);
+        }
+    };
+    feed(&[key.protocol]);
+    for endpoint in [&key.first, &key.second] {
+        match endpoint.address {
+            std::net::IpAddr::V4(a) => feed(&a.octets()),
+            std::net::IpAddr::V6(a) => feed(&a.octets()),
+        }
+        feed(&endpoint.port.to_be_bytes());
+    }
+    ((u128::from(hash) * u128::from(SHARDS)) >> 64) as ShardId
+}
+
+/// A shard's part of one durable agent batch.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Apply(pub AppliedBatch);
+
+/// Emit everything pending, checkpoint, stop.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Flush;
+
+/// What every shard shares.
+#[derive(Clone)]
+pub struct ShardContext {
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    /// Woken after a checkpoint that queued spans.
+    pub exporter: Arc<Notify>,
+    /// Print a one-line summary of every emitted interval on standard output.
+    pub print_flows: bool,
+}
+
+/// The actor owning one shard's flow table.
+pub struct FlowShard {
+    id: ShardId,
+    table: FlowTable,
+    /// How far this shard has applied each agent's batches.
+    positions: HashMap<BootId, u64>,
+    positions_changed: bool,
+    context: ShardContext,
+    emitted: Vec<Emitted>,
+}
+
+impl Actor for FlowShard {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+        ctx.run_interval(TICK, |shard, _| {
+            shard.table.emit_due(unix_now(), &mut shard.emitted);
+            shard.checkpoint();
+        });
+    }
+}
+
+impl Handler<Apply> for FlowShard {
+    type Result = ();
+
+    fn handle(&mut self, Apply(batch): Apply, _: &mut Context<Self>) {
+        let now = unix_now();
+        let late_before = self.table.late_ignored();
+        for observation in &batch.observations {
+            self.table.apply(observation, now);
+        }
+        self.context
+            .metrics
+            .late_records_ignored
+            .inc_by(self.table.late_ignored() - late_before);
+        self.positions.insert(batch.boot_id, batch.sequence);
+        self.positions_changed = true;
+    }
+}
+
+impl Handler<Flush> for FlowShard {
+    type Result = ();
+
+    fn handle(&mut self, _: Flush, ctx: &mut Context<Self>) {
+        self.table.flush(unix_now(), &mut self.emitted);
+        self.checkpoint();
+        ctx.stop();
+    }
+}
+
+impl FlowShard {
+    /// Persists the table's changes, the positions and the spans of the emitted intervals in one
+    /// transaction, then wakes the exporter.
+    fn checkpoint(&mut self) {
+        let metrics = &self.context.metrics;
+        metrics
+            .shard_connections
+            .get_or_create(&ShardLabel { shard: self.id })
+            .set(self.table.len() as i64);
+        let changes = match self.table.take_changes() {
+            Ok(changes) => changes,
+            Err(err) => {
+                tracing::error!(shard = self.id, %err, "cannot serialize flow state; checkpoint skipped");
+                return;
+            }
+        };
+        if changes.is_empty() && self.emitted.is_empty() && !self.positions_changed {
+            return;
+        }
+        let outbox: Vec<Vec<u8>> = if self.emitted.is_empty() {
+            Vec::new()
+        } else {
+            let request = ExportTraceServiceRequest {
+                resource_spans: self
+                    .emitted
+                    .iter()
+                    .flat_map(|e| flow_spans(&e.flow, &e.interval))
+                    .collect(),
+            };
+            vec![request.encode_to_vec()]
+        };
+        let checkpoint = Checkpoint {
+            shard: self.id,
+            positions: &self.positions,
+            changes: &changes,
+            outbox: &outbox,
+        };
+        // The checkpoint is the only way out for spans: keep trying until it is written. The
+        // shard owns its thread's time, and nothing it holds may be dropped.
+        while let Err(err) = self.context.store.checkpoint(checkpoint) {
+            tracing::error!(shard = self.id, %err, "cannot write checkpoint; retrying");
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        self.positions_changed = false;
+        metrics.intervals_emitted.inc_by(self.emitted.len() as u64);
+        if !outbox.is_empty() {
+            self.context.exporter.notify_one();
+        }
+        if self.context.print_flows {
+            for e in &self.emitted {
+                println!("{}", summary(e));
+            }
+        }
+        self.emitted.clear();
+    }
+}
+
+/// The shards' addresses: where agent sessions send batches.
+#[derive(Clone)]
+pub struct Shards {
+    addresses: Arc<[Addr<FlowShard>]>,
+}
+
+impl BatchSink for Shards {
+    /// Sends every shard its part of `batch` (possibly empty: a shard's position moves on either
+    /// way), waiting while a mailbox is full.
+    async fn apply(&self, batch: AppliedBatch) -> Result<(), SinkClosed> {
+        let mut parts: Vec<Vec<Observation>> = vec![Vec::new(); self.addresses.len()];
+        for observation in batch.observations {
+            parts[usize::from(shard_of(&observation.key))].push(observation);
+        }
+        // `send` enqueues at once when there is room, so the shards work on their parts in
+        // parallel while this waits for each in turn.
+        let sends: Vec<_> = self
+            .addresses
+            .iter()
+            .zip(parts)
+            .map(|(address, observations)| {
+                address.send(Apply(AppliedBatch {
+                    boot_id: batch.boot_id,
+                    sequence: batch.sequence,
+                    observations,
+                }))
+            })
+            .collect();
+        for sent in sends {
+            sent.await.map_err(|_| SinkClosed)?;
+        }
+        Ok(())
+    }
+}
+
+/// The actix system running the shards, on its own threads.
+pub struct ShardSystem {
+    pub shards: Shards,
+    system: System,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// A recovered shard: its table and positions.
+pub struct ShardState {
+    pub table: FlowTable,
+    pub positions: HashMap<BootId, u64>,
+}
+
+impl ShardSystem {
+    /// Starts one actor per state (shard `i` gets `states[i]`) on one arbiter per core.
+    pub fn start(states: Vec<ShardState>, context: ShardContext) -> std::io::Result<Self> {
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(states.len());
+        let (started, addresses) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("mermin-shards".into())
+            .spawn(move || {
+                let system = System::new();
+                system.block_on(async move {
+                    let arbiters: Vec<Arbiter> = (0..threads).map(|_| Arbiter::new()).collect();
+                    let shards: Vec<Addr<FlowShard>> = states
+                        .into_iter()
+                        .enumerate()
+                        .map(|(index, state)| {
+                            let context = context.clone();
+                            FlowShard::start_in_arbiter(&arbiters[index % threads].handle(), {
+                                move |_| FlowShard {
+                                    id: index as ShardId,
+                                    table: state.table,
+                                    positions: state.positions,
+                                    positions_changed: true,
+                                    context,
+                                    emitted: Vec::new(),
+                                }
+                            })
+                        })
+                        .collect();
+                    let _ = started.send((System::current(), shards));
+                });
+                if let Err(err) = system.run() {
+                    tracing::error!(%err, "flow shard system failed");
+                }
+            })?;
+        let (system, shards) = addresses
+            .recv()
+            .map_err(|_| std::io::Error::other("the flow shard system did not start"))?;
+        Ok(Self {
+            shards: Shards {
+                addresses: shards.into(),
+            },
+            system,
+            thread,
+        })
+    }
+
+    /// Flushes every shard, then stops the system.
+    pub async fn stop(self) {
+        for shard in self.shards.addresses.iter() {
+            let _ = shard.send(Flush).await;
+        }
+        self.system.stop();
+        let _ = tokio::task::spawn_blocking(move || self.thread.join()).await;
+    }
+}
+
+/// One line per flow interval, for people watching the aggregator.
+fn summary(e: &Emitted) -> String {
+    let f = &e.flow;
+    let counts = |m: &Option<Measured>| {
+        m.as_ref()
+            .map_or((0, 0), |m| (m.counts.packets, m.counts.bytes))
+    };
+    let (sent_packets, sent_bytes) = counts(&f.client_to_server);
+    let (received_packets, received_bytes) = counts(&f.server_to_client);
+    format!(
+        "span {proto:<6} {client:<22} -> {server:<22} sent {sent_packets} pkts / {sent_bytes} B, received {received_packets} pkts / {received_bytes} B, client by {rule}, {reason:?}, {points} points, interval {index}",
+        proto = crate::span::protocol_name(f.key.protocol),
+        client = format!("{}:{}", f.client.address, f.client.port),
+        server = format!("{}:{}", f.server.address, f.server.port),
+        rule = f.client_rule.as_str(),
+        reason = f.end_reason,
+        points = f.points.len(),
+        index = e.interval.index,
+    )
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use crate::connection_key::Endpoint;
+
+    use super::*;
+
+    fn key(first: &str, first_port: u16, second: &str, second_port: u16) -> ConnectionKey {
+        ConnectionKey {
+            protocol: 6,
+            first: Endpoint {
+                address: first.parse::<IpAddr>().unwrap(),
+                port: first_port,
+            },
+            second: Endpoint {
+                address: second.parse::<IpAddr>().unwrap(),
+                port: second_port,
+            },
+        }
+    }
+
+    #[test]
+    fn the_shard_of_a_key_is_fixed_forever_and_keys_spread_over_all_shards() {
+        // Pinned values (computed independently, in Python): changing the hash would strand
+        // stored state in the wrong shard.
+        assert_eq!(shard_of(&key("10.0.0.1", 40000, "10.0.0.2", 80)), 1);
+        assert_eq!(shard_of(&key("fd00::1", 443, "fd00::2", 51000)), 1);
+        let mut per_shard = [0u32; SHARDS as usize];
+        for port in 0..8000u16 {
+            per_shard[usize::from(shard_of(&key("10.1.0.1", port, "10.2.0.9", 443)))] += 1;
+        }
+        for count in per_shard {
+            assert!((800..1200).contains(&count), "uneven spread: {per_shard:?}");
+        }
+    }
+}
