@@ -102,7 +102,7 @@ impl Aggregator {
         };
         let (stop, stopped) = watch::channel(false);
         let shards = ShardSystem::start(
-            recover(&store, &config)?,
+            recover(&store, config.settle, config.grace)?,
             ShardContext {
                 store: store.clone(),
                 metrics: metrics.clone(),
@@ -166,9 +166,13 @@ impl Aggregator {
 
 /// Every shard's table as its last checkpoint left it, with the batches after its positions
 /// replayed. A replayed shard has then applied every stored batch, whatever its position was.
-fn recover(store: &Store, config: &AggregatorConfig) -> Result<Vec<ShardState>, StartError> {
+fn recover(
+    store: &Store,
+    settle: Duration,
+    grace: Duration,
+) -> Result<Vec<ShardState>, StartError> {
     let recovered = store.recover()?;
-    let mut table = FlowTable::new(InterfaceKinds::default(), config.settle, config.grace);
+    let mut table = FlowTable::new(InterfaceKinds::default(), settle, grace);
     let now = unix_now();
     let restored = table
         .restore(recovered.connections, now)
@@ -212,4 +216,92 @@ fn recover(store: &Store, config: &AggregatorConfig) -> Result<Vec<ShardState>, 
         .zip(positions)
         .map(|(table, positions)| ShardState { table, positions })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use mermin_protocol::{
+        agent::v1::Batch,
+        flow::v1::{Direction, EndReason, FlowRecord},
+    };
+
+    use crate::{shard::ShardId, store::Checkpoint};
+
+    use super::*;
+
+    fn record(client_port: u32, packets: u64) -> FlowRecord {
+        FlowRecord {
+            node_name: "node-a".into(),
+            interface_name: "eth0".into(),
+            direction: Direction::Egress as i32,
+            source_address: vec![10, 0, 0, 1],
+            destination_address: vec![10, 0, 0, 2],
+            source_port: client_port,
+            destination_port: 443,
+            ip_protocol: 6,
+            delta_packets: packets,
+            delta_octets: packets * 100,
+            first_seen_unix_nanos: 1_000,
+            last_seen_unix_nanos: 2_000,
+            first_tcp_flags: 0x02,
+            tcp_flags: 0x1b,
+            end_reason: EndReason::TcpClose as i32,
+            ..FlowRecord::default()
+        }
+    }
+
+    fn shard_of_record(record: &FlowRecord) -> ShardId {
+        shard_of(&Observation::try_from(record).unwrap().key)
+    }
+
+    /// One shard applied and checkpointed batch 1, another had not when the aggregator died:
+    /// recovery gives the batch to the second shard only, so each connection counts it once.
+    #[tokio::test]
+    async fn recovery_replays_a_batch_only_to_the_shards_that_had_not_applied_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let boot = [3; 16];
+        let first = record(40_000, 3);
+        let second = (40_001..)
+            .map(|port| record(port, 5))
+            .find(|r| shard_of_record(r) != shard_of_record(&first))
+            .unwrap();
+        let batch = Batch {
+            sequence: 1,
+            records: vec![first.clone(), second.clone()],
+        };
+        store.append(&boot, &batch).await.unwrap();
+        let settle = Duration::from_secs(3);
+        let grace = Duration::from_secs(30);
+        let mut applied = FlowTable::new(InterfaceKinds::default(), settle, grace);
+        applied.apply(&Observation::try_from(&first).unwrap(), 0);
+        store
+            .checkpoint(Checkpoint {
+                shard: shard_of_record(&first),
+                positions: &HashMap::from([(boot, 1)]),
+                changes: &applied.take_changes().unwrap(),
+                outbox: &[],
+            })
+            .unwrap();
+
+        let shards = recover(&store, settle, grace).unwrap();
+        assert_eq!(shards.len(), usize::from(SHARDS));
+        let mut packets_by_port = Vec::new();
+        for (index, mut shard) in shards.into_iter().enumerate() {
+            assert_eq!(shard.positions, HashMap::from([(boot, 1)]), "shard {index}");
+            let mut emitted = Vec::new();
+            shard.table.flush(unix_now(), &mut emitted);
+            for e in emitted {
+                let sent = e.flow.client_to_server.unwrap().counts.packets;
+                packets_by_port.push((index as ShardId, e.flow.client.port, sent));
+            }
+        }
+        packets_by_port.sort();
+        let mut expected = vec![
+            (shard_of_record(&first), 40_000, 3),
+            (shard_of_record(&second), second.source_port as u16, 5),
+        ];
+        expected.sort();
+        assert_eq!(packets_by_port, expected);
+    }
 }
