@@ -8,6 +8,12 @@
 //! settle   = "3s"
 //! grace    = "60s"
 //!
+//! # The durable export queue: its size, and what happens when it is full ("backpressure":
+//! # agents wait, nothing is lost; "drop_oldest": the oldest spans go, counted).
+//! outbox_max_bytes = 1073741824
+//! outbox_when_full = "backpressure"
+//!
+//! # protocol: "grpc" (port 4317) or "http/protobuf" (port 4318).
 //! export "traces" { otlp = { endpoint = "http://tempo:4317" protocol = "grpc" } }
 //! ```
 //!
@@ -15,6 +21,7 @@
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 
+use crate::{export::OtlpProtocol, store::WhenFull};
 use hcl_edit::{
     Span,
     expr::{Expression, ObjectKey},
@@ -29,6 +36,9 @@ pub struct FileConfig {
     pub settle: Option<Duration>,
     pub grace: Option<Duration>,
     pub otlp_endpoint: Option<String>,
+    pub otlp_protocol: Option<OtlpProtocol>,
+    pub outbox_max_bytes: Option<u64>,
+    pub outbox_when_full: Option<WhenFull>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -39,7 +49,8 @@ pub struct ConfigError {
     pub message: String,
 }
 
-const TOP_LEVEL: &str = "listen, data_dir, settle, grace, export \"traces\"";
+const TOP_LEVEL: &str =
+    "listen, data_dir, settle, grace, outbox_max_bytes, outbox_when_full, export \"traces\"";
 
 pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
@@ -65,6 +76,18 @@ pub fn parse(file: &str, text: &str) -> Result<FileConfig, ConfigError> {
     for structure in body.iter() {
         let offset = structure.span().map_or(0, |s| s.start);
         match structure {
+            Structure::Attribute(attribute) if attribute.key.as_str() == "outbox_max_bytes" => {
+                config.outbox_max_bytes = Some(
+                    unsigned(&attribute.value)
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| {
+                            at(
+                                offset,
+                                "outbox_max_bytes must be a positive whole number of bytes".into(),
+                            )
+                        })?,
+                );
+            }
             Structure::Attribute(attribute) => {
                 let key = attribute.key.as_str();
                 let value = string(&attribute.value)
@@ -77,6 +100,9 @@ pub fn parse(file: &str, text: &str) -> Result<FileConfig, ConfigError> {
                     "data_dir" => config.data_dir = Some(value.to_owned()),
                     "settle" => config.settle = Some(duration(value).map_err(bad)?),
                     "grace" => config.grace = Some(duration(value).map_err(bad)?),
+                    "outbox_when_full" => {
+                        config.outbox_when_full = Some(value.parse().map_err(bad)?)
+                    }
                     other => {
                         return Err(at(
                             offset,
@@ -108,7 +134,9 @@ pub fn parse(file: &str, text: &str) -> Result<FileConfig, ConfigError> {
                         ),
                     ));
                 }
-                config.otlp_endpoint = Some(export_traces(&block.body, &at)?);
+                let (endpoint, protocol) = export_traces(&block.body, &at)?;
+                config.otlp_endpoint = Some(endpoint);
+                config.otlp_protocol = protocol;
             }
         }
     }
@@ -119,8 +147,9 @@ pub fn parse(file: &str, text: &str) -> Result<FileConfig, ConfigError> {
 fn export_traces(
     body: &Body,
     at: &dyn Fn(usize, String) -> ConfigError,
-) -> Result<String, ConfigError> {
+) -> Result<(String, Option<OtlpProtocol>), ConfigError> {
     let mut endpoint = None;
+    let mut protocol = None;
     for structure in body.iter() {
         let offset = structure.span().map_or(0, |s| s.start);
         let Structure::Attribute(attribute) = structure else {
@@ -164,12 +193,10 @@ fn export_traces(
                     }
                     endpoint = Some(text.to_owned());
                 }
-                "protocol" if text == "grpc" => {}
                 "protocol" => {
-                    return Err(at(
-                        offset,
-                        format!("otlp.protocol = {text:?}: only \"grpc\" is supported"),
-                    ));
+                    protocol = Some(text.parse().map_err(|why: String| {
+                        at(offset, format!("otlp.protocol = {text:?}: {why}"))
+                    })?);
                 }
                 other => {
                     return Err(at(
@@ -180,12 +207,13 @@ fn export_traces(
             }
         }
     }
-    endpoint.ok_or_else(|| {
+    let endpoint = endpoint.ok_or_else(|| {
         at(
             0,
             "export \"traces\" needs otlp = { endpoint = \"...\" }".into(),
         )
-    })
+    })?;
+    Ok((endpoint, protocol))
 }
 
 /// Parses HCL, accepting object items separated by spaces only, as in the one-line form users
@@ -215,6 +243,13 @@ fn string(expr: &Expression) -> Option<&str> {
     }
 }
 
+fn unsigned(expr: &Expression) -> Option<u64> {
+    match expr {
+        Expression::Number(n) => n.value().as_u64(),
+        _ => None,
+    }
+}
+
 fn duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| e.to_string())
 }
@@ -231,12 +266,18 @@ mod tests {
         assert_eq!(config.otlp_endpoint.as_deref(), Some("http://tempo:4317"));
         let multi_line = "export \"traces\" {\n  otlp = {\n    endpoint = \"http://tempo:4317\"\n    protocol = \"grpc\"\n  }\n}\n";
         assert_eq!(parse("mermin.hcl", multi_line).unwrap(), config);
+        assert_eq!(config.otlp_protocol, Some(OtlpProtocol::Grpc));
+        let http = r#"export "traces" { otlp = { endpoint = "http://tempo:4318" protocol = "http/protobuf" } }"#;
+        let config = parse("mermin.hcl", http).unwrap();
+        assert_eq!(config.otlp_protocol, Some(OtlpProtocol::HttpProtobuf));
     }
 
     #[test]
     fn every_setting() {
-        let text = "listen = \"127.0.0.1:4600\"\ndata_dir = \"/var/lib/mermin\"\nsettle = \"2s\"\ngrace = \"1m\"\n";
+        let text = "listen = \"127.0.0.1:4600\"\ndata_dir = \"/var/lib/mermin\"\nsettle = \"2s\"\ngrace = \"1m\"\noutbox_max_bytes = 5000000\noutbox_when_full = \"drop_oldest\"\n";
         let config = parse("a.hcl", text).unwrap();
+        assert_eq!(config.outbox_max_bytes, Some(5_000_000));
+        assert_eq!(config.outbox_when_full, Some(WhenFull::DropOldest));
         assert_eq!(config.listen, Some("127.0.0.1:4600".parse().unwrap()));
         assert_eq!(config.data_dir.as_deref(), Some("/var/lib/mermin"));
         assert_eq!(config.settle, Some(Duration::from_secs(2)));
@@ -252,7 +293,7 @@ mod tests {
     fn mistakes_point_at_file_and_line() {
         assert_eq!(
             error("listen = \"0.0.0.0:4600\"\n\nlisten_addr = \"x\"\n"),
-            "mermin.hcl:3: unknown key `listen_addr` (known: listen, data_dir, settle, grace, export \"traces\")"
+            "mermin.hcl:3: unknown key `listen_addr` (known: listen, data_dir, settle, grace, outbox_max_bytes, outbox_when_full, export \"traces\")"
         );
         assert_eq!(
             error("settle = \"soon\"\n"),
@@ -260,7 +301,7 @@ mod tests {
         );
         assert_eq!(
             error("export \"logs\" {\n}\n"),
-            "mermin.hcl:1: unknown block `export \"logs\"` (known: listen, data_dir, settle, grace, export \"traces\")"
+            "mermin.hcl:1: unknown block `export \"logs\"` (known: listen, data_dir, settle, grace, outbox_max_bytes, outbox_when_full, export \"traces\")"
         );
         assert_eq!(
             error("export \"traces\" {\n  otlp = {\n    endpoint = \"tempo:4317\"\n  }\n}\n"),
@@ -270,7 +311,15 @@ mod tests {
             error(
                 "export \"traces\" {\n  otlp = {\n    endpoint = \"http://t:4318\"\n    protocol = \"http\"\n  }\n}\n"
             ),
-            "mermin.hcl:4: otlp.protocol = \"http\": only \"grpc\" is supported"
+            "mermin.hcl:4: otlp.protocol = \"http\": unknown OTLP protocol \"http\"; expected \"grpc\" or \"http/protobuf\""
+        );
+        assert_eq!(
+            error("grace = \"1m\"\noutbox_max_bytes = \"1GB\"\n"),
+            "mermin.hcl:2: outbox_max_bytes must be a positive whole number of bytes"
+        );
+        assert_eq!(
+            error("outbox_when_full = \"block\"\n"),
+            "mermin.hcl:1: outbox_when_full = \"block\": unknown policy \"block\"; expected \"backpressure\" or \"drop_oldest\""
         );
         assert_eq!(
             error("listen = \n"),

@@ -1,14 +1,25 @@
-//! Delivery of the export outbox to an OTLP/gRPC endpoint (Tempo, or a collector).
+//! Delivery of the export outbox to an OTLP endpoint (Tempo, or a collector), over gRPC or
+//! OTLP/HTTP with protobuf bodies ([`OtlpProtocol`]).
 //!
 //! Requests are taken from the [`Store`]'s outbox oldest first, one at a time, and removed only
-//! after the endpoint answered. Policy:
-//! - **accepted** — removed; spans the endpoint reports as rejected in a partial success are
-//!   counted as `spans_rejected{reason="partial_success"}`;
-//! - **`INVALID_ARGUMENT`** — the endpoint saw the data and refuses it for good: removed, counted as
-//!   `spans_rejected{reason="invalid_argument"}`, logged with the endpoint's message;
-//! - **anything else** (endpoint down, overloaded, timeouts, auth or TLS misconfiguration) —
-//!   kept and retried with exponential backoff and full jitter, forever: acknowledged data is
-//!   never dropped because an endpoint is unreachable. Retries are counted.
+//! after the endpoint answered. Policy, the same for both transports:
+//! - **accepted** (gRPC OK, HTTP 2xx) — removed; spans the endpoint reports as rejected in a
+//!   partial success are counted as `spans_rejected{reason="partial_success"}`;
+//! - **refused for good** (gRPC `INVALID_ARGUMENT`, HTTP 400) — the endpoint saw the data and
+//!   refuses it: removed, counted as `spans_rejected{reason="invalid_argument"}`, logged with the
+//!   endpoint's message;
+//! - **anything else** (endpoint down, overloaded, 429/5xx, timeouts, auth, TLS or path
+//!   misconfiguration) — kept and retried with exponential backoff and full jitter, forever:
+//!   acknowledged data is never dropped because an endpoint is unreachable or misconfigured.
+//!   Retries are counted.
+//!
+//! **Quota.** With the `drop_oldest` outbox policy ([`ExportConfig::drop_oldest_above_bytes`]),
+//! the exporter deletes the oldest requests while the outbox is over quota, counting their spans
+//! as `spans_dropped{reason="outbox_full"}`; it checks before every attempt, so the outbox exceeds
+//! its quota for at most one backoff period. (The default policy, backpressure, is ingest's.)
+//!
+//! OTLP/HTTP endpoints follow the OTLP exporter convention: an endpoint without a path
+//! (`http://tempo:4318`) gets `/v1/traces`; one with a path is used as given.
 //!
 //! Span ids are deterministic, so a request delivered twice (an answer lost after the endpoint
 //! stored it) is deduplicated by Tempo.
@@ -16,34 +27,79 @@
 use std::{sync::Arc, time::Duration};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, trace_service_client::TraceServiceClient,
+    ExportTraceServiceRequest, ExportTraceServiceResponse, trace_service_client::TraceServiceClient,
 };
 use prost::Message;
 use tokio::sync::{Notify, watch};
 use tonic::{Code, transport::Channel};
 
 use crate::{
-    metrics::Metrics,
+    metrics::{Metrics, ReasonLabel},
     store::{Store, StoreError},
 };
 
+/// How spans travel to the endpoint; named as the OTLP exporters name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OtlpProtocol {
+    #[default]
+    Grpc,
+    HttpProtobuf,
+}
+
+impl OtlpProtocol {
+    pub const NAMES: &str = "\"grpc\" or \"http/protobuf\"";
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OtlpProtocol::Grpc => "grpc",
+            OtlpProtocol::HttpProtobuf => "http/protobuf",
+        }
+    }
+}
+
+impl std::str::FromStr for OtlpProtocol {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
+        match name {
+            "grpc" => Ok(OtlpProtocol::Grpc),
+            "http/protobuf" => Ok(OtlpProtocol::HttpProtobuf),
+            other => Err(format!(
+                "unknown OTLP protocol {other:?}; expected {}",
+                OtlpProtocol::NAMES
+            )),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ExportConfig {
-    /// `http://host:4317` (or `https://`).
+    /// `http://host:4317` for gRPC, `http://host:4318` for OTLP/HTTP (see the module docs).
     pub endpoint: String,
+    pub protocol: OtlpProtocol,
     pub timeout: Duration,
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    /// The `drop_oldest` outbox policy's quota; `None` under the backpressure policy.
+    pub drop_oldest_above_bytes: Option<u64>,
 }
 
 impl ExportConfig {
     pub fn new(endpoint: impl Into<String>) -> Self {
         Self {
             endpoint: endpoint.into(),
+            protocol: OtlpProtocol::Grpc,
             timeout: Duration::from_secs(10),
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(30),
+            drop_oldest_above_bytes: None,
         }
     }
 }
@@ -58,7 +114,7 @@ pub enum ExportError {
 
 pub struct Exporter {
     store: Store,
-    client: TraceServiceClient<Channel>,
+    transport: Transport,
     config: ExportConfig,
     metrics: Arc<Metrics>,
     /// Notified when something is pushed to the outbox.
@@ -69,6 +125,125 @@ pub struct Exporter {
 enum Attempt {
     Done,
     Retry(String),
+}
+
+/// What the endpoint said to one request.
+enum Delivery {
+    /// Taken; the number of spans it rejected in a partial success, and why.
+    Accepted { rejected: u64, message: String },
+    /// Refused for good.
+    Refused(String),
+    /// Not taken this time.
+    Failed(String),
+}
+
+enum Transport {
+    Grpc(TraceServiceClient<Channel>),
+    Http(Box<HttpTransport>),
+}
+
+/// OTLP/HTTP with protobuf bodies.
+struct HttpTransport {
+    client: Client<HttpConnector, Full<Bytes>>,
+    /// The traces path included.
+    uri: http::Uri,
+    timeout: Duration,
+}
+
+impl Transport {
+    fn new(config: &ExportConfig) -> Result<Self, String> {
+        match config.protocol {
+            OtlpProtocol::Grpc => {
+                let channel = Channel::from_shared(config.endpoint.clone())
+                    .map_err(|e| e.to_string())?
+                    .connect_timeout(config.timeout)
+                    .timeout(config.timeout)
+                    .connect_lazy();
+                Ok(Transport::Grpc(TraceServiceClient::new(channel)))
+            }
+            OtlpProtocol::HttpProtobuf => {
+                if config.endpoint.starts_with("https://") {
+                    return Err("https is not supported for OTLP/HTTP yet; use http:// (for example through a collector)".into());
+                }
+                let mut uri: http::Uri = config.endpoint.parse().map_err(|e| format!("{e}"))?;
+                if uri.path() == "/" {
+                    uri = format!("{}/v1/traces", config.endpoint.trim_end_matches('/'))
+                        .parse()
+                        .map_err(|e| format!("{e}"))?;
+                }
+                let mut connector = HttpConnector::new();
+                connector.set_connect_timeout(Some(config.timeout));
+                Ok(Transport::Http(Box::new(HttpTransport {
+                    client: Client::builder(TokioExecutor::new()).build(connector),
+                    uri,
+                    timeout: config.timeout,
+                })))
+            }
+        }
+    }
+
+    async fn send(&mut self, request: ExportTraceServiceRequest) -> Delivery {
+        match self {
+            Transport::Grpc(client) => match client.export(request).await {
+                Ok(response) => accepted(response.into_inner()),
+                Err(status) if status.code() == Code::InvalidArgument => {
+                    Delivery::Refused(status.message().to_owned())
+                }
+                Err(status) => {
+                    Delivery::Failed(format!("{:?}: {}", status.code(), status.message()))
+                }
+            },
+            Transport::Http(http) => http.send(request).await,
+        }
+    }
+}
+
+impl HttpTransport {
+    async fn send(&self, request: ExportTraceServiceRequest) -> Delivery {
+        let post = http::Request::post(self.uri.clone())
+            .header(http::header::CONTENT_TYPE, "application/x-protobuf")
+            .body(Full::new(Bytes::from(request.encode_to_vec())));
+        let post = match post {
+            Ok(post) => post,
+            Err(err) => return Delivery::Failed(err.to_string()),
+        };
+        let exchange = async {
+            let response = self.client.request(post).await.map_err(|e| e.to_string())?;
+            let status = response.status();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            Ok::<_, String>((status, body))
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Err(_) => Delivery::Failed(format!("no answer within {:?}", self.timeout)),
+            Ok(Err(err)) => Delivery::Failed(err),
+            Ok(Ok((status, body))) if status.is_success() => {
+                match ExportTraceServiceResponse::decode(body) {
+                    Ok(response) => accepted(response),
+                    // Taken, but the answer is not OTLP: nothing to count as rejected.
+                    Err(_) => Delivery::Accepted {
+                        rejected: 0,
+                        message: String::new(),
+                    },
+                }
+            }
+            Ok(Ok((status, body))) if status == http::StatusCode::BAD_REQUEST => {
+                Delivery::Refused(String::from_utf8_lossy(&body).into_owned())
+            }
+            Ok(Ok((status, _))) => Delivery::Failed(format!("HTTP {status}")),
+        }
+    }
+}
+
+fn accepted(response: ExportTraceServiceResponse) -> Delivery {
+    let (rejected, message) = response.partial_success.map_or((0, String::new()), |p| {
+        (p.rejected_spans.max(0) as u64, p.error_message)
+    });
+    Delivery::Accepted { rejected, message }
 }
 
 impl Exporter {
@@ -86,14 +261,9 @@ impl Exporter {
         if !(config.endpoint.starts_with("http://") || config.endpoint.starts_with("https://")) {
             return Err(endpoint_error("must start with http:// or https://".into()));
         }
-        let channel = Channel::from_shared(config.endpoint.clone())
-            .map_err(|e| endpoint_error(e.to_string()))?
-            .connect_timeout(config.timeout)
-            .timeout(config.timeout)
-            .connect_lazy();
         Ok(Self {
             store,
-            client: TraceServiceClient::new(channel),
+            transport: Transport::new(&config).map_err(endpoint_error)?,
             config,
             metrics,
             wake,
@@ -104,9 +274,13 @@ impl Exporter {
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<(), ExportError> {
         let mut backoff = self.backoff();
         while !*stop.borrow() {
+            self.drop_over_quota().await?;
             self.metrics
                 .outbox_requests
                 .set(self.store.outbox_len() as i64);
+            self.metrics
+                .outbox_bytes
+                .set(self.store.outbox_bytes() as i64);
             let Some((id, bytes)) = self.store.outbox_oldest(1)?.into_iter().next() else {
                 tokio::select! {
                     _ = self.wake.notified() => {}
@@ -134,6 +308,33 @@ impl Exporter {
         Ok(())
     }
 
+    /// The `drop_oldest` policy: deletes the oldest requests while the outbox is over quota.
+    async fn drop_over_quota(&self) -> Result<(), ExportError> {
+        let Some(max) = self.config.drop_oldest_above_bytes else {
+            return Ok(());
+        };
+        while self.store.outbox_bytes() > max {
+            let Some((id, bytes)) = self.store.outbox_oldest(1)?.into_iter().next() else {
+                break;
+            };
+            let spans = ExportTraceServiceRequest::decode(bytes.as_slice())
+                .map_or(0, |request| span_count(&request));
+            self.store.outbox_remove(id).await?;
+            self.metrics
+                .spans_dropped
+                .get_or_create(&ReasonLabel {
+                    reason: "outbox_full".into(),
+                })
+                .inc_by(spans);
+            tracing::warn!(
+                spans,
+                quota_bytes = max,
+                "outbox over quota: oldest request dropped"
+            );
+        }
+        Ok(())
+    }
+
     fn backoff(&self) -> impl Iterator<Item = Duration> + use<> {
         ExponentialBuilder::default()
             .with_min_delay(self.config.min_backoff)
@@ -154,33 +355,23 @@ impl Exporter {
             }
         };
         let spans = span_count(&request);
-        match self.client.export(request).await {
-            Ok(response) => {
-                let rejected = response
-                    .into_inner()
-                    .partial_success
-                    .map(|p| (p.rejected_spans.max(0) as u64, p.error_message))
-                    .filter(|(n, _)| *n > 0);
-                let rejected_count = rejected.as_ref().map_or(0, |(n, _)| *n);
-                if let Some((n, message)) = rejected {
-                    tracing::error!(spans = n, %message, "endpoint rejected part of a request");
-                    self.metrics.rejected("partial_success", n);
+        match self.transport.send(request).await {
+            Delivery::Accepted { rejected, message } => {
+                if rejected > 0 {
+                    tracing::error!(spans = rejected, %message, "endpoint rejected part of a request");
+                    self.metrics.rejected("partial_success", rejected);
                 }
                 self.metrics
                     .spans_exported
-                    .inc_by(spans.saturating_sub(rejected_count));
+                    .inc_by(spans.saturating_sub(rejected));
                 Attempt::Done
             }
-            Err(status) if status.code() == Code::InvalidArgument => {
-                tracing::error!(
-                    spans,
-                    message = status.message(),
-                    "endpoint refused a request"
-                );
+            Delivery::Refused(message) => {
+                tracing::error!(spans, %message, "endpoint refused a request");
                 self.metrics.rejected("invalid_argument", spans);
                 Attempt::Done
             }
-            Err(status) => Attempt::Retry(format!("{:?}: {}", status.code(), status.message())),
+            Delivery::Failed(why) => Attempt::Retry(why),
         }
     }
 }

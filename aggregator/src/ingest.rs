@@ -11,7 +11,7 @@
 //! Nothing here queues without bound: the answer channel holds `max_in_flight_batches` acks, the
 //! shards' mailboxes are bounded, and a stream reads its next batch only after acking the last.
 
-use std::{future::Future, sync::Arc};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use mermin_protocol::agent::v1::{
     AgentMessage, AggregatorMessage, Batch, Hello, Welcome, agent_message,
@@ -37,6 +37,11 @@ pub struct IngestLimits {
     pub max_batch_records: u32,
     /// Largest encoded message accepted (gRPC decoding limit).
     pub max_message_bytes: usize,
+    /// The backpressure outbox policy's quota: while the export outbox holds more, batches wait
+    /// (at most `outbox_full_wait`, then the stream ends with `RESOURCE_EXHAUSTED` and the agent
+    /// retries later). `None` under the `drop_oldest` policy.
+    pub pause_above_outbox_bytes: Option<u64>,
+    pub outbox_full_wait: Duration,
 }
 
 impl Default for IngestLimits {
@@ -45,6 +50,8 @@ impl Default for IngestLimits {
             max_in_flight_batches: 8,
             max_batch_records: 10_000,
             max_message_bytes: 16 * 1024 * 1024,
+            pause_above_outbox_bytes: None,
+            outbox_full_wait: Duration::from_secs(5),
         }
     }
 }
@@ -238,6 +245,7 @@ impl<S: BatchSink> Session<S> {
             })?;
             observations.push(observation);
         }
+        self.wait_for_outbox_room().await?;
         match self.ingest.store.append(&agent.boot_id, &batch).await {
             Ok(()) => {}
             Err(StoreError::OutOfOrder { .. }) => {
@@ -265,6 +273,26 @@ impl<S: BatchSink> Session<S> {
         self.ack(sequence).await
     }
 
+    /// The backpressure policy (see [`IngestLimits::pause_above_outbox_bytes`]).
+    async fn wait_for_outbox_room(&self) -> Result<(), Status> {
+        let Some(max) = self.ingest.limits.pause_above_outbox_bytes else {
+            return Ok(());
+        };
+        let deadline = tokio::time::Instant::now() + self.ingest.limits.outbox_full_wait;
+        loop {
+            let queued = self.ingest.store.outbox_bytes();
+            if queued <= max {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Status::resource_exhausted(format!(
+                    "the export outbox is full ({queued} bytes queued, quota {max}): the OTLP endpoint is not keeping up; retry later"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn ack(&self, sequence: u64) -> Result<(), Status> {
         self.send(aggregator_message::Message::Ack(
             mermin_protocol::agent::v1::Ack { sequence },
@@ -290,6 +318,7 @@ fn code_name(code: tonic::Code) -> &'static str {
         Code::FailedPrecondition => "failed_precondition",
         Code::OutOfRange => "out_of_range",
         Code::Aborted => "aborted",
+        Code::ResourceExhausted => "resource_exhausted",
         Code::Unavailable => "unavailable",
         Code::Cancelled => "cancelled",
         _ => "other",

@@ -6,9 +6,10 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 use clap::Parser;
 use mermin_aggregator::{
     config::{self, FileConfig},
-    export::ExportConfig,
+    export::{ExportConfig, OtlpProtocol},
     ingest::IngestLimits,
     pipeline::{Aggregator, AggregatorConfig},
+    store::{OutboxQuota, WhenFull},
 };
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
@@ -31,6 +32,16 @@ struct Args {
     /// [default: http://127.0.0.1:4317].
     #[arg(long, env = "MERMIN_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+    /// OTLP transport: grpc (port 4317) or http/protobuf (port 4318) [default: grpc].
+    #[arg(long, env = "MERMIN_OTLP_PROTOCOL")]
+    otlp_protocol: Option<OtlpProtocol>,
+    /// Largest size of the durable export queue, in bytes [default: 1073741824].
+    #[arg(long)]
+    outbox_max_bytes: Option<u64>,
+    /// What happens when the export queue is full: backpressure (agents wait; nothing is lost)
+    /// or drop_oldest (the oldest spans are deleted, counted) [default: backpressure].
+    #[arg(long)]
+    outbox_when_full: Option<WhenFull>,
     /// Directory of the durable store [default: mermin-data].
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -73,12 +84,28 @@ fn main() -> ExitCode {
             .data_dir
             .or(file.data_dir.map(PathBuf::from))
             .unwrap_or_else(|| PathBuf::from("mermin-data")),
-        export: ExportConfig::new(
-            args.otlp_endpoint
-                .or(file.otlp_endpoint)
-                .unwrap_or_else(|| "http://127.0.0.1:4317".into()),
-        ),
+        export: ExportConfig {
+            protocol: args
+                .otlp_protocol
+                .or(file.otlp_protocol)
+                .unwrap_or_default(),
+            ..ExportConfig::new(
+                args.otlp_endpoint
+                    .or(file.otlp_endpoint)
+                    .unwrap_or_else(|| "http://127.0.0.1:4317".into()),
+            )
+        },
         limits: IngestLimits::default(),
+        outbox: OutboxQuota {
+            max_bytes: args
+                .outbox_max_bytes
+                .or(file.outbox_max_bytes)
+                .unwrap_or(OutboxQuota::default().max_bytes),
+            when_full: args
+                .outbox_when_full
+                .or(file.outbox_when_full)
+                .unwrap_or_default(),
+        },
         settle: args
             .settle
             .or(file.settle)

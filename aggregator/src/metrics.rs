@@ -22,6 +22,8 @@ pub struct Metrics {
     pub spans_rejected: Family<ReasonLabel, Counter>,
     pub export_retries: Counter,
     pub outbox_requests: Gauge,
+    pub outbox_bytes: Gauge,
+    pub spans_dropped: Family<ReasonLabel, Counter>,
     pub shard_connections: Family<ShardLabel, Gauge>,
     pub intervals_emitted: Counter,
     pub late_records_ignored: Counter,
@@ -83,6 +85,18 @@ impl Metrics {
             "Export requests queued durably, not yet delivered",
             outbox_requests.clone(),
         );
+        let outbox_bytes = Gauge::default();
+        registry.register(
+            "outbox_bytes",
+            "Bytes of the export requests queued durably (what the outbox quota limits)",
+            outbox_bytes.clone(),
+        );
+        let spans_dropped = Family::default();
+        registry.register(
+            "spans_dropped",
+            "Spans deleted before delivery by policy, by reason (outbox_full: the drop_oldest quota policy)",
+            spans_dropped.clone(),
+        );
         let shard_connections = Family::default();
         registry.register(
             "shard_connections",
@@ -111,6 +125,8 @@ impl Metrics {
             spans_rejected,
             export_retries,
             outbox_requests,
+            outbox_bytes,
+            spans_dropped,
             shard_connections,
             intervals_emitted,
             late_records_ignored,

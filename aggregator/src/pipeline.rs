@@ -27,7 +27,7 @@ use crate::{
     observation::Observation,
     shard::{SHARDS, ShardContext, ShardState, ShardSystem, shard_of, unix_now},
     stitch::InterfaceKinds,
-    store::{Store, StoreError},
+    store::{OutboxQuota, Store, StoreError, WhenFull},
 };
 
 #[derive(Debug, Clone)]
@@ -37,6 +37,9 @@ pub struct AggregatorConfig {
     pub data_dir: PathBuf,
     pub export: ExportConfig,
     pub limits: IngestLimits,
+    /// The export outbox's size limit and full policy; applied by ingest (backpressure) or the
+    /// exporter (drop oldest).
+    pub outbox: OutboxQuota,
     /// How long an interval waits for the other observation points' records.
     pub settle: Duration,
     /// How long a closed connection is remembered for late records.
@@ -75,7 +78,15 @@ pub struct Aggregator {
 }
 
 impl Aggregator {
-    pub async fn start(config: AggregatorConfig) -> Result<Self, StartError> {
+    pub async fn start(mut config: AggregatorConfig) -> Result<Self, StartError> {
+        match config.outbox.when_full {
+            WhenFull::Backpressure => {
+                config.limits.pause_above_outbox_bytes = Some(config.outbox.max_bytes)
+            }
+            WhenFull::DropOldest => {
+                config.export.drop_oldest_above_bytes = Some(config.outbox.max_bytes)
+            }
+        }
         let store = Store::open(&config.data_dir)?;
         let metrics = Arc::new(Metrics::new());
         let wake = Arc::new(Notify::new());

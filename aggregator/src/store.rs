@@ -17,7 +17,14 @@
 //! interface so that it can be replaced (the replication issue moves the log under openraft).
 //! Truncating batches whose flows have been exported comes with the flow-table checkpoint.
 
-use std::{collections::HashMap, path::Path};
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use mermin_protocol::agent::v1::Batch;
 
@@ -55,6 +62,55 @@ pub struct Store {
     outbox: sled::Tree,
     connections: sled::Tree,
     positions: sled::Tree,
+    /// Sum of the outbox's request sizes (what its quota limits).
+    outbox_bytes: Arc<AtomicU64>,
+}
+
+/// How much the export outbox may hold, and what happens when it is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxQuota {
+    pub max_bytes: u64,
+    pub when_full: WhenFull,
+}
+
+impl Default for OutboxQuota {
+    fn default() -> Self {
+        Self {
+            max_bytes: 1 << 30,
+            when_full: WhenFull::Backpressure,
+        }
+    }
+}
+
+/// The outbox-full policy. Either way, what happens is counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WhenFull {
+    /// Stop taking agent batches until the exporter makes room (agents keep them, bounded, and
+    /// stop draining): nothing acknowledged is dropped. `streams_rejected{reason="resource_exhausted"}`.
+    #[default]
+    Backpressure,
+    /// Delete the oldest queued requests to make room: the newest flows win.
+    /// `spans_dropped{reason="outbox_full"}`.
+    DropOldest,
+}
+
+impl WhenFull {
+    pub const NAMES: &str = "\"backpressure\" or \"drop_oldest\"";
+}
+
+impl std::str::FromStr for WhenFull {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
+        match name {
+            "backpressure" => Ok(WhenFull::Backpressure),
+            "drop_oldest" => Ok(WhenFull::DropOldest),
+            other => Err(format!(
+                "unknown policy {other:?}; expected {}",
+                WhenFull::NAMES
+            )),
+        }
+    }
 }
 
 /// What one checkpoint of one shard writes (see the module docs).
@@ -80,10 +136,16 @@ impl Store {
             path: path.display().to_string(),
             source,
         })?;
+        let outbox = db.open_tree("outbox")?;
+        let mut outbox_bytes = 0;
+        for value in outbox.iter().values() {
+            outbox_bytes += value?.len() as u64;
+        }
         Ok(Self {
             agents: db.open_tree("agents")?,
             batches: db.open_tree("batches")?,
-            outbox: db.open_tree("outbox")?,
+            outbox,
+            outbox_bytes: Arc::new(AtomicU64::new(outbox_bytes)),
             connections: db.open_tree("connections")?,
             positions: db.open_tree("positions")?,
             db,
@@ -168,6 +230,10 @@ impl Store {
                 },
             );
         committed(result)?;
+        self.outbox_bytes.fetch_add(
+            checkpoint.outbox.iter().map(|r| r.len() as u64).sum(),
+            Ordering::Relaxed,
+        );
         self.db.flush()?;
         for boot_id in checkpoint.positions.keys() {
             self.drop_applied_batches(boot_id)?;
@@ -223,6 +289,8 @@ impl Store {
     pub async fn outbox_push(&self, request: &[u8]) -> Result<u64, StoreError> {
         let id = self.db.generate_id()?;
         self.outbox.insert(id.to_be_bytes(), request)?;
+        self.outbox_bytes
+            .fetch_add(request.len() as u64, Ordering::Relaxed);
         self.db.flush_async().await?;
         Ok(id)
     }
@@ -241,7 +309,10 @@ impl Store {
 
     /// Removes a delivered (or permanently rejected) request.
     pub async fn outbox_remove(&self, id: u64) -> Result<(), StoreError> {
-        self.outbox.remove(id.to_be_bytes())?;
+        if let Some(removed) = self.outbox.remove(id.to_be_bytes())? {
+            self.outbox_bytes
+                .fetch_sub(removed.len() as u64, Ordering::Relaxed);
+        }
         self.db.flush_async().await?;
         Ok(())
     }
@@ -249,6 +320,11 @@ impl Store {
     /// Requests waiting in the outbox.
     pub fn outbox_len(&self) -> usize {
         self.outbox.len()
+    }
+
+    /// Bytes of the requests waiting in the outbox.
+    pub fn outbox_bytes(&self) -> u64 {
+        self.outbox_bytes.load(Ordering::Relaxed)
     }
 }
 

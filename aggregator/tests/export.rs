@@ -1,6 +1,7 @@
-//! The exporter against a real OTLP/gRPC receiver on loopback (opentelemetry-proto's generated
-//! TraceService): delivery in order, an endpoint that is down and comes back, permanent rejects,
-//! and an outbox that survives a restart.
+//! The exporter against a real OTLP receiver on loopback, over gRPC (opentelemetry-proto's
+//! generated TraceService) and over OTLP/HTTP, each case run with both: delivery in order, an
+//! endpoint that is down and comes back, permanent rejects, an outbox that survives a restart,
+//! and the drop-oldest quota policy.
 
 use std::{
     net::SocketAddr,
@@ -9,7 +10,7 @@ use std::{
 };
 
 use mermin_aggregator::{
-    export::{ExportConfig, Exporter},
+    export::{ExportConfig, Exporter, OtlpProtocol},
     metrics::Metrics,
     store::Store,
 };
@@ -20,7 +21,7 @@ use opentelemetry_proto::tonic::{
     trace::v1::{ResourceSpans, ScopeSpans, Span},
 };
 use prost::Message;
-use support::otlp::{Receiver, serve};
+use support::otlp::Receiver;
 use tokio::{
     net::TcpListener,
     sync::{Notify, watch},
@@ -56,13 +57,50 @@ struct Running {
     metrics: Arc<Metrics>,
 }
 
-fn start_exporter(store: &Store, addr: SocketAddr) -> Running {
+/// Runs a test case once per OTLP transport.
+macro_rules! over_both_protocols {
+    ($case:ident) => {
+        mod $case {
+            #[tokio::test]
+            async fn grpc() {
+                super::$case(mermin_aggregator::export::OtlpProtocol::Grpc).await
+            }
+            #[tokio::test]
+            async fn http() {
+                super::$case(mermin_aggregator::export::OtlpProtocol::HttpProtobuf).await
+            }
+        }
+    };
+}
+
+async fn serve(
+    receiver: Receiver,
+    listener: TcpListener,
+    protocol: OtlpProtocol,
+) -> tokio::task::JoinHandle<()> {
+    match protocol {
+        OtlpProtocol::Grpc => support::otlp::serve(receiver, listener).await,
+        OtlpProtocol::HttpProtobuf => support::otlp::serve_http(receiver, listener).await,
+    }
+}
+
+fn start_exporter(store: &Store, addr: SocketAddr, protocol: OtlpProtocol) -> Running {
+    start_exporter_with(
+        store,
+        ExportConfig {
+            protocol,
+            ..ExportConfig::new(format!("http://{addr}"))
+        },
+    )
+}
+
+fn start_exporter_with(store: &Store, config: ExportConfig) -> Running {
     let metrics = Arc::new(Metrics::new());
     let config = ExportConfig {
         min_backoff: Duration::from_millis(20),
         max_backoff: Duration::from_millis(200),
         timeout: Duration::from_secs(2),
-        ..ExportConfig::new(format!("http://{addr}"))
+        ..config
     };
     let exporter = Exporter::new(
         store.clone(),
@@ -104,8 +142,8 @@ fn metric(metrics: &Metrics, series: &str) -> u64 {
         .unwrap_or(0)
 }
 
-#[tokio::test]
-async fn an_endpoint_that_is_down_gets_everything_once_it_is_up() {
+over_both_protocols!(an_endpoint_that_is_down_gets_everything_once_it_is_up);
+async fn an_endpoint_that_is_down_gets_everything_once_it_is_up(protocol: OtlpProtocol) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     // Reserve a port, then leave it closed: the endpoint is down.
@@ -117,7 +155,7 @@ async fn an_endpoint_that_is_down_gets_everything_once_it_is_up() {
     for names in [&["a1", "a2"][..], &["b1"], &["c1", "c2", "c3"]] {
         store.outbox_push(&request(names)).await.unwrap();
     }
-    let exporter = start_exporter(&store, addr);
+    let exporter = start_exporter(&store, addr, protocol);
     let deadline = Instant::now() + Duration::from_secs(5);
     while metric(&exporter.metrics, "mermin_aggregator_export_retries_total") < 3 {
         assert!(
@@ -133,7 +171,12 @@ async fn an_endpoint_that_is_down_gets_everything_once_it_is_up() {
     );
 
     let receiver = Receiver::default();
-    let server = serve(receiver.clone(), TcpListener::bind(addr).await.unwrap()).await;
+    let server = serve(
+        receiver.clone(),
+        TcpListener::bind(addr).await.unwrap(),
+        protocol,
+    )
+    .await;
     drained(&store).await;
     assert_eq!(receiver.names(), ["a1", "a2", "b1", "c1", "c2", "c3"]);
     assert_eq!(
@@ -144,8 +187,8 @@ async fn an_endpoint_that_is_down_gets_everything_once_it_is_up() {
     server.abort();
 }
 
-#[tokio::test]
-async fn transient_errors_retry_and_permanent_rejects_are_counted() {
+over_both_protocols!(transient_errors_retry_and_permanent_rejects_are_counted);
+async fn transient_errors_retry_and_permanent_rejects_are_counted(protocol: OtlpProtocol) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -162,7 +205,7 @@ async fn transient_errors_retry_and_permanent_rejects_are_counted() {
             }),
         }),
     ]);
-    let server = serve(receiver.clone(), listener).await;
+    let server = serve(receiver.clone(), listener, protocol).await;
     store
         .outbox_push(&request(&["refused1", "refused2"]))
         .await
@@ -172,7 +215,7 @@ async fn transient_errors_retry_and_permanent_rejects_are_counted() {
         .await
         .unwrap();
     store.outbox_push(&request(&["last"])).await.unwrap();
-    let exporter = start_exporter(&store, addr);
+    let exporter = start_exporter(&store, addr, protocol);
     drained(&store).await;
     // The first request was retried twice, then refused for good; the second partly accepted.
     assert_eq!(receiver.names(), ["p1", "p2", "p3", "last"]);
@@ -197,8 +240,8 @@ async fn transient_errors_retry_and_permanent_rejects_are_counted() {
     server.abort();
 }
 
-#[tokio::test]
-async fn the_outbox_survives_a_restart() {
+over_both_protocols!(the_outbox_survives_a_restart);
+async fn the_outbox_survives_a_restart(protocol: OtlpProtocol) {
     let dir = tempfile::tempdir().unwrap();
     {
         let store = Store::open(dir.path()).unwrap();
@@ -209,8 +252,8 @@ async fn the_outbox_survives_a_restart() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let receiver = Receiver::default();
-    let server = serve(receiver.clone(), listener).await;
-    let exporter = start_exporter(&store, addr);
+    let server = serve(receiver.clone(), listener, protocol).await;
+    let exporter = start_exporter(&store, addr, protocol);
     drained(&store).await;
     assert_eq!(receiver.names(), ["kept"]);
     exporter.stop().await;
@@ -233,4 +276,48 @@ fn a_bad_endpoint_is_refused_up_front() {
         err.to_string(),
         "invalid OTLP endpoint \"tempo:4317\": must start with http:// or https://"
     );
+}
+
+/// The drop-oldest policy: over quota, the oldest requests go first, and their spans are counted.
+#[tokio::test]
+async fn over_quota_the_oldest_requests_are_dropped_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let requests = [
+        request(&["old1", "old2"]),
+        request(&["old3"]),
+        request(&["new1"]),
+        request(&["new2", "new3"]),
+    ];
+    for r in &requests {
+        store.outbox_push(r).await.unwrap();
+    }
+    let total: u64 = requests.iter().map(|r| r.len() as u64).sum();
+    assert_eq!(store.outbox_bytes(), total);
+    let quota = (requests[2].len() + requests[3].len()) as u64;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let receiver = Receiver::default();
+    let server = support::otlp::serve(receiver.clone(), listener).await;
+    let exporter = start_exporter_with(
+        &store,
+        ExportConfig {
+            drop_oldest_above_bytes: Some(quota),
+            ..ExportConfig::new(format!("http://{addr}"))
+        },
+    );
+    drained(&store).await;
+    assert_eq!(receiver.names(), ["new1", "new2", "new3"]);
+    assert_eq!(store.outbox_bytes(), 0);
+    let m = &exporter.metrics;
+    assert_eq!(
+        metric(
+            m,
+            "mermin_aggregator_spans_dropped_total{reason=\"outbox_full\"}"
+        ),
+        3
+    );
+    assert_eq!(metric(m, "mermin_aggregator_spans_exported_total"), 3);
+    exporter.stop().await;
+    server.abort();
 }

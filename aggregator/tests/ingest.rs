@@ -19,6 +19,7 @@ mod support;
 
 struct Aggregator {
     addr: SocketAddr,
+    store: Store,
     metrics: Arc<Metrics>,
     flows: mpsc::Receiver<AppliedBatch>,
     server: tokio::task::JoinHandle<()>,
@@ -48,7 +49,7 @@ async fn start(dir: &Path, limits: IngestLimits) -> Aggregator {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let metrics = Arc::new(Metrics::new());
-    let service = Ingest::new(store, limits, tx, metrics.clone()).into_service();
+    let service = Ingest::new(store.clone(), limits, tx, metrics.clone()).into_service();
     let server = tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(service)
@@ -58,6 +59,7 @@ async fn start(dir: &Path, limits: IngestLimits) -> Aggregator {
     });
     Aggregator {
         addr,
+        store,
         metrics,
         flows,
         server,
@@ -231,4 +233,50 @@ async fn bad_input_is_refused_with_a_clear_status_and_other_streams_go_on() {
             "missing {line:?} in\n{text}"
         );
     }
+}
+
+/// The backpressure outbox policy: while the export outbox is over quota a batch waits; it goes
+/// through once there is room, and a stream that waits too long is refused with a clear status.
+#[tokio::test]
+async fn a_full_outbox_holds_batches_back_then_refuses_the_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = IngestLimits {
+        pause_above_outbox_bytes: Some(10),
+        outbox_full_wait: Duration::from_millis(1500),
+        ..IngestLimits::default()
+    };
+    let mut agg = start(dir.path(), limits).await;
+    let store = agg.store.clone();
+    let queued = store.outbox_push(&[0; 11]).await.unwrap();
+
+    let mut s = connect(agg.addr).await;
+    s.hello("node-a", [5; 16]).await;
+    assert_eq!(s.welcome().await, 0);
+    s.batch(1, vec![record("node-a", 1)]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(agg.flows.try_recv().is_err(), "held back while over quota");
+    store.outbox_remove(queued).await.unwrap();
+    assert_eq!(s.ack().await, 1, "accepted once the exporter made room");
+    assert_eq!(agg.flows.recv().await.unwrap().sequence, 1);
+
+    store.outbox_push(&[0; 11]).await.unwrap();
+    s.batch(2, vec![record("node-a", 2)]).await;
+    let status = s.status().await;
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(
+        status.message(),
+        "the export outbox is full (11 bytes queued, quota 10): the OTLP endpoint is not keeping up; retry later"
+    );
+    assert_eq!(
+        store.last_sequence(&[5; 16]).unwrap(),
+        1,
+        "batch 2 not stored"
+    );
+    assert!(
+        agg.metrics
+            .render()
+            .lines()
+            .any(|l| l
+                == "mermin_aggregator_streams_rejected_total{reason=\"resource_exhausted\"} 1")
+    );
 }

@@ -308,6 +308,7 @@ fn agent_load() {
                 // Nothing listens there: spans stay in the outbox; the agent is what is measured.
                 export: mermin_aggregator::export::ExportConfig::new("http://127.0.0.1:9"),
                 limits: mermin_aggregator::ingest::IngestLimits::default(),
+                outbox: Default::default(),
                 settle: Duration::from_secs(1),
                 grace: Duration::from_secs(5),
                 print_flows: false,

@@ -150,6 +150,7 @@ fn every_connection_becomes_one_exact_span() {
             data_dir: data.path().to_owned(),
             export: ExportConfig::new(format!("http://{otlp}")),
             limits: IngestLimits::default(),
+            outbox: Default::default(),
             settle: Duration::from_secs(1),
             grace: Duration::from_secs(10),
             print_flows: false,

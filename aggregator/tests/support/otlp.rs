@@ -1,5 +1,7 @@
-//! An OTLP/gRPC trace receiver on loopback for the tests: records what it accepts, answers from a
-//! script first.
+//! An OTLP trace receiver on loopback for the tests, over gRPC (opentelemetry-proto's generated
+//! service) or OTLP/HTTP (protobuf bodies on `/v1/traces`): records what it accepts, answers from
+//! a script first. A scripted gRPC status becomes the HTTP status the OTLP specification pairs
+//! with it.
 
 use std::{
     collections::VecDeque,
@@ -53,6 +55,38 @@ pub async fn serve(receiver: Receiver, listener: TcpListener) -> tokio::task::Jo
             .await
             .unwrap();
     })
+}
+
+/// The same receiver behind OTLP/HTTP.
+#[allow(dead_code)] // not every test binary speaks HTTP
+pub async fn serve_http(receiver: Receiver, listener: TcpListener) -> tokio::task::JoinHandle<()> {
+    use axum::{body::Bytes, http::StatusCode, routing::post};
+    use prost::Message;
+    let route = post(|body: Bytes| async move {
+        let Ok(request) = ExportTraceServiceRequest::decode(body) else {
+            return (
+                StatusCode::BAD_REQUEST,
+                b"not an ExportTraceServiceRequest".to_vec(),
+            );
+        };
+        match receiver.script.lock().unwrap().pop_front() {
+            Some(Err(status)) => {
+                let code = match status.code() {
+                    tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
+                    tonic::Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+                    _ => StatusCode::SERVICE_UNAVAILABLE,
+                };
+                (code, status.message().as_bytes().to_vec())
+            }
+            answer => {
+                receiver.accepted.lock().unwrap().push(request);
+                let response = answer.map_or_else(Default::default, Result::unwrap);
+                (StatusCode::OK, response.encode_to_vec())
+            }
+        }
+    });
+    let app = axum::Router::new().route("/v1/traces", route);
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() })
 }
 
 impl Receiver {
