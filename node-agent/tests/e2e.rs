@@ -8,7 +8,6 @@ mod support;
 use std::{
     collections::HashMap,
     net::UdpSocket,
-    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -17,67 +16,11 @@ use mermin_aggregator::{
     ingest::IngestLimits,
     pipeline::{Aggregator, AggregatorConfig},
 };
-use opentelemetry_proto::tonic::{
-    collector::trace::v1::{
-        ExportTraceServiceRequest, ExportTraceServiceResponse,
-        trace_service_server::{TraceService, TraceServiceServer},
-    },
-    common::v1::any_value::Value,
-    trace::v1::{Span, span::SpanKind},
+use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind};
+use support::{
+    otlp::{Receiver, int, text},
+    *,
 };
-use support::*;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::{Request, Response, Status};
-
-#[derive(Clone, Default)]
-struct Receiver(Arc<Mutex<Vec<(String, Span)>>>);
-
-#[tonic::async_trait]
-impl TraceService for Receiver {
-    async fn export(
-        &self,
-        request: Request<ExportTraceServiceRequest>,
-    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
-        let mut spans = self.0.lock().unwrap();
-        for rs in request.into_inner().resource_spans {
-            let service = rs
-                .resource
-                .and_then(|r| r.attributes.into_iter().find(|a| a.key == "service.name"))
-                .and_then(|a| a.value?.value)
-                .map(|v| match v {
-                    Value::StringValue(s) => s,
-                    other => format!("{other:?}"),
-                })
-                .unwrap_or_default();
-            for ss in rs.scope_spans {
-                spans.extend(ss.spans.into_iter().map(|s| (service.clone(), s)));
-            }
-        }
-        Ok(Response::new(ExportTraceServiceResponse::default()))
-    }
-}
-
-fn attr(span: &Span, key: &str) -> Value {
-    span.attributes
-        .iter()
-        .find(|a| a.key == key)
-        .and_then(|a| a.value.clone()?.value)
-        .unwrap_or_else(|| panic!("no attribute {key} on {}", span.name))
-}
-
-fn text(span: &Span, key: &str) -> String {
-    match attr(span, key) {
-        Value::StringValue(s) => s,
-        other => panic!("{key} is not a string: {other:?}"),
-    }
-}
-
-fn int(span: &Span, key: &str) -> i64 {
-    match attr(span, key) {
-        Value::IntValue(i) => i,
-        other => panic!("{key} is not an int: {other:?}"),
-    }
-}
 
 /// node-a: pod a1 (10.90.1.2), pod a2 (10.90.1.3); node-b: pod b1 (10.90.2.2). The nodes are
 /// joined by an "uplink" veth (10.90.0.1 ↔ 10.90.0.2) and route pod subnets across it.
@@ -134,17 +77,8 @@ fn every_connection_becomes_one_exact_span() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let receiver = Receiver::default();
     let data = tempfile::tempdir().unwrap();
+    let otlp = receiver.serve(&runtime);
     let aggregator = runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let otlp = listener.local_addr().unwrap();
-        let service = TraceServiceServer::new(receiver.clone());
-        tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming(TcpListenerStream::new(listener))
-                .await
-                .unwrap();
-        });
         Aggregator::start(AggregatorConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: data.path().to_owned(),

@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod frames;
+pub mod otlp;
 
 use std::{
     fs,
@@ -496,38 +497,75 @@ pub fn tcp_exchange(
     upload: usize,
     download: usize,
 ) -> TcpExchange {
+    tcp_conversation(client_ns, server_ns, server, &[upload], download, |_| {})
+}
+
+/// [`tcp_exchange`] with the upload in parts and quiet pauses between them: after part `i`
+/// (except the last) the server answers one byte, and once the client has it — no packet of the
+/// connection is in flight — `between(i)` runs on the calling thread before the next part.
+pub fn tcp_conversation(
+    client_ns: &Netns,
+    server_ns: &Netns,
+    server: SocketAddr,
+    uploads: &[usize],
+    download: usize,
+    mut between: impl FnMut(usize),
+) -> TcpExchange {
+    let parts = uploads.to_vec();
     let (bound_tx, bound_rx) = std::sync::mpsc::channel();
-    let server_thread = server_ns.spawn(move || {
-        let listener = TcpListener::bind(server).unwrap();
-        bound_tx.send(()).unwrap();
-        let (mut conn, _) = listener.accept().unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let mut received = vec![0u8; upload];
-        conn.read_exact(&mut received).unwrap();
-        conn.write_all(&vec![7u8; download]).unwrap();
-        conn.shutdown(std::net::Shutdown::Write).unwrap();
-        let mut rest = Vec::new();
-        conn.read_to_end(&mut rest).unwrap();
-        assert!(rest.is_empty());
-        conn
+    let server_thread = server_ns.spawn({
+        let parts = parts.clone();
+        move || {
+            let listener = TcpListener::bind(server).unwrap();
+            bound_tx.send(()).unwrap();
+            let (mut conn, _) = listener.accept().unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            for (index, part) in parts.iter().enumerate() {
+                let mut received = vec![0u8; *part];
+                conn.read_exact(&mut received).unwrap();
+                if index + 1 < parts.len() {
+                    conn.write_all(&[0]).unwrap();
+                }
+            }
+            conn.write_all(&vec![7u8; download]).unwrap();
+            conn.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut rest = Vec::new();
+            conn.read_to_end(&mut rest).unwrap();
+            assert!(rest.is_empty());
+            conn
+        }
     });
     bound_rx.recv_timeout(Duration::from_secs(5)).unwrap();
-    let (client, client_side) = client_ns
-        .spawn(move || {
-            let mut conn = TcpStream::connect_timeout(&server, Duration::from_secs(5)).unwrap();
-            conn.set_read_timeout(Some(Duration::from_secs(10)))
-                .unwrap();
-            let local = conn.local_addr().unwrap();
-            conn.write_all(&vec![1u8; upload]).unwrap();
-            conn.shutdown(std::net::Shutdown::Write).unwrap();
-            let mut answer = Vec::new();
-            conn.read_to_end(&mut answer).unwrap();
-            assert_eq!(answer.len(), download);
-            (local, tcp_side(&conn))
-        })
-        .join()
-        .unwrap();
+    let (paused_tx, paused_rx) = std::sync::mpsc::channel();
+    let (resume_tx, resume_rx) = std::sync::mpsc::channel::<()>();
+    let client_thread = client_ns.spawn(move || {
+        let mut conn = TcpStream::connect_timeout(&server, Duration::from_secs(5)).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let local = conn.local_addr().unwrap();
+        for (index, part) in parts.iter().enumerate() {
+            conn.write_all(&vec![1u8; *part]).unwrap();
+            if index + 1 < parts.len() {
+                conn.read_exact(&mut [0]).unwrap();
+                // Let the last ACK leave before the pause.
+                thread::sleep(Duration::from_millis(100));
+                paused_tx.send(index).unwrap();
+                resume_rx.recv_timeout(Duration::from_secs(60)).unwrap();
+            }
+        }
+        conn.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = Vec::new();
+        conn.read_to_end(&mut answer).unwrap();
+        assert_eq!(answer.len(), download);
+        (local, tcp_side(&conn))
+    });
+    for _ in 1..uploads.len() {
+        let index = paused_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        between(index);
+        resume_tx.send(()).unwrap();
+    }
+    let (client, client_side) = client_thread.join().unwrap();
     let mut server_side = tcp_side(&server_thread.join().unwrap());
     // The SYN-ACK goes out from the listener's request socket, not the accepted socket whose
     // TCP_INFO this is.

@@ -1,0 +1,215 @@
+//! Restarts in the middle of a connection, with the real agent and the real aggregator binary:
+//! the aggregator killed with SIGKILL while the agent holds unacknowledged batches, then
+//! restarted; then the agent itself restarted. The connection's spans must add up to exactly what
+//! the TCP stacks sent, and no span id may arrive twice with different content.
+//!
+//! The aggregator binary is built by `cargo test` for its own package's tests; this test finds it
+//! next to its own executable (and builds it if it is missing).
+
+mod support;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use support::{
+    otlp::{Receiver, int, text},
+    *,
+};
+
+/// The aggregator binary as a child process; killed on drop.
+struct AggregatorProcess(Child);
+
+impl AggregatorProcess {
+    fn start(listen: SocketAddr, otlp: SocketAddr, data: &Path) -> Self {
+        let child = Command::new(aggregator_binary())
+            .args(["--listen", &listen.to_string()])
+            .args(["--otlp-endpoint", &format!("http://{otlp}")])
+            .args(["--data-dir", &data.display().to_string()])
+            .args(["--settle", "1s", "--grace", "30s"])
+            .args(["--metrics-listen", "127.0.0.1:0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(listen).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "aggregator not listening within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self(child)
+    }
+
+    fn kill(mut self) {
+        self.0.kill().unwrap(); // SIGKILL
+        self.0.wait().unwrap();
+    }
+}
+
+impl Drop for AggregatorProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn aggregator_binary() -> PathBuf {
+    // target/<profile>/deps/restarts-<hash> → target/<profile>/mermin-aggregator
+    let exe = std::env::current_exe().unwrap();
+    let binary = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("mermin-aggregator");
+    if !binary.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "-p",
+                "mermin-aggregator",
+                "--bin",
+                "mermin-aggregator",
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success(), "building the aggregator binary failed");
+    }
+    binary
+}
+
+#[test]
+fn a_connection_survives_an_aggregator_kill_and_an_agent_restart() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let receiver = Receiver::default();
+    let otlp = receiver.serve(&runtime);
+    let data = tempfile::tempdir().unwrap();
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut aggregator = Some(AggregatorProcess::start(listen, otlp, data.path()));
+
+    // One node, two pods on it.
+    let node = Netns::new();
+    let client = Netns::new();
+    let server = Netns::new();
+    node.sysctl("net.ipv4.ip_forward", "1");
+    let pod = |host_if: &str, pod_ns: &Netns, pod_ip: &str| {
+        let (h, p) = link(&node, host_if, pod_ns, "eth0", LinkOptions::default());
+        h.addr("10.91.1.1/32");
+        p.addr(&format!("{pod_ip}/32"));
+        h.neighbour(pod_ip, &p.mac);
+        p.neighbour("10.91.1.1", &h.mac);
+        h.up();
+        p.up();
+        node.ip(&["route", "add", pod_ip, "dev", host_if]);
+        pod_ns.ip(&["route", "add", "10.91.1.1", "dev", "eth0"]);
+        pod_ns.ip(&["route", "add", "default", "via", "10.91.1.1"]);
+    };
+    pod("vethc", &client, "10.91.1.2");
+    pod("veths", &server, "10.91.1.3");
+    let args = [
+        "--aggregator",
+        &format!("http://{listen}"),
+        "--node-name",
+        "node-r",
+        "--tcp-close-timeout",
+        "1s",
+        "--active-timeout",
+        "1s",
+    ];
+    let mut agent = Some(Agent::start(&node, "veth*", &args));
+
+    const PART: usize = 150_000;
+    let exchange = tcp_conversation(
+        &client,
+        &server,
+        "10.91.1.3:9000".parse().unwrap(),
+        &[PART, PART, PART],
+        20_000,
+        |pause| match pause {
+            // Killed with records of part 1 reported and more on their way: the agent keeps
+            // them until an aggregator acknowledges them.
+            0 => {
+                std::thread::sleep(Duration::from_millis(1500));
+                aggregator.take().unwrap().kill();
+            }
+            // Part 2 went while no aggregator ran. Restart it, then restart the agent (it
+            // reports what it holds before it exits).
+            _ => {
+                aggregator = Some(AggregatorProcess::start(listen, otlp, data.path()));
+                let (status, _) = agent.take().unwrap().stop();
+                assert!(status.success(), "agent exit: {status}");
+                agent = Some(Agent::start(&node, "veth*", &args));
+            }
+        },
+    );
+
+    // Wait (bounded) until the spans add up to what the stacks sent.
+    let wire =
+        |side: &TcpSide, payload: u64| payload + side.bytes_retrans + 60 + (side.segments - 1) * 52;
+    let sent = wire(&exchange.client_side, 3 * PART as u64);
+    let received = wire(&exchange.server_side, 20_000 + 2);
+    let totals = || {
+        let mut totals = (0, 0, 0, 0);
+        for (_, span) in receiver.spans() {
+            if span.kind == SpanKind::Client as i32 && int(&span, "destination.port") == 9000 {
+                totals.0 += int(&span, "flow.bytes.sent") as u64;
+                totals.1 += int(&span, "flow.packets.sent") as u64;
+                totals.2 += int(&span, "flow.bytes.received") as u64;
+                totals.3 += int(&span, "flow.packets.received") as u64;
+            }
+        }
+        totals
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while totals().0 < sent && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2)); // nothing more may arrive
+    agent.take().unwrap().stop();
+    drop(aggregator.take());
+
+    let spans = receiver.spans();
+    let mut by_id = HashMap::new();
+    let mut duplicates = 0;
+    for (_, span) in &spans {
+        if let Some(earlier) = by_id.insert(span.span_id.clone(), span) {
+            assert_eq!(
+                earlier, span,
+                "span id exported twice with different content"
+            );
+            duplicates += 1;
+        }
+    }
+    let clients: Vec<_> = spans
+        .iter()
+        .filter(|(_, s)| s.kind == SpanKind::Client as i32)
+        .map(|(_, s)| s)
+        .collect();
+    assert!(
+        clients
+            .iter()
+            .all(|s| text(s, "source.address") == "10.91.1.2"
+                && int(s, "source.port") == i64::from(exchange.client.port())
+                && text(s, "flow.client_rule") == "tcp_handshake"),
+        "client and server stay right across the restarts: {clients:#?}"
+    );
+    assert_eq!(
+        totals(),
+        (
+            sent,
+            exchange.client_side.segments,
+            received,
+            exchange.server_side.segments
+        ),
+        "{} CLIENT spans ({duplicates} re-deliveries): {clients:#?}",
+        clients.len()
+    );
+}
