@@ -9,11 +9,11 @@ use std::{
 };
 
 use mermin_protocol::flow::v1::{Direction, EndReason, FlowRecord};
-use opentelemetry_proto::tonic::{
-    common::v1::any_value::Value,
-    trace::v1::{Span, span::SpanKind},
+use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind};
+use support::{
+    connect,
+    otlp::{Receiver, int, serve},
 };
-use support::{connect, otlp::Receiver, otlp::serve};
 use tokio::net::TcpListener;
 
 mod support;
@@ -92,18 +92,6 @@ fn connection(port: u32) -> Vec<FlowRecord> {
         ..FlowRecord::default()
     };
     vec![record(true, 12, 9_000), record(false, 10, 48_000)]
-}
-
-fn int(span: &Span, key: &str) -> i64 {
-    match span
-        .attributes
-        .iter()
-        .find(|a| a.key == key)
-        .and_then(|a| a.value.clone()?.value)
-    {
-        Some(Value::IntValue(i)) => i,
-        other => panic!("{key}: {other:?}"),
-    }
 }
 
 async fn client_spans(receiver: &Receiver, want: usize, within: Duration) -> Vec<Span> {

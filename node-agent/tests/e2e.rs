@@ -18,7 +18,7 @@ use mermin_aggregator::{
 };
 use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind};
 use support::{
-    otlp::{Receiver, int, text},
+    otlp::{Receiver, int, serve, text},
     *,
 };
 
@@ -77,7 +77,7 @@ fn every_connection_becomes_one_exact_span() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let receiver = Receiver::default();
     let data = tempfile::tempdir().unwrap();
-    let otlp = receiver.serve(&runtime);
+    let otlp = serve(&receiver, &runtime);
     let aggregator = runtime.block_on(async {
         Aggregator::start(AggregatorConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
@@ -169,7 +169,7 @@ fn every_connection_becomes_one_exact_span() {
             .collect()
     };
     let deadline = Instant::now() + Duration::from_secs(20);
-    while clients(&receiver.0.lock().unwrap()).len() < 4 && Instant::now() < deadline {
+    while clients(&receiver.spans_with_service()).len() < 4 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
     // A little longer: nothing more may arrive (no duplicates).
@@ -178,7 +178,7 @@ fn every_connection_becomes_one_exact_span() {
     agent_b.stop();
     runtime.block_on(aggregator.shutdown());
 
-    let all = receiver.0.lock().unwrap().clone();
+    let all = receiver.spans_with_service();
     let spans = clients(&all);
     let by_server: HashMap<String, &Span> = spans
         .iter()

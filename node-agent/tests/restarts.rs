@@ -18,7 +18,7 @@ use std::{
 
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use support::{
-    otlp::{Receiver, int, text},
+    otlp::{Receiver, int, serve, text},
     *,
 };
 
@@ -90,7 +90,7 @@ fn aggregator_binary() -> PathBuf {
 fn a_connection_survives_an_aggregator_kill_and_an_agent_restart() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let receiver = Receiver::default();
-    let otlp = receiver.serve(&runtime);
+    let otlp = serve(&receiver, &runtime);
     let data = tempfile::tempdir().unwrap();
     let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mut aggregator = Some(AggregatorProcess::start(listen, otlp, data.path()));
@@ -158,7 +158,7 @@ fn a_connection_survives_an_aggregator_kill_and_an_agent_restart() {
     let received = wire(&exchange.server_side, 20_000 + 2);
     let totals = || {
         let mut totals = (0, 0, 0, 0);
-        for (_, span) in receiver.spans() {
+        for (_, span) in receiver.spans_with_service() {
             if span.kind == SpanKind::Client as i32 && int(&span, "destination.port") == 9000 {
                 totals.0 += int(&span, "flow.bytes.sent") as u64;
                 totals.1 += int(&span, "flow.packets.sent") as u64;
@@ -176,7 +176,7 @@ fn a_connection_survives_an_aggregator_kill_and_an_agent_restart() {
     agent.take().unwrap().stop();
     drop(aggregator.take());
 
-    let spans = receiver.spans();
+    let spans = receiver.spans_with_service();
     let mut by_id = HashMap::new();
     let mut duplicates = 0;
     for (_, span) in &spans {

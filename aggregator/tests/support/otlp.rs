@@ -1,7 +1,7 @@
 //! An OTLP trace receiver on loopback for the tests, over gRPC (opentelemetry-proto's generated
 //! service) or OTLP/HTTP (protobuf bodies on `/v1/traces`): records what it accepts, answers from
 //! a script first. A scripted gRPC status becomes the HTTP status the OTLP specification pairs
-//! with it.
+//! with it. (The node agent's end-to-end tests include this file too.)
 
 use std::{
     collections::VecDeque,
@@ -13,6 +13,7 @@ use opentelemetry_proto::tonic::{
         ExportTraceServiceRequest, ExportTraceServiceResponse,
         trace_service_server::{TraceService, TraceServiceServer},
     },
+    common::v1::any_value::Value,
     trace::v1::Span,
 };
 use tokio::net::TcpListener;
@@ -102,8 +103,56 @@ impl Receiver {
             .collect()
     }
 
+    /// Every span accepted so far, with its resource's `service.name`.
+    #[allow(dead_code)] // not every test binary looks at resources
+    pub fn spans_with_service(&self) -> Vec<(String, Span)> {
+        let accepted = self.accepted.lock().unwrap();
+        let mut spans = Vec::new();
+        for resource_spans in accepted.iter().flat_map(|r| &r.resource_spans) {
+            let service = resource_spans
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|a| a.key == "service.name")
+                .and_then(|a| a.value.clone()?.value)
+                .map(|v| match v {
+                    Value::StringValue(s) => s,
+                    other => format!("{other:?}"),
+                })
+                .unwrap_or_default();
+            for scope in &resource_spans.scope_spans {
+                spans.extend(scope.spans.iter().map(|s| (service.clone(), s.clone())));
+            }
+        }
+        spans
+    }
+
     /// The names of every span accepted so far, in order.
     pub fn names(&self) -> Vec<String> {
         self.spans().into_iter().map(|s| s.name).collect()
+    }
+}
+
+/// A span attribute's value; panics naming the attribute if it is missing.
+pub fn attr(span: &Span, key: &str) -> Value {
+    span.attributes
+        .iter()
+        .find(|a| a.key == key)
+        .and_then(|a| a.value.clone()?.value)
+        .unwrap_or_else(|| panic!("no attribute {key} on {}", span.name))
+}
+
+#[allow(dead_code)] // not every test binary reads string attributes
+pub fn text(span: &Span, key: &str) -> String {
+    match attr(span, key) {
+        Value::StringValue(s) => s,
+        other => panic!("{key} is not a string: {other:?}"),
+    }
+}
+
+pub fn int(span: &Span, key: &str) -> i64 {
+    match attr(span, key) {
+        Value::IntValue(i) => i,
+        other => panic!("{key} is not an int: {other:?}"),
     }
 }
