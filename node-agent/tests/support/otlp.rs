@@ -4,6 +4,7 @@
 #[path = "../../../aggregator/tests/support/otlp.rs"]
 mod receiver;
 
+#[allow(unused_imports)] // each test binary uses a different part of the harness
 pub use receiver::{Receiver, int, text};
 
 /// Serves `receiver` over OTLP/gRPC on a free loopback port of `runtime`; returns the address.
