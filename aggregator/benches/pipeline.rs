@@ -2,24 +2,29 @@
 //!
 //! - `stitch`: records/s through validation and the flow table, memory per live flow (a counting
 //!   allocator), and spans/s from stitching to encoded OTLP bytes — one core, no I/O.
-//! - `ingest`: records/s over loopback gRPC into the real ingest endpoint with a sled store
-//!   (durable append before every ack), one agent stream, batches of 1,000 records.
+//! - `ingest`: the whole aggregator (ingest with durable sled appends, flow shards, outbox,
+//!   exporter) fed by two agent streams over loopback gRPC, exporting to an OTLP receiver in this
+//!   process: records acknowledged per second, and last record acked → span received, p50/p99.
 //!
 //! `cargo bench -p mermin-aggregator --bench pipeline -- [stitch|ingest]`
 
 use std::{
-    alloc::{GlobalAlloc, Layout, System},
-    sync::atomic::{AtomicIsize, Ordering},
+    alloc::{GlobalAlloc, Layout},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicIsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use mermin_aggregator::{
+    export::ExportConfig,
     flow_table::FlowTable,
-    ingest::{Ingest, IngestLimits},
+    ingest::IngestLimits,
     observation::Observation,
-    span::flow_spans,
+    pipeline::{Aggregator, AggregatorConfig},
+    shard::encode_requests,
     stitch::InterfaceKinds,
-    store::Store,
 };
 use mermin_protocol::{
     agent::v1::{
@@ -28,24 +33,32 @@ use mermin_protocol::{
     },
     flow::v1::{Direction, EndReason, FlowRecord},
 };
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use prost::Message;
+use mimalloc::MiMalloc;
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    },
+    common::v1::any_value::Value,
+    trace::v1::span::SpanKind,
+};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 
-/// Counts live heap bytes, to measure memory per flow.
+/// Counts live heap bytes, to measure memory per flow; allocates with mimalloc, as the
+/// aggregator binary does.
 struct Counting;
 
 static LIVE: AtomicIsize = AtomicIsize::new(0);
 
-// SAFETY: delegates to the system allocator; only adds bookkeeping.
+// SAFETY: delegates to mimalloc; only adds bookkeeping.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
+        unsafe { MiMalloc.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
+        unsafe { MiMalloc.dealloc(ptr, layout) }
     }
 }
 
@@ -68,7 +81,8 @@ fn main() {
 
 /// The four records of one cross-node TCP connection (two nodes, each direction), connection `i`.
 fn connection(i: u32, reason: EndReason) -> [FlowRecord; 4] {
-    let client = [10, 1, (i >> 8) as u8, i as u8];
+    // The client's address spells `i`: 11.(i >> 16).(i >> 8).i.
+    let client = [11, (i >> 16) as u8, (i >> 8) as u8, i as u8];
     let server = [10, 2, 0, 1];
     let record = |node: &str, interface: &str, direction: Direction, out: bool| FlowRecord {
         node_name: node.into(),
@@ -126,14 +140,9 @@ fn stitch() {
     let start = Instant::now();
     let mut emitted = Vec::new();
     table.emit_due(2_000_000_000, &mut emitted);
-    let request = ExportTraceServiceRequest {
-        resource_spans: emitted
-            .iter()
-            .flat_map(|e| flow_spans(&e.flow, &e.interval))
-            .collect(),
-    };
-    let bytes = request.encode_to_vec();
+    let requests = encode_requests(&emitted);
     let span_time = start.elapsed();
+    let bytes: usize = requests.iter().map(Vec::len).sum();
     let spans = emitted.len() * 2;
 
     println!("| measure (one core, no I/O) | value |");
@@ -147,121 +156,182 @@ fn stitch() {
         "| flows stitched into spans and OTLP-encoded | {:.0} k spans/s ({} spans, {:.1} MB) |",
         spans as f64 / span_time.as_secs_f64() / 1e3,
         spans,
-        bytes.len() as f64 / 1e6
+        bytes as f64 / 1e6
     );
 }
 
+/// Two agent streams (one per node) into the whole aggregator — ingest, sled, the flow shards,
+/// the outbox and the exporter — and an OTLP receiver in this process: records acknowledged per
+/// second, and for each connection the time from the ack of its last record to the arrival of its
+/// span at the receiver.
 fn ingest() {
-    const BATCHES: u64 = 300;
-    const PER_BATCH: u32 = 1000;
+    const BATCHES: u32 = 150;
+    const CONNECTIONS_PER_BATCH: u32 = 1000;
+    const SETTLE: Duration = Duration::from_secs(1);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-        let applied = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let consumer = {
-            let applied = applied.clone();
-            tokio::spawn(async move {
-                let mut table = FlowTable::new(
-                    InterfaceKinds::default(),
-                    Duration::from_secs(60),
-                    Duration::from_secs(60),
-                );
-                while let Some(batch) = rx.recv().await {
-                    let batch: mermin_aggregator::ingest::AppliedBatch = batch;
-                    for o in &batch.observations {
-                        table.apply(o, 0);
-                    }
-                    applied.fetch_add(batch.observations.len(), Ordering::Relaxed);
-                }
-            })
-        };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let service =
-            Ingest::new(store, IngestLimits::default(), tx, Default::default()).into_service();
-        let server = tokio::spawn(async move {
+        let receiver = ArrivalReceiver::default();
+        let otlp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let otlp_addr = otlp.local_addr().unwrap();
+        tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming(TcpListenerStream::new(listener))
-                .await
-        });
-        let mut client = AgentServiceClient::connect(format!("http://{addr}"))
-            .await
-            .unwrap();
-        let (out, rx_out) = tokio::sync::mpsc::channel(16);
-        let mut answers = client
-            .stream(ReceiverStream::new(rx_out))
-            .await
-            .unwrap()
-            .into_inner();
-        let send = |m| AgentMessage { message: Some(m) };
-        out.send(send(agent_message::Message::Hello(Hello {
-            protocol_version: 1,
-            node_name: "node-a".into(),
-            agent_version: "bench".into(),
-            boot_id: vec![1; 16],
-        })))
+                .add_service(TraceServiceServer::new(receiver.clone()))
+                .serve_with_incoming(TcpListenerStream::new(otlp)),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let aggregator = Aggregator::start(AggregatorConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.path().to_owned(),
+            export: ExportConfig::new(format!("http://{otlp_addr}")),
+            limits: IngestLimits::default(),
+            outbox: Default::default(),
+            settle: SETTLE,
+            grace: Duration::from_secs(60),
+            print_flows: false,
+            metrics_listen: None,
+        })
         .await
         .unwrap();
-        let window = match answers.message().await.unwrap().unwrap().message {
-            Some(aggregator_message::Message::Welcome(w)) => u64::from(w.max_in_flight_batches),
-            other => panic!("{other:?}"),
+        let endpoint = format!("http://{}", aggregator.local_addr);
+        // Node n's batch b holds node n's two records of connections b·1000 .. b·1000 + 999.
+        let batches = |node: usize| -> Vec<Batch> {
+            (0..BATCHES)
+                .map(|b| Batch {
+                    sequence: u64::from(b) + 1,
+                    records: (0..CONNECTIONS_PER_BATCH)
+                        .flat_map(|i| {
+                            let records = connection(b * CONNECTIONS_PER_BATCH + i, EndReason::TcpClose);
+                            let [a_out, a_in, b_out, b_in] = records;
+                            if node == 0 { [a_out, a_in] } else { [b_out, b_in] }
+                        })
+                        .collect(),
+                })
+                .collect()
         };
-        let batches: Vec<Batch> = (1..=BATCHES)
-            .map(|sequence| Batch {
-                sequence,
-                records: (0..PER_BATCH / 2)
-                    .flat_map(|i| {
-                        let [a, b, _, _] =
-                            connection(sequence as u32 * PER_BATCH + i, EndReason::ActiveTimeout);
-                        [a, b]
-                    })
-                    .map(|mut r| {
-                        r.node_name = "node-a".into();
-                        r
-                    })
-                    .collect(),
-            })
-            .collect();
         let start = Instant::now();
-        let (mut sent, mut acked) = (0u64, 0u64);
-        while acked < BATCHES {
-            while sent < BATCHES && sent - acked < window {
-                out.send(send(agent_message::Message::Batch(
-                    batches[sent as usize].clone(),
-                )))
-                .await
-                .unwrap();
-                sent += 1;
-            }
-            match answers.message().await.unwrap().unwrap().message {
-                Some(aggregator_message::Message::Ack(a)) => acked = a.sequence,
-                other => panic!("{other:?}"),
-            }
-
+        let streams = [0, 1].map(|node| {
+            let (endpoint, batches) = (endpoint.clone(), batches(node));
+            tokio::spawn(async move { stream_batches(&endpoint, node, batches).await })
+        });
+        let mut acked_at = Vec::new();
+        for stream in streams {
+            acked_at.push(stream.await.unwrap());
         }
         let elapsed = start.elapsed();
-        // Acked batches were handed to the flow table before their ack.
-        let expected = (BATCHES * u64::from(PER_BATCH)) as usize;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while applied.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        let connections = (BATCHES * CONNECTIONS_PER_BATCH) as usize;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while receiver.arrivals.lock().unwrap().len() < connections && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        server.abort();
-        consumer.abort();
-        println!("| measure (loopback gRPC, sled append + flush per batch) | value |");
+        aggregator.shutdown().await;
+        let arrivals = receiver.arrivals.lock().unwrap().clone();
+        assert_eq!(arrivals.len(), connections, "every connection's span arrived");
+        let mut latencies: Vec<Duration> = arrivals
+            .iter()
+            .map(|(id, arrived)| {
+                let batch = (*id / CONNECTIONS_PER_BATCH) as usize;
+                let ended = acked_at[0][batch].max(acked_at[1][batch]);
+                arrived.saturating_duration_since(ended)
+            })
+            .collect();
+        latencies.sort();
+        let percentile = |p: usize| latencies[(latencies.len() * p / 100).min(latencies.len() - 1)];
+        let records = 4 * connections;
+        println!("| measure (2 agent streams, whole aggregator, loopback) | value |");
         println!("|---|---:|");
         println!(
-            "| records acknowledged per second ({} batches of {PER_BATCH}, window {window}) | {:.0} k records/s |",
-            BATCHES,
-            (BATCHES * u64::from(PER_BATCH)) as f64 / elapsed.as_secs_f64() / 1e3
+            "| records acknowledged per second ({records} records in batches of {}) | {:.0} k records/s |",
+            2 * CONNECTIONS_PER_BATCH,
+            records as f64 / elapsed.as_secs_f64() / 1e3
         );
         println!(
-            "| mean time from batch sent to ack | {:.2} ms |",
-            elapsed.as_secs_f64() * 1e3 / BATCHES as f64 * window as f64
+            "| last record acked → span received, p50 / p99 (settle {SETTLE:?}) | {:.0} ms / {:.0} ms |",
+            percentile(50).as_secs_f64() * 1e3,
+            percentile(99).as_secs_f64() * 1e3
         );
-        assert_eq!(applied.load(Ordering::Relaxed), expected);
     });
+}
+
+/// One agent stream sending `batches` with the Welcome's window; returns when each was acked.
+async fn stream_batches(endpoint: &str, node: usize, batches: Vec<Batch>) -> Vec<Instant> {
+    let mut client = AgentServiceClient::connect(endpoint.to_owned())
+        .await
+        .unwrap();
+    let (out, rx_out) = tokio::sync::mpsc::channel(16);
+    let mut answers = client
+        .stream(ReceiverStream::new(rx_out))
+        .await
+        .unwrap()
+        .into_inner();
+    let send = |m| AgentMessage { message: Some(m) };
+    out.send(send(agent_message::Message::Hello(Hello {
+        protocol_version: 1,
+        node_name: ["node-a", "node-b"][node].into(),
+        agent_version: "bench".into(),
+        boot_id: vec![node as u8 + 1; 16],
+    })))
+    .await
+    .unwrap();
+    let window = match answers.message().await.unwrap().unwrap().message {
+        Some(aggregator_message::Message::Welcome(w)) => w.max_in_flight_batches as usize,
+        other => panic!("{other:?}"),
+    };
+    let mut acked_at = Vec::with_capacity(batches.len());
+    let mut sent = 0;
+    while acked_at.len() < batches.len() {
+        while sent < batches.len() && sent - acked_at.len() < window {
+            out.send(send(agent_message::Message::Batch(batches[sent].clone())))
+                .await
+                .unwrap();
+            sent += 1;
+        }
+        match answers.message().await.unwrap().unwrap().message {
+            Some(aggregator_message::Message::Ack(a)) => {
+                while (acked_at.len() as u64) < a.sequence {
+                    acked_at.push(Instant::now());
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    acked_at
+}
+
+/// Records when each connection's CLIENT span arrives (the connection id is spelled by the
+/// client's address, see [`connection`]).
+#[derive(Clone, Default)]
+struct ArrivalReceiver {
+    arrivals: Arc<Mutex<Vec<(u32, Instant)>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for ArrivalReceiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let now = Instant::now();
+        let mut arrivals = self.arrivals.lock().unwrap();
+        for span in request
+            .into_inner()
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .flat_map(|s| &s.spans)
+            .filter(|s| s.kind == SpanKind::Client as i32)
+        {
+            let value = |key: &str| {
+                span.attributes
+                    .iter()
+                    .find(|a| a.key == key)
+                    .and_then(|a| a.value.clone()?.value)
+            };
+            let Some(Value::StringValue(address)) = value("source.address") else {
+                panic!("a CLIENT span without source.address");
+            };
+            let address: std::net::Ipv4Addr = address.parse().unwrap();
+            arrivals.push((u32::from(address) & 0x00ff_ffff, now));
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
 }

@@ -14,6 +14,11 @@ use mermin_aggregator::{
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
+// The aggregator allocates many small, short-lived strings per span; glibc's allocator spends a
+// third of span encoding consolidating them (see BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "mermin-aggregator",

@@ -161,18 +161,7 @@ impl FlowShard {
         if changes.is_empty() && self.emitted.is_empty() && !self.positions_changed {
             return;
         }
-        let outbox: Vec<Vec<u8>> = if self.emitted.is_empty() {
-            Vec::new()
-        } else {
-            let request = ExportTraceServiceRequest {
-                resource_spans: self
-                    .emitted
-                    .iter()
-                    .flat_map(|e| flow_spans(&e.flow, &e.interval))
-                    .collect(),
-            };
-            vec![request.encode_to_vec()]
-        };
+        let outbox = encode_requests(&self.emitted);
         let checkpoint = Checkpoint {
             shard: self.id,
             positions: &self.positions,
@@ -197,6 +186,26 @@ impl FlowShard {
         }
         self.emitted.clear();
     }
+}
+
+/// Intervals per export request: 2,000 spans of about 550 B, well under the 4 MB gRPC message
+/// limit that Tempo and collectors apply by default.
+pub const INTERVALS_PER_REQUEST: usize = 1_000;
+
+/// The OTLP export requests (encoded) carrying the spans of `emitted`.
+pub fn encode_requests(emitted: &[Emitted]) -> Vec<Vec<u8>> {
+    emitted
+        .chunks(INTERVALS_PER_REQUEST)
+        .map(|chunk| {
+            ExportTraceServiceRequest {
+                resource_spans: chunk
+                    .iter()
+                    .flat_map(|e| flow_spans(&e.flow, &e.interval))
+                    .collect(),
+            }
+            .encode_to_vec()
+        })
+        .collect()
 }
 
 /// The shards' addresses: where agent sessions send batches.
