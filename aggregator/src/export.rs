@@ -1,8 +1,10 @@
 //! Delivery of the export outbox to an OTLP endpoint (Tempo, or a collector), over gRPC or
 //! OTLP/HTTP with protobuf bodies ([`OtlpProtocol`]).
 //!
-//! Requests are taken from the [`Store`]'s outbox oldest first, one at a time, and removed only
-//! after the endpoint answered. Policy, the same for both transports:
+//! The [`Exporter`] is an actix actor. Its mailbox takes [`OutboxChanged`] from the flow shards
+//! after a checkpoint that queued spans; it keeps one delivery in flight and, once idle, waits for
+//! the next such message. Requests are taken from the [`Store`]'s outbox oldest first, one at a
+//! time, and removed only after the endpoint answered. Policy, the same for both transports:
 //! - **accepted** (gRPC OK, HTTP 2xx) — removed; spans the endpoint reports as rejected in a
 //!   partial success are counted as `spans_rejected{reason="partial_success"}`;
 //! - **refused for good** (gRPC `INVALID_ARGUMENT`, HTTP 400) — the endpoint saw the data and
@@ -26,6 +28,9 @@
 
 use std::{sync::Arc, time::Duration};
 
+use actix::{
+    Actor, ActorFutureExt, AsyncContext, Context, Handler, Message as ActixMessage, WrapFuture,
+};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -37,7 +42,6 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse, trace_service_client::TraceServiceClient,
 };
 use prost::Message;
-use tokio::sync::{Notify, watch};
 use tonic::{Code, transport::Channel};
 
 use crate::{
@@ -112,14 +116,28 @@ pub enum ExportError {
     Store(#[from] StoreError),
 }
 
+/// The exporter actor (see the module docs).
 pub struct Exporter {
     store: Store,
     transport: Transport,
     config: ExportConfig,
     metrics: Arc<Metrics>,
-    /// Notified when something is pushed to the outbox.
-    wake: Arc<Notify>,
+    backoff: Backoff,
+    /// A delivery (or the wait before a retry) is under way.
+    busy: bool,
+    /// The outbox changed while busy: look again before going idle.
+    changed: bool,
 }
+
+type Backoff = Box<dyn Iterator<Item = Duration> + Send>;
+
+/// Something was queued in the outbox.
+#[derive(ActixMessage)]
+#[rtype(result = "()")]
+pub struct OutboxChanged;
+
+/// Wake-ups the mailbox holds; more are redundant (one is enough to look at the outbox).
+const MAILBOX_CAPACITY: usize = 4;
 
 /// What one delivery attempt came to.
 enum Attempt {
@@ -137,9 +155,10 @@ enum Delivery {
     Failed(String),
 }
 
+#[derive(Clone)]
 enum Transport {
     Grpc(TraceServiceClient<Channel>),
-    Http(Box<HttpTransport>),
+    Http(Arc<HttpTransport>),
 }
 
 /// OTLP/HTTP with protobuf bodies.
@@ -173,7 +192,7 @@ impl Transport {
                 }
                 let mut connector = HttpConnector::new();
                 connector.set_connect_timeout(Some(config.timeout));
-                Ok(Transport::Http(Box::new(HttpTransport {
+                Ok(Transport::Http(Arc::new(HttpTransport {
                     client: Client::builder(TokioExecutor::new()).build(connector),
                     uri,
                     timeout: config.timeout,
@@ -252,7 +271,6 @@ impl Exporter {
         store: Store,
         config: ExportConfig,
         metrics: Arc<Metrics>,
-        wake: Arc<Notify>,
     ) -> Result<Self, ExportError> {
         let endpoint_error = |reason: String| ExportError::Endpoint {
             endpoint: config.endpoint.clone(),
@@ -264,115 +282,163 @@ impl Exporter {
         Ok(Self {
             store,
             transport: Transport::new(&config).map_err(endpoint_error)?,
+            backoff: backoff(&config),
             config,
             metrics,
-            wake,
+            busy: false,
+            changed: false,
         })
     }
 
-    /// Delivers the outbox until `stop` turns true.
-    pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<(), ExportError> {
-        let mut backoff = self.backoff();
-        while !*stop.borrow() {
-            self.drop_over_quota().await?;
-            self.metrics
-                .outbox_requests
-                .set(self.store.outbox_len() as i64);
-            self.metrics
-                .outbox_bytes
-                .set(self.store.outbox_bytes() as i64);
-            let Some((id, bytes)) = self.store.outbox_oldest(1)?.into_iter().next() else {
-                tokio::select! {
-                    _ = self.wake.notified() => {}
-                    _ = stop.changed() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-                continue;
+    /// Starts one delivery: the quota policy, then the oldest request, removed if the endpoint
+    /// answered for good. What comes next depends on the outcome (see [`Self::delivered`]).
+    fn deliver_next(&mut self, ctx: &mut Context<Self>) {
+        self.busy = true;
+        self.changed = false;
+        let store = self.store.clone();
+        let mut transport = self.transport.clone();
+        let metrics = self.metrics.clone();
+        let quota = self.config.drop_oldest_above_bytes;
+        let delivery = async move {
+            drop_over_quota(&store, quota, &metrics).await?;
+            metrics.outbox_requests.set(store.outbox_len() as i64);
+            metrics.outbox_bytes.set(store.outbox_bytes() as i64);
+            let Some((id, bytes)) = store.outbox_oldest(1)?.into_iter().next() else {
+                return Ok(None);
             };
-            match self.attempt(&bytes).await {
-                Attempt::Done => {
-                    self.store.outbox_remove(id).await?;
-                    backoff = self.backoff();
-                }
-                Attempt::Retry(why) => {
-                    self.metrics.export_retries.inc();
-                    let delay = backoff.next().unwrap_or(self.config.max_backoff);
-                    tracing::warn!(endpoint = %self.config.endpoint, %why, ?delay, "export failed; will retry");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = stop.changed() => {}
-                    }
-                }
+            let attempt = attempt(&mut transport, &bytes, &metrics).await;
+            if let Attempt::Done = attempt {
+                store.outbox_remove(id).await?;
+            }
+            Ok(Some(attempt))
+        };
+        ctx.spawn(
+            delivery
+                .into_actor(self)
+                .map(|outcome, exporter, ctx| exporter.delivered(outcome, ctx)),
+        );
+    }
+
+    fn delivered(
+        &mut self,
+        outcome: Result<Option<Attempt>, ExportError>,
+        ctx: &mut Context<Self>,
+    ) {
+        match outcome {
+            Ok(Some(Attempt::Done)) => {
+                self.backoff = backoff(&self.config);
+                self.deliver_next(ctx);
+            }
+            Ok(None) if self.changed => self.deliver_next(ctx),
+            Ok(None) => self.busy = false,
+            Ok(Some(Attempt::Retry(why))) => {
+                self.metrics.export_retries.inc();
+                let delay = self.backoff.next().unwrap_or(self.config.max_backoff);
+                tracing::warn!(endpoint = %self.config.endpoint, %why, ?delay, "export failed; will retry");
+                ctx.run_later(delay, |exporter, ctx| exporter.deliver_next(ctx));
+            }
+            Err(err) => {
+                tracing::error!(%err, "cannot read or update the outbox; retrying");
+                ctx.run_later(Duration::from_secs(1), |exporter, ctx| {
+                    exporter.deliver_next(ctx)
+                });
             }
         }
-        Ok(())
     }
+}
 
-    /// The `drop_oldest` policy: deletes the oldest requests while the outbox is over quota.
-    async fn drop_over_quota(&self) -> Result<(), ExportError> {
-        let Some(max) = self.config.drop_oldest_above_bytes else {
-            return Ok(());
-        };
-        while self.store.outbox_bytes() > max {
-            let Some((id, bytes)) = self.store.outbox_oldest(1)?.into_iter().next() else {
-                break;
-            };
-            let spans = ExportTraceServiceRequest::decode(bytes.as_slice())
-                .map_or(0, |request| span_count(&request));
-            self.store.outbox_remove(id).await?;
-            self.metrics
-                .spans_dropped
-                .get_or_create(&ReasonLabel {
-                    reason: "outbox_full".into(),
-                })
-                .inc_by(spans);
-            tracing::warn!(
-                spans,
-                quota_bytes = max,
-                "outbox over quota: oldest request dropped"
-            );
+impl Actor for Exporter {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+        self.deliver_next(ctx);
+    }
+}
+
+impl Handler<OutboxChanged> for Exporter {
+    type Result = ();
+
+    fn handle(&mut self, _: OutboxChanged, ctx: &mut Context<Self>) {
+        if self.busy {
+            self.changed = true;
+        } else {
+            self.deliver_next(ctx);
         }
-        Ok(())
     }
+}
 
-    fn backoff(&self) -> impl Iterator<Item = Duration> + use<> {
+fn backoff(config: &ExportConfig) -> Backoff {
+    Box::new(
         ExponentialBuilder::default()
-            .with_min_delay(self.config.min_backoff)
-            .with_max_delay(self.config.max_backoff)
+            .with_min_delay(config.min_backoff)
+            .with_max_delay(config.max_backoff)
             .with_jitter()
             .without_max_times()
-            .build()
-    }
+            .build(),
+    )
+}
 
-    async fn attempt(&mut self, bytes: &[u8]) -> Attempt {
-        let request = match ExportTraceServiceRequest::decode(bytes) {
-            Ok(request) => request,
-            Err(err) => {
-                tracing::error!(%err, "undecodable outbox entry dropped");
-                // Its spans cannot be counted; the request counts as one.
-                self.metrics.rejected("corrupt_outbox_entry", 1);
-                return Attempt::Done;
-            }
+/// The `drop_oldest` policy: deletes the oldest requests while the outbox is over `quota`.
+async fn drop_over_quota(
+    store: &Store,
+    quota: Option<u64>,
+    metrics: &Metrics,
+) -> Result<(), ExportError> {
+    let Some(max) = quota else {
+        return Ok(());
+    };
+    while store.outbox_bytes() > max {
+        let Some((id, bytes)) = store.outbox_oldest(1)?.into_iter().next() else {
+            break;
         };
-        let spans = span_count(&request);
-        match self.transport.send(request).await {
-            Delivery::Accepted { rejected, message } => {
-                if rejected > 0 {
-                    tracing::error!(spans = rejected, %message, "endpoint rejected part of a request");
-                    self.metrics.rejected("partial_success", rejected);
-                }
-                self.metrics
-                    .spans_exported
-                    .inc_by(spans.saturating_sub(rejected));
-                Attempt::Done
-            }
-            Delivery::Refused(message) => {
-                tracing::error!(spans, %message, "endpoint refused a request");
-                self.metrics.rejected("invalid_argument", spans);
-                Attempt::Done
-            }
-            Delivery::Failed(why) => Attempt::Retry(why),
+        let spans = ExportTraceServiceRequest::decode(bytes.as_slice())
+            .map_or(0, |request| span_count(&request));
+        store.outbox_remove(id).await?;
+        metrics
+            .spans_dropped
+            .get_or_create(&ReasonLabel {
+                reason: "outbox_full".into(),
+            })
+            .inc_by(spans);
+        tracing::warn!(
+            spans,
+            quota_bytes = max,
+            "outbox over quota: oldest request dropped"
+        );
+    }
+    Ok(())
+}
+
+/// One delivery attempt of an encoded request, counted.
+async fn attempt(transport: &mut Transport, bytes: &[u8], metrics: &Metrics) -> Attempt {
+    let request = match ExportTraceServiceRequest::decode(bytes) {
+        Ok(request) => request,
+        Err(err) => {
+            tracing::error!(%err, "undecodable outbox entry dropped");
+            // Its spans cannot be counted; the request counts as one.
+            metrics.rejected("corrupt_outbox_entry", 1);
+            return Attempt::Done;
         }
+    };
+    let spans = span_count(&request);
+    match transport.send(request).await {
+        Delivery::Accepted { rejected, message } => {
+            if rejected > 0 {
+                tracing::error!(spans = rejected, %message, "endpoint rejected part of a request");
+                metrics.rejected("partial_success", rejected);
+            }
+            metrics
+                .spans_exported
+                .inc_by(spans.saturating_sub(rejected));
+            Attempt::Done
+        }
+        Delivery::Refused(message) => {
+            tracing::error!(spans, %message, "endpoint refused a request");
+            metrics.rejected("invalid_argument", spans);
+            Attempt::Done
+        }
+        Delivery::Failed(why) => Attempt::Retry(why),
     }
 }
 

@@ -12,6 +12,7 @@
 //! `span` (OTLP spans with deterministic ids). Still to come: the flow-table actors that stitch
 //! on time, the durable export queue and OTLP exporter, configuration, the binary.
 
+pub mod actors;
 pub mod config;
 pub mod connection_key;
 pub mod export;

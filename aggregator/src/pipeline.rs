@@ -3,7 +3,7 @@
 //! ```text
 //! ingest (one task per agent stream) --part of each batch, bounded mailboxes--> flow shards
 //!   (actix actors; every tick: due intervals -> spans; checkpoint (changes + positions + spans))
-//!   --> store outbox --> exporter task
+//!   --> store outbox --OutboxChanged--> exporter (actix actor) --> OTLP endpoint
 //! ```
 //!
 //! Start-up first rebuilds every shard's table from its last checkpoint and replays the batches
@@ -12,20 +12,18 @@
 
 use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-use tokio::{
-    net::TcpListener,
-    sync::{Notify, watch},
-    task::JoinHandle,
-};
+use actix::Actor as _;
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::{
+    actors::ActorRuntime,
     export::{ExportConfig, ExportError, Exporter},
     flow_table::FlowTable,
     ingest::{Ingest, IngestLimits},
     metrics::Metrics,
     observation::Observation,
-    shard::{SHARDS, ShardContext, ShardState, ShardSystem, shard_of, unix_now},
+    shard::{self, SHARDS, ShardContext, ShardState, Shards, shard_of, unix_now},
     stitch::InterfaceKinds,
     store::{OutboxQuota, Store, StoreError, WhenFull},
 };
@@ -64,8 +62,8 @@ pub enum StartError {
     Export(#[from] ExportError),
     #[error("recovering the flow table: {0}")]
     Recover(String),
-    #[error("starting the flow shards: {0}")]
-    Shards(std::io::Error),
+    #[error("starting the actor system: {0}")]
+    Actors(std::io::Error),
 }
 
 pub struct Aggregator {
@@ -73,8 +71,8 @@ pub struct Aggregator {
     pub metrics: Arc<Metrics>,
     stop: watch::Sender<bool>,
     server: JoinHandle<()>,
-    shards: ShardSystem,
-    exporter: JoinHandle<()>,
+    shards: Shards,
+    actors: ActorRuntime,
 }
 
 impl Aggregator {
@@ -89,13 +87,7 @@ impl Aggregator {
         }
         let store = Store::open(&config.data_dir)?;
         let metrics = Arc::new(Metrics::new());
-        let wake = Arc::new(Notify::new());
-        let exporter = Exporter::new(
-            store.clone(),
-            config.export.clone(),
-            metrics.clone(),
-            wake.clone(),
-        )?;
+        let exporter = Exporter::new(store.clone(), config.export.clone(), metrics.clone())?;
         let bind_error = |what, addr| move |source| StartError::Bind { what, addr, source };
         let listener = TcpListener::bind(config.listen)
             .await
@@ -111,25 +103,28 @@ impl Aggregator {
             ),
             None => None,
         };
-        let (stop, stopped) = watch::channel(false);
-        let shards = ShardSystem::start(
-            recover(&store, config.settle, config.grace)?,
+        let (stop, mut server_stop) = watch::channel(false);
+        let states = recover(&store, config.settle, config.grace)?;
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let actors = ActorRuntime::start(threads).map_err(StartError::Actors)?;
+        let exporter = Exporter::start_in_arbiter(actors.arbiter(0), move |_| exporter);
+        let shards = shard::start(
+            &actors,
+            states,
             ShardContext {
                 store: store.clone(),
                 metrics: metrics.clone(),
-                exporter: wake,
+                exporter: exporter.recipient(),
                 print_flows: config.print_flows,
             },
-        )
-        .map_err(StartError::Shards)?;
+        );
         let service = Ingest::new(
             store,
             config.limits.clone(),
-            shards.shards.clone(),
+            shards.clone(),
             metrics.clone(),
         )
         .into_service();
-        let mut server_stop = stopped.clone();
         let server = tokio::spawn(async move {
             let shutdown = async move {
                 let _ = server_stop.wait_for(|s| *s).await;
@@ -150,11 +145,6 @@ impl Aggregator {
                 }
             });
         }
-        let exporter = tokio::spawn(async move {
-            if let Err(err) = exporter.run(stopped).await {
-                tracing::error!(%err, "exporter failed");
-            }
-        });
         tracing::info!(%local_addr, endpoint = %config.export.endpoint, "aggregator ready");
         Ok(Self {
             local_addr,
@@ -162,16 +152,17 @@ impl Aggregator {
             stop,
             server,
             shards,
-            exporter,
+            actors,
         })
     }
 
-    /// Stops accepting agents, writes every pending interval to the outbox, stops exporting.
+    /// Stops accepting agents, writes every pending interval to the outbox, stops exporting
+    /// (what the outbox still holds goes out after the next start).
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.server.await;
-        self.shards.stop().await;
-        let _ = self.exporter.await;
+        self.shards.flush().await;
+        self.actors.stop().await;
     }
 }
 

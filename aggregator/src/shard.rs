@@ -5,13 +5,13 @@
 //! ([`shard_of`]), so every observation of one connection — from any agent — reaches the same
 //! actor, which stitches them alone. The number of shards is fixed (it lays out stored state, and
 //! it is the unit the replication issue places on replicas); how many threads run them is not:
-//! shards are spread over one actix arbiter per core ([`ShardSystem`]).
+//! shards are spread over the [`ActorRuntime`]'s arbiters ([`start`]).
 //!
 //! A shard's life: [`Apply`] messages (its part of one durable agent batch) arrive through a
 //! bounded mailbox — a full mailbox makes the sending agent session wait, which stops that agent's
 //! acks and so its draining. Every [`TICK`] the shard emits the intervals that are due and writes
 //! one checkpoint (its changed connections, its positions in the agents' batch logs, the emitted
-//! spans) in one store transaction; then it wakes the exporter. [`Flush`] (shutdown) emits every
+//! spans) in one store transaction; then it tells the exporter ([`OutboxChanged`]). [`Flush`] (shutdown) emits every
 //! pending interval through a last checkpoint.
 //!
 //! Each shard records its own positions, so an agent batch can be applied by some shards and not
@@ -20,13 +20,10 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use actix::{Actor, ActorContext, Addr, Arbiter, AsyncContext, Context, Handler, Message, System};
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use prost::Message as _;
-use tokio::sync::Notify;
-
 use crate::{
+    actors::ActorRuntime,
     connection_key::ConnectionKey,
+    export::OutboxChanged,
     flow_table::{Emitted, FlowTable},
     ingest::{AppliedBatch, BatchSink, SinkClosed},
     metrics::{Metrics, ShardLabel},
@@ -35,6 +32,9 @@ use crate::{
     stitch::Measured,
     store::{BootId, Checkpoint, Store},
 };
+use actix::{Actor, ActorContext, Addr, AsyncContext, Context, Handler, Message, Recipient};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use prost::Message as _;
 
 pub type ShardId = u16;
 
@@ -85,8 +85,8 @@ pub struct Flush;
 pub struct ShardContext {
     pub store: Store,
     pub metrics: Arc<Metrics>,
-    /// Woken after a checkpoint that queued spans.
-    pub exporter: Arc<Notify>,
+    /// Told after a checkpoint that queued spans.
+    pub exporter: Recipient<OutboxChanged>,
     /// Print a one-line summary of every emitted interval on standard output.
     pub print_flows: bool,
 }
@@ -177,7 +177,8 @@ impl FlowShard {
         self.positions_changed = false;
         metrics.intervals_emitted.inc_by(self.emitted.len() as u64);
         if !outbox.is_empty() {
-            self.context.exporter.notify_one();
+            // A full mailbox already holds a wake-up; one is enough.
+            let _ = self.context.exporter.try_send(OutboxChanged);
         }
         if self.context.print_flows {
             for e in &self.emitted {
@@ -243,74 +244,41 @@ impl BatchSink for Shards {
     }
 }
 
-/// The actix system running the shards, on its own threads.
-pub struct ShardSystem {
-    pub shards: Shards,
-    system: System,
-    thread: std::thread::JoinHandle<()>,
-}
-
 /// A recovered shard: its table and positions.
 pub struct ShardState {
     pub table: FlowTable,
     pub positions: HashMap<BootId, u64>,
 }
 
-impl ShardSystem {
-    /// Starts one actor per state (shard `i` gets `states[i]`) on one arbiter per core.
-    pub fn start(states: Vec<ShardState>, context: ShardContext) -> std::io::Result<Self> {
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(states.len());
-        let (started, addresses) = std::sync::mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name("mermin-shards".into())
-            .spawn(move || {
-                let system = System::new();
-                system.block_on(async move {
-                    let arbiters: Vec<Arbiter> = (0..threads).map(|_| Arbiter::new()).collect();
-                    let shards: Vec<Addr<FlowShard>> = states
-                        .into_iter()
-                        .enumerate()
-                        .map(|(index, state)| {
-                            let context = context.clone();
-                            FlowShard::start_in_arbiter(&arbiters[index % threads].handle(), {
-                                move |_| FlowShard {
-                                    id: index as ShardId,
-                                    table: state.table,
-                                    positions: state.positions,
-                                    positions_changed: true,
-                                    context,
-                                    emitted: Vec::new(),
-                                }
-                            })
-                        })
-                        .collect();
-                    let _ = started.send((System::current(), shards));
-                });
-                if let Err(err) = system.run() {
-                    tracing::error!(%err, "flow shard system failed");
-                }
-            })?;
-        let (system, shards) = addresses
-            .recv()
-            .map_err(|_| std::io::Error::other("the flow shard system did not start"))?;
-        Ok(Self {
-            shards: Shards {
-                addresses: shards.into(),
-            },
-            system,
-            thread,
+/// Starts one actor per state (shard `i` gets `states[i]`) on `runtime`'s arbiters.
+pub fn start(runtime: &ActorRuntime, states: Vec<ShardState>, context: ShardContext) -> Shards {
+    let addresses: Vec<Addr<FlowShard>> = states
+        .into_iter()
+        .enumerate()
+        .map(|(index, state)| {
+            let context = context.clone();
+            FlowShard::start_in_arbiter(runtime.arbiter(index), move |_| FlowShard {
+                id: index as ShardId,
+                table: state.table,
+                positions: state.positions,
+                // Recovery may have moved the positions on: write them at the first tick.
+                positions_changed: true,
+                context,
+                emitted: Vec::new(),
+            })
         })
+        .collect();
+    Shards {
+        addresses: addresses.into(),
     }
+}
 
-    /// Flushes every shard, then stops the system.
-    pub async fn stop(self) {
-        for shard in self.shards.addresses.iter() {
+impl Shards {
+    /// Emits every pending interval of every shard through a last checkpoint; the shards stop.
+    pub async fn flush(&self) {
+        for shard in self.addresses.iter() {
             let _ = shard.send(Flush).await;
         }
-        self.system.stop();
-        let _ = tokio::task::spawn_blocking(move || self.thread.join()).await;
     }
 }
 

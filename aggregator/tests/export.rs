@@ -9,8 +9,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use actix::Actor;
 use mermin_aggregator::{
-    export::{ExportConfig, Exporter, OtlpProtocol},
+    export::{ExportConfig, Exporter, OtlpProtocol, OutboxChanged},
     metrics::Metrics,
     store::Store,
 };
@@ -22,10 +23,7 @@ use opentelemetry_proto::tonic::{
 };
 use prost::Message;
 use support::otlp::Receiver;
-use tokio::{
-    net::TcpListener,
-    sync::{Notify, watch},
-};
+use tokio::net::TcpListener;
 use tonic::Status;
 
 mod support;
@@ -51,21 +49,20 @@ fn request(names: &[&str]) -> Vec<u8> {
     .encode_to_vec()
 }
 
+/// The exporter actor, running in the test's actix system until the test ends.
 struct Running {
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
     metrics: Arc<Metrics>,
 }
 
-/// Runs a test case once per OTLP transport.
+/// Runs a test case once per OTLP transport, each in its own actix system.
 macro_rules! over_both_protocols {
     ($case:ident) => {
         mod $case {
-            #[tokio::test]
+            #[actix::test]
             async fn grpc() {
                 super::$case(mermin_aggregator::export::OtlpProtocol::Grpc).await
             }
-            #[tokio::test]
+            #[actix::test]
             async fn http() {
                 super::$case(mermin_aggregator::export::OtlpProtocol::HttpProtobuf).await
             }
@@ -95,6 +92,10 @@ fn start_exporter(store: &Store, addr: SocketAddr, protocol: OtlpProtocol) -> Ru
 }
 
 fn start_exporter_with(store: &Store, config: ExportConfig) -> Running {
+    start_exporter_actor(store, config).0
+}
+
+fn start_exporter_actor(store: &Store, config: ExportConfig) -> (Running, actix::Addr<Exporter>) {
     let metrics = Arc::new(Metrics::new());
     let config = ExportConfig {
         min_backoff: Duration::from_millis(20),
@@ -102,27 +103,10 @@ fn start_exporter_with(store: &Store, config: ExportConfig) -> Running {
         timeout: Duration::from_secs(2),
         ..config
     };
-    let exporter = Exporter::new(
-        store.clone(),
-        config,
-        metrics.clone(),
-        Arc::new(Notify::new()),
-    )
-    .unwrap();
-    let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(async move { exporter.run(stopped).await.unwrap() });
-    Running {
-        stop,
-        task,
-        metrics,
-    }
-}
-
-impl Running {
-    async fn stop(self) {
-        self.stop.send(true).unwrap();
-        self.task.await.unwrap();
-    }
+    let address = Exporter::new(store.clone(), config, metrics.clone())
+        .unwrap()
+        .start();
+    (Running { metrics }, address)
 }
 
 /// Waits (at most 10 s) until the outbox is empty.
@@ -183,7 +167,6 @@ async fn an_endpoint_that_is_down_gets_everything_once_it_is_up(protocol: OtlpPr
         metric(&exporter.metrics, "mermin_aggregator_spans_exported_total"),
         6
     );
-    exporter.stop().await;
     server.abort();
 }
 
@@ -236,7 +219,6 @@ async fn transient_errors_retry_and_permanent_rejects_are_counted(protocol: Otlp
         1
     );
     assert_eq!(metric(m, "mermin_aggregator_spans_exported_total"), 3);
-    exporter.stop().await;
     server.abort();
 }
 
@@ -253,10 +235,9 @@ async fn the_outbox_survives_a_restart(protocol: OtlpProtocol) {
     let addr = listener.local_addr().unwrap();
     let receiver = Receiver::default();
     let server = serve(receiver.clone(), listener, protocol).await;
-    let exporter = start_exporter(&store, addr, protocol);
+    start_exporter(&store, addr, protocol);
     drained(&store).await;
     assert_eq!(receiver.names(), ["kept"]);
-    exporter.stop().await;
     server.abort();
 }
 
@@ -268,7 +249,6 @@ fn a_bad_endpoint_is_refused_up_front() {
         store,
         ExportConfig::new("tempo:4317"),
         Arc::new(Metrics::new()),
-        Arc::new(Notify::new()),
     )
     .err()
     .unwrap();
@@ -279,7 +259,7 @@ fn a_bad_endpoint_is_refused_up_front() {
 }
 
 /// The drop-oldest policy: over quota, the oldest requests go first, and their spans are counted.
-#[tokio::test]
+#[actix::test]
 async fn over_quota_the_oldest_requests_are_dropped_and_counted() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
@@ -318,6 +298,30 @@ async fn over_quota_the_oldest_requests_are_dropped_and_counted() {
         3
     );
     assert_eq!(metric(m, "mermin_aggregator_spans_exported_total"), 3);
-    exporter.stop().await;
+    server.abort();
+}
+
+/// Idle with an empty outbox, the exporter delivers what is queued once told.
+#[actix::test]
+async fn an_idle_exporter_delivers_when_told_the_outbox_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let receiver = Receiver::default();
+    let server = support::otlp::serve(receiver.clone(), listener).await;
+    let (exporter, address) =
+        start_exporter_actor(&store, ExportConfig::new(format!("http://{addr}")));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    store.outbox_push(&request(&["late"])).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(store.outbox_len(), 1, "idle: nothing polls the outbox");
+    address.send(OutboxChanged).await.unwrap();
+    drained(&store).await;
+    assert_eq!(receiver.names(), ["late"]);
+    assert_eq!(
+        metric(&exporter.metrics, "mermin_aggregator_spans_exported_total"),
+        1
+    );
     server.abort();
 }
