@@ -1,14 +1,51 @@
 //! The actix system the aggregator's actors (flow shards, exporter) run on: one arbiter — a
 //! thread with its own event loop — per core, under a system on a thread of its own, so that the
 //! tokio runtime serving gRPC and the actors never share a thread. Actors are placed on an
-//! arbiter by index; their addresses work from any thread or runtime.
+//! arbiter by index (shards) or round robin (agent sessions); their addresses work from any
+//! thread or runtime.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
+};
 
 use actix::{Arbiter, ArbiterHandle, System};
 
 pub struct ActorRuntime {
     system: System,
-    arbiters: Vec<ArbiterHandle>,
+    arbiters: Arbiters,
     thread: std::thread::JoinHandle<()>,
+}
+
+/// Arbiters to place actors on; [`Arbiters::next`] goes round robin (for per-connection actors).
+#[derive(Clone)]
+pub struct Arbiters {
+    handles: Arc<[ArbiterHandle]>,
+    next: Arc<AtomicUsize>,
+}
+
+impl Arbiters {
+    fn new(handles: Vec<ArbiterHandle>) -> Self {
+        Self {
+            handles: handles.into(),
+            next: Arc::default(),
+        }
+    }
+
+    /// Just the calling thread's arbiter (inside an actix system: tests, embedding).
+    pub fn current() -> Self {
+        Self::new(vec![Arbiter::current()])
+    }
+
+    /// The arbiter for the `index`-th actor of a kind.
+    pub fn get(&self, index: usize) -> &ArbiterHandle {
+        &self.handles[index % self.handles.len()]
+    }
+
+    /// The next arbiter, round robin.
+    pub fn next(&self) -> &ArbiterHandle {
+        self.get(self.next.fetch_add(1, Ordering::Relaxed))
+    }
 }
 
 impl ActorRuntime {
@@ -34,14 +71,13 @@ impl ActorRuntime {
             .map_err(|_| std::io::Error::other("the actor system did not start"))?;
         Ok(Self {
             system,
-            arbiters,
+            arbiters: Arbiters::new(arbiters),
             thread,
         })
     }
 
-    /// The arbiter for the `index`-th actor of a kind (round robin).
-    pub fn arbiter(&self, index: usize) -> &ArbiterHandle {
-        &self.arbiters[index % self.arbiters.len()]
+    pub fn arbiters(&self) -> &Arbiters {
+        &self.arbiters
     }
 
     /// Stops every arbiter and the system, and waits for its thread.

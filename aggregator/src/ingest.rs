@@ -1,4 +1,5 @@
-//! The `AgentService` endpoint: one task per agent stream, speaking `mermin.agent.v1`.
+//! The `AgentService` endpoint, speaking `mermin.agent.v1`: one actix actor ([`Session`]) per
+//! agent stream, placed round robin on the actor runtime's arbiters.
 //!
 //! Per stream: a `Hello` (protocol version, node, 16-byte boot id), answered by a `Welcome` with
 //! the highest sequence already durable for that boot id; then `Batch`es. Each batch is checked
@@ -9,10 +10,14 @@
 //! stream — and only this stream — with a status whose message names the problem.
 //!
 //! Nothing here queues without bound: the answer channel holds `max_in_flight_batches` acks, the
-//! shards' mailboxes are bounded, and a stream reads its next batch only after acking the last.
+//! shards' mailboxes are bounded, and a session takes the next message from its stream only after
+//! it has handled the last (acked or refused it) — until then HTTP/2 flow control holds the agent.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
+use actix::{
+    Actor, ActorContext, ActorFutureExt, AsyncContext, Context, StreamHandler, WrapFuture,
+};
 use mermin_protocol::agent::v1::{
     AgentMessage, AggregatorMessage, Batch, Hello, Welcome, agent_message,
     agent_service_server::{AgentService, AgentServiceServer},
@@ -23,6 +28,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
+    actors::Arbiters,
     metrics::{Metrics, ReasonLabel},
     observation::Observation,
     store::{BOOT_ID_LEN, BootId, Store, StoreError},
@@ -72,7 +78,7 @@ pub struct SinkClosed;
 
 /// Where durable batches go: the flow shards, or any bounded channel. Returns once the batch is
 /// accepted; waiting here is how backpressure reaches the agent.
-pub trait BatchSink: Clone + Send + Sync + 'static {
+pub trait BatchSink: Clone + Send + Sync + Unpin + 'static {
     fn apply(&self, batch: AppliedBatch) -> impl Future<Output = Result<(), SinkClosed>> + Send;
 }
 
@@ -88,15 +94,24 @@ pub struct Ingest<S> {
     limits: IngestLimits,
     flows: S,
     metrics: Arc<Metrics>,
+    /// Where sessions run.
+    arbiters: Arbiters,
 }
 
 impl<S: BatchSink> Ingest<S> {
-    pub fn new(store: Store, limits: IngestLimits, flows: S, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        store: Store,
+        limits: IngestLimits,
+        flows: S,
+        metrics: Arc<Metrics>,
+        arbiters: Arbiters,
+    ) -> Self {
         Self {
             store,
             limits,
             flows,
             metrics,
+            arbiters,
         }
     }
 
@@ -115,31 +130,64 @@ impl<S: BatchSink> AgentService for Ingest<S> {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
-        let mut inbound = request.into_inner();
+        let inbound = request.into_inner();
         let (answers, receiver) = mpsc::channel(self.limits.max_in_flight_batches as usize + 1);
-        let session = Session {
+        let worker = Worker {
             ingest: self.clone(),
-            answers: answers.clone(),
+            answers,
         };
-        tokio::spawn(async move {
-            if let Err(status) = session.run(&mut inbound).await {
-                tracing::warn!(code = ?status.code(), message = status.message(), "agent stream rejected");
-                session
-                    .ingest
-                    .metrics
-                    .streams_rejected
-                    .get_or_create(&ReasonLabel {
-                        reason: code_name(status.code()).to_owned(),
-                    })
-                    .inc();
-                let _ = answers.send(Err(status)).await;
+        Session::start_in_arbiter(self.arbiters.next(), move |ctx| {
+            ctx.add_stream(inbound);
+            Session {
+                worker,
+                agent: None,
             }
         });
         Ok(Response::new(ReceiverStream::new(receiver)))
     }
 }
 
-struct Session<S> {
+/// The actor of one agent stream. It takes the stream's messages one at a time: each is handled
+/// to the end (stored and acknowledged, or refused) before the next is read. A refusal ends the
+/// stream with its status, and the actor.
+pub struct Session<S> {
+    worker: Worker<S>,
+    /// Known after the Hello.
+    agent: Option<Agent>,
+}
+
+impl<S: BatchSink> Actor for Session<S> {
+    type Context = Context<Self>;
+}
+
+impl<S: BatchSink> StreamHandler<Result<AgentMessage, Status>> for Session<S> {
+    fn handle(&mut self, message: Result<AgentMessage, Status>, ctx: &mut Context<Self>) {
+        let worker = self.worker.clone();
+        let mut agent = self.agent.take();
+        let handled = async move {
+            let outcome = worker.handle(&mut agent, message).await;
+            if let Err(status) = &outcome {
+                worker.refuse(status.clone()).await;
+            }
+            (agent, outcome.is_ok())
+        };
+        // `wait`: no other message is read until this one is handled.
+        ctx.wait(
+            handled
+                .into_actor(self)
+                .map(|(agent, accepted), session, ctx| {
+                    session.agent = agent;
+                    if !accepted {
+                        ctx.stop();
+                    }
+                }),
+        );
+    }
+}
+
+/// What a session does, apart from the actor plumbing; cheap to clone into each step.
+#[derive(Clone)]
+struct Worker<S> {
     ingest: Ingest<S>,
     answers: mpsc::Sender<Result<AggregatorMessage, Status>>,
 }
@@ -151,30 +199,42 @@ struct Agent {
     last: u64,
 }
 
-impl<S: BatchSink> Session<S> {
-    async fn run(&self, inbound: &mut Streaming<AgentMessage>) -> Result<(), Status> {
-        let hello = match inbound.message().await?.and_then(|m| m.message) {
-            Some(agent_message::Message::Hello(hello)) => hello,
-            Some(_) => {
-                return Err(Status::invalid_argument(
-                    "the first message of a stream must be a Hello",
-                ));
+impl<S: BatchSink> Worker<S> {
+    /// One message of the stream (or the transport's error): the Hello first, then batches.
+    async fn handle(
+        &self,
+        agent: &mut Option<Agent>,
+        message: Result<AgentMessage, Status>,
+    ) -> Result<(), Status> {
+        match (agent.as_mut(), message?.message) {
+            (None, Some(agent_message::Message::Hello(hello))) => {
+                *agent = Some(self.welcome(hello).await?);
+                Ok(())
             }
-            None => return Ok(()),
-        };
-        let mut agent = self.welcome(hello).await?;
-        while let Some(message) = inbound.message().await? {
-            match message.message {
-                Some(agent_message::Message::Batch(batch)) => self.batch(&mut agent, batch).await?,
-                Some(agent_message::Message::Hello(_)) => {
-                    return Err(Status::invalid_argument(
-                        "a stream carries exactly one Hello",
-                    ));
-                }
-                None => return Err(Status::invalid_argument("empty AgentMessage")),
+            (None, Some(_)) => Err(Status::invalid_argument(
+                "the first message of a stream must be a Hello",
+            )),
+            (Some(agent), Some(agent_message::Message::Batch(batch))) => {
+                self.batch(agent, batch).await
             }
+            (Some(_), Some(agent_message::Message::Hello(_))) => Err(Status::invalid_argument(
+                "a stream carries exactly one Hello",
+            )),
+            (_, None) => Err(Status::invalid_argument("empty AgentMessage")),
         }
-        Ok(())
+    }
+
+    /// Ends the stream with `status`, counted by its code.
+    async fn refuse(&self, status: Status) {
+        tracing::warn!(code = ?status.code(), message = status.message(), "agent stream rejected");
+        self.ingest
+            .metrics
+            .streams_rejected
+            .get_or_create(&ReasonLabel {
+                reason: code_name(status.code()).to_owned(),
+            })
+            .inc();
+        let _ = self.answers.send(Err(status)).await;
     }
 
     async fn welcome(&self, hello: Hello) -> Result<Agent, Status> {

@@ -107,7 +107,7 @@ impl Aggregator {
         let states = recover(&store, config.settle, config.grace)?;
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let actors = ActorRuntime::start(threads).map_err(StartError::Actors)?;
-        let exporter = Exporter::start_in_arbiter(actors.arbiter(0), move |_| exporter);
+        let exporter = Exporter::start_in_arbiter(actors.arbiters().get(0), move |_| exporter);
         let shards = shard::start(
             &actors,
             states,
@@ -123,6 +123,7 @@ impl Aggregator {
             config.limits.clone(),
             shards.clone(),
             metrics.clone(),
+            actors.arbiters().clone(),
         )
         .into_service();
         let server = tokio::spawn(async move {

@@ -257,7 +257,7 @@ pub fn start(runtime: &ActorRuntime, states: Vec<ShardState>, context: ShardCont
         .enumerate()
         .map(|(index, state)| {
             let context = context.clone();
-            FlowShard::start_in_arbiter(runtime.arbiter(index), move |_| FlowShard {
+            FlowShard::start_in_arbiter(runtime.arbiters().get(index), move |_| FlowShard {
                 id: index as ShardId,
                 table: state.table,
                 positions: state.positions,

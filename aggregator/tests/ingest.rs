@@ -1,10 +1,12 @@
-//! The agent stream over real gRPC on loopback, with a real sled store in a temporary directory:
+//! The agent stream over real gRPC on loopback, with a real sled store in a temporary directory
+//! (each test in its own actix system, where the session actors run):
 //! acknowledgements only after durability, replays acknowledged but not applied twice, and every
 //! bad input refused with a status that says what is wrong — without disturbing other streams.
 
 use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use mermin_aggregator::{
+    actors::Arbiters,
     ingest::{AppliedBatch, Ingest, IngestLimits},
     metrics::Metrics,
     store::Store,
@@ -49,7 +51,14 @@ async fn start(dir: &Path, limits: IngestLimits) -> Aggregator {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let metrics = Arc::new(Metrics::new());
-    let service = Ingest::new(store.clone(), limits, tx, metrics.clone()).into_service();
+    let service = Ingest::new(
+        store.clone(),
+        limits,
+        tx,
+        metrics.clone(),
+        Arbiters::current(),
+    )
+    .into_service();
     let server = tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(service)
@@ -66,7 +75,7 @@ async fn start(dir: &Path, limits: IngestLimits) -> Aggregator {
     }
 }
 
-#[tokio::test]
+#[actix::test]
 async fn batches_are_acked_after_they_are_durable_and_replays_are_not_applied_twice() {
     let dir = tempfile::tempdir().unwrap();
     let boot = [7; 16];
@@ -113,7 +122,7 @@ async fn batches_are_acked_after_they_are_durable_and_replays_are_not_applied_tw
     );
 }
 
-#[tokio::test]
+#[actix::test]
 async fn bad_input_is_refused_with_a_clear_status_and_other_streams_go_on() {
     let dir = tempfile::tempdir().unwrap();
     let limits = IngestLimits {
@@ -237,7 +246,7 @@ async fn bad_input_is_refused_with_a_clear_status_and_other_streams_go_on() {
 
 /// The backpressure outbox policy: while the export outbox is over quota a batch waits; it goes
 /// through once there is room, and a stream that waits too long is refused with a clear status.
-#[tokio::test]
+#[actix::test]
 async fn a_full_outbox_holds_batches_back_then_refuses_the_stream() {
     let dir = tempfile::tempdir().unwrap();
     let limits = IngestLimits {
