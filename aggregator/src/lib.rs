@@ -1,4 +1,4 @@
-//! Mermin's aggregator (being built; see the aggregator issue).
+//! Mermin's aggregator.
 //!
 //! It owns: the agent stream endpoint (hello, sequenced batches, durable acks), the flow table
 //! sharded by [`connection_key::ConnectionKey`], stitching of the up-to-four observations of one
@@ -6,11 +6,11 @@
 //! both ends, and export of one span per flow interval over OTLP. Its input is
 //! `mermin_protocol::flow::v1::FlowRecord`, exactly as node agents emit it.
 //!
-//! Built so far: `ingest` (the agent stream endpoint: validation, durable append, acks) over
-//! `store` (sled log of batches); and, as pure logic, `observation` (record validation) →
-//! `connection_key` (canonical key, Community ID v1) → `stitch` (one flow per connection) →
-//! `span` (OTLP spans with deterministic ids). Still to come: the flow-table actors that stitch
-//! on time, the durable export queue and OTLP exporter, configuration, the binary.
+//! Data flows through one module per stage: `ingest` (agent sessions: validation, durable append
+//! to `store`, acks) → `shard` (the flow table split by connection key: `observation` →
+//! `connection_key` → `flow_table` → `stitch` → `span`, checkpointed) → `export` (the outbox to
+//! OTLP). `actors` runs the actix actors, `pipeline` wires and recovers them, `config` reads the
+//! HCL file, `metrics` declares every metric.
 
 pub mod actors;
 pub mod config;
