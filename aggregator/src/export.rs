@@ -39,7 +39,7 @@ use hyper_util::{
     rt::TokioExecutor,
 };
 use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse, trace_service_client::TraceServiceClient,
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use prost::Message;
 use tonic::{Code, transport::Channel};
@@ -157,8 +157,97 @@ enum Delivery {
 
 #[derive(Clone)]
 enum Transport {
-    Grpc(TraceServiceClient<Channel>),
+    Grpc(RawTraceClient),
     Http(Arc<HttpTransport>),
+}
+
+/// An outbox entry: the request's span count (u32, big-endian), then the encoded
+/// `ExportTraceServiceRequest`, sent as stored — decoding and re-encoding every request cost the
+/// aggregator a sixth of its CPU.
+pub fn outbox_entry(request: &ExportTraceServiceRequest) -> Vec<u8> {
+    let spans = span_count(request) as u32;
+    let mut entry = Vec::with_capacity(4 + request.encoded_len());
+    entry.extend_from_slice(&spans.to_be_bytes());
+    // Writing into a Vec cannot run out of room.
+    let _ = request.encode(&mut entry);
+    entry
+}
+
+/// An entry's span count and request; `None` if it is too short to be one.
+fn split_entry(entry: Vec<u8>) -> Option<(u64, Bytes)> {
+    let spans = u32::from_be_bytes(entry.get(..4)?.try_into().ok()?);
+    Some((u64::from(spans), Bytes::from(entry).slice(4..)))
+}
+
+/// `TraceService/Export` over gRPC with the request already encoded.
+#[derive(Clone)]
+struct RawTraceClient(tonic::client::Grpc<Channel>);
+
+impl RawTraceClient {
+    async fn export(
+        &mut self,
+        request: Bytes,
+    ) -> Result<ExportTraceServiceResponse, tonic::Status> {
+        self.0
+            .ready()
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("not ready: {e}")))?;
+        let path = http::uri::PathAndQuery::from_static(
+            "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+        );
+        let response = self
+            .0
+            .unary(tonic::Request::new(request), path, RawCodec)
+            .await?;
+        Ok(response.into_inner())
+    }
+}
+
+/// Sends bytes as they are; decodes the answer with prost.
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = ExportTraceServiceResponse;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Bytes,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = ExportTraceServiceResponse;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<ExportTraceServiceResponse>, tonic::Status> {
+        ExportTraceServiceResponse::decode(src)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(format!("undecodable answer: {e}")))
+    }
 }
 
 /// OTLP/HTTP with protobuf bodies.
@@ -178,7 +267,9 @@ impl Transport {
                     .connect_timeout(config.timeout)
                     .timeout(config.timeout)
                     .connect_lazy();
-                Ok(Transport::Grpc(TraceServiceClient::new(channel)))
+                Ok(Transport::Grpc(RawTraceClient(tonic::client::Grpc::new(
+                    channel,
+                ))))
             }
             OtlpProtocol::HttpProtobuf => {
                 if config.endpoint.starts_with("https://") {
@@ -201,10 +292,10 @@ impl Transport {
         }
     }
 
-    async fn send(&mut self, request: ExportTraceServiceRequest) -> Delivery {
+    async fn send(&mut self, request: Bytes) -> Delivery {
         match self {
             Transport::Grpc(client) => match client.export(request).await {
-                Ok(response) => accepted(response.into_inner()),
+                Ok(response) => accepted(response),
                 Err(status) if status.code() == Code::InvalidArgument => {
                     Delivery::Refused(status.message().to_owned())
                 }
@@ -218,10 +309,10 @@ impl Transport {
 }
 
 impl HttpTransport {
-    async fn send(&self, request: ExportTraceServiceRequest) -> Delivery {
+    async fn send(&self, request: Bytes) -> Delivery {
         let post = http::Request::post(self.uri.clone())
             .header(http::header::CONTENT_TYPE, "application/x-protobuf")
-            .body(Full::new(Bytes::from(request.encode_to_vec())));
+            .body(Full::new(request));
         let post = match post {
             Ok(post) => post,
             Err(err) => return Delivery::Failed(err.to_string()),
@@ -306,7 +397,7 @@ impl Exporter {
             let Some((id, bytes)) = store.outbox_oldest(1)?.into_iter().next() else {
                 return Ok(None);
             };
-            let attempt = attempt(&mut transport, &bytes, &metrics).await;
+            let attempt = attempt(&mut transport, bytes, &metrics).await;
             if let Attempt::Done = attempt {
                 store.outbox_remove(id).await?;
             }
@@ -392,8 +483,7 @@ async fn drop_over_quota(
         let Some((id, bytes)) = store.outbox_oldest(1)?.into_iter().next() else {
             break;
         };
-        let spans = ExportTraceServiceRequest::decode(bytes.as_slice())
-            .map_or(0, |request| span_count(&request));
+        let spans = split_entry(bytes).map_or(0, |(spans, _)| spans);
         store.outbox_remove(id).await?;
         metrics
             .spans_dropped
@@ -410,18 +500,14 @@ async fn drop_over_quota(
     Ok(())
 }
 
-/// One delivery attempt of an encoded request, counted.
-async fn attempt(transport: &mut Transport, bytes: &[u8], metrics: &Metrics) -> Attempt {
-    let request = match ExportTraceServiceRequest::decode(bytes) {
-        Ok(request) => request,
-        Err(err) => {
-            tracing::error!(%err, "undecodable outbox entry dropped");
-            // Its spans cannot be counted; the request counts as one.
-            metrics.rejected("corrupt_outbox_entry", 1);
-            return Attempt::Done;
-        }
+/// One delivery attempt of an outbox entry, counted.
+async fn attempt(transport: &mut Transport, entry: Vec<u8>, metrics: &Metrics) -> Attempt {
+    let Some((spans, request)) = split_entry(entry) else {
+        tracing::error!("outbox entry too short to hold a request; dropped");
+        // Its spans cannot be counted; the entry counts as one.
+        metrics.rejected("corrupt_outbox_entry", 1);
+        return Attempt::Done;
     };
-    let spans = span_count(&request);
     match transport.send(request).await {
         Delivery::Accepted { rejected, message } => {
             if rejected > 0 {

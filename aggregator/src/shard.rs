@@ -23,7 +23,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use crate::{
     actors::ActorRuntime,
     connection_key::ConnectionKey,
-    export::OutboxChanged,
+    export::{OutboxChanged, outbox_entry},
     flow_table::{Emitted, FlowTable},
     ingest::{AppliedBatch, BatchSink, SinkClosed},
     metrics::{Metrics, ShardLabel},
@@ -34,7 +34,6 @@ use crate::{
 };
 use actix::{Actor, ActorContext, Addr, AsyncContext, Context, Handler, Message, Recipient};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use prost::Message as _;
 
 pub type ShardId = u16;
 
@@ -193,18 +192,17 @@ impl FlowShard {
 /// limit that Tempo and collectors apply by default.
 pub const INTERVALS_PER_REQUEST: usize = 1_000;
 
-/// The OTLP export requests (encoded) carrying the spans of `emitted`.
+/// The outbox entries (encoded OTLP export requests) carrying the spans of `emitted`.
 pub fn encode_requests(emitted: &[Emitted]) -> Vec<Vec<u8>> {
     emitted
         .chunks(INTERVALS_PER_REQUEST)
         .map(|chunk| {
-            ExportTraceServiceRequest {
+            outbox_entry(&ExportTraceServiceRequest {
                 resource_spans: chunk
                     .iter()
                     .flat_map(|e| flow_spans(&e.flow, &e.interval))
                     .collect(),
-            }
-            .encode_to_vec()
+            })
         })
         .collect()
 }

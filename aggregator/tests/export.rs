@@ -11,7 +11,7 @@ use std::{
 
 use actix::Actor;
 use mermin_aggregator::{
-    export::{ExportConfig, Exporter, OtlpProtocol, OutboxChanged},
+    export::{ExportConfig, Exporter, OtlpProtocol, OutboxChanged, outbox_entry},
     metrics::Metrics,
     store::Store,
 };
@@ -21,15 +21,15 @@ use opentelemetry_proto::tonic::{
     },
     trace::v1::{ResourceSpans, ScopeSpans, Span},
 };
-use prost::Message;
 use support::otlp::Receiver;
 use tokio::net::TcpListener;
 use tonic::Status;
 
 mod support;
 
+/// An outbox entry holding one request with spans of these names.
 fn request(names: &[&str]) -> Vec<u8> {
-    ExportTraceServiceRequest {
+    outbox_entry(&ExportTraceServiceRequest {
         resource_spans: vec![ResourceSpans {
             scope_spans: vec![ScopeSpans {
                 spans: names
@@ -45,8 +45,7 @@ fn request(names: &[&str]) -> Vec<u8> {
             }],
             ..ResourceSpans::default()
         }],
-    }
-    .encode_to_vec()
+    })
 }
 
 /// The exporter actor, running in the test's actix system until the test ends.
