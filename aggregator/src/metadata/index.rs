@@ -1,0 +1,826 @@
+//! `MetadataIndex`: which Kubernetes object held an IP address at a given time, and what to say
+//! about it. It owns the time rules, the owner chain, service membership, the label allow-list
+//! and the string interning that keeps it small. It knows nothing of where its events come from
+//! (`kube` maps API objects to [`MetadataEvent`]s, `static_file` fills the [`PrefixTable`]).
+//!
+//! **Time.** Every address is held by *tenancies*: `[valid_from, valid_until)` (open while the
+//! holder still has the address). A lookup at `at_unix_nanos` considers only the tenancies valid
+//! then, so a pod IP reused by a later pod still joins a late flow to the pod that had it.
+//! - `valid_from` is the object's `creationTimestamp` for its first address (nothing can have
+//!   used the address before the object existed), the event time for an address it gets later;
+//!   for pod IPs and ClusterIPs (held by one object at a time) never before the previous holder
+//!   let go of the address.
+//! - `valid_until` is the time of the event that took the address away: the object's deletion,
+//!   a changed address, or a pod that finished (`Succeeded`/`Failed` pods keep `status.podIP`
+//!   but their address is free for reuse; the `kube` adapter gives them no address).
+//! - Where tenancies overlap (the API can show a terminating pod after its IP went to a new
+//!   one), the one that began last wins.
+//! - Closed tenancies stay joinable for [`IndexSettings::deleted_grace`] after `valid_until`;
+//!   [`MetadataIndex::purge`] drops them after that.
+//!
+//! **Who is at an address**, most specific first: a Service's ClusterIP; a pod's own IP; a
+//! hostNetwork pod (it shares the node's address) whose `containerPorts` hold the flow's port;
+//! the Node. Addresses no tenancy explains fall back to EndpointSlice endpoints given by address
+//! (selector-less Services pointing outside the cluster), then the static file, longest prefix
+//! first.
+//!
+//! **Workload.** The pod's controller owner reference. A ReplicaSet or Job is resolved through
+//! the owners the index was told about (ReplicaSet → Deployment, Job → CronJob, or the
+//! ReplicaSet/Job itself when it has no controller). When that ReplicaSet is not known (yet),
+//! the Deployment name is derived by removing the `-<hash>` suffix from the ReplicaSet's name,
+//! but only when the pod's `pod-template-hash` label equals that suffix, which is how the
+//! Deployment controller names ReplicaSets; otherwise the ReplicaSet is reported as the
+//! workload. An unknown Job stays a Job: CronJob job names carry a schedule-derived suffix that
+//! no label confirms. StatefulSet, DaemonSet and other controllers are taken from the reference.
+//!
+//! **Service** of a pod: the Services whose EndpointSlices list it (by `targetRef` uid); of
+//! several, the first by name whose slice ports hold the flow's port, else the first by name.
+//! **Container**: the container whose `containerPorts` hold the port, else the only container.
+//! **Labels**: only keys in [`IndexSettings::label_keys`], for pods and namespaces alike.
+//!
+//! **Memory.** Every string is interned as an `Arc<str>` (namespaces, node names, label keys and
+//! values are shared by many pods), label sets too (replicas share one); lookups clone `Arc`s
+//! and never allocate. `purge` also drops interned strings nothing uses any more.
+
+use std::{
+    cmp::Reverse,
+    collections::HashSet,
+    hash::Hash,
+    net::IpAddr,
+    sync::{Arc, PoisonError, RwLock, RwLockReadGuard},
+    time::Duration,
+};
+
+use foldhash::HashMap;
+
+use super::static_file::PrefixTable;
+
+/// Allow-listed labels, sorted by key.
+pub type Labels = Arc<[(Arc<str>, Arc<str>)]>;
+
+/// How long a deleted object stays joinable by default.
+pub const DEFAULT_DELETED_GRACE: Duration = Duration::from_secs(5 * 60);
+
+/// What is known about one end of a flow; `None` where unknown.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EndpointMetadata {
+    pub pod_name: Option<Arc<str>>,
+    pub namespace: Option<Arc<str>>,
+    pub node_name: Option<Arc<str>>,
+    /// `Deployment`, `StatefulSet`, `DaemonSet`, `ReplicaSet`, `Job`, `CronJob`, or another
+    /// controller's kind.
+    pub workload_kind: Option<Arc<str>>,
+    pub workload_name: Option<Arc<str>>,
+    pub service_name: Option<Arc<str>>,
+    pub container_name: Option<Arc<str>>,
+    pub labels: Labels,
+    pub namespace_labels: Labels,
+}
+
+impl EndpointMetadata {
+    /// The name for this side's OTLP resource `service.name`: the workload, else the pod, else
+    /// the Service, else the node.
+    pub fn workload_service_name(&self) -> Option<&str> {
+        self.workload_name
+            .as_deref()
+            .or(self.pod_name.as_deref())
+            .or(self.service_name.as_deref())
+            .or(self.node_name.as_deref())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexSettings {
+    /// Label keys that may appear in metadata (pods' and namespaces'); all others are dropped.
+    pub label_keys: Vec<String>,
+    pub deleted_grace: Duration,
+}
+
+impl Default for IndexSettings {
+    fn default() -> Self {
+        Self {
+            label_keys: Vec::new(),
+            deleted_grace: DEFAULT_DELETED_GRACE,
+        }
+    }
+}
+
+/// The kinds of objects the index learns about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ObjectKind {
+    Pod,
+    Service,
+    EndpointSlice,
+    Node,
+    Namespace,
+    ReplicaSet,
+    Job,
+}
+
+impl ObjectKind {
+    pub const ALL: [ObjectKind; 7] = [
+        ObjectKind::Pod,
+        ObjectKind::Service,
+        ObjectKind::EndpointSlice,
+        ObjectKind::Node,
+        ObjectKind::Namespace,
+        ObjectKind::ReplicaSet,
+        ObjectKind::Job,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ObjectKind::Pod => "Pod",
+            ObjectKind::Service => "Service",
+            ObjectKind::EndpointSlice => "EndpointSlice",
+            ObjectKind::Node => "Node",
+            ObjectKind::Namespace => "Namespace",
+            ObjectKind::ReplicaSet => "ReplicaSet",
+            ObjectKind::Job => "Job",
+        }
+    }
+}
+
+/// An owner reference: the object's kind, name and uid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnerRef {
+    pub kind: String,
+    pub name: String,
+    pub uid: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerPorts {
+    pub name: String,
+    pub ports: Vec<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodInfo {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub node_name: Option<String>,
+    pub created_unix_nanos: Option<u64>,
+    /// The addresses the pod holds now: empty before it has one and after it finished.
+    pub addresses: Vec<IpAddr>,
+    pub host_network: bool,
+    /// The owner reference marked `controller`.
+    pub controller: Option<OwnerRef>,
+    /// All labels; the index keeps the allow-listed ones.
+    pub labels: Vec<(String, String)>,
+    pub containers: Vec<ContainerPorts>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceInfo {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub created_unix_nanos: Option<u64>,
+    pub cluster_ips: Vec<IpAddr>,
+}
+
+/// One endpoint of an EndpointSlice: a pod (by uid), or bare addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum EndpointTarget {
+    Pod { uid: String },
+    Address(IpAddr),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSliceInfo {
+    pub uid: String,
+    pub namespace: String,
+    /// From the label `kubernetes.io/service-name`.
+    pub service_name: String,
+    pub ports: Vec<u16>,
+    pub endpoints: Vec<EndpointTarget>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub uid: String,
+    pub name: String,
+    pub created_unix_nanos: Option<u64>,
+    pub addresses: Vec<IpAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamespaceInfo {
+    pub uid: String,
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+}
+
+/// A ReplicaSet or Job, which only matters for its own controller (Deployment, CronJob).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnerInfo {
+    pub uid: String,
+    pub kind: String,
+    pub name: String,
+    pub controller: Option<OwnerRef>,
+}
+
+/// A change to what the index knows, independent of where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetadataEvent {
+    Pod(PodInfo),
+    Service(ServiceInfo),
+    EndpointSlice(EndpointSliceInfo),
+    Node(NodeInfo),
+    Namespace(NamespaceInfo),
+    /// A ReplicaSet or a Job.
+    Owner(OwnerInfo),
+    Deleted {
+        kind: ObjectKind,
+        uid: String,
+    },
+}
+
+/// A workload: its kind and name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Workload {
+    kind: Arc<str>,
+    name: Arc<str>,
+}
+
+/// A pod's controller, with what to report when it is a ReplicaSet or Job the index does not
+/// know.
+#[derive(Debug)]
+struct Controller {
+    uid: Arc<str>,
+    resolve_through_owner: bool,
+    itself: Workload,
+    if_owner_unknown: Workload,
+}
+
+#[derive(Debug)]
+struct PodRecord {
+    uid: Arc<str>,
+    name: Arc<str>,
+    namespace: Arc<str>,
+    node_name: Option<Arc<str>>,
+    controller: Option<Controller>,
+    container_ports: Box<[(u16, Arc<str>)]>,
+    sole_container: Option<Arc<str>>,
+    labels: Labels,
+}
+
+impl PodRecord {
+    fn container_for(&self, port: u16) -> Option<Arc<str>> {
+        self.container_ports
+            .iter()
+            .find(|(p, _)| *p == port)
+            .map(|(_, name)| name.clone())
+            .or_else(|| self.sole_container.clone())
+    }
+
+    fn listens_on(&self, port: u16) -> bool {
+        self.container_ports.iter().any(|(p, _)| *p == port)
+    }
+}
+
+#[derive(Debug)]
+struct ServiceRecord {
+    namespace: Arc<str>,
+    name: Arc<str>,
+}
+
+/// What holds an address during a tenancy.
+#[derive(Debug, Clone)]
+enum Holder {
+    Service(Arc<ServiceRecord>),
+    Pod(Arc<PodRecord>),
+    HostNetworkPod(Arc<PodRecord>),
+    Node(Arc<str>),
+}
+
+impl Holder {
+    /// Lower is more specific.
+    fn rank(&self) -> u8 {
+        match self {
+            Holder::Service(_) => 0,
+            Holder::Pod(_) => 1,
+            Holder::HostNetworkPod(_) => 2,
+            Holder::Node(_) => 3,
+        }
+    }
+
+    /// Held by one object at a time (pod IPs, ClusterIPs), unlike a node's address.
+    fn exclusive(&self) -> bool {
+        matches!(self, Holder::Service(_) | Holder::Pod(_))
+    }
+
+    fn explains_port(&self, port: u16) -> bool {
+        match self {
+            Holder::HostNetworkPod(pod) => pod.listens_on(port),
+            _ => true,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Tenancy {
+    holder_uid: Arc<str>,
+    valid_from: u64,
+    valid_until: Option<u64>,
+    holder: Holder,
+}
+
+impl Tenancy {
+    fn valid_at(&self, at: u64) -> bool {
+        self.valid_from <= at && self.valid_until.is_none_or(|until| at < until)
+    }
+}
+
+/// The addresses an object holds now.
+#[derive(Debug, Default)]
+struct Placement {
+    addresses: Vec<IpAddr>,
+    ever_addressed: bool,
+}
+
+#[derive(Debug)]
+struct Membership {
+    slice_uid: Arc<str>,
+    namespace: Arc<str>,
+    service: Arc<str>,
+    ports: Arc<[u16]>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum MemberKey {
+    Pod(Arc<str>),
+    Address(IpAddr),
+}
+
+#[derive(Debug)]
+struct SliceRecord {
+    members: Vec<MemberKey>,
+}
+
+/// Interned strings and label sets; `collect_garbage` drops those only the interner holds.
+#[derive(Debug, Default)]
+struct Interner {
+    strings: HashSet<Arc<str>, foldhash::fast::RandomState>,
+    label_sets: HashSet<Labels, foldhash::fast::RandomState>,
+}
+
+impl Interner {
+    fn text(&mut self, text: &str) -> Arc<str> {
+        if let Some(interned) = self.strings.get(text) {
+            return interned.clone();
+        }
+        let interned: Arc<str> = Arc::from(text);
+        self.strings.insert(interned.clone());
+        interned
+    }
+
+    fn labels(&mut self, labels: Vec<(Arc<str>, Arc<str>)>) -> Labels {
+        if let Some(interned) = self.label_sets.get(labels.as_slice()) {
+            return interned.clone();
+        }
+        let interned: Labels = Arc::from(labels);
+        self.label_sets.insert(interned.clone());
+        interned
+    }
+
+    fn collect_garbage(&mut self) {
+        // Label sets first: dropping one releases its strings.
+        self.label_sets.retain(|set| Arc::strong_count(set) > 1);
+        self.strings.retain(|text| Arc::strong_count(text) > 1);
+    }
+}
+
+/// The index. Not thread-safe by itself; see [`SharedIndex`].
+#[derive(Debug)]
+pub struct MetadataIndex {
+    label_keys: HashSet<String, foldhash::fast::RandomState>,
+    deleted_grace_nanos: u64,
+    interner: Interner,
+    no_labels: Labels,
+    tenancies: HashMap<IpAddr, Vec<Tenancy>>,
+    placements: HashMap<Arc<str>, Placement>,
+    /// ReplicaSet and Job uid → their controller, `None` when they have none.
+    owners: HashMap<Arc<str>, Option<Workload>>,
+    namespace_names: HashMap<Arc<str>, Arc<str>>,
+    namespace_labels: HashMap<Arc<str>, Labels>,
+    slices: HashMap<Arc<str>, SliceRecord>,
+    /// Sorted by service name.
+    memberships: HashMap<MemberKey, Vec<Membership>>,
+    static_entries: PrefixTable,
+}
+
+impl MetadataIndex {
+    pub fn new(settings: &IndexSettings) -> Self {
+        let mut interner = Interner::default();
+        let no_labels = interner.labels(Vec::new());
+        Self {
+            label_keys: settings.label_keys.iter().cloned().collect(),
+            deleted_grace_nanos: u64::try_from(settings.deleted_grace.as_nanos())
+                .unwrap_or(u64::MAX),
+            interner,
+            no_labels,
+            tenancies: HashMap::default(),
+            placements: HashMap::default(),
+            owners: HashMap::default(),
+            namespace_names: HashMap::default(),
+            namespace_labels: HashMap::default(),
+            slices: HashMap::default(),
+            memberships: HashMap::default(),
+            static_entries: PrefixTable::default(),
+        }
+    }
+
+    /// Replaces the entries of the static metadata file.
+    pub fn set_static_entries(&mut self, entries: PrefixTable) {
+        self.static_entries = entries;
+    }
+
+    /// What was at `address` (and `port`, for hostNetwork pods and containers) at
+    /// `at_unix_nanos`.
+    pub fn lookup(
+        &self,
+        address: IpAddr,
+        port: u16,
+        at_unix_nanos: u64,
+    ) -> Option<EndpointMetadata> {
+        let holder = self.tenancies.get(&address).and_then(|tenancies| {
+            tenancies
+                .iter()
+                .filter(|t| t.valid_at(at_unix_nanos) && t.holder.explains_port(port))
+                .min_by_key(|t| (t.holder.rank(), Reverse(t.valid_from)))
+        });
+        if let Some(tenancy) = holder {
+            return Some(self.describe(&tenancy.holder, port));
+        }
+        if let Some(membership) = self.membership(MemberKey::Address(address), port) {
+            return Some(EndpointMetadata {
+                namespace: Some(membership.namespace.clone()),
+                service_name: Some(membership.service.clone()),
+                ..self.empty()
+            });
+        }
+        self.static_entries.longest_match(address).cloned()
+    }
+
+    fn empty(&self) -> EndpointMetadata {
+        EndpointMetadata {
+            labels: self.no_labels.clone(),
+            namespace_labels: self.no_labels.clone(),
+            ..EndpointMetadata::default()
+        }
+    }
+
+    fn describe(&self, holder: &Holder, port: u16) -> EndpointMetadata {
+        match holder {
+            Holder::Service(service) => EndpointMetadata {
+                namespace: Some(service.namespace.clone()),
+                service_name: Some(service.name.clone()),
+                ..self.empty()
+            },
+            Holder::Node(name) => EndpointMetadata {
+                node_name: Some(name.clone()),
+                ..self.empty()
+            },
+            Holder::Pod(pod) | Holder::HostNetworkPod(pod) => {
+                let workload = self.workload(pod);
+                EndpointMetadata {
+                    pod_name: Some(pod.name.clone()),
+                    namespace: Some(pod.namespace.clone()),
+                    node_name: pod.node_name.clone(),
+                    workload_kind: workload.map(|w| w.kind.clone()),
+                    workload_name: workload.map(|w| w.name.clone()),
+                    service_name: self
+                        .membership(MemberKey::Pod(pod.uid.clone()), port)
+                        .map(|m| m.service.clone()),
+                    container_name: pod.container_for(port),
+                    labels: pod.labels.clone(),
+                    namespace_labels: self
+                        .namespace_labels
+                        .get(&pod.namespace)
+                        .unwrap_or(&self.no_labels)
+                        .clone(),
+                }
+            }
+        }
+    }
+
+    fn workload<'a>(&'a self, pod: &'a PodRecord) -> Option<&'a Workload> {
+        let controller = pod.controller.as_ref()?;
+        if !controller.resolve_through_owner {
+            return Some(&controller.itself);
+        }
+        Some(match self.owners.get(&controller.uid) {
+            Some(Some(owner)) => owner,
+            Some(None) => &controller.itself,
+            None => &controller.if_owner_unknown,
+        })
+    }
+
+    fn membership(&self, key: MemberKey, port: u16) -> Option<&Membership> {
+        let memberships = self.memberships.get(&key)?;
+        memberships
+            .iter()
+            .find(|m| m.ports.contains(&port))
+            .or(memberships.first())
+    }
+
+    /// Applies one change, which happened at `at_unix_nanos`.
+    pub fn apply(&mut self, event: MetadataEvent, at_unix_nanos: u64) {
+        match event {
+            MetadataEvent::Pod(pod) => self.upsert_pod(pod, at_unix_nanos),
+            MetadataEvent::Service(service) => {
+                let uid = self.interner.text(&service.uid);
+                let holder = Holder::Service(Arc::new(ServiceRecord {
+                    namespace: self.interner.text(&service.namespace),
+                    name: self.interner.text(&service.name),
+                }));
+                self.place(
+                    uid,
+                    service.cluster_ips,
+                    service.created_unix_nanos,
+                    holder,
+                    at_unix_nanos,
+                );
+            }
+            MetadataEvent::Node(node) => {
+                let uid = self.interner.text(&node.uid);
+                let holder = Holder::Node(self.interner.text(&node.name));
+                self.place(
+                    uid,
+                    node.addresses,
+                    node.created_unix_nanos,
+                    holder,
+                    at_unix_nanos,
+                );
+            }
+            MetadataEvent::EndpointSlice(slice) => self.upsert_slice(slice),
+            MetadataEvent::Namespace(namespace) => {
+                let uid = self.interner.text(&namespace.uid);
+                let name = self.interner.text(&namespace.name);
+                let labels = self.allowed_labels(namespace.labels);
+                self.namespace_labels.insert(name.clone(), labels);
+                self.namespace_names.insert(uid, name);
+            }
+            MetadataEvent::Owner(owner) => {
+                let uid = self.interner.text(&owner.uid);
+                let controller = owner.controller.map(|c| Workload {
+                    kind: self.interner.text(&c.kind),
+                    name: self.interner.text(&c.name),
+                });
+                self.owners.insert(uid, controller);
+            }
+            MetadataEvent::Deleted { kind, uid } => self.delete(kind, &uid, at_unix_nanos),
+        }
+    }
+
+    fn delete(&mut self, kind: ObjectKind, uid: &str, at: u64) {
+        match kind {
+            ObjectKind::Pod | ObjectKind::Service | ObjectKind::Node => {
+                if let Some((uid, placement)) = self.placements.remove_entry(uid) {
+                    for address in placement.addresses {
+                        self.close(address, &uid, at);
+                    }
+                }
+            }
+            ObjectKind::EndpointSlice => self.remove_slice_members(uid),
+            ObjectKind::Namespace => {
+                if let Some(name) = self.namespace_names.remove(uid) {
+                    self.namespace_labels.remove(&name);
+                }
+            }
+            ObjectKind::ReplicaSet | ObjectKind::Job => {
+                self.owners.remove(uid);
+            }
+        }
+    }
+
+    fn upsert_pod(&mut self, pod: PodInfo, at: u64) {
+        let interner = &mut self.interner;
+        let controller = pod.controller.map(|c| {
+            let itself = Workload {
+                kind: interner.text(&c.kind),
+                name: interner.text(&c.name),
+            };
+            let template_hash = pod
+                .labels
+                .iter()
+                .find(|(key, _)| key == "pod-template-hash")
+                .map(|(_, value)| value.as_str());
+            let if_owner_unknown = match deployment_of_replica_set(&c.kind, &c.name, template_hash)
+            {
+                Some(deployment) => Workload {
+                    kind: interner.text("Deployment"),
+                    name: interner.text(deployment),
+                },
+                None => itself.clone(),
+            };
+            Controller {
+                uid: interner.text(&c.uid),
+                resolve_through_owner: c.kind == "ReplicaSet" || c.kind == "Job",
+                itself,
+                if_owner_unknown,
+            }
+        });
+        let container_ports = pod
+            .containers
+            .iter()
+            .flat_map(|c| c.ports.iter().map(move |port| (*port, &c.name)))
+            .map(|(port, name)| (port, interner.text(name)))
+            .collect();
+        let sole_container = match pod.containers.as_slice() {
+            [only] => Some(interner.text(&only.name)),
+            _ => None,
+        };
+        let uid = interner.text(&pod.uid);
+        let name = interner.text(&pod.name);
+        let namespace = interner.text(&pod.namespace);
+        let node_name = pod.node_name.as_deref().map(|n| interner.text(n));
+        let record = Arc::new(PodRecord {
+            uid: uid.clone(),
+            name,
+            namespace,
+            node_name,
+            controller,
+            container_ports,
+            sole_container,
+            labels: self.allowed_labels(pod.labels),
+        });
+        let holder = if pod.host_network {
+            Holder::HostNetworkPod(record)
+        } else {
+            Holder::Pod(record)
+        };
+        self.place(uid, pod.addresses, pod.created_unix_nanos, holder, at);
+    }
+
+    fn allowed_labels(&mut self, labels: Vec<(String, String)>) -> Labels {
+        let mut allowed: Vec<(Arc<str>, Arc<str>)> = labels
+            .into_iter()
+            .filter(|(key, _)| self.label_keys.contains(key))
+            .map(|(key, value)| (self.interner.text(&key), self.interner.text(&value)))
+            .collect();
+        allowed.sort();
+        self.interner.labels(allowed)
+    }
+
+    /// Makes `holder` (object `uid`) hold exactly `addresses` from `at` on.
+    fn place(
+        &mut self,
+        uid: Arc<str>,
+        addresses: Vec<IpAddr>,
+        created: Option<u64>,
+        holder: Holder,
+        at: u64,
+    ) {
+        let placement = self.placements.entry(uid.clone()).or_default();
+        let first_from = if placement.ever_addressed {
+            at
+        } else {
+            created.unwrap_or(at)
+        };
+        placement.ever_addressed |= !addresses.is_empty();
+        let previous = std::mem::replace(&mut placement.addresses, addresses.clone());
+        for gone in previous.into_iter().filter(|a| !addresses.contains(a)) {
+            self.close(gone, &uid, at);
+        }
+        for address in addresses {
+            let tenancies = self.tenancies.entry(address).or_default();
+            if let Some(open) = tenancies
+                .iter_mut()
+                .find(|t| t.valid_until.is_none() && t.holder_uid == uid)
+            {
+                open.holder = holder.clone();
+                continue;
+            }
+            let released = tenancies
+                .iter()
+                .filter(|t| holder.exclusive() && t.holder.exclusive())
+                .filter_map(|t| t.valid_until)
+                .max()
+                .unwrap_or(0);
+            tenancies.push(Tenancy {
+                holder_uid: uid.clone(),
+                valid_from: first_from.max(released),
+                valid_until: None,
+                holder: holder.clone(),
+            });
+        }
+    }
+
+    fn close(&mut self, address: IpAddr, uid: &str, at: u64) {
+        let open = self.tenancies.get_mut(&address).and_then(|tenancies| {
+            tenancies
+                .iter_mut()
+                .find(|t| t.valid_until.is_none() && &*t.holder_uid == uid)
+        });
+        if let Some(tenancy) = open {
+            tenancy.valid_until = Some(at.max(tenancy.valid_from));
+        }
+    }
+
+    fn upsert_slice(&mut self, slice: EndpointSliceInfo) {
+        self.remove_slice_members(&slice.uid);
+        let slice_uid = self.interner.text(&slice.uid);
+        let namespace = self.interner.text(&slice.namespace);
+        let service = self.interner.text(&slice.service_name);
+        let ports: Arc<[u16]> = Arc::from(slice.ports);
+        let mut members = Vec::with_capacity(slice.endpoints.len());
+        for endpoint in slice.endpoints {
+            let key = match endpoint {
+                EndpointTarget::Pod { uid } => MemberKey::Pod(self.interner.text(&uid)),
+                EndpointTarget::Address(address) => MemberKey::Address(address),
+            };
+            let memberships = self.memberships.entry(key.clone()).or_default();
+            let at = memberships.partition_point(|m| m.service <= service);
+            memberships.insert(
+                at,
+                Membership {
+                    slice_uid: slice_uid.clone(),
+                    namespace: namespace.clone(),
+                    service: service.clone(),
+                    ports: ports.clone(),
+                },
+            );
+            members.push(key);
+        }
+        self.slices.insert(slice_uid, SliceRecord { members });
+    }
+
+    fn remove_slice_members(&mut self, slice_uid: &str) {
+        let Some(slice) = self.slices.remove(slice_uid) else {
+            return;
+        };
+        for key in slice.members {
+            if let Some(memberships) = self.memberships.get_mut(&key) {
+                memberships.retain(|m| &*m.slice_uid != slice_uid);
+                if memberships.is_empty() {
+                    self.memberships.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Forgets tenancies that ended more than the grace period before `now_unix_nanos`, and
+    /// strings nothing uses any more.
+    pub fn purge(&mut self, now_unix_nanos: u64) {
+        let grace = self.deleted_grace_nanos;
+        self.tenancies.retain(|_, tenancies| {
+            tenancies.retain(|t| {
+                t.valid_until
+                    .is_none_or(|until| until.saturating_add(grace) > now_unix_nanos)
+            });
+            !tenancies.is_empty()
+        });
+        self.interner.collect_garbage();
+    }
+}
+
+/// The Deployment that named ReplicaSet `name` `<deployment>-<pod-template-hash>`, when the
+/// pod's `pod-template-hash` label confirms the suffix.
+fn deployment_of_replica_set<'a>(
+    kind: &str,
+    name: &'a str,
+    template_hash: Option<&str>,
+) -> Option<&'a str> {
+    let hash = template_hash.filter(|hash| !hash.is_empty())?;
+    if kind != "ReplicaSet" {
+        return None;
+    }
+    name.strip_suffix(hash)?
+        .strip_suffix('-')
+        .filter(|deployment| !deployment.is_empty())
+}
+
+/// The index shared by the tasks that update it and those that look up flows. Writers hold the
+/// lock for one event (mapping API objects happens before), so a lookup waits microseconds at
+/// most, never for the API server.
+#[derive(Debug, Clone)]
+pub struct SharedIndex(Arc<RwLock<MetadataIndex>>);
+
+impl SharedIndex {
+    pub fn new(index: MetadataIndex) -> Self {
+        Self(Arc::new(RwLock::new(index)))
+    }
+
+    /// For looking up both sides of many flows under one lock.
+    pub fn read(&self) -> RwLockReadGuard<'_, MetadataIndex> {
+        self.0.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn apply(&self, event: MetadataEvent, at_unix_nanos: u64) {
+        self.0
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .apply(event, at_unix_nanos);
+    }
+
+    pub fn purge(&self, now_unix_nanos: u64) {
+        self.0
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .purge(now_unix_nanos);
+    }
+}
