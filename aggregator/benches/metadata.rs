@@ -122,8 +122,6 @@ fn cluster_events() -> impl Iterator<Item = MetadataEvent> {
     let replica_sets = (0..PODS / PODS_PER_REPLICA_SET).map(|r| {
         MetadataEvent::Owner(OwnerInfo {
             uid: replica_set_uid(r),
-            kind: "ReplicaSet".into(),
-            name: format!("app-{}-rs", r / 2),
             controller: Some(OwnerRef {
                 kind: "Deployment".into(),
                 name: format!("app-{}", r / 2),

@@ -217,8 +217,6 @@ pub struct NamespaceInfo {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OwnerInfo {
     pub uid: String,
-    pub kind: String,
-    pub name: String,
     pub controller: Option<OwnerRef>,
 }
 

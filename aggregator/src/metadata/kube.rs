@@ -8,6 +8,8 @@
 //!   index records at once and never stored.
 //! - StatefulSets, DaemonSets, Deployments and CronJobs are not watched: their names come from
 //!   the owner references of pods, ReplicaSets and Jobs.
+//! - Ports are matched as `containerPort`s; `hostPort` mappings of ordinary pods are not
+//!   followed (such traffic is attributed to the node).
 //! - Watches list from the API server's cache (`any_semantic`) and retry with `kube-runtime`'s
 //!   default backoff forever: the aggregator keeps running, with what it knew, while the API
 //!   server is slow or down. After a relist, objects that vanished meanwhile are deleted.
@@ -294,11 +296,9 @@ pub fn owner_event(
     kind: ObjectKind,
     mut metadata: ObjectMeta,
 ) -> Result<MetadataEvent, MappingError> {
-    let (uid, _, name) = identity(kind, &mut metadata)?;
+    let (uid, _, _) = identity(kind, &mut metadata)?;
     Ok(MetadataEvent::Owner(OwnerInfo {
         uid,
-        kind: kind.as_str().to_owned(),
-        name,
         controller: controller(metadata.owner_references),
     }))
 }
@@ -469,31 +469,30 @@ impl KubeWatchers {
             synced: synced_tx,
             metrics: metrics.clone(),
         };
-        let all = || Client::clone(&client);
         tasks.spawn(context.clone().run(
             ObjectKind::Pod,
-            watcher(Api::<Pod>::all(all()), config.clone()),
+            watcher(Api::<Pod>::all(client.clone()), config.clone()),
             pod_event,
         ));
         tasks.spawn(context.clone().run(
             ObjectKind::Service,
-            watcher(Api::<Service>::all(all()), config.clone()),
+            watcher(Api::<Service>::all(client.clone()), config.clone()),
             service_event,
         ));
         tasks.spawn(context.clone().run(
             ObjectKind::EndpointSlice,
-            watcher(Api::<EndpointSlice>::all(all()), config.clone()),
+            watcher(Api::<EndpointSlice>::all(client.clone()), config.clone()),
             endpoint_slice_event,
         ));
         tasks.spawn(context.clone().run(
             ObjectKind::Node,
-            watcher(Api::<Node>::all(all()), config.clone()),
+            watcher(Api::<Node>::all(client.clone()), config.clone()),
             node_event,
         ));
         tasks.spawn(context.clone().run(
             ObjectKind::Namespace,
             watcher(
-                Api::<PartialObjectMeta<Namespace>>::all(all()),
+                Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
                 config.clone(),
             ),
             |namespace: PartialObjectMeta<Namespace>| namespace_event(namespace.metadata),
@@ -501,14 +500,14 @@ impl KubeWatchers {
         tasks.spawn(context.clone().run(
             ObjectKind::ReplicaSet,
             watcher(
-                Api::<PartialObjectMeta<ReplicaSet>>::all(all()),
+                Api::<PartialObjectMeta<ReplicaSet>>::all(client.clone()),
                 config.clone(),
             ),
             |set: PartialObjectMeta<ReplicaSet>| owner_event(ObjectKind::ReplicaSet, set.metadata),
         ));
         tasks.spawn(context.run(
             ObjectKind::Job,
-            watcher(Api::<PartialObjectMeta<Job>>::all(all()), config),
+            watcher(Api::<PartialObjectMeta<Job>>::all(client.clone()), config),
             |job: PartialObjectMeta<Job>| owner_event(ObjectKind::Job, job.metadata),
         ));
         tasks.spawn(async move {
@@ -702,6 +701,45 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} not in\n{text}");
         }
+    }
+
+    #[tokio::test]
+    async fn watchers_keep_running_while_the_api_server_is_down() {
+        let refused = tower::service_fn(|_: http::Request<::kube::client::Body>| async {
+            Err::<http::Response<::kube::client::Body>, _>(std::io::Error::from(
+                std::io::ErrorKind::ConnectionRefused,
+            ))
+        });
+        let index = SharedIndex::new(MetadataIndex::new(&IndexSettings::default()));
+        let watchers = KubeWatchers::spawn(Client::new(refused, "default"), index.clone());
+        let mut registry = Registry::default();
+        watchers.metrics().register(&mut registry);
+        let failing = |text: &str| {
+            ObjectKind::ALL
+                .iter()
+                .filter(|kind| {
+                    text.contains(&format!(
+                        "metadata_watch_errors_total{{kind=\"{}\",reason=\"watch\"}}",
+                        kind.as_str()
+                    ))
+                })
+                .count()
+        };
+        let mut text = String::new();
+        for _ in 0..100 {
+            text.clear();
+            encode(&mut text, &registry).unwrap();
+            if failing(&text) == ObjectKind::ALL.len() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(failing(&text), ObjectKind::ALL.len(), "{text}");
+        assert_eq!(*watchers.synced().borrow(), SyncedKinds::default());
+        let nothing = index
+            .read()
+            .lookup("10.0.0.1".parse().unwrap(), 80, unix_now());
+        assert_eq!(nothing, None);
     }
 
     #[test]
