@@ -111,7 +111,7 @@ pub fn append_metadata_attributes(
                 push("workload.name", workload);
             }
             AttributeNaming::Mermin => {
-                let kind = metadata.workload_kind.as_deref().unwrap_or("workload");
+                let kind = metadata.workload_kind.unwrap_or("workload");
                 push(&format!("k8s.{}.name", kind.to_lowercase()), workload);
             }
         }
@@ -139,19 +139,23 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::metadata::index::Label;
 
-    fn everything() -> EndpointMetadata {
-        let text = |s: &str| Some(Arc::<str>::from(s));
+    fn label(key: &str, value: &str) -> Label {
+        (Arc::from(key), Arc::from(value))
+    }
+
+    fn everything<'a>(labels: &'a [Label], namespace_labels: &'a [Label]) -> EndpointMetadata<'a> {
         EndpointMetadata {
-            pod_name: text("web-7d9f-abcde"),
-            namespace: text("frontend"),
-            node_name: text("node-a"),
-            workload_kind: text("Deployment"),
-            workload_name: text("web"),
-            service_name: text("web"),
-            container_name: text("nginx"),
-            labels: Arc::from(vec![(Arc::from("app"), Arc::from("web"))]),
-            namespace_labels: Arc::from(vec![(Arc::from("team"), Arc::from("shop"))]),
+            pod_name: Some("web-7d9f-abcde"),
+            namespace: Some("frontend"),
+            node_name: Some("node-a"),
+            workload_kind: Some("Deployment"),
+            workload_name: Some("web"),
+            service_name: Some("web"),
+            container_name: Some("nginx"),
+            labels,
+            namespace_labels,
         }
     }
 
@@ -181,7 +185,11 @@ mod tests {
     #[test]
     fn seed_names() {
         assert_eq!(
-            attributes(AttributeNaming::Seed, FlowSide::Source, &everything()),
+            attributes(
+                AttributeNaming::Seed,
+                FlowSide::Source,
+                &everything(&[label("app", "web")], &[label("team", "shop")])
+            ),
             pairs(&[
                 ("source.pod.name", "web-7d9f-abcde"),
                 ("source.namespace", "frontend"),
@@ -202,7 +210,7 @@ mod tests {
             attributes(
                 AttributeNaming::Mermin,
                 FlowSide::Destination,
-                &everything()
+                &everything(&[label("app", "web")], &[label("team", "shop")])
             ),
             pairs(&[
                 ("destination.k8s.pod.name", "web-7d9f-abcde"),
@@ -230,8 +238,8 @@ mod tests {
         .into_iter()
         .map(|kind| {
             let metadata = EndpointMetadata {
-                workload_kind: Some(kind.into()),
-                workload_name: Some("w".into()),
+                workload_kind: Some(kind),
+                workload_name: Some("w"),
                 ..EndpointMetadata::default()
             };
             let attributes = attributes(AttributeNaming::Mermin, FlowSide::Source, &metadata);
@@ -254,7 +262,7 @@ mod tests {
     #[test]
     fn unknown_fields_make_no_attributes() {
         let node_only = EndpointMetadata {
-            node_name: Some("node-b".into()),
+            node_name: Some("node-b"),
             ..EndpointMetadata::default()
         };
         assert_eq!(

@@ -55,37 +55,41 @@ use foldhash::HashMap;
 
 use super::static_file::PrefixTable;
 
-/// Allow-listed labels, sorted by key.
-pub type Labels = Arc<[(Arc<str>, Arc<str>)]>;
+/// A label: key and value.
+pub type Label = (Arc<str>, Arc<str>);
+
+/// Allow-listed labels, sorted by key, shared by every object that has the same.
+type Labels = Arc<[Label]>;
 
 /// How long a deleted object stays joinable by default.
 pub const DEFAULT_DELETED_GRACE: Duration = Duration::from_secs(5 * 60);
 
-/// What is known about one end of a flow; `None` where unknown.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct EndpointMetadata {
-    pub pod_name: Option<Arc<str>>,
-    pub namespace: Option<Arc<str>>,
-    pub node_name: Option<Arc<str>>,
+/// What is known about one end of a flow, borrowed from the index (a lookup copies nothing and
+/// touches no reference count: use it while holding [`SharedIndex::read`]); `None` where
+/// unknown.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EndpointMetadata<'a> {
+    pub pod_name: Option<&'a str>,
+    pub namespace: Option<&'a str>,
+    pub node_name: Option<&'a str>,
     /// `Deployment`, `StatefulSet`, `DaemonSet`, `ReplicaSet`, `Job`, `CronJob`, or another
     /// controller's kind.
-    pub workload_kind: Option<Arc<str>>,
-    pub workload_name: Option<Arc<str>>,
-    pub service_name: Option<Arc<str>>,
-    pub container_name: Option<Arc<str>>,
-    pub labels: Labels,
-    pub namespace_labels: Labels,
+    pub workload_kind: Option<&'a str>,
+    pub workload_name: Option<&'a str>,
+    pub service_name: Option<&'a str>,
+    pub container_name: Option<&'a str>,
+    pub labels: &'a [Label],
+    pub namespace_labels: &'a [Label],
 }
 
-impl EndpointMetadata {
+impl<'a> EndpointMetadata<'a> {
     /// The name for this side's OTLP resource `service.name`: the workload, else the pod, else
     /// the Service, else the node.
-    pub fn workload_service_name(&self) -> Option<&str> {
+    pub fn workload_service_name(&self) -> Option<&'a str> {
         self.workload_name
-            .as_deref()
-            .or(self.pod_name.as_deref())
-            .or(self.service_name.as_deref())
-            .or(self.node_name.as_deref())
+            .or(self.pod_name)
+            .or(self.service_name)
+            .or(self.node_name)
     }
 }
 
@@ -266,12 +270,12 @@ struct PodRecord {
 }
 
 impl PodRecord {
-    fn container_for(&self, port: u16) -> Option<Arc<str>> {
+    fn container_for(&self, port: u16) -> Option<&str> {
         self.container_ports
             .iter()
             .find(|(p, _)| *p == port)
-            .map(|(_, name)| name.clone())
-            .or_else(|| self.sole_container.clone())
+            .map(|(_, name)| &**name)
+            .or(self.sole_container.as_deref())
     }
 
     fn listens_on(&self, port: u16) -> bool {
@@ -339,7 +343,7 @@ struct Placement {
     ever_addressed: bool,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Membership {
     slice_uid: Arc<str>,
     namespace: Arc<str>,
@@ -347,15 +351,11 @@ struct Membership {
     ports: Arc<[u16]>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum MemberKey {
-    Pod(Arc<str>),
-    Address(IpAddr),
-}
-
+/// Who an EndpointSlice lists: pods by uid, others by address.
 #[derive(Debug)]
 struct SliceRecord {
-    members: Vec<MemberKey>,
+    pods: Vec<Arc<str>>,
+    addresses: Vec<IpAddr>,
 }
 
 /// Interned strings and label sets; `collect_garbage` drops those only the interner holds.
@@ -375,7 +375,7 @@ impl Interner {
         interned
     }
 
-    fn labels(&mut self, labels: Vec<(Arc<str>, Arc<str>)>) -> Labels {
+    fn labels(&mut self, labels: Vec<Label>) -> Labels {
         if let Some(interned) = self.label_sets.get(labels.as_slice()) {
             return interned.clone();
         }
@@ -397,7 +397,6 @@ pub struct MetadataIndex {
     label_keys: HashSet<String, foldhash::fast::RandomState>,
     deleted_grace_nanos: u64,
     interner: Interner,
-    no_labels: Labels,
     tenancies: HashMap<IpAddr, Vec<Tenancy>>,
     placements: HashMap<Arc<str>, Placement>,
     /// ReplicaSet and Job uid → their controller, `None` when they have none.
@@ -405,28 +404,27 @@ pub struct MetadataIndex {
     namespace_names: HashMap<Arc<str>, Arc<str>>,
     namespace_labels: HashMap<Arc<str>, Labels>,
     slices: HashMap<Arc<str>, SliceRecord>,
-    /// Sorted by service name.
-    memberships: HashMap<MemberKey, Vec<Membership>>,
+    /// The Services of a pod (by uid) and of an address listed without a pod, sorted by name.
+    pod_memberships: HashMap<Arc<str>, Vec<Membership>>,
+    address_memberships: HashMap<IpAddr, Vec<Membership>>,
     static_entries: PrefixTable,
 }
 
 impl MetadataIndex {
     pub fn new(settings: &IndexSettings) -> Self {
-        let mut interner = Interner::default();
-        let no_labels = interner.labels(Vec::new());
         Self {
             label_keys: settings.label_keys.iter().cloned().collect(),
             deleted_grace_nanos: u64::try_from(settings.deleted_grace.as_nanos())
                 .unwrap_or(u64::MAX),
-            interner,
-            no_labels,
+            interner: Interner::default(),
             tenancies: HashMap::default(),
             placements: HashMap::default(),
             owners: HashMap::default(),
             namespace_names: HashMap::default(),
             namespace_labels: HashMap::default(),
             slices: HashMap::default(),
-            memberships: HashMap::default(),
+            pod_memberships: HashMap::default(),
+            address_memberships: HashMap::default(),
             static_entries: PrefixTable::default(),
         }
     }
@@ -443,7 +441,7 @@ impl MetadataIndex {
         address: IpAddr,
         port: u16,
         at_unix_nanos: u64,
-    ) -> Option<EndpointMetadata> {
+    ) -> Option<EndpointMetadata<'_>> {
         let holder = self.tenancies.get(&address).and_then(|tenancies| {
             tenancies
                 .iter()
@@ -453,53 +451,43 @@ impl MetadataIndex {
         if let Some(tenancy) = holder {
             return Some(self.describe(&tenancy.holder, port));
         }
-        if let Some(membership) = self.membership(MemberKey::Address(address), port) {
+        if let Some(membership) = serving(self.address_memberships.get(&address), port) {
             return Some(EndpointMetadata {
-                namespace: Some(membership.namespace.clone()),
-                service_name: Some(membership.service.clone()),
-                ..self.empty()
+                namespace: Some(&membership.namespace),
+                service_name: Some(&membership.service),
+                ..EndpointMetadata::default()
             });
         }
-        self.static_entries.longest_match(address).cloned()
+        self.static_entries.longest_match(address)
     }
 
-    fn empty(&self) -> EndpointMetadata {
-        EndpointMetadata {
-            labels: self.no_labels.clone(),
-            namespace_labels: self.no_labels.clone(),
-            ..EndpointMetadata::default()
-        }
-    }
-
-    fn describe(&self, holder: &Holder, port: u16) -> EndpointMetadata {
+    fn describe<'a>(&'a self, holder: &'a Holder, port: u16) -> EndpointMetadata<'a> {
         match holder {
             Holder::Service(service) => EndpointMetadata {
-                namespace: Some(service.namespace.clone()),
-                service_name: Some(service.name.clone()),
-                ..self.empty()
+                namespace: Some(&service.namespace),
+                service_name: Some(&service.name),
+                ..EndpointMetadata::default()
             },
             Holder::Node(name) => EndpointMetadata {
-                node_name: Some(name.clone()),
-                ..self.empty()
+                node_name: Some(name),
+                ..EndpointMetadata::default()
             },
             Holder::Pod(pod) | Holder::HostNetworkPod(pod) => {
                 let workload = self.workload(pod);
                 EndpointMetadata {
-                    pod_name: Some(pod.name.clone()),
-                    namespace: Some(pod.namespace.clone()),
-                    node_name: pod.node_name.clone(),
-                    workload_kind: workload.map(|w| w.kind.clone()),
-                    workload_name: workload.map(|w| w.name.clone()),
-                    service_name: self
-                        .membership(MemberKey::Pod(pod.uid.clone()), port)
-                        .map(|m| m.service.clone()),
+                    pod_name: Some(&pod.name),
+                    namespace: Some(&pod.namespace),
+                    node_name: pod.node_name.as_deref(),
+                    workload_kind: workload.map(|w| &*w.kind),
+                    workload_name: workload.map(|w| &*w.name),
+                    service_name: serving(self.pod_memberships.get(&pod.uid), port)
+                        .map(|m| &*m.service),
                     container_name: pod.container_for(port),
-                    labels: pod.labels.clone(),
+                    labels: &pod.labels,
                     namespace_labels: self
                         .namespace_labels
                         .get(&pod.namespace)
-                        .unwrap_or(&self.no_labels)
-                        .clone(),
+                        .map_or(&[], |labels| labels),
                 }
             }
         }
@@ -515,14 +503,6 @@ impl MetadataIndex {
             Some(None) => &controller.itself,
             None => &controller.if_owner_unknown,
         })
-    }
-
-    fn membership(&self, key: MemberKey, port: u16) -> Option<&Membership> {
-        let memberships = self.memberships.get(&key)?;
-        memberships
-            .iter()
-            .find(|m| m.ports.contains(&port))
-            .or(memberships.first())
     }
 
     /// Applies one change, which happened at `at_unix_nanos`.
@@ -722,42 +702,41 @@ impl MetadataIndex {
     fn upsert_slice(&mut self, slice: EndpointSliceInfo) {
         self.remove_slice_members(&slice.uid);
         let slice_uid = self.interner.text(&slice.uid);
-        let namespace = self.interner.text(&slice.namespace);
-        let service = self.interner.text(&slice.service_name);
-        let ports: Arc<[u16]> = Arc::from(slice.ports);
-        let mut members = Vec::with_capacity(slice.endpoints.len());
+        let membership = Membership {
+            slice_uid: slice_uid.clone(),
+            namespace: self.interner.text(&slice.namespace),
+            service: self.interner.text(&slice.service_name),
+            ports: Arc::from(slice.ports),
+        };
+        let mut record = SliceRecord {
+            pods: Vec::new(),
+            addresses: Vec::new(),
+        };
         for endpoint in slice.endpoints {
-            let key = match endpoint {
-                EndpointTarget::Pod { uid } => MemberKey::Pod(self.interner.text(&uid)),
-                EndpointTarget::Address(address) => MemberKey::Address(address),
-            };
-            let memberships = self.memberships.entry(key.clone()).or_default();
-            let at = memberships.partition_point(|m| m.service <= service);
-            memberships.insert(
-                at,
-                Membership {
-                    slice_uid: slice_uid.clone(),
-                    namespace: namespace.clone(),
-                    service: service.clone(),
-                    ports: ports.clone(),
-                },
-            );
-            members.push(key);
+            match endpoint {
+                EndpointTarget::Pod { uid } => {
+                    let uid = self.interner.text(&uid);
+                    join(&mut self.pod_memberships, uid.clone(), &membership);
+                    record.pods.push(uid);
+                }
+                EndpointTarget::Address(address) => {
+                    join(&mut self.address_memberships, address, &membership);
+                    record.addresses.push(address);
+                }
+            }
         }
-        self.slices.insert(slice_uid, SliceRecord { members });
+        self.slices.insert(slice_uid, record);
     }
 
     fn remove_slice_members(&mut self, slice_uid: &str) {
         let Some(slice) = self.slices.remove(slice_uid) else {
             return;
         };
-        for key in slice.members {
-            if let Some(memberships) = self.memberships.get_mut(&key) {
-                memberships.retain(|m| &*m.slice_uid != slice_uid);
-                if memberships.is_empty() {
-                    self.memberships.remove(&key);
-                }
-            }
+        for uid in slice.pods {
+            leave(&mut self.pod_memberships, uid, slice_uid);
+        }
+        for address in slice.addresses {
+            leave(&mut self.address_memberships, address, slice_uid);
         }
     }
 
@@ -773,6 +752,34 @@ impl MetadataIndex {
             !tenancies.is_empty()
         });
         self.interner.collect_garbage();
+    }
+}
+
+/// Of the Services listed, the first (by name) whose slice has `port`, else the first.
+fn serving(memberships: Option<&Vec<Membership>>, port: u16) -> Option<&Membership> {
+    let memberships = memberships?;
+    memberships
+        .iter()
+        .find(|m| m.ports.contains(&port))
+        .or(memberships.first())
+}
+
+fn join<K: Hash + Eq>(
+    memberships: &mut HashMap<K, Vec<Membership>>,
+    member: K,
+    membership: &Membership,
+) {
+    let list = memberships.entry(member).or_default();
+    let at = list.partition_point(|m| m.service <= membership.service);
+    list.insert(at, membership.clone());
+}
+
+fn leave<K: Hash + Eq>(memberships: &mut HashMap<K, Vec<Membership>>, member: K, slice_uid: &str) {
+    if let Some(list) = memberships.get_mut(&member) {
+        list.retain(|m| &*m.slice_uid != slice_uid);
+        if list.is_empty() {
+            memberships.remove(&member);
+        }
     }
 }
 

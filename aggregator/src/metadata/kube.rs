@@ -680,10 +680,9 @@ mod tests {
         ]);
         context.run(ObjectKind::Pod, events, pod_event).await;
 
-        let found = index
-            .read()
-            .lookup("10.0.0.1".parse().unwrap(), 80, unix_now());
-        assert_eq!(found.unwrap().pod_name.as_deref(), Some("pod-a"));
+        let read = index.read();
+        let found = read.lookup("10.0.0.1".parse().unwrap(), 80, unix_now());
+        assert_eq!(found.unwrap().pod_name, Some("pod-a"));
         let synced = *synced.borrow();
         assert!(synced.contains(ObjectKind::Pod));
         assert!(!synced.contains(ObjectKind::Node));
@@ -736,10 +735,11 @@ mod tests {
         }
         assert_eq!(failing(&text), ObjectKind::ALL.len(), "{text}");
         assert_eq!(*watchers.synced().borrow(), SyncedKinds::default());
-        let nothing = index
-            .read()
-            .lookup("10.0.0.1".parse().unwrap(), 80, unix_now());
-        assert_eq!(nothing, None);
+        let read = index.read();
+        assert_eq!(
+            read.lookup("10.0.0.1".parse().unwrap(), 80, unix_now()),
+            None
+        );
     }
 
     #[test]

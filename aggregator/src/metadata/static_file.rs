@@ -23,7 +23,7 @@ use hcl_edit::{
     structure::{BlockLabel, Structure},
 };
 
-use super::index::{EndpointMetadata, Labels};
+use super::index::{EndpointMetadata, Label};
 use crate::config::{ConfigError, parse_lenient, string};
 
 const ENDPOINT_KEYS: &str =
@@ -40,19 +40,49 @@ pub struct PrefixTable {
 struct PrefixLevel {
     ipv4: bool,
     length: u8,
-    entries: HashMap<IpAddr, EndpointMetadata>,
+    entries: HashMap<IpAddr, StaticEntry>,
+}
+
+/// What one `endpoint` block says.
+#[derive(Debug, Default)]
+struct StaticEntry {
+    pod_name: Option<Box<str>>,
+    namespace: Option<Box<str>>,
+    node_name: Option<Box<str>>,
+    workload_kind: Option<Box<str>>,
+    workload_name: Option<Box<str>>,
+    service_name: Option<Box<str>>,
+    container_name: Option<Box<str>>,
+    labels: Vec<Label>,
+}
+
+impl StaticEntry {
+    fn metadata(&self) -> EndpointMetadata<'_> {
+        EndpointMetadata {
+            pod_name: self.pod_name.as_deref(),
+            namespace: self.namespace.as_deref(),
+            node_name: self.node_name.as_deref(),
+            workload_kind: self.workload_kind.as_deref(),
+            workload_name: self.workload_name.as_deref(),
+            service_name: self.service_name.as_deref(),
+            container_name: self.container_name.as_deref(),
+            labels: &self.labels,
+            namespace_labels: &[],
+        }
+    }
 }
 
 impl PrefixTable {
-    pub fn longest_match(&self, address: IpAddr) -> Option<&EndpointMetadata> {
+    pub fn longest_match(&self, address: IpAddr) -> Option<EndpointMetadata<'_>> {
         self.levels
             .iter()
             .filter(|level| level.ipv4 == address.is_ipv4())
             .find_map(|level| level.entries.get(&masked(address, level.length)))
+            .map(StaticEntry::metadata)
     }
 
     /// Adds an entry; `false` if the prefix already has one.
-    fn insert(&mut self, network: IpAddr, length: u8, metadata: EndpointMetadata) -> bool {
+    fn insert(&mut self, network: IpAddr, length: u8, entry: StaticEntry) -> bool {
         let ipv4 = network.is_ipv4();
         let position = self
             .levels
@@ -74,7 +104,7 @@ impl PrefixTable {
         if entries.contains_key(&network) {
             return false;
         }
-        entries.insert(network, metadata);
+        entries.insert(network, entry);
         true
     }
 }
@@ -154,7 +184,7 @@ pub fn parse(file: &str, text: &str) -> Result<PrefixTable, ConfigError> {
         };
         let (address, length) =
             network(label).map_err(|why| at(offset, format!("endpoint \"{label}\": {why}")))?;
-        let mut metadata = EndpointMetadata::default();
+        let mut entry = StaticEntry::default();
         for item in block.body.iter() {
             let offset = item.span().map_or(offset, |s| s.start);
             let Structure::Attribute(attribute) = item else {
@@ -165,18 +195,18 @@ pub fn parse(file: &str, text: &str) -> Result<PrefixTable, ConfigError> {
             };
             let key = attribute.key.as_str();
             if key == "labels" {
-                metadata.labels = labels(&attribute.value)
+                entry.labels = labels(&attribute.value)
                     .map_err(|why| at(offset, format!("endpoint \"{label}\": labels {why}")))?;
                 continue;
             }
             let field = match key {
-                "pod" => &mut metadata.pod_name,
-                "namespace" => &mut metadata.namespace,
-                "node" => &mut metadata.node_name,
-                "workload_kind" => &mut metadata.workload_kind,
-                "workload" => &mut metadata.workload_name,
-                "service" => &mut metadata.service_name,
-                "container" => &mut metadata.container_name,
+                "pod" => &mut entry.pod_name,
+                "namespace" => &mut entry.namespace,
+                "node" => &mut entry.node_name,
+                "workload_kind" => &mut entry.workload_kind,
+                "workload" => &mut entry.workload_name,
+                "service" => &mut entry.service_name,
+                "container" => &mut entry.container_name,
                 other => {
                     return Err(at(
                         offset,
@@ -192,9 +222,9 @@ pub fn parse(file: &str, text: &str) -> Result<PrefixTable, ConfigError> {
                     format!("endpoint \"{label}\": {key} must be a string"),
                 )
             })?;
-            *field = Some(Arc::from(value));
+            *field = Some(value.into());
         }
-        if !table.insert(address, length, metadata) {
+        if !table.insert(address, length, entry) {
             return Err(at(offset, format!("endpoint \"{label}\" is given twice")));
         }
     }
@@ -202,7 +232,7 @@ pub fn parse(file: &str, text: &str) -> Result<PrefixTable, ConfigError> {
 }
 
 /// `{ key = "value" ... }`, sorted by key.
-fn labels(value: &Expression) -> Result<Labels, String> {
+fn labels(value: &Expression) -> Result<Vec<Label>, String> {
     let Expression::Object(object) = value else {
         return Err("must be an object: { key = \"value\" }".into());
     };
@@ -216,19 +246,15 @@ fn labels(value: &Expression) -> Result<Labels, String> {
         labels.push((Arc::from(key), Arc::from(value)));
     }
     labels.sort();
-    Ok(labels.into())
+    Ok(labels)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn lookup<'a>(table: &'a PrefixTable, address: &str) -> Option<&'a EndpointMetadata> {
+    fn lookup<'a>(table: &'a PrefixTable, address: &str) -> Option<EndpointMetadata<'a>> {
         table.longest_match(address.parse().unwrap())
-    }
-
-    fn text(value: &Option<Arc<str>>) -> Option<&str> {
-        value.as_deref()
     }
 
     #[test]
@@ -244,13 +270,13 @@ mod tests {
         )
         .unwrap();
         let nginx = lookup(&table, "10.0.1.2").unwrap();
-        assert_eq!(text(&nginx.pod_name), Some("nginx-7d9f"));
-        assert_eq!(text(&nginx.namespace), Some("frontend"));
-        assert_eq!(text(&nginx.node_name), Some("node-a"));
-        assert_eq!(text(&nginx.workload_kind), Some("Deployment"));
-        assert_eq!(text(&nginx.workload_name), Some("nginx"));
-        assert_eq!(text(&nginx.service_name), Some("nginx"));
-        assert_eq!(text(&nginx.container_name), Some("web"));
+        assert_eq!(nginx.pod_name, Some("nginx-7d9f"));
+        assert_eq!(nginx.namespace, Some("frontend"));
+        assert_eq!(nginx.node_name, Some("node-a"));
+        assert_eq!(nginx.workload_kind, Some("Deployment"));
+        assert_eq!(nginx.workload_name, Some("nginx"));
+        assert_eq!(nginx.service_name, Some("nginx"));
+        assert_eq!(nginx.container_name, Some("web"));
         assert_eq!(
             nginx
                 .labels
@@ -262,8 +288,8 @@ mod tests {
         let node_b = lookup(&table, "10.0.2.77").unwrap();
         assert_eq!(
             node_b,
-            &EndpointMetadata {
-                node_name: Some("node-b".into()),
+            EndpointMetadata {
+                node_name: Some("node-b"),
                 ..EndpointMetadata::default()
             }
         );
@@ -277,7 +303,7 @@ mod tests {
             "endpoint \"10.0.0.0/8\" {\n  node = \"wide\"\n}\nendpoint \"10.1.0.0/16\" {\n  node = \"narrow\"\n}\nendpoint \"10.1.2.3\" {\n  node = \"exact\"\n}\nendpoint \"fd00::/64\" {\n  node = \"v6\"\n}\nendpoint \"0.0.0.0/0\" {\n  node = \"anywhere\"\n}\n",
         )
         .unwrap();
-        let node = |address| text(&lookup(&table, address).unwrap().node_name).unwrap();
+        let node = |address| lookup(&table, address).unwrap().node_name.unwrap();
         assert_eq!(node("10.1.2.3"), "exact");
         assert_eq!(node("10.1.2.4"), "narrow");
         assert_eq!(node("10.2.0.1"), "wide");

@@ -1,7 +1,7 @@
 //! The index end to end: real `k8s-openapi` objects mapped by `kube`'s functions, applied at
 //! given times, looked up with exact answers; and the ClusterRole against `kube::WATCHED`.
 
-use std::{collections::BTreeMap, net::IpAddr, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
 use k8s_openapi::{
     api::{
@@ -18,7 +18,8 @@ use k8s_openapi::{
 
 use super::{
     index::{
-        EndpointMetadata, IndexSettings, MetadataEvent, MetadataIndex, ObjectKind, SharedIndex,
+        EndpointMetadata, IndexSettings, Label, MetadataEvent, MetadataIndex, ObjectKind,
+        SharedIndex,
     },
     kube::{
         MappingError, WATCHED, endpoint_slice_event, namespace_event, node_event, owner_event,
@@ -179,7 +180,7 @@ impl Cluster {
         self.apply(at_second, Ok(event))
     }
 
-    fn lookup(&self, address: &str, port: u16, at_second: u64) -> Option<EndpointMetadata> {
+    fn lookup(&self, address: &str, port: u16, at_second: u64) -> Option<EndpointMetadata<'_>> {
         let address: IpAddr = address.parse().unwrap();
         self.index.lookup(address, port, at_second * SECOND)
     }
@@ -204,10 +205,6 @@ impl Cluster {
             m.workload_name.unwrap().to_string(),
         )
     }
-}
-
-fn text(value: Option<&str>) -> Option<Arc<str>> {
-    value.map(Arc::from)
 }
 
 #[test]
@@ -274,19 +271,19 @@ fn host_network_pods_are_told_apart_by_port_else_the_node() {
     assert_eq!(
         scraped,
         EndpointMetadata {
-            pod_name: text(Some("node-exporter-x")),
-            namespace: text(Some("shop")),
-            node_name: text(Some("node-a")),
-            workload_kind: text(Some("DaemonSet")),
-            workload_name: text(Some("node-exporter")),
-            container_name: text(Some("exporter")),
+            pod_name: Some("node-exporter-x"),
+            namespace: Some("shop"),
+            node_name: Some("node-a"),
+            workload_kind: Some("DaemonSet"),
+            workload_name: Some("node-exporter"),
+            container_name: Some("exporter"),
             ..EndpointMetadata::default()
         }
     );
     assert_eq!(
         cluster.lookup("192.168.1.10", 22, 60).unwrap(),
         EndpointMetadata {
-            node_name: text(Some("node-a")),
+            node_name: Some("node-a"),
             ..EndpointMetadata::default()
         }
     );
@@ -332,8 +329,8 @@ fn services_by_cluster_ip_and_by_endpoint_slice() {
     assert_eq!(
         cluster.lookup("10.96.0.10", 80, 30).unwrap(),
         EndpointMetadata {
-            namespace: text(Some("shop")),
-            service_name: text(Some("web")),
+            namespace: Some("shop"),
+            service_name: Some("web"),
             ..EndpointMetadata::default()
         }
     );
@@ -350,8 +347,8 @@ fn services_by_cluster_ip_and_by_endpoint_slice() {
     assert_eq!(
         cluster.lookup("203.0.113.7", 5432, 30).unwrap(),
         EndpointMetadata {
-            namespace: text(Some("shop")),
-            service_name: text(Some("db")),
+            namespace: Some("shop"),
+            service_name: Some("db"),
             ..EndpointMetadata::default()
         }
     );
@@ -462,14 +459,14 @@ fn only_allow_listed_labels_appear() {
         .apply(1, namespace_event(namespace))
         .apply(10, pod_event(labelled));
     let found = cluster.lookup("10.0.0.5", 8080, 20).unwrap();
-    let pairs = |labels: &[(Arc<str>, Arc<str>)]| {
+    let pairs = |labels: &[Label]| {
         labels
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect::<Vec<_>>()
     };
-    assert_eq!(pairs(&found.labels), ["app=web"]);
-    assert_eq!(pairs(&found.namespace_labels), ["team=payments"]);
+    assert_eq!(pairs(found.labels), ["app=web"]);
+    assert_eq!(pairs(found.namespace_labels), ["team=payments"]);
     cluster.delete(30, ObjectKind::Namespace, "ns1");
     assert!(
         cluster
@@ -546,21 +543,21 @@ endpoint "10.0.9.9" { pod = "db" namespace = "data" }"#,
 #[test]
 fn the_resource_service_name_falls_back_in_order() {
     let full = EndpointMetadata {
-        pod_name: text(Some("web-a")),
-        workload_name: text(Some("web")),
-        service_name: text(Some("web-svc")),
-        node_name: text(Some("node-a")),
+        pod_name: Some("web-a"),
+        workload_name: Some("web"),
+        service_name: Some("web-svc"),
+        node_name: Some("node-a"),
         ..EndpointMetadata::default()
     };
     assert_eq!(full.workload_service_name(), Some("web"));
     let without_workload = EndpointMetadata {
         workload_name: None,
-        ..full.clone()
+        ..full
     };
     assert_eq!(without_workload.workload_service_name(), Some("web-a"));
     let service_only = EndpointMetadata {
         pod_name: None,
-        ..without_workload.clone()
+        ..without_workload
     };
     assert_eq!(service_only.workload_service_name(), Some("web-svc"));
     let node_only = EndpointMetadata {
@@ -578,10 +575,10 @@ fn shared_lookups_see_applied_events() {
         pod_event(pod("a", "web-a", Some("10.0.0.5"), 10)).unwrap(),
         10 * SECOND,
     );
-    let found = shared
-        .read()
-        .lookup("10.0.0.5".parse().unwrap(), 8080, 20 * SECOND);
-    assert_eq!(found.unwrap().pod_name.as_deref(), Some("web-a"));
+    let read = shared.read();
+    let found = read.lookup("10.0.0.5".parse().unwrap(), 8080, 20 * SECOND);
+    assert_eq!(found.unwrap().pod_name, Some("web-a"));
+    drop(read);
     shared.apply(
         MetadataEvent::Deleted {
             kind: ObjectKind::Pod,
