@@ -249,7 +249,7 @@ struct Workload {
 
 /// A pod's controller, with what to report when it is a ReplicaSet or Job the index does not
 /// know.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Controller {
     uid: Arc<str>,
     resolve_through_owner: bool,
@@ -257,13 +257,17 @@ struct Controller {
     if_owner_unknown: Workload,
 }
 
-#[derive(Debug)]
+/// A pod as lookups see it. What depends on other objects (the workload through a ReplicaSet or
+/// Job, the Services) is resolved when the pod or those objects change, so that a lookup reads
+/// this record and nothing else.
+#[derive(Debug, Clone)]
 struct PodRecord {
-    uid: Arc<str>,
     name: Arc<str>,
     namespace: Arc<str>,
     node_name: Option<Arc<str>>,
     controller: Option<Controller>,
+    workload: Option<Workload>,
+    services: Box<[Membership]>,
     container_ports: Box<[(u16, Arc<str>)]>,
     sole_container: Option<Arc<str>>,
     labels: Labels,
@@ -336,11 +340,50 @@ impl Tenancy {
     }
 }
 
+/// The tenancies of one address, the first inline: most addresses have had one holder, and a
+/// lookup then reads the map's slot and the holder's record, nothing else.
+#[derive(Debug)]
+struct Tenancies {
+    first: Tenancy,
+    more: Vec<Tenancy>,
+}
+
+impl Tenancies {
+    fn iter(&self) -> impl Iterator<Item = &Tenancy> {
+        std::iter::once(&self.first).chain(&self.more)
+    }
+
+    fn open(&self, uid: &str) -> Option<&Tenancy> {
+        self.iter()
+            .find(|t| t.valid_until.is_none() && &*t.holder_uid == uid)
+    }
+
+    fn open_mut(&mut self, uid: &str) -> Option<&mut Tenancy> {
+        std::iter::once(&mut self.first)
+            .chain(&mut self.more)
+            .find(|t| t.valid_until.is_none() && &*t.holder_uid == uid)
+    }
+
+    /// Keeps the tenancies `keep` accepts; `false` if none is left.
+    fn retain(&mut self, mut keep: impl FnMut(&Tenancy) -> bool) -> bool {
+        self.more.retain(&mut keep);
+        if !keep(&self.first) {
+            if self.more.is_empty() {
+                return false;
+            }
+            self.first = self.more.remove(0);
+        }
+        true
+    }
+}
+
 /// The addresses an object holds now.
 #[derive(Debug, Default)]
 struct Placement {
     addresses: Vec<IpAddr>,
     ever_addressed: bool,
+    /// For a pod: the ReplicaSet or Job through which its workload is resolved.
+    owner_uid: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone)]
@@ -397,10 +440,12 @@ pub struct MetadataIndex {
     label_keys: HashSet<String, foldhash::fast::RandomState>,
     deleted_grace_nanos: u64,
     interner: Interner,
-    tenancies: HashMap<IpAddr, Vec<Tenancy>>,
+    tenancies: HashMap<IpAddr, Tenancies>,
     placements: HashMap<Arc<str>, Placement>,
     /// ReplicaSet and Job uid → their controller, `None` when they have none.
     owners: HashMap<Arc<str>, Option<Workload>>,
+    /// ReplicaSet and Job uid → the pods whose workload is resolved through it.
+    pods_by_owner: HashMap<Arc<str>, Vec<Arc<str>>>,
     namespace_names: HashMap<Arc<str>, Arc<str>>,
     namespace_labels: HashMap<Arc<str>, Labels>,
     slices: HashMap<Arc<str>, SliceRecord>,
@@ -420,6 +465,7 @@ impl MetadataIndex {
             tenancies: HashMap::default(),
             placements: HashMap::default(),
             owners: HashMap::default(),
+            pods_by_owner: HashMap::default(),
             namespace_names: HashMap::default(),
             namespace_labels: HashMap::default(),
             slices: HashMap::default(),
@@ -451,7 +497,8 @@ impl MetadataIndex {
         if let Some(tenancy) = holder {
             return Some(self.describe(&tenancy.holder, port));
         }
-        if let Some(membership) = serving(self.address_memberships.get(&address), port) {
+        let listed = self.address_memberships.get(&address);
+        if let Some(membership) = serving(listed.map_or(&[], Vec::as_slice), port) {
             return Some(EndpointMetadata {
                 namespace: Some(&membership.namespace),
                 service_name: Some(&membership.service),
@@ -473,15 +520,14 @@ impl MetadataIndex {
                 ..EndpointMetadata::default()
             },
             Holder::Pod(pod) | Holder::HostNetworkPod(pod) => {
-                let workload = self.workload(pod);
+                let workload = pod.workload.as_ref();
                 EndpointMetadata {
                     pod_name: Some(&pod.name),
                     namespace: Some(&pod.namespace),
                     node_name: pod.node_name.as_deref(),
                     workload_kind: workload.map(|w| &*w.kind),
                     workload_name: workload.map(|w| &*w.name),
-                    service_name: serving(self.pod_memberships.get(&pod.uid), port)
-                        .map(|m| &*m.service),
+                    service_name: serving(&pod.services, port).map(|m| &*m.service),
                     container_name: pod.container_for(port),
                     labels: &pod.labels,
                     namespace_labels: self
@@ -493,16 +539,92 @@ impl MetadataIndex {
         }
     }
 
-    fn workload<'a>(&'a self, pod: &'a PodRecord) -> Option<&'a Workload> {
-        let controller = pod.controller.as_ref()?;
+    fn resolve(&self, controller: Option<&Controller>) -> Option<Workload> {
+        let controller = controller?;
         if !controller.resolve_through_owner {
-            return Some(&controller.itself);
+            return Some(controller.itself.clone());
         }
         Some(match self.owners.get(&controller.uid) {
-            Some(Some(owner)) => owner,
-            Some(None) => &controller.itself,
-            None => &controller.if_owner_unknown,
+            Some(Some(owner)) => owner.clone(),
+            Some(None) => controller.itself.clone(),
+            None => controller.if_owner_unknown.clone(),
         })
+    }
+
+    fn services_of(&self, pod_uid: &str) -> Box<[Membership]> {
+        self.pod_memberships
+            .get(pod_uid)
+            .map_or_else(Box::default, |listed| listed.as_slice().into())
+    }
+
+    /// Resolves the workload and Services of pod `uid` again, in the tenancies it holds now
+    /// (those of a deleted pod keep what they had).
+    fn refresh_pod(&mut self, uid: &str) {
+        let Some(placement) = self.placements.get(uid) else {
+            return;
+        };
+        let addresses = placement.addresses.clone();
+        let current = addresses
+            .first()
+            .and_then(|address| self.tenancies.get(address)?.open(uid));
+        let Some(Holder::Pod(current) | Holder::HostNetworkPod(current)) =
+            current.map(|t| &t.holder)
+        else {
+            return;
+        };
+        let mut record = PodRecord::clone(current);
+        record.workload = self.resolve(record.controller.as_ref());
+        record.services = self.services_of(uid);
+        let record = Arc::new(record);
+        for address in addresses {
+            let open = self
+                .tenancies
+                .get_mut(&address)
+                .and_then(|tenancies| tenancies.open_mut(uid));
+            if let Some(Holder::Pod(pod) | Holder::HostNetworkPod(pod)) =
+                open.map(|t| &mut t.holder)
+            {
+                *pod = record.clone();
+            }
+        }
+    }
+
+    fn refresh_pods_of_owner(&mut self, owner_uid: &str) {
+        let pods = self
+            .pods_by_owner
+            .get(owner_uid)
+            .cloned()
+            .unwrap_or_default();
+        for pod in pods {
+            self.refresh_pod(&pod);
+        }
+    }
+
+    /// Records that pod `pod_uid` resolves its workload through `owner_uid`.
+    fn link_owner(&mut self, pod_uid: &Arc<str>, owner_uid: Option<Arc<str>>) {
+        let placement = self.placements.entry(pod_uid.clone()).or_default();
+        if placement.owner_uid == owner_uid {
+            return;
+        }
+        let previous = std::mem::replace(&mut placement.owner_uid, owner_uid.clone());
+        if let Some(previous) = previous {
+            self.unlink_owner(pod_uid, &previous);
+        }
+        if let Some(owner_uid) = owner_uid {
+            self.pods_by_owner
+                .entry(owner_uid)
+                .or_default()
+                .push(pod_uid.clone());
+        }
+    }
+
+    fn unlink_owner(&mut self, pod_uid: &str, owner_uid: &str) {
+        if let Some(pods) = self.pods_by_owner.get_mut(owner_uid) {
+            pods.retain(|pod| &**pod != pod_uid);
+            if pods.is_empty() {
+                self.pods_by_owner.remove(owner_uid);
+            }
+        }
     }
 
     /// Applies one change, which happened at `at_unix_nanos`.
@@ -548,7 +670,10 @@ impl MetadataIndex {
                     kind: self.interner.text(&c.kind),
                     name: self.interner.text(&c.name),
                 });
-                self.owners.insert(uid, controller);
+                if self.owners.get(&uid) != Some(&controller) {
+                    self.owners.insert(uid.clone(), controller);
+                    self.refresh_pods_of_owner(&uid);
+                }
             }
             MetadataEvent::Deleted { kind, uid } => self.delete(kind, &uid, at_unix_nanos),
         }
@@ -561,16 +686,25 @@ impl MetadataIndex {
                     for address in placement.addresses {
                         self.close(address, &uid, at);
                     }
+                    if let Some(owner_uid) = placement.owner_uid {
+                        self.unlink_owner(&uid, &owner_uid);
+                    }
                 }
             }
-            ObjectKind::EndpointSlice => self.remove_slice_members(uid),
+            ObjectKind::EndpointSlice => {
+                for pod in self.remove_slice_members(uid) {
+                    self.refresh_pod(&pod);
+                }
+            }
             ObjectKind::Namespace => {
                 if let Some(name) = self.namespace_names.remove(uid) {
                     self.namespace_labels.remove(&name);
                 }
             }
             ObjectKind::ReplicaSet | ObjectKind::Job => {
-                self.owners.remove(uid);
+                if self.owners.remove(uid).is_some() {
+                    self.refresh_pods_of_owner(uid);
+                }
             }
         }
     }
@@ -616,12 +750,18 @@ impl MetadataIndex {
         let name = interner.text(&pod.name);
         let namespace = interner.text(&pod.namespace);
         let node_name = pod.node_name.as_deref().map(|n| interner.text(n));
+        let owner_uid = controller
+            .as_ref()
+            .filter(|c| c.resolve_through_owner)
+            .map(|c| c.uid.clone());
+        self.link_owner(&uid, owner_uid);
         let record = Arc::new(PodRecord {
-            uid: uid.clone(),
             name,
             namespace,
             node_name,
+            workload: self.resolve(controller.as_ref()),
             controller,
+            services: self.services_of(&uid),
             container_ports,
             sole_container,
             labels: self.allowed_labels(pod.labels),
@@ -664,12 +804,25 @@ impl MetadataIndex {
         for gone in previous.into_iter().filter(|a| !addresses.contains(a)) {
             self.close(gone, &uid, at);
         }
+        let tenancy = |valid_from| Tenancy {
+            holder_uid: uid.clone(),
+            valid_from,
+            valid_until: None,
+            holder: holder.clone(),
+        };
         for address in addresses {
-            let tenancies = self.tenancies.entry(address).or_default();
-            if let Some(open) = tenancies
-                .iter_mut()
-                .find(|t| t.valid_until.is_none() && t.holder_uid == uid)
-            {
+            let Some(tenancies) = self.tenancies.get_mut(&address) else {
+                let first = tenancy(first_from);
+                self.tenancies.insert(
+                    address,
+                    Tenancies {
+                        first,
+                        more: Vec::new(),
+                    },
+                );
+                continue;
+            };
+            if let Some(open) = tenancies.open_mut(&uid) {
                 open.holder = holder.clone();
                 continue;
             }
@@ -679,28 +832,22 @@ impl MetadataIndex {
                 .filter_map(|t| t.valid_until)
                 .max()
                 .unwrap_or(0);
-            tenancies.push(Tenancy {
-                holder_uid: uid.clone(),
-                valid_from: first_from.max(released),
-                valid_until: None,
-                holder: holder.clone(),
-            });
+            tenancies.more.push(tenancy(first_from.max(released)));
         }
     }
 
     fn close(&mut self, address: IpAddr, uid: &str, at: u64) {
-        let open = self.tenancies.get_mut(&address).and_then(|tenancies| {
-            tenancies
-                .iter_mut()
-                .find(|t| t.valid_until.is_none() && &*t.holder_uid == uid)
-        });
+        let open = self
+            .tenancies
+            .get_mut(&address)
+            .and_then(|tenancies| tenancies.open_mut(uid));
         if let Some(tenancy) = open {
             tenancy.valid_until = Some(at.max(tenancy.valid_from));
         }
     }
 
     fn upsert_slice(&mut self, slice: EndpointSliceInfo) {
-        self.remove_slice_members(&slice.uid);
+        let mut affected = self.remove_slice_members(&slice.uid);
         let slice_uid = self.interner.text(&slice.uid);
         let membership = Membership {
             slice_uid: slice_uid.clone(),
@@ -725,19 +872,27 @@ impl MetadataIndex {
                 }
             }
         }
+        affected.extend(record.pods.iter().cloned());
         self.slices.insert(slice_uid, record);
+        affected.sort();
+        affected.dedup();
+        for pod in affected {
+            self.refresh_pod(&pod);
+        }
     }
 
-    fn remove_slice_members(&mut self, slice_uid: &str) {
+    /// Forgets what slice `slice_uid` listed; returns the pods it listed.
+    fn remove_slice_members(&mut self, slice_uid: &str) -> Vec<Arc<str>> {
         let Some(slice) = self.slices.remove(slice_uid) else {
-            return;
+            return Vec::new();
         };
-        for uid in slice.pods {
-            leave(&mut self.pod_memberships, uid, slice_uid);
+        for uid in &slice.pods {
+            leave(&mut self.pod_memberships, uid.clone(), slice_uid);
         }
         for address in slice.addresses {
             leave(&mut self.address_memberships, address, slice_uid);
         }
+        slice.pods
     }
 
     /// Forgets tenancies that ended more than the grace period before `now_unix_nanos`, and
@@ -748,16 +903,14 @@ impl MetadataIndex {
             tenancies.retain(|t| {
                 t.valid_until
                     .is_none_or(|until| until.saturating_add(grace) > now_unix_nanos)
-            });
-            !tenancies.is_empty()
+            })
         });
         self.interner.collect_garbage();
     }
 }
 
 /// Of the Services listed, the first (by name) whose slice has `port`, else the first.
-fn serving(memberships: Option<&Vec<Membership>>, port: u16) -> Option<&Membership> {
-    let memberships = memberships?;
+fn serving(memberships: &[Membership], port: u16) -> Option<&Membership> {
     memberships
         .iter()
         .find(|m| m.ports.contains(&port))

@@ -359,6 +359,23 @@ fn services_by_cluster_ip_and_by_endpoint_slice() {
         cluster.lookup("10.0.0.5", 8080, 50).unwrap().service_name,
         None
     );
+    // A deleted pod keeps, for late flows, the Service it had.
+    cluster
+        .apply(
+            41,
+            endpoint_slice_event(slice(
+                "e4",
+                "web",
+                8080,
+                vec![pod_endpoint("a", "10.0.0.5")],
+            )),
+        )
+        .delete(42, ObjectKind::Pod, "a")
+        .delete(43, ObjectKind::EndpointSlice, "e4");
+    assert_eq!(
+        cluster.lookup("10.0.0.5", 8080, 41).unwrap().service_name,
+        Some("web")
+    );
     cluster.delete(60, ObjectKind::Service, "s1");
     assert_eq!(cluster.who("10.96.0.10", 80, 59), "service/web");
     assert_eq!(cluster.who("10.96.0.10", 80, 60), "-");
