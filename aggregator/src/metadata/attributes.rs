@@ -15,6 +15,8 @@
 //!
 //! `<side>` is `source` (the client) or `destination` (the server).
 
+use std::borrow::Cow;
+
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
 
 use super::index::EndpointMetadata;
@@ -64,9 +66,18 @@ pub fn append_metadata_attributes(
     attributes: &mut Vec<KeyValue>,
 ) {
     let prefix = side.prefix();
-    let mut push = |name: &str, value: &str| {
+    // The key is `<side>.` and `name_parts` joined by dots, built with one allocation.
+    let mut push = |name_parts: &[&str], value: &str| {
+        let mut key = String::with_capacity(
+            prefix.len() + name_parts.iter().map(|part| part.len() + 1).sum::<usize>(),
+        );
+        key.push_str(prefix);
+        for part in name_parts {
+            key.push('.');
+            key.push_str(part);
+        }
         attributes.push(KeyValue {
-            key: format!("{prefix}.{name}"),
+            key,
             value: Some(AnyValue {
                 value: Some(Value::StringValue(value.to_owned())),
             }),
@@ -99,20 +110,29 @@ pub fn append_metadata_attributes(
         (node, &metadata.node_name),
     ] {
         if let Some(value) = value {
-            push(name, value);
+            push(&[name], value);
         }
     }
     if let Some(workload) = &metadata.workload_name {
         match naming {
             AttributeNaming::Seed => {
                 if let Some(kind) = &metadata.workload_kind {
-                    push("workload.kind", kind);
+                    push(&["workload.kind"], kind);
                 }
-                push("workload.name", workload);
+                push(&["workload.name"], workload);
             }
             AttributeNaming::Mermin => {
-                let kind = metadata.workload_kind.unwrap_or("workload");
-                push(&format!("k8s.{}.name", kind.to_lowercase()), workload);
+                let kind = match metadata.workload_kind {
+                    Some("Deployment") => Cow::Borrowed("deployment"),
+                    Some("StatefulSet") => Cow::Borrowed("statefulset"),
+                    Some("DaemonSet") => Cow::Borrowed("daemonset"),
+                    Some("ReplicaSet") => Cow::Borrowed("replicaset"),
+                    Some("Job") => Cow::Borrowed("job"),
+                    Some("CronJob") => Cow::Borrowed("cronjob"),
+                    Some(other) => Cow::Owned(other.to_lowercase()),
+                    None => Cow::Borrowed("workload"),
+                };
+                push(&["k8s", &kind, "name"], workload);
             }
         }
     }
@@ -121,7 +141,7 @@ pub fn append_metadata_attributes(
         (container, &metadata.container_name),
     ] {
         if let Some(value) = value {
-            push(name, value);
+            push(&[name], value);
         }
     }
     for (group, labels) in [
@@ -129,7 +149,7 @@ pub fn append_metadata_attributes(
         (namespace_label, &metadata.namespace_labels),
     ] {
         for (key, value) in labels.iter() {
-            push(&format!("{group}.{key}"), value);
+            push(&[group, key], value);
         }
     }
 }
