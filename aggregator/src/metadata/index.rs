@@ -35,12 +35,16 @@
 //!
 //! **Service** of a pod: the Services whose EndpointSlices list it (by `targetRef` uid); of
 //! several, the first by name whose slice ports hold the flow's port, else the first by name.
+//! A deleted pod keeps, for late flows, the Services it had when it was deleted.
 //! **Container**: the container whose `containerPorts` hold the port, else the only container.
 //! **Labels**: only keys in [`IndexSettings::label_keys`], for pods and namespaces alike.
 //!
-//! **Memory.** Every string is interned as an `Arc<str>` (namespaces, node names, label keys and
-//! values are shared by many pods), label sets too (replicas share one); lookups clone `Arc`s
-//! and never allocate. `purge` also drops interned strings nothing uses any more.
+//! **Cost.** Workload and Services are resolved into the pod's record when the pod, its
+//! ReplicaSet/Job or a slice listing it changes, so a lookup reads the address's map slot (its
+//! first tenancy inline) and the holder's record, and returns a view borrowing from the index:
+//! no allocation, no reference count touched. Every string is interned as an `Arc<str>`
+//! (namespaces, node names, label keys and values are shared by many pods), label sets too
+//! (replicas share one); `purge` also drops interned strings nothing uses any more.
 
 use std::{
     cmp::Reverse,
