@@ -1,6 +1,7 @@
 //! The aggregator's configuration file, in HCL. It accepts the block users of Mermin already
 //! know, verbatim — including its one-line form, whose object items are separated by spaces only
-//! (strict HCL wants commas or newlines there; see [`parse_lenient`]):
+//! (strict HCL wants commas or newlines there; see [`parse_lenient`], which the static metadata
+//! file shares):
 //!
 //! ```hcl
 //! listen   = "0.0.0.0:4600"
@@ -62,18 +63,10 @@ pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
 }
 
 pub fn parse(file: &str, text: &str) -> Result<FileConfig, ConfigError> {
-    let at = |offset: usize, message: String| ConfigError {
-        file: file.to_owned(),
-        line: text[..offset.min(text.len())].matches('\n').count() + 1,
-        message,
-    };
-    let body = parse_lenient(text).map_err(|e| ConfigError {
-        file: file.to_owned(),
-        line: e.location().line(),
-        message: e.message().to_owned(),
-    })?;
+    let parsed = parse_lenient(file, text)?;
+    let at = |offset: usize, message: String| parsed.error(file, offset, message);
     let mut config = FileConfig::default();
-    for structure in body.iter() {
+    for structure in parsed.body.iter() {
         let offset = structure.span().map_or(0, |s| s.start);
         match structure {
             Structure::Attribute(attribute) if attribute.key.as_str() == "outbox_max_bytes" => {
@@ -216,27 +209,117 @@ fn export_traces(
     Ok((endpoint, protocol))
 }
 
-/// Parses HCL, accepting object items separated by spaces only, as in the one-line form users
-/// paste: where the parser wants a separator inside an object, a comma is inserted (same line,
-/// so line numbers of later errors are unchanged), at most a few dozen times.
-fn parse_lenient(text: &str) -> Result<Body, hcl_edit::parser::Error> {
-    let mut text = text.to_owned();
-    for _ in 0..64 {
-        match hcl_edit::parser::parse_body(&text) {
-            Ok(body) => return Ok(body),
-            Err(err)
-                if err.message().contains("expected `}`, `,` or newline")
-                    && err.location().offset() < text.len() =>
-            {
-                text.insert(err.location().offset(), ',');
-            }
-            Err(err) => return Err(err),
-        }
-    }
-    hcl_edit::parser::parse_body(&text)
+/// HCL parsed by [`parse_lenient`], which knows the original line of every offset in it.
+pub(crate) struct Lenient {
+    pub(crate) body: Body,
+    /// The text parsed: the original with separators inserted.
+    text: String,
+    /// Where newlines were inserted into `text`, ascending.
+    inserted_newlines: Vec<usize>,
 }
 
-fn string(expr: &Expression) -> Option<&str> {
+impl Lenient {
+    /// An error at `offset` of the parsed body, on its line in the original text.
+    pub(crate) fn error(&self, file: &str, offset: usize, message: String) -> ConfigError {
+        ConfigError {
+            file: file.to_owned(),
+            line: line_of(&self.text, &self.inserted_newlines, offset),
+            message,
+        }
+    }
+}
+
+fn line_of(text: &str, inserted_newlines: &[usize], offset: usize) -> usize {
+    let offset = offset.min(text.len());
+    text[..offset].matches('\n').count() + 1 - inserted_newlines.partition_point(|&at| at < offset)
+}
+
+/// Parses HCL `text` (the contents of `file`), accepting the one-line forms users paste, whose
+/// items are separated by spaces only: `{ a = "x" b = "y" }` as an object (strict HCL wants
+/// commas or newlines) and as a block body (strict HCL wants each item on its own line). Where
+/// the parser wants a separator, one is inserted (a comma in an object, a newline in a block)
+/// and the text parsed again; lines in errors are those of the original text. Each insertion
+/// re-parses the whole text: fine for files of a few hundred one-line blocks; larger files
+/// should put one item per line (parsed in one pass).
+pub(crate) fn parse_lenient(file: &str, text: &str) -> Result<Lenient, ConfigError> {
+    let mut text = text.to_owned();
+    let mut inserted_newlines: Vec<usize> = Vec::new();
+    // Each insertion separates two items, so there are fewer than half as many as characters.
+    let most = text.len() / 2 + 1;
+    for _ in 0..=most {
+        let err = match hcl_edit::parser::parse_body(&text) {
+            Ok(body) => {
+                return Ok(Lenient {
+                    body,
+                    text,
+                    inserted_newlines,
+                });
+            }
+            Err(err) => err,
+        };
+        let offset = err.location().offset();
+        let message = err.message();
+        let insertion = if offset >= text.len() {
+            None
+        } else if message.contains("expected `}`, `,` or newline") {
+            // Object items on one line: `{ a = "x" b = "y" }`.
+            Some((offset, ','))
+        } else if message.contains("expected `}`, newline or identifier") {
+            // A second item in a one-line block: put the items below its `{`.
+            innermost_open_brace(&text, offset)
+                .filter(|brace| !text[brace + 1..].starts_with('\n'))
+                .map(|brace| (brace + 1, '\n'))
+        } else if message.contains("expected newline or eof") {
+            // The next item (or the `}`) of a block whose items are on one line.
+            Some((offset, '\n'))
+        } else {
+            None
+        };
+        let Some((at, separator)) = insertion else {
+            return Err(ConfigError {
+                file: file.to_owned(),
+                line: line_of(&text, &inserted_newlines, offset),
+                message: message.to_owned(),
+            });
+        };
+        for inserted in inserted_newlines.iter_mut().filter(|i| **i >= at) {
+            *inserted += 1;
+        }
+        if separator == '\n' {
+            let position = inserted_newlines.partition_point(|&i| i < at);
+            inserted_newlines.insert(position, at);
+        }
+        text.insert(at, separator);
+    }
+    Err(ConfigError {
+        file: file.to_owned(),
+        line: 0,
+        message: "too many items without separators".into(),
+    })
+}
+
+/// The last `{` before `offset` on its line that is still open there (outside strings).
+fn innermost_open_brace(text: &str, offset: usize) -> Option<usize> {
+    let line_start = text[..offset].rfind('\n').map_or(0, |at| at + 1);
+    let mut open = Vec::new();
+    let mut in_string = false;
+    let mut escaped = false;
+    for (at, c) in text[line_start..offset].char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if in_string => escaped = true,
+            '"' => in_string = !in_string,
+            '{' if !in_string => open.push(line_start + at),
+            '}' if !in_string => {
+                open.pop();
+            }
+            _ => {}
+        }
+    }
+    open.pop()
+}
+
+pub(crate) fn string(expr: &Expression) -> Option<&str> {
     match expr {
         Expression::String(s) => Some(s.value().as_str()),
         _ => None,
@@ -287,6 +370,21 @@ mod tests {
 
     fn error(text: &str) -> String {
         parse("mermin.hcl", text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn items_on_one_line_keep_the_lines_of_later_errors() {
+        let text = "listen = \"127.0.0.1:4600\" settle = \"2s\"\n\ngrace = \"1m\" bogus = \"1\"\n";
+        assert_eq!(
+            error(text),
+            format!("mermin.hcl:3: unknown key `bogus` (known: {TOP_LEVEL})")
+        );
+        let config = parse(
+            "mermin.hcl",
+            "listen = \"127.0.0.1:4600\" settle = \"2s\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.settle, Some(Duration::from_secs(2)));
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod connection_key;
 pub mod export;
 pub mod flow_table;
 pub mod ingest;
+pub mod metadata;
 pub mod metrics;
 pub mod observation;
 pub mod pipeline;
