@@ -21,9 +21,11 @@ use mermin_aggregator::{
     export::ExportConfig,
     flow_table::FlowTable,
     ingest::IngestLimits,
+    metadata::{AttributeNaming, IndexSettings, MetadataIndex},
     observation::Observation,
     pipeline::{Aggregator, AggregatorConfig},
     shard::encode_requests,
+    span::Enrichment,
     stitch::InterfaceKinds,
 };
 use mermin_protocol::{
@@ -140,7 +142,13 @@ fn stitch() {
     let start = Instant::now();
     let mut emitted = Vec::new();
     table.emit_due(2_000_000_000, &mut emitted);
-    let requests = encode_requests(&emitted);
+    // Nothing known about the ends: the metadata bench measures the join.
+    let index = MetadataIndex::new(&IndexSettings::default());
+    let enrichment = Enrichment {
+        index: &index,
+        naming: AttributeNaming::Seed,
+    };
+    let requests = encode_requests(&emitted, &enrichment);
     let span_time = start.elapsed();
     let bytes: usize = requests.iter().map(Vec::len).sum();
     let spans = emitted.len() * 2;
@@ -189,6 +197,7 @@ fn ingest() {
             grace: Duration::from_secs(60),
             print_flows: false,
             metrics_listen: None,
+            metadata: Default::default(),
         })
         .await
         .unwrap();

@@ -16,13 +16,22 @@
 //!
 //! # protocol: "grpc" (port 4317) or "http/protobuf" (port 4318).
 //! export "traces" { otlp = { endpoint = "http://tempo:4317" protocol = "grpc" } }
+//!
+//! # Names for both ends of every flow (see the metadata module).
+//! metadata {
+//!   attribute_names = "seed"            # source.pod.name ...; "mermin": source.k8s.pod.name ...
+//!   static_file     = "/etc/mermin/endpoints.hcl"
+//!   labels          = ["app", "team"]   # pod and namespace labels copied to spans
+//!   deleted_grace   = "5m"              # deleted pods still name late flows this long
+//!   kubernetes      = true              # watch the API server (in-cluster or kubeconfig)
+//! }
 //! ```
 //!
 //! Every key is known: anything else, and any bad value, is an error that names the file and line.
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 
-use crate::{export::OtlpProtocol, store::WhenFull};
+use crate::{export::OtlpProtocol, metadata::AttributeNaming, store::WhenFull};
 use hcl_edit::{
     Span,
     expr::{Expression, ObjectKey},
@@ -40,7 +49,20 @@ pub struct FileConfig {
     pub otlp_protocol: Option<OtlpProtocol>,
     pub outbox_max_bytes: Option<u64>,
     pub outbox_when_full: Option<WhenFull>,
+    pub metadata: FileMetadata,
 }
+
+/// The `metadata { ... }` block; `None` where it is silent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FileMetadata {
+    pub attribute_names: Option<AttributeNaming>,
+    pub static_file: Option<String>,
+    pub labels: Option<Vec<String>>,
+    pub deleted_grace: Option<Duration>,
+    pub kubernetes: Option<bool>,
+}
+
+const METADATA_KEYS: &str = "attribute_names, static_file, labels, deleted_grace, kubernetes";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{file}:{line}: {message}")]
@@ -50,8 +72,7 @@ pub struct ConfigError {
     pub message: String,
 }
 
-const TOP_LEVEL: &str =
-    "listen, data_dir, settle, grace, outbox_max_bytes, outbox_when_full, export \"traces\"";
+const TOP_LEVEL: &str = "listen, data_dir, settle, grace, outbox_max_bytes, outbox_when_full, metadata, export \"traces\"";
 
 pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
@@ -113,6 +134,10 @@ pub fn parse(file: &str, text: &str) -> Result<FileConfig, ConfigError> {
                         BlockLabel::Ident(i) => i.as_str(),
                     })
                     .collect();
+                if block.ident.as_str() == "metadata" && labels.is_empty() {
+                    config.metadata = metadata(&block.body, &at)?;
+                    continue;
+                }
                 if block.ident.as_str() != "export" || labels != ["traces"] {
                     return Err(at(
                         offset,
@@ -134,6 +159,75 @@ pub fn parse(file: &str, text: &str) -> Result<FileConfig, ConfigError> {
         }
     }
     Ok(config)
+}
+
+/// The `metadata` block: where the names of a flow's ends come from (see `FileMetadata`).
+fn metadata(
+    body: &Body,
+    at: &dyn Fn(usize, String) -> ConfigError,
+) -> Result<FileMetadata, ConfigError> {
+    let mut metadata = FileMetadata::default();
+    for structure in body.iter() {
+        let offset = structure.span().map_or(0, |s| s.start);
+        let Structure::Attribute(attribute) = structure else {
+            return Err(at(
+                offset,
+                format!("metadata holds only attributes ({METADATA_KEYS})"),
+            ));
+        };
+        let key = attribute.key.as_str();
+        let value = &attribute.value;
+        let expected = |what: &str| at(offset, format!("metadata.{key} must be {what}"));
+        match key {
+            "attribute_names" => {
+                let name = string(value).ok_or_else(|| expected("a string"))?;
+                metadata.attribute_names = Some(AttributeNaming::from_name(name).ok_or_else(|| {
+                    at(
+                        offset,
+                        format!("metadata.attribute_names = {name:?}: expected \"seed\" or \"mermin\""),
+                    )
+                })?);
+            }
+            "static_file" => {
+                metadata.static_file = Some(
+                    string(value)
+                        .ok_or_else(|| expected("a string"))?
+                        .to_owned(),
+                )
+            }
+            "labels" => {
+                let Expression::Array(items) = value else {
+                    return Err(expected("a list of strings"));
+                };
+                metadata.labels = Some(
+                    items
+                        .iter()
+                        .map(|item| string(item).map(str::to_owned))
+                        .collect::<Option<_>>()
+                        .ok_or_else(|| expected("a list of strings"))?,
+                );
+            }
+            "deleted_grace" => {
+                let text = string(value).ok_or_else(|| expected("a duration such as \"5m\""))?;
+                metadata.deleted_grace = Some(duration(text).map_err(|why| {
+                    at(offset, format!("metadata.deleted_grace = {text:?}: {why}"))
+                })?);
+            }
+            "kubernetes" => {
+                let Expression::Bool(on) = value else {
+                    return Err(expected("true or false"));
+                };
+                metadata.kubernetes = Some(*on.value());
+            }
+            other => {
+                return Err(at(
+                    offset,
+                    format!("unknown key `{other}` in metadata (known: {METADATA_KEYS})"),
+                ));
+            }
+        }
+    }
+    Ok(metadata)
 }
 
 /// The `export "traces"` block: `otlp = { endpoint = "...", protocol = "grpc" }`.
@@ -368,6 +462,34 @@ mod tests {
         assert_eq!(config.otlp_endpoint, None);
     }
 
+    #[test]
+    fn the_metadata_block() {
+        let text = "metadata {\n  attribute_names = \"mermin\"\n  static_file = \"/etc/m.hcl\"\n  labels = [\"app\", \"team\"]\n  deleted_grace = \"2m\"\n  kubernetes = false\n}\n";
+        let config = parse("a.hcl", text).unwrap();
+        assert_eq!(
+            config.metadata,
+            FileMetadata {
+                attribute_names: Some(AttributeNaming::Mermin),
+                static_file: Some("/etc/m.hcl".into()),
+                labels: Some(vec!["app".into(), "team".into()]),
+                deleted_grace: Some(Duration::from_secs(120)),
+                kubernetes: Some(false),
+            }
+        );
+        assert_eq!(
+            error("metadata {\n  attribute_names = \"otel\"\n}\n"),
+            "mermin.hcl:2: metadata.attribute_names = \"otel\": expected \"seed\" or \"mermin\""
+        );
+        assert_eq!(
+            error("metadata {\n  kubernetes = true\n  labels = \"app\"\n}\n"),
+            "mermin.hcl:3: metadata.labels must be a list of strings"
+        );
+        assert_eq!(
+            error("metadata {\n  label = [\"app\"]\n}\n"),
+            "mermin.hcl:2: unknown key `label` in metadata (known: attribute_names, static_file, labels, deleted_grace, kubernetes)"
+        );
+    }
+
     fn error(text: &str) -> String {
         parse("mermin.hcl", text).unwrap_err().to_string()
     }
@@ -391,7 +513,7 @@ mod tests {
     fn mistakes_point_at_file_and_line() {
         assert_eq!(
             error("listen = \"0.0.0.0:4600\"\n\nlisten_addr = \"x\"\n"),
-            "mermin.hcl:3: unknown key `listen_addr` (known: listen, data_dir, settle, grace, outbox_max_bytes, outbox_when_full, export \"traces\")"
+            "mermin.hcl:3: unknown key `listen_addr` (known: listen, data_dir, settle, grace, outbox_max_bytes, outbox_when_full, metadata, export \"traces\")"
         );
         assert_eq!(
             error("settle = \"soon\"\n"),
@@ -399,7 +521,7 @@ mod tests {
         );
         assert_eq!(
             error("export \"logs\" {\n}\n"),
-            "mermin.hcl:1: unknown block `export \"logs\"` (known: listen, data_dir, settle, grace, outbox_max_bytes, outbox_when_full, export \"traces\")"
+            "mermin.hcl:1: unknown block `export \"logs\"` (known: listen, data_dir, settle, grace, outbox_max_bytes, outbox_when_full, metadata, export \"traces\")"
         );
         assert_eq!(
             error("export \"traces\" {\n  otlp = {\n    endpoint = \"tempo:4317\"\n  }\n}\n"),

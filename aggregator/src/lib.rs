@@ -13,6 +13,7 @@
 //! HCL file, `metrics` declares every metric.
 
 pub mod actors;
+pub mod clock;
 pub mod config;
 pub mod connection_key;
 pub mod export;

@@ -8,7 +8,8 @@ use mermin_aggregator::{
     config::{self, FileConfig},
     export::{ExportConfig, OtlpProtocol},
     ingest::IngestLimits,
-    pipeline::{Aggregator, AggregatorConfig},
+    metadata::{AttributeNaming, IndexSettings},
+    pipeline::{Aggregator, AggregatorConfig, MetadataConfig},
     store::{OutboxQuota, WhenFull},
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -59,9 +60,24 @@ struct Args {
     /// Print a summary line of every emitted flow on standard output.
     #[arg(long)]
     print_flows: bool,
+    /// Static metadata file (HCL): names for addresses and CIDRs, without Kubernetes.
+    #[arg(long)]
+    metadata_file: Option<PathBuf>,
+    /// Span attribute names for both ends: seed (source.pod.name ...) or mermin
+    /// (source.k8s.pod.name ...) [default: seed].
+    #[arg(long, value_parser = parse_naming)]
+    attribute_names: Option<AttributeNaming>,
+    /// Do not watch the Kubernetes API (by default it is watched when a client can be made:
+    /// in-cluster, or from the kubeconfig).
+    #[arg(long)]
+    no_kubernetes: bool,
     /// Address of the /metrics, /livez and /readyz endpoints.
     #[arg(long, default_value = "0.0.0.0:9465")]
     metrics_listen: SocketAddr,
+}
+
+fn parse_naming(name: &str) -> Result<AttributeNaming, String> {
+    AttributeNaming::from_name(name).ok_or_else(|| format!("{name:?}: expected seed or mermin"))
 }
 
 fn main() -> ExitCode {
@@ -118,6 +134,23 @@ fn main() -> ExitCode {
         grace: args.grace.or(file.grace).unwrap_or(Duration::from_secs(60)),
         print_flows: args.print_flows,
         metrics_listen: Some(args.metrics_listen),
+        metadata: MetadataConfig {
+            naming: args
+                .attribute_names
+                .or(file.metadata.attribute_names)
+                .unwrap_or_default(),
+            index: IndexSettings {
+                label_keys: file.metadata.labels.unwrap_or_default(),
+                deleted_grace: file
+                    .metadata
+                    .deleted_grace
+                    .unwrap_or(IndexSettings::default().deleted_grace),
+            },
+            static_file: args
+                .metadata_file
+                .or(file.metadata.static_file.map(PathBuf::from)),
+            kubernetes: !args.no_kubernetes && file.metadata.kubernetes.unwrap_or(true),
+        },
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,

@@ -133,6 +133,11 @@ impl Metrics {
         }
     }
 
+    /// Registers metrics declared elsewhere (the Kubernetes watchers') in this registry.
+    pub fn register(&mut self, add: impl FnOnce(&mut Registry)) {
+        add(&mut self.registry);
+    }
+
     pub fn rejected(&self, reason: &str, spans: u64) {
         self.spans_rejected
             .get_or_create(&ReasonLabel {
@@ -150,9 +155,12 @@ impl Metrics {
     }
 }
 
-/// The HTTP endpoints; `/readyz` answers ready once the agent endpoint is listening (this router
-/// is only served after that).
-pub fn router(metrics: std::sync::Arc<Metrics>) -> axum::Router {
+/// The HTTP endpoints. `/readyz` answers ready once the agent endpoint is listening (this router
+/// is only served after that) and `ready` is true (the Kubernetes metadata had its first sync).
+pub fn router(
+    metrics: std::sync::Arc<Metrics>,
+    ready: tokio::sync::watch::Receiver<bool>,
+) -> axum::Router {
     use axum::routing::get;
     axum::Router::new()
         .route(
@@ -170,7 +178,22 @@ pub fn router(metrics: std::sync::Arc<Metrics>) -> axum::Router {
             ),
         )
         .route("/livez", get(|| async { "ok\n" }))
-        .route("/readyz", get(|| async { "ready\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = *ready.borrow();
+                async move {
+                    if ready {
+                        (axum::http::StatusCode::OK, "ready\n")
+                    } else {
+                        (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            "waiting for the first sync of Kubernetes metadata\n",
+                        )
+                    }
+                }
+            }),
+        )
         .with_state(metrics)
 }
 

@@ -18,12 +18,17 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::{
     actors::ActorRuntime,
+    clock::unix_now,
+    config::ConfigError,
     export::{ExportConfig, ExportError, Exporter},
     flow_table::FlowTable,
     ingest::{Ingest, IngestLimits},
+    metadata::{
+        AttributeNaming, IndexSettings, MetadataIndex, SharedIndex, kube::KubeWatchers, static_file,
+    },
     metrics::Metrics,
     observation::Observation,
-    shard::{self, SHARDS, ShardContext, ShardState, Shards, shard_of, unix_now},
+    shard::{self, SHARDS, ShardContext, ShardState, Shards, shard_of},
     stitch::InterfaceKinds,
     store::{OutboxQuota, Store, StoreError, WhenFull},
 };
@@ -46,6 +51,19 @@ pub struct AggregatorConfig {
     pub print_flows: bool,
     /// Where `/metrics`, `/livez` and `/readyz` are served; `None` for none.
     pub metrics_listen: Option<SocketAddr>,
+    pub metadata: MetadataConfig,
+}
+
+/// Where the names of a flow's ends come from, and which attribute names they get.
+#[derive(Debug, Clone, Default)]
+pub struct MetadataConfig {
+    pub naming: AttributeNaming,
+    pub index: IndexSettings,
+    /// The static metadata file (HCL), read before anything starts.
+    pub static_file: Option<PathBuf>,
+    /// Watch the Kubernetes API (in-cluster, or the kubeconfig). If no client can be made the
+    /// aggregator runs on the static file alone and says so.
+    pub kubernetes: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +82,8 @@ pub enum StartError {
     Recover(String),
     #[error("starting the actor system: {0}")]
     Actors(std::io::Error),
+    #[error(transparent)]
+    MetadataFile(#[from] ConfigError),
 }
 
 pub struct Aggregator {
@@ -73,6 +93,8 @@ pub struct Aggregator {
     server: JoinHandle<()>,
     shards: Shards,
     actors: ActorRuntime,
+    /// Held so that the watchers run as long as the aggregator.
+    _watchers: Option<KubeWatchers>,
 }
 
 impl Aggregator {
@@ -85,8 +107,19 @@ impl Aggregator {
                 config.export.drop_oldest_above_bytes = Some(config.outbox.max_bytes)
             }
         }
+        let mut index = MetadataIndex::new(&config.metadata.index);
+        if let Some(path) = &config.metadata.static_file {
+            index.set_static_entries(static_file::load(path)?);
+        }
+        let index = SharedIndex::new(index);
         let store = Store::open(&config.data_dir)?;
-        let metrics = Arc::new(Metrics::new());
+        let mut metrics = Metrics::new();
+        let watchers = if config.metadata.kubernetes {
+            watch_kubernetes(index.clone(), &mut metrics).await
+        } else {
+            None
+        };
+        let metrics = Arc::new(metrics);
         let exporter = Exporter::new(store.clone(), config.export.clone(), metrics.clone())?;
         let bind_error = |what, addr| move |source| StartError::Bind { what, addr, source };
         let listener = TcpListener::bind(config.listen)
@@ -116,6 +149,8 @@ impl Aggregator {
                 metrics: metrics.clone(),
                 exporter: exporter.recipient(),
                 print_flows: config.print_flows,
+                metadata: index,
+                naming: config.metadata.naming,
             },
         );
         let service = Ingest::new(
@@ -139,7 +174,7 @@ impl Aggregator {
             }
         });
         if let Some(listener) = metrics_listener {
-            let router = crate::metrics::router(metrics.clone());
+            let router = crate::metrics::router(metrics.clone(), readiness(watchers.as_ref()));
             tokio::spawn(async move {
                 if let Err(err) = axum::serve(listener, router).await {
                     tracing::error!(%err, "metrics endpoint failed");
@@ -154,6 +189,7 @@ impl Aggregator {
             server,
             shards,
             actors,
+            _watchers: watchers,
         })
     }
 
@@ -165,6 +201,37 @@ impl Aggregator {
         self.shards.flush().await;
         self.actors.stop().await;
     }
+}
+
+/// Starts the Kubernetes watchers on `index`, with their metrics; `None` (logged) without a
+/// client — the aggregator then runs on what the static file knows.
+async fn watch_kubernetes(index: SharedIndex, metrics: &mut Metrics) -> Option<KubeWatchers> {
+    match kube::Client::try_default().await {
+        Ok(client) => {
+            let watchers = KubeWatchers::spawn(client, index);
+            metrics.register(|registry| watchers.metrics().register(registry));
+            tracing::info!("watching the Kubernetes API for metadata");
+            Some(watchers)
+        }
+        Err(err) => {
+            tracing::warn!(%err, "no Kubernetes client: flows get the static metadata file's names only");
+            None
+        }
+    }
+}
+
+/// Ready once every watched kind has been listed (at once without watchers).
+fn readiness(watchers: Option<&KubeWatchers>) -> watch::Receiver<bool> {
+    let (ready, readiness) = watch::channel(watchers.is_none());
+    if let Some(watchers) = watchers {
+        let mut synced = watchers.synced();
+        tokio::spawn(async move {
+            if synced.wait_for(|kinds| kinds.all()).await.is_ok() {
+                let _ = ready.send(true);
+            }
+        });
+    }
+    readiness
 }
 
 /// Every shard's table as its last checkpoint left it, with the batches after its positions

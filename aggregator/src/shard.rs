@@ -22,13 +22,15 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use crate::{
     actors::ActorRuntime,
+    clock::unix_now,
     connection_key::ConnectionKey,
     export::{OutboxChanged, outbox_entry},
     flow_table::{Emitted, FlowTable},
     ingest::{AppliedBatch, BatchSink, SinkClosed},
+    metadata::{AttributeNaming, SharedIndex},
     metrics::{Metrics, ShardLabel},
     observation::Observation,
-    span::flow_spans,
+    span::{Enrichment, flow_spans},
     stitch::Measured,
     store::{BootId, Checkpoint, Store},
 };
@@ -88,6 +90,9 @@ pub struct ShardContext {
     pub exporter: Recipient<OutboxChanged>,
     /// Print a one-line summary of every emitted interval on standard output.
     pub print_flows: bool,
+    /// What spans are enriched with.
+    pub metadata: SharedIndex,
+    pub naming: AttributeNaming,
 }
 
 /// The actor owning one shard's flow table.
@@ -160,7 +165,14 @@ impl FlowShard {
         if changes.is_empty() && self.emitted.is_empty() && !self.positions_changed {
             return;
         }
-        let outbox = encode_requests(&self.emitted);
+        let outbox = {
+            let index = self.context.metadata.read();
+            let enrichment = Enrichment {
+                index: &index,
+                naming: self.context.naming,
+            };
+            encode_requests(&self.emitted, &enrichment)
+        };
         let checkpoint = Checkpoint {
             shard: self.id,
             positions: &self.positions,
@@ -193,14 +205,14 @@ impl FlowShard {
 pub const INTERVALS_PER_REQUEST: usize = 1_000;
 
 /// The outbox entries (encoded OTLP export requests) carrying the spans of `emitted`.
-pub fn encode_requests(emitted: &[Emitted]) -> Vec<Vec<u8>> {
+pub fn encode_requests(emitted: &[Emitted], enrichment: &Enrichment) -> Vec<Vec<u8>> {
     emitted
         .chunks(INTERVALS_PER_REQUEST)
         .map(|chunk| {
             outbox_entry(&ExportTraceServiceRequest {
                 resource_spans: chunk
                     .iter()
-                    .flat_map(|e| flow_spans(&e.flow, &e.interval))
+                    .flat_map(|e| flow_spans(&e.flow, &e.interval, enrichment))
                     .collect(),
             })
         })
@@ -299,12 +311,6 @@ fn summary(e: &Emitted) -> String {
         points = f.points.len(),
         index = e.interval.index,
     )
-}
-
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 #[cfg(test)]

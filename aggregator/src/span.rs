@@ -8,7 +8,10 @@
 //! `flow.bytes.sent` / `flow.bytes.received` and `flow.packets.sent` / `flow.packets.received`
 //! (int; sent = client → server), plus `network.transport` and `network.type` (OTel),
 //! `flow.community_id`, `flow.tcp.flags`, `flow.end_reason`, `flow.client_rule` and the
-//! observation points.
+//! observation points; and, where the [`MetadataIndex`] knows an end at the flow's start, its
+//! Kubernetes names (`source.pod.name`, `destination.namespace`, ... — see
+//! [`crate::metadata::attributes`]). Each side's resource `service.name` is its workload (else pod,
+//! Service or node), or its address when nothing is known.
 //!
 //! **Identity.** Ids are derived, never random, so re-exporting an interval after a crash yields
 //! the same ids and Tempo keeps one copy: the trace id from (Community ID, connection start,
@@ -24,9 +27,17 @@ use opentelemetry_proto::tonic::{
 use sha1::{Digest, Sha1};
 
 use crate::{
+    metadata::{AttributeNaming, FlowSide, MetadataIndex, append_metadata_attributes},
     observation::{Hook, ObservationPoint},
     stitch::{Flow, Side},
 };
+
+/// What spans are enriched with: the metadata index, and the attribute names to use.
+#[derive(Clone, Copy)]
+pub struct Enrichment<'a> {
+    pub index: &'a MetadataIndex,
+    pub naming: AttributeNaming,
+}
 
 /// Intervals in one trace. With the default 60 s active timeout a trace spans an hour: at most
 /// 120 spans of a few hundred bytes each.
@@ -78,12 +89,18 @@ fn span_id(trace_id: &[u8; 16], index: u64, role: Role) -> [u8; 8] {
 
 /// The OTLP spans of one flow interval: the client side's resource with the CLIENT span, the
 /// server side's with the SERVER span.
-pub fn flow_spans(flow: &Flow, interval: &Interval) -> Vec<ResourceSpans> {
+pub fn flow_spans(flow: &Flow, interval: &Interval, enrichment: &Enrichment) -> Vec<ResourceSpans> {
     let community_id = flow.key.community_id(0);
     let trace = trace_id(&community_id, interval);
     let client_span = span_id(&trace, interval.index, Role::Client);
     let server_span = span_id(&trace, interval.index, Role::Server);
     let name = span_name(flow);
+    let lookup = |side: &Side| {
+        enrichment
+            .index
+            .lookup(side.address, side.port, flow.start_unix_nanos)
+    };
+    let (client_side, server_side) = (lookup(&flow.client), lookup(&flow.server));
 
     let mut links = Vec::new();
     if interval.index > 0 && interval.index.is_multiple_of(INTERVALS_PER_TRACE) {
@@ -106,7 +123,18 @@ pub fn flow_spans(flow: &Flow, interval: &Interval) -> Vec<ResourceSpans> {
         kind: SpanKind::Client as i32,
         start_time_unix_nano: flow.start_unix_nanos,
         end_time_unix_nano: flow.end_unix_nanos,
-        attributes: flow_attributes(flow, &community_id, interval),
+        attributes: {
+            let mut attributes = flow_attributes(flow, &community_id, interval);
+            for (side, end) in [
+                (FlowSide::Source, &client_side),
+                (FlowSide::Destination, &server_side),
+            ] {
+                if let Some(metadata) = end {
+                    append_metadata_attributes(enrichment.naming, side, metadata, &mut attributes);
+                }
+            }
+            attributes
+        },
         links,
         ..Span::default()
     };
@@ -124,9 +152,11 @@ pub fn flow_spans(flow: &Flow, interval: &Interval) -> Vec<ResourceSpans> {
         ],
         ..Span::default()
     };
+    let client_workload = client_side.as_ref().and_then(|m| m.workload_service_name());
+    let server_workload = server_side.as_ref().and_then(|m| m.workload_service_name());
     vec![
-        resource_spans(&flow.client, false, client),
-        resource_spans(&flow.server, true, server),
+        resource_spans(&flow.client, false, client_workload, client),
+        resource_spans(&flow.server, true, server_workload, server),
     ]
 }
 
@@ -236,13 +266,13 @@ fn point_label(point: &ObservationPoint) -> String {
     format!("{}/{}/{hook}", point.node, point.interface)
 }
 
-fn resource_spans(side: &Side, server: bool, span: Span) -> ResourceSpans {
-    // Until Kubernetes metadata names workloads, a side is named by its address (and, for the
-    // server, its port), which is what the service graph shows.
-    let service = if server && side.port != 0 {
-        format!("{}:{}", side.address, side.port)
-    } else {
-        side.address.to_string()
+fn resource_spans(side: &Side, server: bool, workload: Option<&str>, span: Span) -> ResourceSpans {
+    // Without metadata a side is named by its address (and, for the server, its port), which is
+    // what the service graph then shows.
+    let service = match workload {
+        Some(workload) => workload.to_owned(),
+        None if server && side.port != 0 => format!("{}:{}", side.address, side.port),
+        None => side.address.to_string(),
     };
     ResourceSpans {
         resource: Some(Resource {
@@ -297,9 +327,20 @@ mod tests {
     use super::*;
     use crate::{
         connection_key::{ConnectionKey, Tuple},
+        metadata::{IndexSettings, static_file},
         observation::Counts,
         stitch::{ClientRule, Measured},
     };
+
+    /// The spans of `flow` with nothing known about its ends.
+    fn spans(flow: &Flow, interval: &Interval) -> Vec<ResourceSpans> {
+        let index = MetadataIndex::new(&IndexSettings::default());
+        let enrichment = Enrichment {
+            index: &index,
+            naming: AttributeNaming::Seed,
+        };
+        flow_spans(flow, interval, &enrichment)
+    }
 
     fn flow() -> Flow {
         let tuple = Tuple {
@@ -378,7 +419,7 @@ mod tests {
 
     #[test]
     fn client_span_carries_the_seed_attributes_with_their_types() {
-        let spans = flow_spans(&flow(), &START);
+        let spans = spans(&flow(), &START);
         let client = &spans[0].scope_spans[0].spans[0];
         assert_eq!(client.kind, SpanKind::Client as i32);
         assert_eq!(client.name, "flow_ipv4_tcp");
@@ -421,7 +462,7 @@ mod tests {
 
     #[test]
     fn server_span_is_a_child_under_the_server_resource() {
-        let spans = flow_spans(&flow(), &START);
+        let spans = spans(&flow(), &START);
         let client = &spans[0].scope_spans[0].spans[0];
         let server = &spans[1].scope_spans[0].spans[0];
         assert_eq!(server.kind, SpanKind::Server as i32);
@@ -441,16 +482,16 @@ mod tests {
 
     #[test]
     fn ids_are_deterministic_per_interval_and_windowed() {
-        let first = flow_spans(&flow(), &START);
-        let again = flow_spans(&flow(), &START);
+        let first = spans(&flow(), &START);
+        let again = spans(&flow(), &START);
         assert_eq!(first, again, "re-export yields identical spans");
         let span = |rs: &[ResourceSpans]| rs[0].scope_spans[0].spans[0].clone();
-        let next = span(&flow_spans(&flow(), &Interval { index: 1, ..START }));
+        let next = span(&spans(&flow(), &Interval { index: 1, ..START }));
         assert_eq!(next.trace_id, span(&first).trace_id);
         assert_ne!(next.span_id, span(&first).span_id);
         assert!(next.links.is_empty());
 
-        let new_window = span(&flow_spans(
+        let new_window = span(&spans(
             &flow(),
             &Interval {
                 index: INTERVALS_PER_TRACE,
@@ -458,7 +499,7 @@ mod tests {
             },
         ));
         assert_ne!(new_window.trace_id, span(&first).trace_id);
-        let last_of_previous = span(&flow_spans(
+        let last_of_previous = span(&spans(
             &flow(),
             &Interval {
                 index: INTERVALS_PER_TRACE - 1,
@@ -474,8 +515,86 @@ mod tests {
             index: 0,
         };
         assert_ne!(
-            span(&flow_spans(&flow(), &other_connection)).trace_id,
+            span(&spans(&flow(), &other_connection)).trace_id,
             span(&first).trace_id
+        );
+    }
+
+    #[test]
+    fn known_ends_carry_their_names_and_name_their_resources() {
+        let mut index = MetadataIndex::new(&IndexSettings::default());
+        index.set_static_entries(
+            static_file::parse(
+                "m.hcl",
+                r#"
+endpoint "10.0.1.5" { pod = "web-7c9" namespace = "frontend" workload_kind = "Deployment" workload = "web" }
+endpoint "10.0.2.0/24" { pod = "nginx-0" namespace = "backend" service = "nginx" }
+"#,
+            )
+            .unwrap(),
+        );
+        let attributes_of = |naming| {
+            let spans = flow_spans(
+                &flow(),
+                &START,
+                &Enrichment {
+                    index: &index,
+                    naming,
+                },
+            );
+            let services: Vec<String> = spans
+                .iter()
+                .map(
+                    |r| match &r.resource.as_ref().unwrap().attributes[0].value {
+                        Some(AnyValue {
+                            value: Some(Value::StringValue(s)),
+                        }) => s.clone(),
+                        other => panic!("{other:?}"),
+                    },
+                )
+                .collect();
+            assert_eq!(services, ["web", "nginx-0"]);
+            let client = &spans[0].scope_spans[0].spans[0];
+            client
+                .attributes
+                .iter()
+                .filter(|a| a.key.starts_with("source.") || a.key.starts_with("destination."))
+                .filter(|a| !a.key.ends_with(".address") && !a.key.ends_with(".port"))
+                .map(|a| match &a.value {
+                    Some(AnyValue {
+                        value: Some(Value::StringValue(s)),
+                    }) => (a.key.clone(), s.clone()),
+                    other => panic!("{other:?}"),
+                })
+                .collect::<Vec<_>>()
+        };
+        let pairs = |list: &[(&str, &str)]| {
+            list.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            attributes_of(AttributeNaming::Seed),
+            pairs(&[
+                ("source.pod.name", "web-7c9"),
+                ("source.namespace", "frontend"),
+                ("source.workload.kind", "Deployment"),
+                ("source.workload.name", "web"),
+                ("destination.pod.name", "nginx-0"),
+                ("destination.namespace", "backend"),
+                ("destination.service.name", "nginx"),
+            ])
+        );
+        assert_eq!(
+            attributes_of(AttributeNaming::Mermin),
+            pairs(&[
+                ("source.k8s.pod.name", "web-7c9"),
+                ("source.k8s.namespace.name", "frontend"),
+                ("source.k8s.deployment.name", "web"),
+                ("destination.k8s.pod.name", "nginx-0"),
+                ("destination.k8s.namespace.name", "backend"),
+                ("destination.k8s.service.name", "nginx"),
+            ])
         );
     }
 }

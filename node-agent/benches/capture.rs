@@ -313,6 +313,7 @@ fn agent_load() {
                 grace: Duration::from_secs(5),
                 print_flows: false,
                 metrics_listen: None,
+                metadata: Default::default(),
             },
         )
         .await

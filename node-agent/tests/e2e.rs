@@ -89,6 +89,7 @@ fn every_connection_becomes_one_exact_span() {
             grace: Duration::from_secs(10),
             print_flows: false,
             metrics_listen: None,
+            metadata: Default::default(),
         })
         .await
         .unwrap()

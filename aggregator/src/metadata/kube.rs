@@ -45,6 +45,8 @@ use prometheus_client::{
 use serde::de::DeserializeOwned;
 use tokio::{sync::watch, task::JoinSet};
 
+use crate::clock::unix_now;
+
 use super::index::{
     ContainerPorts, EndpointSliceInfo, EndpointTarget, MetadataEvent, NamespaceInfo, NodeInfo,
     ObjectKind, OwnerInfo, OwnerRef, PodInfo, ServiceInfo, SharedIndex,
@@ -66,13 +68,6 @@ const PURGE_EVERY: Duration = Duration::from_secs(30);
 
 /// The label an EndpointSlice names its Service with.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-
-/// The time of an event: when the watcher received it.
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-}
 
 /// An API object the index cannot use.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -565,6 +560,7 @@ impl Context {
                     continue;
                 }
             };
+            // An event happens, for the index, when the watcher receives it.
             let now = unix_now();
             let followed = follower.follow(event, map);
             for event in followed.events {
