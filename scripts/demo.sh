@@ -5,7 +5,9 @@
 # into one span, and the spans exported over OTLP.
 #
 # Spans go to MERMIN_OTLP_ENDPOINT (e.g. http://tempo:4317) if set; otherwise to a small OTLP
-# receiver started here that prints them. Everything the demo creates is removed on exit.
+# receiver started here that prints them. The pods get names from scripts/demo-endpoints.hcl (a
+# static metadata file standing in for the Kubernetes API). Everything the demo creates is removed
+# on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -47,7 +49,8 @@ else
 fi
 
 ./target/release/mermin-aggregator --listen 127.0.0.1:14600 --metrics-listen 127.0.0.1:19460 --otlp-endpoint "$endpoint" \
-  --data-dir "$out/aggregator-data" --settle 1s --print-flows >"$out/flows.log" 2>"$out/aggregator.log" &
+  --data-dir "$out/aggregator-data" --settle 1s --print-flows \
+  --no-kubernetes --metadata-file scripts/demo-endpoints.hcl >"$out/flows.log" 2>"$out/aggregator.log" &
 aggregator_pid=$!
 pids+=($aggregator_pid)
 for _ in $(seq 1 100); do

@@ -53,8 +53,20 @@ impl TraceService for Printer {
                     continue;
                 }
                 let a = &span.attributes;
+                // `namespace/pod (address:port)` where the aggregator knew the pod.
+                let side_label = |side: &str| {
+                    let at = format!(
+                        "{}:{}",
+                        get(a, &format!("{side}.address")),
+                        get(a, &format!("{side}.port"))
+                    );
+                    match get(a, &format!("{side}.pod.name")) {
+                        pod if pod.is_empty() => at,
+                        pod => format!("{}/{pod} ({at})", get(a, &format!("{side}.namespace"))),
+                    }
+                };
                 println!(
-                    "otlp span {name} trace={trace} service={service}: {proto} {src}:{sport} -> {dst}:{dport} sent={sent}B received={received}B end={end} community_id={cid}",
+                    "otlp span {name} trace={trace} service={service}: {proto} {src} -> {dst} sent={sent}B received={received}B end={end} community_id={cid}",
                     name = span.name,
                     trace = span
                         .trace_id
@@ -62,10 +74,8 @@ impl TraceService for Printer {
                         .map(|b| format!("{b:02x}"))
                         .collect::<String>(),
                     proto = get(a, "network.protocol"),
-                    src = get(a, "source.address"),
-                    sport = get(a, "source.port"),
-                    dst = get(a, "destination.address"),
-                    dport = get(a, "destination.port"),
+                    src = side_label("source"),
+                    dst = side_label("destination"),
                     sent = get(a, "flow.bytes.sent"),
                     received = get(a, "flow.bytes.received"),
                     end = get(a, "flow.end_reason"),

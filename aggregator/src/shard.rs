@@ -27,11 +27,11 @@ use crate::{
     export::{OutboxChanged, outbox_entry},
     flow_table::{Emitted, FlowTable},
     ingest::{AppliedBatch, BatchSink, SinkClosed},
-    metadata::{AttributeNaming, SharedIndex},
+    metadata::{AttributeNaming, MetadataIndex, SharedIndex},
     metrics::{Metrics, ShardLabel},
     observation::Observation,
     span::{Enrichment, flow_spans},
-    stitch::Measured,
+    stitch::{Measured, Side},
     store::{BootId, Checkpoint, Store},
 };
 use actix::{Actor, ActorContext, Addr, AsyncContext, Context, Handler, Message, Recipient};
@@ -192,8 +192,9 @@ impl FlowShard {
             let _ = self.context.exporter.try_send(OutboxChanged);
         }
         if self.context.print_flows {
+            let index = self.context.metadata.read();
             for e in &self.emitted {
-                println!("{}", summary(e));
+                println!("{}", summary(e, &index));
             }
         }
         self.emitted.clear();
@@ -293,8 +294,16 @@ impl Shards {
 }
 
 /// One line per flow interval, for people watching the aggregator.
-fn summary(e: &Emitted) -> String {
+fn summary(e: &Emitted, index: &MetadataIndex) -> String {
     let f = &e.flow;
+    // `namespace/pod` where the index knows the pod, else `address:port`.
+    let name = |side: &Side| {
+        let known = index.lookup(side.address, side.port, f.start_unix_nanos);
+        match known.as_ref().and_then(|m| Some((m.namespace?, m.pod_name?))) {
+            Some((namespace, pod)) => format!("{namespace}/{pod}"),
+            None => format!("{}:{}", side.address, side.port),
+        }
+    };
     let counts = |m: &Option<Measured>| {
         m.as_ref()
             .map_or((0, 0), |m| (m.counts.packets, m.counts.bytes))
@@ -302,10 +311,10 @@ fn summary(e: &Emitted) -> String {
     let (sent_packets, sent_bytes) = counts(&f.client_to_server);
     let (received_packets, received_bytes) = counts(&f.server_to_client);
     format!(
-        "span {proto:<6} {client:<22} -> {server:<22} sent {sent_packets} pkts / {sent_bytes} B, received {received_packets} pkts / {received_bytes} B, client by {rule}, {reason:?}, {points} points, interval {index}",
+        "span {proto:<6} {client:<26} -> {server:<26} sent {sent_packets} pkts / {sent_bytes} B, received {received_packets} pkts / {received_bytes} B, client by {rule}, {reason:?}, {points} points, interval {index}",
         proto = crate::span::protocol_name(f.key.protocol),
-        client = format!("{}:{}", f.client.address, f.client.port),
-        server = format!("{}:{}", f.server.address, f.server.port),
+        client = name(&f.client),
+        server = name(&f.server),
         rule = f.client_rule.as_str(),
         reason = f.end_reason,
         points = f.points.len(),
