@@ -299,7 +299,10 @@ fn summary(e: &Emitted, index: &MetadataIndex) -> String {
     // `namespace/pod` where the index knows the pod, else `address:port`.
     let name = |side: &Side| {
         let known = index.lookup(side.address, side.port, f.start_unix_nanos);
-        match known.as_ref().and_then(|m| Some((m.namespace?, m.pod_name?))) {
+        match known
+            .as_ref()
+            .and_then(|m| Some((m.namespace?, m.pod_name?)))
+        {
             Some((namespace, pod)) => format!("{namespace}/{pod}"),
             None => format!("{}:{}", side.address, side.port),
         }

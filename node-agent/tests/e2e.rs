@@ -1,7 +1,9 @@
 //! End to end on the real kernel: two "nodes" (network namespaces, an agent each), pods behind
 //! veths on each, cross-node and same-node connections; the aggregator in this process over real
 //! gRPC; an OTLP/gRPC receiver in this process. Every connection must arrive as exactly one
-//! CLIENT span (with its SERVER child), client and server right, bytes per direction exact.
+//! CLIENT span (with its SERVER child), client and server right, bytes per direction exact, both
+//! ends named from a static metadata file — so that the seed's four TraceQL queries select
+//! exactly the connections they should.
 
 mod support;
 
@@ -14,9 +16,12 @@ use std::{
 use mermin_aggregator::{
     export::ExportConfig,
     ingest::IngestLimits,
-    pipeline::{Aggregator, AggregatorConfig},
+    pipeline::{Aggregator, AggregatorConfig, MetadataConfig},
 };
-use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind};
+use opentelemetry_proto::tonic::{
+    common::v1::any_value::Value,
+    trace::v1::{Span, span::SpanKind},
+};
 use support::{
     otlp::{Receiver, int, serve, text},
     *,
@@ -72,12 +77,33 @@ fn cluster() -> Cluster {
     c
 }
 
+/// What Kubernetes would say about the pods (the static metadata file).
+const ENDPOINTS: &str = r#"
+endpoint "10.90.1.2" { pod = "nginx-7d9f4-abcde" namespace = "frontend" node = "node-a" workload_kind = "Deployment" workload = "nginx" }
+endpoint "10.90.1.3" { pod = "cache-0" namespace = "frontend" node = "node-a" workload_kind = "StatefulSet" workload = "cache" }
+endpoint "10.90.2.2" { pod = "api-0" namespace = "backend" node = "node-b" workload_kind = "StatefulSet" workload = "api" service = "api" }
+"#;
+
+/// A span attribute as TraceQL compares it: strings as strings, ints as ints; `None` if absent.
+fn value(span: &Span, key: &str) -> Option<Value> {
+    span.attributes
+        .iter()
+        .find(|a| a.key == key)
+        .and_then(|a| a.value.clone()?.value)
+}
+
+fn is_text(span: &Span, key: &str, expected: &str) -> bool {
+    matches!(value(span, key), Some(Value::StringValue(s)) if s == expected)
+}
+
 #[test]
 fn every_connection_becomes_one_exact_span() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let receiver = Receiver::default();
     let data = tempfile::tempdir().unwrap();
     let otlp = serve(&receiver, &runtime);
+    let endpoints = data.path().join("endpoints.hcl");
+    std::fs::write(&endpoints, ENDPOINTS).unwrap();
     let aggregator = runtime.block_on(async {
         Aggregator::start(AggregatorConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
@@ -89,7 +115,10 @@ fn every_connection_becomes_one_exact_span() {
             grace: Duration::from_secs(10),
             print_flows: false,
             metrics_listen: None,
-            metadata: Default::default(),
+            metadata: MetadataConfig {
+                static_file: Some(endpoints),
+                ..MetadataConfig::default()
+            },
         })
         .await
         .unwrap()
@@ -127,8 +156,8 @@ fn every_connection_becomes_one_exact_span() {
     let cross = tcp_exchange(
         &c.a1,
         &c.b1,
-        "10.90.2.2:8443".parse().unwrap(),
-        300_000,
+        "10.90.2.2:443".parse().unwrap(),
+        1_200_000,
         40_000,
     );
     let same = tcp_exchange(
@@ -197,7 +226,7 @@ fn every_connection_becomes_one_exact_span() {
     assert_eq!(spans.len(), 4, "one CLIENT span per connection: {spans:#?}");
     assert_eq!(by_server.len(), 4);
 
-    let tcp = by_server["10.90.2.2:8443"];
+    let tcp = by_server["10.90.2.2:443"];
     assert_eq!(text(tcp, "network.protocol"), "TCP");
     assert_eq!(text(tcp, "source.address"), "10.90.1.2");
     assert_eq!(int(tcp, "source.port"), i64::from(cross.client.port()));
@@ -211,7 +240,7 @@ fn every_connection_becomes_one_exact_span() {
     );
     assert_eq!(
         int(tcp, "flow.bytes.sent") as u64,
-        wire(&cross.client_side, 300_000)
+        wire(&cross.client_side, 1_200_000)
     );
     assert_eq!(
         int(tcp, "flow.packets.received") as u64,
@@ -272,16 +301,79 @@ fn every_connection_becomes_one_exact_span() {
         (2, 2 * 84)
     );
 
-    // Every CLIENT span has its SERVER child in the same trace, under the server's resource.
+    // Both ends named, on every span.
+    for span in &spans {
+        assert_eq!(text(span, "source.pod.name"), "nginx-7d9f4-abcde");
+        assert_eq!(text(span, "source.namespace"), "frontend");
+        assert_eq!(text(span, "source.workload.name"), "nginx");
+        assert_eq!(text(span, "source.node.name"), "node-a");
+    }
+    assert_eq!(text(tcp, "destination.pod.name"), "api-0");
+    assert_eq!(text(tcp, "destination.service.name"), "api");
+    assert_eq!(text(local, "destination.pod.name"), "cache-0");
+    assert_eq!(text(local, "destination.workload.kind"), "StatefulSet");
+
+    // The seed's TraceQL queries (in the form Tempo accepts), each with the connections it must
+    // select — by server address:port.
+    let selected = |query: &dyn Fn(&Span) -> bool| {
+        let mut servers: Vec<&str> = by_server
+            .iter()
+            .filter(|(_, span)| query(span))
+            .map(|(server, _)| server.as_str())
+            .collect();
+        servers.sort();
+        servers
+    };
+    // { span.source.pod.name =~ "nginx-.*" }
+    assert_eq!(
+        selected(
+            &|s| matches!(value(s, "source.pod.name"), Some(Value::StringValue(p)) if p.starts_with("nginx-"))
+        ),
+        [
+            "10.90.1.3:8080",
+            "10.90.2.2:0",
+            "10.90.2.2:443",
+            "10.90.2.2:5353"
+        ]
+    );
+    // { span.flow.bytes.sent > 1000000 }
+    assert_eq!(
+        selected(
+            &|s| matches!(value(s, "flow.bytes.sent"), Some(Value::IntValue(n)) if n > 1_000_000)
+        ),
+        ["10.90.2.2:443"]
+    );
+    // { span.network.protocol = "TCP" && span.destination.port = 443 }
+    assert_eq!(
+        selected(&|s| is_text(s, "network.protocol", "TCP")
+            && matches!(value(s, "destination.port"), Some(Value::IntValue(443)))),
+        ["10.90.2.2:443"]
+    );
+    // { span.source.namespace = "frontend" && span.destination.namespace = "backend" }
+    assert_eq!(
+        selected(&|s| is_text(s, "source.namespace", "frontend")
+            && is_text(s, "destination.namespace", "backend")),
+        ["10.90.2.2:0", "10.90.2.2:443", "10.90.2.2:5353"]
+    );
+
+    // Every CLIENT span has its SERVER child in the same trace; each side's resource is named by
+    // its workload (Tempo's service graph draws nginx -> api and nginx -> cache).
     for client in &spans {
-        let child = all
+        let (client_service, _) = all
+            .iter()
+            .find(|(_, s)| s.span_id == client.span_id)
+            .unwrap();
+        assert_eq!(client_service, "nginx");
+        let (server_service, child) = all
             .iter()
             .find(|(_, s)| s.kind == SpanKind::Server as i32 && s.parent_span_id == client.span_id)
             .unwrap_or_else(|| panic!("no SERVER child for {}", client.name));
-        assert_eq!(child.1.trace_id, client.trace_id);
-        assert_eq!(
-            child.0.split(':').next().unwrap(),
-            text(client, "destination.address")
-        );
+        assert_eq!(child.trace_id, client.trace_id);
+        let expected = if text(client, "destination.address") == "10.90.1.3" {
+            "cache"
+        } else {
+            "api"
+        };
+        assert_eq!(server_service, expected);
     }
 }
