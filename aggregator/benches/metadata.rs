@@ -11,10 +11,8 @@
 //! `cargo bench -p mermin-aggregator --bench metadata`
 
 use std::{
-    alloc::{GlobalAlloc, Layout, System},
     hint::black_box,
     net::{IpAddr, Ipv4Addr},
-    sync::atomic::{AtomicIsize, Ordering},
     time::Instant,
 };
 
@@ -27,22 +25,9 @@ use mermin_aggregator::metadata::{
     },
 };
 
-/// Counts live heap bytes, to measure the index.
-struct Counting;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: delegates to the system allocator; only adds bookkeeping.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
+#[path = "support/counting.rs"]
+mod counting;
+use counting::{Counting, live_bytes};
 
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
@@ -161,7 +146,7 @@ fn cluster_events() -> impl Iterator<Item = MetadataEvent> {
 }
 
 fn live() -> isize {
-    LIVE.load(Ordering::Relaxed)
+    live_bytes()
 }
 
 fn main() {

@@ -9,11 +9,7 @@
 //! `cargo bench -p mermin-aggregator --bench pipeline -- [stitch|ingest]`
 
 use std::{
-    alloc::{GlobalAlloc, Layout},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicIsize, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -35,7 +31,6 @@ use mermin_protocol::{
     },
     flow::v1::{Direction, EndReason, FlowRecord},
 };
-use mimalloc::MiMalloc;
 use opentelemetry_proto::tonic::{
     collector::trace::v1::{
         ExportTraceServiceRequest, ExportTraceServiceResponse,
@@ -46,23 +41,9 @@ use opentelemetry_proto::tonic::{
 };
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 
-/// Counts live heap bytes, to measure memory per flow; allocates with mimalloc, as the
-/// aggregator binary does.
-struct Counting;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: delegates to mimalloc; only adds bookkeeping.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        unsafe { MiMalloc.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        unsafe { MiMalloc.dealloc(ptr, layout) }
-    }
-}
+#[path = "support/counting.rs"]
+mod counting;
+use counting::{Counting, live_bytes};
 
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
@@ -130,14 +111,14 @@ fn stitch() {
         Duration::from_secs(1),
         Duration::from_secs(1),
     );
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = live_bytes();
     let start = Instant::now();
     for record in &records {
         let observation = Observation::try_from(record).unwrap();
         table.apply(&observation, 0);
     }
     let ingest_time = start.elapsed();
-    let per_flow = (LIVE.load(Ordering::Relaxed) - before) / i64::from(FLOWS) as isize;
+    let per_flow = (live_bytes() - before) / i64::from(FLOWS) as isize;
 
     let start = Instant::now();
     let mut emitted = Vec::new();

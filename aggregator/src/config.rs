@@ -75,12 +75,16 @@ pub struct ConfigError {
 const TOP_LEVEL: &str = "listen, data_dir, settle, grace, outbox_max_bytes, outbox_when_full, metadata, export \"traces\"";
 
 pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+    parse(&path.display().to_string(), &read(path)?)
+}
+
+/// An HCL file's text, or an error naming the file that could not be read.
+pub(crate) fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError {
         file: path.display().to_string(),
         line: 0,
         message: e.to_string(),
-    })?;
-    parse(&path.display().to_string(), &text)
+    })
 }
 
 pub fn parse(file: &str, text: &str) -> Result<FileConfig, ConfigError> {

@@ -24,7 +24,7 @@ use hcl_edit::{
 };
 
 use super::index::{EndpointMetadata, Label};
-use crate::config::{ConfigError, parse_lenient, string};
+use crate::config::{ConfigError, parse_lenient, read, string};
 
 const ENDPOINT_KEYS: &str =
     "pod, namespace, node, workload_kind, workload, service, container, labels";
@@ -150,12 +150,7 @@ fn network(text: &str) -> Result<(IpAddr, u8), String> {
 }
 
 pub fn load(path: &Path) -> Result<PrefixTable, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: path.display().to_string(),
-        line: 0,
-        message: e.to_string(),
-    })?;
-    parse(&path.display().to_string(), &text)
+    parse(&path.display().to_string(), &read(path)?)
 }
 
 pub fn parse(file: &str, text: &str) -> Result<PrefixTable, ConfigError> {
