@@ -154,9 +154,39 @@ fn stitch() {
 /// second, and for each connection the time from the ack of its last record to the arrival of its
 /// span at the receiver.
 fn ingest() {
-    const BATCHES: u32 = 150;
-    const CONNECTIONS_PER_BATCH: u32 = 1000;
     const SETTLE: Duration = Duration::from_secs(1);
+    println!(
+        "| measure (2 agent streams, whole aggregator, loopback, settle {SETTLE:?}) | value |"
+    );
+    println!("|---|---:|");
+    // As fast as the aggregator acknowledges: throughput (and latency under saturation).
+    let (records, elapsed, latency) = ingest_run(150, None, SETTLE);
+    println!(
+        "| records acknowledged per second, unpaced ({records} records in batches of 2000) | {:.0} k records/s |",
+        records as f64 / elapsed.as_secs_f64() / 1e3
+    );
+    println!(
+        "| last record acked → span received, p50 / p99, unpaced (queues full) | {:.0} ms / {:.0} ms |",
+        latency(50).as_secs_f64() * 1e3,
+        latency(99).as_secs_f64() * 1e3
+    );
+    // Paced well below saturation (2 × 5 batches/s = 20k records/s): the latency a flow sees.
+    let (_, _, latency) = ingest_run(50, Some(Duration::from_millis(200)), SETTLE);
+    println!(
+        "| last record acked → span received, p50 / p99, at 20k records/s | {:.0} ms / {:.0} ms |",
+        latency(50).as_secs_f64() * 1e3,
+        latency(99).as_secs_f64() * 1e3
+    );
+}
+
+/// One run of [`ingest`] against a fresh aggregator: `batches` per stream, one every `pace` if
+/// given. Returns the records sent, the time until the last ack, and latency percentiles.
+fn ingest_run(
+    batches: u32,
+    pace: Option<Duration>,
+    settle: Duration,
+) -> (usize, Duration, impl Fn(usize) -> Duration) {
+    const CONNECTIONS_PER_BATCH: u32 = 1000;
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let receiver = ArrivalReceiver::default();
@@ -174,7 +204,7 @@ fn ingest() {
             export: ExportConfig::new(format!("http://{otlp_addr}")),
             limits: IngestLimits::default(),
             outbox: Default::default(),
-            settle: SETTLE,
+            settle,
             grace: Duration::from_secs(60),
             print_flows: false,
             metrics_listen: None,
@@ -184,15 +214,20 @@ fn ingest() {
         .unwrap();
         let endpoint = format!("http://{}", aggregator.local_addr);
         // Node n's batch b holds node n's two records of connections b·1000 .. b·1000 + 999.
-        let batches = |node: usize| -> Vec<Batch> {
-            (0..BATCHES)
+        let node_batches = |node: usize| -> Vec<Batch> {
+            (0..batches)
                 .map(|b| Batch {
                     sequence: u64::from(b) + 1,
                     records: (0..CONNECTIONS_PER_BATCH)
                         .flat_map(|i| {
-                            let records = connection(b * CONNECTIONS_PER_BATCH + i, EndReason::TcpClose);
+                            let records =
+                                connection(b * CONNECTIONS_PER_BATCH + i, EndReason::TcpClose);
                             let [a_out, a_in, b_out, b_in] = records;
-                            if node == 0 { [a_out, a_in] } else { [b_out, b_in] }
+                            if node == 0 {
+                                [a_out, a_in]
+                            } else {
+                                [b_out, b_in]
+                            }
                         })
                         .collect(),
                 })
@@ -200,22 +235,26 @@ fn ingest() {
         };
         let start = Instant::now();
         let streams = [0, 1].map(|node| {
-            let (endpoint, batches) = (endpoint.clone(), batches(node));
-            tokio::spawn(async move { stream_batches(&endpoint, node, batches).await })
+            let (endpoint, batches) = (endpoint.clone(), node_batches(node));
+            tokio::spawn(async move { stream_batches(&endpoint, node, batches, pace).await })
         });
         let mut acked_at = Vec::new();
         for stream in streams {
             acked_at.push(stream.await.unwrap());
         }
         let elapsed = start.elapsed();
-        let connections = (BATCHES * CONNECTIONS_PER_BATCH) as usize;
+        let connections = (batches * CONNECTIONS_PER_BATCH) as usize;
         let deadline = Instant::now() + Duration::from_secs(60);
         while receiver.arrivals.lock().unwrap().len() < connections && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         aggregator.shutdown().await;
         let arrivals = receiver.arrivals.lock().unwrap().clone();
-        assert_eq!(arrivals.len(), connections, "every connection's span arrived");
+        assert_eq!(
+            arrivals.len(),
+            connections,
+            "every connection's span arrived"
+        );
         let mut latencies: Vec<Duration> = arrivals
             .iter()
             .map(|(id, arrived)| {
@@ -225,25 +264,20 @@ fn ingest() {
             })
             .collect();
         latencies.sort();
-        let percentile = |p: usize| latencies[(latencies.len() * p / 100).min(latencies.len() - 1)];
-        let records = 4 * connections;
-        println!("| measure (2 agent streams, whole aggregator, loopback) | value |");
-        println!("|---|---:|");
-        println!(
-            "| records acknowledged per second ({records} records in batches of {}) | {:.0} k records/s |",
-            2 * CONNECTIONS_PER_BATCH,
-            records as f64 / elapsed.as_secs_f64() / 1e3
-        );
-        println!(
-            "| last record acked → span received, p50 / p99 (settle {SETTLE:?}) | {:.0} ms / {:.0} ms |",
-            percentile(50).as_secs_f64() * 1e3,
-            percentile(99).as_secs_f64() * 1e3
-        );
-    });
+        let percentile =
+            move |p: usize| latencies[(latencies.len() * p / 100).min(latencies.len() - 1)];
+        (4 * connections, elapsed, percentile)
+    })
 }
 
-/// One agent stream sending `batches` with the Welcome's window; returns when each was acked.
-async fn stream_batches(endpoint: &str, node: usize, batches: Vec<Batch>) -> Vec<Instant> {
+/// One agent stream sending `batches` with the Welcome's window (and no faster than one per
+/// `pace`, if given); returns when each was acknowledged.
+async fn stream_batches(
+    endpoint: &str,
+    node: usize,
+    batches: Vec<Batch>,
+    pace: Option<Duration>,
+) -> Vec<Instant> {
     let mut client = AgentServiceClient::connect(endpoint.to_owned())
         .await
         .unwrap();
@@ -268,8 +302,14 @@ async fn stream_batches(endpoint: &str, node: usize, batches: Vec<Batch>) -> Vec
     };
     let mut acked_at = Vec::with_capacity(batches.len());
     let mut sent = 0;
+    let started = Instant::now();
+    // Paced: one batch in flight, so that each ack is read (and timed) as it arrives.
+    let window = if pace.is_some() { 1 } else { window };
     while acked_at.len() < batches.len() {
         while sent < batches.len() && sent - acked_at.len() < window {
+            if let Some(pace) = pace {
+                tokio::time::sleep_until((started + pace * sent as u32).into()).await;
+            }
             out.send(send(agent_message::Message::Batch(batches[sent].clone())))
                 .await
                 .unwrap();
