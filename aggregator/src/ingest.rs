@@ -23,7 +23,7 @@ use mermin_protocol::agent::v1::{
     agent_service_server::{AgentService, AgentServiceServer},
     aggregator_message,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -96,6 +96,8 @@ pub struct Ingest<S> {
     metrics: Arc<Metrics>,
     /// Where sessions run.
     arbiters: Arbiters,
+    /// Turns true when the aggregator stops: every session ends its stream.
+    stopping: watch::Receiver<bool>,
 }
 
 impl<S: BatchSink> Ingest<S> {
@@ -112,7 +114,16 @@ impl<S: BatchSink> Ingest<S> {
             flows,
             metrics,
             arbiters,
+            // Never stops unless told (see `stop_when`).
+            stopping: watch::channel(false).1,
         }
+    }
+
+    /// Ends every session (stream) once `stopping` turns true, with UNAVAILABLE: the agents
+    /// reconnect and replay what was not acknowledged.
+    pub fn stop_when(mut self, stopping: watch::Receiver<bool>) -> Self {
+        self.stopping = stopping;
+        self
     }
 
     /// The tonic service, with the message size limit applied.
@@ -149,7 +160,7 @@ impl<S: BatchSink> AgentService for Ingest<S> {
 
 /// The actor of one agent stream. It takes the stream's messages one at a time: each is handled
 /// to the end (stored and acknowledged, or refused) before the next is read. A refusal ends the
-/// stream with its status, and the actor.
+/// stream with its status, and the actor; so does the aggregator stopping (UNAVAILABLE).
 pub struct Session<S> {
     worker: Worker<S>,
     /// Known after the Hello.
@@ -158,6 +169,23 @@ pub struct Session<S> {
 
 impl<S: BatchSink> Actor for Session<S> {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let mut stopping = self.worker.ingest.stopping.clone();
+        let stopped = async move {
+            if stopping.wait_for(|stop| *stop).await.is_err() {
+                // Nobody can tell this session to stop: it ends with its stream.
+                std::future::pending::<()>().await;
+            }
+        };
+        ctx.spawn(stopped.into_actor(self).map(|(), session, ctx| {
+            let _ = session
+                .worker
+                .answers
+                .try_send(Err(Status::unavailable("the aggregator is shutting down")));
+            ctx.stop();
+        }));
+    }
 }
 
 impl<S: BatchSink> StreamHandler<Result<AgentMessage, Status>> for Session<S> {

@@ -1,5 +1,10 @@
 //! Every metric the aggregator exports, declared in one place, and the HTTP endpoints that serve
-//! them: `/metrics` (Prometheus text), `/livez`, `/readyz`.
+//! them: `/metrics` (Prometheus text), `/livez` (fails when a flow shard is stuck: the
+//! orchestrator restarts the aggregator, which recovers from its store), `/readyz`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::shard::{SHARDS, ShardId};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -25,14 +30,20 @@ pub struct Metrics {
     pub outbox_bytes: Gauge,
     pub spans_dropped: Family<ReasonLabel, Counter>,
     pub shard_connections: Family<ShardLabel, Gauge>,
+    shard_last_tick: Family<ShardLabel, Gauge>,
+    /// Unix seconds of each shard's last tick (0: not started), for `/livez`.
+    shard_ticks: Vec<AtomicU64>,
     pub intervals_emitted: Counter,
     pub late_records_ignored: Counter,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ShardLabel {
-    pub shard: u16,
+    pub shard: ShardId,
 }
+
+/// A shard that has not ticked for this long is stuck (a checkpoint takes well under a second).
+pub const STUCK_AFTER_SECONDS: u64 = 30;
 
 impl Metrics {
     pub fn new() -> Self {
@@ -97,6 +108,12 @@ impl Metrics {
             "Spans deleted before delivery by policy, by reason (outbox_full: the drop_oldest quota policy)",
             spans_dropped.clone(),
         );
+        let shard_last_tick = Family::default();
+        registry.register(
+            "shard_last_tick_seconds",
+            "Unix time of the flow shard's last tick; older than 30 s means stuck, and /livez fails",
+            shard_last_tick.clone(),
+        );
         let shard_connections = Family::default();
         registry.register(
             "shard_connections",
@@ -128,9 +145,34 @@ impl Metrics {
             outbox_bytes,
             spans_dropped,
             shard_connections,
+            shard_last_tick,
+            shard_ticks: (0..SHARDS).map(|_| AtomicU64::new(0)).collect(),
             intervals_emitted,
             late_records_ignored,
         }
+    }
+
+    /// A shard finished a tick at `now_seconds` (Unix).
+    pub fn shard_ticked(&self, shard: ShardId, now_seconds: u64) {
+        self.shard_last_tick
+            .get_or_create(&ShardLabel { shard })
+            .set(now_seconds as i64);
+        if let Some(tick) = self.shard_ticks.get(usize::from(shard)) {
+            tick.store(now_seconds, Ordering::Relaxed);
+        }
+    }
+
+    /// The first shard whose last tick is more than [`STUCK_AFTER_SECONDS`] before `now_seconds`,
+    /// and how long ago it ticked.
+    pub fn stuck_shard(&self, now_seconds: u64) -> Option<(ShardId, u64)> {
+        self.shard_ticks
+            .iter()
+            .enumerate()
+            .find_map(|(shard, tick)| {
+                let last = tick.load(Ordering::Relaxed);
+                let age = now_seconds.saturating_sub(last);
+                (last != 0 && age > STUCK_AFTER_SECONDS).then_some((shard as ShardId, age))
+            })
     }
 
     /// Registers metrics declared elsewhere (the Kubernetes watchers') in this registry.
@@ -177,7 +219,20 @@ pub fn router(
                 },
             ),
         )
-        .route("/livez", get(|| async { "ok\n" }))
+        .route(
+            "/livez",
+            get(
+                |axum::extract::State(m): axum::extract::State<std::sync::Arc<Metrics>>| async move {
+                    match m.stuck_shard(crate::clock::unix_now() / 1_000_000_000) {
+                        None => (axum::http::StatusCode::OK, "ok\n".to_owned()),
+                        Some((shard, age)) => (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            format!("flow shard {shard} has not ticked for {age} s\n"),
+                        ),
+                    }
+                },
+            ),
+        )
         .route(
             "/readyz",
             get(move || {
@@ -200,5 +255,27 @@ pub fn router(
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shard_that_stopped_ticking_is_stuck_and_one_not_started_is_not() {
+        let metrics = Metrics::new();
+        assert_eq!(metrics.stuck_shard(1_000), None, "nothing started yet");
+        metrics.shard_ticked(0, 1_000);
+        metrics.shard_ticked(3, 990);
+        assert_eq!(metrics.stuck_shard(1_020), None);
+        assert_eq!(metrics.stuck_shard(1_021), Some((3, 31)));
+        metrics.shard_ticked(3, 1_021);
+        assert_eq!(metrics.stuck_shard(1_031), Some((0, 31)));
+        assert!(
+            metrics
+                .render()
+                .contains("mermin_aggregator_shard_last_tick_seconds{shard=\"3\"} 1021")
+        );
     }
 }

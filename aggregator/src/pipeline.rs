@@ -160,6 +160,7 @@ impl Aggregator {
             metrics.clone(),
             actors.arbiters().clone(),
         )
+        .stop_when(server_stop.clone())
         .into_service();
         let server = tokio::spawn(async move {
             let shutdown = async move {

@@ -114,6 +114,10 @@ impl Actor for FlowShard {
         ctx.run_interval(TICK, |shard, _| {
             shard.table.emit_due(unix_now(), &mut shard.emitted);
             shard.checkpoint();
+            shard
+                .context
+                .metrics
+                .shard_ticked(shard.id, unix_now() / 1_000_000_000);
         });
     }
 }

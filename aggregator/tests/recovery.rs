@@ -8,10 +8,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mermin_protocol::flow::v1::{Direction, EndReason, FlowRecord};
 use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind};
 use support::{
-    connect,
+    closed_connection as connection, connect,
     otlp::{Receiver, int, serve},
 };
 use tokio::net::TcpListener;
@@ -57,41 +56,6 @@ async fn aggregator(listen: SocketAddr, otlp: SocketAddr, data: &Path, settle: &
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Process(child)
-}
-
-/// Both directions of one TCP connection seen on one node's pod veth, closed.
-fn connection(port: u32) -> Vec<FlowRecord> {
-    let record = |outbound: bool, packets: u64, bytes: u64| FlowRecord {
-        node_name: "node-a".into(),
-        interface_name: "veth1".into(),
-        direction: if outbound {
-            Direction::Ingress
-        } else {
-            Direction::Egress
-        } as i32,
-        source_address: if outbound {
-            vec![10, 0, 0, 1]
-        } else {
-            vec![10, 0, 0, 2]
-        },
-        destination_address: if outbound {
-            vec![10, 0, 0, 2]
-        } else {
-            vec![10, 0, 0, 1]
-        },
-        source_port: if outbound { port } else { 443 },
-        destination_port: if outbound { 443 } else { port },
-        ip_protocol: 6,
-        delta_packets: packets,
-        delta_octets: bytes,
-        first_seen_unix_nanos: 1_000,
-        last_seen_unix_nanos: 2_000,
-        first_tcp_flags: if outbound { 0x02 } else { 0x12 },
-        tcp_flags: 0x1b,
-        end_reason: EndReason::TcpClose as i32,
-        ..FlowRecord::default()
-    };
-    vec![record(true, 12, 9_000), record(false, 10, 48_000)]
 }
 
 async fn client_spans(receiver: &Receiver, want: usize, within: Duration) -> Vec<Span> {

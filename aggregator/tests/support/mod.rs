@@ -106,3 +106,39 @@ pub fn record(node: &str, packets: u64) -> FlowRecord {
         ..FlowRecord::default()
     }
 }
+
+/// Both directions of one TCP connection seen on one node's pod veth, closed.
+#[allow(dead_code)] // not every test binary sends whole connections
+pub fn closed_connection(port: u32) -> Vec<FlowRecord> {
+    let record = |outbound: bool, packets: u64, bytes: u64| FlowRecord {
+        node_name: "node-a".into(),
+        interface_name: "veth1".into(),
+        direction: if outbound {
+            Direction::Ingress
+        } else {
+            Direction::Egress
+        } as i32,
+        source_address: if outbound {
+            vec![10, 0, 0, 1]
+        } else {
+            vec![10, 0, 0, 2]
+        },
+        destination_address: if outbound {
+            vec![10, 0, 0, 2]
+        } else {
+            vec![10, 0, 0, 1]
+        },
+        source_port: if outbound { port } else { 443 },
+        destination_port: if outbound { 443 } else { port },
+        ip_protocol: 6,
+        delta_packets: packets,
+        delta_octets: bytes,
+        first_seen_unix_nanos: 1_000,
+        last_seen_unix_nanos: 2_000,
+        first_tcp_flags: if outbound { 0x02 } else { 0x12 },
+        tcp_flags: 0x1b,
+        end_reason: EndReason::TcpClose as i32,
+        ..FlowRecord::default()
+    };
+    vec![record(true, 12, 9_000), record(false, 10, 48_000)]
+}
