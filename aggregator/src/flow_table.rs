@@ -15,10 +15,9 @@
 //! record from any other point is ignored and counted, since its packets are already counted
 //! elsewhere.
 
-use std::{
-    collections::{HashMap, HashSet},
-    time::Duration,
-};
+use std::time::Duration;
+
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 
 use mermin_protocol::flow::v1::EndReason;
 use serde::{Deserialize, Serialize};
