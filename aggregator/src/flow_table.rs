@@ -158,15 +158,19 @@ impl FlowTable {
 
     /// The connections changed since the last call, serialized for the store.
     pub fn take_changes(&mut self) -> Result<Vec<Change>, postcard::Error> {
-        self.dirty
-            .drain()
+        let changes = self
+            .dirty
+            .iter()
             .map(|key| {
                 Ok(Change {
-                    key: postcard::to_allocvec(&key)?,
-                    state: self.open.get(&key).map(postcard::to_allocvec).transpose()?,
+                    key: postcard::to_allocvec(key)?,
+                    state: self.open.get(key).map(postcard::to_allocvec).transpose()?,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        // Only now: on an error every change stays pending for the next checkpoint.
+        self.dirty.clear();
+        Ok(changes)
     }
 
     /// Divides the table into `parts` tables by `part_of(key)` (each keeps its connections'

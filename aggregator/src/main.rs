@@ -150,6 +150,7 @@ fn main() -> ExitCode {
                 .metadata_file
                 .or(file.metadata.static_file.map(PathBuf::from)),
             kubernetes: !args.no_kubernetes && file.metadata.kubernetes.unwrap_or(true),
+            first_sync_wait: Duration::from_secs(30),
         },
     };
     let runtime = match tokio::runtime::Runtime::new() {

@@ -34,6 +34,7 @@ pub struct Metrics {
     /// Unix seconds of each shard's last tick (0: not started), for `/livez`.
     shard_ticks: Vec<AtomicU64>,
     pub intervals_emitted: Counter,
+    pub batches_read_back: Counter,
     pub late_records_ignored: Counter,
 }
 
@@ -126,6 +127,12 @@ impl Metrics {
             "Flow intervals stitched and queued for export (two spans each)",
             intervals_emitted.clone(),
         );
+        let batches_read_back = Counter::default();
+        registry.register(
+            "batches_read_back",
+            "Batch parts a flow shard read back from the log because they never reached it (their session ended first)",
+            batches_read_back.clone(),
+        );
         let late_records_ignored = Counter::default();
         registry.register(
             "late_records_ignored",
@@ -148,6 +155,7 @@ impl Metrics {
             shard_last_tick,
             shard_ticks: (0..SHARDS).map(|_| AtomicU64::new(0)).collect(),
             intervals_emitted,
+            batches_read_back,
             late_records_ignored,
         }
     }

@@ -64,6 +64,9 @@ pub struct MetadataConfig {
     /// Watch the Kubernetes API (in-cluster, or the kubeconfig). If no client can be made the
     /// aggregator runs on the static file alone and says so.
     pub kubernetes: bool,
+    /// How long start-up waits for the watchers' first full listing before the flow shards
+    /// start (recovered intervals are due within the settle time and should carry names).
+    pub first_sync_wait: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +88,9 @@ pub enum StartError {
     #[error(transparent)]
     MetadataFile(#[from] ConfigError),
 }
+
+/// How long a stop waits for the agent endpoint to close its streams.
+const SERVER_STOP_WAIT: Duration = Duration::from_secs(10);
 
 pub struct Aggregator {
     pub local_addr: SocketAddr,
@@ -138,6 +144,21 @@ impl Aggregator {
         };
         let (stop, mut server_stop) = watch::channel(false);
         let states = recover(&store, config.settle, config.grace)?;
+        if let Some(watchers) = &watchers {
+            // Recovered intervals are due within the settle time: give the index its first full
+            // listing first, so that their spans carry names (bounded: the API may be down).
+            let mut synced = watchers.synced();
+            let wait = config.metadata.first_sync_wait;
+            if tokio::time::timeout(wait, synced.wait_for(|kinds| kinds.all()))
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    ?wait,
+                    "Kubernetes metadata not synced yet; starting without it"
+                );
+            }
+        }
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let actors = ActorRuntime::start(threads).map_err(StartError::Actors)?;
         let exporter = Exporter::start_in_arbiter(actors.arbiters().get(0), move |_| exporter);
@@ -167,6 +188,9 @@ impl Aggregator {
                 let _ = server_stop.wait_for(|s| *s).await;
             };
             if let Err(err) = tonic::transport::Server::builder()
+                // Notice agents whose connection died without a word, so their sessions end.
+                .http2_keepalive_interval(Some(Duration::from_secs(10)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(20)))
                 .add_service(service)
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
                 .await
@@ -196,9 +220,17 @@ impl Aggregator {
 
     /// Stops accepting agents, writes every pending interval to the outbox, stops exporting
     /// (what the outbox still holds goes out after the next start).
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
-        let _ = self.server.await;
+        // Sessions end their streams at once; an agent that does not read its answers cannot
+        // hold the stop up for longer than this.
+        if tokio::time::timeout(SERVER_STOP_WAIT, &mut self.server)
+            .await
+            .is_err()
+        {
+            tracing::warn!("agent streams still open after {SERVER_STOP_WAIT:?}; closing them");
+            self.server.abort();
+        }
         self.shards.flush().await;
         self.actors.stop().await;
     }

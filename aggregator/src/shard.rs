@@ -125,9 +125,19 @@ impl Actor for FlowShard {
 impl Handler<Apply> for FlowShard {
     type Result = ();
 
+    /// Applies the part, in sequence: a part this shard is already past is ignored (it was
+    /// applied, or recovered from the log), and parts it never got (their session ended while
+    /// this mailbox was full) are first read back from the batch log.
     fn handle(&mut self, Apply(batch): Apply, _: &mut Context<Self>) {
+        let applied = self.positions.get(&batch.boot_id).copied().unwrap_or(0);
+        if batch.sequence <= applied {
+            return;
+        }
         let now = unix_now();
         let late_before = self.table.late_ignored();
+        for missing in applied + 1..batch.sequence {
+            self.apply_from_log(&batch.boot_id, missing, now);
+        }
         for observation in &batch.observations {
             self.table.apply(observation, now);
         }
@@ -151,6 +161,31 @@ impl Handler<Flush> for FlowShard {
 }
 
 impl FlowShard {
+    /// Applies this shard's part of a stored batch that never reached it. The log still holds it:
+    /// a batch is deleted only once every shard's checkpoint is past it.
+    fn apply_from_log(&mut self, boot_id: &BootId, sequence: u64, now: u64) {
+        let batch = match self.context.store.batch(boot_id, sequence) {
+            Ok(Some(batch)) => batch,
+            Ok(None) => {
+                tracing::error!(shard = self.id, sequence, "a batch this shard missed is not in the log");
+                return;
+            }
+            Err(err) => {
+                tracing::error!(shard = self.id, sequence, %err, "cannot read a batch this shard missed");
+                return;
+            }
+        };
+        for record in &batch.records {
+            // Validated before it was stored.
+            if let Ok(observation) = Observation::try_from(record)
+                && shard_of(&observation.key) == self.id
+            {
+                self.table.apply(&observation, now);
+            }
+        }
+        self.context.metrics.batches_read_back.inc();
+    }
+
     /// Persists the table's changes, the positions and the spans of the emitted intervals in one
     /// transaction, then wakes the exporter.
     fn checkpoint(&mut self) {
@@ -365,4 +400,109 @@ mod tests {
             assert!((800..1200).contains(&count), "uneven spread: {per_shard:?}");
         }
     }
+
+    /// A part that never reached the shard (its session ended while the mailbox was full) is read
+    /// back from the log when the next one arrives; the stale part arriving afterwards is ignored:
+    /// each batch counts once.
+    #[actix::test]
+    async fn a_missed_part_is_read_back_from_the_log_and_a_stale_one_is_ignored() {
+        use mermin_protocol::{
+            agent::v1::Batch,
+            flow::v1::{Direction, EndReason, FlowRecord},
+        };
+        use opentelemetry_proto::tonic::common::v1::any_value::Value;
+        use prost::Message as _;
+
+        use crate::{export::Exporter, metadata::IndexSettings, stitch::InterfaceKinds};
+
+        let record = |packets: u64, reason: EndReason| FlowRecord {
+            node_name: "node-a".into(),
+            interface_name: "veth1".into(),
+            direction: Direction::Ingress as i32,
+            source_address: vec![10, 0, 0, 1],
+            destination_address: vec![10, 0, 0, 2],
+            source_port: 40000,
+            destination_port: 80,
+            ip_protocol: 6,
+            delta_packets: packets,
+            delta_octets: packets * 100,
+            first_seen_unix_nanos: 1_000,
+            last_seen_unix_nanos: 2_000,
+            first_tcp_flags: 0x02,
+            tcp_flags: 0x1b,
+            end_reason: reason as i32,
+            ..FlowRecord::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let boot = [6; 16];
+        let batches = [
+            record(3, EndReason::ActiveTimeout),
+            record(4, EndReason::TcpClose),
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| Batch {
+            sequence: i as u64 + 1,
+            records: vec![r],
+        })
+        .collect::<Vec<_>>();
+        for batch in &batches {
+            store.append(&boot, batch).await.unwrap();
+        }
+        let part = |batch: &Batch| AppliedBatch {
+            boot_id: boot,
+            sequence: batch.sequence,
+            observations: batch
+                .records
+                .iter()
+                .map(|r| Observation::try_from(r).unwrap())
+                .collect(),
+        };
+        let id = shard_of(&part(&batches[0]).observations[0].key);
+        let metrics = Arc::new(Metrics::new());
+        let exporter = Exporter::new(
+            store.clone(),
+            crate::export::ExportConfig::new("http://127.0.0.1:9"),
+            metrics.clone(),
+        )
+        .unwrap()
+        .start();
+        let settle = Duration::from_secs(60);
+        let shard = FlowShard {
+            id,
+            table: FlowTable::new(InterfaceKinds::default(), settle, settle),
+            positions: HashMap::new(),
+            positions_changed: false,
+            context: ShardContext {
+                store: store.clone(),
+                metrics: metrics.clone(),
+                exporter: exporter.recipient(),
+                print_flows: false,
+                metadata: SharedIndex::new(MetadataIndex::new(&IndexSettings::default())),
+                naming: AttributeNaming::Seed,
+            },
+            emitted: Vec::new(),
+        }
+        .start();
+        shard.send(Apply(part(&batches[1]))).await.unwrap();
+        shard.send(Apply(part(&batches[0]))).await.unwrap(); // stale: already read back
+        shard.send(Flush).await.unwrap();
+
+        assert_eq!(metrics.batches_read_back.get(), 1);
+        let entries = store.outbox_oldest(10).unwrap();
+        assert_eq!(entries.len(), 1);
+        let request =
+            ExportTraceServiceRequest::decode(&entries[0].1[4..]).expect("an export request");
+        let client = &request.resource_spans[0].scope_spans[0].spans[0];
+        let sent = client
+            .attributes
+            .iter()
+            .find(|a| a.key == "flow.packets.sent")
+            .and_then(|a| a.value.clone()?.value);
+        assert_eq!(sent, Some(Value::IntValue(7)), "batches 1 and 2, once each");
+        let recovered = store.recover().unwrap();
+        assert_eq!(recovered.positions[&(id, boot)], 2);
+    }
 }
+

@@ -183,6 +183,16 @@ impl Store {
         Ok(())
     }
 
+    /// One stored batch, if the log still holds it.
+    pub fn batch(&self, boot_id: &BootId, sequence: u64) -> Result<Option<Batch>, StoreError> {
+        self.batches
+            .get(batch_key(boot_id, sequence))?
+            .map(|value| {
+                Batch::decode(value.as_ref()).map_err(|e| StoreError::Corrupt(e.to_string()))
+            })
+            .transpose()
+    }
+
     /// Every stored batch, in (boot id, sequence) order: what start-up replays.
     pub fn batches(&self) -> impl Iterator<Item = Result<(BootId, Batch), StoreError>> + '_ {
         self.batches.iter().map(|entry| {
@@ -206,6 +216,10 @@ impl Store {
             .iter()
             .map(|_| self.db.generate_id())
             .collect::<Result<Vec<u64>, _>>()?;
+        // Counted before the entries exist, so that the exporter removing one cannot take the
+        // count below zero; taken back if the transaction fails.
+        let outbox_bytes: u64 = checkpoint.outbox.iter().map(|r| r.len() as u64).sum();
+        self.outbox_bytes.fetch_add(outbox_bytes, Ordering::Relaxed);
         let result: Result<(), TransactionError<StoreError>> =
             (&self.connections, &self.positions, &self.outbox).transaction(
                 |(connections, positions, outbox)| {
@@ -229,11 +243,10 @@ impl Store {
                     Ok(())
                 },
             );
-        committed(result)?;
-        self.outbox_bytes.fetch_add(
-            checkpoint.outbox.iter().map(|r| r.len() as u64).sum(),
-            Ordering::Relaxed,
-        );
+        if let Err(err) = committed(result) {
+            self.outbox_bytes.fetch_sub(outbox_bytes, Ordering::Relaxed);
+            return Err(err);
+        }
         self.db.flush()?;
         for boot_id in checkpoint.positions.keys() {
             self.drop_applied_batches(boot_id)?;
@@ -288,9 +301,13 @@ impl Store {
     /// Queues an encoded export request durably; returns its outbox id.
     pub async fn outbox_push(&self, request: &[u8]) -> Result<u64, StoreError> {
         let id = self.db.generate_id()?;
-        self.outbox.insert(id.to_be_bytes(), request)?;
         self.outbox_bytes
             .fetch_add(request.len() as u64, Ordering::Relaxed);
+        if let Err(err) = self.outbox.insert(id.to_be_bytes(), request) {
+            self.outbox_bytes
+                .fetch_sub(request.len() as u64, Ordering::Relaxed);
+            return Err(err.into());
+        }
         self.db.flush_async().await?;
         Ok(id)
     }

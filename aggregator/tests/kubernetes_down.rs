@@ -96,6 +96,7 @@ async fn with_the_api_server_down_flows_still_go_out_and_readiness_says_why() {
         metadata: MetadataConfig {
             static_file: Some(endpoints),
             kubernetes: true,
+            first_sync_wait: Duration::from_millis(500),
             ..MetadataConfig::default()
         },
     })
