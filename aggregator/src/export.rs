@@ -7,7 +7,7 @@
 //! time, and removed only after the endpoint answered. Policy, the same for both transports:
 //! - **accepted** (gRPC OK, HTTP 2xx) — removed; spans the endpoint reports as rejected in a
 //!   partial success are counted as `spans_rejected{reason="partial_success"}`;
-//! - **refused for good** (gRPC `INVALID_ARGUMENT`, HTTP 400) — the endpoint saw the data and
+//! - **refused for good** (gRPC `INVALID_ARGUMENT`, HTTP 400 or 413) — the endpoint saw the data and
 //!   refuses it: removed, counted as `spans_rejected{reason="invalid_argument"}`, logged with the
 //!   endpoint's message;
 //! - **anything else** (endpoint down, overloaded, 429/5xx, timeouts, auth, TLS or path
@@ -341,7 +341,10 @@ impl HttpTransport {
                     },
                 }
             }
-            Ok(Ok((status, body))) if status == http::StatusCode::BAD_REQUEST => {
+            Ok(Ok((status, body)))
+                if status == http::StatusCode::BAD_REQUEST
+                    || status == http::StatusCode::PAYLOAD_TOO_LARGE =>
+            {
                 Delivery::Refused(String::from_utf8_lossy(&body).into_owned())
             }
             Ok(Ok((status, _))) => Delivery::Failed(format!("HTTP {status}")),

@@ -20,6 +20,8 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
+use prost::Message as _;
+
 use crate::{
     actors::ActorRuntime,
     clock::unix_now,
@@ -167,7 +169,11 @@ impl FlowShard {
         let batch = match self.context.store.batch(boot_id, sequence) {
             Ok(Some(batch)) => batch,
             Ok(None) => {
-                tracing::error!(shard = self.id, sequence, "a batch this shard missed is not in the log");
+                tracing::error!(
+                    shard = self.id,
+                    sequence,
+                    "a batch this shard missed is not in the log"
+                );
                 return;
             }
             Err(err) => {
@@ -240,23 +246,37 @@ impl FlowShard {
     }
 }
 
-/// Intervals per export request: 2,000 spans of about 550 B, well under the 4 MB gRPC message
-/// limit that Tempo and collectors apply by default.
+/// Intervals per export request at most: 2,000 spans.
 pub const INTERVALS_PER_REQUEST: usize = 1_000;
+
+/// Encoded size of an export request at most (one interval more is the exception): half the
+/// 4 MB gRPC message limit that Tempo and collectors apply by default, whatever names and labels
+/// the spans carry.
+pub const MAX_REQUEST_BYTES: usize = 2 << 20;
 
 /// The outbox entries (encoded OTLP export requests) carrying the spans of `emitted`.
 pub fn encode_requests(emitted: &[Emitted], enrichment: &Enrichment) -> Vec<Vec<u8>> {
-    emitted
-        .chunks(INTERVALS_PER_REQUEST)
-        .map(|chunk| {
-            outbox_entry(&ExportTraceServiceRequest {
-                resource_spans: chunk
-                    .iter()
-                    .flat_map(|e| flow_spans(&e.flow, &e.interval, enrichment))
-                    .collect(),
-            })
-        })
-        .collect()
+    let mut requests = Vec::new();
+    let mut request = ExportTraceServiceRequest::default();
+    let (mut intervals, mut bytes) = (0, 0);
+    for e in emitted {
+        let spans = flow_spans(&e.flow, &e.interval, enrichment);
+        // Each ResourceSpans costs its length plus a tag and a length prefix (at most 4 bytes).
+        let size: usize = spans.iter().map(|r| r.encoded_len() + 5).sum();
+        if intervals > 0 && (intervals == INTERVALS_PER_REQUEST || bytes + size > MAX_REQUEST_BYTES)
+        {
+            requests.push(outbox_entry(&request));
+            request.resource_spans.clear();
+            (intervals, bytes) = (0, 0);
+        }
+        request.resource_spans.extend(spans);
+        intervals += 1;
+        bytes += size;
+    }
+    if intervals > 0 {
+        requests.push(outbox_entry(&request));
+    }
+    requests
 }
 
 /// The shards' addresses: where agent sessions send batches.
@@ -504,5 +524,54 @@ mod tests {
         let recovered = store.recover().unwrap();
         assert_eq!(recovered.positions[&(id, boot)], 2);
     }
-}
 
+    /// Requests are cut at 1,000 intervals, and every span arrives in exactly one of them.
+    #[test]
+    fn export_requests_hold_at_most_a_thousand_intervals_and_every_span_once() {
+        use mermin_protocol::flow::v1::{Direction, EndReason, FlowRecord};
+
+        use crate::{metadata::IndexSettings, stitch::InterfaceKinds};
+
+        let mut table = FlowTable::new(
+            InterfaceKinds::default(),
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+        );
+        for port in 0..2_500u32 {
+            let record = FlowRecord {
+                node_name: "node-a".into(),
+                interface_name: "veth1".into(),
+                direction: Direction::Ingress as i32,
+                source_address: vec![10, 0, 0, 1],
+                destination_address: vec![10, 0, 0, 2],
+                source_port: 20_000 + port,
+                destination_port: 80,
+                ip_protocol: 6,
+                delta_packets: 1,
+                delta_octets: 60,
+                first_seen_unix_nanos: 1_000,
+                last_seen_unix_nanos: 2_000,
+                first_tcp_flags: 0x02,
+                tcp_flags: 0x02,
+                end_reason: EndReason::TcpClose as i32,
+                ..FlowRecord::default()
+            };
+            table.apply(&Observation::try_from(&record).unwrap(), 0);
+        }
+        let mut emitted = Vec::new();
+        table.emit_due(u64::MAX / 2, &mut emitted);
+        assert_eq!(emitted.len(), 2_500);
+        let index = MetadataIndex::new(&IndexSettings::default());
+        let enrichment = Enrichment {
+            index: &index,
+            naming: AttributeNaming::Seed,
+        };
+        let requests = encode_requests(&emitted, &enrichment);
+        let spans: Vec<u32> = requests
+            .iter()
+            .map(|entry| u32::from_be_bytes(entry[..4].try_into().unwrap()))
+            .collect();
+        assert_eq!(spans, [2_000, 2_000, 1_000]);
+        assert!(requests.iter().all(|r| r.len() < MAX_REQUEST_BYTES));
+    }
+}

@@ -378,6 +378,18 @@ fn decode_u64(bytes: &[u8]) -> Result<u64, StoreError> {
 mod tests {
     use super::*;
 
+    /// Opens the store again once the previous handle's background threads let go of sled's
+    /// lock (they outlive the handle briefly); bounded.
+    fn reopen(path: &Path) -> Store {
+        for _ in 0..100 {
+            match Store::open(path) {
+                Ok(store) => return store,
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        }
+        Store::open(path).unwrap()
+    }
+
     fn batch(sequence: u64) -> Batch {
         Batch {
             sequence,
@@ -399,7 +411,7 @@ mod tests {
             store.append(&a, &batch(1)).await.unwrap();
             store.append(&a, &batch(2)).await.unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
+        let store = reopen(dir.path());
         assert_eq!(store.last_sequence(&a).unwrap(), 2);
         assert_eq!(store.last_sequence(&b).unwrap(), 1);
         assert_eq!(store.last_sequence(&[3; BOOT_ID_LEN]).unwrap(), 0);
@@ -452,7 +464,7 @@ mod tests {
                     .unwrap();
             }
         }
-        let store = Store::open(dir.path()).unwrap();
+        let store = reopen(dir.path());
         let recovered = store.recover().unwrap();
         assert_eq!(recovered.positions.len(), usize::from(SHARDS));
         assert_eq!(recovered.positions[&(0, id)], 2);

@@ -108,6 +108,18 @@ fn start_exporter_actor(store: &Store, config: ExportConfig) -> (Running, actix:
     (Running { metrics }, address)
 }
 
+/// Opens the store again once the previous handle's background threads let go of sled's lock
+/// (they outlive the handle briefly); bounded.
+async fn reopen(path: &std::path::Path) -> Store {
+    for _ in 0..100 {
+        if let Ok(store) = Store::open(path) {
+            return store;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Store::open(path).unwrap()
+}
+
 /// Waits (at most 10 s) until the outbox is empty.
 async fn drained(store: &Store) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -228,7 +240,7 @@ async fn the_outbox_survives_a_restart(protocol: OtlpProtocol) {
         let store = Store::open(dir.path()).unwrap();
         store.outbox_push(&request(&["kept"])).await.unwrap();
     }
-    let store = Store::open(dir.path()).unwrap();
+    let store = reopen(dir.path()).await;
     assert_eq!(store.outbox_len(), 1);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
