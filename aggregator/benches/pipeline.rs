@@ -16,7 +16,6 @@ use std::{
 use mermin_aggregator::{
     export::ExportConfig,
     flow_table::FlowTable,
-    ingest::IngestLimits,
     metadata::{AttributeNaming, IndexSettings, MetadataIndex},
     observation::Observation,
     pipeline::{Aggregator, AggregatorConfig},
@@ -199,16 +198,12 @@ fn ingest_run(
         );
         let dir = tempfile::tempdir().unwrap();
         let aggregator = Aggregator::start(AggregatorConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            data_dir: dir.path().to_owned(),
-            export: ExportConfig::new(format!("http://{otlp_addr}")),
-            limits: IngestLimits::default(),
-            outbox: Default::default(),
             settle,
             grace: Duration::from_secs(60),
-            print_flows: false,
-            metrics_listen: None,
-            metadata: Default::default(),
+            ..AggregatorConfig::loopback(
+                dir.path().to_owned(),
+                ExportConfig::new(format!("http://{otlp_addr}")),
+            )
         })
         .await
         .unwrap();

@@ -27,3 +27,5 @@ pub mod shard;
 pub mod span;
 pub mod stitch;
 pub mod store;
+#[cfg(test)]
+mod test_records;

@@ -54,6 +54,25 @@ pub struct AggregatorConfig {
     pub metadata: MetadataConfig,
 }
 
+impl AggregatorConfig {
+    /// Agents on a free loopback port, no metrics endpoint, no metadata, everything else at the
+    /// binary's defaults: for embedding the aggregator (tests, benchmarks).
+    pub fn loopback(data_dir: PathBuf, export: ExportConfig) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir,
+            export,
+            limits: IngestLimits::default(),
+            outbox: OutboxQuota::default(),
+            settle: Duration::from_secs(3),
+            grace: Duration::from_secs(60),
+            print_flows: false,
+            metrics_listen: None,
+            metadata: MetadataConfig::default(),
+        }
+    }
+}
+
 /// Where the names of a flow's ends come from, and which attribute names they get.
 #[derive(Debug, Clone, Default)]
 pub struct MetadataConfig {
@@ -325,32 +344,15 @@ fn recover(
 mod tests {
     use mermin_protocol::{
         agent::v1::Batch,
-        flow::v1::{Direction, EndReason, FlowRecord},
+        flow::v1::{EndReason, FlowRecord},
     };
 
-    use crate::{shard::ShardId, store::Checkpoint};
+    use crate::{shard::ShardId, store::Checkpoint, test_records::tcp_record};
 
     use super::*;
 
     fn record(client_port: u32, packets: u64) -> FlowRecord {
-        FlowRecord {
-            node_name: "node-a".into(),
-            interface_name: "eth0".into(),
-            direction: Direction::Egress as i32,
-            source_address: vec![10, 0, 0, 1],
-            destination_address: vec![10, 0, 0, 2],
-            source_port: client_port,
-            destination_port: 443,
-            ip_protocol: 6,
-            delta_packets: packets,
-            delta_octets: packets * 100,
-            first_seen_unix_nanos: 1_000,
-            last_seen_unix_nanos: 2_000,
-            first_tcp_flags: 0x02,
-            tcp_flags: 0x1b,
-            end_reason: EndReason::TcpClose as i32,
-            ..FlowRecord::default()
-        }
+        tcp_record(client_port, 443, packets, EndReason::TcpClose)
     }
 
     fn shard_of_record(record: &FlowRecord) -> ShardId {

@@ -426,33 +426,16 @@ mod tests {
     /// each batch counts once.
     #[actix::test]
     async fn a_missed_part_is_read_back_from_the_log_and_a_stale_one_is_ignored() {
-        use mermin_protocol::{
-            agent::v1::Batch,
-            flow::v1::{Direction, EndReason, FlowRecord},
-        };
+        use mermin_protocol::{agent::v1::Batch, flow::v1::EndReason};
         use opentelemetry_proto::tonic::common::v1::any_value::Value;
         use prost::Message as _;
 
-        use crate::{export::Exporter, metadata::IndexSettings, stitch::InterfaceKinds};
-
-        let record = |packets: u64, reason: EndReason| FlowRecord {
-            node_name: "node-a".into(),
-            interface_name: "veth1".into(),
-            direction: Direction::Ingress as i32,
-            source_address: vec![10, 0, 0, 1],
-            destination_address: vec![10, 0, 0, 2],
-            source_port: 40000,
-            destination_port: 80,
-            ip_protocol: 6,
-            delta_packets: packets,
-            delta_octets: packets * 100,
-            first_seen_unix_nanos: 1_000,
-            last_seen_unix_nanos: 2_000,
-            first_tcp_flags: 0x02,
-            tcp_flags: 0x1b,
-            end_reason: reason as i32,
-            ..FlowRecord::default()
+        use crate::{
+            export::Exporter, metadata::IndexSettings, stitch::InterfaceKinds,
+            test_records::tcp_record,
         };
+
+        let record = |packets, reason| tcp_record(40_000, 80, packets, reason);
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let boot = [6; 16];
@@ -528,9 +511,9 @@ mod tests {
     /// Requests are cut at 1,000 intervals, and every span arrives in exactly one of them.
     #[test]
     fn export_requests_hold_at_most_a_thousand_intervals_and_every_span_once() {
-        use mermin_protocol::flow::v1::{Direction, EndReason, FlowRecord};
+        use mermin_protocol::flow::v1::EndReason;
 
-        use crate::{metadata::IndexSettings, stitch::InterfaceKinds};
+        use crate::{metadata::IndexSettings, stitch::InterfaceKinds, test_records::tcp_record};
 
         let mut table = FlowTable::new(
             InterfaceKinds::default(),
@@ -538,24 +521,7 @@ mod tests {
             Duration::from_secs(1),
         );
         for port in 0..2_500u32 {
-            let record = FlowRecord {
-                node_name: "node-a".into(),
-                interface_name: "veth1".into(),
-                direction: Direction::Ingress as i32,
-                source_address: vec![10, 0, 0, 1],
-                destination_address: vec![10, 0, 0, 2],
-                source_port: 20_000 + port,
-                destination_port: 80,
-                ip_protocol: 6,
-                delta_packets: 1,
-                delta_octets: 60,
-                first_seen_unix_nanos: 1_000,
-                last_seen_unix_nanos: 2_000,
-                first_tcp_flags: 0x02,
-                tcp_flags: 0x02,
-                end_reason: EndReason::TcpClose as i32,
-                ..FlowRecord::default()
-            };
+            let record = tcp_record(20_000 + port, 80, 1, EndReason::TcpClose);
             table.apply(&Observation::try_from(&record).unwrap(), 0);
         }
         let mut emitted = Vec::new();

@@ -11,7 +11,6 @@ use std::{
 
 use mermin_aggregator::{
     export::ExportConfig,
-    ingest::IngestLimits,
     pipeline::{Aggregator, AggregatorConfig, MetadataConfig},
 };
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
@@ -84,14 +83,8 @@ async fn with_the_api_server_down_flows_still_go_out_and_readiness_says_why() {
         .local_addr()
         .unwrap();
     let aggregator = Aggregator::start(AggregatorConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().join("data"),
-        export: ExportConfig::new(format!("http://{otlp_addr}")),
-        limits: IngestLimits::default(),
-        outbox: Default::default(),
         settle: Duration::from_millis(200),
         grace: Duration::from_secs(10),
-        print_flows: false,
         metrics_listen: Some(metrics_addr),
         metadata: MetadataConfig {
             static_file: Some(endpoints),
@@ -99,6 +92,10 @@ async fn with_the_api_server_down_flows_still_go_out_and_readiness_says_why() {
             first_sync_wait: Duration::from_millis(500),
             ..MetadataConfig::default()
         },
+        ..AggregatorConfig::loopback(
+            dir.path().join("data"),
+            ExportConfig::new(format!("http://{otlp_addr}")),
+        )
     })
     .await
     .unwrap();

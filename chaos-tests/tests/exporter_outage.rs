@@ -12,7 +12,6 @@ use std::{
 
 use mermin_aggregator::{
     export::ExportConfig,
-    ingest::IngestLimits,
     pipeline::{Aggregator, AggregatorConfig},
 };
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
@@ -42,16 +41,12 @@ async fn ten_minutes_without_the_endpoint_lose_nothing() {
         .local_addr()
         .unwrap();
     let aggregator = Aggregator::start(AggregatorConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().to_owned(),
-        export: ExportConfig::new(format!("http://{otlp}")),
-        limits: IngestLimits::default(),
-        outbox: Default::default(),
         settle: Duration::from_millis(500),
         grace: Duration::from_secs(5),
-        print_flows: false,
-        metrics_listen: None,
-        metadata: Default::default(),
+        ..AggregatorConfig::loopback(
+            dir.path().to_owned(),
+            ExportConfig::new(format!("http://{otlp}")),
+        )
     })
     .await
     .unwrap();

@@ -23,6 +23,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use mermin_aggregator::{
+    export::ExportConfig,
+    pipeline::{Aggregator, AggregatorConfig},
+};
 use mermin_node_agent::capture::{self, Hook};
 use support::{Agent, LinkOptions, Netns, frames::*, link};
 
@@ -301,21 +305,15 @@ fn agent_load() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let data = tempfile::tempdir().unwrap();
     let aggregator = runtime.block_on(async {
-        mermin_aggregator::pipeline::Aggregator::start(
-            mermin_aggregator::pipeline::AggregatorConfig {
-                listen: "127.0.0.1:0".parse().unwrap(),
-                data_dir: data.path().to_owned(),
+        Aggregator::start(AggregatorConfig {
+            settle: Duration::from_secs(1),
+            grace: Duration::from_secs(5),
+            ..AggregatorConfig::loopback(
+                data.path().to_owned(),
                 // Nothing listens there: spans stay in the outbox; the agent is what is measured.
-                export: mermin_aggregator::export::ExportConfig::new("http://127.0.0.1:9"),
-                limits: mermin_aggregator::ingest::IngestLimits::default(),
-                outbox: Default::default(),
-                settle: Duration::from_secs(1),
-                grace: Duration::from_secs(5),
-                print_flows: false,
-                metrics_listen: None,
-                metadata: Default::default(),
-            },
-        )
+                ExportConfig::new("http://127.0.0.1:9"),
+            )
+        })
         .await
         .unwrap()
     });

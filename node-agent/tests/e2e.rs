@@ -15,7 +15,6 @@ use std::{
 
 use mermin_aggregator::{
     export::ExportConfig,
-    ingest::IngestLimits,
     pipeline::{Aggregator, AggregatorConfig, MetadataConfig},
 };
 use opentelemetry_proto::tonic::{
@@ -106,19 +105,16 @@ fn every_connection_becomes_one_exact_span() {
     std::fs::write(&endpoints, ENDPOINTS).unwrap();
     let aggregator = runtime.block_on(async {
         Aggregator::start(AggregatorConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            data_dir: data.path().to_owned(),
-            export: ExportConfig::new(format!("http://{otlp}")),
-            limits: IngestLimits::default(),
-            outbox: Default::default(),
             settle: Duration::from_secs(1),
             grace: Duration::from_secs(10),
-            print_flows: false,
-            metrics_listen: None,
             metadata: MetadataConfig {
                 static_file: Some(endpoints),
                 ..MetadataConfig::default()
             },
+            ..AggregatorConfig::loopback(
+                data.path().to_owned(),
+                ExportConfig::new(format!("http://{otlp}")),
+            )
         })
         .await
         .unwrap()
