@@ -50,7 +50,7 @@ fi
 
 ./target/release/mermin-aggregator --listen 127.0.0.1:14600 --metrics-listen 127.0.0.1:19460 --otlp-endpoint "$endpoint" \
   --data-dir "$out/aggregator-data" --settle 1s --print-flows \
-  --no-kubernetes --metadata-file scripts/demo-endpoints.hcl >"$out/flows.log" 2>"$out/aggregator.log" &
+  --kubernetes=false --metadata-file scripts/demo-endpoints.hcl >"$out/flows.log" 2>"$out/aggregator.log" &
 aggregator_pid=$!
 pids+=($aggregator_pid)
 for _ in $(seq 1 100); do

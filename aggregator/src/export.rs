@@ -68,6 +68,12 @@ impl OtlpProtocol {
     }
 }
 
+impl std::fmt::Display for OtlpProtocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl std::str::FromStr for OtlpProtocol {
     type Err = String;
 
@@ -100,9 +106,9 @@ impl ExportConfig {
         Self {
             endpoint: endpoint.into(),
             protocol: OtlpProtocol::Grpc,
-            timeout: Duration::from_secs(10),
-            min_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(30),
+            timeout: crate::defaults::OTLP_TIMEOUT,
+            min_backoff: crate::defaults::EXPORT_MIN_BACKOFF,
+            max_backoff: crate::defaults::EXPORT_MAX_BACKOFF,
             drop_oldest_above_bytes: None,
         }
     }

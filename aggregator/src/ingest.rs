@@ -29,6 +29,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     actors::Arbiters,
+    defaults,
     metrics::{Metrics, ReasonLabel},
     observation::Observation,
     store::{BOOT_ID_LEN, BootId, Store, StoreError},
@@ -48,16 +49,19 @@ pub struct IngestLimits {
     /// retries later). `None` under the `drop_oldest` policy.
     pub pause_above_outbox_bytes: Option<u64>,
     pub outbox_full_wait: Duration,
+    /// A stream whose Hello has not arrived within this is ended (`DEADLINE_EXCEEDED`).
+    pub hello_timeout: Duration,
 }
 
 impl Default for IngestLimits {
     fn default() -> Self {
         Self {
-            max_in_flight_batches: 8,
-            max_batch_records: 10_000,
-            max_message_bytes: 16 * 1024 * 1024,
+            max_in_flight_batches: defaults::MAX_IN_FLIGHT_BATCHES,
+            max_batch_records: defaults::MAX_BATCH_RECORDS,
+            max_message_bytes: defaults::MAX_MESSAGE_BYTES,
             pause_above_outbox_bytes: None,
-            outbox_full_wait: Duration::from_secs(5),
+            outbox_full_wait: defaults::OUTBOX_FULL_WAIT,
+            hello_timeout: defaults::HELLO_TIMEOUT,
         }
     }
 }

@@ -9,20 +9,24 @@
 //! Data flows through one module per stage: `ingest` (agent sessions: validation, durable append
 //! to `store`, acks) → `shard` (the flow table split by connection key: `observation` →
 //! `connection_key` → `flow_table` → `stitch` → `span`, checkpointed) → `export` (the outbox to
-//! OTLP). `actors` runs the actix actors, `pipeline` wires and recovers them, `config` reads the
-//! HCL file, `metrics` declares every metric.
+//! OTLP). `actors` runs the actix actors, `pipeline` wires and recovers them, `settings` is the one
+//! settings model (flags, HCL keys via `config` and `hcl`, defaults in `defaults`), `metrics`
+//! declares every metric.
 
 pub mod actors;
 pub mod clock;
 pub mod config;
 pub mod connection_key;
+pub mod defaults;
 pub mod export;
 pub mod flow_table;
+pub mod hcl;
 pub mod ingest;
 pub mod metadata;
 pub mod metrics;
 pub mod observation;
 pub mod pipeline;
+pub mod settings;
 pub mod shard;
 pub mod span;
 pub mod stitch;

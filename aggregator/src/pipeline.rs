@@ -54,25 +54,6 @@ pub struct AggregatorConfig {
     pub metadata: MetadataConfig,
 }
 
-impl AggregatorConfig {
-    /// Agents on a free loopback port, no metrics endpoint, no metadata, everything else at the
-    /// binary's defaults: for embedding the aggregator (tests, benchmarks).
-    pub fn loopback(data_dir: PathBuf, export: ExportConfig) -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            data_dir,
-            export,
-            limits: IngestLimits::default(),
-            outbox: OutboxQuota::default(),
-            settle: Duration::from_secs(3),
-            grace: Duration::from_secs(60),
-            print_flows: false,
-            metrics_listen: None,
-            metadata: MetadataConfig::default(),
-        }
-    }
-}
-
 /// Where the names of a flow's ends come from, and which attribute names they get.
 #[derive(Debug, Clone, Default)]
 pub struct MetadataConfig {
@@ -106,6 +87,19 @@ pub enum StartError {
     Actors(std::io::Error),
     #[error(transparent)]
     MetadataFile(#[from] ConfigError),
+}
+
+impl StartError {
+    /// The process exit code for this failure: 2 for configuration (a bad endpoint, a bad
+    /// metadata file), 3 for the environment (a port taken or not permitted, a data directory
+    /// that cannot be opened), 1 for anything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            StartError::MetadataFile(_) | StartError::Export(ExportError::Endpoint { .. }) => 2,
+            StartError::Bind { .. } | StartError::Store(StoreError::Open { .. }) => 3,
+            _ => 1,
+        }
+    }
 }
 
 /// How long a stop waits for the agent endpoint to close its streams.

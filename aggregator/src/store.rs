@@ -76,7 +76,7 @@ pub struct OutboxQuota {
 impl Default for OutboxQuota {
     fn default() -> Self {
         Self {
-            max_bytes: 1 << 30,
+            max_bytes: crate::defaults::OUTBOX_MAX_BYTES,
             when_full: WhenFull::Backpressure,
         }
     }
@@ -96,6 +96,19 @@ pub enum WhenFull {
 
 impl WhenFull {
     pub const NAMES: &str = "\"backpressure\" or \"drop_oldest\"";
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WhenFull::Backpressure => "backpressure",
+            WhenFull::DropOldest => "drop_oldest",
+        }
+    }
+}
+
+impl std::fmt::Display for WhenFull {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl std::str::FromStr for WhenFull {

@@ -25,7 +25,7 @@ fn a_bad_key_is_refused_with_file_and_line() {
     assert_eq!(code, Some(2));
     assert_eq!(
         stderr.trim_end(),
-        "error: mermin.hcl:3: unknown key `bogus` (known: listen, data_dir, settle, grace, outbox_max_bytes, outbox_when_full, metadata, export \"traces\")"
+        "error: mermin.hcl:3: unknown key `bogus` (known: listen, metrics_listen, data_dir, log_format, print_flows, settle, grace, outbox_max_bytes, outbox_when_full, export \"traces\", metadata, agents)"
     );
 }
 
@@ -36,6 +36,39 @@ fn a_bad_endpoint_is_refused_before_starting() {
     assert_eq!(code, Some(2));
     assert_eq!(
         stderr.trim_end(),
-        "error: mermin.hcl:3: otlp.endpoint = \"tempo:4317\": must start with http:// or https://"
+        "error: mermin.hcl:3: endpoint = \"tempo:4317\": must start with http:// or https://"
     );
+}
+
+#[test]
+fn check_config_prints_the_effective_settings_and_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mermin.hcl");
+    std::fs::write(
+        &path,
+        "export \"traces\" { otlp = { endpoint = \"http://tempo:4317\" protocol = \"grpc\" } }\nmetadata {\n  attribute_names = \"mermin\"\n}\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mermin-aggregator"))
+        .arg("--config")
+        .arg(&path)
+        .args(["--settle", "1s", "--check-config"])
+        .env_remove("MERMIN_OTLP_ENDPOINT")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        json["export"]["traces"]["otlp"]["endpoint"],
+        "http://tempo:4317"
+    );
+    assert_eq!(json["metadata"]["attribute_names"], "mermin");
+    assert_eq!(json["settle"], "1s");
+    assert_eq!(json["grace"], "1m");
+    assert_eq!(json["listen"], "0.0.0.0:4600");
 }

@@ -41,7 +41,7 @@ async fn aggregator(listen: SocketAddr, otlp: SocketAddr, data: &Path, settle: &
         .args(["--otlp-endpoint", &format!("http://{otlp}")])
         .args(["--data-dir", &data.display().to_string()])
         .args(["--settle", settle])
-        .args(["--metrics-listen", "127.0.0.1:0", "--no-kubernetes"])
+        .args(["--metrics-listen", "127.0.0.1:0", "--kubernetes=false"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -32,7 +32,7 @@ impl AggregatorProcess {
             .args(["--otlp-endpoint", &format!("http://{otlp}")])
             .args(["--data-dir", &data.display().to_string()])
             .args(["--settle", "1s", "--grace", "30s"])
-            .args(["--metrics-listen", "127.0.0.1:0", "--no-kubernetes"])
+            .args(["--metrics-listen", "127.0.0.1:0", "--kubernetes=false"])
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

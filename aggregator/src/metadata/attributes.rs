@@ -38,6 +38,27 @@ impl AttributeNaming {
             _ => None,
         }
     }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Seed => "seed",
+            Self::Mermin => "mermin",
+        }
+    }
+}
+
+impl std::fmt::Display for AttributeNaming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for AttributeNaming {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
+        Self::from_name(name).ok_or_else(|| format!("{name:?}: expected seed or mermin"))
+    }
 }
 
 /// Which end of the flow the attributes describe.

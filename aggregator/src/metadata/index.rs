@@ -66,7 +66,6 @@ pub type Label = (Arc<str>, Arc<str>);
 type Labels = Arc<[Label]>;
 
 /// How long a deleted object stays joinable by default.
-pub const DEFAULT_DELETED_GRACE: Duration = Duration::from_secs(5 * 60);
 
 /// What is known about one end of a flow, borrowed from the index (a lookup copies nothing and
 /// touches no reference count: use it while holding [`SharedIndex::read`]); `None` where
@@ -108,7 +107,7 @@ impl Default for IndexSettings {
     fn default() -> Self {
         Self {
             label_keys: Vec::new(),
-            deleted_grace: DEFAULT_DELETED_GRACE,
+            deleted_grace: crate::defaults::DELETED_GRACE,
         }
     }
 }

@@ -24,7 +24,7 @@ use hcl_edit::{
 };
 
 use super::index::{EndpointMetadata, Label};
-use crate::config::{ConfigError, parse_lenient, read, string};
+use crate::hcl::{ConfigError, parse_lenient, read, string};
 
 const ENDPOINT_KEYS: &str =
     "pod, namespace, node, workload_kind, workload, service, container, labels";

@@ -1,0 +1,502 @@
+//! The one settings model: every setting the aggregator has, as a command-line option and as an
+//! HCL key, with its default (from [`crate::defaults`]) and its help text declared once, here.
+//!
+//! Precedence: the command line, then the environment (`MERMIN_OTLP_ENDPOINT`, ...), then the
+//! file given with `--config`, then the default. A file value is checked by the same parser as
+//! the option it stands for; its errors name the file and line. [`Settings::aggregator_config`]
+//! turns the settings into the typed configuration the pipeline runs on, and
+//! [`Settings::effective_json`] shows them (what `--check-config` prints).
+
+use std::{ffi::OsString, net::SocketAddr, path::PathBuf};
+
+use clap::{CommandFactory, FromArgMatches, Parser, parser::ValueSource};
+
+use crate::{
+    config::{self, ConfigError, FileSetting},
+    defaults,
+    export::{ExportConfig, OtlpProtocol},
+    ingest::IngestLimits,
+    metadata::{AttributeNaming, IndexSettings},
+    pipeline::{AggregatorConfig, MetadataConfig},
+    store::{OutboxQuota, WhenFull},
+};
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable; coloured only when standard error is a terminal.
+    #[default]
+    Text,
+    /// One JSON object per line (for log collectors).
+    Json,
+}
+
+impl LogFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "mermin-aggregator",
+    version,
+    about = "Stitches the node agents' flow records into one span per connection interval and exports them over OTLP.",
+    after_help = "Every option can also be set in the --config file (its HCL key is given in brackets); the command line and the environment win over the file.",
+    args_override_self = true
+)]
+pub struct Settings {
+    /// HCL configuration file; options given on the command line take precedence over it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Check the configuration, print the effective settings as JSON and exit (0 if valid, 2
+    /// with `file:line: message` if not).
+    #[arg(long)]
+    pub check_config: bool,
+
+    /// Address agents connect to (gRPC) [listen].
+    #[arg(long, default_value_t = defaults::LISTEN)]
+    pub listen: SocketAddr,
+    /// Address of the /metrics, /livez and /readyz endpoints [metrics_listen].
+    #[arg(long, default_value_t = defaults::METRICS_LISTEN)]
+    pub metrics_listen: SocketAddr,
+    /// Directory of the durable store [data_dir].
+    #[arg(long, default_value = defaults::DATA_DIR)]
+    pub data_dir: PathBuf,
+    /// Log format: text or json [log_format].
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Print a summary line of every emitted flow on standard output [print_flows].
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub print_flows: bool,
+
+    /// OTLP endpoint spans are exported to: Tempo or a collector [export "traces" { otlp = { endpoint } }].
+    #[arg(long, env = "MERMIN_OTLP_ENDPOINT", default_value = defaults::OTLP_ENDPOINT, value_parser = endpoint)]
+    pub otlp_endpoint: String,
+    /// OTLP transport: grpc (port 4317) or http/protobuf (port 4318) [export "traces" { otlp = { protocol } }].
+    #[arg(long, env = "MERMIN_OTLP_PROTOCOL", default_value_t = OtlpProtocol::Grpc)]
+    pub otlp_protocol: OtlpProtocol,
+    /// How long one export request may take [export "traces" { otlp = { timeout } }].
+    #[arg(long, default_value_t = defaults::OTLP_TIMEOUT.into())]
+    pub otlp_timeout: humantime::Duration,
+    /// Largest size of the durable export queue, in bytes [outbox_max_bytes].
+    #[arg(long, default_value_t = defaults::OUTBOX_MAX_BYTES, value_parser = clap::value_parser!(u64).range(1..))]
+    pub outbox_max_bytes: u64,
+    /// When the export queue is full: backpressure (agents wait; nothing is lost) or
+    /// drop_oldest (the oldest spans are deleted, counted) [outbox_when_full].
+    #[arg(long, default_value_t = WhenFull::Backpressure)]
+    pub outbox_when_full: WhenFull,
+
+    /// How long a flow interval waits for the other observation points' records [settle].
+    #[arg(long, default_value_t = defaults::SETTLE.into())]
+    pub settle: humantime::Duration,
+    /// How long a closed connection is remembered for late records [grace].
+    #[arg(long, default_value_t = defaults::GRACE.into())]
+    pub grace: humantime::Duration,
+
+    /// Static metadata file (HCL): names for addresses and CIDRs, without Kubernetes
+    /// [metadata { static_file }].
+    #[arg(long)]
+    pub metadata_file: Option<PathBuf>,
+    /// Span attribute names for both ends: seed (source.pod.name ...) or mermin
+    /// (source.k8s.pod.name ...) [metadata { attribute_names }].
+    #[arg(long, default_value_t = AttributeNaming::Seed)]
+    pub attribute_names: AttributeNaming,
+    /// Pod and namespace labels copied to spans, comma-separated [metadata { labels }].
+    #[arg(long, value_delimiter = ',')]
+    pub metadata_labels: Vec<String>,
+    /// How long a deleted pod still names late flows [metadata { deleted_grace }].
+    #[arg(long, default_value_t = defaults::DELETED_GRACE.into())]
+    pub deleted_grace: humantime::Duration,
+    /// Watch the Kubernetes API (in-cluster, or the kubeconfig) [metadata { kubernetes }].
+    #[arg(long, num_args = 0..=1, default_value_t = true, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub kubernetes: bool,
+    /// How long start-up waits for the first full listing of Kubernetes objects
+    /// [metadata { first_sync_wait }].
+    #[arg(long, default_value_t = defaults::FIRST_SYNC_WAIT.into())]
+    pub first_sync_wait: humantime::Duration,
+
+    /// Unacknowledged batches an agent may send ahead [agents { max_in_flight_batches }].
+    #[arg(long, default_value_t = defaults::MAX_IN_FLIGHT_BATCHES, value_parser = clap::value_parser!(u32).range(1..))]
+    pub agents_max_in_flight_batches: u32,
+    /// Records one agent batch may hold [agents { max_batch_records }].
+    #[arg(long, default_value_t = defaults::MAX_BATCH_RECORDS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub agents_max_batch_records: u32,
+    /// Largest agent message accepted, in bytes [agents { max_message_bytes }].
+    #[arg(long, default_value_t = defaults::MAX_MESSAGE_BYTES)]
+    pub agents_max_message_bytes: usize,
+    /// A stream without a Hello within this is ended; so is a TCP connection that has not
+    /// started HTTP/2 [agents { hello_timeout }].
+    #[arg(long, default_value_t = defaults::HELLO_TIMEOUT.into())]
+    pub agents_hello_timeout: humantime::Duration,
+    /// How long a batch waits for room in a full outbox before the stream is refused
+    /// (backpressure policy) [agents { outbox_full_wait }].
+    #[arg(long, default_value_t = defaults::OUTBOX_FULL_WAIT.into())]
+    pub agents_outbox_full_wait: humantime::Duration,
+}
+
+/// Each option that the file may set: its argument id (the field name) and its HCL path.
+const FILE_KEYS: &[(&str, &str)] = &[
+    ("listen", "listen"),
+    ("metrics_listen", "metrics_listen"),
+    ("data_dir", "data_dir"),
+    ("log_format", "log_format"),
+    ("print_flows", "print_flows"),
+    ("settle", "settle"),
+    ("grace", "grace"),
+    ("outbox_max_bytes", "outbox_max_bytes"),
+    ("outbox_when_full", "outbox_when_full"),
+    ("otlp_endpoint", "export.traces.otlp.endpoint"),
+    ("otlp_protocol", "export.traces.otlp.protocol"),
+    ("otlp_timeout", "export.traces.otlp.timeout"),
+    ("attribute_names", "metadata.attribute_names"),
+    ("metadata_file", "metadata.static_file"),
+    ("metadata_labels", "metadata.labels"),
+    ("deleted_grace", "metadata.deleted_grace"),
+    ("kubernetes", "metadata.kubernetes"),
+    ("first_sync_wait", "metadata.first_sync_wait"),
+    (
+        "agents_max_in_flight_batches",
+        "agents.max_in_flight_batches",
+    ),
+    ("agents_max_batch_records", "agents.max_batch_records"),
+    ("agents_max_message_bytes", "agents.max_message_bytes"),
+    ("agents_hello_timeout", "agents.hello_timeout"),
+    ("agents_outbox_full_wait", "agents.outbox_full_wait"),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// Bad options (or `--help` / `--version`, which clap renders as an "error" to print).
+    #[error("{0}")]
+    Arguments(#[from] clap::Error),
+    #[error("{0}")]
+    File(#[from] ConfigError),
+}
+
+impl Settings {
+    /// Every default (no options, no file, no environment consulted for the file).
+    pub fn defaults() -> Self {
+        let matches = without_environment().get_matches_from(["mermin-aggregator"]);
+        Self::from_arg_matches(&matches).expect("the defaults parse")
+    }
+
+    /// Parses `args` (the program name first), then the file they name with `--config`.
+    pub fn load<I, T>(args: I) -> Result<Self, SettingsError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        let given = Self::command().try_get_matches_from(&args)?;
+        let Some(path) = given.get_one::<PathBuf>("config").cloned() else {
+            return Ok(Self::from_arg_matches(&given)?);
+        };
+        let known: Vec<&str> = FILE_KEYS.iter().map(|(_, path)| *path).collect();
+        let file = path.display().to_string();
+        let mut merged: Vec<OsString> = vec![args.first().cloned().unwrap_or_default()];
+        for setting in config::load(&path, &known)? {
+            let Some(id) = FILE_KEYS
+                .iter()
+                .find(|(_, p)| *p == setting.path)
+                .map(|(id, _)| *id)
+            else {
+                continue;
+            };
+            if matches!(
+                given.value_source(id),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            ) {
+                continue; // the command line and the environment win
+            }
+            let option = file_option(id, &setting);
+            check_file_value(&option, &setting, &file)?;
+            merged.push(option);
+        }
+        merged.extend(args.into_iter().skip(1));
+        Ok(Self::from_arg_matches(
+            &Self::command().try_get_matches_from(merged)?,
+        )?)
+    }
+
+    /// The typed configuration the pipeline runs on.
+    pub fn aggregator_config(&self) -> AggregatorConfig {
+        AggregatorConfig {
+            listen: self.listen,
+            data_dir: self.data_dir.clone(),
+            export: ExportConfig {
+                endpoint: self.otlp_endpoint.clone(),
+                protocol: self.otlp_protocol,
+                timeout: self.otlp_timeout.into(),
+                min_backoff: defaults::EXPORT_MIN_BACKOFF,
+                max_backoff: defaults::EXPORT_MAX_BACKOFF,
+                drop_oldest_above_bytes: None,
+            },
+            limits: IngestLimits {
+                max_in_flight_batches: self.agents_max_in_flight_batches,
+                max_batch_records: self.agents_max_batch_records,
+                max_message_bytes: self.agents_max_message_bytes,
+                pause_above_outbox_bytes: None,
+                outbox_full_wait: self.agents_outbox_full_wait.into(),
+                hello_timeout: self.agents_hello_timeout.into(),
+            },
+            outbox: OutboxQuota {
+                max_bytes: self.outbox_max_bytes,
+                when_full: self.outbox_when_full,
+            },
+            settle: self.settle.into(),
+            grace: self.grace.into(),
+            print_flows: self.print_flows,
+            metrics_listen: Some(self.metrics_listen),
+            metadata: MetadataConfig {
+                naming: self.attribute_names,
+                index: IndexSettings {
+                    label_keys: self.metadata_labels.clone(),
+                    deleted_grace: self.deleted_grace.into(),
+                },
+                static_file: self.metadata_file.clone(),
+                kubernetes: self.kubernetes,
+                first_sync_wait: self.first_sync_wait.into(),
+            },
+        }
+    }
+
+    /// The effective settings, shaped as the HCL file is (what `--check-config` prints).
+    pub fn effective_json(&self) -> serde_json::Value {
+        let duration = |d: &humantime::Duration| d.to_string();
+        serde_json::json!({
+            "listen": self.listen.to_string(),
+            "metrics_listen": self.metrics_listen.to_string(),
+            "data_dir": self.data_dir.display().to_string(),
+            "log_format": self.log_format.as_str(),
+            "print_flows": self.print_flows,
+            "settle": duration(&self.settle),
+            "grace": duration(&self.grace),
+            "outbox_max_bytes": self.outbox_max_bytes,
+            "outbox_when_full": self.outbox_when_full.as_str(),
+            "export": { "traces": { "otlp": {
+                "endpoint": self.otlp_endpoint,
+                "protocol": self.otlp_protocol.as_str(),
+                "timeout": duration(&self.otlp_timeout),
+            } } },
+            "metadata": {
+                "attribute_names": self.attribute_names.as_str(),
+                "static_file": self.metadata_file.as_ref().map(|p| p.display().to_string()),
+                "labels": self.metadata_labels,
+                "deleted_grace": duration(&self.deleted_grace),
+                "kubernetes": self.kubernetes,
+                "first_sync_wait": duration(&self.first_sync_wait),
+            },
+            "agents": {
+                "max_in_flight_batches": self.agents_max_in_flight_batches,
+                "max_batch_records": self.agents_max_batch_records,
+                "max_message_bytes": self.agents_max_message_bytes,
+                "hello_timeout": duration(&self.agents_hello_timeout),
+                "outbox_full_wait": duration(&self.agents_outbox_full_wait),
+            },
+        })
+    }
+}
+
+/// The options with no environment variables behind them.
+fn without_environment() -> clap::Command {
+    Settings::command().mut_args(|arg| arg.env(None::<&str>))
+}
+
+/// The option a file setting stands for: `--settle=3s`.
+fn file_option(id: &str, setting: &FileSetting) -> OsString {
+    let command = Settings::command();
+    let long = command
+        .get_arguments()
+        .find(|arg| arg.get_id() == id)
+        .and_then(|arg| arg.get_long())
+        .unwrap_or(id);
+    format!("--{long}={}", setting.value).into()
+}
+
+/// Parses one file value alone with its option's parser, so that an error names file and line.
+fn check_file_value(
+    option: &OsString,
+    setting: &FileSetting,
+    file: &str,
+) -> Result<(), ConfigError> {
+    let checked = without_environment()
+        .try_get_matches_from([OsString::from("mermin-aggregator"), option.clone()]);
+    let Err(err) = checked else {
+        return Ok(());
+    };
+    let why = std::error::Error::source(&err)
+        .map(ToString::to_string)
+        .unwrap_or_else(|| clap_reason(&err));
+    Err(ConfigError {
+        file: file.to_owned(),
+        line: setting.line,
+        message: format!("{}: {why}", setting.written()),
+    })
+}
+
+/// clap's message without its `error: ` prefix and usage lines.
+fn clap_reason(err: &clap::Error) -> String {
+    let rendered = err.render().to_string();
+    let first = rendered.lines().next().unwrap_or_default();
+    first.trim_start_matches("error: ").to_owned()
+}
+
+/// `--otlp-endpoint`: an http:// or https:// URL.
+fn endpoint(text: &str) -> Result<String, String> {
+    if text.starts_with("http://") || text.starts_with("https://") {
+        Ok(text.to_owned())
+    } else {
+        Err("must start with http:// or https://".into())
+    }
+}
+
+impl AggregatorConfig {
+    /// Agents on a free loopback port, no metrics endpoint, no metadata source, everything
+    /// else at the defaults: for embedding the aggregator (tests, benchmarks).
+    pub fn loopback(data_dir: PathBuf, export: ExportConfig) -> Self {
+        let mut config = Settings::defaults().aggregator_config();
+        config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.data_dir = data_dir;
+        config.export = export;
+        config.metrics_listen = None;
+        config.metadata.kubernetes = false;
+        config
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn load_file(text: &str, args: &[&str]) -> Result<Settings, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mermin.hcl");
+        std::fs::write(&path, text).unwrap();
+        let mut argv = vec![
+            "mermin-aggregator".to_owned(),
+            "--config".to_owned(),
+            path.display().to_string(),
+        ];
+        argv.extend(args.iter().map(|a| a.to_string()));
+        Settings::load(argv).map_err(|e| {
+            e.to_string()
+                .replace(&path.display().to_string(), "mermin.hcl")
+        })
+    }
+
+    #[test]
+    fn defaults_come_from_the_defaults_module() {
+        let settings = Settings::defaults();
+        assert_eq!(settings.listen, defaults::LISTEN);
+        assert_eq!(Duration::from(settings.settle), defaults::SETTLE);
+        assert_eq!(settings.outbox_max_bytes, defaults::OUTBOX_MAX_BYTES);
+        assert!(settings.kubernetes);
+        assert!(!settings.print_flows);
+        let help = Settings::command().render_long_help().to_string();
+        assert!(help.contains("[default: 3s]"), "{help}");
+        assert!(help.contains("[default: 0.0.0.0:4600]"), "{help}");
+    }
+
+    #[test]
+    fn the_seed_block_as_pasted_and_every_setting_from_the_file() {
+        let text = r#"export "traces" { otlp = { endpoint = "http://tempo:4317" protocol = "grpc" } }
+listen = "127.0.0.1:4600"
+data_dir = "/var/lib/mermin"
+settle = "2s"
+grace = "1m"
+outbox_max_bytes = 5000000
+outbox_when_full = "drop_oldest"
+print_flows = true
+log_format = "json"
+metadata {
+  attribute_names = "mermin"
+  static_file = "/etc/m.hcl"
+  labels = ["app", "team"]
+  deleted_grace = "2m"
+  kubernetes = false
+}
+agents { max_in_flight_batches = 4 hello_timeout = "3s" }
+"#;
+        let s = load_file(text, &[]).unwrap();
+        assert_eq!(s.otlp_endpoint, "http://tempo:4317");
+        assert_eq!(s.otlp_protocol, OtlpProtocol::Grpc);
+        assert_eq!(s.listen, "127.0.0.1:4600".parse().unwrap());
+        assert_eq!(s.data_dir, PathBuf::from("/var/lib/mermin"));
+        assert_eq!(Duration::from(s.settle), Duration::from_secs(2));
+        assert_eq!(Duration::from(s.grace), Duration::from_secs(60));
+        assert_eq!(s.outbox_max_bytes, 5_000_000);
+        assert_eq!(s.outbox_when_full, WhenFull::DropOldest);
+        assert!(s.print_flows);
+        assert_eq!(s.log_format, LogFormat::Json);
+        assert_eq!(s.attribute_names, AttributeNaming::Mermin);
+        assert_eq!(s.metadata_file, Some(PathBuf::from("/etc/m.hcl")));
+        assert_eq!(s.metadata_labels, ["app", "team"]);
+        assert_eq!(Duration::from(s.deleted_grace), Duration::from_secs(120));
+        assert!(!s.kubernetes);
+        assert_eq!(s.agents_max_in_flight_batches, 4);
+        assert_eq!(
+            Duration::from(s.agents_hello_timeout),
+            Duration::from_secs(3)
+        );
+        let json = s.effective_json();
+        assert_eq!(
+            json["export"]["traces"]["otlp"]["endpoint"],
+            "http://tempo:4317"
+        );
+        assert_eq!(
+            json["metadata"]["labels"],
+            serde_json::json!(["app", "team"])
+        );
+        assert_eq!(json["grace"], "1m");
+        assert_eq!(json["agents"]["hello_timeout"], "3s");
+    }
+
+    #[test]
+    fn the_command_line_wins_over_the_file() {
+        let text = "settle = \"2s\"\nmetadata {\n  kubernetes = true\n}\n";
+        let s = load_file(text, &["--settle", "5s", "--kubernetes=false"]).unwrap();
+        assert_eq!(Duration::from(s.settle), Duration::from_secs(5));
+        assert!(!s.kubernetes);
+        let s = load_file(text, &[]).unwrap();
+        assert_eq!(Duration::from(s.settle), Duration::from_secs(2));
+        assert!(s.kubernetes);
+    }
+
+    #[test]
+    fn bad_file_values_point_at_file_and_line() {
+        assert_eq!(
+            load_file("listen = \"0.0.0.0:4600\"\n\nsettle = \"soon\"\n", &[]).unwrap_err(),
+            "mermin.hcl:3: settle = \"soon\": expected number at 0"
+        );
+        assert_eq!(
+            load_file(
+                "export \"traces\" {\n  otlp = {\n    endpoint = \"tempo:4317\"\n  }\n}\n",
+                &[]
+            )
+            .unwrap_err(),
+            "mermin.hcl:3: endpoint = \"tempo:4317\": must start with http:// or https://"
+        );
+        assert_eq!(
+            load_file("outbox_max_bytes = \"1GB\"\n", &[]).unwrap_err(),
+            "mermin.hcl:1: outbox_max_bytes = \"1GB\": invalid digit found in string"
+        );
+        assert_eq!(
+            load_file("outbox_when_full = \"block\"\n", &[]).unwrap_err(),
+            "mermin.hcl:1: outbox_when_full = \"block\": unknown policy \"block\"; expected \"backpressure\" or \"drop_oldest\""
+        );
+        assert_eq!(
+            load_file("metadata {\n  attribute_names = \"otel\"\n}\n", &[]).unwrap_err(),
+            "mermin.hcl:2: attribute_names = \"otel\": \"otel\": expected seed or mermin"
+        );
+        assert_eq!(
+            load_file("bogus = 1\n", &[]).unwrap_err(),
+            "mermin.hcl:1: unknown key `bogus` (known: listen, metrics_listen, data_dir, log_format, print_flows, settle, grace, outbox_max_bytes, outbox_when_full, export \"traces\", metadata, agents)"
+        );
+    }
+}
