@@ -62,6 +62,12 @@ fn main() {
 }
 
 /// The four records of one cross-node TCP connection (two nodes, each direction), connection `i`.
+/// A fixed recent time (the aggregator refuses times more than a day from its clock).
+fn recent_nanos() -> u64 {
+    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *START.get_or_init(mermin_aggregator::clock::unix_now)
+}
+
 fn connection(i: u32, reason: EndReason) -> [FlowRecord; 4] {
     // The client's address spells `i`: 11.(i >> 16).(i >> 8).i.
     let client = [11, (i >> 16) as u8, (i >> 8) as u8, i as u8];
@@ -85,8 +91,8 @@ fn connection(i: u32, reason: EndReason) -> [FlowRecord; 4] {
         ip_protocol: 6,
         delta_packets: 10,
         delta_octets: 5_000,
-        first_seen_unix_nanos: 1_000,
-        last_seen_unix_nanos: 2_000,
+        first_seen_unix_nanos: recent_nanos(),
+        last_seen_unix_nanos: recent_nanos() + 1_000,
         first_tcp_flags: if out { 0x02 } else { 0x12 },
         tcp_flags: 0x1b,
         end_reason: reason as i32,

@@ -102,6 +102,22 @@ pub struct Ingest<S> {
     arbiters: Arbiters,
     /// Turns true when the aggregator stops: every session ends its stream.
     stopping: watch::Receiver<bool>,
+    /// Boot ids with an open stream.
+    open_streams: OpenStreams,
+}
+
+/// The boot ids that have a stream open: one stream per agent process.
+#[derive(Clone, Default)]
+struct OpenStreams(Arc<std::sync::Mutex<std::collections::HashSet<BootId>>>);
+
+impl OpenStreams {
+    fn claim(&self, id: BootId) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(id)
+    }
+
+    fn release(&self, id: &BootId) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+    }
 }
 
 impl<S: BatchSink> Ingest<S> {
@@ -120,6 +136,7 @@ impl<S: BatchSink> Ingest<S> {
             arbiters,
             // Never stops unless told (see `stop_when`).
             stopping: watch::channel(false).1,
+            open_streams: OpenStreams::default(),
         }
     }
 
@@ -150,12 +167,14 @@ impl<S: BatchSink> AgentService for Ingest<S> {
         let worker = Worker {
             ingest: self.clone(),
             answers,
+            claimed: Arc::default(),
         };
         Session::start_in_arbiter(self.arbiters.next(), move |ctx| {
             ctx.add_stream(inbound);
             Session {
                 worker,
                 agent: None,
+                busy: false,
             }
         });
         Ok(Response::new(ReceiverStream::new(receiver)))
@@ -169,26 +188,48 @@ pub struct Session<S> {
     worker: Worker<S>,
     /// Known after the Hello.
     agent: Option<Agent>,
+    /// A message is being handled.
+    busy: bool,
 }
 
 impl<S: BatchSink> Actor for Session<S> {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        let mut stopping = self.worker.ingest.stopping.clone();
-        let stopped = async move {
-            if stopping.wait_for(|stop| *stop).await.is_err() {
-                // Nobody can tell this session to stop: it ends with its stream.
-                std::future::pending::<()>().await;
-            }
-        };
-        ctx.spawn(stopped.into_actor(self).map(|(), session, ctx| {
-            let _ = session
-                .worker
-                .answers
-                .try_send(Err(Status::unavailable("the aggregator is shutting down")));
+        // An idle session learns of the stop here; a busy one in `handle`, where the stop
+        // preempts whatever the message is waiting for.
+        let stopping = self.worker.ingest.stopping.clone();
+        ctx.spawn(stopped(stopping).into_actor(self).map(|(), session, ctx| {
+            session.worker.end(Status::unavailable(STOPPING));
             ctx.stop();
         }));
+        let hello_timeout = self.worker.ingest.limits.hello_timeout;
+        ctx.run_later(hello_timeout, move |session, ctx| {
+            if session.agent.is_none() && !session.busy {
+                session.worker.count_refusal(tonic::Code::DeadlineExceeded);
+                session.worker.end(Status::deadline_exceeded(format!(
+                    "no Hello within {hello_timeout:?} of opening the stream"
+                )));
+                ctx.stop();
+            }
+        });
+    }
+}
+
+const STOPPING: &str = "the aggregator is shutting down";
+
+impl<S> Drop for Session<S> {
+    fn drop(&mut self) {
+        if let Some(boot_id) = self.worker.claimed.get() {
+            self.worker.ingest.open_streams.release(boot_id);
+        }
+    }
+}
+
+/// Resolves once `stopping` turns true; never if nobody can say so any more.
+async fn stopped(mut stopping: watch::Receiver<bool>) {
+    if stopping.wait_for(|stop| *stop).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -196,10 +237,16 @@ impl<S: BatchSink> StreamHandler<Result<AgentMessage, Status>> for Session<S> {
     fn handle(&mut self, message: Result<AgentMessage, Status>, ctx: &mut Context<Self>) {
         let worker = self.worker.clone();
         let mut agent = self.agent.take();
+        self.busy = true;
+        let stopping = worker.ingest.stopping.clone();
         let handled = async move {
-            let outcome = worker.handle(&mut agent, message).await;
+            let outcome = tokio::select! {
+                outcome = worker.handle(&mut agent, message) => outcome,
+                // A stop preempts every wait (a full shard mailbox, a full outbox).
+                () = stopped(stopping) => Err(Status::unavailable(STOPPING)),
+            };
             if let Err(status) = &outcome {
-                worker.refuse(status.clone()).await;
+                worker.refuse(status.clone());
             }
             (agent, outcome.is_ok())
         };
@@ -209,6 +256,7 @@ impl<S: BatchSink> StreamHandler<Result<AgentMessage, Status>> for Session<S> {
                 .into_actor(self)
                 .map(|(agent, accepted), session, ctx| {
                     session.agent = agent;
+                    session.busy = false;
                     if !accepted {
                         ctx.stop();
                     }
@@ -222,6 +270,8 @@ impl<S: BatchSink> StreamHandler<Result<AgentMessage, Status>> for Session<S> {
 struct Worker<S> {
     ingest: Ingest<S>,
     answers: mpsc::Sender<Result<AggregatorMessage, Status>>,
+    /// This stream holds its boot id in `open_streams` (released when the session stops).
+    claimed: Arc<std::sync::OnceLock<BootId>>,
 }
 
 /// What the session knows about its agent after the Hello.
@@ -256,17 +306,28 @@ impl<S: BatchSink> Worker<S> {
         }
     }
 
-    /// Ends the stream with `status`, counted by its code.
-    async fn refuse(&self, status: Status) {
+    /// Ends the stream with `status`, counted by its code. Never waits: an agent that does not
+    /// read its answers cannot hold a refusal (or a stop) up.
+    fn refuse(&self, status: Status) {
         tracing::warn!(code = ?status.code(), message = status.message(), "agent stream rejected");
+        self.count_refusal(status.code());
+        self.end(status);
+    }
+
+    fn count_refusal(&self, code: tonic::Code) {
         self.ingest
             .metrics
             .streams_rejected
             .get_or_create(&ReasonLabel {
-                reason: code_name(status.code()).to_owned(),
+                reason: code_name(code).to_owned(),
             })
             .inc();
-        let _ = self.answers.send(Err(status)).await;
+    }
+
+    /// Ends the stream with `status` without waiting (the answer channel has room for it: the
+    /// session sends nothing else once it ends).
+    fn end(&self, status: Status) {
+        let _ = self.answers.try_send(Err(status));
     }
 
     async fn welcome(&self, hello: Hello) -> Result<Agent, Status> {
@@ -285,6 +346,29 @@ impl<S: BatchSink> Worker<S> {
                 hello.boot_id.len()
             ))
         })?;
+        match self
+            .ingest
+            .store
+            .bind_agent(&boot_id, &hello.node_name)
+            .map_err(internal)?
+        {
+            Some(node) if node != hello.node_name => {
+                return Err(Status::invalid_argument(format!(
+                    "Hello.boot_id {} belongs to node {node:?}, not {:?}: every agent process needs its own boot id",
+                    hex(&boot_id),
+                    hello.node_name
+                )));
+            }
+            _ => {}
+        }
+        if !self.ingest.open_streams.claim(boot_id) {
+            return Err(Status::failed_precondition(format!(
+                "a stream of agent {} (boot id {}) is already open; one stream per agent process",
+                hello.node_name,
+                hex(&boot_id)
+            )));
+        }
+        let _ = self.claimed.set(boot_id);
         let last = self
             .ingest
             .store
@@ -307,7 +391,21 @@ impl<S: BatchSink> Worker<S> {
     async fn batch(&self, agent: &mut Agent, batch: Batch) -> Result<(), Status> {
         let sequence = batch.sequence;
         if sequence != 0 && sequence <= agent.last {
-            // Already durable (a replay after reconnect): acknowledge again, apply nothing.
+            // Already durable (a replay after reconnect): acknowledge again, apply nothing —
+            // if it is the same batch. The log may have dropped it already (every shard applied
+            // it); then there is nothing left to compare with.
+            if let Some(stored) = self
+                .ingest
+                .store
+                .batch(&agent.boot_id, sequence)
+                .map_err(internal)?
+                && stored != batch
+            {
+                self.ingest.metrics.batches_conflicting.inc();
+                return Err(Status::already_exists(format!(
+                    "batch {sequence} was already stored with different content; a replay must resend the same records"
+                )));
+            }
             self.ingest.metrics.batches_duplicate.inc();
             return self.ack(sequence).await;
         }
@@ -325,6 +423,7 @@ impl<S: BatchSink> Worker<S> {
             )));
         }
         let mut observations = Vec::with_capacity(batch.records.len());
+        let now = crate::clock::unix_now();
         for (index, record) in batch.records.iter().enumerate() {
             if record.node_name != agent.node {
                 return Err(Status::invalid_argument(format!(
@@ -332,9 +431,11 @@ impl<S: BatchSink> Worker<S> {
                     record.node_name, agent.node
                 )));
             }
-            let observation = Observation::try_from(record).map_err(|err| {
-                Status::invalid_argument(format!("batch {sequence}, record {index}: {err}"))
-            })?;
+            let observation = Observation::try_from(record)
+                .and_then(|o| o.check_time(now).map(|()| o))
+                .map_err(|err| {
+                    Status::invalid_argument(format!("batch {sequence}, record {index}: {err}"))
+                })?;
             observations.push(observation);
         }
         self.wait_for_outbox_room().await?;
@@ -413,8 +514,14 @@ fn code_name(code: tonic::Code) -> &'static str {
         Code::ResourceExhausted => "resource_exhausted",
         Code::Unavailable => "unavailable",
         Code::Cancelled => "cancelled",
+        Code::AlreadyExists => "already_exists",
+        Code::DeadlineExceeded => "deadline_exceeded",
         _ => "other",
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn internal(err: StoreError) -> Status {

@@ -21,6 +21,7 @@ pub struct Metrics {
     registry: Registry,
     pub batches_accepted: Counter,
     pub batches_duplicate: Counter,
+    pub batches_conflicting: Counter,
     pub records_accepted: Counter,
     pub streams_rejected: Family<ReasonLabel, Counter>,
     pub spans_exported: Counter,
@@ -36,6 +37,9 @@ pub struct Metrics {
     pub intervals_emitted: Counter,
     pub batches_read_back: Counter,
     pub late_records_ignored: Counter,
+    pub checkpoint_failures: Counter,
+    pub store_write_failures: Family<ReasonLabel, Counter>,
+    pub records_lost: Family<ReasonLabel, Counter>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -60,6 +64,12 @@ impl Metrics {
             "batches_duplicate",
             "Agent batches received again after they were durable (acknowledged, not applied)",
             batches_duplicate.clone(),
+        );
+        let batches_conflicting = Counter::default();
+        registry.register(
+            "batches_conflicting",
+            "Agent batches replayed with a sequence already stored but different content (refused)",
+            batches_conflicting.clone(),
         );
         let records_accepted = Counter::default();
         registry.register(
@@ -139,10 +149,32 @@ impl Metrics {
             "Records of closed connections from points that do not count them (already counted elsewhere)",
             late_records_ignored.clone(),
         );
+        let checkpoint_failures = Counter::default();
+        registry.register(
+            "checkpoint_failures",
+            "Flow shard checkpoints that could not be written (kept and retried at the next tick)",
+            checkpoint_failures.clone(),
+        );
+        let store_write_failures = Family::default();
+        registry.register(
+            "store_write_failures",
+            "Writes the durable store refused, by operation (full or failing disk)",
+            store_write_failures.clone(),
+        );
+        let records_lost = Family::default();
+        registry.register(
+            "lost",
+            "Acknowledged data found missing, by reason (batch_missing_from_log, batch_unreadable: batches; serialization: connections)",
+            records_lost.clone(),
+        );
         Self {
             registry,
+            checkpoint_failures,
+            store_write_failures,
+            records_lost,
             batches_accepted,
             batches_duplicate,
+            batches_conflicting,
             records_accepted,
             streams_rejected,
             spans_exported,
@@ -188,6 +220,15 @@ impl Metrics {
         add(&mut self.registry);
     }
 
+    /// Acknowledged data found missing (see the `lost` metric).
+    pub fn lost(&self, reason: &str, count: u64) {
+        self.records_lost
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc_by(count);
+    }
+
     pub fn rejected(&self, reason: &str, spans: u64) {
         self.spans_rejected
             .get_or_create(&ReasonLabel {
@@ -206,10 +247,12 @@ impl Metrics {
 }
 
 /// The HTTP endpoints. `/readyz` answers ready once the agent endpoint is listening (this router
-/// is only served after that) and `ready` is true (the Kubernetes metadata had its first sync).
+/// is only served after that), `ready` is true (the Kubernetes metadata had its first sync) and
+/// `store_failure` says nothing (the store's last write succeeded): "can take agent batches".
 pub fn router(
     metrics: std::sync::Arc<Metrics>,
     ready: tokio::sync::watch::Receiver<bool>,
+    store_failure: impl Fn() -> Option<String> + Clone + Send + Sync + 'static,
 ) -> axum::Router {
     use axum::routing::get;
     axum::Router::new()
@@ -244,15 +287,17 @@ pub fn router(
         .route(
             "/readyz",
             get(move || {
-                let ready = *ready.borrow();
+                let synced = *ready.borrow();
+                let failure = store_failure();
                 async move {
-                    if ready {
-                        (axum::http::StatusCode::OK, "ready\n")
-                    } else {
-                        (
-                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                            "waiting for the first sync of Kubernetes metadata\n",
-                        )
+                    let unavailable = axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                    match failure {
+                        Some(why) => (unavailable, format!("the store cannot write: {why}\n")),
+                        None if !synced => (
+                            unavailable,
+                            "waiting for the first sync of Kubernetes metadata\n".to_owned(),
+                        ),
+                        None => (axum::http::StatusCode::OK, "ready\n".to_owned()),
                     }
                 }
             }),

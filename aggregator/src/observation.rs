@@ -43,8 +43,10 @@ impl Counts {
             *self = *later;
             return;
         }
-        self.packets += later.packets;
-        self.bytes += later.bytes;
+        // Validated records cannot get near u64::MAX (see `MAX_BYTES_PER_SECOND`); saturate
+        // rather than wrap all the same.
+        self.packets = self.packets.saturating_add(later.packets);
+        self.bytes = self.bytes.saturating_add(later.bytes);
         self.tcp_flags |= later.tcp_flags;
         if later.first_seen_unix_nanos < self.first_seen_unix_nanos {
             self.first_seen_unix_nanos = later.first_seen_unix_nanos;
@@ -88,7 +90,25 @@ pub enum InvalidRecord {
     TimeOrder { first: u64, last: u64 },
     #[error("delta_octets ({bytes}) is smaller than 20 bytes per packet ({packets} packets)")]
     TooFewBytes { packets: u64, bytes: u64 },
+    #[error(
+        "delta_octets ({bytes}) is more than one interface can carry in the record's {nanos} ns (1 Tbit/s, plus a second)"
+    )]
+    AboveLineRate { bytes: u64, nanos: u64 },
+    #[error("{field} ({value}) is not within a day of the aggregator's clock ({now})")]
+    FarFromNow {
+        field: &'static str,
+        value: u64,
+        now: u64,
+    },
 }
+
+/// The most bytes per second one observation point can count: 1 Tbit/s, beyond any interface a
+/// node has today. A record above it (for its first-to-last packet span plus a second of clock
+/// slack) is refused, which also keeps sums of counts far from overflowing.
+pub const MAX_BYTES_PER_SECOND: u64 = 125_000_000_000;
+
+/// How far a record's times may be from the aggregator's clock.
+const MAX_CLOCK_DISTANCE_NANOS: u64 = 86_400 * 1_000_000_000;
 
 impl TryFrom<&FlowRecord> for Observation {
     type Error = InvalidRecord;
@@ -113,6 +133,15 @@ impl TryFrom<&FlowRecord> for Observation {
             return Err(InvalidRecord::TooFewBytes {
                 packets: r.delta_packets,
                 bytes: r.delta_octets,
+            });
+        }
+        let nanos = r.last_seen_unix_nanos - r.first_seen_unix_nanos;
+        let max_bytes =
+            u128::from(MAX_BYTES_PER_SECOND) * (u128::from(nanos) + 1_000_000_000) / 1_000_000_000;
+        if u128::from(r.delta_octets) > max_bytes {
+            return Err(InvalidRecord::AboveLineRate {
+                bytes: r.delta_octets,
+                nanos,
             });
         }
         let hook = match Direction::try_from(r.direction) {
@@ -155,6 +184,22 @@ impl TryFrom<&FlowRecord> for Observation {
             },
             end_reason,
         })
+    }
+}
+
+impl Observation {
+    /// Refuses times no node clock can produce now: zero, or more than a day from `now` (the
+    /// aggregator's Unix time in ns). Kept apart from `try_from`, which is clock-free.
+    pub fn check_time(&self, now: u64) -> Result<(), InvalidRecord> {
+        for (field, value) in [
+            ("first_seen_unix_nanos", self.counts.first_seen_unix_nanos),
+            ("last_seen_unix_nanos", self.counts.last_seen_unix_nanos),
+        ] {
+            if value.abs_diff(now) > MAX_CLOCK_DISTANCE_NANOS {
+                return Err(InvalidRecord::FarFromNow { field, value, now });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -261,6 +306,55 @@ mod tests {
         assert_eq!(
             error(|r| r.delta_octets = 59),
             "delta_octets (59) is smaller than 20 bytes per packet (3 packets)"
+        );
+        // 10 ns between first and last packet: at most 125,000,001,250 bytes.
+        assert!(
+            Observation::try_from(&FlowRecord {
+                delta_octets: 125_000_001_250,
+                ..record()
+            })
+            .is_ok()
+        );
+        assert_eq!(
+            error(|r| r.delta_octets = 125_000_001_251),
+            "delta_octets (125000001251) is more than one interface can carry in the record's 10 ns (1 Tbit/s, plus a second)"
+        );
+        assert_eq!(
+            error(|r| {
+                r.delta_packets = u64::MAX / 20;
+                r.delta_octets = u64::MAX;
+            }),
+            "delta_octets (18446744073709551615) is more than one interface can carry in the record's 10 ns (1 Tbit/s, plus a second)"
+        );
+    }
+
+    #[test]
+    fn times_far_from_the_clock_are_refused() {
+        let day = 86_400 * 1_000_000_000u64;
+        let now = 1_800_000_000 * 1_000_000_000u64;
+        let at = |first, last| {
+            Observation::try_from(&FlowRecord {
+                first_seen_unix_nanos: first,
+                last_seen_unix_nanos: last,
+                ..record()
+            })
+            .unwrap()
+            .check_time(now)
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(at(now - day, now + day), Ok(()));
+        assert_eq!(
+            at(0, now),
+            Err(format!(
+                "first_seen_unix_nanos (0) is not within a day of the aggregator's clock ({now})"
+            ))
+        );
+        assert_eq!(
+            at(now, u64::MAX),
+            Err(format!(
+                "last_seen_unix_nanos ({}) is not within a day of the aggregator's clock ({now})",
+                u64::MAX
+            ))
         );
     }
 

@@ -132,6 +132,10 @@ impl Aggregator {
         }
         let index = SharedIndex::new(index);
         let store = Store::open(&config.data_dir)?;
+        let store_health = {
+            let store = store.clone();
+            move || store.write_failure()
+        };
         let mut metrics = Metrics::new();
         let watchers = if config.metadata.kubernetes {
             watch_kubernetes(index.clone(), &mut metrics).await
@@ -212,7 +216,11 @@ impl Aggregator {
             }
         });
         if let Some(listener) = metrics_listener {
-            let router = crate::metrics::router(metrics.clone(), readiness(watchers.as_ref()));
+            let router = crate::metrics::router(
+                metrics.clone(),
+                readiness(watchers.as_ref()),
+                store_health.clone(),
+            );
             tokio::spawn(async move {
                 if let Err(err) = axum::serve(listener, router).await {
                     tracing::error!(%err, "metrics endpoint failed");

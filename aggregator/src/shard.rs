@@ -18,7 +18,11 @@
 //! yet by others (the session sends each shard its part separately); recovery replays each part
 //! to its shard only if that shard had not applied it.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use prost::Message as _;
 
@@ -27,7 +31,7 @@ use crate::{
     clock::unix_now,
     connection_key::ConnectionKey,
     export::{OutboxChanged, outbox_entry},
-    flow_table::{Emitted, FlowTable},
+    flow_table::{Change, Emitted, FlowTable},
     ingest::{AppliedBatch, BatchSink, SinkClosed},
     metadata::{AttributeNaming, MetadataIndex, SharedIndex},
     metrics::{Metrics, ShardLabel},
@@ -36,7 +40,10 @@ use crate::{
     stitch::{Measured, Side},
     store::{BootId, Checkpoint, Store},
 };
-use actix::{Actor, ActorContext, Addr, AsyncContext, Context, Handler, Message, Recipient};
+use actix::{
+    Actor, ActorContext, ActorFutureExt, Addr, AsyncContext, Context, Handler, Message, Recipient,
+    WrapFuture, fut::LocalBoxActorFuture,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 
 pub type ShardId = u16;
@@ -78,10 +85,10 @@ pub fn shard_of(key: &ConnectionKey) -> ShardId {
 #[rtype(result = "()")]
 pub struct Apply(pub AppliedBatch);
 
-/// Emit everything pending, checkpoint, stop.
+/// Emit everything pending, checkpoint, stop; then tell the sender.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Flush;
+pub struct Flush(pub tokio::sync::oneshot::Sender<()>);
 
 /// What every shard shares.
 #[derive(Clone)]
@@ -103,9 +110,29 @@ pub struct FlowShard {
     table: FlowTable,
     /// How far this shard has applied each agent's batches.
     positions: HashMap<BootId, u64>,
-    positions_changed: bool,
+    /// Agents whose position moved since the last checkpoint (only those are written).
+    moved: HashSet<BootId>,
     context: ShardContext,
     emitted: Vec<Emitted>,
+    /// What the last checkpoints could not write (the store failed): written with the next one.
+    unsaved: Unsaved,
+}
+
+/// Changes and spans not yet durable. Nothing here is dropped: a failed checkpoint keeps it, and
+/// the next tick tries again, without holding the thread.
+#[derive(Default)]
+struct Unsaved {
+    changes: Vec<Change>,
+    outbox: Vec<Vec<u8>>,
+    /// `--print-flows` lines, printed once their spans are durable.
+    summaries: Vec<String>,
+    intervals: u64,
+}
+
+impl Unsaved {
+    fn is_empty(&self) -> bool {
+        self.changes.is_empty() && self.outbox.is_empty()
+    }
 }
 
 impl Actor for FlowShard {
@@ -113,9 +140,11 @@ impl Actor for FlowShard {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
-        ctx.run_interval(TICK, |shard, _| {
+        ctx.run_interval(TICK, |shard, ctx| {
             shard.table.emit_due(unix_now(), &mut shard.emitted);
-            shard.checkpoint();
+            if let Some(checkpoint) = shard.checkpoint() {
+                ctx.wait(checkpoint);
+            }
             shard
                 .context
                 .metrics
@@ -148,17 +177,25 @@ impl Handler<Apply> for FlowShard {
             .late_records_ignored
             .inc_by(self.table.late_ignored() - late_before);
         self.positions.insert(batch.boot_id, batch.sequence);
-        self.positions_changed = true;
+        self.moved.insert(batch.boot_id);
     }
 }
 
 impl Handler<Flush> for FlowShard {
     type Result = ();
 
-    fn handle(&mut self, _: Flush, ctx: &mut Context<Self>) {
+    /// Emits everything pending through a last checkpoint and stops. If the store cannot take
+    /// it, the shard stops anyway: what it held is still in the batch log (its positions did not
+    /// move), and the next start replays it.
+    fn handle(&mut self, Flush(done): Flush, ctx: &mut Context<Self>) {
         self.table.flush(unix_now(), &mut self.emitted);
-        self.checkpoint();
-        ctx.stop();
+        let checkpoint = self
+            .checkpoint()
+            .unwrap_or_else(|| actix::fut::ready(()).boxed_local());
+        ctx.wait(checkpoint.map(move |(), _, ctx: &mut Context<Self>| {
+            ctx.stop();
+            let _ = done.send(());
+        }));
     }
 }
 
@@ -174,10 +211,12 @@ impl FlowShard {
                     sequence,
                     "a batch this shard missed is not in the log"
                 );
+                self.context.metrics.lost("batch_missing_from_log", 1);
                 return;
             }
             Err(err) => {
                 tracing::error!(shard = self.id, sequence, %err, "cannot read a batch this shard missed");
+                self.context.metrics.lost("batch_unreadable", 1);
                 return;
             }
         };
@@ -192,57 +231,105 @@ impl FlowShard {
         self.context.metrics.batches_read_back.inc();
     }
 
-    /// Persists the table's changes, the positions and the spans of the emitted intervals in one
-    /// transaction, then wakes the exporter.
-    fn checkpoint(&mut self) {
+    /// The checkpoint of everything unsaved, if there is anything: it persists the table's
+    /// changes, the moved positions and the spans of the emitted intervals in one transaction —
+    /// on the blocking pool, not this thread, which other actors share — then wakes the
+    /// exporter. Callers `wait` on it (the shard takes no message until it is done); a failed
+    /// one leaves everything for the next tick.
+    fn checkpoint(&mut self) -> Option<LocalBoxActorFuture<Self, ()>> {
         let metrics = &self.context.metrics;
         metrics
             .shard_connections
             .get_or_create(&ShardLabel { shard: self.id })
             .set(self.table.len() as i64);
-        let changes = match self.table.take_changes() {
-            Ok(changes) => changes,
+        match self.table.take_changes() {
+            Ok(changes) => self.unsaved.changes.extend(changes),
             Err(err) => {
-                tracing::error!(shard = self.id, %err, "cannot serialize flow state; checkpoint skipped");
-                return;
+                // The changes stay pending in the table for the next tick.
+                tracing::error!(shard = self.id, %err, "cannot serialize flow state; checkpoint postponed");
+                metrics.checkpoint_failures.inc();
+                return None;
             }
-        };
-        if changes.is_empty() && self.emitted.is_empty() && !self.positions_changed {
-            return;
         }
-        let outbox = {
+        if !self.emitted.is_empty() {
             let index = self.context.metadata.read();
             let enrichment = Enrichment {
                 index: &index,
                 naming: self.context.naming,
             };
-            encode_requests(&self.emitted, &enrichment)
-        };
-        let checkpoint = Checkpoint {
-            shard: self.id,
-            positions: &self.positions,
-            changes: &changes,
-            outbox: &outbox,
-        };
-        // The checkpoint is the only way out for spans: keep trying until it is written. The
-        // shard owns its thread's time, and nothing it holds may be dropped.
-        while let Err(err) = self.context.store.checkpoint(checkpoint) {
-            tracing::error!(shard = self.id, %err, "cannot write checkpoint; retrying");
-            std::thread::sleep(Duration::from_secs(1));
-        }
-        self.positions_changed = false;
-        metrics.intervals_emitted.inc_by(self.emitted.len() as u64);
-        if !outbox.is_empty() {
-            // A full mailbox already holds a wake-up; one is enough.
-            let _ = self.context.exporter.try_send(OutboxChanged);
-        }
-        if self.context.print_flows {
-            let index = self.context.metadata.read();
-            for e in &self.emitted {
-                println!("{}", summary(e, &index));
+            self.unsaved
+                .outbox
+                .extend(encode_requests(&self.emitted, &enrichment));
+            if self.context.print_flows {
+                self.unsaved
+                    .summaries
+                    .extend(self.emitted.iter().map(|e| summary(e, &index)));
             }
+            self.unsaved.intervals += self.emitted.len() as u64;
+            self.emitted.clear();
         }
-        self.emitted.clear();
+        if self.unsaved.is_empty() && self.moved.is_empty() {
+            return None;
+        }
+        let unsaved = std::mem::take(&mut self.unsaved);
+        let moved: HashMap<BootId, u64> = self
+            .moved
+            .iter()
+            .filter_map(|id| Some((*id, *self.positions.get(id)?)))
+            .collect();
+        let store = self.context.store.clone();
+        let shard = self.id;
+        let write = async move {
+            let written = tokio::task::spawn_blocking(move || {
+                let result = store.checkpoint(Checkpoint {
+                    shard,
+                    positions: &moved,
+                    changes: &unsaved.changes,
+                    outbox: &unsaved.outbox,
+                });
+                (unsaved, moved, result)
+            })
+            .await;
+            written.map_err(|e| e.to_string())
+        };
+        let done = write.into_actor(self).map(|written, shard, _| {
+            let metrics = &shard.context.metrics;
+            match written {
+                Ok((unsaved, moved, Ok(()))) => {
+                    for id in moved.keys() {
+                        // Moved again while writing? Then it stays for the next checkpoint.
+                        if shard.positions.get(id) == moved.get(id) {
+                            shard.moved.remove(id);
+                        }
+                    }
+                    metrics.intervals_emitted.inc_by(unsaved.intervals);
+                    if !unsaved.outbox.is_empty() {
+                        // A full mailbox already holds a wake-up; one is enough.
+                        let _ = shard.context.exporter.try_send(OutboxChanged);
+                    }
+                    for line in &unsaved.summaries {
+                        println!("{line}");
+                    }
+                }
+                Ok((mut unsaved, _, Err(err))) => {
+                    tracing::error!(shard = shard.id, %err, "cannot write checkpoint; keeping it for the next tick");
+                    metrics.checkpoint_failures.inc();
+                    // Older first: changes made since then override these when written.
+                    unsaved.changes.append(&mut shard.unsaved.changes);
+                    unsaved.outbox.append(&mut shard.unsaved.outbox);
+                    unsaved.summaries.append(&mut shard.unsaved.summaries);
+                    unsaved.intervals += shard.unsaved.intervals;
+                    shard.unsaved = unsaved;
+                }
+                Err(err) => {
+                    // The blocking task panicked: its data is gone from memory, not from the
+                    // log (positions did not move), so a restart recovers it.
+                    tracing::error!(shard = shard.id, %err, "checkpoint task failed");
+                    metrics.checkpoint_failures.inc();
+                }
+            }
+        });
+        Some(done.boxed_local())
     }
 }
 
@@ -330,9 +417,10 @@ pub fn start(runtime: &ActorRuntime, states: Vec<ShardState>, context: ShardCont
             FlowShard::start_in_arbiter(runtime.arbiters().get(index), move |_| FlowShard {
                 id: index as ShardId,
                 table: state.table,
-                positions: state.positions,
                 // Recovery may have moved the positions on: write them at the first tick.
-                positions_changed: true,
+                moved: state.positions.keys().copied().collect(),
+                positions: state.positions,
+                unsaved: Unsaved::default(),
                 context,
                 emitted: Vec::new(),
             })
@@ -347,7 +435,10 @@ impl Shards {
     /// Emits every pending interval of every shard through a last checkpoint; the shards stop.
     pub async fn flush(&self) {
         for shard in self.addresses.iter() {
-            let _ = shard.send(Flush).await;
+            let (done, flushed) = tokio::sync::oneshot::channel();
+            if shard.send(Flush(done)).await.is_ok() {
+                let _ = flushed.await;
+            }
         }
     }
 }
@@ -476,7 +567,8 @@ mod tests {
             id,
             table: FlowTable::new(InterfaceKinds::default(), settle, settle),
             positions: HashMap::new(),
-            positions_changed: false,
+            moved: HashSet::new(),
+            unsaved: Unsaved::default(),
             context: ShardContext {
                 store: store.clone(),
                 metrics: metrics.clone(),
@@ -490,7 +582,9 @@ mod tests {
         .start();
         shard.send(Apply(part(&batches[1]))).await.unwrap();
         shard.send(Apply(part(&batches[0]))).await.unwrap(); // stale: already read back
-        shard.send(Flush).await.unwrap();
+        let (done, flushed) = tokio::sync::oneshot::channel();
+        shard.send(Flush(done)).await.unwrap();
+        flushed.await.unwrap();
 
         assert_eq!(metrics.batches_read_back.get(), 1);
         let entries = store.outbox_oldest(10).unwrap();

@@ -177,6 +177,11 @@ fn network_type(flow: &Flow) -> &'static str {
     }
 }
 
+/// OTLP integers are signed: a count past `i64::MAX` shows as the maximum, never negative.
+fn saturating_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
 pub fn protocol_name(protocol: u8) -> String {
     match protocol {
         1 => "ICMP".into(),
@@ -212,7 +217,7 @@ fn flow_attributes(flow: &Flow, community_id: &str, interval: &Interval) -> Vec<
         string("flow.community_id", community_id),
         string("flow.client_rule", flow.client_rule.as_str()),
         string("flow.end_reason", end_reason_name(flow)),
-        int("flow.interval", interval.index as i64),
+        int("flow.interval", saturating_i64(interval.index)),
     ];
     let mut flags = 0;
     for (direction, measured) in [
@@ -222,8 +227,14 @@ fn flow_attributes(flow: &Flow, community_id: &str, interval: &Interval) -> Vec<
         let (packets, bytes) = measured
             .as_ref()
             .map_or((0, 0), |m| (m.counts.packets, m.counts.bytes));
-        attributes.push(int(&format!("flow.bytes.{direction}"), bytes as i64));
-        attributes.push(int(&format!("flow.packets.{direction}"), packets as i64));
+        attributes.push(int(
+            &format!("flow.bytes.{direction}"),
+            saturating_i64(bytes),
+        ));
+        attributes.push(int(
+            &format!("flow.packets.{direction}"),
+            saturating_i64(packets),
+        ));
         if let Some(m) = measured {
             flags |= m.counts.tcp_flags;
             attributes.push(string(

@@ -58,12 +58,18 @@ pub enum StoreError {
 pub struct Store {
     db: sled::Db,
     agents: sled::Tree,
+    /// Boot id → the node name its first Hello gave (an agent process belongs to one node).
+    agent_nodes: sled::Tree,
     batches: sled::Tree,
     outbox: sled::Tree,
     connections: sled::Tree,
     positions: sled::Tree,
-    /// Sum of the outbox's request sizes (what its quota limits).
+    /// Sum of the outbox's request sizes (what its quota limits), and their number: kept as
+    /// the outbox changes, never counted by a scan.
     outbox_bytes: Arc<AtomicU64>,
+    outbox_count: Arc<AtomicU64>,
+    /// Why the last write failed, until a write succeeds (for `/readyz`).
+    write_failure: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 /// How much the export outbox may hold, and what happens when it is full.
@@ -150,15 +156,19 @@ impl Store {
             source,
         })?;
         let outbox = db.open_tree("outbox")?;
-        let mut outbox_bytes = 0;
+        let (mut outbox_bytes, mut outbox_count) = (0, 0);
         for value in outbox.iter().values() {
             outbox_bytes += value?.len() as u64;
+            outbox_count += 1;
         }
         Ok(Self {
             agents: db.open_tree("agents")?,
+            agent_nodes: db.open_tree("agent_nodes")?,
             batches: db.open_tree("batches")?,
             outbox,
             outbox_bytes: Arc::new(AtomicU64::new(outbox_bytes)),
+            outbox_count: Arc::new(AtomicU64::new(outbox_count)),
+            write_failure: Arc::default(),
             connections: db.open_tree("connections")?,
             positions: db.open_tree("positions")?,
             db,
@@ -171,6 +181,17 @@ impl Store {
             None => Ok(0),
             Some(bytes) => decode_u64(&bytes),
         }
+    }
+
+    /// Ties `boot_id` to `node` if it is new; returns the node it was tied to before, if any.
+    pub fn bind_agent(&self, boot_id: &BootId, node: &str) -> Result<Option<String>, StoreError> {
+        let before =
+            self.agent_nodes
+                .compare_and_swap(boot_id, None::<&[u8]>, Some(node.as_bytes()))?;
+        Ok(before
+            .err()
+            .and_then(|conflict| conflict.current)
+            .map(|node| String::from_utf8_lossy(&node).into_owned()))
     }
 
     /// Makes `batch` durable as the next batch of `boot_id` (its sequence must be the last + 1).
@@ -191,9 +212,28 @@ impl Store {
             batches.insert(batch_key(boot_id, sequence).as_slice(), encoded.as_slice())?;
             Ok(())
         });
-        committed(result)?;
-        self.db.flush_async().await?;
-        Ok(())
+        self.observe_write(committed(result))?;
+        self.observe_write(self.db.flush_async().await.map(drop).map_err(Into::into))
+    }
+
+    /// Notes the outcome of a write for [`Store::write_failure`]; passes it on.
+    fn observe_write<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        let mut failure = self.write_failure.lock().unwrap_or_else(|e| e.into_inner());
+        match &result {
+            Ok(_) => *failure = None,
+            // Ordering conflicts are the caller's mistake, not the disk's.
+            Err(StoreError::OutOfOrder { .. }) => {}
+            Err(err) => *failure = Some(err.to_string()),
+        }
+        result
+    }
+
+    /// Why the last write failed, while no write has succeeded since (a full or failing disk).
+    pub fn write_failure(&self) -> Option<String> {
+        self.write_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// One stored batch, if the log still holds it.
@@ -221,9 +261,15 @@ impl Store {
 }
 
 impl Store {
-    /// Writes a shard's checkpoint atomically and durably (blocking: a shard owns its thread),
-    /// then drops the batches every shard is past.
+    /// Writes a shard's checkpoint atomically and durably, then drops the batches every shard
+    /// is past. Blocking: callers run it on the blocking pool. `positions` holds only the agents
+    /// whose position moved since the shard's last checkpoint.
     pub fn checkpoint(&self, checkpoint: Checkpoint<'_>) -> Result<(), StoreError> {
+        let result = self.write_checkpoint(checkpoint);
+        self.observe_write(result)
+    }
+
+    fn write_checkpoint(&self, checkpoint: Checkpoint<'_>) -> Result<(), StoreError> {
         let ids = checkpoint
             .outbox
             .iter()
@@ -232,7 +278,9 @@ impl Store {
         // Counted before the entries exist, so that the exporter removing one cannot take the
         // count below zero; taken back if the transaction fails.
         let outbox_bytes: u64 = checkpoint.outbox.iter().map(|r| r.len() as u64).sum();
+        let outbox_count = checkpoint.outbox.len() as u64;
         self.outbox_bytes.fetch_add(outbox_bytes, Ordering::Relaxed);
+        self.outbox_count.fetch_add(outbox_count, Ordering::Relaxed);
         let result: Result<(), TransactionError<StoreError>> =
             (&self.connections, &self.positions, &self.outbox).transaction(
                 |(connections, positions, outbox)| {
@@ -258,6 +306,7 @@ impl Store {
             );
         if let Err(err) = committed(result) {
             self.outbox_bytes.fetch_sub(outbox_bytes, Ordering::Relaxed);
+            self.outbox_count.fetch_sub(outbox_count, Ordering::Relaxed);
             return Err(err);
         }
         self.db.flush()?;
@@ -316,12 +365,14 @@ impl Store {
         let id = self.db.generate_id()?;
         self.outbox_bytes
             .fetch_add(request.len() as u64, Ordering::Relaxed);
+        self.outbox_count.fetch_add(1, Ordering::Relaxed);
         if let Err(err) = self.outbox.insert(id.to_be_bytes(), request) {
             self.outbox_bytes
                 .fetch_sub(request.len() as u64, Ordering::Relaxed);
-            return Err(err.into());
+            self.outbox_count.fetch_sub(1, Ordering::Relaxed);
+            return self.observe_write(Err(err.into()));
         }
-        self.db.flush_async().await?;
+        self.observe_write(self.db.flush_async().await.map(drop).map_err(Into::into))?;
         Ok(id)
     }
 
@@ -339,17 +390,19 @@ impl Store {
 
     /// Removes a delivered (or permanently rejected) request.
     pub async fn outbox_remove(&self, id: u64) -> Result<(), StoreError> {
-        if let Some(removed) = self.outbox.remove(id.to_be_bytes())? {
+        if let Some(removed) =
+            self.observe_write(self.outbox.remove(id.to_be_bytes()).map_err(Into::into))?
+        {
             self.outbox_bytes
                 .fetch_sub(removed.len() as u64, Ordering::Relaxed);
+            self.outbox_count.fetch_sub(1, Ordering::Relaxed);
         }
-        self.db.flush_async().await?;
-        Ok(())
+        self.observe_write(self.db.flush_async().await.map(drop).map_err(Into::into))
     }
 
-    /// Requests waiting in the outbox.
+    /// Requests waiting in the outbox (kept as it changes: O(1)).
     pub fn outbox_len(&self) -> usize {
-        self.outbox.len()
+        self.outbox_count.load(Ordering::Relaxed) as usize
     }
 
     /// Bytes of the requests waiting in the outbox.

@@ -88,6 +88,13 @@ impl Stream {
     }
 }
 
+/// A fixed time of this test run (the aggregator refuses times more than a day from its clock):
+/// the same for every record of the run, so equal records stay equal.
+pub fn recent_nanos() -> u64 {
+    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *START.get_or_init(mermin_aggregator::clock::unix_now)
+}
+
 pub fn record(node: &str, packets: u64) -> FlowRecord {
     FlowRecord {
         node_name: node.into(),
@@ -100,8 +107,8 @@ pub fn record(node: &str, packets: u64) -> FlowRecord {
         ip_protocol: 6,
         delta_packets: packets,
         delta_octets: packets * 100,
-        first_seen_unix_nanos: 1,
-        last_seen_unix_nanos: 2,
+        first_seen_unix_nanos: recent_nanos(),
+        last_seen_unix_nanos: recent_nanos() + 1,
         end_reason: EndReason::ActiveTimeout as i32,
         ..FlowRecord::default()
     }
@@ -133,8 +140,8 @@ pub fn closed_connection(port: u32) -> Vec<FlowRecord> {
         ip_protocol: 6,
         delta_packets: packets,
         delta_octets: bytes,
-        first_seen_unix_nanos: 1_000,
-        last_seen_unix_nanos: 2_000,
+        first_seen_unix_nanos: recent_nanos(),
+        last_seen_unix_nanos: recent_nanos() + 1_000,
         first_tcp_flags: if outbound { 0x02 } else { 0x12 },
         tcp_flags: 0x1b,
         end_reason: EndReason::TcpClose as i32,
