@@ -12,8 +12,11 @@ use mermin_aggregator::{
     store::Store,
 };
 use mermin_protocol::agent::v1::{Batch, Hello, agent_message};
-use support::{connect, record};
-use tokio::{net::TcpListener, sync::mpsc};
+use support::{connect, recent_nanos, record};
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, watch},
+};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::Code;
 
@@ -34,6 +37,15 @@ impl Drop for Aggregator {
 }
 
 async fn start(dir: &Path, limits: IngestLimits) -> Aggregator {
+    start_until(dir, limits, watch::channel(false).1).await
+}
+
+/// An aggregator whose sessions stop when `stopping` turns true.
+async fn start_until(
+    dir: &Path,
+    limits: IngestLimits,
+    stopping: watch::Receiver<bool>,
+) -> Aggregator {
     // A previous aggregator on this directory releases sled's lock once its last stream task
     // has ended; wait for that (bounded).
     let mut attempts = 0;
@@ -58,6 +70,7 @@ async fn start(dir: &Path, limits: IngestLimits) -> Aggregator {
         metrics.clone(),
         Arbiters::current(),
     )
+    .stop_when(stopping)
     .into_service();
     let server = tokio::spawn(async move {
         tonic::transport::Server::builder()
@@ -287,5 +300,144 @@ async fn a_full_outbox_holds_batches_back_then_refuses_the_stream() {
             .lines()
             .any(|l| l
                 == "mermin_aggregator_streams_rejected_total{reason=\"resource_exhausted\"} 1")
+    );
+}
+
+/// One agent process is one boot id on one node with one stream; it says Hello promptly, replays
+/// exactly what it sent, and reports times its node's clock can have.
+#[actix::test]
+async fn agents_that_misuse_their_identity_or_the_clock_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = IngestLimits {
+        hello_timeout: Duration::from_millis(300),
+        ..IngestLimits::default()
+    };
+    let mut agg = start(dir.path(), limits).await;
+
+    let mut silent = connect(agg.addr).await;
+    let status = silent.status().await;
+    assert_eq!(
+        (status.code(), status.message()),
+        (
+            Code::DeadlineExceeded,
+            "no Hello within 300ms of opening the stream"
+        )
+    );
+
+    let boot = [9; 16];
+    let mut first = connect(agg.addr).await;
+    first.hello("node-a", boot).await;
+    assert_eq!(first.welcome().await, 0);
+    let mut second = connect(agg.addr).await;
+    second.hello("node-a", boot).await;
+    let status = second.status().await;
+    assert_eq!(
+        (status.code(), status.message()),
+        (
+            Code::FailedPrecondition,
+            "a stream of agent node-a (boot id 09090909090909090909090909090909) is already open; one stream per agent process"
+        )
+    );
+    let mut other_node = connect(agg.addr).await;
+    other_node.hello("node-b", boot).await;
+    let status = other_node.status().await;
+    assert_eq!(
+        (status.code(), status.message()),
+        (
+            Code::InvalidArgument,
+            "Hello.boot_id 09090909090909090909090909090909 belongs to node \"node-a\", not \"node-b\": every agent process needs its own boot id"
+        )
+    );
+
+    first.batch(1, vec![record("node-a", 3)]).await;
+    assert_eq!(first.ack().await, 1);
+    first.batch(1, vec![record("node-a", 3)]).await;
+    assert_eq!(first.ack().await, 1, "the same batch again: acknowledged");
+    first.batch(1, vec![record("node-a", 4)]).await;
+    let status = first.status().await;
+    assert_eq!(
+        (status.code(), status.message()),
+        (
+            Code::AlreadyExists,
+            "batch 1 was already stored with different content; a replay must resend the same records"
+        )
+    );
+    assert_eq!(
+        agg.flows.recv().await.unwrap().observations[0]
+            .counts
+            .packets,
+        3
+    );
+    assert!(agg.flows.try_recv().is_err(), "neither replay was applied");
+
+    let mut skewed = connect(agg.addr).await;
+    skewed.hello("node-c", [10; 16]).await;
+    skewed.welcome().await;
+    let mut future = record("node-c", 1);
+    future.last_seen_unix_nanos = recent_nanos() + 2 * 86_400 * 1_000_000_000;
+    skewed.batch(1, vec![future.clone()]).await;
+    let status = skewed.status().await;
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let expected = format!(
+        "batch 1, record 0: last_seen_unix_nanos ({}) is not within a day of the aggregator's clock (",
+        future.last_seen_unix_nanos
+    );
+    assert!(
+        status.message().starts_with(&expected),
+        "{}",
+        status.message()
+    );
+
+    let text = agg.metrics.render();
+    for line in [
+        "mermin_aggregator_streams_rejected_total{reason=\"deadline_exceeded\"} 1",
+        "mermin_aggregator_streams_rejected_total{reason=\"failed_precondition\"} 1",
+        "mermin_aggregator_streams_rejected_total{reason=\"already_exists\"} 1",
+        "mermin_aggregator_streams_rejected_total{reason=\"invalid_argument\"} 2",
+        "mermin_aggregator_batches_conflicting_total 1",
+        "mermin_aggregator_batches_duplicate_total 1",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
+}
+
+/// A stop ends a session that is waiting for room in a full outbox at once with UNAVAILABLE; the
+/// batch it held is not acknowledged (the agent keeps and replays it).
+#[actix::test]
+async fn a_stop_ends_a_session_waiting_on_a_full_outbox_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = IngestLimits {
+        pause_above_outbox_bytes: Some(10),
+        outbox_full_wait: Duration::from_secs(60),
+        ..IngestLimits::default()
+    };
+    let (stop, stopping) = watch::channel(false);
+    let mut agg = start_until(dir.path(), limits, stopping).await;
+    agg.store.outbox_push(&[0; 11]).await.unwrap();
+    let mut s = connect(agg.addr).await;
+    s.hello("node-a", [11; 16]).await;
+    assert_eq!(s.welcome().await, 0);
+    s.batch(1, vec![record("node-a", 1)]).await;
+    // The batch is waiting (nothing else can answer it for 60 s); then the stop comes.
+    assert!(agg.flows.try_recv().is_err());
+    let stopped_at = std::time::Instant::now();
+    stop.send(true).unwrap();
+    let status = s.status().await;
+    assert_eq!(
+        (status.code(), status.message()),
+        (Code::Unavailable, "the aggregator is shutting down")
+    );
+    assert!(
+        stopped_at.elapsed() < Duration::from_secs(1),
+        "ended {:?} after the stop",
+        stopped_at.elapsed()
+    );
+    assert_eq!(
+        agg.store.last_sequence(&[11; 16]).unwrap(),
+        0,
+        "not stored, not acked"
     );
 }
