@@ -17,6 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use mermin_protocol::{
     agent::v1::{
         AgentMessage, Batch, Hello, agent_message, agent_service_client::AgentServiceClient,
@@ -82,6 +83,37 @@ impl Shared {
                 .0;
         }
         buffer.unacked.len()
+    }
+
+    /// Takes the aggregator's word in a Welcome: everything through `last` is durable there. If
+    /// the next batch it expects is not the next one this agent would send — it lost batches it
+    /// had acknowledged (its disk was wiped), or it knows sequences this process never sent —
+    /// the unacknowledged batches are renumbered to follow `last`, so the stream goes on instead
+    /// of being refused forever. Returns how many acknowledged batches the aggregator no longer
+    /// has (counted by the caller: they are lost).
+    fn welcome(&self, last: u64) -> u64 {
+        let mut buffer = self.lock();
+        // Durable there — unless the aggregator speaks of sequences this process never sent
+        // (then none of ours is durable, and all are renumbered).
+        if last < buffer.next_sequence {
+            while buffer.unacked.front().is_some_and(|b| b.sequence <= last) {
+                buffer.unacked.pop_front();
+            }
+        }
+        let first = buffer
+            .unacked
+            .front()
+            .map_or(buffer.next_sequence, |b| b.sequence);
+        if first == last + 1 {
+            return 0;
+        }
+        let lost = first.saturating_sub(last + 1);
+        for (batch, sequence) in buffer.unacked.iter_mut().zip(last + 1..) {
+            batch.sequence = sequence;
+        }
+        buffer.next_sequence = last + 1 + buffer.unacked.len() as u64;
+        self.space.notify_all();
+        lost
     }
 
     fn acknowledge_through(&self, sequence: u64) {
@@ -171,32 +203,60 @@ impl RecordSink for GrpcSink {
     }
 }
 
+/// Reconnect delays: exponential from 100 ms to 10 s with full jitter (so that the agents of a
+/// cluster do not reconnect in lockstep after an aggregator restart), from the start again after
+/// every stream that got as far as a Welcome.
+fn reconnect_delays() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
 async fn stream_forever(
     config: GrpcSinkConfig,
     boot_id: [u8; 16],
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
 ) {
-    let mut delay = Duration::from_millis(100);
+    let mut delays = reconnect_delays();
     loop {
-        match stream_once(&config, boot_id, &shared).await {
-            Ok(()) => delay = Duration::from_millis(100),
-            Err(err) => {
-                metrics.sink_reconnects.inc();
-                tracing::warn!(endpoint = %config.endpoint, %err, ?delay, "aggregator stream failed; reconnecting");
-            }
+        let mut welcomed = false;
+        let err = stream_once(&config, boot_id, &shared, &metrics, &mut welcomed).await;
+        if welcomed {
+            delays = reconnect_delays();
         }
+        let delay = delays.next().unwrap_or(Duration::from_secs(10));
+        metrics.sink_reconnects.inc();
+        tracing::warn!(endpoint = %config.endpoint, %err, ?delay, "aggregator stream ended; reconnecting");
         tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(10));
     }
 }
 
-/// One stream: until it fails. Returns `Ok` if the aggregator ended it cleanly.
+/// One stream, until it fails (it never ends otherwise); says why. `welcomed` turns true once
+/// the aggregator answered the Hello.
 async fn stream_once(
     config: &GrpcSinkConfig,
     boot_id: [u8; 16],
     shared: &Shared,
-) -> Result<(), String> {
+    metrics: &Metrics,
+    welcomed: &mut bool,
+) -> String {
+    match stream_until_error(config, boot_id, shared, metrics, welcomed).await {
+        Ok(never) => match never {},
+        Err(err) => err,
+    }
+}
+
+async fn stream_until_error(
+    config: &GrpcSinkConfig,
+    boot_id: [u8; 16],
+    shared: &Shared,
+    metrics: &Metrics,
+    welcomed: &mut bool,
+) -> Result<std::convert::Infallible, String> {
     let mut client = AgentServiceClient::connect(config.endpoint.clone())
         .await
         .map_err(|e| format!("connecting: {e}"))?;
@@ -227,7 +287,16 @@ async fn stream_once(
         aggregator_message::Message::Welcome(w) => w,
         other => return Err(format!("expected Welcome, got {other:?}")),
     };
-    shared.acknowledge_through(welcome.last_durable_sequence);
+    *welcomed = true;
+    let lost = shared.welcome(welcome.last_durable_sequence);
+    if lost > 0 {
+        metrics.sink_batches_lost.inc_by(lost);
+        tracing::error!(
+            lost,
+            last_durable = welcome.last_durable_sequence,
+            "the aggregator no longer has batches it acknowledged (its store was lost); continuing after its last durable batch"
+        );
+    }
     let max_in_flight = u64::from(welcome.max_in_flight_batches.max(1));
     tracing::info!(endpoint = %config.endpoint, last_durable = welcome.last_durable_sequence, "streaming to the aggregator");
 
@@ -284,4 +353,69 @@ fn boot_id() -> std::io::Result<[u8; 16]> {
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     }
     Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(next_sequence: u64, unacked: std::ops::Range<u64>) -> Shared {
+        Shared {
+            buffer: Mutex::new(Buffer {
+                next_sequence,
+                unacked: unacked
+                    .map(|sequence| Batch {
+                        sequence,
+                        records: Vec::new(),
+                    })
+                    .collect(),
+            }),
+            space: Condvar::new(),
+            appended: Notify::new(),
+            capacity: 64,
+        }
+    }
+
+    fn sequences(shared: &Shared) -> (Vec<u64>, u64) {
+        let buffer = shared.lock();
+        (
+            buffer.unacked.iter().map(|b| b.sequence).collect(),
+            buffer.next_sequence,
+        )
+    }
+
+    #[test]
+    fn a_welcome_after_a_reconnect_drops_what_is_durable_and_keeps_the_rest() {
+        let s = shared(111, 108..111);
+        assert_eq!(s.welcome(108), 0);
+        assert_eq!(sequences(&s), (vec![109, 110], 111));
+    }
+
+    #[test]
+    fn an_aggregator_that_lost_its_store_gets_the_rest_renumbered_and_the_loss_is_counted() {
+        // Batches 1..=107 were acknowledged; the aggregator's data dir was wiped.
+        let s = shared(111, 108..111);
+        assert_eq!(s.welcome(0), 107);
+        assert_eq!(sequences(&s), (vec![1, 2, 3], 4));
+        // Nothing unacknowledged: the next batch simply follows the aggregator's last.
+        let s = shared(51, 51..51);
+        assert_eq!(s.welcome(20), 30);
+        assert_eq!(sequences(&s), (vec![], 21));
+    }
+
+    #[test]
+    fn sequences_the_aggregator_knows_but_this_process_never_sent_are_skipped() {
+        let s = shared(4, 2..4);
+        assert_eq!(s.welcome(9), 0);
+        assert_eq!(sequences(&s), (vec![10, 11], 12));
+    }
+
+    #[test]
+    fn reconnect_delays_grow_with_jitter_and_stay_bounded() {
+        let delays: Vec<Duration> = reconnect_delays().take(40).collect();
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(20)));
+        assert!(delays[30..].iter().any(|d| *d >= Duration::from_secs(5)));
+        let again: Vec<Duration> = reconnect_delays().take(40).collect();
+        assert_ne!(delays, again, "jittered: two agents do not wait alike");
+    }
 }

@@ -40,6 +40,7 @@ pub struct Metrics {
     pub scans: Counter,
     pub sink_backpressure: Counter,
     pub sink_reconnects: Counter,
+    pub sink_batches_lost: Counter,
     kernel_totals: [AtomicU64; KernelCounter::COUNT as usize],
     last_scan_ns: AtomicU64,
     ready: AtomicBool,
@@ -116,6 +117,12 @@ impl Metrics {
             "Times the collector waited because the aggregator had not acknowledged enough batches",
             sink_backpressure.clone(),
         );
+        let sink_batches_lost = Counter::default();
+        registry.register(
+            "sink_batches_lost",
+            "Batches the aggregator had acknowledged and then no longer had (its store was lost)",
+            sink_batches_lost.clone(),
+        );
         let sink_reconnects = Counter::default();
         registry.register(
             "sink_reconnects",
@@ -137,6 +144,7 @@ impl Metrics {
             scans,
             sink_backpressure,
             sink_reconnects,
+            sink_batches_lost,
             kernel_totals: Default::default(),
             last_scan_ns: AtomicU64::new(WallClock::kernel_now()),
             ready: AtomicBool::new(false),
