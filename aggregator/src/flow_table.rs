@@ -27,6 +27,7 @@ use crate::{
     observation::Observation,
     span::Interval,
     stitch::{Connection, Decisions, Flow, InterfaceKinds},
+    store::Change,
 };
 
 /// One interval of one connection, ready to become spans.
@@ -50,13 +51,6 @@ struct Tracked {
     closing: bool,
     /// Closed: kept until this time for late records.
     closed_until: Option<u64>,
-}
-
-/// A connection's serialized key and state (`None`: forgotten), for the store.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Change {
-    pub key: Vec<u8>,
-    pub state: Option<Vec<u8>>,
 }
 
 pub struct FlowTable {

@@ -26,6 +26,7 @@ pub mod metadata;
 pub mod metrics;
 pub mod observation;
 pub mod pipeline;
+pub mod placement;
 pub mod settings;
 pub mod shard;
 pub mod span;

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::shard::{SHARDS, ShardId};
+use crate::placement::{SHARDS, ShardId};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},

@@ -30,7 +30,7 @@ use crate::{
     observation::Observation,
     shard::{self, SHARDS, ShardContext, ShardState, Shards, shard_of},
     stitch::InterfaceKinds,
-    store::{OutboxQuota, Store, StoreError, WhenFull},
+    store::{OutboxQuota, SledStore, Store, StoreError, WhenFull},
 };
 
 #[derive(Debug, Clone)]
@@ -131,7 +131,7 @@ impl Aggregator {
             index.set_static_entries(static_file::load(path)?);
         }
         let index = SharedIndex::new(index);
-        let store = Store::open(&config.data_dir)?;
+        let store = SledStore::open(&config.data_dir)?;
         let store_health = {
             let store = store.clone();
             move || store.write_failure()
@@ -366,7 +366,7 @@ mod tests {
     #[tokio::test]
     async fn recovery_replays_a_batch_only_to_the_shards_that_had_not_applied_it() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
         let boot = [3; 16];
         let first = record(40_000, 3);
         let second = (40_001..)

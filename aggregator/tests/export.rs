@@ -13,7 +13,7 @@ use actix::Actor;
 use mermin_aggregator::{
     export::{ExportConfig, Exporter, OtlpProtocol, OutboxChanged, outbox_entry},
     metrics::Metrics,
-    store::Store,
+    store::{SledStore, Store},
 };
 use opentelemetry_proto::tonic::{
     collector::trace::v1::{
@@ -112,12 +112,12 @@ fn start_exporter_actor(store: &Store, config: ExportConfig) -> (Running, actix:
 /// (they outlive the handle briefly); bounded.
 async fn reopen(path: &std::path::Path) -> Store {
     for _ in 0..100 {
-        if let Ok(store) = Store::open(path) {
+        if let Ok(store) = SledStore::open(path) {
             return store;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Store::open(path).unwrap()
+    SledStore::open(path).unwrap()
 }
 
 /// Waits (at most 10 s) until the outbox is empty.
@@ -140,7 +140,7 @@ fn metric(metrics: &Metrics, series: &str) -> u64 {
 over_both_protocols!(an_endpoint_that_is_down_gets_everything_once_it_is_up);
 async fn an_endpoint_that_is_down_gets_everything_once_it_is_up(protocol: OtlpProtocol) {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
     // Reserve a port, then leave it closed: the endpoint is down.
     let addr = TcpListener::bind("127.0.0.1:0")
         .await
@@ -184,7 +184,7 @@ async fn an_endpoint_that_is_down_gets_everything_once_it_is_up(protocol: OtlpPr
 over_both_protocols!(transient_errors_retry_and_permanent_rejects_are_counted);
 async fn transient_errors_retry_and_permanent_rejects_are_counted(protocol: OtlpProtocol) {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let receiver = Receiver::default();
@@ -237,7 +237,7 @@ over_both_protocols!(the_outbox_survives_a_restart);
 async fn the_outbox_survives_a_restart(protocol: OtlpProtocol) {
     let dir = tempfile::tempdir().unwrap();
     {
-        let store = Store::open(dir.path()).unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
         store.outbox_push(&request(&["kept"])).await.unwrap();
     }
     let store = reopen(dir.path()).await;
@@ -255,7 +255,7 @@ async fn the_outbox_survives_a_restart(protocol: OtlpProtocol) {
 #[test]
 fn a_bad_endpoint_is_refused_up_front() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
     let err = Exporter::new(
         store,
         ExportConfig::new("tempo:4317"),
@@ -273,7 +273,7 @@ fn a_bad_endpoint_is_refused_up_front() {
 #[actix::test]
 async fn over_quota_the_oldest_requests_are_dropped_and_counted() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
     let requests = [
         request(&["old1", "old2"]),
         request(&["old3"]),
@@ -316,7 +316,7 @@ async fn over_quota_the_oldest_requests_are_dropped_and_counted() {
 #[actix::test]
 async fn an_idle_exporter_delivers_when_told_the_outbox_changed() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let receiver = Receiver::default();

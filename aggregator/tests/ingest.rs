@@ -9,7 +9,7 @@ use mermin_aggregator::{
     actors::Arbiters,
     ingest::{AppliedBatch, Ingest, IngestLimits},
     metrics::Metrics,
-    store::Store,
+    store::{SledStore, Store},
 };
 use mermin_protocol::agent::v1::{Batch, Hello, agent_message};
 use support::{connect, recent_nanos, record};
@@ -50,7 +50,7 @@ async fn start_until(
     // has ended; wait for that (bounded).
     let mut attempts = 0;
     let store = loop {
-        match Store::open(dir) {
+        match SledStore::open(dir) {
             Ok(store) => break store,
             Err(_) if attempts < 100 => {
                 attempts += 1;

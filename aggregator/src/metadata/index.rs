@@ -65,8 +65,6 @@ pub type Label = (Arc<str>, Arc<str>);
 /// Allow-listed labels, sorted by key, shared by every object that has the same.
 type Labels = Arc<[Label]>;
 
-/// How long a deleted object stays joinable by default.
-
 /// What is known about one end of a flow, borrowed from the index (a lookup copies nothing and
 /// touches no reference count: use it while holding [`SharedIndex::read`]); `None` where
 /// unknown.

@@ -1,0 +1,229 @@
+//! The storage conformance suite: what every [`Storage`] implementation must do, checked
+//! against a real instance in a temporary directory, reopened (as after a restart) between the
+//! steps whose effects must be durable. `sled_passes_the_suite` runs it on [`SledStore`]; the
+//! replication issue runs it on its own store. (Crashes — SIGKILL mid-stream — are exercised
+//! against the binary in `tests/recovery.rs` and `node-agent/tests/restarts.rs`.)
+
+use std::{collections::HashMap, path::Path, time::Duration};
+
+use mermin_protocol::agent::v1::Batch;
+
+use super::{BOOT_ID_LEN, Change, Checkpoint, SledStore, Store, StoreError};
+use crate::placement::SHARDS;
+
+/// Opens the implementation under test on a directory (again, for a reopen).
+type Opener<'a> = &'a dyn Fn(&Path) -> Store;
+
+#[tokio::test]
+async fn sled_passes_the_suite() {
+    let open = |path: &Path| {
+        // The previous handle's background threads let go of sled's lock shortly after it is
+        // dropped: retry, bounded.
+        for _ in 0..100 {
+            if let Ok(store) = SledStore::open(path) {
+                return store;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        SledStore::open(path).unwrap()
+    };
+    batches_survive_reopening_in_order(&open).await;
+    a_gap_or_a_repeat_is_refused(&open).await;
+    checkpoints_are_recovered_and_a_batch_goes_once_every_shard_is_past_it(&open).await;
+    a_checkpoint_writes_only_the_positions_it_is_given(&open).await;
+    the_outbox_keeps_order_count_and_size_across_reopening(&open).await;
+    a_boot_id_stays_bound_to_its_first_node(&open).await;
+}
+
+fn batch(sequence: u64) -> Batch {
+    Batch {
+        sequence,
+        records: vec![mermin_protocol::flow::v1::FlowRecord {
+            delta_packets: sequence,
+            ..Default::default()
+        }],
+    }
+}
+
+async fn batches_survive_reopening_in_order(open: Opener<'_>) {
+    let dir = tempfile::tempdir().unwrap();
+    let a = [1; BOOT_ID_LEN];
+    let b = [2; BOOT_ID_LEN];
+    {
+        let store = open(dir.path());
+        store.append(&b, &batch(1)).await.unwrap();
+        store.append(&a, &batch(1)).await.unwrap();
+        store.append(&a, &batch(2)).await.unwrap();
+    }
+    let store = open(dir.path());
+    assert_eq!(store.last_sequence(&a).unwrap(), 2);
+    assert_eq!(store.last_sequence(&b).unwrap(), 1);
+    assert_eq!(store.last_sequence(&[3; BOOT_ID_LEN]).unwrap(), 0);
+    let replayed: Vec<(u8, u64)> = store
+        .batches()
+        .map(|r| r.unwrap())
+        .map(|(id, batch)| (id[0], batch.records[0].delta_packets))
+        .collect();
+    assert_eq!(replayed, [(1, 1), (1, 2), (2, 1)]);
+    assert_eq!(store.batch(&a, 2).unwrap(), Some(batch(2)));
+    assert_eq!(store.batch(&a, 3).unwrap(), None);
+}
+
+async fn a_gap_or_a_repeat_is_refused(open: Opener<'_>) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let id = [9; BOOT_ID_LEN];
+    store.append(&id, &batch(1)).await.unwrap();
+    let gap = store.append(&id, &batch(3)).await.unwrap_err();
+    assert_eq!(
+        gap.to_string(),
+        "store: batch 3 of this agent is not the next one (last durable: 1)"
+    );
+    assert!(matches!(
+        store.append(&id, &batch(1)).await,
+        Err(StoreError::OutOfOrder {
+            sequence: 1,
+            last: 1
+        })
+    ));
+    assert_eq!(store.batches().count(), 1);
+    assert_eq!(
+        store.write_failure(),
+        None,
+        "refusing a sequence is no disk failure"
+    );
+}
+
+async fn checkpoints_are_recovered_and_a_batch_goes_once_every_shard_is_past_it(open: Opener<'_>) {
+    let dir = tempfile::tempdir().unwrap();
+    let id = [4; BOOT_ID_LEN];
+    {
+        let store = open(dir.path());
+        for sequence in 1..=3 {
+            store.append(&id, &batch(sequence)).await.unwrap();
+        }
+        let changes = [
+            Change {
+                key: vec![1],
+                state: Some(vec![10, 11]),
+            },
+            Change {
+                key: vec![2],
+                state: None,
+            },
+        ];
+        let at = |sequence| HashMap::from([(id, sequence)]);
+        store
+            .checkpoint(Checkpoint {
+                shard: 0,
+                positions: &at(2),
+                changes: &changes,
+                outbox: &[vec![7, 7]],
+            })
+            .unwrap();
+        let left: Vec<u64> = store.batches().map(|b| b.unwrap().1.sequence).collect();
+        assert_eq!(left, [1, 2, 3], "the other shards have not checkpointed");
+        for shard in 1..SHARDS {
+            store
+                .checkpoint(Checkpoint {
+                    shard,
+                    positions: &at(if shard == 5 { 1 } else { 3 }),
+                    changes: &[],
+                    outbox: &[],
+                })
+                .unwrap();
+        }
+    }
+    let store = open(dir.path());
+    let recovered = store.recover().unwrap();
+    assert_eq!(recovered.positions.len(), usize::from(SHARDS));
+    assert_eq!(recovered.positions[&(0, id)], 2);
+    assert_eq!(recovered.positions[&(5, id)], 1);
+    assert_eq!(recovered.positions[&(7, id)], 3);
+    assert_eq!(recovered.connections, [vec![10, 11]]);
+    let left: Vec<u64> = store.batches().map(|b| b.unwrap().1.sequence).collect();
+    assert_eq!(left, [2, 3], "shard 5 still needs batch 2, shard 0 batch 3");
+    assert_eq!(store.outbox_oldest(10).unwrap()[0].1, [7, 7]);
+    assert_eq!(store.last_sequence(&id).unwrap(), 3);
+}
+
+async fn a_checkpoint_writes_only_the_positions_it_is_given(open: Opener<'_>) {
+    let dir = tempfile::tempdir().unwrap();
+    let agents: Vec<[u8; BOOT_ID_LEN]> = (0..50u8).map(|i| [i; BOOT_ID_LEN]).collect();
+    {
+        let store = open(dir.path());
+        let all: HashMap<_, _> = agents.iter().map(|a| (*a, 7)).collect();
+        store
+            .checkpoint(Checkpoint {
+                shard: 3,
+                positions: &all,
+                changes: &[],
+                outbox: &[],
+            })
+            .unwrap();
+        store
+            .checkpoint(Checkpoint {
+                shard: 3,
+                positions: &HashMap::from([(agents[4], 9)]),
+                changes: &[],
+                outbox: &[],
+            })
+            .unwrap();
+    }
+    let recovered = open(dir.path()).recover().unwrap();
+    assert_eq!(recovered.positions.len(), 50);
+    assert_eq!(recovered.positions[&(3, agents[4])], 9);
+    assert_eq!(
+        recovered.positions[&(3, agents[5])],
+        7,
+        "kept as written before"
+    );
+}
+
+async fn the_outbox_keeps_order_count_and_size_across_reopening(open: Opener<'_>) {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(dir.path());
+        let first = store.outbox_push(&[1; 10]).await.unwrap();
+        store.outbox_push(&[2; 20]).await.unwrap();
+        store
+            .checkpoint(Checkpoint {
+                shard: 0,
+                positions: &HashMap::new(),
+                changes: &[],
+                outbox: &[vec![3; 30], vec![4; 40]],
+            })
+            .unwrap();
+        assert_eq!((store.outbox_len(), store.outbox_bytes()), (4, 100));
+        store.outbox_remove(first).await.unwrap();
+        assert_eq!((store.outbox_len(), store.outbox_bytes()), (3, 90));
+    }
+    let store = open(dir.path());
+    assert_eq!((store.outbox_len(), store.outbox_bytes()), (3, 90));
+    let firsts: Vec<u8> = store
+        .outbox_oldest(10)
+        .unwrap()
+        .iter()
+        .map(|(_, request)| request[0])
+        .collect();
+    assert_eq!(firsts, [2, 3, 4], "oldest first");
+}
+
+async fn a_boot_id_stays_bound_to_its_first_node(open: Opener<'_>) {
+    let dir = tempfile::tempdir().unwrap();
+    let id = [5; BOOT_ID_LEN];
+    {
+        let store = open(dir.path());
+        assert_eq!(store.bind_agent(&id, "node-a").unwrap(), None);
+        assert_eq!(
+            store.bind_agent(&id, "node-a").unwrap(),
+            Some("node-a".into())
+        );
+        store.append(&id, &batch(1)).await.unwrap();
+    }
+    let store = open(dir.path());
+    assert_eq!(
+        store.bind_agent(&id, "node-b").unwrap(),
+        Some("node-a".into())
+    );
+}

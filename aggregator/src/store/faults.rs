@@ -1,0 +1,165 @@
+//! Faults on demand: a [`Storage`] that forwards to another one and, when told, delays or fails
+//! its writes — a slow disk, a full disk — for the tests and chaos runs that need one. Reads
+//! always go through.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use futures_util::{FutureExt, future::BoxFuture};
+use mermin_protocol::agent::v1::Batch;
+
+use super::{BootId, Checkpoint, Recovered, Storage, Store, StoreError};
+
+/// The switches of a [`FaultyStore`], kept by the test.
+#[derive(Clone, Default)]
+pub struct Faults {
+    write_delay_ms: Arc<AtomicU64>,
+    writes_fail: Arc<AtomicBool>,
+}
+
+impl Faults {
+    /// Every write waits this long first (the checkpoint blocks its thread, as a slow disk
+    /// would; the async writes sleep).
+    pub fn delay_writes(&self, delay: Duration) {
+        self.write_delay_ms
+            .store(delay.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Every write fails as on a full disk, until `false`.
+    pub fn fail_writes(&self, fail: bool) {
+        self.writes_fail.store(fail, Ordering::Relaxed);
+    }
+
+    fn delay(&self) -> Duration {
+        Duration::from_millis(self.write_delay_ms.load(Ordering::Relaxed))
+    }
+
+    fn failure(&self) -> Result<(), StoreError> {
+        if self.writes_fail.load(Ordering::Relaxed) {
+            Err(StoreError::Backend(
+                "No space left on device (injected)".into(),
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+pub struct FaultyStore {
+    inner: Store,
+    faults: Faults,
+    failure: std::sync::Mutex<Option<String>>,
+}
+
+impl FaultyStore {
+    /// `inner` with fault switches; returns the store and its switches.
+    pub fn wrap(inner: Store) -> (Store, Faults) {
+        let faults = Faults::default();
+        let store = Arc::new(Self {
+            inner,
+            faults: faults.clone(),
+            failure: Default::default(),
+        });
+        (store, faults)
+    }
+
+    /// Records an injected failure for `write_failure`, as the real store records its own.
+    fn injected(&self) -> Result<(), StoreError> {
+        let outcome = self.faults.failure();
+        let mut failure = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+        *failure = outcome.as_ref().err().map(ToString::to_string);
+        outcome
+    }
+
+    async fn before_write(&self) -> Result<(), StoreError> {
+        let delay = self.faults.delay();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        self.injected()
+    }
+}
+
+impl Storage for FaultyStore {
+    fn last_sequence(&self, boot_id: &BootId) -> Result<u64, StoreError> {
+        self.inner.last_sequence(boot_id)
+    }
+
+    fn bind_agent(&self, boot_id: &BootId, node: &str) -> Result<Option<String>, StoreError> {
+        self.inner.bind_agent(boot_id, node)
+    }
+
+    fn append<'a>(
+        &'a self,
+        boot_id: &'a BootId,
+        batch: &'a Batch,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        async move {
+            self.before_write().await?;
+            self.inner.append(boot_id, batch).await
+        }
+        .boxed()
+    }
+
+    fn batch(&self, boot_id: &BootId, sequence: u64) -> Result<Option<Batch>, StoreError> {
+        self.inner.batch(boot_id, sequence)
+    }
+
+    fn batches(&self) -> Box<dyn Iterator<Item = Result<(BootId, Batch), StoreError>> + '_> {
+        self.inner.batches()
+    }
+
+    fn checkpoint(&self, checkpoint: Checkpoint<'_>) -> Result<(), StoreError> {
+        std::thread::sleep(self.faults.delay());
+        self.injected()?;
+        self.inner.checkpoint(checkpoint)
+    }
+
+    fn recover(&self) -> Result<Recovered, StoreError> {
+        self.inner.recover()
+    }
+
+    fn outbox_push<'a>(&'a self, request: &'a [u8]) -> BoxFuture<'a, Result<u64, StoreError>> {
+        async move {
+            self.before_write().await?;
+            self.inner.outbox_push(request).await
+        }
+        .boxed()
+    }
+
+    fn outbox_oldest(&self, max: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.inner.outbox_oldest(max)
+    }
+
+    fn outbox_remove(&self, id: u64) -> BoxFuture<'_, Result<(), StoreError>> {
+        // Removing what was delivered is not delayed: the slow store under test is the one
+        // that takes new data.
+        async move {
+            self.injected()?;
+            self.inner.outbox_remove(id).await
+        }
+        .boxed()
+    }
+
+    fn outbox_len(&self) -> usize {
+        self.inner.outbox_len()
+    }
+
+    fn outbox_bytes(&self) -> u64 {
+        self.inner.outbox_bytes()
+    }
+
+    fn write_failure(&self) -> Option<String> {
+        let injected = self
+            .failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        injected.or_else(|| self.inner.write_failure())
+    }
+}

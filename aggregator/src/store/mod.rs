@@ -1,0 +1,190 @@
+//! The storage seam: everything the aggregator keeps durably, behind one trait, [`Storage`],
+//! that the layers above use as [`Store`] (`Arc<dyn Storage>`) and never see through.
+//!
+//! What is stored, and the promises every implementation keeps (the conformance suite in
+//! `conformance` checks them against each implementation, reopening the store after every step
+//! as a crash would):
+//! - **Agents and the batch log.** For every agent boot id, the node it belongs to, the highest
+//!   sequence made durable and the batches themselves. [`Storage::append`] returns once the batch
+//!   and the new high-water mark are durable together — the moment the agent may be acknowledged
+//!   — and refuses a sequence that is not the next one.
+//! - **Shard checkpoints.** [`Storage::checkpoint`] writes, for one shard and atomically: the
+//!   connections it changed, its position (boot id → last applied sequence) for the agents that
+//!   moved, and the export requests it emitted. After a crash, each shard's checkpoint plus the
+//!   batches after its positions rebuild exactly the table that produced the outbox. A batch
+//!   that every shard's checkpoint is past is deleted.
+//! - **The outbox.** Export requests in the order queued, with their count and total size kept
+//!   as they change (never counted by a scan).
+//! - **Health.** Why the last write failed, until one succeeds ([`Storage::write_failure`]).
+//!
+//! One trait, not one per part, because a checkpoint spans three parts in one atomic write.
+//! Writes an agent or the exporter waits for are async; the checkpoint and the reads are
+//! blocking calls (callers run checkpoints on the blocking pool). [`SledStore`] is the
+//! implementation today (`sled`); the replication issue adds one on openraft. Integer keys are
+//! big-endian so that scans run in order.
+
+use std::{collections::HashMap, sync::Arc};
+
+use futures_util::future::BoxFuture;
+use mermin_protocol::agent::v1::Batch;
+
+use crate::placement::ShardId;
+
+mod sled;
+
+pub use self::sled::SledStore;
+
+#[cfg(test)]
+mod conformance;
+pub mod faults;
+
+/// Length of an agent boot id.
+pub const BOOT_ID_LEN: usize = 16;
+pub type BootId = [u8; BOOT_ID_LEN];
+
+/// The store as the aggregator's layers hold it.
+pub type Store = Arc<dyn Storage>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("opening the store at {path}: {reason}")]
+    Open { path: String, reason: String },
+    /// The implementation's own failure (a full or failing disk, a lost quorum, ...).
+    #[error("store: {0}")]
+    Backend(String),
+    #[error("store: batch {sequence} of this agent is not the next one (last durable: {last})")]
+    OutOfOrder { sequence: u64, last: u64 },
+    #[error("store: corrupt entry: {0}")]
+    Corrupt(String),
+}
+
+/// A connection's serialized key and state (`None`: forgotten), as a checkpoint writes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub key: Vec<u8>,
+    pub state: Option<Vec<u8>>,
+}
+
+/// How much the export outbox may hold, and what happens when it is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxQuota {
+    pub max_bytes: u64,
+    pub when_full: WhenFull,
+}
+
+impl Default for OutboxQuota {
+    fn default() -> Self {
+        Self {
+            max_bytes: crate::defaults::OUTBOX_MAX_BYTES,
+            when_full: WhenFull::Backpressure,
+        }
+    }
+}
+
+/// The outbox-full policy. Either way, what happens is counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WhenFull {
+    /// Stop taking agent batches until the exporter makes room (agents keep them, bounded, and
+    /// stop draining): nothing acknowledged is dropped. `streams_rejected{reason="resource_exhausted"}`.
+    #[default]
+    Backpressure,
+    /// Delete the oldest queued requests to make room: the newest flows win.
+    /// `spans_dropped{reason="outbox_full"}`.
+    DropOldest,
+}
+
+impl WhenFull {
+    pub const NAMES: &str = "\"backpressure\" or \"drop_oldest\"";
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WhenFull::Backpressure => "backpressure",
+            WhenFull::DropOldest => "drop_oldest",
+        }
+    }
+}
+
+impl std::fmt::Display for WhenFull {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for WhenFull {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
+        match name {
+            "backpressure" => Ok(WhenFull::Backpressure),
+            "drop_oldest" => Ok(WhenFull::DropOldest),
+            other => Err(format!(
+                "unknown policy {other:?}; expected {}",
+                WhenFull::NAMES
+            )),
+        }
+    }
+}
+
+/// What one checkpoint of one shard writes (see the module docs).
+#[derive(Clone, Copy)]
+pub struct Checkpoint<'a> {
+    pub shard: ShardId,
+    pub positions: &'a HashMap<BootId, u64>,
+    pub changes: &'a [Change],
+    pub outbox: &'a [Vec<u8>],
+}
+
+/// What a restart finds.
+pub struct Recovered {
+    /// Per shard: how far it had applied each agent's batches.
+    pub positions: HashMap<(ShardId, BootId), u64>,
+    /// Serialized connection states.
+    pub connections: Vec<Vec<u8>>,
+}
+
+/// Everything durable (see the module docs).
+pub trait Storage: Send + Sync + 'static {
+    /// Highest durable sequence of `boot_id`; 0 if none.
+    fn last_sequence(&self, boot_id: &BootId) -> Result<u64, StoreError>;
+
+    /// Ties `boot_id` to `node` if it is new; returns the node it was tied to before, if any.
+    fn bind_agent(&self, boot_id: &BootId, node: &str) -> Result<Option<String>, StoreError>;
+
+    /// Makes `batch` durable as the next batch of `boot_id` (its sequence must be the last + 1).
+    fn append<'a>(
+        &'a self,
+        boot_id: &'a BootId,
+        batch: &'a Batch,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// One stored batch, if the log still holds it.
+    fn batch(&self, boot_id: &BootId, sequence: u64) -> Result<Option<Batch>, StoreError>;
+
+    /// Every stored batch, in (boot id, sequence) order: what start-up replays.
+    fn batches(&self) -> Box<dyn Iterator<Item = Result<(BootId, Batch), StoreError>> + '_>;
+
+    /// Writes one shard's checkpoint atomically and durably (blocking), then drops the batches
+    /// every shard is past. `positions` holds the agents whose position moved.
+    fn checkpoint(&self, checkpoint: Checkpoint<'_>) -> Result<(), StoreError>;
+
+    /// Every shard's last checkpoint: positions and connection states.
+    fn recover(&self) -> Result<Recovered, StoreError>;
+
+    /// Queues an encoded export request durably; returns its outbox id.
+    fn outbox_push<'a>(&'a self, request: &'a [u8]) -> BoxFuture<'a, Result<u64, StoreError>>;
+
+    /// Up to `max` queued requests, oldest first.
+    fn outbox_oldest(&self, max: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+
+    /// Removes a delivered (or permanently refused) request.
+    fn outbox_remove(&self, id: u64) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Requests waiting in the outbox (O(1)).
+    fn outbox_len(&self) -> usize;
+
+    /// Bytes of the requests waiting in the outbox (O(1); what its quota limits).
+    fn outbox_bytes(&self) -> u64;
+
+    /// Why the last write failed, while no write has succeeded since (a full or failing disk).
+    fn write_failure(&self) -> Option<String>;
+}

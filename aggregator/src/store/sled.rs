@@ -1,0 +1,368 @@
+//! The sled implementation of the storage seam ([`Storage`]): one sled database, a tree per
+//! part (`agents`, `agent_nodes`, `batches`, `connections`, `positions`, `outbox`); cross-tree
+//! writes are sled transactions, flushed before they count as durable.
+//!
+//! sled 0.34 is the last stable release, labelled beta and known for disk growth (openraft
+//! dropped its sled store for that); it stays behind the seam so that it can be replaced.
+
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use futures_util::{FutureExt, future::BoxFuture};
+use mermin_protocol::agent::v1::Batch;
+use prost::Message;
+use sled::{
+    Transactional,
+    transaction::{ConflictableTransactionError, TransactionError},
+};
+
+use super::{BOOT_ID_LEN, BootId, Checkpoint, Recovered, Storage, Store, StoreError};
+use crate::placement::{SHARDS, ShardId};
+
+impl From<sled::Error> for StoreError {
+    fn from(err: sled::Error) -> Self {
+        StoreError::Backend(err.to_string())
+    }
+}
+
+#[derive(Clone)]
+pub struct SledStore {
+    db: sled::Db,
+    agents: sled::Tree,
+    /// Boot id → the node name its first Hello gave (an agent process belongs to one node).
+    agent_nodes: sled::Tree,
+    batches: sled::Tree,
+    outbox: sled::Tree,
+    connections: sled::Tree,
+    positions: sled::Tree,
+    /// Sum of the outbox's request sizes (what its quota limits), and their number: kept as
+    /// the outbox changes, never counted by a scan.
+    outbox_bytes: Arc<AtomicU64>,
+    outbox_count: Arc<AtomicU64>,
+    /// Why the last write failed, until a write succeeds (for `/readyz`).
+    write_failure: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `path`, behind the seam.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Ok(Arc::new(Self::open_concrete(path)?))
+    }
+
+    fn open_concrete(path: &Path) -> Result<Self, StoreError> {
+        let db = sled::open(path).map_err(|source| StoreError::Open {
+            path: path.display().to_string(),
+            reason: source.to_string(),
+        })?;
+        let outbox = db.open_tree("outbox")?;
+        let (mut outbox_bytes, mut outbox_count) = (0, 0);
+        for value in outbox.iter().values() {
+            outbox_bytes += value?.len() as u64;
+            outbox_count += 1;
+        }
+        Ok(Self {
+            agents: db.open_tree("agents")?,
+            agent_nodes: db.open_tree("agent_nodes")?,
+            batches: db.open_tree("batches")?,
+            outbox,
+            outbox_bytes: Arc::new(AtomicU64::new(outbox_bytes)),
+            outbox_count: Arc::new(AtomicU64::new(outbox_count)),
+            write_failure: Arc::default(),
+            connections: db.open_tree("connections")?,
+            positions: db.open_tree("positions")?,
+            db,
+        })
+    }
+
+    /// Notes the outcome of a write for [`Store::write_failure`]; passes it on.
+    fn observe_write<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        let mut failure = self.write_failure.lock().unwrap_or_else(|e| e.into_inner());
+        match &result {
+            Ok(_) => *failure = None,
+            // Ordering conflicts are the caller's mistake, not the disk's.
+            Err(StoreError::OutOfOrder { .. }) => {}
+            Err(err) => *failure = Some(err.to_string()),
+        }
+        result
+    }
+
+    fn write_checkpoint(&self, checkpoint: Checkpoint<'_>) -> Result<(), StoreError> {
+        let ids = checkpoint
+            .outbox
+            .iter()
+            .map(|_| self.db.generate_id())
+            .collect::<Result<Vec<u64>, _>>()?;
+        // Counted before the entries exist, so that the exporter removing one cannot take the
+        // count below zero; taken back if the transaction fails.
+        let outbox_bytes: u64 = checkpoint.outbox.iter().map(|r| r.len() as u64).sum();
+        let outbox_count = checkpoint.outbox.len() as u64;
+        self.outbox_bytes.fetch_add(outbox_bytes, Ordering::Relaxed);
+        self.outbox_count.fetch_add(outbox_count, Ordering::Relaxed);
+        let result: Result<(), TransactionError<StoreError>> =
+            (&self.connections, &self.positions, &self.outbox).transaction(
+                |(connections, positions, outbox)| {
+                    for change in checkpoint.changes {
+                        match &change.state {
+                            Some(state) => {
+                                connections.insert(change.key.as_slice(), state.as_slice())?
+                            }
+                            None => connections.remove(change.key.as_slice())?,
+                        };
+                    }
+                    for (boot_id, sequence) in checkpoint.positions {
+                        positions.insert(
+                            &position_key(boot_id, checkpoint.shard)[..],
+                            &sequence.to_be_bytes(),
+                        )?;
+                    }
+                    for (id, request) in ids.iter().zip(checkpoint.outbox) {
+                        outbox.insert(&id.to_be_bytes(), request.as_slice())?;
+                    }
+                    Ok(())
+                },
+            );
+        if let Err(err) = committed(result) {
+            self.outbox_bytes.fetch_sub(outbox_bytes, Ordering::Relaxed);
+            self.outbox_count.fetch_sub(outbox_count, Ordering::Relaxed);
+            return Err(err);
+        }
+        self.db.flush()?;
+        for boot_id in checkpoint.positions.keys() {
+            self.drop_applied_batches(boot_id)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the batches of `boot_id` that every shard's checkpoint covers.
+    fn drop_applied_batches(&self, boot_id: &BootId) -> Result<(), StoreError> {
+        let mut shards = 0;
+        let mut covered = u64::MAX;
+        for entry in self.positions.scan_prefix(boot_id).values() {
+            shards += 1;
+            covered = covered.min(decode_u64(&entry?)?);
+        }
+        if shards < usize::from(SHARDS) {
+            return Ok(()); // a shard has not checkpointed this agent yet
+        }
+        let applied = self
+            .batches
+            .range(batch_key(boot_id, 0)..=batch_key(boot_id, covered))
+            .keys();
+        for key in applied {
+            self.batches.remove(key?)?;
+        }
+        Ok(())
+    }
+}
+
+/// A transaction's outcome as a store result.
+fn committed(result: Result<(), TransactionError<StoreError>>) -> Result<(), StoreError> {
+    match result {
+        Ok(()) => Ok(()),
+        Err(TransactionError::Abort(err)) => Err(err),
+        Err(TransactionError::Storage(err)) => Err(err.into()),
+    }
+}
+
+fn batch_key(boot_id: &BootId, sequence: u64) -> [u8; BOOT_ID_LEN + 8] {
+    let mut key = [0; BOOT_ID_LEN + 8];
+    key[..BOOT_ID_LEN].copy_from_slice(boot_id);
+    key[BOOT_ID_LEN..].copy_from_slice(&sequence.to_be_bytes());
+    key
+}
+
+fn position_key(boot_id: &BootId, shard: ShardId) -> [u8; BOOT_ID_LEN + 2] {
+    let mut key = [0; BOOT_ID_LEN + 2];
+    key[..BOOT_ID_LEN].copy_from_slice(boot_id);
+    key[BOOT_ID_LEN..].copy_from_slice(&shard.to_be_bytes());
+    key
+}
+
+fn decode_u64(bytes: &[u8]) -> Result<u64, StoreError> {
+    <[u8; 8]>::try_from(bytes)
+        .map(u64::from_be_bytes)
+        .map_err(|_| StoreError::Corrupt(format!("sequence of {} bytes", bytes.len())))
+}
+
+impl SledStore {
+    /// Makes `batch` durable as the next batch of `boot_id` (its sequence must be the last + 1).
+    async fn append_batch(&self, boot_id: &BootId, batch: &Batch) -> Result<(), StoreError> {
+        let encoded = batch.encode_to_vec();
+        let sequence = batch.sequence;
+        let result = (&self.agents, &self.batches).transaction(|(agents, batches)| {
+            let last = match agents.get(boot_id)? {
+                None => 0,
+                Some(bytes) => decode_u64(&bytes).map_err(ConflictableTransactionError::Abort)?,
+            };
+            if sequence != last + 1 {
+                return Err(ConflictableTransactionError::Abort(
+                    StoreError::OutOfOrder { sequence, last },
+                ));
+            }
+            agents.insert(&boot_id[..], &sequence.to_be_bytes())?;
+            batches.insert(batch_key(boot_id, sequence).as_slice(), encoded.as_slice())?;
+            Ok(())
+        });
+        self.observe_write(committed(result))?;
+        self.observe_write(self.db.flush_async().await.map(drop).map_err(Into::into))
+    }
+
+    /// Queues an encoded export request durably; returns its outbox id.
+    async fn push_request(&self, request: &[u8]) -> Result<u64, StoreError> {
+        let id = self.db.generate_id()?;
+        self.outbox_bytes
+            .fetch_add(request.len() as u64, Ordering::Relaxed);
+        self.outbox_count.fetch_add(1, Ordering::Relaxed);
+        if let Err(err) = self.outbox.insert(id.to_be_bytes(), request) {
+            self.outbox_bytes
+                .fetch_sub(request.len() as u64, Ordering::Relaxed);
+            self.outbox_count.fetch_sub(1, Ordering::Relaxed);
+            return self.observe_write(Err(err.into()));
+        }
+        self.observe_write(self.db.flush_async().await.map(drop).map_err(Into::into))?;
+        Ok(id)
+    }
+
+    /// Removes a delivered (or permanently rejected) request.
+    async fn remove_request(&self, id: u64) -> Result<(), StoreError> {
+        if let Some(removed) =
+            self.observe_write(self.outbox.remove(id.to_be_bytes()).map_err(Into::into))?
+        {
+            self.outbox_bytes
+                .fetch_sub(removed.len() as u64, Ordering::Relaxed);
+            self.outbox_count.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.observe_write(self.db.flush_async().await.map(drop).map_err(Into::into))
+    }
+
+    /// Every stored batch, in (boot id, sequence) order: what start-up replays.
+    fn stored_batches(&self) -> impl Iterator<Item = Result<(BootId, Batch), StoreError>> + '_ {
+        self.batches.iter().map(|entry| {
+            let (key, value) = entry?;
+            let boot_id: BootId = key[..BOOT_ID_LEN]
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("short batch key".into()))?;
+            let batch =
+                Batch::decode(value.as_ref()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            Ok((boot_id, batch))
+        })
+    }
+}
+
+impl Storage for SledStore {
+    /// Highest durable sequence of `boot_id`; 0 if none.
+    fn last_sequence(&self, boot_id: &BootId) -> Result<u64, StoreError> {
+        match self.agents.get(boot_id)? {
+            None => Ok(0),
+            Some(bytes) => decode_u64(&bytes),
+        }
+    }
+
+    /// Ties `boot_id` to `node` if it is new; returns the node it was tied to before, if any.
+    fn bind_agent(&self, boot_id: &BootId, node: &str) -> Result<Option<String>, StoreError> {
+        let before =
+            self.agent_nodes
+                .compare_and_swap(boot_id, None::<&[u8]>, Some(node.as_bytes()))?;
+        Ok(before
+            .err()
+            .and_then(|conflict| conflict.current)
+            .map(|node| String::from_utf8_lossy(&node).into_owned()))
+    }
+
+    /// One stored batch, if the log still holds it.
+    fn batch(&self, boot_id: &BootId, sequence: u64) -> Result<Option<Batch>, StoreError> {
+        self.batches
+            .get(batch_key(boot_id, sequence))?
+            .map(|value| {
+                Batch::decode(value.as_ref()).map_err(|e| StoreError::Corrupt(e.to_string()))
+            })
+            .transpose()
+    }
+
+    /// Writes a shard's checkpoint atomically and durably, then drops the batches every shard
+    /// is past. Blocking: callers run it on the blocking pool. `positions` holds only the agents
+    /// whose position moved since the shard's last checkpoint.
+    fn checkpoint(&self, checkpoint: Checkpoint<'_>) -> Result<(), StoreError> {
+        let result = self.write_checkpoint(checkpoint);
+        self.observe_write(result)
+    }
+
+    /// The last checkpoint: agent positions and connection states.
+    fn recover(&self) -> Result<Recovered, StoreError> {
+        let mut positions = HashMap::new();
+        for entry in self.positions.iter() {
+            let (key, value) = entry?;
+            let corrupt = || StoreError::Corrupt("position key".into());
+            let (boot_id, shard) = key.split_at_checked(BOOT_ID_LEN).ok_or_else(corrupt)?;
+            let boot_id: BootId = boot_id.try_into().map_err(|_| corrupt())?;
+            let shard = ShardId::from_be_bytes(shard.try_into().map_err(|_| corrupt())?);
+            positions.insert((shard, boot_id), decode_u64(&value)?);
+        }
+        let connections = self
+            .connections
+            .iter()
+            .values()
+            .map(|v| Ok(v?.to_vec()))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(Recovered {
+            positions,
+            connections,
+        })
+    }
+
+    /// Up to `max` queued requests, oldest first.
+    fn outbox_oldest(&self, max: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.outbox
+            .iter()
+            .take(max)
+            .map(|entry| {
+                let (key, value) = entry?;
+                Ok((decode_u64(&key)?, value.to_vec()))
+            })
+            .collect()
+    }
+
+    /// Requests waiting in the outbox (kept as it changes: O(1)).
+    fn outbox_len(&self) -> usize {
+        self.outbox_count.load(Ordering::Relaxed) as usize
+    }
+
+    /// Bytes of the requests waiting in the outbox.
+    fn outbox_bytes(&self) -> u64 {
+        self.outbox_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Why the last write failed, while no write has succeeded since (a full or failing disk).
+    fn write_failure(&self) -> Option<String> {
+        self.write_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn append<'a>(
+        &'a self,
+        boot_id: &'a BootId,
+        batch: &'a Batch,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.append_batch(boot_id, batch).boxed()
+    }
+
+    fn batches(&self) -> Box<dyn Iterator<Item = Result<(BootId, Batch), StoreError>> + '_> {
+        Box::new(self.stored_batches())
+    }
+
+    fn outbox_push<'a>(&'a self, request: &'a [u8]) -> BoxFuture<'a, Result<u64, StoreError>> {
+        self.push_request(request).boxed()
+    }
+
+    fn outbox_remove(&self, id: u64) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.remove_request(id).boxed()
+    }
+}
