@@ -133,6 +133,9 @@ pub struct Exporter {
     busy: bool,
     /// The outbox changed while busy: look again before going idle.
     changed: bool,
+    /// Requests the endpoint took whose removal from the outbox failed (a full disk): skipped,
+    /// and removed again before each delivery, so that export goes on and nothing is sent twice.
+    delivered: Arc<std::sync::Mutex<std::collections::BTreeSet<u64>>>,
 }
 
 type Backoff = Box<dyn Iterator<Item = Duration> + Send>;
@@ -387,6 +390,7 @@ impl Exporter {
             metrics,
             busy: false,
             changed: false,
+            delivered: Arc::default(),
         })
     }
 
@@ -399,16 +403,26 @@ impl Exporter {
         let mut transport = self.transport.clone();
         let metrics = self.metrics.clone();
         let quota = self.config.drop_oldest_above_bytes;
+        let delivered = self.delivered.clone();
         let delivery = async move {
+            remove_delivered(&store, &delivered).await;
             drop_over_quota(&store, quota, &metrics).await?;
             metrics.outbox_requests.set(store.outbox_len() as i64);
             metrics.outbox_bytes.set(store.outbox_bytes() as i64);
-            let Some((id, bytes)) = store.outbox_oldest(1)?.into_iter().next() else {
+            let skip = lock(&delivered).clone();
+            let next = store
+                .outbox_oldest(skip.len() + 1)?
+                .into_iter()
+                .find(|(id, _)| !skip.contains(id));
+            let Some((id, bytes)) = next else {
                 return Ok(None);
             };
             let attempt = attempt(&mut transport, bytes, &metrics).await;
-            if let Attempt::Done = attempt {
-                store.outbox_remove(id).await?;
+            if let Attempt::Done = attempt
+                && let Err(err) = store.outbox_remove(id).await
+            {
+                tracing::warn!(%err, "cannot remove a delivered request from the outbox; skipping it until it can be");
+                lock(&delivered).insert(id);
             }
             Ok(Some(attempt))
         };
@@ -465,6 +479,24 @@ impl Handler<OutboxChanged> for Exporter {
         } else {
             self.deliver_next(ctx);
         }
+    }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Removes the requests delivered earlier whose removal failed; those that still fail stay.
+async fn remove_delivered(
+    store: &Store,
+    delivered: &std::sync::Mutex<std::collections::BTreeSet<u64>>,
+) {
+    let ids: Vec<u64> = lock(delivered).iter().copied().collect();
+    for id in ids {
+        if store.outbox_remove(id).await.is_err() {
+            return; // still failing: try again before the next delivery
+        }
+        lock(delivered).remove(&id);
     }
 }
 

@@ -117,7 +117,14 @@ pub struct Aggregator {
 }
 
 impl Aggregator {
-    pub async fn start(mut config: AggregatorConfig) -> Result<Self, StartError> {
+    /// Starts on the sled store in `config.data_dir`.
+    pub async fn start(config: AggregatorConfig) -> Result<Self, StartError> {
+        let store = SledStore::open(&config.data_dir)?;
+        Self::start_on(config, store).await
+    }
+
+    /// Starts on `store` (any implementation of the storage seam; `config.data_dir` unused).
+    pub async fn start_on(mut config: AggregatorConfig, store: Store) -> Result<Self, StartError> {
         match config.outbox.when_full {
             WhenFull::Backpressure => {
                 config.limits.pause_above_outbox_bytes = Some(config.outbox.max_bytes)
@@ -131,7 +138,6 @@ impl Aggregator {
             index.set_static_entries(static_file::load(path)?);
         }
         let index = SharedIndex::new(index);
-        let store = SledStore::open(&config.data_dir)?;
         let store_health = {
             let store = store.clone();
             move || store.write_failure()

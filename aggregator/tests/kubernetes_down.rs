@@ -3,11 +3,7 @@
 //! and a flow still becomes a span (named from the static file, the only source that answers).
 //! Stopping it with the agent still connected ends the agent's stream with a status.
 
-use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use mermin_aggregator::{
     export::ExportConfig,
@@ -16,40 +12,12 @@ use mermin_aggregator::{
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use support::{
     closed_connection, connect,
+    http::{get, metric},
     otlp::{Receiver, serve, text},
 };
 use tokio::net::TcpListener;
 
 mod support;
-
-/// `GET path` on `addr`: status code and body (off the runtime: it blocks).
-async fn get(addr: SocketAddr, path: &'static str) -> (u16, String) {
-    tokio::task::spawn_blocking(move || get_blocking(addr, path))
-        .await
-        .unwrap()
-}
-
-fn get_blocking(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response[9..12].parse().unwrap();
-    let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
-    (status, body)
-}
-
-async fn metric(addr: SocketAddr, series: &str) -> u64 {
-    get(addr, "/metrics")
-        .await
-        .1
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_api_server_down_flows_still_go_out_and_readiness_says_why() {

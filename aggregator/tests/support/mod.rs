@@ -14,6 +14,7 @@ use tokio::{sync::mpsc, time::timeout};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 
+pub mod http;
 pub mod otlp;
 
 pub struct Stream {
