@@ -116,3 +116,17 @@ def test_the_checker_refuses_an_unknown_key_with_file_and_line(rendered, tmp_pat
     assert result.returncode == 2
     assert f"{path}:{line}:" in result.stderr
     assert "peers" in result.stderr
+
+
+def test_the_pods_arguments_are_the_aggregators_own(tmp_path):
+    """The StatefulSet's arguments, with the mounted config swapped for the rendered file."""
+    r = Rendered({"aggregator": {"metricsPort": 9500}})
+    path = tmp_path / "mermin.hcl"
+    path.write_text(r.hcl())
+    (c,) = r.get("StatefulSet", "mermin-aggregator")["spec"]["template"]["spec"]["containers"]
+    mounted = "--config=/etc/mermin/config/mermin.hcl"
+    assert c["args"][0] == mounted
+    args = [f"--config={path}", *c["args"][1:], "--check-config"]
+    result = subprocess.run([str(BINARY), *args], capture_output=True, text=True, timeout=60, env=ENV)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["metrics_listen"] == "0.0.0.0:9500"
