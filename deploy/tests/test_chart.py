@@ -261,3 +261,23 @@ def test_optional_grafana_and_service_monitors(rendered):
         assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
         assert monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == component
     assert r.get("Service", "mermin-agent-metrics")["spec"]["clusterIP"] == "None"
+
+
+def test_every_value_is_typed_in_the_schema():
+    """Each key of values.yaml has a typed entry, and each schema object says what else it takes."""
+    schema = __import__("json").loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+
+    def walk(value, node, path):
+        assert "type" in node or "oneOf" in node, f"{path}: untyped"
+        if node.get("type") == "object":
+            assert "additionalProperties" in node, f"{path}: additionalProperties not set"
+            if "properties" in node:
+                assert node["additionalProperties"] is False, f"{path}: open object with properties"
+        if isinstance(value, dict) and "properties" in node:
+            assert set(value) <= set(node["properties"]), path
+            assert set(node.get("required", [])) <= set(value), path
+            for key, item in value.items():
+                walk(item, node["properties"][key], f"{path}.{key}")
+
+    walk(values, schema, "values")
