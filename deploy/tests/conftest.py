@@ -12,6 +12,9 @@ import helm_python as helm
 import pytest
 import yaml
 
+# The Go library logs that files/aggregator-clusterrole.yaml is a link, on every load.
+helm.disable_logging()
+
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "deploy" / "helm" / "mermin"
 RBAC_FILE = REPO / "deploy" / "rbac" / "aggregator-clusterrole.yaml"
