@@ -24,3 +24,5 @@ if rustup toolchain list | grep -q '^nightly'; then
 fi
 echo "== cargo test"
 cargo test --locked
+echo "== chart tests"
+bash scripts/chart-test.sh

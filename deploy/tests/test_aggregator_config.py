@@ -1,0 +1,132 @@
+"""The rendered HCL parses with the aggregator's own loader and gives the expected settings:
+`mermin-aggregator --config FILE --check-config` prints the effective settings as JSON (exit 0)
+or `file:line: message` (exit 2). The binary: $MERMIN_AGGREGATOR_BIN, else
+<repo>/target/debug/mermin-aggregator (scripts/chart-test.sh builds it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import CASES, REPO, NAMESPACE, Rendered
+
+BINARY = Path(os.environ.get("MERMIN_AGGREGATOR_BIN", REPO / "target" / "debug" / "mermin-aggregator"))
+# The environment wins over the file: keep the aggregator's own variables out of the check.
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("MERMIN_")}
+
+DEFAULTS = {
+    "listen": "0.0.0.0:4600",
+    "data_dir": "/var/lib/mermin",
+    "settle": "3s",
+    "grace": "1m",
+    "outbox_max_bytes": 1073741824,
+    "outbox_when_full": "backpressure",
+    "export": {"traces": {"otlp": {"endpoint": f"http://mermin-tempo.{NAMESPACE}.svc:4317", "protocol": "grpc"}}},
+    "metadata": {"attribute_names": "seed", "static_file": None, "labels": [], "deleted_grace": "5m", "kubernetes": True},
+}
+
+
+def check(path: Path) -> subprocess.CompletedProcess[str]:
+    assert BINARY.is_file(), f"{BINARY} not found: build it (cargo build -p mermin-aggregator) or set MERMIN_AGGREGATOR_BIN"
+    return subprocess.run(
+        [str(BINARY), "--config", str(path), "--check-config"],
+        capture_output=True, text=True, timeout=60, env=ENV,
+    )
+
+
+def effective(hcl: str, tmp_path: Path) -> dict[str, Any]:
+    path = tmp_path / "mermin.hcl"
+    path.write_text(hcl)
+    result = check(path)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def subset(settings: dict[str, Any], expected: dict[str, Any]) -> dict[str, Any]:
+    """The parts of `settings` that `expected` names (more keys may appear in the output)."""
+    return {
+        key: subset(settings[key], value) if isinstance(value, dict) and isinstance(settings.get(key), dict) else settings.get(key)
+        for key, value in expected.items()
+    }
+
+
+def merged(overrides: dict[str, Any]) -> dict[str, Any]:
+    out = json.loads(json.dumps(DEFAULTS))
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("defaults", DEFAULTS),
+        ("three-replicas", DEFAULTS),
+        ("tls", DEFAULTS),
+        ("mermin-names", merged({"metadata": {"attribute_names": "mermin", "labels": ["app", "team"]}})),
+    ],
+)
+def test_rendered_hcl_gives_the_expected_settings(rendered, tmp_path, case, expected):
+    assert case in CASES
+    settings = effective(rendered[case].hcl(), tmp_path)
+    assert subset(settings, expected) == expected
+
+
+def test_every_config_value_reaches_the_aggregator(tmp_path):
+    values = {
+        "aggregator": {
+            "port": 4700,
+            "config": {
+                "settle": "5s",
+                "grace": "2m",
+                "outbox": {"maxBytes": 2147483648, "whenFull": "drop_oldest"},
+                "export": {"otlp": {"endpoint": "http://otel-collector.otel.svc:4318", "protocol": "http/protobuf"}},
+                "metadata": {"labels": ["app.kubernetes.io/name"], "deletedGrace": "10m", "kubernetes": False},
+            },
+        }
+    }
+    settings = effective(Rendered(values).hcl(), tmp_path)
+    expected = merged(
+        {
+            "listen": "0.0.0.0:4700",
+            "settle": "5s",
+            "grace": "2m",
+            "outbox_max_bytes": 2147483648,
+            "outbox_when_full": "drop_oldest",
+            "export": {"traces": {"otlp": {"endpoint": "http://otel-collector.otel.svc:4318", "protocol": "http/protobuf"}}},
+            "metadata": {"labels": ["app.kubernetes.io/name"], "deleted_grace": "10m", "kubernetes": False},
+        }
+    )
+    assert subset(settings, expected) == expected
+
+
+def test_the_checker_refuses_an_unknown_key_with_file_and_line(rendered, tmp_path):
+    path = tmp_path / "mermin.hcl"
+    path.write_text(rendered["defaults"].hcl() + 'peers = "a,b"\n')
+    result = check(path)
+    line = len(rendered["defaults"].hcl().splitlines()) + 1
+    assert result.returncode == 2
+    assert f"{path}:{line}:" in result.stderr
+    assert "peers" in result.stderr
+
+
+def test_the_pods_arguments_are_the_aggregators_own(tmp_path):
+    """The StatefulSet's arguments, with the mounted config swapped for the rendered file."""
+    r = Rendered({"aggregator": {"metricsPort": 9500}})
+    path = tmp_path / "mermin.hcl"
+    path.write_text(r.hcl())
+    (c,) = r.get("StatefulSet", "mermin-aggregator")["spec"]["template"]["spec"]["containers"]
+    mounted = "--config=/etc/mermin/config/mermin.hcl"
+    assert c["args"][0] == mounted
+    args = [f"--config={path}", *c["args"][1:], "--check-config"]
+    result = subprocess.run([str(BINARY), *args], capture_output=True, text=True, timeout=60, env=ENV)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["metrics_listen"] == "0.0.0.0:9500"
