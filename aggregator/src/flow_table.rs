@@ -25,10 +25,18 @@ use serde::{Deserialize, Serialize};
 use crate::{
     connection_key::ConnectionKey,
     observation::Observation,
-    span::Interval,
     stitch::{Connection, Decisions, Flow, InterfaceKinds},
     store::Change,
 };
+
+/// Where an interval sits in its connection's life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interval {
+    /// First packet of the connection (the first interval's start); constant for its life.
+    pub connection_start_unix_nanos: u64,
+    /// 0 for the connection's first interval, then 1, 2, ...
+    pub index: u64,
+}
 
 /// One interval of one connection, ready to become spans.
 #[derive(Debug, Clone, PartialEq, Eq)]

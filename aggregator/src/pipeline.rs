@@ -19,9 +19,9 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::{
     actors::ActorRuntime,
     clock::unix_now,
-    config::ConfigError,
     export::{ExportConfig, ExportError, Exporter},
     flow_table::FlowTable,
+    hcl::ConfigError,
     ingest::{Ingest, IngestLimits},
     metadata::{
         AttributeNaming, IndexSettings, MetadataIndex, SharedIndex, kube::KubeWatchers, static_file,

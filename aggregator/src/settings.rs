@@ -206,6 +206,9 @@ impl Settings {
             else {
                 continue;
             };
+            if setting.value.is_empty() && !setting.quoted {
+                continue; // an empty list: what every list setting defaults to
+            }
             if matches!(
                 given.value_source(id),
                 Some(ValueSource::CommandLine | ValueSource::EnvVariable)
@@ -455,6 +458,16 @@ agents { max_in_flight_batches = 4 hello_timeout = "3s" }
         );
         assert_eq!(json["grace"], "1m");
         assert_eq!(json["agents"]["hello_timeout"], "3s");
+    }
+
+    #[test]
+    fn an_empty_list_sets_no_labels() {
+        let s = load_file("metadata {\n  labels = []\n}\n", &[]).unwrap();
+        assert!(s.metadata_labels.is_empty());
+        assert_eq!(
+            s.effective_json()["metadata"]["labels"],
+            serde_json::json!([])
+        );
     }
 
     #[test]

@@ -27,6 +27,7 @@ use opentelemetry_proto::tonic::{
 use sha1::{Digest, Sha1};
 
 use crate::{
+    flow_table::Interval,
     metadata::{AttributeNaming, FlowSide, MetadataIndex, append_metadata_attributes},
     observation::{Hook, ObservationPoint},
     stitch::{Flow, Side},
@@ -42,15 +43,6 @@ pub struct Enrichment<'a> {
 /// Intervals in one trace. With the default 60 s active timeout a trace spans an hour: at most
 /// 120 spans of a few hundred bytes each.
 pub const INTERVALS_PER_TRACE: u64 = 60;
-
-/// Where an interval sits in its connection's life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Interval {
-    /// First packet of the connection (the first interval's start); constant for its life.
-    pub connection_start_unix_nanos: u64,
-    /// 0 for the connection's first interval, then 1, 2, ...
-    pub index: u64,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Role {

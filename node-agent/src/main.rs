@@ -3,7 +3,7 @@
 //! Exit codes: 0 clean stop, 1 runtime failure, 2 invalid configuration, 3 environment (missing
 //! privileges, no kernel BTF).
 
-use std::process::ExitCode;
+use std::{io::IsTerminal, process::ExitCode};
 
 use clap::Parser;
 use mermin_node_agent::{
@@ -16,6 +16,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        // Colour only for people: log collectors read files and pipes.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let config = match Config::from_args(Args::parse()) {
         Ok(config) => config,
