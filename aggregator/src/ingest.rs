@@ -503,6 +503,88 @@ impl<S: BatchSink> Worker<S> {
     }
 }
 
+/// The agent endpoint's TCP connections, each of which must start talking (the HTTP/2 preface)
+/// within `deadline` of being accepted or is closed: a connection that sends nothing cannot
+/// hold a slot forever. (Once HTTP/2 runs, its keepalive and the Hello timeout take over.)
+pub fn connections(
+    listener: tokio::net::TcpListener,
+    deadline: Duration,
+) -> impl futures_util::Stream<Item = std::io::Result<FirstBytesDeadline>> {
+    use futures_util::StreamExt as _;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(move |accepted| {
+        accepted.map(|stream| FirstBytesDeadline {
+            stream,
+            deadline: Some(Box::pin(tokio::time::sleep(deadline))),
+        })
+    })
+}
+
+/// A TCP stream whose reads fail with `TimedOut` if no byte arrives before its deadline.
+pub struct FirstBytesDeadline {
+    stream: tokio::net::TcpStream,
+    /// Until the first byte arrives.
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl tokio::io::AsyncRead for FirstBytesDeadline {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let filled = buf.filled().len();
+        let read = std::pin::Pin::new(&mut self.stream).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = read
+            && buf.filled().len() > filled
+        {
+            self.deadline = None;
+        }
+        if read.is_pending()
+            && let Some(deadline) = self.deadline.as_mut()
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the connection sent nothing in time",
+            )));
+        }
+        read
+    }
+}
+
+impl tokio::io::AsyncWrite for FirstBytesDeadline {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for FirstBytesDeadline {
+    type ConnectInfo = <tokio::net::TcpStream as tonic::transport::server::Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
 /// The gRPC status code as a metric label.
 fn code_name(code: tonic::Code) -> &'static str {
     use tonic::Code;

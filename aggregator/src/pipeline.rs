@@ -14,7 +14,6 @@ use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time:
 
 use actix::Actor as _;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::{
     actors::ActorRuntime,
@@ -206,6 +205,7 @@ impl Aggregator {
         )
         .stop_when(server_stop.clone())
         .into_service();
+        let handshake_timeout = config.limits.hello_timeout;
         let server = tokio::spawn(async move {
             let shutdown = async move {
                 let _ = server_stop.wait_for(|s| *s).await;
@@ -215,7 +215,10 @@ impl Aggregator {
                 .http2_keepalive_interval(Some(Duration::from_secs(10)))
                 .http2_keepalive_timeout(Some(Duration::from_secs(20)))
                 .add_service(service)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+                .serve_with_incoming_shutdown(
+                    crate::ingest::connections(listener, handshake_timeout),
+                    shutdown,
+                )
                 .await
             {
                 tracing::error!(%err, "agent endpoint failed");
