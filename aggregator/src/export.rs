@@ -409,12 +409,14 @@ impl Exporter {
             drop_over_quota(&store, quota, &metrics).await?;
             metrics.outbox_requests.set(store.outbox_len() as i64);
             metrics.outbox_bytes.set(store.outbox_bytes() as i64);
-            let skip = lock(&delivered).clone();
-            let next = store
-                .outbox_oldest(skip.len() + 1)?
-                .into_iter()
-                .find(|(id, _)| !skip.contains(id));
-            let Some((id, bytes)) = next else {
+            // Delivered requests go oldest first, so those not removed yet are the oldest ones:
+            // the next to deliver is the first after them.
+            let skipped = lock(&delivered).last().copied();
+            let next = match skipped {
+                Some(after) => store.outbox_after(after, 1)?,
+                None => store.outbox_oldest(1)?,
+            };
+            let Some((id, bytes)) = next.into_iter().next() else {
                 return Ok(None);
             };
             let attempt = attempt(&mut transport, bytes, &metrics).await;

@@ -207,6 +207,20 @@ async fn the_outbox_keeps_order_count_and_size_across_reopening(open: Opener<'_>
         .map(|(_, request)| request[0])
         .collect();
     assert_eq!(firsts, [2, 3, 4], "oldest first");
+    let ids: Vec<u64> = store
+        .outbox_oldest(10)
+        .unwrap()
+        .iter()
+        .map(|(id, _)| *id)
+        .collect();
+    let after: Vec<u8> = store
+        .outbox_after(ids[0], 10)
+        .unwrap()
+        .iter()
+        .map(|(_, request)| request[0])
+        .collect();
+    assert_eq!(after, [3, 4], "the entries after an id, oldest first");
+    assert!(store.outbox_after(ids[2], 10).unwrap().is_empty());
 }
 
 async fn a_boot_id_stays_bound_to_its_first_node(open: Opener<'_>) {

@@ -136,6 +136,10 @@ impl Storage for FaultyStore {
         self.inner.outbox_oldest(max)
     }
 
+    fn outbox_after(&self, after: u64, max: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.inner.outbox_after(after, max)
+    }
+
     fn outbox_remove(&self, id: u64) -> BoxFuture<'_, Result<(), StoreError>> {
         // Removing what was delivered is not delayed: the slow store under test is the one
         // that takes new data.

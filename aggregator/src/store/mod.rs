@@ -176,6 +176,9 @@ pub trait Storage: Send + Sync + 'static {
     /// Up to `max` queued requests, oldest first.
     fn outbox_oldest(&self, max: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
 
+    /// Up to `max` queued requests with ids above `after`, oldest first.
+    fn outbox_after(&self, after: u64, max: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+
     /// Removes a delivered (or permanently refused) request.
     fn outbox_remove(&self, id: u64) -> BoxFuture<'_, Result<(), StoreError>>;
 

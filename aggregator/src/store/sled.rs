@@ -184,6 +184,16 @@ fn position_key(boot_id: &BootId, shard: ShardId) -> [u8; BOOT_ID_LEN + 2] {
     key
 }
 
+/// The first `max` entries of an outbox scan, with their ids.
+fn outbox_entries(scan: sled::Iter, max: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    scan.take(max)
+        .map(|entry| {
+            let (key, value) = entry?;
+            Ok((decode_u64(&key)?, value.to_vec()))
+        })
+        .collect()
+}
+
 fn decode_u64(bytes: &[u8]) -> Result<u64, StoreError> {
     <[u8; 8]>::try_from(bytes)
         .map(u64::from_be_bytes)
@@ -318,14 +328,14 @@ impl Storage for SledStore {
 
     /// Up to `max` queued requests, oldest first.
     fn outbox_oldest(&self, max: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        self.outbox
-            .iter()
-            .take(max)
-            .map(|entry| {
-                let (key, value) = entry?;
-                Ok((decode_u64(&key)?, value.to_vec()))
-            })
-            .collect()
+        outbox_entries(self.outbox.iter(), max)
+    }
+
+    fn outbox_after(&self, after: u64, max: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        outbox_entries(
+            self.outbox.range(after.saturating_add(1).to_be_bytes()..),
+            max,
+        )
     }
 
     /// Requests waiting in the outbox (kept as it changes: O(1)).
