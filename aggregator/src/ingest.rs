@@ -13,7 +13,7 @@
 //! shards' mailboxes are bounded, and a session takes the next message from its stream only after
 //! it has handled the last (acked or refused it) — until then HTTP/2 flow control holds the agent.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{collections::HashSet, future::Future, sync::Arc, time::Duration};
 
 use actix::{
     Actor, ActorContext, ActorFutureExt, AsyncContext, Context, StreamHandler, WrapFuture,
@@ -23,7 +23,7 @@ use mermin_protocol::agent::v1::{
     agent_service_server::{AgentService, AgentServiceServer},
     aggregator_message,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -37,6 +37,12 @@ use crate::{
 
 /// The protocol revision this aggregator speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
+
+/// How often agent processes that are over are looked for, besides when a new one binds.
+pub const RETIRE_EVERY: Duration = Duration::from_secs(60);
+
+/// How long after a new agent process binds the ones it replaced are looked at.
+const RETIRE_AFTER_BIND: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct IngestLimits {
@@ -84,12 +90,18 @@ pub struct SinkClosed;
 /// accepted; waiting here is how backpressure reaches the agent.
 pub trait BatchSink: Clone + Send + Sync + Unpin + 'static {
     fn apply(&self, batch: AppliedBatch) -> impl Future<Output = Result<(), SinkClosed>> + Send;
+
+    /// Forget the positions of these agent processes: the store retired them.
+    fn retire(&self, boot_ids: Arc<[BootId]>) -> impl Future<Output = ()> + Send;
 }
 
 impl BatchSink for mpsc::Sender<AppliedBatch> {
     async fn apply(&self, batch: AppliedBatch) -> Result<(), SinkClosed> {
         self.send(batch).await.map_err(|_| SinkClosed)
     }
+
+    /// A channel's reader keeps no positions.
+    async fn retire(&self, _: Arc<[BootId]>) {}
 }
 
 #[derive(Clone)]
@@ -104,11 +116,13 @@ pub struct Ingest<S> {
     stopping: watch::Receiver<bool>,
     /// Boot ids with an open stream.
     open_streams: OpenStreams,
+    /// Told when a new agent process binds: earlier ones of its node may be over.
+    agent_bound: Arc<Notify>,
 }
 
 /// The boot ids that have a stream open: one stream per agent process.
 #[derive(Clone, Default)]
-struct OpenStreams(Arc<std::sync::Mutex<std::collections::HashSet<BootId>>>);
+struct OpenStreams(Arc<std::sync::Mutex<HashSet<BootId>>>);
 
 impl OpenStreams {
     fn claim(&self, id: BootId) -> bool {
@@ -117,6 +131,10 @@ impl OpenStreams {
 
     fn release(&self, id: &BootId) {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+    }
+
+    fn snapshot(&self) -> HashSet<BootId> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -137,6 +155,7 @@ impl<S: BatchSink> Ingest<S> {
             // Never stops unless told (see `stop_when`).
             stopping: watch::channel(false).1,
             open_streams: OpenStreams::default(),
+            agent_bound: Arc::default(),
         }
     }
 
@@ -145,6 +164,44 @@ impl<S: BatchSink> Ingest<S> {
     pub fn stop_when(mut self, stopping: watch::Receiver<bool>) -> Self {
         self.stopping = stopping;
         self
+    }
+
+    /// Retires the agent processes that are over ([`crate::store::Storage::retire_superseded`]) shortly after
+    /// a new one binds and every [`RETIRE_EVERY`], until the stop; the shards forget their
+    /// positions. Per-agent state stays at one boot id per node plus those still being applied.
+    pub async fn retire_superseded_agents(self) {
+        let mut stop = std::pin::pin!(stopped(self.stopping.clone()));
+        loop {
+            tokio::select! {
+                () = &mut stop => return,
+                () = self.agent_bound.notified() => {
+                    // By then a checkpoint has written where the shards are in the batches of
+                    // the process it replaced; binds meanwhile make one pass.
+                    tokio::time::sleep(RETIRE_AFTER_BIND).await;
+                }
+                () = tokio::time::sleep(RETIRE_EVERY) => {}
+            }
+            let (store, open) = (self.store.clone(), self.open_streams.snapshot());
+            match tokio::task::spawn_blocking(move || store.retire_superseded(&open)).await {
+                Ok(Ok(retirement)) => {
+                    self.metrics.agents_known.set(retirement.known as i64);
+                    if !retirement.retired.is_empty() {
+                        self.metrics
+                            .agents_retired
+                            .inc_by(retirement.retired.len() as u64);
+                        tracing::debug!(
+                            retired = retirement.retired.len(),
+                            "agent processes retired"
+                        );
+                        self.flows.retire(retirement.retired.into()).await;
+                    }
+                }
+                Ok(Err(err)) => {
+                    tracing::warn!(%err, "cannot retire agent processes; trying again later")
+                }
+                Err(err) => tracing::error!(%err, "agent retirement task failed"),
+            }
+        }
     }
 
     /// The tonic service, with the message size limit applied.
@@ -352,6 +409,7 @@ impl<S: BatchSink> Worker<S> {
             .bind_agent(&boot_id, &hello.node_name)
             .map_err(internal)?
         {
+            None => self.ingest.agent_bound.notify_one(),
             Some(node) if node != hello.node_name => {
                 return Err(Status::invalid_argument(format!(
                     "Hello.boot_id {} belongs to node {node:?}, not {:?}: every agent process needs its own boot id",

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub checkpoint_failures: Counter,
     pub store_write_failures: Family<ReasonLabel, Counter>,
     pub records_lost: Family<ReasonLabel, Counter>,
+    pub agents_retired: Counter,
+    pub agents_known: Gauge,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -167,8 +169,22 @@ impl Metrics {
             "Acknowledged data found missing, by reason (batch_missing_from_log, batch_unreadable: batches; serialization: connections)",
             records_lost.clone(),
         );
+        let agents_retired = Counter::default();
+        registry.register(
+            "agents_retired",
+            "Agent processes (boot ids) forgotten: superseded by a newer one on their node, every batch applied",
+            agents_retired.clone(),
+        );
+        let agents_known = Gauge::default();
+        registry.register(
+            "agents_known",
+            "Agent processes (boot ids) the store keeps state for, as of the last retirement pass",
+            agents_known.clone(),
+        );
         Self {
             registry,
+            agents_retired,
+            agents_known,
             checkpoint_failures,
             store_write_failures,
             records_lost,

@@ -196,15 +196,16 @@ impl Aggregator {
                 naming: config.metadata.naming,
             },
         );
-        let service = Ingest::new(
+        let ingest = Ingest::new(
             store,
             config.limits.clone(),
             shards.clone(),
             metrics.clone(),
             actors.arbiters().clone(),
         )
-        .stop_when(server_stop.clone())
-        .into_service();
+        .stop_when(server_stop.clone());
+        tokio::spawn(ingest.clone().retire_superseded_agents());
+        let service = ingest.into_service();
         let handshake_timeout = config.limits.hello_timeout;
         let server = tokio::spawn(async move {
             let shutdown = async move {
@@ -230,8 +231,12 @@ impl Aggregator {
                 readiness(watchers.as_ref()),
                 store_health.clone(),
             );
+            let mut stopped = stop.subscribe();
             tokio::spawn(async move {
-                if let Err(err) = axum::serve(listener, router).await {
+                let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                });
+                if let Err(err) = serve.await {
                     tracing::error!(%err, "metrics endpoint failed");
                 }
             });

@@ -58,6 +58,11 @@ const MAILBOX_CAPACITY: usize = 16;
 #[rtype(result = "()")]
 pub struct Apply(pub AppliedBatch);
 
+/// Forget these agent processes: the store retired them (no batch of theirs will come again).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Retire(pub Arc<[BootId]>);
+
 /// Emit everything pending, checkpoint, stop; then tell the sender.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -151,6 +156,17 @@ impl Handler<Apply> for FlowShard {
             .inc_by(self.table.late_ignored() - late_before);
         self.positions.insert(batch.boot_id, batch.sequence);
         self.moved.insert(batch.boot_id);
+    }
+}
+
+impl Handler<Retire> for FlowShard {
+    type Result = ();
+
+    fn handle(&mut self, Retire(boot_ids): Retire, _: &mut Context<Self>) {
+        for id in boot_ids.iter() {
+            self.positions.remove(id);
+            self.moved.remove(id);
+        }
     }
 }
 
@@ -371,6 +387,13 @@ impl BatchSink for Shards {
             sent.await.map_err(|_| SinkClosed)?;
         }
         Ok(())
+    }
+
+    async fn retire(&self, boot_ids: Arc<[BootId]>) {
+        for address in self.addresses.iter() {
+            // A stopped shard has nothing left to forget.
+            let _ = address.send(Retire(boot_ids.clone())).await;
+        }
     }
 }
 

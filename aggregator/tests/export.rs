@@ -21,7 +21,7 @@ use opentelemetry_proto::tonic::{
     },
     trace::v1::{ResourceSpans, ScopeSpans, Span},
 };
-use support::otlp::Receiver;
+use support::{otlp::Receiver, reopen};
 use tokio::net::TcpListener;
 use tonic::Status;
 
@@ -106,18 +106,6 @@ fn start_exporter_actor(store: &Store, config: ExportConfig) -> (Running, actix:
         .unwrap()
         .start();
     (Running { metrics }, address)
-}
-
-/// Opens the store again once the previous handle's background threads let go of sled's lock
-/// (they outlive the handle briefly); bounded.
-async fn reopen(path: &std::path::Path) -> Store {
-    for _ in 0..100 {
-        if let Ok(store) = SledStore::open(path) {
-            return store;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    SledStore::open(path).unwrap()
 }
 
 /// Waits (at most 10 s) until the outbox is empty.

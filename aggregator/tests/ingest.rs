@@ -9,10 +9,10 @@ use mermin_aggregator::{
     actors::Arbiters,
     ingest::{AppliedBatch, Ingest, IngestLimits},
     metrics::Metrics,
-    store::{SledStore, Store},
+    store::Store,
 };
 use mermin_protocol::agent::v1::{Batch, Hello, agent_message};
-use support::{connect, recent_nanos, record};
+use support::{connect, recent_nanos, record, reopen};
 use tokio::{
     net::TcpListener,
     sync::{mpsc, watch},
@@ -47,18 +47,8 @@ async fn start_until(
     stopping: watch::Receiver<bool>,
 ) -> Aggregator {
     // A previous aggregator on this directory releases sled's lock once its last stream task
-    // has ended; wait for that (bounded).
-    let mut attempts = 0;
-    let store = loop {
-        match SledStore::open(dir) {
-            Ok(store) => break store,
-            Err(_) if attempts < 100 => {
-                attempts += 1;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Err(err) => panic!("{err}"),
-        }
-    };
+    // has ended.
+    let store = reopen(dir).await;
     let (tx, flows) = mpsc::channel(16);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

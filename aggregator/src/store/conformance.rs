@@ -4,11 +4,15 @@
 //! replication issue runs it on its own store. (Crashes — SIGKILL mid-stream — are exercised
 //! against the binary in `tests/recovery.rs` and `node-agent/tests/restarts.rs`.)
 
-use std::{collections::HashMap, path::Path, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    path::Path,
+    time::Duration,
+};
 
 use mermin_protocol::agent::v1::Batch;
 
-use super::{BOOT_ID_LEN, Change, Checkpoint, SledStore, Store, StoreError};
+use super::{BOOT_ID_LEN, BootId, Change, Checkpoint, Retirement, SledStore, Store, StoreError};
 use crate::placement::SHARDS;
 
 /// Opens the implementation under test on a directory (again, for a reopen).
@@ -33,6 +37,7 @@ async fn sled_passes_the_suite() {
     a_checkpoint_writes_only_the_positions_it_is_given(&open).await;
     the_outbox_keeps_order_count_and_size_across_reopening(&open).await;
     a_boot_id_stays_bound_to_its_first_node(&open).await;
+    a_superseded_boot_id_is_forgotten_once_every_shard_is_past_it(&open).await;
 }
 
 fn batch(sequence: u64) -> Batch {
@@ -239,5 +244,78 @@ async fn a_boot_id_stays_bound_to_its_first_node(open: Opener<'_>) {
     assert_eq!(
         store.bind_agent(&id, "node-b").unwrap(),
         Some("node-a".into())
+    );
+}
+
+/// Every shard's checkpoint at `sequence` of `boot_id` (`except` stays where it was).
+fn every_shard_at(store: &Store, boot_id: BootId, sequence: u64, except: Option<u16>) {
+    for shard in (0..SHARDS).filter(|shard| Some(*shard) != except) {
+        store
+            .checkpoint(Checkpoint {
+                shard,
+                positions: &HashMap::from([(boot_id, sequence)]),
+                changes: &[],
+                outbox: &[],
+            })
+            .unwrap();
+    }
+}
+
+async fn a_superseded_boot_id_is_forgotten_once_every_shard_is_past_it(open: Opener<'_>) {
+    let dir = tempfile::tempdir().unwrap();
+    let [old, behind, streaming, silent, newest, other] =
+        [10, 11, 12, 13, 14, 15].map(|i| [i; BOOT_ID_LEN]);
+    {
+        let store = open(dir.path());
+        // Bound in this order on node-a: `newest` last. `other` is the only one of node-b.
+        for id in [old, behind, streaming, silent, newest] {
+            assert_eq!(store.bind_agent(&id, "node-a").unwrap(), None);
+        }
+        assert_eq!(store.bind_agent(&other, "node-b").unwrap(), None);
+        for id in [old, behind, streaming, newest, other] {
+            store.append(&id, &batch(1)).await.unwrap();
+            store.append(&id, &batch(2)).await.unwrap();
+        }
+        for id in [old, streaming, newest, other] {
+            every_shard_at(&store, id, 2, None);
+        }
+        every_shard_at(&store, behind, 2, Some(6));
+        let open_streams = HashSet::from([streaming]);
+        assert_eq!(
+            store.retire_superseded(&open_streams).unwrap(),
+            Retirement {
+                retired: vec![old, silent],
+                known: 4,
+            },
+            "the newest of a node, one with a stream open and one a shard is behind are kept"
+        );
+        // A checkpoint that raced the retirement writes a forgotten position back.
+        every_shard_at(&store, old, 2, None);
+    }
+    let store = open(dir.path());
+    assert_eq!(store.last_sequence(&old).unwrap(), 0);
+    assert_eq!(store.last_sequence(&behind).unwrap(), 2);
+    let positions = store.recover().unwrap().positions;
+    assert_eq!(
+        positions.len(),
+        8 * 3 + 7 + 8,
+        "old's written-back positions too"
+    );
+    assert_eq!(
+        store.retire_superseded(&HashSet::new()).unwrap(),
+        Retirement {
+            retired: vec![streaming],
+            known: 3,
+        }
+    );
+    let positions = store.recover().unwrap().positions;
+    let mut agents: Vec<u8> = positions.keys().map(|(_, id)| id[0]).collect();
+    agents.sort();
+    agents.dedup();
+    assert_eq!(agents, [11, 14, 15], "behind, newest and other");
+    assert_eq!(
+        store.bind_agent(&old, "node-c").unwrap(),
+        None,
+        "a forgotten boot id is a new one"
     );
 }

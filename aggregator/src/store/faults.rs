@@ -3,6 +3,7 @@
 //! always go through.
 
 use std::{
+    collections::HashSet,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -13,7 +14,7 @@ use std::{
 use futures_util::{FutureExt, future::BoxFuture};
 use mermin_protocol::agent::v1::Batch;
 
-use super::{BootId, Checkpoint, Recovered, Storage, Store, StoreError};
+use super::{BootId, Checkpoint, Recovered, Retirement, Storage, Store, StoreError};
 
 /// The switches of a [`FaultyStore`], kept by the test.
 #[derive(Clone, Default)]
@@ -92,6 +93,10 @@ impl Storage for FaultyStore {
 
     fn bind_agent(&self, boot_id: &BootId, node: &str) -> Result<Option<String>, StoreError> {
         self.inner.bind_agent(boot_id, node)
+    }
+
+    fn retire_superseded(&self, open: &HashSet<BootId>) -> Result<Retirement, StoreError> {
+        self.inner.retire_superseded(open)
     }
 
     fn append<'a>(

@@ -16,6 +16,11 @@
 //! - **The outbox.** Export requests in the order queued, with their count and total size kept
 //!   as they change (never counted by a scan).
 //! - **Health.** Why the last write failed, until one succeeds ([`Storage::write_failure`]).
+//! - **Retirement.** Every agent process has its own boot id, so per-agent state would grow with
+//!   every restart. A boot id that a newer boot id of the same node replaced, that has no open
+//!   stream and whose batches every shard's checkpoint is past, is forgotten
+//!   ([`Storage::retire_superseded`]): the store holds one boot id per node plus those still
+//!   being applied.
 //!
 //! One trait, not one per part, because a checkpoint spans three parts in one atomic write.
 //! Writes an agent or the exporter waits for are async; the checkpoint and the reads are
@@ -23,7 +28,10 @@
 //! implementation today (`sled`); the replication issue adds one on openraft. Integer keys are
 //! big-endian so that scans run in order.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use futures_util::future::BoxFuture;
 use mermin_protocol::agent::v1::Batch;
@@ -142,13 +150,29 @@ pub struct Recovered {
     pub connections: Vec<Vec<u8>>,
 }
 
+/// What a retirement pass did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Retirement {
+    /// The boot ids forgotten.
+    pub retired: Vec<BootId>,
+    /// The boot ids still known.
+    pub known: usize,
+}
+
 /// Everything durable (see the module docs).
 pub trait Storage: Send + Sync + 'static {
     /// Highest durable sequence of `boot_id`; 0 if none.
     fn last_sequence(&self, boot_id: &BootId) -> Result<u64, StoreError>;
 
     /// Ties `boot_id` to `node` if it is new; returns the node it was tied to before, if any.
+    /// A new boot id supersedes the node's earlier ones (see [`Storage::retire_superseded`]).
     fn bind_agent(&self, boot_id: &BootId, node: &str) -> Result<Option<String>, StoreError>;
+
+    /// Forgets every boot id that a later-bound boot id of the same node superseded, that is not
+    /// in `open` (boot ids with a stream open) and whose every batch every shard's checkpoint is
+    /// past: its high-water mark, node and positions — and positions of boot ids already
+    /// forgotten that a checkpoint racing the retirement wrote back. Blocking.
+    fn retire_superseded(&self, open: &HashSet<BootId>) -> Result<Retirement, StoreError>;
 
     /// Makes `batch` durable as the next batch of `boot_id` (its sequence must be the last + 1).
     fn append<'a>(

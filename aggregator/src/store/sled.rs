@@ -1,12 +1,12 @@
 //! The sled implementation of the storage seam ([`Storage`]): one sled database, a tree per
-//! part (`agents`, `agent_nodes`, `batches`, `connections`, `positions`, `outbox`); cross-tree
-//! writes are sled transactions, flushed before they count as durable.
+//! part (`agents`, `agent_nodes`, `node_agents`, `batches`, `connections`, `positions`,
+//! `outbox`); cross-tree writes are sled transactions, flushed before they count as durable.
 //!
 //! sled 0.34 is the last stable release, labelled beta and known for disk growth (openraft
 //! dropped its sled store for that); it stays behind the seam so that it can be replaced.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     path::Path,
     sync::{
         Arc,
@@ -22,7 +22,7 @@ use sled::{
     transaction::{ConflictableTransactionError, TransactionError},
 };
 
-use super::{BOOT_ID_LEN, BootId, Checkpoint, Recovered, Storage, Store, StoreError};
+use super::{BOOT_ID_LEN, BootId, Checkpoint, Recovered, Retirement, Storage, Store, StoreError};
 use crate::placement::{SHARDS, ShardId};
 
 impl From<sled::Error> for StoreError {
@@ -37,6 +37,8 @@ pub struct SledStore {
     agents: sled::Tree,
     /// Boot id → the node name its first Hello gave (an agent process belongs to one node).
     agent_nodes: sled::Tree,
+    /// (node, bind order) → boot id: a node's agent processes, the newest last.
+    node_agents: sled::Tree,
     batches: sled::Tree,
     outbox: sled::Tree,
     connections: sled::Tree,
@@ -69,6 +71,7 @@ impl SledStore {
         Ok(Self {
             agents: db.open_tree("agents")?,
             agent_nodes: db.open_tree("agent_nodes")?,
+            node_agents: db.open_tree("node_agents")?,
             batches: db.open_tree("batches")?,
             outbox,
             outbox_bytes: Arc::new(AtomicU64::new(outbox_bytes)),
@@ -161,10 +164,109 @@ impl SledStore {
     }
 }
 
+impl SledStore {
+    /// See [`Storage::retire_superseded`].
+    fn retire(&self, open: &HashSet<BootId>) -> Result<Retirement, StoreError> {
+        let mut retirement = Retirement::default();
+        let mut newest: Option<(Vec<u8>, sled::IVec)> = None;
+        for entry in self.node_agents.iter() {
+            let (key, boot_id) = entry?;
+            let node = &key[..key.len().saturating_sub(8)];
+            // Every entry but a node's last (newest) is superseded.
+            if let Some((previous_key, previous)) = newest.take() {
+                let same_node = &previous_key[..previous_key.len().saturating_sub(8)] == node;
+                if same_node && self.retire_one(&previous_key, &previous, open)? {
+                    retirement.retired.push(boot_id_of(&previous)?);
+                } else {
+                    retirement.known += 1;
+                }
+            }
+            newest = Some((key.to_vec(), boot_id));
+        }
+        retirement.known += usize::from(newest.is_some());
+        // Positions written back by a checkpoint that raced an earlier retirement.
+        for key in self.positions.iter().keys() {
+            let key = key?;
+            if !self
+                .agents
+                .contains_key(&key[..BOOT_ID_LEN.min(key.len())])?
+            {
+                self.positions.remove(key)?;
+            }
+        }
+        Ok(retirement)
+    }
+
+    /// Forgets one superseded boot id if it has no open stream and every shard is past its last
+    /// batch; whether it did.
+    fn retire_one(
+        &self,
+        index_key: &[u8],
+        boot_id: &[u8],
+        open: &HashSet<BootId>,
+    ) -> Result<bool, StoreError> {
+        let boot_id = boot_id_of(boot_id)?;
+        if open.contains(&boot_id) {
+            return Ok(false);
+        }
+        let last = self.last_sequence(&boot_id)?;
+        for shard in 0..SHARDS {
+            let applied = match self.positions.get(position_key(&boot_id, shard))? {
+                Some(bytes) => decode_u64(&bytes)?,
+                None => 0,
+            };
+            if applied < last {
+                return Ok(false);
+            }
+        }
+        let result: Result<(), TransactionError<StoreError>> = (
+            &self.agents,
+            &self.agent_nodes,
+            &self.node_agents,
+            &self.positions,
+        )
+            .transaction(|(agents, nodes, index, positions)| {
+                let now = match agents.get(boot_id)? {
+                    None => 0,
+                    Some(bytes) => {
+                        decode_u64(&bytes).map_err(ConflictableTransactionError::Abort)?
+                    }
+                };
+                if now != last {
+                    // A batch arrived since: not over after all.
+                    return Err(ConflictableTransactionError::Abort(
+                        StoreError::OutOfOrder {
+                            sequence: now,
+                            last,
+                        },
+                    ));
+                }
+                agents.remove(&boot_id[..])?;
+                nodes.remove(&boot_id[..])?;
+                index.remove(index_key)?;
+                for shard in 0..SHARDS {
+                    positions.remove(&position_key(&boot_id, shard)[..])?;
+                }
+                Ok(())
+            });
+        match committed(result) {
+            Ok(()) => Ok(true),
+            Err(StoreError::OutOfOrder { .. }) => Ok(false),
+            Err(err) => Err(err),
+        }
+    }
+}
+
+fn boot_id_of(bytes: &[u8]) -> Result<BootId, StoreError> {
+    bytes
+        .try_into()
+        .map_err(|_| StoreError::Corrupt(format!("boot id of {} bytes", bytes.len())))
+}
+
 /// A transaction's outcome as a store result.
-fn committed(result: Result<(), TransactionError<StoreError>>) -> Result<(), StoreError> {
+fn committed<T>(result: Result<T, TransactionError<StoreError>>) -> Result<T, StoreError> {
     match result {
-        Ok(()) => Ok(()),
+        Ok(value) => Ok(value),
         Err(TransactionError::Abort(err)) => Err(err),
         Err(TransactionError::Storage(err)) => Err(err.into()),
     }
@@ -181,6 +283,21 @@ fn position_key(boot_id: &BootId, shard: ShardId) -> [u8; BOOT_ID_LEN + 2] {
     let mut key = [0; BOOT_ID_LEN + 2];
     key[..BOOT_ID_LEN].copy_from_slice(boot_id);
     key[BOOT_ID_LEN..].copy_from_slice(&shard.to_be_bytes());
+    key
+}
+
+/// A node's agent processes in bind order: the node's name, length first (a prefix of no other
+/// node's keys), then the order.
+fn node_agent_key(node: &str, order: u64) -> Vec<u8> {
+    let mut key = node_prefix(node);
+    key.extend_from_slice(&order.to_be_bytes());
+    key
+}
+
+fn node_prefix(node: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(4 + node.len() + 8);
+    key.extend_from_slice(&(node.len() as u32).to_be_bytes());
+    key.extend_from_slice(node.as_bytes());
     key
 }
 
@@ -276,13 +393,25 @@ impl Storage for SledStore {
 
     /// Ties `boot_id` to `node` if it is new; returns the node it was tied to before, if any.
     fn bind_agent(&self, boot_id: &BootId, node: &str) -> Result<Option<String>, StoreError> {
-        let before =
-            self.agent_nodes
-                .compare_and_swap(boot_id, None::<&[u8]>, Some(node.as_bytes()))?;
-        Ok(before
-            .err()
-            .and_then(|conflict| conflict.current)
-            .map(|node| String::from_utf8_lossy(&node).into_owned()))
+        if let Some(bound) = self.agent_nodes.get(boot_id)? {
+            return Ok(Some(String::from_utf8_lossy(&bound).into_owned()));
+        }
+        let order = self.db.generate_id()?;
+        let result = (&self.agent_nodes, &self.node_agents).transaction(|(nodes, index)| {
+            if let Some(bound) = nodes.get(boot_id)? {
+                return Ok(Some(String::from_utf8_lossy(&bound).into_owned()));
+            }
+            nodes.insert(&boot_id[..], node.as_bytes())?;
+            index.insert(node_agent_key(node, order), &boot_id[..])?;
+            Ok(None)
+        });
+        committed(result)
+    }
+
+    /// Not noted for [`Storage::write_failure`]: removals that succeed say nothing of whether
+    /// the disk can take batches.
+    fn retire_superseded(&self, open: &HashSet<BootId>) -> Result<Retirement, StoreError> {
+        self.retire(open)
     }
 
     /// One stored batch, if the log still holds it.

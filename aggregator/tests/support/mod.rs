@@ -89,6 +89,18 @@ impl Stream {
     }
 }
 
+/// Opens the store in `path` once the previous handle's background threads let go of sled's
+/// lock (they outlive the handle briefly); bounded.
+pub async fn reopen(path: &std::path::Path) -> mermin_aggregator::store::Store {
+    for _ in 0..100 {
+        if let Ok(store) = mermin_aggregator::store::SledStore::open(path) {
+            return store;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    mermin_aggregator::store::SledStore::open(path).unwrap()
+}
+
 /// A fixed time of this test run (the aggregator refuses times more than a day from its clock):
 /// the same for every record of the run, so equal records stay equal.
 pub fn recent_nanos() -> u64 {
