@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     connection_key::ConnectionKey,
-    observation::Observation,
+    observation::{Observation, Points},
     stitch::{Connection, Decisions, Flow, InterfaceKinds},
     store::Change,
 };
@@ -45,6 +45,7 @@ pub struct Emitted {
     pub interval: Interval,
 }
 
+/// A connection's state (stored as `(key, state)`).
 #[derive(Debug, Serialize, Deserialize)]
 struct Tracked {
     connection: Connection,
@@ -61,10 +62,19 @@ struct Tracked {
     closed_until: Option<u64>,
 }
 
+impl Tracked {
+    fn intern(&mut self, points: &mut Points) {
+        self.connection.intern(points);
+        self.decisions.intern(points);
+    }
+}
+
 pub struct FlowTable {
     open: HashMap<ConnectionKey, Tracked>,
     /// Connections changed since the last `take_changes`.
     dirty: HashSet<ConnectionKey>,
+    /// The observation points the connections refer to, one copy each.
+    points: Points,
     kinds: InterfaceKinds,
     settle_ns: u64,
     /// How long a closed connection is remembered.
@@ -77,6 +87,7 @@ impl FlowTable {
         Self {
             open: HashMap::new(),
             dirty: HashSet::new(),
+            points: Points::default(),
             kinds,
             settle_ns: settle.as_nanos() as u64,
             grace_ns: grace.as_nanos() as u64,
@@ -100,7 +111,7 @@ impl FlowTable {
 
     pub fn apply(&mut self, observation: &Observation, now: u64) {
         let tracked = self.open.entry(observation.key).or_insert_with(|| Tracked {
-            connection: Connection::new(observation.key),
+            connection: Connection::default(),
             decisions: Decisions::default(),
             start_unix_nanos: None,
             index: 0,
@@ -121,7 +132,10 @@ impl FlowTable {
             tracked.closing = true;
         }
         self.dirty.insert(observation.key);
-        tracked.connection.add(observation);
+        let point = self.points.intern(&observation.point);
+        tracked
+            .connection
+            .add(observation, point, &tracked.decisions, &self.kinds);
         if observation.end_reason != EndReason::ActiveTimeout {
             tracked.closing = true;
         }
@@ -131,7 +145,7 @@ impl FlowTable {
     /// Emits every interval whose settle time has come, and forgets connections whose grace
     /// period is over.
     pub fn emit_due(&mut self, now: u64, out: &mut Vec<Emitted>) {
-        let (kinds, grace, dirty) = (&self.kinds, self.grace_ns, &mut self.dirty);
+        let (grace, dirty) = (self.grace_ns, &mut self.dirty);
         self.open.retain(|key, tracked| {
             if let Some(until) = tracked.closed_until {
                 if until <= now {
@@ -141,7 +155,7 @@ impl FlowTable {
                 return true;
             }
             if tracked.due_unix_nanos.is_some_and(|due| due <= now) {
-                emit(tracked, kinds, now, grace, out);
+                emit(*key, tracked, now, grace, out);
                 dirty.insert(*key);
             }
             true
@@ -152,7 +166,7 @@ impl FlowTable {
     pub fn flush(&mut self, now: u64, out: &mut Vec<Emitted>) {
         for (key, tracked) in &mut self.open {
             if tracked.closed_until.is_none() && tracked.due_unix_nanos.is_some() {
-                emit(tracked, &self.kinds, now, self.grace_ns, out);
+                emit(*key, tracked, now, self.grace_ns, out);
                 self.dirty.insert(*key);
             }
         }
@@ -166,7 +180,11 @@ impl FlowTable {
             .map(|key| {
                 Ok(Change {
                     key: postcard::to_allocvec(key)?,
-                    state: self.open.get(key).map(postcard::to_allocvec).transpose()?,
+                    state: self
+                        .open
+                        .get(key)
+                        .map(|tracked| postcard::to_allocvec(&(key, tracked)))
+                        .transpose()?,
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -182,14 +200,17 @@ impl FlowTable {
             .map(|_| FlowTable {
                 open: HashMap::new(),
                 dirty: HashSet::new(),
+                points: Points::default(),
                 kinds: self.kinds.clone(),
                 settle_ns: self.settle_ns,
                 grace_ns: self.grace_ns,
                 late_ignored: 0,
             })
             .collect();
-        for (key, tracked) in self.open {
-            tables[part_of(&key)].open.insert(key, tracked);
+        for (key, mut tracked) in self.open {
+            let table = &mut tables[part_of(&key)];
+            tracked.intern(&mut table.points);
+            table.open.insert(key, tracked);
         }
         for key in self.dirty {
             tables[part_of(&key)].dirty.insert(key);
@@ -206,25 +227,19 @@ impl FlowTable {
         now: u64,
     ) -> Result<usize, postcard::Error> {
         for bytes in states {
-            let mut tracked: Tracked = postcard::from_bytes(&bytes)?;
+            let (key, mut tracked): (ConnectionKey, Tracked) = postcard::from_bytes(&bytes)?;
             if let Some(due) = &mut tracked.due_unix_nanos {
                 *due = (*due).min(now + self.settle_ns);
             }
-            self.open.insert(*tracked.connection.key(), tracked);
+            tracked.intern(&mut self.points);
+            self.open.insert(key, tracked);
         }
         Ok(self.open.len())
     }
 }
 
-fn emit(
-    tracked: &mut Tracked,
-    kinds: &InterfaceKinds,
-    now: u64,
-    grace: u64,
-    out: &mut Vec<Emitted>,
-) {
-    let key = *tracked.connection.key();
-    if let Some(flow) = tracked.connection.stitch(kinds, &mut tracked.decisions) {
+fn emit(key: ConnectionKey, tracked: &mut Tracked, now: u64, grace: u64, out: &mut Vec<Emitted>) {
+    if let Some(flow) = tracked.connection.stitch(key, &mut tracked.decisions) {
         let start = *tracked
             .start_unix_nanos
             .get_or_insert(flow.start_unix_nanos);
@@ -236,7 +251,7 @@ fn emit(
             },
         });
     }
-    tracked.connection = Connection::new(key);
+    tracked.connection = Connection::default();
     tracked.index += 1;
     tracked.due_unix_nanos = None;
     if tracked.closing {

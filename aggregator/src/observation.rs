@@ -2,7 +2,12 @@
 //! values. Everything malformed is rejected here, with a message that names the field, so later
 //! stages never see an impossible record.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
+};
+
+use foldhash::{HashSet, HashSetExt};
 
 use mermin_protocol::flow::v1::{Direction, EndReason, FlowRecord};
 use serde::{Deserialize, Serialize};
@@ -22,6 +27,55 @@ pub struct ObservationPoint {
     pub node: String,
     pub interface: String,
     pub hook: Hook,
+}
+
+/// An observation point as a flow table holds it: interned ([`Points`]), so that the connections
+/// seen at one point share one copy of its names.
+pub type Point = Arc<ObservationPoint>;
+
+/// The interner of one flow table's observation points. Points no connection refers to any more
+/// (pods come and go, and with them their veths) are forgotten whenever the set has doubled
+/// since the last time: amortized O(1), and never more than twice the points in use.
+pub struct Points {
+    set: HashSet<Point>,
+    collect_at: usize,
+}
+
+impl Default for Points {
+    fn default() -> Self {
+        Self {
+            set: HashSet::new(),
+            collect_at: Self::MIN_COLLECT_AT,
+        }
+    }
+}
+
+impl Points {
+    const MIN_COLLECT_AT: usize = 1024;
+
+    /// The shared copy of `point`.
+    pub fn intern(&mut self, point: &ObservationPoint) -> Point {
+        if let Some(shared) = self.set.get(point) {
+            return shared.clone();
+        }
+        if self.set.len() >= self.collect_at {
+            // Only the set holds them.
+            self.set.retain(|p| Arc::strong_count(p) > 1);
+            self.collect_at = Self::MIN_COLLECT_AT.max(2 * self.set.len());
+        }
+        let shared = Arc::new(point.clone());
+        self.set.insert(shared.clone());
+        shared
+    }
+
+    /// Points held (in use, or not yet forgotten).
+    pub fn len(&self) -> usize {
+        self.set.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty()
+    }
 }
 
 /// Counts of one direction at one point over some interval (sums of record deltas).

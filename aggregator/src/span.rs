@@ -244,7 +244,7 @@ fn flow_attributes(flow: &Flow, community_id: &str, interval: &Interval) -> Vec<
     }
     attributes.push(strings(
         "flow.observation_points",
-        flow.points.iter().map(point_label),
+        flow.points.iter().map(|point| point_label(point)),
     ));
     attributes
 }
@@ -355,10 +355,12 @@ mod tests {
             icmp_type: 0,
             icmp_code: 0,
         };
-        let point = |node: &str, interface: &str, hook| ObservationPoint {
-            node: node.into(),
-            interface: interface.into(),
-            hook,
+        let point = |node: &str, interface: &str, hook| {
+            std::sync::Arc::new(ObservationPoint {
+                node: node.into(),
+                interface: interface.into(),
+                hook,
+            })
         };
         let measured = |packets, bytes, flags, point| Measured {
             counts: Counts {

@@ -23,15 +23,16 @@
 //! direction is counted at the same point for the connection's whole life. That makes the sum of
 //! a direction's counts over all intervals exactly what that one point counted.
 
-use std::{collections::BTreeSet, net::IpAddr};
+use std::{net::IpAddr, sync::Arc};
 
 use mermin_protocol::flow::v1::EndReason;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    connection_key::{ConnectionKey, Endpoint, Orientation, Tuple},
-    observation::{Counts, Hook, Observation, ObservationPoint},
+    connection_key::{ConnectionKey, Endpoint, Orientation},
+    observation::{Counts, Hook, Observation, ObservationPoint, Point, Points},
 };
+use smallvec::SmallVec;
 
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_TCP: u8 = 6;
@@ -119,7 +120,7 @@ pub struct Side {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Measured {
     pub counts: Counts,
-    pub point: ObservationPoint,
+    pub point: Point,
 }
 
 /// A connection over one reporting interval, stitched.
@@ -132,22 +133,23 @@ pub struct Flow {
     pub client_to_server: Option<Measured>,
     pub server_to_client: Option<Measured>,
     /// Every point that saw the connection in this interval, sorted.
-    pub points: Vec<ObservationPoint>,
+    pub points: Vec<Point>,
     pub start_unix_nanos: u64,
     pub end_unix_nanos: u64,
     /// The most final reason any point gave (`ActiveTimeout` if the connection goes on).
     pub end_reason: EndReason,
 }
 
-/// What one point saw of one direction.
+/// What one point saw of one direction in the current interval.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Seen {
-    point: ObservationPoint,
+    point: Point,
     orientation: OrientationKey,
+    /// The point's rank for this direction (see the module docs).
+    rank: u8,
     counts: Counts,
-    tuple: Tuple,
-    #[serde(with = "crate::observation::end_reason_number")]
-    end_reason: EndReason,
+    /// The ICMP message type (the client rule looks at it).
+    icmp_type: u8,
 }
 
 /// What the first interval decided; kept for the connection's life (see the module docs).
@@ -155,27 +157,50 @@ struct Seen {
 pub struct Decisions {
     /// Whether the key's first endpoint is the client, and why.
     client: Option<(bool, ClientRule)>,
-    forward_point: Option<ObservationPoint>,
-    reverse_point: Option<ObservationPoint>,
+    forward_point: Option<Point>,
+    reverse_point: Option<Point>,
 }
 
 impl Decisions {
     /// Whether `point` counts the direction `orientation` of this connection.
     pub fn counts_at(&self, point: &ObservationPoint, orientation: Orientation) -> bool {
-        let chosen = match orientation {
-            Orientation::Forward => &self.forward_point,
-            Orientation::Reverse => &self.reverse_point,
-        };
-        chosen.as_ref() == Some(point)
+        self.chosen(orientation.into())
+            .is_some_and(|chosen| **chosen == *point)
+    }
+
+    fn chosen(&self, orientation: OrientationKey) -> Option<&Point> {
+        match orientation {
+            OrientationKey::Forward => self.forward_point.as_ref(),
+            OrientationKey::Reverse => self.reverse_point.as_ref(),
+        }
+    }
+
+    /// Replaces every point with the shared copy from `points` (after a restore).
+    pub fn intern(&mut self, points: &mut Points) {
+        for point in [&mut self.forward_point, &mut self.reverse_point]
+            .into_iter()
+            .flatten()
+        {
+            *point = points.intern(point);
+        }
     }
 }
 
-/// All observations of one connection in the current interval.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The observations of one connection in the current interval, reduced as they arrive to what
+/// stitching needs: per direction only the counts of the points that can still be the counting
+/// point (the decided one; before a decision, those of the best rank so far — counts are never
+/// summed across points, so the others' would be dropped anyway), and of every point only that it
+/// saw the connection.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Connection {
-    key: ConnectionKey,
-    /// A handful of entries (points × directions): a vector is smaller and faster than a map.
-    seen: Vec<Seen>,
+    /// Usually one per direction; more only while points of one rank tie.
+    counted: SmallVec<[Seen; 2]>,
+    /// Every point that saw the connection in this interval.
+    points: SmallVec<[Point; 4]>,
+    start_unix_nanos: u64,
+    end_unix_nanos: u64,
+    #[serde(with = "crate::observation::end_reason_number")]
+    end_reason: EndReason,
 }
 
 /// `Orientation` with an order, for the map key.
@@ -195,196 +220,214 @@ impl From<Orientation> for OrientationKey {
 }
 
 impl Connection {
-    pub fn new(key: ConnectionKey) -> Self {
-        Self {
-            key,
-            seen: Vec::new(),
+    pub fn is_empty(&self) -> bool {
+        self.points.is_empty()
+    }
+
+    /// Adds an observation of this connection seen at `point` (the interned copy of the
+    /// observation's point), keeping what `decisions` and the points' ranks may still count.
+    pub fn add(
+        &mut self,
+        observation: &Observation,
+        point: Point,
+        decisions: &Decisions,
+        kinds: &InterfaceKinds,
+    ) {
+        let counts = &observation.counts;
+        if self.points.is_empty() {
+            self.start_unix_nanos = counts.first_seen_unix_nanos;
+            self.end_unix_nanos = counts.last_seen_unix_nanos;
+            self.end_reason = observation.end_reason;
+        } else {
+            self.start_unix_nanos = self.start_unix_nanos.min(counts.first_seen_unix_nanos);
+            self.end_unix_nanos = self.end_unix_nanos.max(counts.last_seen_unix_nanos);
+            self.end_reason = more_final(self.end_reason, observation.end_reason);
         }
-    }
-
-    pub fn key(&self) -> &ConnectionKey {
-        &self.key
-    }
-
-    /// Adds an observation of this connection (its key must be this connection's).
-    pub fn add(&mut self, observation: &Observation) {
-        debug_assert_eq!(observation.key, self.key);
+        if !self.points.iter().any(|p| same(p, &point)) {
+            self.points.push(point.clone());
+        }
         let orientation = OrientationKey::from(observation.orientation);
-        match self
-            .seen
-            .iter_mut()
-            .find(|s| s.orientation == orientation && s.point == observation.point)
-        {
-            Some(seen) => {
-                seen.counts.merge(&observation.counts);
-                seen.end_reason = more_final(seen.end_reason, observation.end_reason);
+        let rank = match decisions.chosen(orientation) {
+            Some(chosen) if same(chosen, &point) => 0,
+            Some(_) => return, // counted at another point
+            None => kinds.rank(&point),
+        };
+        let mut best = u8::MAX;
+        for seen in self.counted.iter_mut() {
+            if seen.orientation != orientation {
+                continue;
             }
-            None => self.seen.push(Seen {
-                point: observation.point.clone(),
-                orientation,
-                counts: observation.counts,
-                tuple: observation.tuple,
-                end_reason: observation.end_reason,
-            }),
+            if same(&seen.point, &point) {
+                seen.counts.merge(counts);
+                return;
+            }
+            best = best.min(seen.rank);
+        }
+        if rank > best {
+            return;
+        }
+        if rank < best {
+            self.counted.retain(|s| s.orientation != orientation);
+        }
+        self.counted.push(Seen {
+            point,
+            orientation,
+            rank,
+            counts: *counts,
+            icmp_type: observation.tuple.icmp_type,
+        });
+    }
+
+    /// Replaces every point with the shared copy from `points` (after a restore).
+    pub fn intern(&mut self, points: &mut Points) {
+        for point in self.points.iter_mut() {
+            *point = points.intern(point);
+        }
+        for seen in self.counted.iter_mut() {
+            seen.point = points.intern(&seen.point);
         }
     }
 
-    /// The stitched flow, or `None` if nothing was observed. `decisions` carries what earlier
-    /// intervals of this connection decided and takes what this one decides first.
-    pub fn stitch(&self, kinds: &InterfaceKinds, decisions: &mut Decisions) -> Option<Flow> {
-        if self.seen.is_empty() {
+    /// The stitched flow of connection `key`, or `None` if nothing was observed. `decisions`
+    /// carries what earlier intervals of this connection decided and takes what this one
+    /// decides first.
+    pub fn stitch(&self, key: ConnectionKey, decisions: &mut Decisions) -> Option<Flow> {
+        if self.points.is_empty() {
             return None;
         }
-        if decisions.client.is_none() {
-            let forward = self.best(OrientationKey::Forward, kinds);
-            let reverse = self.best(OrientationKey::Reverse, kinds);
-            decisions.client = Some(self.client(forward, reverse));
+        let forward = self.best(OrientationKey::Forward);
+        let reverse = self.best(OrientationKey::Reverse);
+        let (client_is_first, client_rule) = *decisions
+            .client
+            .get_or_insert_with(|| client(key, forward, reverse));
+        // What is kept is the decided point's, or — no decision yet — the best rank's.
+        for (chosen, best) in [
+            (&mut decisions.forward_point, forward),
+            (&mut decisions.reverse_point, reverse),
+        ] {
+            if chosen.is_none() {
+                *chosen = best.map(|seen| seen.point.clone());
+            }
         }
-        let forward = self.counted(OrientationKey::Forward, kinds, &mut decisions.forward_point);
-        let reverse = self.counted(OrientationKey::Reverse, kinds, &mut decisions.reverse_point);
-        let (client_is_first, client_rule) = decisions.client?;
         let (to_server, to_client) = if client_is_first {
             (forward, reverse)
         } else {
             (reverse, forward)
         };
         let (client, server) = if client_is_first {
-            (self.key.first, self.key.second)
+            (key.first, key.second)
         } else {
-            (self.key.second, self.key.first)
+            (key.second, key.first)
         };
-        let measured = |best: Option<(&ObservationPoint, &Seen)>| {
-            best.map(|(point, seen)| Measured {
+        let measured = |seen: Option<&Seen>| {
+            seen.map(|seen| Measured {
                 counts: seen.counts,
-                point: point.clone(),
+                point: seen.point.clone(),
             })
         };
-        let points: BTreeSet<&ObservationPoint> = self.seen.iter().map(|s| &s.point).collect();
-        let all = || self.seen.iter();
+        let mut points: Vec<Point> = self.points.to_vec();
+        points.sort();
         Some(Flow {
-            key: self.key,
-            client: self.side(client),
-            server: self.side(server),
+            key,
+            client: side(key.protocol, client),
+            server: side(key.protocol, server),
             client_rule,
             client_to_server: measured(to_server),
             server_to_client: measured(to_client),
-            points: points.into_iter().cloned().collect(),
-            start_unix_nanos: all().map(|s| s.counts.first_seen_unix_nanos).min()?,
-            end_unix_nanos: all().map(|s| s.counts.last_seen_unix_nanos).max()?,
-            end_reason: all()
-                .map(|s| s.end_reason)
-                .fold(EndReason::ActiveTimeout, more_final),
+            points,
+            start_unix_nanos: self.start_unix_nanos,
+            end_unix_nanos: self.end_unix_nanos,
+            end_reason: self.end_reason,
         })
     }
 
-    /// What the chosen point of `orientation` saw in this interval, choosing it first if needed.
-    fn counted(
-        &self,
-        orientation: OrientationKey,
-        kinds: &InterfaceKinds,
-        chosen: &mut Option<ObservationPoint>,
-    ) -> Option<(&ObservationPoint, &Seen)> {
-        match chosen {
-            Some(point) => self
-                .seen
-                .iter()
-                .find(|s| s.orientation == orientation && &s.point == point)
-                .map(|s| (&s.point, s)),
-            None => {
-                let best = self.best(orientation, kinds);
-                *chosen = best.map(|(point, _)| point.clone());
-                best
-            }
-        }
-    }
-
-    /// The preferred point for one orientation (see the module docs).
-    fn best(
-        &self,
-        orientation: OrientationKey,
-        kinds: &InterfaceKinds,
-    ) -> Option<(&ObservationPoint, &Seen)> {
-        self.seen
+    /// The counting point's observation of one direction: among those kept (one rank), the
+    /// earliest first packet, then the smaller point.
+    fn best(&self, orientation: OrientationKey) -> Option<&Seen> {
+        self.counted
             .iter()
             .filter(|s| s.orientation == orientation)
             .min_by(|a, b| {
-                let rank = |s: &Seen| (kinds.rank(&s.point), s.counts.first_seen_unix_nanos);
-                rank(a).cmp(&rank(b)).then_with(|| a.point.cmp(&b.point))
+                let first = |s: &Seen| s.counts.first_seen_unix_nanos;
+                first(a).cmp(&first(b)).then_with(|| a.point.cmp(&b.point))
             })
-            .map(|s| (&s.point, s))
     }
+}
 
-    /// Whether the key's first endpoint is the client, and the rule that says so.
-    fn client(
-        &self,
-        forward: Option<(&ObservationPoint, &Seen)>,
-        reverse: Option<(&ObservationPoint, &Seen)>,
-    ) -> (bool, ClientRule) {
-        let forward = forward.map(|(_, s)| s);
-        let reverse = reverse.map(|(_, s)| s);
-        // Each rule answers "does the forward direction come from the client?".
-        let by_direction = |test: &dyn Fn(&Seen) -> Option<bool>| {
-            forward
-                .and_then(test)
-                .or_else(|| reverse.and_then(test).map(|from_client| !from_client))
+/// Whether the key's first endpoint is the client, and the rule that says so; `forward` and
+/// `reverse` are the counting points' observations.
+fn client(
+    key: ConnectionKey,
+    forward: Option<&Seen>,
+    reverse: Option<&Seen>,
+) -> (bool, ClientRule) {
+    // Each rule answers "does the forward direction come from the client?".
+    let by_direction = |test: &dyn Fn(&Seen) -> Option<bool>| {
+        forward
+            .and_then(test)
+            .or_else(|| reverse.and_then(test).map(|from_client| !from_client))
+    };
+    let protocol = key.protocol;
+    if protocol == IPPROTO_TCP
+        && let Some(first) =
+            by_direction(&|s: &Seen| match s.counts.first_tcp_flags & (SYN | ACK) {
+                SYN => Some(true),
+                f if f == SYN | ACK => Some(false),
+                _ => None,
+            })
+    {
+        return (first, ClientRule::TcpHandshake);
+    }
+    if matches!(protocol, IPPROTO_ICMP | IPPROTO_ICMPV6) {
+        let (requests, replies) = if protocol == IPPROTO_ICMP {
+            (ICMP_V4_REQUESTS, ICMP_V4_REPLIES)
+        } else {
+            (ICMP_V6_REQUESTS, ICMP_V6_REPLIES)
         };
-        let protocol = self.key.protocol;
-        if protocol == IPPROTO_TCP
-            && let Some(first) =
-                by_direction(&|s: &Seen| match s.counts.first_tcp_flags & (SYN | ACK) {
-                    SYN => Some(true),
-                    f if f == SYN | ACK => Some(false),
-                    _ => None,
-                })
-        {
-            return (first, ClientRule::TcpHandshake);
-        }
-        if matches!(protocol, IPPROTO_ICMP | IPPROTO_ICMPV6) {
-            let (requests, replies) = if protocol == IPPROTO_ICMP {
-                (ICMP_V4_REQUESTS, ICMP_V4_REPLIES)
+        let test = |s: &Seen| {
+            if requests.contains(&s.icmp_type) {
+                Some(true)
+            } else if replies.contains(&s.icmp_type) {
+                Some(false)
             } else {
-                (ICMP_V6_REQUESTS, ICMP_V6_REPLIES)
-            };
-            let test = |s: &Seen| {
-                if requests.contains(&s.tuple.icmp_type) {
-                    Some(true)
-                } else if replies.contains(&s.tuple.icmp_type) {
-                    Some(false)
-                } else {
-                    None
-                }
-            };
-            if let Some(first) = by_direction(&test) {
-                return (first, ClientRule::IcmpRequest);
+                None
             }
+        };
+        if let Some(first) = by_direction(&test) {
+            return (first, ClientRule::IcmpRequest);
         }
-        if has_ports(protocol) {
-            let (a, b) = (self.key.first.port, self.key.second.port);
-            if (a < 1024) != (b < 1024) {
-                return (b < 1024, ClientRule::WellKnownPort);
-            }
-            let ephemeral = |p: u16| p >= EPHEMERAL_PORTS_START;
-            if ephemeral(a) != ephemeral(b) {
-                return (ephemeral(a), ClientRule::EphemeralPort);
-            }
-        }
-        let first_seen = |s: Option<&Seen>| s.map_or(u64::MAX, |s| s.counts.first_seen_unix_nanos);
-        (
-            first_seen(forward) <= first_seen(reverse),
-            ClientRule::FirstPacket,
-        )
     }
+    if has_ports(protocol) {
+        let (a, b) = (key.first.port, key.second.port);
+        if (a < 1024) != (b < 1024) {
+            return (b < 1024, ClientRule::WellKnownPort);
+        }
+        let ephemeral = |p: u16| p >= EPHEMERAL_PORTS_START;
+        if ephemeral(a) != ephemeral(b) {
+            return (ephemeral(a), ClientRule::EphemeralPort);
+        }
+    }
+    let first_seen = |s: Option<&Seen>| s.map_or(u64::MAX, |s| s.counts.first_seen_unix_nanos);
+    (
+        first_seen(forward) <= first_seen(reverse),
+        ClientRule::FirstPacket,
+    )
+}
 
-    fn side(&self, endpoint: Endpoint) -> Side {
-        Side {
-            address: endpoint.address,
-            port: if has_ports(self.key.protocol) {
-                endpoint.port
-            } else {
-                0
-            },
-        }
+fn side(protocol: u8, endpoint: Endpoint) -> Side {
+    Side {
+        address: endpoint.address,
+        port: if has_ports(protocol) {
+            endpoint.port
+        } else {
+            0
+        },
     }
+}
+
+/// Whether two points are one: the same copy (always, within one table), or equal.
+fn same(a: &Point, b: &Point) -> bool {
+    Arc::ptr_eq(a, b) || a == b
 }
 
 fn has_ports(protocol: u8) -> bool {
@@ -469,14 +512,22 @@ mod tests {
             .iter()
             .map(|r| Observation::try_from(&r.0).unwrap())
             .collect();
-        let mut connection = Connection::new(observations[0].key);
         for o in &observations {
             assert_eq!(o.key, observations[0].key, "records of one connection");
-            connection.add(o);
+        }
+        observe(&observations, &Decisions::default())
+            .stitch(observations[0].key, &mut Decisions::default())
+            .unwrap()
+    }
+
+    /// One interval's observations of one connection, added in order.
+    fn observe(observations: &[Observation], decisions: &Decisions) -> Connection {
+        let (kinds, mut points) = (InterfaceKinds::default(), Points::default());
+        let mut connection = Connection::default();
+        for o in observations {
+            connection.add(o, points.intern(&o.point), decisions, &kinds);
         }
         connection
-            .stitch(&InterfaceKinds::default(), &mut Decisions::default())
-            .unwrap()
     }
 
     const C: &str = "10.0.1.5:51000";
@@ -624,41 +675,44 @@ mod tests {
 
     #[test]
     fn later_intervals_keep_the_client_and_the_counting_points() {
-        let kinds = InterfaceKinds::default();
         let mut decisions = Decisions::default();
-        let observe = |records: Vec<R>| {
+        let interval = |records: Vec<R>, decisions: &Decisions| {
             let observations: Vec<Observation> = records
                 .iter()
                 .map(|r| Observation::try_from(&r.0).unwrap())
                 .collect();
-            let mut c = Connection::new(observations[0].key);
-            observations.iter().for_each(|o| c.add(o));
-            c
+            (observations[0].key, observe(&observations, decisions))
         };
         // Interval 0: only the host uplinks saw the handshake.
-        let first = observe(vec![
-            r("n", "eth0", Out, C, S)
-                .counts(3, 180, 1, 2)
-                .flags(SYN, SYN | ACK),
-            r("n", "eth0", In, S, C)
-                .counts(2, 120, 1, 2)
-                .flags(SYN | ACK, SYN | ACK),
-        ]);
-        let flow = first.stitch(&kinds, &mut decisions).unwrap();
+        let (key, first) = interval(
+            vec![
+                r("n", "eth0", Out, C, S)
+                    .counts(3, 180, 1, 2)
+                    .flags(SYN, SYN | ACK),
+                r("n", "eth0", In, S, C)
+                    .counts(2, 120, 1, 2)
+                    .flags(SYN | ACK, SYN | ACK),
+            ],
+            &decisions,
+        );
+        let flow = first.stitch(key, &mut decisions).unwrap();
         assert_eq!(flow.client_rule, ClientRule::TcpHandshake);
         // Interval 1: no SYN, and a better-ranked pod veth appears; decisions hold.
-        let second = observe(vec![
-            r("n", "eth0", In, S, C)
-                .counts(5, 500, 3, 4)
-                .flags(ACK, ACK),
-            r("n", "vethc1", In, C, S)
-                .counts(9, 900, 3, 4)
-                .flags(ACK, ACK),
-            r("n", "eth0", Out, C, S)
-                .counts(9, 900, 3, 4)
-                .flags(ACK, ACK),
-        ]);
-        let flow = second.stitch(&kinds, &mut decisions).unwrap();
+        let (_, second) = interval(
+            vec![
+                r("n", "eth0", In, S, C)
+                    .counts(5, 500, 3, 4)
+                    .flags(ACK, ACK),
+                r("n", "vethc1", In, C, S)
+                    .counts(9, 900, 3, 4)
+                    .flags(ACK, ACK),
+                r("n", "eth0", Out, C, S)
+                    .counts(9, 900, 3, 4)
+                    .flags(ACK, ACK),
+            ],
+            &decisions,
+        );
+        let flow = second.stitch(key, &mut decisions).unwrap();
         assert_eq!(flow.client_rule, ClientRule::TcpHandshake);
         assert_eq!(flow.client.port, 51000);
         let sent = flow.client_to_server.unwrap();
@@ -667,12 +721,15 @@ mod tests {
             ("eth0", 9)
         );
         // Interval 2: the counting point of the answers has not reported yet: nothing counted.
-        let third = observe(vec![
-            r("n", "eth0", Out, C, S)
-                .counts(1, 60, 5, 5)
-                .flags(ACK, ACK),
-        ]);
-        let flow = third.stitch(&kinds, &mut decisions).unwrap();
+        let (_, third) = interval(
+            vec![
+                r("n", "eth0", Out, C, S)
+                    .counts(1, 60, 5, 5)
+                    .flags(ACK, ACK),
+            ],
+            &decisions,
+        );
+        let flow = third.stitch(key, &mut decisions).unwrap();
         assert!(flow.server_to_client.is_none());
         assert_eq!(flow.client_to_server.unwrap().counts.packets, 1);
     }
