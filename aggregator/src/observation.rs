@@ -292,6 +292,26 @@ fn narrow(field: &'static str, value: u32, bits: u32) -> Result<u32, InvalidReco
 mod tests {
     use super::*;
 
+    #[test]
+    fn points_are_shared_and_forgotten_when_unused() {
+        let point = |i: usize| ObservationPoint {
+            node: "node-a".into(),
+            interface: format!("veth{i}"),
+            hook: Hook::Ingress,
+        };
+        let mut points = Points::default();
+        let kept = points.intern(&point(0));
+        assert!(Arc::ptr_eq(&kept, &points.intern(&point(0))), "one copy");
+        for i in 1..Points::MIN_COLLECT_AT {
+            drop(points.intern(&point(i)));
+        }
+        assert_eq!(points.len(), Points::MIN_COLLECT_AT);
+        // The set is full: the next new point collects those only the set holds.
+        let _new = points.intern(&point(5_000));
+        assert_eq!(points.len(), 2, "the kept point and the new one");
+        assert!(Arc::ptr_eq(&kept, &points.intern(&point(0))));
+    }
+
     fn record() -> FlowRecord {
         FlowRecord {
             node_name: "node-a".into(),

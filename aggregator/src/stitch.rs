@@ -735,6 +735,48 @@ mod tests {
     }
 
     #[test]
+    fn the_counting_point_does_not_depend_on_the_order_records_arrive_in() {
+        // Two host-side egress points tie on rank; the earlier first packet wins, even though
+        // its earliest record arrives last. The pod veth (better rank) arrives after both.
+        let records = || {
+            vec![
+                r("n", "eth1", Out, C, S).counts(2, 200, 20, 29),
+                r("n", "bond0", Out, C, S).counts(3, 300, 15, 25),
+                r("n", "eth1", Out, C, S).counts(1, 100, 10, 11),
+                r("n", "eth1", In, S, C).counts(4, 400, 30, 31),
+            ]
+        };
+        let flow = stitch(records());
+        let sent = flow.client_to_server.clone().unwrap();
+        assert_eq!(
+            (
+                sent.point.interface.as_str(),
+                sent.counts.packets,
+                sent.counts.bytes
+            ),
+            ("eth1", 3, 300),
+            "eth1's two records, first packet at 10"
+        );
+        let mut reversed = records();
+        reversed.reverse();
+        assert_eq!(stitch(reversed), flow);
+        let mut with_veth = records();
+        with_veth.push(r("n", "vethc1", In, C, S).counts(7, 700, 12, 13));
+        let flow = stitch(with_veth);
+        let sent = flow.client_to_server.unwrap();
+        assert_eq!(
+            (sent.point.interface.as_str(), sent.counts.packets),
+            ("vethc1", 7)
+        );
+        assert_eq!(
+            flow.points.len(),
+            4,
+            "every point that saw it, counted or not"
+        );
+        assert_eq!((flow.start_unix_nanos, flow.end_unix_nanos), (10, 31));
+    }
+
+    #[test]
     fn interim_records_of_one_point_add_up() {
         let flow = stitch(vec![
             r("n", "eth0", Out, C, S)
