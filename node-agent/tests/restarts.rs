@@ -86,16 +86,15 @@ fn aggregator_binary() -> PathBuf {
     binary
 }
 
-#[test]
-fn a_connection_survives_an_aggregator_kill_and_an_agent_restart() {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let receiver = Receiver::default();
-    let otlp = serve(&receiver, &runtime);
-    let data = tempfile::tempdir().unwrap();
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut aggregator = Some(AggregatorProcess::start(listen, otlp, data.path()));
+/// One node namespace and two pods on it: the client (10.91.1.2, on `vethc`) and the server
+/// (10.91.1.3, on `veths`).
+struct OneNode {
+    node: Netns,
+    client: Netns,
+    server: Netns,
+}
 
-    // One node, two pods on it.
+fn one_node_two_pods() -> OneNode {
     let node = Netns::new();
     let client = Netns::new();
     let server = Netns::new();
@@ -114,6 +113,58 @@ fn a_connection_survives_an_aggregator_kill_and_an_agent_restart() {
     };
     pod("vethc", &client, "10.91.1.2");
     pod("veths", &server, "10.91.1.3");
+    OneNode {
+        node,
+        client,
+        server,
+    }
+}
+
+/// What the TCP stacks put on the wire for `payload` bytes on one side (IPv4 + TCP headers with
+/// timestamps, the handshake's longer SYN).
+fn wire(side: &TcpSide, payload: u64) -> u64 {
+    payload + side.bytes_retrans + 60 + (side.segments - 1) * 52
+}
+
+/// Bytes and packets of the CLIENT spans of connections to `port`, each way:
+/// (sent, packets sent, received, packets received).
+fn span_totals(receiver: &Receiver, port: i64) -> (u64, u64, u64, u64) {
+    let mut totals = (0, 0, 0, 0);
+    for (_, span) in receiver.spans_with_service() {
+        if span.kind == SpanKind::Client as i32 && int(&span, "destination.port") == port {
+            totals.0 += int(&span, "flow.bytes.sent") as u64;
+            totals.1 += int(&span, "flow.packets.sent") as u64;
+            totals.2 += int(&span, "flow.bytes.received") as u64;
+            totals.3 += int(&span, "flow.packets.received") as u64;
+        }
+    }
+    totals
+}
+
+/// Waits (bounded: 30 s) until the spans to `port` carry `sent` bytes; then a little longer, for
+/// anything that should not come.
+fn wait_for_bytes_sent(receiver: &Receiver, port: i64, sent: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while span_totals(receiver, port).0 < sent && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+}
+
+#[test]
+fn a_connection_survives_an_aggregator_kill_and_an_agent_restart() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let receiver = Receiver::default();
+    let otlp = serve(&receiver, &runtime);
+    let data = tempfile::tempdir().unwrap();
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut aggregator = Some(AggregatorProcess::start(listen, otlp, data.path()));
+
+    let OneNode {
+        node,
+        client,
+        server,
+    } = one_node_two_pods();
     let args = [
         "--aggregator",
         &format!("http://{listen}"),
@@ -151,28 +202,9 @@ fn a_connection_survives_an_aggregator_kill_and_an_agent_restart() {
         },
     );
 
-    // Wait (bounded) until the spans add up to what the stacks sent.
-    let wire =
-        |side: &TcpSide, payload: u64| payload + side.bytes_retrans + 60 + (side.segments - 1) * 52;
     let sent = wire(&exchange.client_side, 3 * PART as u64);
     let received = wire(&exchange.server_side, 20_000 + 2);
-    let totals = || {
-        let mut totals = (0, 0, 0, 0);
-        for (_, span) in receiver.spans_with_service() {
-            if span.kind == SpanKind::Client as i32 && int(&span, "destination.port") == 9000 {
-                totals.0 += int(&span, "flow.bytes.sent") as u64;
-                totals.1 += int(&span, "flow.packets.sent") as u64;
-                totals.2 += int(&span, "flow.bytes.received") as u64;
-                totals.3 += int(&span, "flow.packets.received") as u64;
-            }
-        }
-        totals
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while totals().0 < sent && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_secs(2)); // nothing more may arrive
+    wait_for_bytes_sent(&receiver, 9000, sent);
     agent.take().unwrap().stop();
     drop(aggregator.take());
 
@@ -202,7 +234,7 @@ fn a_connection_survives_an_aggregator_kill_and_an_agent_restart() {
         "client and server stay right across the restarts: {clients:#?}"
     );
     assert_eq!(
-        totals(),
+        span_totals(&receiver, 9000),
         (
             sent,
             exchange.client_side.segments,
@@ -211,5 +243,73 @@ fn a_connection_survives_an_aggregator_kill_and_an_agent_restart() {
         ),
         "{} CLIENT spans ({duplicates} re-deliveries): {clients:#?}",
         clients.len()
+    );
+}
+
+#[test]
+fn an_aggregator_that_lost_its_data_dir_takes_the_agent_on_again() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let receiver = Receiver::default();
+    let otlp = serve(&receiver, &runtime);
+    let data = tempfile::tempdir().unwrap();
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let aggregator = AggregatorProcess::start(listen, otlp, data.path());
+    let OneNode {
+        node,
+        client,
+        server,
+    } = one_node_two_pods();
+    let args = [
+        "--aggregator",
+        &format!("http://{listen}"),
+        "--node-name",
+        "node-w",
+        "--tcp-close-timeout",
+        "1s",
+        "--active-timeout",
+        "1s",
+    ];
+    let agent = Agent::start(&node, "veth*", &args);
+    let before = tcp_exchange(
+        &client,
+        &server,
+        "10.91.1.3:9000".parse().unwrap(),
+        30_000,
+        3_000,
+    );
+    wait_for_bytes_sent(&receiver, 9000, wire(&before.client_side, 30_000));
+
+    // The replica loses its disk: killed, its data dir gone, started again empty.
+    aggregator.kill();
+    std::fs::remove_dir_all(data.path()).unwrap();
+    std::fs::create_dir(data.path()).unwrap();
+    let aggregator = AggregatorProcess::start(listen, otlp, data.path());
+    let after = tcp_exchange(
+        &client,
+        &server,
+        "10.91.1.3:9001".parse().unwrap(),
+        40_000,
+        4_000,
+    );
+    let sent = wire(&after.client_side, 40_000);
+    wait_for_bytes_sent(&receiver, 9001, sent);
+
+    let lost = agent.metric("mermin_agent_sink_batches_lost_total");
+    let (status, _) = agent.stop();
+    drop(aggregator);
+    assert!(status.success(), "agent exit: {status}");
+    assert!(
+        lost.is_some_and(|lost| lost >= 1),
+        "the batches acknowledged before the wipe are counted as lost: {lost:?}"
+    );
+    assert_eq!(
+        span_totals(&receiver, 9001),
+        (
+            sent,
+            after.client_side.segments,
+            wire(&after.server_side, 4_000),
+            after.server_side.segments
+        ),
+        "the connection after the wipe arrives whole: nothing the agent sent was refused"
     );
 }
