@@ -120,6 +120,23 @@ fn one_node_two_pods() -> OneNode {
     }
 }
 
+/// The agent on `node`'s veths, reporting as `name` to the aggregator at `listen`, with short
+/// timeouts so that connections are reported within a second or two.
+fn start_agent(node: &Netns, listen: SocketAddr, name: &str) -> Agent {
+    let aggregator = format!("http://{listen}");
+    let args = [
+        "--aggregator",
+        &aggregator,
+        "--node-name",
+        name,
+        "--tcp-close-timeout",
+        "1s",
+        "--active-timeout",
+        "1s",
+    ];
+    Agent::start(node, "veth*", &args)
+}
+
 /// What the TCP stacks put on the wire for `payload` bytes on one side (IPv4 + TCP headers with
 /// timestamps, the handshake's longer SYN).
 fn wire(side: &TcpSide, payload: u64) -> u64 {
@@ -165,17 +182,7 @@ fn a_connection_survives_an_aggregator_kill_and_an_agent_restart() {
         client,
         server,
     } = one_node_two_pods();
-    let args = [
-        "--aggregator",
-        &format!("http://{listen}"),
-        "--node-name",
-        "node-r",
-        "--tcp-close-timeout",
-        "1s",
-        "--active-timeout",
-        "1s",
-    ];
-    let mut agent = Some(Agent::start(&node, "veth*", &args));
+    let mut agent = Some(start_agent(&node, listen, "node-r"));
 
     const PART: usize = 150_000;
     let exchange = tcp_conversation(
@@ -197,7 +204,7 @@ fn a_connection_survives_an_aggregator_kill_and_an_agent_restart() {
                 aggregator = Some(AggregatorProcess::start(listen, otlp, data.path()));
                 let (status, _) = agent.take().unwrap().stop();
                 assert!(status.success(), "agent exit: {status}");
-                agent = Some(Agent::start(&node, "veth*", &args));
+                agent = Some(start_agent(&node, listen, "node-r"));
             }
         },
     );
@@ -259,17 +266,7 @@ fn an_aggregator_that_lost_its_data_dir_takes_the_agent_on_again() {
         client,
         server,
     } = one_node_two_pods();
-    let args = [
-        "--aggregator",
-        &format!("http://{listen}"),
-        "--node-name",
-        "node-w",
-        "--tcp-close-timeout",
-        "1s",
-        "--active-timeout",
-        "1s",
-    ];
-    let agent = Agent::start(&node, "veth*", &args);
+    let agent = start_agent(&node, listen, "node-w");
     let before = tcp_exchange(
         &client,
         &server,
