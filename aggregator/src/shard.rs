@@ -37,7 +37,7 @@ use crate::{
     observation::Observation,
     span::{Enrichment, flow_spans},
     stitch::{Measured, Side},
-    store::{BootId, Change, Checkpoint, Store},
+    store::{BootId, Change, Checkpoint, Store, StoreError},
 };
 use actix::{
     Actor, ActorContext, ActorFutureExt, Addr, AsyncContext, Context, Handler, Message, Recipient,
@@ -298,6 +298,16 @@ impl FlowShard {
                     }
                     for line in &unsaved.summaries {
                         println!("{line}");
+                    }
+                }
+                Ok((unsaved, _, Err(StoreError::NotDurable(err)))) => {
+                    // Applied: queued for export, durable with the next write that succeeds
+                    // (the positions stay moved, so the next tick makes one).
+                    tracing::error!(shard = shard.id, %err, "checkpoint written but not durable; the next one makes it so");
+                    metrics.checkpoint_failures.inc();
+                    metrics.intervals_emitted.inc_by(unsaved.intervals);
+                    if !unsaved.outbox.is_empty() {
+                        let _ = shard.context.exporter.try_send(OutboxChanged);
                     }
                 }
                 Ok((mut unsaved, _, Err(err))) => {

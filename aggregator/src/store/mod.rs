@@ -64,6 +64,12 @@ pub enum StoreError {
     OutOfOrder { sequence: u64, last: u64 },
     #[error("store: corrupt entry: {0}")]
     Corrupt(String),
+    /// A checkpoint was applied but could not be made durable (the disk failed after the write
+    /// was taken): it must not be written again — its export requests would be queued twice —
+    /// and it becomes durable with the next write that succeeds. Until then a crash loses it
+    /// and a restart replays its batches from the log.
+    #[error("store: written but not durable: {0}")]
+    NotDurable(String),
 }
 
 /// A connection's serialized key and state (`None`: forgotten), as a checkpoint writes it.
@@ -188,7 +194,9 @@ pub trait Storage: Send + Sync + 'static {
     fn batches(&self) -> Box<dyn Iterator<Item = Result<(BootId, Batch), StoreError>> + '_>;
 
     /// Writes one shard's checkpoint atomically and durably (blocking), then drops the batches
-    /// every shard is past. `positions` holds the agents whose position moved.
+    /// every shard is past. `positions` holds the agents whose position moved. On
+    /// [`StoreError::NotDurable`] the checkpoint is applied: write its positions again later (so
+    /// that a write makes it durable), not its changes and requests.
     fn checkpoint(&self, checkpoint: Checkpoint<'_>) -> Result<(), StoreError>;
 
     /// Every shard's last checkpoint: positions and connection states.

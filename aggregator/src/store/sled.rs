@@ -49,6 +49,9 @@ pub struct SledStore {
     outbox_count: Arc<AtomicU64>,
     /// Why the last write failed, until a write succeeds (for `/readyz`).
     write_failure: Arc<std::sync::Mutex<Option<String>>>,
+    /// Per agent, the first batch whose append failed after sled applied it in memory: from
+    /// there on nothing counts as durable until it is written again.
+    not_durable: Arc<std::sync::Mutex<HashMap<BootId, u64>>>,
 }
 
 impl SledStore {
@@ -77,6 +80,7 @@ impl SledStore {
             outbox_bytes: Arc::new(AtomicU64::new(outbox_bytes)),
             outbox_count: Arc::new(AtomicU64::new(outbox_count)),
             write_failure: Arc::default(),
+            not_durable: Arc::default(),
             connections: db.open_tree("connections")?,
             positions: db.open_tree("positions")?,
             db,
@@ -130,12 +134,19 @@ impl SledStore {
                     Ok(())
                 },
             );
-        if let Err(err) = committed(result) {
+        let uncount = || {
             self.outbox_bytes.fetch_sub(outbox_bytes, Ordering::Relaxed);
             self.outbox_count.fetch_sub(outbox_count, Ordering::Relaxed);
+        };
+        if let Err(err) = committed(result) {
+            uncount();
             return Err(err);
         }
-        self.db.flush()?;
+        if let Err(err) = self.db.flush() {
+            // Applied, not durable: written again it would be queued twice (see
+            // `StoreError::NotDurable`).
+            return Err(StoreError::NotDurable(err.to_string()));
+        }
         for boot_id in checkpoint.positions.keys() {
             self.drop_applied_batches(boot_id)?;
         }
@@ -322,11 +333,15 @@ impl SledStore {
     async fn append_batch(&self, boot_id: &BootId, batch: &Batch) -> Result<(), StoreError> {
         let encoded = batch.encode_to_vec();
         let sequence = batch.sequence;
+        let not_durable = self.not_durable_from(boot_id);
         let result = (&self.agents, &self.batches).transaction(|(agents, batches)| {
-            let last = match agents.get(boot_id)? {
+            let stored = match agents.get(boot_id)? {
                 None => 0,
                 Some(bytes) => decode_u64(&bytes).map_err(ConflictableTransactionError::Abort)?,
             };
+            // A batch whose write failed is there in memory but was never acknowledged: the
+            // agent sends it again, and it is written again.
+            let last = not_durable.map_or(stored, |from| stored.min(from - 1));
             if sequence != last + 1 {
                 return Err(ConflictableTransactionError::Abort(
                     StoreError::OutOfOrder { sequence, last },
@@ -336,8 +351,32 @@ impl SledStore {
             batches.insert(batch_key(boot_id, sequence).as_slice(), encoded.as_slice())?;
             Ok(())
         });
-        self.observe_write(committed(result))?;
-        self.observe_write(self.db.flush_async().await.map(drop).map_err(Into::into))
+        let written = match committed(result) {
+            Ok(()) => self.db.flush_async().await.map(drop).map_err(Into::into),
+            Err(err @ StoreError::OutOfOrder { .. }) => return Err(err),
+            // sled may fail a commit after applying it in memory.
+            Err(err) => Err(err),
+        };
+        let mut pending = self.not_durable.lock().unwrap_or_else(|e| e.into_inner());
+        match &written {
+            Ok(()) => {
+                pending.remove(boot_id);
+            }
+            Err(_) => {
+                pending.entry(*boot_id).or_insert(sequence);
+            }
+        }
+        drop(pending);
+        self.observe_write(written)
+    }
+
+    /// The first sequence of `boot_id` whose write failed (in memory, not durable), if any.
+    fn not_durable_from(&self, boot_id: &BootId) -> Option<u64> {
+        self.not_durable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(boot_id)
+            .copied()
     }
 
     /// Queues an encoded export request durably; returns its outbox id.
@@ -352,7 +391,18 @@ impl SledStore {
             self.outbox_count.fetch_sub(1, Ordering::Relaxed);
             return self.observe_write(Err(err.into()));
         }
-        self.observe_write(self.db.flush_async().await.map(drop).map_err(Into::into))?;
+        if let Err(err) = self.db.flush_async().await {
+            if self
+                .outbox
+                .remove(id.to_be_bytes())
+                .is_ok_and(|r| r.is_some())
+            {
+                self.outbox_bytes
+                    .fetch_sub(request.len() as u64, Ordering::Relaxed);
+                self.outbox_count.fetch_sub(1, Ordering::Relaxed);
+            }
+            return self.observe_write(Err(err.into()));
+        }
         Ok(id)
     }
 
@@ -385,10 +435,13 @@ impl SledStore {
 impl Storage for SledStore {
     /// Highest durable sequence of `boot_id`; 0 if none.
     fn last_sequence(&self, boot_id: &BootId) -> Result<u64, StoreError> {
-        match self.agents.get(boot_id)? {
-            None => Ok(0),
-            Some(bytes) => decode_u64(&bytes),
-        }
+        let stored = match self.agents.get(boot_id)? {
+            None => 0,
+            Some(bytes) => decode_u64(&bytes)?,
+        };
+        Ok(self
+            .not_durable_from(boot_id)
+            .map_or(stored, |from| stored.min(from - 1)))
     }
 
     /// Ties `boot_id` to `node` if it is new; returns the node it was tied to before, if any.
