@@ -17,6 +17,7 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
 use crate::{
     actors::ActorRuntime,
+    admin::{Admin, AdminError},
     clock::unix_now,
     export::{ExportConfig, ExportError, Exporter},
     flow_table::FlowTable,
@@ -27,6 +28,7 @@ use crate::{
     },
     metrics::Metrics,
     observation::Observation,
+    observe::ObserveHub,
     shard::{self, SHARDS, ShardContext, ShardState, Shards, shard_of},
     stitch::InterfaceKinds,
     store::{OutboxQuota, SledStore, Store, StoreError, WhenFull},
@@ -51,6 +53,15 @@ pub struct AggregatorConfig {
     /// Where `/metrics`, `/livez` and `/readyz` are served; `None` for none.
     pub metrics_listen: Option<SocketAddr>,
     pub metadata: MetadataConfig,
+    pub admin: AdminConfig,
+}
+
+/// The admin API's port and what it keeps.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// Flows kept for `observe --last N`.
+    pub observe_ring: usize,
 }
 
 /// Where the names of a flow's ends come from, and which attribute names they get.
@@ -86,6 +97,8 @@ pub enum StartError {
     Actors(std::io::Error),
     #[error(transparent)]
     MetadataFile(#[from] ConfigError),
+    #[error("the admin API: {0}")]
+    Admin(#[from] AdminError),
 }
 
 impl StartError {
@@ -106,9 +119,12 @@ const SERVER_STOP_WAIT: Duration = Duration::from_secs(10);
 
 pub struct Aggregator {
     pub local_addr: SocketAddr,
+    /// Where the admin API listens.
+    pub admin_addr: SocketAddr,
     pub metrics: Arc<Metrics>,
     stop: watch::Sender<bool>,
     server: JoinHandle<()>,
+    admin_server: JoinHandle<()>,
     shards: Shards,
     actors: ActorRuntime,
     /// Held so that the watchers run as long as the aggregator.
@@ -156,6 +172,12 @@ impl Aggregator {
         let local_addr = listener
             .local_addr()
             .map_err(bind_error("the agent endpoint", config.listen))?;
+        let admin_listener = TcpListener::bind(config.admin.listen)
+            .await
+            .map_err(bind_error("the admin endpoint", config.admin.listen))?;
+        let admin_addr = admin_listener
+            .local_addr()
+            .map_err(bind_error("the admin endpoint", config.admin.listen))?;
         let metrics_listener = match config.metrics_listen {
             Some(addr) => Some(
                 TcpListener::bind(addr)
@@ -184,6 +206,7 @@ impl Aggregator {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let actors = ActorRuntime::start(threads).map_err(StartError::Actors)?;
         let exporter = Exporter::start_in_arbiter(actors.arbiters().get(0), move |_| exporter);
+        let observe = ObserveHub::new(config.admin.observe_ring, metrics.clone());
         let shards = shard::start(
             &actors,
             states,
@@ -192,19 +215,46 @@ impl Aggregator {
                 metrics: metrics.clone(),
                 exporter: exporter.recipient(),
                 print_flows: config.print_flows,
+                observe: observe.clone(),
                 metadata: index,
                 naming: config.metadata.naming,
             },
         );
-        let service = Ingest::new(
-            store,
+        let ingest = Ingest::new(
+            store.clone(),
             config.limits.clone(),
             shards.clone(),
             metrics.clone(),
             actors.arbiters().clone(),
         )
-        .stop_when(server_stop.clone())
-        .into_service();
+        .stop_when(server_stop.clone());
+        let admin = crate::admin::routes(Admin {
+            started_unix_nanos: unix_now(),
+            data_dir: config.data_dir.clone(),
+            agent_endpoint: local_addr,
+            store,
+            metrics: metrics.clone(),
+            agents: ingest.agents(),
+            observe,
+            outbox_max_bytes: config.outbox.max_bytes,
+            stopping: server_stop.clone(),
+        })
+        .await?;
+        let service = ingest.into_service();
+        let mut admin_stop = server_stop.clone();
+        let admin_server = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = admin_stop.wait_for(|s| *s).await;
+            };
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(admin_listener);
+            if let Err(err) = tonic::transport::Server::builder()
+                .add_routes(admin)
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+            {
+                tracing::error!(%err, "admin endpoint failed");
+            }
+        });
         let handshake_timeout = config.limits.hello_timeout;
         let server = tokio::spawn(async move {
             let shutdown = async move {
@@ -236,9 +286,11 @@ impl Aggregator {
                 }
             });
         }
-        tracing::info!(%local_addr, endpoint = %config.export.endpoint, "aggregator ready");
+        tracing::info!(%local_addr, %admin_addr, endpoint = %config.export.endpoint, "aggregator ready");
         Ok(Self {
             local_addr,
+            admin_addr,
+            admin_server,
             metrics,
             stop,
             server,
@@ -260,6 +312,13 @@ impl Aggregator {
         {
             tracing::warn!("agent streams still open after {SERVER_STOP_WAIT:?}; closing them");
             self.server.abort();
+        }
+        // Its streams end on the stop; only a client that reads nothing could hold it up.
+        if tokio::time::timeout(SERVER_STOP_WAIT, &mut self.admin_server)
+            .await
+            .is_err()
+        {
+            self.admin_server.abort();
         }
         self.shards.flush().await;
         self.actors.stop().await;

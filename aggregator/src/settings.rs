@@ -17,7 +17,7 @@ use crate::{
     export::{ExportConfig, OtlpProtocol},
     ingest::IngestLimits,
     metadata::{AttributeNaming, IndexSettings},
-    pipeline::{AggregatorConfig, MetadataConfig},
+    pipeline::{AdminConfig, AggregatorConfig, MetadataConfig},
     store::{OutboxQuota, WhenFull},
 };
 
@@ -63,6 +63,13 @@ pub struct Settings {
     /// Address of the /metrics, /livez and /readyz endpoints [metrics_listen].
     #[arg(long, default_value_t = defaults::METRICS_LISTEN)]
     pub metrics_listen: SocketAddr,
+    /// Address of the admin API: gRPC status, agents, queues, observe (with health and
+    /// reflection) [admin { listen }].
+    #[arg(long, default_value_t = defaults::ADMIN_LISTEN)]
+    pub admin_listen: SocketAddr,
+    /// Flows kept in memory for `mermin observe --last N` (0: none) [admin { observe_ring }].
+    #[arg(long, default_value_t = defaults::OBSERVE_RING)]
+    pub admin_observe_ring: usize,
     /// Directory of the durable store [data_dir].
     #[arg(long, default_value = defaults::DATA_DIR)]
     pub data_dir: PathBuf,
@@ -166,6 +173,8 @@ const FILE_KEYS: &[(&str, &str)] = &[
     ("agents_max_message_bytes", "agents.max_message_bytes"),
     ("agents_hello_timeout", "agents.hello_timeout"),
     ("agents_outbox_full_wait", "agents.outbox_full_wait"),
+    ("admin_listen", "admin.listen"),
+    ("admin_observe_ring", "admin.observe_ring"),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -254,6 +263,10 @@ impl Settings {
             grace: self.grace.into(),
             print_flows: self.print_flows,
             metrics_listen: Some(self.metrics_listen),
+            admin: AdminConfig {
+                listen: self.admin_listen,
+                observe_ring: self.admin_observe_ring,
+            },
             metadata: MetadataConfig {
                 naming: self.attribute_names,
                 index: IndexSettings {
@@ -299,6 +312,10 @@ impl Settings {
                 "max_message_bytes": self.agents_max_message_bytes,
                 "hello_timeout": duration(&self.agents_hello_timeout),
                 "outbox_full_wait": duration(&self.agents_outbox_full_wait),
+            },
+            "admin": {
+                "listen": self.admin_listen.to_string(),
+                "observe_ring": self.admin_observe_ring,
             },
         })
     }
@@ -358,11 +375,13 @@ fn endpoint(text: &str) -> Result<String, String> {
 }
 
 impl AggregatorConfig {
-    /// Agents on a free loopback port, no metrics endpoint, no metadata source, everything
-    /// else at the defaults: for embedding the aggregator (tests, benchmarks).
+    /// Agents and the admin API on free loopback ports, no metrics endpoint, no metadata
+    /// source, everything else at the defaults: for embedding the aggregator (tests,
+    /// benchmarks).
     pub fn loopback(data_dir: PathBuf, export: ExportConfig) -> Self {
         let mut config = Settings::defaults().aggregator_config();
         config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         config.data_dir = data_dir;
         config.export = export;
         config.metrics_listen = None;
@@ -425,6 +444,7 @@ metadata {
   kubernetes = false
 }
 agents { max_in_flight_batches = 4 hello_timeout = "3s" }
+admin { listen = "0.0.0.0:9093" observe_ring = 50 }
 "#;
         let s = load_file(text, &[]).unwrap();
         assert_eq!(s.otlp_endpoint, "http://tempo:4317");
@@ -458,6 +478,9 @@ agents { max_in_flight_batches = 4 hello_timeout = "3s" }
         );
         assert_eq!(json["grace"], "1m");
         assert_eq!(json["agents"]["hello_timeout"], "3s");
+        assert_eq!(s.admin_listen, "0.0.0.0:9093".parse().unwrap());
+        assert_eq!(s.admin_observe_ring, 50);
+        assert_eq!(json["admin"]["listen"], "0.0.0.0:9093");
     }
 
     #[test]
@@ -509,7 +532,7 @@ agents { max_in_flight_batches = 4 hello_timeout = "3s" }
         );
         assert_eq!(
             load_file("bogus = 1\n", &[]).unwrap_err(),
-            "mermin.hcl:1: unknown key `bogus` (known: listen, metrics_listen, data_dir, log_format, print_flows, settle, grace, outbox_max_bytes, outbox_when_full, export \"traces\", metadata, agents)"
+            "mermin.hcl:1: unknown key `bogus` (known: listen, metrics_listen, data_dir, log_format, print_flows, settle, grace, outbox_max_bytes, outbox_when_full, export \"traces\", metadata, agents, admin)"
         );
     }
 }

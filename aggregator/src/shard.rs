@@ -24,6 +24,9 @@ use std::{
     time::Duration,
 };
 
+use std::io::IsTerminal as _;
+
+use mermin_protocol::display::flow_line;
 use prost::Message as _;
 
 use crate::{
@@ -32,11 +35,11 @@ use crate::{
     export::{OutboxChanged, outbox_entry},
     flow_table::{Emitted, FlowTable},
     ingest::{AppliedBatch, BatchSink, SinkClosed},
-    metadata::{AttributeNaming, MetadataIndex, SharedIndex},
+    metadata::{AttributeNaming, SharedIndex},
     metrics::{Metrics, ShardLabel},
     observation::Observation,
+    observe::{ObserveHub, observed},
     span::{Enrichment, flow_spans},
-    stitch::{Measured, Side},
     store::{BootId, Change, Checkpoint, Store},
 };
 use actix::{
@@ -72,6 +75,8 @@ pub struct ShardContext {
     pub exporter: Recipient<OutboxChanged>,
     /// Print a one-line summary of every emitted interval on standard output.
     pub print_flows: bool,
+    /// Where emitted intervals go for the admin API's observers (once durable).
+    pub observe: ObserveHub,
     /// What spans are enriched with.
     pub metadata: SharedIndex,
     pub naming: AttributeNaming,
@@ -97,8 +102,9 @@ pub struct FlowShard {
 struct Unsaved {
     changes: Vec<Change>,
     outbox: Vec<Vec<u8>>,
-    /// `--print-flows` lines, printed once their spans are durable.
-    summaries: Vec<String>,
+    /// The intervals for `--print-flows` and the observers, published once their spans are
+    /// durable.
+    observed: Vec<mermin_protocol::admin::v1::ObservedFlow>,
     intervals: u64,
 }
 
@@ -233,10 +239,10 @@ impl FlowShard {
             self.unsaved
                 .outbox
                 .extend(encode_requests(&self.emitted, &enrichment));
-            if self.context.print_flows {
+            if self.context.print_flows || self.context.observe.wanted() {
                 self.unsaved
-                    .summaries
-                    .extend(self.emitted.iter().map(|e| summary(e, &index)));
+                    .observed
+                    .extend(self.emitted.iter().map(|e| observed(e, &index)));
             }
             self.unsaved.intervals += self.emitted.len() as u64;
             self.emitted.clear();
@@ -280,9 +286,13 @@ impl FlowShard {
                         // A full mailbox already holds a wake-up; one is enough.
                         let _ = shard.context.exporter.try_send(OutboxChanged);
                     }
-                    for line in &unsaved.summaries {
-                        println!("{line}");
+                    if shard.context.print_flows {
+                        let colour = std::io::stdout().is_terminal();
+                        for flow in &unsaved.observed {
+                            println!("{}", flow_line(flow, colour));
+                        }
                     }
+                    shard.context.observe.publish(unsaved.observed);
                 }
                 Ok((mut unsaved, _, Err(err))) => {
                     tracing::error!(shard = shard.id, %err, "cannot write checkpoint; keeping it for the next tick");
@@ -290,7 +300,7 @@ impl FlowShard {
                     // Older first: changes made since then override these when written.
                     unsaved.changes.append(&mut shard.unsaved.changes);
                     unsaved.outbox.append(&mut shard.unsaved.outbox);
-                    unsaved.summaries.append(&mut shard.unsaved.summaries);
+                    unsaved.observed.append(&mut shard.unsaved.observed);
                     unsaved.intervals += shard.unsaved.intervals;
                     shard.unsaved = unsaved;
                 }
@@ -343,6 +353,8 @@ pub fn encode_requests(emitted: &[Emitted], enrichment: &Enrichment) -> Vec<Vec<
 #[derive(Clone)]
 pub struct Shards {
     addresses: Arc<[Addr<FlowShard>]>,
+    /// Counts what each mailbox holds (`shard_mailbox_parts`).
+    metrics: Arc<Metrics>,
 }
 
 impl BatchSink for Shards {
@@ -359,18 +371,45 @@ impl BatchSink for Shards {
             .addresses
             .iter()
             .zip(parts)
-            .map(|(address, observations)| {
-                address.send(Apply(AppliedBatch {
+            .enumerate()
+            .map(|(shard, (address, observations))| {
+                let queued = Queued::new(&self.metrics, shard as ShardId);
+                let sent = address.send(Apply(AppliedBatch {
                     boot_id: batch.boot_id,
                     sequence: batch.sequence,
                     observations,
-                }))
+                }));
+                (queued, sent)
             })
             .collect();
-        for sent in sends {
-            sent.await.map_err(|_| SinkClosed)?;
+        for (queued, sent) in sends {
+            // Resolves once the shard has applied the part (or is gone).
+            let applied = sent.await;
+            drop(queued);
+            applied.map_err(|_| SinkClosed)?;
         }
         Ok(())
+    }
+}
+
+/// One part counted in its shard's `shard_mailbox_parts` until dropped (applied, or the
+/// session gave up waiting).
+struct Queued(prometheus_client::metrics::gauge::Gauge);
+
+impl Queued {
+    fn new(metrics: &Metrics, shard: ShardId) -> Self {
+        let gauge = metrics
+            .shard_mailbox_parts
+            .get_or_create(&ShardLabel { shard })
+            .clone();
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -382,6 +421,7 @@ pub struct ShardState {
 
 /// Starts one actor per state (shard `i` gets `states[i]`) on `runtime`'s arbiters.
 pub fn start(runtime: &ActorRuntime, states: Vec<ShardState>, context: ShardContext) -> Shards {
+    let metrics = context.metrics.clone();
     let addresses: Vec<Addr<FlowShard>> = states
         .into_iter()
         .enumerate()
@@ -401,6 +441,7 @@ pub fn start(runtime: &ActorRuntime, states: Vec<ShardState>, context: ShardCont
         .collect();
     Shards {
         addresses: addresses.into(),
+        metrics,
     }
 }
 
@@ -414,38 +455,6 @@ impl Shards {
             }
         }
     }
-}
-
-/// One line per flow interval, for people watching the aggregator.
-fn summary(e: &Emitted, index: &MetadataIndex) -> String {
-    let f = &e.flow;
-    // `namespace/pod` where the index knows the pod, else `address:port`.
-    let name = |side: &Side| {
-        let known = index.lookup(side.address, side.port, f.start_unix_nanos);
-        match known
-            .as_ref()
-            .and_then(|m| Some((m.namespace?, m.pod_name?)))
-        {
-            Some((namespace, pod)) => format!("{namespace}/{pod}"),
-            None => format!("{}:{}", side.address, side.port),
-        }
-    };
-    let counts = |m: &Option<Measured>| {
-        m.as_ref()
-            .map_or((0, 0), |m| (m.counts.packets, m.counts.bytes))
-    };
-    let (sent_packets, sent_bytes) = counts(&f.client_to_server);
-    let (received_packets, received_bytes) = counts(&f.server_to_client);
-    format!(
-        "span {proto:<6} {client:<26} -> {server:<26} sent {sent_packets} pkts / {sent_bytes} B, received {received_packets} pkts / {received_bytes} B, client by {rule}, {reason:?}, {points} points, interval {index}",
-        proto = crate::span::protocol_name(f.key.protocol),
-        client = name(&f.client),
-        server = name(&f.server),
-        rule = f.client_rule.as_str(),
-        reason = f.end_reason,
-        points = f.points.len(),
-        index = e.interval.index,
-    )
 }
 
 #[cfg(test)]
@@ -463,7 +472,9 @@ mod tests {
         use prost::Message as _;
 
         use crate::{
-            export::Exporter, metadata::IndexSettings, stitch::InterfaceKinds,
+            export::Exporter,
+            metadata::{IndexSettings, MetadataIndex},
+            stitch::InterfaceKinds,
             test_records::tcp_record,
         };
 
@@ -515,6 +526,7 @@ mod tests {
                 metrics: metrics.clone(),
                 exporter: exporter.recipient(),
                 print_flows: false,
+                observe: ObserveHub::new(0, metrics.clone()),
                 metadata: SharedIndex::new(MetadataIndex::new(&IndexSettings::default())),
                 naming: AttributeNaming::Seed,
             },
@@ -548,7 +560,11 @@ mod tests {
     fn export_requests_hold_at_most_a_thousand_intervals_and_every_span_once() {
         use mermin_protocol::flow::v1::EndReason;
 
-        use crate::{metadata::IndexSettings, stitch::InterfaceKinds, test_records::tcp_record};
+        use crate::{
+            metadata::{IndexSettings, MetadataIndex},
+            stitch::InterfaceKinds,
+            test_records::tcp_record,
+        };
 
         let mut table = FlowTable::new(
             InterfaceKinds::default(),
