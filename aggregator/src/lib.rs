@@ -37,3 +37,4 @@ pub mod stitch;
 pub mod store;
 #[cfg(test)]
 mod test_records;
+pub mod tls;

@@ -17,6 +17,13 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// Which endpoint, and why.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointReasonLabel {
+    pub endpoint: String,
+    pub reason: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub batches_accepted: Counter,
@@ -34,6 +41,7 @@ pub struct Metrics {
     /// Parts of agent batches sent to a shard and not yet applied (waiting for room included).
     pub shard_mailbox_parts: Family<ShardLabel, Gauge>,
     pub observe_dropped: Family<ReasonLabel, Counter>,
+    pub tls_handshake_failures: Family<EndpointReasonLabel, Counter>,
     shard_last_tick: Family<ShardLabel, Gauge>,
     /// Unix seconds of each shard's last tick (0: not started), for `/livez`.
     shard_ticks: Vec<AtomicU64>,
@@ -146,6 +154,12 @@ impl Metrics {
             "Flows an admin observe stream missed, by reason (slow_observer: it did not keep up; the pipeline never waits for it)",
             observe_dropped.clone(),
         );
+        let tls_handshake_failures = Family::default();
+        registry.register(
+            "tls_handshake_failures",
+            "Connections refused during the TLS handshake, by endpoint (agents, admin) and reason (no_client_certificate, expired_certificate, unknown_issuer, invalid_certificate, handshake, timeout, io)",
+            tls_handshake_failures.clone(),
+        );
         let intervals_emitted = Counter::default();
         registry.register(
             "intervals_emitted",
@@ -201,6 +215,7 @@ impl Metrics {
             shard_connections,
             shard_mailbox_parts,
             observe_dropped,
+            tls_handshake_failures,
             shard_last_tick,
             shard_ticks: (0..SHARDS).map(|_| AtomicU64::new(0)).collect(),
             intervals_emitted,

@@ -18,6 +18,7 @@ const ORDER: &[&str] = &[
     "metadata",
     "span",
     "metrics",
+    "tls",
     "observe",
     "export",
     "ingest",

@@ -47,7 +47,7 @@ async fn aggregator(listen: SocketAddr, otlp: SocketAddr, data: &Path, settle: &
             "--admin-listen",
             "127.0.0.1:0",
         ])
-        .arg("--kubernetes=false")
+        .args(["--kubernetes=false", "--tls-mode=disabled"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -1,5 +1,7 @@
 //! The command line: global options (endpoint, output, TLS) and one subcommand per view.
 
+use std::path::PathBuf;
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mermin_protocol::{admin::v1::ObserveRequest, display::end_reason_name, flow::v1::EndReason};
 
@@ -22,8 +24,27 @@ pub struct Cli {
     /// How answers are printed.
     #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Mutual TLS to the admin API: used when the endpoint is https:// (or any of these is given).
+#[derive(Debug, Args)]
+pub struct TlsArgs {
+    /// The CA (PEM) the aggregator's certificate must chain to.
+    #[arg(long, global = true, env = "MERMIN_ADMIN_CA")]
+    pub ca: Option<PathBuf>,
+    /// This client's certificate (PEM), signed by a CA the aggregator trusts.
+    #[arg(long, global = true, env = "MERMIN_ADMIN_CERT", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// This client's private key (PEM).
+    #[arg(long, global = true, env = "MERMIN_ADMIN_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// The name the aggregator's certificate must carry (default: the endpoint's host).
+    #[arg(long, global = true)]
+    pub server_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
