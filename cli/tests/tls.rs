@@ -5,6 +5,7 @@
 
 use std::{path::Path, process::Command, sync::Arc, time::Duration};
 
+use certs::Ca;
 use mermin_aggregator::{
     export::ExportConfig,
     metrics::Metrics,
@@ -15,36 +16,8 @@ use mermin_protocol::agent::v1::{
     AgentMessage, Hello, agent_message, agent_service_client::AgentServiceClient,
     aggregator_message,
 };
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 
-struct Ca(CertifiedIssuer<'static, KeyPair>);
-
-impl Ca {
-    fn new(name: &str) -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        Self(CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap())
-    }
-
-    /// A certificate for `localhost` (PEM certificate, PEM key), expired if `expired`.
-    fn issue(&self, expired: bool) -> (String, String) {
-        let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-        if expired {
-            params.not_before = rcgen::date_time_ymd(2019, 1, 1);
-            params.not_after = rcgen::date_time_ymd(2020, 1, 1);
-        }
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.0).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-
-    fn pem(&self) -> String {
-        self.0.pem()
-    }
-}
+mod certs;
 
 fn write(dir: &Path, name: &str, text: &str) -> String {
     let path = dir.join(name);
