@@ -49,7 +49,7 @@ else
 fi
 
 ./target/release/mermin-aggregator --listen 127.0.0.1:14600 --metrics-listen 127.0.0.1:19460 --otlp-endpoint "$endpoint" \
-  --data-dir "$out/aggregator-data" --settle 1s --print-flows \
+  --data-dir "$out/aggregator-data" --settle 1s --print-flows --tls-mode=disabled \
   --kubernetes=false --metadata-file scripts/demo-endpoints.hcl >"$out/flows.log" 2>"$out/aggregator.log" &
 aggregator_pid=$!
 pids+=($aggregator_pid)

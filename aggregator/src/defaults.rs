@@ -12,6 +12,12 @@ pub const LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPEC
 /// Where `/metrics`, `/livez` and `/readyz` are served.
 pub const METRICS_LISTEN: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 9465));
+/// Where the admin API (gRPC, with health and reflection) is served: loopback unless asked.
+pub const ADMIN_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9093));
+/// Flows the admin API keeps for `mermin observe --last N`.
+pub const OBSERVE_RING: usize = 10_000;
+/// How often the TLS certificate, key and client CA files are checked for changes.
+pub const TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 pub const DATA_DIR: &str = "mermin-data";
 pub const OTLP_ENDPOINT: &str = "http://127.0.0.1:4317";
 pub const OTLP_TIMEOUT: Duration = Duration::from_secs(10);

@@ -183,7 +183,7 @@ pub fn outbox_entry(request: &ExportTraceServiceRequest) -> Vec<u8> {
 }
 
 /// An entry's span count and request; `None` if it is too short to be one.
-fn split_entry(entry: Vec<u8>) -> Option<(u64, Bytes)> {
+pub fn split_entry(entry: Vec<u8>) -> Option<(u64, Bytes)> {
     let spans = u32::from_be_bytes(entry.get(..4)?.try_into().ok()?);
     Some((u64::from(spans), Bytes::from(entry).slice(4..)))
 }

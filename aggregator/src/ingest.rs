@@ -114,27 +114,139 @@ pub struct Ingest<S> {
     arbiters: Arbiters,
     /// Turns true when the aggregator stops: every session ends its stream.
     stopping: watch::Receiver<bool>,
-    /// Boot ids with an open stream.
-    open_streams: OpenStreams,
+    /// The agents with an open stream.
+    agents: Agents,
     /// Told when a new agent process binds: earlier ones of its node may be over.
     agent_bound: Arc<Notify>,
 }
 
-/// The boot ids that have a stream open: one stream per agent process.
+/// Over how long [`AgentInfo::records_per_second`] is measured.
+pub const RATE_WINDOW: Duration = Duration::from_secs(10);
+
+/// The agents with a stream open — one stream per agent process (boot id) — and what the
+/// admin API shows of them. Sessions write it; [`Agents::snapshot`] reads it.
 #[derive(Clone, Default)]
-struct OpenStreams(Arc<std::sync::Mutex<HashSet<BootId>>>);
+pub struct Agents(Arc<std::sync::Mutex<AgentsInner>>);
 
-impl OpenStreams {
-    fn claim(&self, id: BootId) -> bool {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(id)
+#[derive(Default)]
+struct AgentsInner {
+    open: std::collections::HashMap<BootId, AgentInfo>,
+    /// Streams each node opened since start.
+    streams_by_node: std::collections::HashMap<String, u64>,
+}
+
+/// One connected agent, as of the last batch it had acknowledged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentInfo {
+    pub node: String,
+    pub agent_version: String,
+    pub boot_id: BootId,
+    pub connected_unix_nanos: u64,
+    pub last_acked_sequence: u64,
+    /// At the last ack: how long before it the newest record of that batch ended.
+    pub lag_millis: u64,
+    /// Over the last [`RATE_WINDOW`] before the snapshot.
+    pub records_per_second: f64,
+    /// Streams its node opened since the aggregator started, beyond the first.
+    pub reconnects: u64,
+    pub records_accepted: u64,
+    /// Records accepted per Unix second, the newest last (the last `RATE_WINDOW` only).
+    recent: std::collections::VecDeque<(u64, u64)>,
+}
+
+impl Agents {
+    fn lock(&self) -> std::sync::MutexGuard<'_, AgentsInner> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn release(&self, id: &BootId) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+    /// Opens `hello`'s stream; false if its boot id has one open already.
+    fn claim(&self, boot_id: BootId, hello: &Hello, last: u64, now: u64) -> bool {
+        let mut agents = self.lock();
+        if agents.open.contains_key(&boot_id) {
+            return false;
+        }
+        let streams = agents
+            .streams_by_node
+            .entry(hello.node_name.clone())
+            .or_insert(0);
+        *streams += 1;
+        let reconnects = *streams - 1;
+        agents.open.insert(
+            boot_id,
+            AgentInfo {
+                node: hello.node_name.clone(),
+                agent_version: hello.agent_version.clone(),
+                boot_id,
+                connected_unix_nanos: now,
+                last_acked_sequence: last,
+                lag_millis: 0,
+                records_per_second: 0.0,
+                reconnects,
+                records_accepted: 0,
+                recent: Default::default(),
+            },
+        );
+        true
     }
 
-    fn snapshot(&self) -> HashSet<BootId> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    fn release(&self, boot_id: &BootId) {
+        self.lock().open.remove(boot_id);
+    }
+
+    /// A batch of `records` records, the newest ending at `newest_end`, was acknowledged at `now`.
+    fn acked(&self, boot_id: &BootId, sequence: u64, records: u64, newest_end: u64, now: u64) {
+        let mut agents = self.lock();
+        let Some(agent) = agents.open.get_mut(boot_id) else {
+            return;
+        };
+        agent.last_acked_sequence = sequence;
+        if records > 0 {
+            agent.lag_millis = now.saturating_sub(newest_end) / 1_000_000;
+        }
+        agent.records_accepted += records;
+        let second = now / 1_000_000_000;
+        match agent.recent.back_mut() {
+            Some((at, count)) if *at == second => *count += records,
+            _ => agent.recent.push_back((second, records)),
+        }
+        let window = RATE_WINDOW.as_secs();
+        while agent
+            .recent
+            .front()
+            .is_some_and(|(at, _)| at + window <= second)
+        {
+            agent.recent.pop_front();
+        }
+    }
+
+    /// Every connected agent at `now` (Unix nanoseconds), sorted by node then boot id.
+    pub fn snapshot(&self, now: u64) -> Vec<AgentInfo> {
+        let window = RATE_WINDOW.as_secs();
+        let second = now / 1_000_000_000;
+        let mut agents: Vec<AgentInfo> = self
+            .lock()
+            .open
+            .values()
+            .map(|agent| {
+                let recent: u64 = agent
+                    .recent
+                    .iter()
+                    .filter(|(at, _)| at + window > second)
+                    .map(|(_, count)| count)
+                    .sum();
+                AgentInfo {
+                    records_per_second: recent as f64 / window as f64,
+                    ..agent.clone()
+                }
+            })
+            .collect();
+        agents.sort_by(|a, b| (&a.node, a.boot_id).cmp(&(&b.node, b.boot_id)));
+        agents
+    }
+
+    /// The boot ids with a stream open.
+    fn open_boot_ids(&self) -> HashSet<BootId> {
+        self.lock().open.keys().copied().collect()
     }
 }
 
@@ -154,9 +266,14 @@ impl<S: BatchSink> Ingest<S> {
             arbiters,
             // Never stops unless told (see `stop_when`).
             stopping: watch::channel(false).1,
-            open_streams: OpenStreams::default(),
+            agents: Agents::default(),
             agent_bound: Arc::default(),
         }
+    }
+
+    /// The connected agents (for the admin API).
+    pub fn agents(&self) -> Agents {
+        self.agents.clone()
     }
 
     /// Ends every session (stream) once `stopping` turns true, with UNAVAILABLE: the agents
@@ -181,7 +298,7 @@ impl<S: BatchSink> Ingest<S> {
                 }
                 () = tokio::time::sleep(RETIRE_EVERY) => {}
             }
-            let (store, open) = (self.store.clone(), self.open_streams.snapshot());
+            let (store, open) = (self.store.clone(), self.agents.open_boot_ids());
             match tokio::task::spawn_blocking(move || store.retire_superseded(&open)).await {
                 Ok(Ok(retirement)) => {
                     self.metrics.agents_known.set(retirement.known as i64);
@@ -278,7 +395,7 @@ const STOPPING: &str = "the aggregator is shutting down";
 impl<S> Drop for Session<S> {
     fn drop(&mut self) {
         if let Some(boot_id) = self.worker.claimed.get() {
-            self.worker.ingest.open_streams.release(boot_id);
+            self.worker.ingest.agents.release(boot_id);
         }
     }
 }
@@ -327,7 +444,7 @@ impl<S: BatchSink> StreamHandler<Result<AgentMessage, Status>> for Session<S> {
 struct Worker<S> {
     ingest: Ingest<S>,
     answers: mpsc::Sender<Result<AggregatorMessage, Status>>,
-    /// This stream holds its boot id in `open_streams` (released when the session stops).
+    /// This stream holds its boot id in `agents` (released when the session stops).
     claimed: Arc<std::sync::OnceLock<BootId>>,
 }
 
@@ -419,7 +536,13 @@ impl<S: BatchSink> Worker<S> {
             }
             _ => {}
         }
-        if !self.ingest.open_streams.claim(boot_id) {
+        let last = self
+            .ingest
+            .store
+            .last_sequence(&boot_id)
+            .map_err(internal)?;
+        let now = crate::clock::unix_now();
+        if !self.ingest.agents.claim(boot_id, &hello, last, now) {
             return Err(Status::failed_precondition(format!(
                 "a stream of agent {} (boot id {}) is already open; one stream per agent process",
                 hello.node_name,
@@ -427,11 +550,6 @@ impl<S: BatchSink> Worker<S> {
             )));
         }
         let _ = self.claimed.set(boot_id);
-        let last = self
-            .ingest
-            .store
-            .last_sequence(&boot_id)
-            .map_err(internal)?;
         self.send(aggregator_message::Message::Welcome(Welcome {
             last_durable_sequence: last,
             max_in_flight_batches: self.ingest.limits.max_in_flight_batches,
@@ -521,6 +639,19 @@ impl<S: BatchSink> Worker<S> {
             })
             .await
             .map_err(|_| Status::unavailable("the aggregator is shutting down"))?;
+        let newest_end = batch
+            .records
+            .iter()
+            .map(|r| r.last_seen_unix_nanos)
+            .max()
+            .unwrap_or(0);
+        self.ingest.agents.acked(
+            &agent.boot_id,
+            sequence,
+            batch.records.len() as u64,
+            newest_end,
+            crate::clock::unix_now(),
+        );
         self.ack(sequence).await
     }
 
@@ -660,7 +791,8 @@ fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// `bytes` in lowercase hex (how boot ids are shown).
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

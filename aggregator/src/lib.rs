@@ -9,11 +9,13 @@
 //! Data flows through one module per stage: `ingest` (agent sessions: validation, durable append
 //! to `store`, acks) → `shard` (the flow table split by connection key: `observation` →
 //! `connection_key` → `flow_table` → `stitch` → `span`, checkpointed) → `export` (the outbox to
-//! OTLP). `actors` runs the actix actors, `pipeline` wires and recovers them, `settings` is the one
+//! OTLP). Beside them, `admin` serves the admin API (status, agents, queues, and `observe`, the
+//! feed of emitted flows). `actors` runs the actix actors, `pipeline` wires and recovers them, `settings` is the one
 //! settings model (flags, HCL keys via `config` and `hcl`, defaults in `defaults`), `metrics`
 //! declares every metric.
 
 pub mod actors;
+pub mod admin;
 pub mod clock;
 pub mod config;
 pub mod connection_key;
@@ -25,6 +27,7 @@ pub mod ingest;
 pub mod metadata;
 pub mod metrics;
 pub mod observation;
+pub mod observe;
 pub mod pipeline;
 pub mod placement;
 pub mod settings;
@@ -34,3 +37,4 @@ pub mod stitch;
 pub mod store;
 #[cfg(test)]
 mod test_records;
+pub mod tls;

@@ -29,6 +29,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let config = match settings.aggregator_config() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(2);
+        }
+    };
     if settings.check_config {
         println!("{:#}", settings.effective_json());
         return ExitCode::SUCCESS;
@@ -42,7 +49,7 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let aggregator = match Aggregator::start(settings.aggregator_config()).await {
+        let aggregator = match Aggregator::start(config).await {
             Ok(aggregator) => aggregator,
             Err(err) => {
                 eprintln!("error: {err}");

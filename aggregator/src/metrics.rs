@@ -17,6 +17,13 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// Which endpoint, and why.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointReasonLabel {
+    pub endpoint: String,
+    pub reason: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub batches_accepted: Counter,
@@ -31,6 +38,10 @@ pub struct Metrics {
     pub outbox_bytes: Gauge,
     pub spans_dropped: Family<ReasonLabel, Counter>,
     pub shard_connections: Family<ShardLabel, Gauge>,
+    /// Parts of agent batches sent to a shard and not yet applied (waiting for room included).
+    pub shard_mailbox_parts: Family<ShardLabel, Gauge>,
+    pub observe_dropped: Family<ReasonLabel, Counter>,
+    pub tls_handshake_failures: Family<EndpointReasonLabel, Counter>,
     shard_last_tick: Family<ShardLabel, Gauge>,
     /// Unix seconds of each shard's last tick (0: not started), for `/livez`.
     shard_ticks: Vec<AtomicU64>,
@@ -133,6 +144,24 @@ impl Metrics {
             "Connections a flow shard holds (open, or closed and waiting for late records)",
             shard_connections.clone(),
         );
+        let shard_mailbox_parts = Family::default();
+        registry.register(
+            "shard_mailbox_parts",
+            "Parts of agent batches sent to a flow shard and not yet applied (queued or waiting for room)",
+            shard_mailbox_parts.clone(),
+        );
+        let observe_dropped = Family::default();
+        registry.register(
+            "observe_flows_dropped",
+            "Flows an admin observe stream missed, by reason (slow_observer: it did not keep up; the pipeline never waits for it)",
+            observe_dropped.clone(),
+        );
+        let tls_handshake_failures = Family::default();
+        registry.register(
+            "tls_handshake_failures",
+            "Connections refused during the TLS handshake, by endpoint (agents, admin) and reason (no_client_certificate, expired_certificate, unknown_issuer, invalid_certificate, handshake, timeout, io)",
+            tls_handshake_failures.clone(),
+        );
         let intervals_emitted = Counter::default();
         registry.register(
             "intervals_emitted",
@@ -200,6 +229,9 @@ impl Metrics {
             outbox_bytes,
             spans_dropped,
             shard_connections,
+            shard_mailbox_parts,
+            observe_dropped,
+            tls_handshake_failures,
             shard_last_tick,
             shard_ticks: (0..SHARDS).map(|_| AtomicU64::new(0)).collect(),
             intervals_emitted,
@@ -251,6 +283,26 @@ impl Metrics {
                 reason: reason.to_owned(),
             })
             .inc_by(spans);
+    }
+
+    /// Every series of `family` (a counter by reason) that has been counted, as `(reason,
+    /// count)` sorted by reason: what the admin API reports.
+    pub fn by_reason(family: &Family<ReasonLabel, Counter>) -> Vec<(String, u64)> {
+        // The family is read through its own exposition: it offers no iteration.
+        let mut registry = Registry::default();
+        registry.register("m", "", family.clone());
+        let mut text = String::new();
+        let _ = encode(&mut text, &registry);
+        let mut counts: Vec<(String, u64)> = text
+            .lines()
+            .filter_map(|line| {
+                let rest = line.strip_prefix("m_total{reason=\"")?;
+                let (reason, value) = rest.split_once("\"} ")?;
+                Some((reason.to_owned(), value.parse().ok()?))
+            })
+            .collect();
+        counts.sort();
+        counts
     }
 
     /// Prometheus text exposition of every metric.
@@ -345,6 +397,22 @@ mod tests {
             metrics
                 .render()
                 .contains("mermin_aggregator_shard_last_tick_seconds{shard=\"3\"} 1021")
+        );
+    }
+
+    #[test]
+    fn counts_by_reason_are_read_back_sorted() {
+        let metrics = Metrics::new();
+        assert_eq!(Metrics::by_reason(&metrics.spans_rejected), []);
+        metrics.rejected("partial_success", 3);
+        metrics.rejected("invalid_argument", 2);
+        metrics.rejected("partial_success", 1);
+        assert_eq!(
+            Metrics::by_reason(&metrics.spans_rejected),
+            [
+                ("invalid_argument".to_owned(), 2),
+                ("partial_success".to_owned(), 4)
+            ]
         );
     }
 }

@@ -17,6 +17,7 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
 use crate::{
     actors::ActorRuntime,
+    admin::{Admin, AdminError},
     clock::unix_now,
     export::{ExportConfig, ExportError, Exporter},
     flow_table::FlowTable,
@@ -25,11 +26,13 @@ use crate::{
     metadata::{
         AttributeNaming, IndexSettings, MetadataIndex, SharedIndex, kube::KubeWatchers, static_file,
     },
-    metrics::Metrics,
+    metrics::{EndpointReasonLabel, Metrics},
     observation::Observation,
+    observe::ObserveHub,
     shard::{self, SHARDS, ShardContext, ShardState, Shards, shard_of},
     stitch::InterfaceKinds,
     store::{OutboxQuota, SledStore, Store, StoreError, WhenFull},
+    tls::{ServerTls, TlsError, TlsFiles},
 };
 
 #[derive(Debug, Clone)]
@@ -51,6 +54,24 @@ pub struct AggregatorConfig {
     /// Where `/metrics`, `/livez` and `/readyz` are served; `None` for none.
     pub metrics_listen: Option<SocketAddr>,
     pub metadata: MetadataConfig,
+    pub admin: AdminConfig,
+    /// Mutual TLS on the agent endpoint and the admin API; `None`: plaintext.
+    pub tls: Option<ServerTlsConfig>,
+}
+
+/// A server's TLS files and how often they are checked for changes.
+#[derive(Debug, Clone)]
+pub struct ServerTlsConfig {
+    pub files: TlsFiles,
+    pub reload_interval: Duration,
+}
+
+/// The admin API's port and what it keeps.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// Flows kept for `observe --last N`.
+    pub observe_ring: usize,
 }
 
 /// Where the names of a flow's ends come from, and which attribute names they get.
@@ -86,6 +107,10 @@ pub enum StartError {
     Actors(std::io::Error),
     #[error(transparent)]
     MetadataFile(#[from] ConfigError),
+    #[error("the admin API: {0}")]
+    Admin(#[from] AdminError),
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
 }
 
 impl StartError {
@@ -94,7 +119,9 @@ impl StartError {
     /// that cannot be opened), 1 for anything else.
     pub fn exit_code(&self) -> u8 {
         match self {
-            StartError::MetadataFile(_) | StartError::Export(ExportError::Endpoint { .. }) => 2,
+            StartError::MetadataFile(_)
+            | StartError::Export(ExportError::Endpoint { .. })
+            | StartError::Tls(_) => 2,
             StartError::Bind { .. } | StartError::Store(StoreError::Open { .. }) => 3,
             _ => 1,
         }
@@ -106,9 +133,12 @@ const SERVER_STOP_WAIT: Duration = Duration::from_secs(10);
 
 pub struct Aggregator {
     pub local_addr: SocketAddr,
+    /// Where the admin API listens.
+    pub admin_addr: SocketAddr,
     pub metrics: Arc<Metrics>,
     stop: watch::Sender<bool>,
     server: JoinHandle<()>,
+    admin_server: JoinHandle<()>,
     shards: Shards,
     actors: ActorRuntime,
     /// Held so that the watchers run as long as the aggregator.
@@ -137,6 +167,10 @@ impl Aggregator {
             index.set_static_entries(static_file::load(path)?);
         }
         let index = SharedIndex::new(index);
+        let tls = match &config.tls {
+            Some(tls) => Some((ServerTls::load(tls.files.clone())?, tls.reload_interval)),
+            None => None,
+        };
         let store_health = {
             let store = store.clone();
             move || store.write_failure()
@@ -156,6 +190,12 @@ impl Aggregator {
         let local_addr = listener
             .local_addr()
             .map_err(bind_error("the agent endpoint", config.listen))?;
+        let admin_listener = TcpListener::bind(config.admin.listen)
+            .await
+            .map_err(bind_error("the admin endpoint", config.admin.listen))?;
+        let admin_addr = admin_listener
+            .local_addr()
+            .map_err(bind_error("the admin endpoint", config.admin.listen))?;
         let metrics_listener = match config.metrics_listen {
             Some(addr) => Some(
                 TcpListener::bind(addr)
@@ -164,7 +204,7 @@ impl Aggregator {
             ),
             None => None,
         };
-        let (stop, mut server_stop) = watch::channel(false);
+        let (stop, server_stop) = watch::channel(false);
         let states = recover(&store, config.settle, config.grace)?;
         if let Some(watchers) = &watchers {
             // Recovered intervals are due within the settle time: give the index its first full
@@ -184,6 +224,7 @@ impl Aggregator {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let actors = ActorRuntime::start(threads).map_err(StartError::Actors)?;
         let exporter = Exporter::start_in_arbiter(actors.arbiters().get(0), move |_| exporter);
+        let observe = ObserveHub::new(config.admin.observe_ring, metrics.clone());
         let shards = shard::start(
             &actors,
             states,
@@ -192,12 +233,13 @@ impl Aggregator {
                 metrics: metrics.clone(),
                 exporter: exporter.recipient(),
                 print_flows: config.print_flows,
+                observe: observe.clone(),
                 metadata: index,
                 naming: config.metadata.naming,
             },
         );
         let ingest = Ingest::new(
-            store,
+            store.clone(),
             config.limits.clone(),
             shards.clone(),
             metrics.clone(),
@@ -205,26 +247,51 @@ impl Aggregator {
         )
         .stop_when(server_stop.clone());
         tokio::spawn(ingest.clone().retire_superseded_agents());
-        let service = ingest.into_service();
+        let admin = crate::admin::routes(Admin {
+            started_unix_nanos: unix_now(),
+            data_dir: config.data_dir.clone(),
+            agent_endpoint: local_addr,
+            store,
+            metrics: metrics.clone(),
+            agents: ingest.agents(),
+            observe,
+            outbox_max_bytes: config.outbox.max_bytes,
+            stopping: server_stop.clone(),
+        })
+        .await?;
+        let agent_routes = tonic::service::Routes::new(ingest.into_service());
         let handshake_timeout = config.limits.hello_timeout;
-        let server = tokio::spawn(async move {
-            let shutdown = async move {
-                let _ = server_stop.wait_for(|s| *s).await;
-            };
-            if let Err(err) = tonic::transport::Server::builder()
-                // Notice agents whose connection died without a word, so their sessions end.
-                .http2_keepalive_interval(Some(Duration::from_secs(10)))
-                .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-                .add_service(service)
-                .serve_with_incoming_shutdown(
-                    crate::ingest::connections(listener, handshake_timeout),
-                    shutdown,
-                )
-                .await
-            {
-                tracing::error!(%err, "agent endpoint failed");
+        // Notice agents whose connection died without a word, so their sessions end.
+        let agent_server = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+        let agent_incoming = crate::ingest::connections(listener, handshake_timeout);
+        let admin_incoming = tokio_stream::wrappers::TcpListenerStream::new(admin_listener);
+        let admin_server = tonic::transport::Server::builder();
+        let tls = tls.map(|(tls, reload_interval)| {
+            tls.watch(reload_interval, server_stop.clone());
+            Handshakes {
+                tls,
+                timeout: handshake_timeout,
+                failures: metrics.tls_handshake_failures.clone(),
             }
         });
+        let server = spawn_endpoint(
+            "agents",
+            agent_server,
+            agent_routes,
+            agent_incoming,
+            tls.as_ref(),
+            server_stop.clone(),
+        );
+        let admin_server = spawn_endpoint(
+            "admin",
+            admin_server,
+            admin,
+            admin_incoming,
+            tls.as_ref(),
+            server_stop.clone(),
+        );
         if let Some(listener) = metrics_listener {
             let router = crate::metrics::router(
                 metrics.clone(),
@@ -241,9 +308,11 @@ impl Aggregator {
                 }
             });
         }
-        tracing::info!(%local_addr, endpoint = %config.export.endpoint, "aggregator ready");
+        tracing::info!(%local_addr, %admin_addr, endpoint = %config.export.endpoint, "aggregator ready");
         Ok(Self {
             local_addr,
+            admin_addr,
+            admin_server,
             metrics,
             stop,
             server,
@@ -266,8 +335,86 @@ impl Aggregator {
             tracing::warn!("agent streams still open after {SERVER_STOP_WAIT:?}; closing them");
             self.server.abort();
         }
+        // Its streams end on the stop; only a client that reads nothing could hold it up.
+        if tokio::time::timeout(SERVER_STOP_WAIT, &mut self.admin_server)
+            .await
+            .is_err()
+        {
+            self.admin_server.abort();
+        }
         self.shards.flush().await;
         self.actors.stop().await;
+    }
+}
+
+/// How an endpoint's connections become TLS streams.
+struct Handshakes {
+    tls: ServerTls,
+    timeout: Duration,
+    failures: prometheus_client::metrics::family::Family<
+        EndpointReasonLabel,
+        prometheus_client::metrics::counter::Counter,
+    >,
+}
+
+/// Serves `routes` on the `accepted` connections — over TLS with `tls`, else plaintext — until
+/// `stop` turns true.
+fn spawn_endpoint<S, E>(
+    endpoint: &'static str,
+    server: tonic::transport::Server,
+    routes: tonic::service::Routes,
+    accepted: impl futures_util::Stream<Item = Result<S, E>> + Send + 'static,
+    tls: Option<&Handshakes>,
+    stop: watch::Receiver<bool>,
+) -> JoinHandle<()>
+where
+    S: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    S::ConnectInfo: Clone + Send + Sync + 'static,
+    E: Into<Box<dyn std::error::Error + Send + Sync>> + std::fmt::Display + Send + 'static,
+{
+    match tls {
+        None => tokio::spawn(serve(endpoint, server, routes, accepted, stop)),
+        Some(h) => {
+            let incoming = h
+                .tls
+                .incoming(accepted, endpoint, h.timeout, h.failures.clone());
+            tokio::spawn(serve(endpoint, server, routes, incoming, stop))
+        }
+    }
+}
+
+/// Serves `routes` on `incoming` until `stop` turns true.
+async fn serve<I, IO, IE>(
+    endpoint: &'static str,
+    mut server: tonic::transport::Server,
+    routes: tonic::service::Routes,
+    incoming: I,
+    mut stop: watch::Receiver<bool>,
+) where
+    I: futures_util::Stream<Item = Result<IO, IE>>,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let shutdown = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    if let Err(err) = server
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+    {
+        tracing::error!(%err, endpoint, "endpoint failed");
     }
 }
 

@@ -17,9 +17,29 @@ use crate::{
     export::{ExportConfig, OtlpProtocol},
     ingest::IngestLimits,
     metadata::{AttributeNaming, IndexSettings},
-    pipeline::{AggregatorConfig, MetadataConfig},
+    pipeline::{AdminConfig, AggregatorConfig, MetadataConfig, ServerTlsConfig},
     store::{OutboxQuota, WhenFull},
+    tls::TlsFiles,
 };
+
+/// Whether the agent endpoint and the admin API speak TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum TlsMode {
+    /// Mutual TLS: the server's certificate, and a client certificate from every client.
+    #[default]
+    Required,
+    /// Plaintext, open to anyone who can reach the ports: only when asked for (the demo).
+    Disabled,
+}
+
+impl TlsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Required => "required",
+            TlsMode::Disabled => "disabled",
+        }
+    }
+}
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -63,6 +83,30 @@ pub struct Settings {
     /// Address of the /metrics, /livez and /readyz endpoints [metrics_listen].
     #[arg(long, default_value_t = defaults::METRICS_LISTEN)]
     pub metrics_listen: SocketAddr,
+    /// Address of the admin API: gRPC status, agents, queues, observe (with health and
+    /// reflection) [admin { listen }].
+    #[arg(long, default_value_t = defaults::ADMIN_LISTEN)]
+    pub admin_listen: SocketAddr,
+    /// Flows kept in memory for `mermin observe --last N` (0: none) [admin { observe_ring }].
+    #[arg(long, default_value_t = defaults::OBSERVE_RING)]
+    pub admin_observe_ring: usize,
+    /// TLS on the agent endpoint and the admin API: required (mutual TLS; the default) or
+    /// disabled (plaintext) [tls { mode }].
+    #[arg(long, value_enum, default_value_t = TlsMode::Required)]
+    pub tls_mode: TlsMode,
+    /// The server's certificate chain (PEM) [tls { cert_file }].
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// The server's private key (PEM) [tls { key_file }].
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    /// The CA (PEM) that client certificates must chain to [tls { client_ca_file }].
+    #[arg(long)]
+    pub tls_client_ca: Option<PathBuf>,
+    /// How often the three files are checked for changes (new connections get a new
+    /// certificate without a restart) [tls { reload_interval }].
+    #[arg(long, default_value_t = defaults::TLS_RELOAD_INTERVAL.into())]
+    pub tls_reload_interval: humantime::Duration,
     /// Directory of the durable store [data_dir].
     #[arg(long, default_value = defaults::DATA_DIR)]
     pub data_dir: PathBuf,
@@ -166,6 +210,13 @@ const FILE_KEYS: &[(&str, &str)] = &[
     ("agents_max_message_bytes", "agents.max_message_bytes"),
     ("agents_hello_timeout", "agents.hello_timeout"),
     ("agents_outbox_full_wait", "agents.outbox_full_wait"),
+    ("admin_listen", "admin.listen"),
+    ("admin_observe_ring", "admin.observe_ring"),
+    ("tls_mode", "tls.mode"),
+    ("tls_cert", "tls.cert_file"),
+    ("tls_key", "tls.key_file"),
+    ("tls_client_ca", "tls.client_ca_file"),
+    ("tls_reload_interval", "tls.reload_interval"),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -175,6 +226,8 @@ pub enum SettingsError {
     Arguments(#[from] clap::Error),
     #[error("{0}")]
     File(#[from] ConfigError),
+    #[error("{0}")]
+    Tls(String),
 }
 
 impl Settings {
@@ -226,8 +279,29 @@ impl Settings {
     }
 
     /// The typed configuration the pipeline runs on.
-    pub fn aggregator_config(&self) -> AggregatorConfig {
-        AggregatorConfig {
+    pub fn aggregator_config(&self) -> Result<AggregatorConfig, SettingsError> {
+        let tls = match self.tls_mode {
+            TlsMode::Disabled => None,
+            TlsMode::Required => {
+                let (Some(cert), Some(key), Some(client_ca)) =
+                    (&self.tls_cert, &self.tls_key, &self.tls_client_ca)
+                else {
+                    return Err(SettingsError::Tls(
+                        "TLS is required (tls.mode) but --tls-cert, --tls-key and --tls-client-ca are not all given; give them, or --tls-mode=disabled for plaintext".into(),
+                    ));
+                };
+                Some(ServerTlsConfig {
+                    files: TlsFiles {
+                        cert: cert.clone(),
+                        key: key.clone(),
+                        client_ca: client_ca.clone(),
+                    },
+                    reload_interval: self.tls_reload_interval.into(),
+                })
+            }
+        };
+        Ok(AggregatorConfig {
+            tls,
             listen: self.listen,
             data_dir: self.data_dir.clone(),
             export: ExportConfig {
@@ -254,6 +328,10 @@ impl Settings {
             grace: self.grace.into(),
             print_flows: self.print_flows,
             metrics_listen: Some(self.metrics_listen),
+            admin: AdminConfig {
+                listen: self.admin_listen,
+                observe_ring: self.admin_observe_ring,
+            },
             metadata: MetadataConfig {
                 naming: self.attribute_names,
                 index: IndexSettings {
@@ -264,7 +342,7 @@ impl Settings {
                 kubernetes: self.kubernetes,
                 first_sync_wait: self.first_sync_wait.into(),
             },
-        }
+        })
     }
 
     /// The effective settings, shaped as the HCL file is (what `--check-config` prints).
@@ -299,6 +377,17 @@ impl Settings {
                 "max_message_bytes": self.agents_max_message_bytes,
                 "hello_timeout": duration(&self.agents_hello_timeout),
                 "outbox_full_wait": duration(&self.agents_outbox_full_wait),
+            },
+            "admin": {
+                "listen": self.admin_listen.to_string(),
+                "observe_ring": self.admin_observe_ring,
+            },
+            "tls": {
+                "mode": self.tls_mode.as_str(),
+                "cert_file": self.tls_cert.as_ref().map(|p| p.display().to_string()),
+                "key_file": self.tls_key.as_ref().map(|p| p.display().to_string()),
+                "client_ca_file": self.tls_client_ca.as_ref().map(|p| p.display().to_string()),
+                "reload_interval": duration(&self.tls_reload_interval),
             },
         })
     }
@@ -358,11 +447,17 @@ fn endpoint(text: &str) -> Result<String, String> {
 }
 
 impl AggregatorConfig {
-    /// Agents on a free loopback port, no metrics endpoint, no metadata source, everything
-    /// else at the defaults: for embedding the aggregator (tests, benchmarks).
+    /// Agents and the admin API on free loopback ports in plaintext, no metrics endpoint, no
+    /// metadata source, everything else at the defaults: for embedding the aggregator (tests,
+    /// benchmarks).
     pub fn loopback(data_dir: PathBuf, export: ExportConfig) -> Self {
-        let mut config = Settings::defaults().aggregator_config();
+        let mut settings = Settings::defaults();
+        settings.tls_mode = TlsMode::Disabled;
+        let mut config = settings
+            .aggregator_config()
+            .expect("plaintext settings are complete");
         config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         config.data_dir = data_dir;
         config.export = export;
         config.metrics_listen = None;
@@ -425,6 +520,7 @@ metadata {
   kubernetes = false
 }
 agents { max_in_flight_batches = 4 hello_timeout = "3s" }
+admin { listen = "0.0.0.0:9093" observe_ring = 50 }
 "#;
         let s = load_file(text, &[]).unwrap();
         assert_eq!(s.otlp_endpoint, "http://tempo:4317");
@@ -458,6 +554,9 @@ agents { max_in_flight_batches = 4 hello_timeout = "3s" }
         );
         assert_eq!(json["grace"], "1m");
         assert_eq!(json["agents"]["hello_timeout"], "3s");
+        assert_eq!(s.admin_listen, "0.0.0.0:9093".parse().unwrap());
+        assert_eq!(s.admin_observe_ring, 50);
+        assert_eq!(json["admin"]["listen"], "0.0.0.0:9093");
     }
 
     #[test]
@@ -509,7 +608,7 @@ agents { max_in_flight_batches = 4 hello_timeout = "3s" }
         );
         assert_eq!(
             load_file("bogus = 1\n", &[]).unwrap_err(),
-            "mermin.hcl:1: unknown key `bogus` (known: listen, metrics_listen, data_dir, log_format, print_flows, settle, grace, outbox_max_bytes, outbox_when_full, export \"traces\", metadata, agents)"
+            "mermin.hcl:1: unknown key `bogus` (known: listen, metrics_listen, data_dir, log_format, print_flows, settle, grace, outbox_max_bytes, outbox_when_full, export \"traces\", metadata, agents, admin, tls)"
         );
     }
 }

@@ -24,6 +24,9 @@ use std::{
     time::Duration,
 };
 
+use std::io::IsTerminal as _;
+
+use mermin_protocol::display::flow_line;
 use prost::Message as _;
 
 use crate::{
@@ -32,11 +35,11 @@ use crate::{
     export::{OutboxChanged, outbox_entry},
     flow_table::{Emitted, FlowTable},
     ingest::{AppliedBatch, BatchSink, SinkClosed},
-    metadata::{AttributeNaming, MetadataIndex, SharedIndex},
+    metadata::{AttributeNaming, SharedIndex},
     metrics::{Metrics, ShardLabel},
     observation::Observation,
+    observe::{ObserveHub, observed},
     span::{Enrichment, flow_spans},
-    stitch::{Measured, Side},
     store::{BootId, Change, Checkpoint, Store, StoreError},
 };
 use actix::{
@@ -77,6 +80,8 @@ pub struct ShardContext {
     pub exporter: Recipient<OutboxChanged>,
     /// Print a one-line summary of every emitted interval on standard output.
     pub print_flows: bool,
+    /// Where emitted intervals go for the admin API's observers (once durable).
+    pub observe: ObserveHub,
     /// What spans are enriched with.
     pub metadata: SharedIndex,
     pub naming: AttributeNaming,
@@ -102,8 +107,9 @@ pub struct FlowShard {
 struct Unsaved {
     changes: Vec<Change>,
     outbox: Vec<Vec<u8>>,
-    /// `--print-flows` lines, printed once their spans are durable.
-    summaries: Vec<String>,
+    /// The intervals for `--print-flows` and the observers, published once their spans are
+    /// durable.
+    observed: Vec<mermin_protocol::admin::v1::ObservedFlow>,
     intervals: u64,
 }
 
@@ -249,10 +255,10 @@ impl FlowShard {
             self.unsaved
                 .outbox
                 .extend(encode_requests(&self.emitted, &enrichment));
-            if self.context.print_flows {
+            if self.context.print_flows || self.context.observe.wanted() {
                 self.unsaved
-                    .summaries
-                    .extend(self.emitted.iter().map(|e| summary(e, &index)));
+                    .observed
+                    .extend(self.emitted.iter().map(|e| observed(e, &index)));
             }
             self.unsaved.intervals += self.emitted.len() as u64;
             self.emitted.clear();
@@ -291,24 +297,14 @@ impl FlowShard {
                             shard.moved.remove(id);
                         }
                     }
-                    metrics.intervals_emitted.inc_by(unsaved.intervals);
-                    if !unsaved.outbox.is_empty() {
-                        // A full mailbox already holds a wake-up; one is enough.
-                        let _ = shard.context.exporter.try_send(OutboxChanged);
-                    }
-                    for line in &unsaved.summaries {
-                        println!("{line}");
-                    }
+                    shard.queued(unsaved);
                 }
                 Ok((unsaved, _, Err(StoreError::NotDurable(err)))) => {
                     // Applied: queued for export, durable with the next write that succeeds
                     // (the positions stay moved, so the next tick makes one).
                     tracing::error!(shard = shard.id, %err, "checkpoint written but not durable; the next one makes it so");
                     metrics.checkpoint_failures.inc();
-                    metrics.intervals_emitted.inc_by(unsaved.intervals);
-                    if !unsaved.outbox.is_empty() {
-                        let _ = shard.context.exporter.try_send(OutboxChanged);
-                    }
+                    shard.queued(unsaved);
                 }
                 Ok((mut unsaved, _, Err(err))) => {
                     tracing::error!(shard = shard.id, %err, "cannot write checkpoint; keeping it for the next tick");
@@ -316,7 +312,7 @@ impl FlowShard {
                     // Older first: changes made since then override these when written.
                     unsaved.changes.append(&mut shard.unsaved.changes);
                     unsaved.outbox.append(&mut shard.unsaved.outbox);
-                    unsaved.summaries.append(&mut shard.unsaved.summaries);
+                    unsaved.observed.append(&mut shard.unsaved.observed);
                     unsaved.intervals += shard.unsaved.intervals;
                     shard.unsaved = unsaved;
                 }
@@ -329,6 +325,27 @@ impl FlowShard {
             }
         });
         Some(done.boxed_local())
+    }
+}
+
+impl FlowShard {
+    /// What a checkpoint queued for export: counted, the exporter woken, shown.
+    fn queued(&mut self, unsaved: Unsaved) {
+        self.context
+            .metrics
+            .intervals_emitted
+            .inc_by(unsaved.intervals);
+        if !unsaved.outbox.is_empty() {
+            // A full mailbox already holds a wake-up; one is enough.
+            let _ = self.context.exporter.try_send(OutboxChanged);
+        }
+        if self.context.print_flows {
+            let colour = std::io::stdout().is_terminal();
+            for flow in &unsaved.observed {
+                println!("{}", flow_line(flow, colour));
+            }
+        }
+        self.context.observe.publish(unsaved.observed);
     }
 }
 
@@ -369,6 +386,8 @@ pub fn encode_requests(emitted: &[Emitted], enrichment: &Enrichment) -> Vec<Vec<
 #[derive(Clone)]
 pub struct Shards {
     addresses: Arc<[Addr<FlowShard>]>,
+    /// Counts what each mailbox holds (`shard_mailbox_parts`).
+    metrics: Arc<Metrics>,
 }
 
 impl BatchSink for Shards {
@@ -385,16 +404,22 @@ impl BatchSink for Shards {
             .addresses
             .iter()
             .zip(parts)
-            .map(|(address, observations)| {
-                address.send(Apply(AppliedBatch {
+            .enumerate()
+            .map(|(shard, (address, observations))| {
+                let queued = Queued::new(&self.metrics, shard as ShardId);
+                let sent = address.send(Apply(AppliedBatch {
                     boot_id: batch.boot_id,
                     sequence: batch.sequence,
                     observations,
-                }))
+                }));
+                (queued, sent)
             })
             .collect();
-        for sent in sends {
-            sent.await.map_err(|_| SinkClosed)?;
+        for (queued, sent) in sends {
+            // Resolves once the shard has applied the part (or is gone).
+            let applied = sent.await;
+            drop(queued);
+            applied.map_err(|_| SinkClosed)?;
         }
         Ok(())
     }
@@ -407,6 +432,27 @@ impl BatchSink for Shards {
     }
 }
 
+/// One part counted in its shard's `shard_mailbox_parts` until dropped (applied, or the
+/// session gave up waiting).
+struct Queued(prometheus_client::metrics::gauge::Gauge);
+
+impl Queued {
+    fn new(metrics: &Metrics, shard: ShardId) -> Self {
+        let gauge = metrics
+            .shard_mailbox_parts
+            .get_or_create(&ShardLabel { shard })
+            .clone();
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// A recovered shard: its table and positions.
 pub struct ShardState {
     pub table: FlowTable,
@@ -415,6 +461,7 @@ pub struct ShardState {
 
 /// Starts one actor per state (shard `i` gets `states[i]`) on `runtime`'s arbiters.
 pub fn start(runtime: &ActorRuntime, states: Vec<ShardState>, context: ShardContext) -> Shards {
+    let metrics = context.metrics.clone();
     let addresses: Vec<Addr<FlowShard>> = states
         .into_iter()
         .enumerate()
@@ -434,6 +481,7 @@ pub fn start(runtime: &ActorRuntime, states: Vec<ShardState>, context: ShardCont
         .collect();
     Shards {
         addresses: addresses.into(),
+        metrics,
     }
 }
 
@@ -447,38 +495,6 @@ impl Shards {
             }
         }
     }
-}
-
-/// One line per flow interval, for people watching the aggregator.
-fn summary(e: &Emitted, index: &MetadataIndex) -> String {
-    let f = &e.flow;
-    // `namespace/pod` where the index knows the pod, else `address:port`.
-    let name = |side: &Side| {
-        let known = index.lookup(side.address, side.port, f.start_unix_nanos);
-        match known
-            .as_ref()
-            .and_then(|m| Some((m.namespace?, m.pod_name?)))
-        {
-            Some((namespace, pod)) => format!("{namespace}/{pod}"),
-            None => format!("{}:{}", side.address, side.port),
-        }
-    };
-    let counts = |m: &Option<Measured>| {
-        m.as_ref()
-            .map_or((0, 0), |m| (m.counts.packets, m.counts.bytes))
-    };
-    let (sent_packets, sent_bytes) = counts(&f.client_to_server);
-    let (received_packets, received_bytes) = counts(&f.server_to_client);
-    format!(
-        "span {proto:<6} {client:<26} -> {server:<26} sent {sent_packets} pkts / {sent_bytes} B, received {received_packets} pkts / {received_bytes} B, client by {rule}, {reason:?}, {points} points, interval {index}",
-        proto = crate::span::protocol_name(f.key.protocol),
-        client = name(&f.client),
-        server = name(&f.server),
-        rule = f.client_rule.as_str(),
-        reason = f.end_reason,
-        points = f.points.len(),
-        index = e.interval.index,
-    )
 }
 
 #[cfg(test)]
@@ -496,7 +512,9 @@ mod tests {
         use prost::Message as _;
 
         use crate::{
-            export::Exporter, metadata::IndexSettings, stitch::InterfaceKinds,
+            export::Exporter,
+            metadata::{IndexSettings, MetadataIndex},
+            stitch::InterfaceKinds,
             test_records::tcp_record,
         };
 
@@ -548,6 +566,7 @@ mod tests {
                 metrics: metrics.clone(),
                 exporter: exporter.recipient(),
                 print_flows: false,
+                observe: ObserveHub::new(0, metrics.clone()),
                 metadata: SharedIndex::new(MetadataIndex::new(&IndexSettings::default())),
                 naming: AttributeNaming::Seed,
             },
@@ -581,7 +600,11 @@ mod tests {
     fn export_requests_hold_at_most_a_thousand_intervals_and_every_span_once() {
         use mermin_protocol::flow::v1::EndReason;
 
-        use crate::{metadata::IndexSettings, stitch::InterfaceKinds, test_records::tcp_record};
+        use crate::{
+            metadata::{IndexSettings, MetadataIndex},
+            stitch::InterfaceKinds,
+            test_records::tcp_record,
+        };
 
         let mut table = FlowTable::new(
             InterfaceKinds::default(),

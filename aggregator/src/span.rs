@@ -19,6 +19,7 @@
 //! intervals; the first span of the next window links to the last CLIENT span of the previous
 //! one, which keeps a connection that lives for days far below Tempo's 5 MB per-trace limit.
 
+use mermin_protocol::display::{end_reason_name, protocol_name};
 use opentelemetry_proto::tonic::{
     common::v1::{AnyValue, ArrayValue, InstrumentationScope, KeyValue, any_value::Value},
     resource::v1::Resource,
@@ -140,7 +141,7 @@ pub fn flow_spans(flow: &Flow, interval: &Interval, enrichment: &Enrichment) -> 
         end_time_unix_nano: flow.end_unix_nanos,
         attributes: vec![
             string("flow.community_id", &community_id),
-            string("network.protocol", &protocol_name(flow.key.protocol)),
+            string("network.protocol", &protocol_name(flow.key.protocol.into())),
         ],
         ..Span::default()
     };
@@ -157,7 +158,7 @@ fn span_name(flow: &Flow) -> String {
     format!(
         "flow_{}_{}",
         network_type(flow),
-        protocol_name(flow.key.protocol).to_lowercase()
+        protocol_name(flow.key.protocol.into()).to_lowercase()
     )
 }
 
@@ -174,17 +175,6 @@ fn saturating_i64(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
-pub fn protocol_name(protocol: u8) -> String {
-    match protocol {
-        1 => "ICMP".into(),
-        6 => "TCP".into(),
-        17 => "UDP".into(),
-        58 => "ICMPv6".into(),
-        132 => "SCTP".into(),
-        other => other.to_string(),
-    }
-}
-
 const TCP_FLAG_NAMES: [(u32, &str); 8] = [
     (0x01, "FIN"),
     (0x02, "SYN"),
@@ -197,7 +187,7 @@ const TCP_FLAG_NAMES: [(u32, &str); 8] = [
 ];
 
 fn flow_attributes(flow: &Flow, community_id: &str, interval: &Interval) -> Vec<KeyValue> {
-    let protocol = protocol_name(flow.key.protocol);
+    let protocol = protocol_name(flow.key.protocol.into());
     let mut attributes = vec![
         string("network.protocol", &protocol),
         string("network.transport", &protocol.to_lowercase()),
@@ -208,7 +198,7 @@ fn flow_attributes(flow: &Flow, community_id: &str, interval: &Interval) -> Vec<
         int("destination.port", i64::from(flow.server.port)),
         string("flow.community_id", community_id),
         string("flow.client_rule", flow.client_rule.as_str()),
-        string("flow.end_reason", end_reason_name(flow)),
+        string("flow.end_reason", end_reason_name(flow.end_reason)),
         int("flow.interval", saturating_i64(interval.index)),
     ];
     let mut flags = 0;
@@ -247,17 +237,6 @@ fn flow_attributes(flow: &Flow, community_id: &str, interval: &Interval) -> Vec<
         flow.points.iter().map(|point| point_label(point)),
     ));
     attributes
-}
-
-fn end_reason_name(flow: &Flow) -> &'static str {
-    use mermin_protocol::flow::v1::EndReason;
-    match flow.end_reason {
-        EndReason::ActiveTimeout | EndReason::Unspecified => "active_timeout",
-        EndReason::IdleTimeout => "idle_timeout",
-        EndReason::TcpClose => "tcp_close",
-        EndReason::TablePressure => "table_pressure",
-        EndReason::AgentShutdown => "agent_shutdown",
-    }
 }
 
 /// `node/interface/ingress` — how users read an observation point.

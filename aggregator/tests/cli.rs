@@ -25,7 +25,7 @@ fn a_bad_key_is_refused_with_file_and_line() {
     assert_eq!(code, Some(2));
     assert_eq!(
         stderr.trim_end(),
-        "error: mermin.hcl:3: unknown key `bogus` (known: listen, metrics_listen, data_dir, log_format, print_flows, settle, grace, outbox_max_bytes, outbox_when_full, export \"traces\", metadata, agents)"
+        "error: mermin.hcl:3: unknown key `bogus` (known: listen, metrics_listen, data_dir, log_format, print_flows, settle, grace, outbox_max_bytes, outbox_when_full, export \"traces\", metadata, agents, admin, tls)"
     );
 }
 
@@ -52,7 +52,7 @@ fn check_config_prints_the_effective_settings_and_exits() {
     let out = Command::new(env!("CARGO_BIN_EXE_mermin-aggregator"))
         .arg("--config")
         .arg(&path)
-        .args(["--settle", "1s", "--check-config"])
+        .args(["--settle", "1s", "--tls-mode=disabled", "--check-config"])
         .env_remove("MERMIN_OTLP_ENDPOINT")
         .output()
         .unwrap();
@@ -71,4 +71,15 @@ fn check_config_prints_the_effective_settings_and_exits() {
     assert_eq!(json["settle"], "1s");
     assert_eq!(json["grace"], "1m");
     assert_eq!(json["listen"], "0.0.0.0:4600");
+    assert_eq!(json["tls"]["mode"], "disabled");
+}
+
+#[test]
+fn tls_is_required_unless_disabled_explicitly() {
+    let (code, stderr) = run("listen = \"127.0.0.1:0\"\n");
+    assert_eq!(code, Some(2));
+    assert_eq!(
+        stderr.trim_end(),
+        "error: TLS is required (tls.mode) but --tls-cert, --tls-key and --tls-client-ca are not all given; give them, or --tls-mode=disabled for plaintext"
+    );
 }

@@ -41,7 +41,13 @@ async fn aggregator(listen: SocketAddr, otlp: SocketAddr, data: &Path, settle: &
         .args(["--otlp-endpoint", &format!("http://{otlp}")])
         .args(["--data-dir", &data.display().to_string()])
         .args(["--settle", settle])
-        .args(["--metrics-listen", "127.0.0.1:0", "--kubernetes=false"])
+        .args([
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--kubernetes=false", "--tls-mode=disabled"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -28,6 +28,7 @@ DEFAULTS = {
     "outbox_when_full": "backpressure",
     "export": {"traces": {"otlp": {"endpoint": f"http://mermin-tempo.{NAMESPACE}.svc:4317", "protocol": "grpc"}}},
     "metadata": {"attribute_names": "seed", "static_file": None, "labels": [], "deleted_grace": "5m", "kubernetes": True},
+    "tls": {"mode": "disabled"},
 }
 
 
@@ -70,7 +71,12 @@ def merged(overrides: dict[str, Any]) -> dict[str, Any]:
     [
         ("defaults", DEFAULTS),
         ("three-replicas", DEFAULTS),
-        ("tls", DEFAULTS),
+        ("tls", merged({"tls": {
+            "mode": "required",
+            "cert_file": "/etc/mermin/tls/agent/tls.crt",
+            "key_file": "/etc/mermin/tls/agent/tls.key",
+            "client_ca_file": "/etc/mermin/tls/agent/ca.crt",
+        }})),
         ("mermin-names", merged({"metadata": {"attribute_names": "mermin", "labels": ["app", "team"]}})),
     ],
 )

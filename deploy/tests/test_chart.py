@@ -188,9 +188,17 @@ def test_tls_mounts_secrets_and_requests_certificates(rendered):
     assert r.get("Certificate", "mermin-peer")["spec"]["dnsNames"] == [f"*.mermin-aggregator-peers.{NAMESPACE}.svc"]
     agent = container(r.get("DaemonSet", "mermin-agent"), "agent")
     assert {"name": "tls-agent", "mountPath": "/etc/mermin/tls/agent", "readOnly": True} in agent["volumeMounts"]
-    # Not in the HCL yet: the loader rejects unknown keys.
-    assert "tls" not in r.hcl()
-    assert r.hcl() == rendered["defaults"].hcl()
+    assert agent["args"][:4] == [
+        f"--aggregator=https://{AGGREGATOR_SVC}:4600",
+        "--aggregator-ca=/etc/mermin/tls/agent/ca.crt",
+        "--aggregator-cert=/etc/mermin/tls/agent/tls.crt",
+        "--aggregator-key=/etc/mermin/tls/agent/tls.key",
+    ]
+    # The aggregator serves the agent Secret's certificate on the agent endpoint and the admin
+    # API (checked by the aggregator's own loader in test_aggregator_config.py).
+    assert 'cert_file      = "/etc/mermin/tls/agent/tls.crt"' in r.hcl()
+    assert 'mode = "disabled"' in rendered["defaults"].hcl()
+    assert r.hcl().split("\ntls {")[0] == rendered["defaults"].hcl().split("\ntls {")[0]
     assert not rendered["defaults"].all("Certificate")
 
 

@@ -88,12 +88,14 @@ async fn run_async(config: Config) -> Result<(), AgentError> {
         Output::Aggregator {
             endpoint,
             buffer_batches,
+            tls,
         } => {
             let sink = grpc_sink::start(
                 GrpcSinkConfig {
                     endpoint: endpoint.clone(),
                     node_name: config.node_name.clone(),
                     capacity: *buffer_batches,
+                    tls: tls.clone(),
                 },
                 metrics.clone(),
             )?;

@@ -48,6 +48,19 @@ pub struct Args {
     #[arg(long, default_value = "-")]
     pub output: String,
 
+    /// With an https:// aggregator: the CA (PEM) its certificate must chain to.
+    #[arg(long, env = "MERMIN_AGGREGATOR_CA")]
+    pub aggregator_ca: Option<PathBuf>,
+    /// With an https:// aggregator: this agent's client certificate (PEM).
+    #[arg(long, env = "MERMIN_AGGREGATOR_CERT")]
+    pub aggregator_cert: Option<PathBuf>,
+    /// With an https:// aggregator: this agent's private key (PEM).
+    #[arg(long, env = "MERMIN_AGGREGATOR_KEY")]
+    pub aggregator_key: Option<PathBuf>,
+    /// The name the aggregator's certificate must carry [default: the endpoint's host].
+    #[arg(long)]
+    pub aggregator_server_name: Option<String>,
+
     /// Batches held for the aggregator until it acknowledges them; when full, the agent waits.
     #[arg(long, default_value_t = 64)]
     pub aggregator_buffer_batches: usize,
@@ -101,7 +114,19 @@ pub enum Output {
     Aggregator {
         endpoint: String,
         buffer_batches: usize,
+        /// Mutual TLS, for an https:// endpoint.
+        tls: Option<ClientTls>,
     },
+}
+
+/// The files of the agent's mutual TLS to the aggregator, read again at every connection (so
+/// a rotated certificate is used from the next reconnect).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub server_name: Option<String>,
 }
 
 /// A validated configuration.
@@ -137,6 +162,14 @@ pub enum ConfigError {
     },
     #[error("--aggregator {0:?} must start with http:// or https://")]
     AggregatorEndpoint(String),
+    #[error(
+        "--aggregator {0:?} is https://: give --aggregator-ca, --aggregator-cert and --aggregator-key (mutual TLS)"
+    )]
+    AggregatorTlsFiles(String),
+    #[error(
+        "--aggregator-ca, --aggregator-cert and --aggregator-key need an https:// --aggregator, not {0:?}"
+    )]
+    AggregatorPlaintext(String),
     #[error("cannot determine the host name for --node-name: {0}")]
     NodeName(std::io::Error),
 }
@@ -154,9 +187,26 @@ impl Config {
                 if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
                     return Err(ConfigError::AggregatorEndpoint(endpoint));
                 }
+                let files = (
+                    args.aggregator_ca,
+                    args.aggregator_cert,
+                    args.aggregator_key,
+                );
+                let tls = match (endpoint.starts_with("https://"), files) {
+                    (true, (Some(ca), Some(cert), Some(key))) => Some(ClientTls {
+                        ca,
+                        cert,
+                        key,
+                        server_name: args.aggregator_server_name,
+                    }),
+                    (true, _) => return Err(ConfigError::AggregatorTlsFiles(endpoint)),
+                    (false, (None, None, None)) => None,
+                    (false, _) => return Err(ConfigError::AggregatorPlaintext(endpoint)),
+                };
                 Output::Aggregator {
                     endpoint,
                     buffer_batches: args.aggregator_buffer_batches.max(1),
+                    tls,
                 }
             }
             (None, "-") => Output::Stdout,
@@ -259,6 +309,51 @@ mod tests {
         assert!(config.interfaces.matches("veth1234"));
         assert!(config.interfaces.matches("eth0"));
         assert!(!config.interfaces.matches("lo"));
+    }
+
+    #[test]
+    fn an_https_aggregator_takes_mutual_tls_files_and_only_it_does() {
+        let tls = ["--aggregator-ca", "ca.crt", "--aggregator-cert", "a.crt"];
+        let key = [
+            "--aggregator-key",
+            "a.key",
+            "--aggregator-server-name",
+            "agg",
+        ];
+        let args: Vec<&str> = ["--aggregator", "https://agg:4600"]
+            .into_iter()
+            .chain(tls)
+            .chain(key)
+            .collect();
+        let Output::Aggregator {
+            tls: Some(files), ..
+        } = parse(&args).unwrap().output
+        else {
+            panic!("expected the aggregator output with TLS");
+        };
+        assert_eq!(
+            files,
+            ClientTls {
+                ca: "ca.crt".into(),
+                cert: "a.crt".into(),
+                key: "a.key".into(),
+                server_name: Some("agg".into()),
+            }
+        );
+        assert_eq!(
+            parse(&["--aggregator", "https://agg:4600"])
+                .unwrap_err()
+                .to_string(),
+            "--aggregator \"https://agg:4600\" is https://: give --aggregator-ca, --aggregator-cert and --aggregator-key (mutual TLS)"
+        );
+        let plaintext: Vec<&str> = ["--aggregator", "http://agg:4600"]
+            .into_iter()
+            .chain(tls)
+            .collect();
+        assert_eq!(
+            parse(&plaintext).unwrap_err().to_string(),
+            "--aggregator-ca, --aggregator-cert and --aggregator-key need an https:// --aggregator, not \"http://agg:4600\""
+        );
     }
 
     #[test]

@@ -45,6 +45,8 @@ pub struct GrpcSinkConfig {
     pub node_name: String,
     /// Unacknowledged batches held at most.
     pub capacity: usize,
+    /// Mutual TLS (an https:// endpoint); the files are read at every connection.
+    pub tls: Option<crate::config::ClientTls>,
 }
 
 struct Buffer {
@@ -250,6 +252,23 @@ async fn stream_once(
     }
 }
 
+/// The TLS configuration from `tls`'s files, as they are now.
+fn client_tls(tls: &crate::config::ClientTls) -> Result<tonic::transport::ClientTlsConfig, String> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))
+    };
+    let mut config = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(read(&tls.ca)?))
+        .identity(tonic::transport::Identity::from_pem(
+            read(&tls.cert)?,
+            read(&tls.key)?,
+        ));
+    if let Some(name) = &tls.server_name {
+        config = config.domain_name(name.clone());
+    }
+    Ok(config)
+}
+
 async fn stream_until_error(
     config: &GrpcSinkConfig,
     boot_id: [u8; 16],
@@ -257,9 +276,18 @@ async fn stream_until_error(
     metrics: &Metrics,
     welcomed: &mut bool,
 ) -> Result<std::convert::Infallible, String> {
-    let mut client = AgentServiceClient::connect(config.endpoint.clone())
-        .await
-        .map_err(|e| format!("connecting: {e}"))?;
+    let mut endpoint = tonic::transport::Endpoint::from_shared(config.endpoint.clone())
+        .map_err(|e| format!("endpoint: {e}"))?;
+    if let Some(tls) = &config.tls {
+        endpoint = endpoint
+            .tls_config(client_tls(tls)?)
+            .map_err(|e| format!("TLS: {e}"))?;
+    }
+    let channel = endpoint.connect().await.map_err(|e| {
+        let cause = std::error::Error::source(&e).map_or(String::new(), |c| format!(": {c}"));
+        format!("connecting: {e}{cause}")
+    })?;
+    let mut client = AgentServiceClient::new(channel);
     let (out, rx) = mpsc::channel::<AgentMessage>(4);
     let mut answers = client
         .stream(ReceiverStream::new(rx))

@@ -33,6 +33,7 @@ impl AggregatorProcess {
             .args(["--data-dir", &data.display().to_string()])
             .args(["--settle", "1s", "--grace", "30s"])
             .args(["--metrics-listen", "127.0.0.1:0", "--kubernetes=false"])
+            .args(["--admin-listen", "127.0.0.1:0", "--tls-mode=disabled"])
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

@@ -1,11 +1,15 @@
-//! JSON rendering of the generated messages for the agent's JSON-lines sink: the same fields as
-//! the protobuf, with addresses as text and enums by their protobuf names.
+//! JSON rendering of the generated messages for the agent's JSON-lines sink and the CLI's
+//! `--output json|yaml`: the same fields as the protobuf, with addresses as text and enums by
+//! their protobuf names.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use serde::Serializer;
 
-use crate::flow::v1::{Direction, EndReason};
+use crate::{
+    admin::v1::Role,
+    flow::v1::{Direction, EndReason},
+};
 
 /// Renders 4- or 16-byte addresses as text; any other length as its bytes in hex, so a malformed
 /// value is visible rather than hidden.
@@ -38,6 +42,13 @@ pub fn direction<S: Serializer>(value: &i32, s: S) -> Result<S::Ok, S::Error> {
 
 pub fn end_reason<S: Serializer>(value: &i32, s: S) -> Result<S::Ok, S::Error> {
     match EndReason::try_from(*value) {
+        Ok(r) => s.serialize_str(r.as_str_name()),
+        Err(_) => s.serialize_i32(*value),
+    }
+}
+
+pub fn role<S: Serializer>(value: &i32, s: S) -> Result<S::Ok, S::Error> {
+    match Role::try_from(*value) {
         Ok(r) => s.serialize_str(r.as_str_name()),
         Err(_) => s.serialize_i32(*value),
     }

@@ -2,6 +2,8 @@
 //!
 //! - [`flow::v1`]: raw flow records, the shape the node agent emits and the aggregator ingests.
 //! - [`agent::v1`]: the agent → aggregator stream (hello, sequenced batches, durable acks).
+//! - [`admin::v1`]: the aggregator's admin API (status, agents, queues, the observe stream).
+//! - [`display`]: the one-line human form of an observed flow (the CLI and `--print-flows`).
 //!
 //! Protobuf hygiene: every enum starts with `*_UNSPECIFIED = 0`; fields are never renumbered
 //! (removed ones become `reserved`); units are in field names.
@@ -18,4 +20,14 @@ pub mod agent {
     }
 }
 
+pub mod admin {
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/mermin.admin.v1.rs"));
+    }
+}
+
+/// Every file descriptor of the protocol, encoded: what gRPC reflection serves.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));
+
+pub mod display;
 pub mod json;

@@ -110,7 +110,7 @@ impl PrefixTable {
 }
 
 /// `address` with all but its first `length` bits zero.
-fn masked(address: IpAddr, length: u8) -> IpAddr {
+pub fn masked(address: IpAddr, length: u8) -> IpAddr {
     match address {
         IpAddr::V4(v4) => {
             let mask = u32::MAX.checked_shl(32 - u32::from(length)).unwrap_or(0);
@@ -124,7 +124,7 @@ fn masked(address: IpAddr, length: u8) -> IpAddr {
 }
 
 /// An address (a full-length prefix) or a CIDR whose host bits are zero.
-fn network(text: &str) -> Result<(IpAddr, u8), String> {
+pub fn network(text: &str) -> Result<(IpAddr, u8), String> {
     let (address, length) = match text.split_once('/') {
         Some((address, length)) => (address, Some(length)),
         None => (text, None),

@@ -130,7 +130,33 @@ pub fn record(node: &str, packets: u64) -> FlowRecord {
 /// Both directions of one TCP connection seen on one node's pod veth, closed.
 #[allow(dead_code)] // not every test binary sends whole connections
 pub fn closed_connection(port: u32) -> Vec<FlowRecord> {
-    let record = |outbound: bool, packets: u64, bytes: u64| FlowRecord {
+    connection(
+        [10, 0, 0, 1],
+        port,
+        [10, 0, 0, 2],
+        443,
+        6,
+        (9_000, 48_000),
+        EndReason::TcpClose,
+        recent_nanos(),
+    )
+}
+
+/// Both directions of one connection as node-a sees it on its pod veth `veth1` (12 packets
+/// sent, 10 received; TCP with its handshake), starting `at`.
+#[allow(clippy::too_many_arguments)]
+pub fn connection(
+    client: [u8; 4],
+    client_port: u32,
+    server: [u8; 4],
+    server_port: u32,
+    ip_protocol: u32,
+    (sent, received): (u64, u64),
+    end_reason: EndReason,
+    at: u64,
+) -> Vec<FlowRecord> {
+    let tcp = ip_protocol == 6;
+    let record = |outbound: bool| FlowRecord {
         node_name: "node-a".into(),
         interface_name: "veth1".into(),
         direction: if outbound {
@@ -138,27 +164,23 @@ pub fn closed_connection(port: u32) -> Vec<FlowRecord> {
         } else {
             Direction::Egress
         } as i32,
-        source_address: if outbound {
-            vec![10, 0, 0, 1]
-        } else {
-            vec![10, 0, 0, 2]
+        source_address: if outbound { client } else { server }.to_vec(),
+        destination_address: if outbound { server } else { client }.to_vec(),
+        source_port: if outbound { client_port } else { server_port },
+        destination_port: if outbound { server_port } else { client_port },
+        ip_protocol,
+        delta_packets: if outbound { 12 } else { 10 },
+        delta_octets: if outbound { sent } else { received },
+        first_seen_unix_nanos: at,
+        last_seen_unix_nanos: at + 1_000,
+        first_tcp_flags: match (tcp, outbound) {
+            (true, true) => 0x02,
+            (true, false) => 0x12,
+            (false, _) => 0,
         },
-        destination_address: if outbound {
-            vec![10, 0, 0, 2]
-        } else {
-            vec![10, 0, 0, 1]
-        },
-        source_port: if outbound { port } else { 443 },
-        destination_port: if outbound { 443 } else { port },
-        ip_protocol: 6,
-        delta_packets: packets,
-        delta_octets: bytes,
-        first_seen_unix_nanos: recent_nanos(),
-        last_seen_unix_nanos: recent_nanos() + 1_000,
-        first_tcp_flags: if outbound { 0x02 } else { 0x12 },
-        tcp_flags: 0x1b,
-        end_reason: EndReason::TcpClose as i32,
+        tcp_flags: if tcp { 0x1b } else { 0 },
+        end_reason: end_reason as i32,
         ..FlowRecord::default()
     };
-    vec![record(true, 12, 9_000), record(false, 10, 48_000)]
+    vec![record(true), record(false)]
 }

@@ -1,0 +1,245 @@
+//! Mutual TLS on the aggregator's admin API and agent endpoint, with certificates made here by
+//! rcgen: a valid client certificate is accepted; none, an expired one and one from another CA
+//! are refused (exit 3, the reason counted); a server certificate rotated on disk is what new
+//! connections get, without a restart.
+
+use std::{path::Path, process::Command, sync::Arc, time::Duration};
+
+use certs::Ca;
+use mermin_aggregator::{
+    export::ExportConfig,
+    metrics::Metrics,
+    pipeline::{Aggregator, AggregatorConfig, ServerTlsConfig},
+    tls::TlsFiles,
+};
+use mermin_protocol::agent::v1::{
+    AgentMessage, Hello, agent_message, agent_service_client::AgentServiceClient,
+    aggregator_message,
+};
+
+mod certs;
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+/// A refused client: exit 3, and an error that names the endpoint and says why.
+fn assert_refused((code, stderr): (i32, String), endpoint: &str) {
+    assert_eq!(code, 3, "{stderr}");
+    let prefix = format!("error: cannot reach {endpoint}: transport error: ");
+    assert!(stderr.starts_with(&prefix), "{stderr}");
+    assert!(
+        stderr.ends_with(
+            " (over TLS: the aggregator refuses a client without a certificate it trusts)\n"
+        ),
+        "{stderr}"
+    );
+}
+
+/// Every refused handshake, whatever the reason.
+fn all_failures(metrics: &Metrics) -> u64 {
+    metrics
+        .render()
+        .lines()
+        .filter(|line| line.starts_with("mermin_aggregator_tls_handshake_failures_total{"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+fn failures(metrics: &Metrics, endpoint: &str, reason: &str) -> u64 {
+    let series = format!(
+        "mermin_aggregator_tls_handshake_failures_total{{endpoint=\"{endpoint}\",reason=\"{reason}\"}} "
+    );
+    metrics
+        .render()
+        .lines()
+        .find_map(|line| line.strip_prefix(&series)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `mermin status` over TLS: exit code and standard error.
+async fn status(endpoint: &str, ca: &str, client: Option<(&str, &str)>) -> (i32, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mermin"));
+    command.args([
+        "--endpoint",
+        endpoint,
+        "--ca",
+        ca,
+        "--server-name",
+        "localhost",
+    ]);
+    if let Some((cert, key)) = client {
+        command.args(["--cert", cert, "--key", key]);
+    }
+    command.arg("status");
+    let out = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn only_clients_with_a_valid_certificate_get_in_and_the_server_certificate_rotates() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (ca, other_ca) = (Ca::new("mermin test CA"), Ca::new("another CA"));
+    let ca_file = write(d, "ca.crt", &ca.pem());
+    let other_ca_file = write(d, "other-ca.crt", &other_ca.pem());
+    let (server_cert, server_key) = ca.issue(false);
+    let files = TlsFiles {
+        cert: write(d, "tls.crt", &server_cert).into(),
+        key: write(d, "tls.key", &server_key).into(),
+        client_ca: ca_file.clone().into(),
+    };
+    let (cert, key) = ca.issue(false);
+    let valid = (write(d, "client.crt", &cert), write(d, "client.key", &key));
+    let (cert, key) = ca.issue(true);
+    let expired = (
+        write(d, "expired.crt", &cert),
+        write(d, "expired.key", &key),
+    );
+    let (cert, key) = other_ca.issue(false);
+    let foreign = (
+        write(d, "foreign.crt", &cert),
+        write(d, "foreign.key", &key),
+    );
+
+    let aggregator = Aggregator::start(AggregatorConfig {
+        tls: Some(ServerTlsConfig {
+            files: files.clone(),
+            reload_interval: Duration::from_millis(100),
+        }),
+        ..AggregatorConfig::loopback(d.join("data"), ExportConfig::new("http://127.0.0.1:9"))
+    })
+    .await
+    .unwrap();
+    let metrics: Arc<Metrics> = aggregator.metrics.clone();
+    let endpoint = format!("https://127.0.0.1:{}", aggregator.admin_addr.port());
+    let pair = |p: &(String, String)| (p.0.clone(), p.1.clone());
+
+    let (valid_cert, valid_key) = pair(&valid);
+    assert_eq!(
+        status(&endpoint, &ca_file, Some((&valid_cert, &valid_key))).await,
+        (0, String::new())
+    );
+
+    // Each refused client's channel connects, is closed by the refusal, and reconnects once
+    // for the call: one or two handshakes, each counted under its reason and no other.
+    assert_refused(status(&endpoint, &ca_file, None).await, &endpoint);
+    let (cert, key) = pair(&expired);
+    assert_refused(
+        status(&endpoint, &ca_file, Some((&cert, &key))).await,
+        &endpoint,
+    );
+    let (cert, key) = pair(&foreign);
+    assert_refused(
+        status(&endpoint, &ca_file, Some((&cert, &key))).await,
+        &endpoint,
+    );
+    let counted: Vec<u64> = [
+        "no_client_certificate",
+        "expired_certificate",
+        "unknown_issuer",
+    ]
+    .into_iter()
+    .map(|reason| failures(&metrics, "admin", reason))
+    .collect();
+    assert!(counted.iter().all(|n| (1..=2).contains(n)), "{counted:?}");
+    assert_eq!(all_failures(&metrics), counted.iter().sum::<u64>());
+
+    // The agent endpoint: the same server certificate and client CA.
+    let agents = format!("https://127.0.0.1:{}", aggregator.local_addr.port());
+    let tls = |cert: &str, key: &str| {
+        tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca.pem()))
+            .identity(tonic::transport::Identity::from_pem(cert, key))
+            .domain_name("localhost")
+    };
+    let agent_channel = |config| async {
+        tonic::transport::Endpoint::from_shared(agents.clone())
+            .unwrap()
+            .tls_config(config)
+            .unwrap()
+            .connect()
+            .await
+    };
+    let channel = agent_channel(tls(
+        &std::fs::read_to_string(&valid.0).unwrap(),
+        &std::fs::read_to_string(&valid.1).unwrap(),
+    ))
+    .await
+    .unwrap();
+    let hello = AgentMessage {
+        message: Some(agent_message::Message::Hello(Hello {
+            protocol_version: 1,
+            node_name: "node-a".into(),
+            agent_version: "test".into(),
+            boot_id: vec![7; 16],
+        })),
+    };
+    let mut answers = AgentServiceClient::new(channel)
+        .stream(tokio_stream::iter([hello]))
+        .await
+        .unwrap()
+        .into_inner();
+    let welcome = answers.message().await.unwrap().unwrap().message;
+    assert!(
+        matches!(welcome, Some(aggregator_message::Message::Welcome(_))),
+        "{welcome:?}"
+    );
+    // A foreign certificate is refused in the handshake; over TLS 1.3 the client learns it on
+    // its first read, so it opens a stream to see the refusal.
+    let refused = match agent_channel(tls(
+        &std::fs::read_to_string(&foreign.0).unwrap(),
+        &std::fs::read_to_string(&foreign.1).unwrap(),
+    ))
+    .await
+    {
+        Err(_) => true,
+        Ok(channel) => AgentServiceClient::new(channel)
+            .stream(tokio_stream::empty())
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a foreign certificate is refused");
+    let counted = failures(&metrics, "agents", "unknown_issuer");
+    assert!((1..=2).contains(&counted), "{counted}");
+
+    // Rotation: a server certificate from the other CA, written over the files.
+    assert_eq!(
+        status(&endpoint, &other_ca_file, Some((&valid_cert, &valid_key)))
+            .await
+            .0,
+        3,
+        "before the rotation the server's certificate is not the other CA's"
+    );
+    let (rotated_cert, rotated_key) = other_ca.issue(false);
+    std::fs::write(&files.key, rotated_key).unwrap();
+    std::fs::write(&files.cert, rotated_cert).unwrap();
+    let mut attempts = 0;
+    while status(&endpoint, &other_ca_file, Some((&valid_cert, &valid_key)))
+        .await
+        .0
+        != 0
+    {
+        attempts += 1;
+        assert!(
+            attempts < 50,
+            "the rotated certificate not served within 50 tries"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        status(&endpoint, &ca_file, Some((&valid_cert, &valid_key)))
+            .await
+            .0,
+        3,
+        "the old certificate is no longer served"
+    );
+    aggregator.shutdown().await;
+}
