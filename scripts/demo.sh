@@ -19,7 +19,7 @@ fi
 
 bash scripts/setup.sh
 echo "== building mermin-agent, mermin-aggregator and the demo OTLP receiver (release)"
-cargo build --release --locked -p mermin-node-agent -p mermin-aggregator --bins --example otlp_print 2>&1 \
+cargo build --release --locked -p mermin-node-agent -p mermin-aggregator -p mermin-cli --bins --example otlp_print 2>&1 \
   | grep -v '^warning: mermin-node-agent@' | tail -n 2
 
 out=.demo
@@ -49,7 +49,7 @@ else
 fi
 
 ./target/release/mermin-aggregator --listen 127.0.0.1:14600 --metrics-listen 127.0.0.1:19460 --otlp-endpoint "$endpoint" \
-  --data-dir "$out/aggregator-data" --settle 1s --print-flows --tls-mode=disabled \
+  --data-dir "$out/aggregator-data" --settle 1s --print-flows --tls-mode=disabled --admin-listen 127.0.0.1:19093 \
   --kubernetes=false --metadata-file scripts/demo-endpoints.hcl >"$out/flows.log" 2>"$out/aggregator.log" &
 aggregator_pid=$!
 pids+=($aggregator_pid)
@@ -144,5 +144,9 @@ if [ -z "${MERMIN_OTLP_ENDPOINT:-}" ]; then
   echo "What the OTLP receiver got (CLIENT spans; each also has a SERVER child):"
   grep '^otlp span' "$out/otlp.log" || true
 fi
+echo
+echo "The same flows through the admin API (\`mermin observe\`), and the agents connected (\`mermin agents\`):"
+./target/release/mermin --endpoint http://127.0.0.1:19093 observe --last 20
+./target/release/mermin --endpoint http://127.0.0.1:19093 agents
 echo
 echo "logs: $out/  (aggregator.log, agent-*.log, flows.log)"
