@@ -293,8 +293,11 @@ impl<S: BatchSink> Ingest<S> {
                 () = &mut stop => return,
                 () = self.agent_bound.notified() => {
                     // By then a checkpoint has written where the shards are in the batches of
-                    // the process it replaced; binds meanwhile make one pass.
-                    tokio::time::sleep(RETIRE_AFTER_BIND).await;
+                    // the process it replaced; binds meanwhile make one pass. A stop preempts it.
+                    tokio::select! {
+                        () = &mut stop => return,
+                        () = tokio::time::sleep(RETIRE_AFTER_BIND) => {}
+                    }
                 }
                 () = tokio::time::sleep(RETIRE_EVERY) => {}
             }
