@@ -1,10 +1,14 @@
 //! Every metric the aggregator exports, declared in one place, and the HTTP endpoints that serve
-//! them: `/metrics` (Prometheus text), `/livez` (fails when a flow shard is stuck: the
-//! orchestrator restarts the aggregator, which recovers from its store), `/readyz`.
+//! them: `/metrics` (Prometheus text), `/livez` (fails when a flow shard is stuck or the store
+//! is broken until a restart: the orchestrator restarts the aggregator, which recovers from its
+//! store), `/readyz`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::placement::{SHARDS, ShardId};
+use crate::{
+    placement::{SHARDS, ShardId},
+    store::Store,
+};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -316,11 +320,12 @@ impl Metrics {
 
 /// The HTTP endpoints. `/readyz` answers ready once the agent endpoint is listening (this router
 /// is only served after that), `ready` is true (the Kubernetes metadata had its first sync) and
-/// `store_failure` says nothing (the store's last write succeeded): "can take agent batches".
+/// the store's last write succeeded: "can take agent batches". `/livez` fails while a shard has
+/// stopped ticking or the store is broken for good.
 pub fn router(
     metrics: std::sync::Arc<Metrics>,
     ready: tokio::sync::watch::Receiver<bool>,
-    store_failure: impl Fn() -> Option<String> + Clone + Send + Sync + 'static,
+    store: Store,
 ) -> axum::Router {
     use axum::routing::get;
     axum::Router::new()
@@ -340,23 +345,36 @@ pub fn router(
         )
         .route(
             "/livez",
-            get(
-                |axum::extract::State(m): axum::extract::State<std::sync::Arc<Metrics>>| async move {
-                    match m.stuck_shard(crate::clock::unix_now() / 1_000_000_000) {
-                        None => (axum::http::StatusCode::OK, "ok\n".to_owned()),
-                        Some((shard, age)) => (
-                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                            format!("flow shard {shard} has not ticked for {age} s\n"),
-                        ),
+            get({
+                let store = store.clone();
+                move |axum::extract::State(m): axum::extract::State<std::sync::Arc<Metrics>>| {
+                    let stuck = m.stuck_shard(crate::clock::unix_now() / 1_000_000_000);
+                    let broken = store.broken();
+                    async move {
+                        let unavailable = axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                        match (broken, stuck) {
+                            (Some(why), _) => (
+                                unavailable,
+                                format!(
+                                    "the store cannot write until a restart: {why} \
+                                     (the restart recovers from the data on disk)\n"
+                                ),
+                            ),
+                            (None, Some((shard, age))) => (
+                                unavailable,
+                                format!("flow shard {shard} has not ticked for {age} s\n"),
+                            ),
+                            (None, None) => (axum::http::StatusCode::OK, "ok\n".to_owned()),
+                        }
                     }
-                },
-            ),
+                }
+            }),
         )
         .route(
             "/readyz",
             get(move || {
                 let synced = *ready.borrow();
-                let failure = store_failure();
+                let failure = store.write_failure();
                 async move {
                     let unavailable = axum::http::StatusCode::SERVICE_UNAVAILABLE;
                     match failure {

@@ -171,10 +171,6 @@ impl Aggregator {
             Some(tls) => Some((ServerTls::load(tls.files.clone())?, tls.reload_interval)),
             None => None,
         };
-        let store_health = {
-            let store = store.clone();
-            move || store.write_failure()
-        };
         let mut metrics = Metrics::new();
         let watchers = if config.metadata.kubernetes {
             watch_kubernetes(index.clone(), &mut metrics).await
@@ -251,7 +247,7 @@ impl Aggregator {
             started_unix_nanos: unix_now(),
             data_dir: config.data_dir.clone(),
             agent_endpoint: local_addr,
-            store,
+            store: store.clone(),
             metrics: metrics.clone(),
             agents: ingest.agents(),
             observe,
@@ -296,7 +292,7 @@ impl Aggregator {
             let router = crate::metrics::router(
                 metrics.clone(),
                 readiness(watchers.as_ref()),
-                store_health.clone(),
+                store.clone(),
             );
             let mut stopped = stop.subscribe();
             tokio::spawn(async move {

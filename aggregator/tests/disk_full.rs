@@ -3,7 +3,8 @@
 //! freed. Batches are refused with a clear status while the disk is full, `/readyz` says why, a
 //! refused batch is not reported durable, the stop is bounded, and after a restart with space
 //! back every acknowledged connection is exported exactly once. (sled keeps its first I/O error
-//! for good, so taking batches again needs the restart; `tests/faults.rs` shows the recovery
+//! for good, so taking batches again needs the restart — `/livez` fails so that Kubernetes does
+//! it; `tests/faults.rs` shows the recovery
 //! without one for a store whose failures pass.) Needs root (mount); skipped otherwise.
 
 use std::{
@@ -170,6 +171,15 @@ async fn a_real_full_disk_refuses_batches_and_recovers_when_space_returns() {
         why.starts_with("the store cannot write: store: ") && why.contains("No space left"),
         "{why}"
     );
+    // sled keeps that error for good: `/livez` fails, so that Kubernetes restarts the process.
+    let (live, why) = get(metrics_addr, "/livez").await;
+    assert_eq!(live, 503);
+    assert!(
+        why.starts_with("the store cannot write until a restart: ")
+            && why.contains("No space left")
+            && why.ends_with(" (the restart recovers from the data on disk)\n"),
+        "{why}"
+    );
 
     // The refused batch is not counted as durable: a reconnecting agent is told to send it.
     let mut retry = connect(aggregator.local_addr).await;
@@ -204,6 +214,7 @@ async fn a_real_full_disk_refuses_batches_and_recovers_when_space_returns() {
     })
     .await;
     assert_eq!(get(metrics_addr, "/readyz").await.0, 200);
+    assert_eq!(get(metrics_addr, "/livez").await, (200, "ok\n".to_owned()));
     aggregator.shutdown().await;
     // Every span arrived; the only repeats are identical copies of spans delivered before the
     // disk filled, whose removal from the outbox never became durable.

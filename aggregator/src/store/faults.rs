@@ -171,4 +171,8 @@ impl Storage for FaultyStore {
             .clone();
         injected.or_else(|| self.inner.write_failure())
     }
+
+    fn broken(&self) -> Option<String> {
+        self.inner.broken()
+    }
 }

@@ -15,7 +15,10 @@
 //!   that every shard's checkpoint is past is deleted.
 //! - **The outbox.** Export requests in the order queued, with their count and total size kept
 //!   as they change (never counted by a scan).
-//! - **Health.** Why the last write failed, until one succeeds ([`Storage::write_failure`]).
+//! - **Health.** Why the last write failed, until one succeeds ([`Storage::write_failure`]),
+//!   and whether the implementation failed in a way only a restart clears ([`Storage::broken`]:
+//!   `/livez` fails on it, so that the orchestrator restarts the process, which recovers from
+//!   what is on disk).
 //! - **Retirement.** Every agent process has its own boot id, so per-agent state would grow with
 //!   every restart. A boot id that a newer boot id of the same node replaced, that has no open
 //!   stream and whose batches every shard's checkpoint is past, is forgotten
@@ -60,6 +63,10 @@ pub enum StoreError {
     /// The implementation's own failure (a full or failing disk, a lost quorum, ...).
     #[error("store: {0}")]
     Backend(String),
+    /// The implementation's failure that lasts until the process restarts (sled 0.34 keeps its
+    /// first I/O error for good): every later write fails the same way.
+    #[error("store: {0}")]
+    Broken(String),
     #[error("store: batch {sequence} of this agent is not the next one (last durable: {last})")]
     OutOfOrder { sequence: u64, last: u64 },
     #[error("store: corrupt entry: {0}")]
@@ -222,4 +229,7 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Why the last write failed, while no write has succeeded since (a full or failing disk).
     fn write_failure(&self) -> Option<String>;
+
+    /// Why no write can succeed again before the process restarts, once that is so.
+    fn broken(&self) -> Option<String>;
 }

@@ -27,7 +27,11 @@ use crate::placement::{SHARDS, ShardId};
 
 impl From<sled::Error> for StoreError {
     fn from(err: sled::Error) -> Self {
-        StoreError::Backend(err.to_string())
+        match err {
+            // sled keeps its first I/O error and returns it from every later write.
+            sled::Error::Io(_) => StoreError::Broken(err.to_string()),
+            _ => StoreError::Backend(err.to_string()),
+        }
     }
 }
 
@@ -49,6 +53,8 @@ pub struct SledStore {
     outbox_count: Arc<AtomicU64>,
     /// Why the last write failed, until a write succeeds (for `/readyz`).
     write_failure: Arc<std::sync::Mutex<Option<String>>>,
+    /// The first I/O error sled reported: it lasts until a restart (for `/livez`).
+    broken: Arc<std::sync::OnceLock<String>>,
     /// Per agent, the first batch whose append failed after sled applied it in memory: from
     /// there on nothing counts as durable until it is written again.
     not_durable: Arc<std::sync::Mutex<HashMap<BootId, u64>>>,
@@ -80,6 +86,7 @@ impl SledStore {
             outbox_bytes: Arc::new(AtomicU64::new(outbox_bytes)),
             outbox_count: Arc::new(AtomicU64::new(outbox_count)),
             write_failure: Arc::default(),
+            broken: Arc::default(),
             not_durable: Arc::default(),
             connections: db.open_tree("connections")?,
             positions: db.open_tree("positions")?,
@@ -94,7 +101,12 @@ impl SledStore {
             Ok(_) => *failure = None,
             // Ordering conflicts are the caller's mistake, not the disk's.
             Err(StoreError::OutOfOrder { .. }) => {}
-            Err(err) => *failure = Some(err.to_string()),
+            Err(err) => {
+                if let StoreError::Broken(why) = err {
+                    self.broken.get_or_init(|| why.clone());
+                }
+                *failure = Some(err.to_string())
+            }
         }
         result
     }
@@ -143,9 +155,13 @@ impl SledStore {
             return Err(err);
         }
         if let Err(err) = self.db.flush() {
+            let why = err.to_string();
+            if matches!(err, sled::Error::Io(_)) {
+                self.broken.get_or_init(|| why.clone());
+            }
             // Applied, not durable: written again it would be queued twice (see
             // `StoreError::NotDurable`).
-            return Err(StoreError::NotDurable(err.to_string()));
+            return Err(StoreError::NotDurable(why));
         }
         for boot_id in checkpoint.positions.keys() {
             self.drop_applied_batches(boot_id)?;
@@ -536,6 +552,10 @@ impl Storage for SledStore {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    fn broken(&self) -> Option<String> {
+        self.broken.get().cloned()
     }
 
     fn append<'a>(
