@@ -35,6 +35,7 @@ async fn sled_passes_the_suite() {
     a_gap_or_a_repeat_is_refused(&open).await;
     checkpoints_are_recovered_and_a_batch_goes_once_every_shard_is_past_it(&open).await;
     a_checkpoint_writes_only_the_positions_it_is_given(&open).await;
+    states_survive_many_checkpoints_of_updates_and_removals(&open).await;
     the_outbox_keeps_order_count_and_size_across_reopening(&open).await;
     a_boot_id_stays_bound_to_its_first_node(&open).await;
     a_superseded_boot_id_is_forgotten_once_every_shard_is_past_it(&open).await;
@@ -150,6 +151,64 @@ async fn checkpoints_are_recovered_and_a_batch_goes_once_every_shard_is_past_it(
     assert_eq!(left, [2, 3], "shard 5 still needs batch 2, shard 0 batch 3");
     assert_eq!(store.outbox_oldest(10).unwrap()[0].1, [7, 7]);
     assert_eq!(store.last_sequence(&id).unwrap(), 3);
+}
+
+/// Enough checkpoints (12 MB of states) that an implementation which compacts does so.
+async fn states_survive_many_checkpoints_of_updates_and_removals(open: Opener<'_>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut expected: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
+    let mut store = open(dir.path());
+    for round in 0..24u16 {
+        if round == 12 {
+            drop(store);
+            store = open(dir.path());
+        }
+        let mut changes = Vec::new();
+        for i in 0..500u16 {
+            let key = ((round * 500 + i) % 2_000).to_be_bytes().to_vec();
+            // The state names its key and round, so that a stale or misplaced one shows.
+            let mut state = key.clone();
+            state.extend(std::iter::repeat_n(round as u8, 1_000));
+            changes.push(Change {
+                key,
+                state: Some(state),
+            });
+        }
+        changes.push(Change {
+            key: ((round * 13) % 2_000).to_be_bytes().to_vec(),
+            state: None,
+        });
+        for change in &changes {
+            match &change.state {
+                Some(state) => expected.insert(change.key.clone(), state.clone()),
+                None => expected.remove(&change.key),
+            };
+        }
+        // A key belongs to one shard: here its number modulo 3.
+        for shard in 0..3 {
+            let changes: Vec<Change> = changes
+                .iter()
+                .filter(|c| u16::from_be_bytes([c.key[0], c.key[1]]) % 3 == shard)
+                .cloned()
+                .collect();
+            store
+                .checkpoint(Checkpoint {
+                    shard,
+                    positions: &HashMap::new(),
+                    changes: &changes,
+                    outbox: &[],
+                })
+                .unwrap();
+        }
+    }
+    drop(store);
+    let mut recovered = open(dir.path()).recover().unwrap().connections;
+    recovered.sort();
+    let mut expected: Vec<Vec<u8>> = expected.into_values().collect();
+    expected.sort();
+    // The last four rounds' removals were not written again.
+    assert_eq!(recovered.len(), 2_000 - 4);
+    assert!(recovered == expected, "the recovered states differ");
 }
 
 async fn a_checkpoint_writes_only_the_positions_it_is_given(open: Opener<'_>) {

@@ -12,7 +12,8 @@
 //!   connections it changed, its position (boot id → last applied sequence) for the agents that
 //!   moved, and the export requests it emitted. After a crash, each shard's checkpoint plus the
 //!   batches after its positions rebuild exactly the table that produced the outbox. A batch
-//!   that every shard's checkpoint is past is deleted.
+//!   that every shard's checkpoint is past is deleted. A connection belongs to one shard: the
+//!   checkpoints of different shards never change the same key.
 //! - **The outbox.** Export requests in the order queued, with their count and total size kept
 //!   as they change (never counted by a scan).
 //! - **Health.** Why the last write failed, until one succeeds ([`Storage::write_failure`]),

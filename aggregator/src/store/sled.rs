@@ -1,6 +1,7 @@
 //! The sled implementation of the storage seam ([`Storage`]): one sled database, a tree per
-//! part (`agents`, `agent_nodes`, `node_agents`, `batches`, `connections`, `positions`,
-//! `outbox`); cross-tree writes are sled transactions, flushed before they count as durable.
+//! part (`agents`, `agent_nodes`, `node_agents`, `batches`, `shard_changes` (connection states
+//! as per-shard change logs, see [`change_log`]), `positions`, `outbox`); cross-tree writes are
+//! sled transactions, flushed before they count as durable.
 //!
 //! sled 0.34 is the last stable release, labelled beta and known for disk growth (openraft
 //! dropped its sled store for that); it stays behind the seam so that it can be replaced.
@@ -22,6 +23,9 @@ use sled::{
     transaction::{ConflictableTransactionError, TransactionError},
 };
 
+mod change_log;
+
+use self::change_log::ChangeLogs;
 use super::{BOOT_ID_LEN, BootId, Checkpoint, Recovered, Retirement, Storage, Store, StoreError};
 use crate::placement::{SHARDS, ShardId};
 
@@ -45,7 +49,7 @@ pub struct SledStore {
     node_agents: sled::Tree,
     batches: sled::Tree,
     outbox: sled::Tree,
-    connections: sled::Tree,
+    connections: Arc<ChangeLogs>,
     positions: sled::Tree,
     /// Sum of the outbox's request sizes (what its quota limits), and their number: kept as
     /// the outbox changes, never counted by a scan.
@@ -88,7 +92,7 @@ impl SledStore {
             write_failure: Arc::default(),
             broken: Arc::default(),
             not_durable: Arc::default(),
-            connections: db.open_tree("connections")?,
+            connections: Arc::new(ChangeLogs::open(&db)?),
             positions: db.open_tree("positions")?,
             db,
         })
@@ -123,16 +127,21 @@ impl SledStore {
         let outbox_count = checkpoint.outbox.len() as u64;
         self.outbox_bytes.fetch_add(outbox_bytes, Ordering::Relaxed);
         self.outbox_count.fetch_add(outbox_count, Ordering::Relaxed);
+        let mut log = self.connections.lock(checkpoint.shard);
+        let change_set = (!checkpoint.changes.is_empty()).then(|| {
+            let set = change_log::encode(
+                checkpoint
+                    .changes
+                    .iter()
+                    .map(|c| (c.key.as_slice(), c.state.as_deref())),
+            );
+            (change_log::key(checkpoint.shard, log.take_number()), set)
+        });
         let result: Result<(), TransactionError<StoreError>> =
-            (&self.connections, &self.positions, &self.outbox).transaction(
+            (self.connections.tree(), &self.positions, &self.outbox).transaction(
                 |(connections, positions, outbox)| {
-                    for change in checkpoint.changes {
-                        match &change.state {
-                            Some(state) => {
-                                connections.insert(change.key.as_slice(), state.as_slice())?
-                            }
-                            None => connections.remove(change.key.as_slice())?,
-                        };
+                    if let Some((key, set)) = &change_set {
+                        connections.insert(&key[..], set.as_slice())?;
                     }
                     for (boot_id, sequence) in checkpoint.positions {
                         positions.insert(
@@ -154,6 +163,9 @@ impl SledStore {
             uncount();
             return Err(err);
         }
+        if let Some((_, set)) = &change_set {
+            log.written(set.len());
+        }
         if let Err(err) = self.db.flush() {
             let why = err.to_string();
             if matches!(err, sled::Error::Io(_)) {
@@ -163,6 +175,11 @@ impl SledStore {
             // `StoreError::NotDurable`).
             return Err(StoreError::NotDurable(why));
         }
+        if change_set.is_some() {
+            self.connections
+                .compact_if_due(&self.db, checkpoint.shard, &mut log);
+        }
+        drop(log);
         for boot_id in checkpoint.positions.keys() {
             self.drop_applied_batches(boot_id)?;
         }
@@ -512,15 +529,9 @@ impl Storage for SledStore {
             let shard = ShardId::from_be_bytes(shard.try_into().map_err(|_| corrupt())?);
             positions.insert((shard, boot_id), decode_u64(&value)?);
         }
-        let connections = self
-            .connections
-            .iter()
-            .values()
-            .map(|v| Ok(v?.to_vec()))
-            .collect::<Result<Vec<_>, StoreError>>()?;
         Ok(Recovered {
             positions,
-            connections,
+            connections: self.connections.replay()?,
         })
     }
 
