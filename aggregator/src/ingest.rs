@@ -664,11 +664,13 @@ impl<S: BatchSink> Worker<S> {
             return Ok(());
         };
         let deadline = tokio::time::Instant::now() + self.ingest.limits.outbox_full_wait;
+        let mut held = None;
         loop {
             let queued = self.ingest.store.outbox_bytes();
             if queued <= max {
                 return Ok(());
             }
+            held.get_or_insert_with(|| Held::new(&self.ingest.metrics.batches_held));
             if tokio::time::Instant::now() >= deadline {
                 return Err(Status::resource_exhausted(format!(
                     "the export outbox is full ({queued} bytes queued, quota {max}): the OTLP endpoint is not keeping up; retry later"
@@ -692,6 +694,22 @@ impl<S: BatchSink> Worker<S> {
             }))
             .await
             .map_err(|_| Status::cancelled("the agent went away"))
+    }
+}
+
+/// Counts a batch in `batches_held` while it is held back (whichever way the wait ends).
+struct Held(prometheus_client::metrics::gauge::Gauge);
+
+impl Held {
+    fn new(gauge: &prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -57,6 +57,8 @@ pub struct Metrics {
     pub records_lost: Family<ReasonLabel, Counter>,
     pub agents_retired: Counter,
     pub agents_known: Gauge,
+    /// Agent batches validated and waiting for outbox room before they are stored.
+    pub batches_held: Gauge,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -214,8 +216,15 @@ impl Metrics {
             "Agent processes (boot ids) the store keeps state for, as of the last retirement pass",
             agents_known.clone(),
         );
+        let batches_held = Gauge::default();
+        registry.register(
+            "batches_held",
+            "Agent batches validated and held back before they are stored: the export outbox is over its quota (backpressure policy)",
+            batches_held.clone(),
+        );
         Self {
             registry,
+            batches_held,
             agents_retired,
             agents_known,
             checkpoint_failures,

@@ -13,7 +13,7 @@ use std::{
     io::Write,
     path::{Path, PathBuf},
     process::Command,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use mermin_aggregator::{
@@ -24,7 +24,7 @@ use support::{
     closed_connection, connect,
     http::{get, metric},
     otlp::{Receiver, serve},
-    reopen,
+    reopen, until,
 };
 use tokio::net::TcpListener;
 
@@ -88,14 +88,6 @@ fn connections(sequence: u64) -> Vec<mermin_protocol::flow::v1::FlowRecord> {
     (first..first + CONNECTIONS_PER_BATCH as u32)
         .flat_map(closed_connection)
         .collect()
-}
-
-async fn until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !done() {
-        assert!(Instant::now() < deadline, "{what}: not within 20 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// The aggregator on the tmpfs (once a previous one on it has let go of the store).

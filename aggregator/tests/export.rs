@@ -118,11 +118,7 @@ async fn drained(store: &Store) {
 }
 
 fn metric(metrics: &Metrics, series: &str) -> u64 {
-    metrics
-        .render()
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0)
+    support::metric_value(&metrics.render(), series)
 }
 
 over_both_protocols!(an_endpoint_that_is_down_gets_everything_once_it_is_up);
@@ -300,7 +296,8 @@ async fn over_quota_the_oldest_requests_are_dropped_and_counted() {
     server.abort();
 }
 
-/// Idle with an empty outbox, the exporter delivers what is queued once told.
+/// Idle with an empty outbox, the exporter delivers what is queued once told — and only then:
+/// an hour of paused (virtual) time passes without it looking at the outbox by itself.
 #[actix::test]
 async fn an_idle_exporter_delivers_when_told_the_outbox_changed() {
     let dir = tempfile::tempdir().unwrap();
@@ -309,12 +306,15 @@ async fn an_idle_exporter_delivers_when_told_the_outbox_changed() {
     let addr = listener.local_addr().unwrap();
     let receiver = Receiver::default();
     let server = support::otlp::serve(receiver.clone(), listener).await;
+    // Paused, the clock moves only when every task waits: every timer due within the hour fires.
+    tokio::time::pause();
     let (exporter, address) =
         start_exporter_actor(&store, ExportConfig::new(format!("http://{addr}")));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_secs(3600)).await;
     store.outbox_push(&request(&["late"])).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_secs(3600)).await;
     assert_eq!(store.outbox_len(), 1, "idle: nothing polls the outbox");
+    tokio::time::resume();
     address.send(OutboxChanged).await.unwrap();
     drained(&store).await;
     assert_eq!(receiver.names(), ["late"]);

@@ -22,6 +22,7 @@ use support::{
     closed_connection, connect,
     http::{get, metric},
     otlp::{Receiver, serve},
+    until,
 };
 use tokio::net::TcpListener;
 
@@ -43,14 +44,6 @@ fn request_with_span(id: u8) -> Vec<u8> {
             ..ResourceSpans::default()
         }],
     })
-}
-
-async fn until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !done() {
-        assert!(Instant::now() < deadline, "{what}: not within 10 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn free_port() -> std::net::SocketAddr {

@@ -12,7 +12,7 @@ use mermin_aggregator::{
     store::Store,
 };
 use mermin_protocol::agent::v1::{Batch, Hello, agent_message};
-use support::{connect, recent_nanos, record, reopen};
+use support::{connect, metric_value, recent_nanos, record, reopen, until};
 use tokio::{
     net::TcpListener,
     sync::{mpsc, watch},
@@ -265,8 +265,10 @@ async fn a_full_outbox_holds_batches_back_then_refuses_the_stream() {
     s.hello("node-a", [5; 16]).await;
     assert_eq!(s.welcome().await, 0);
     s.batch(1, vec![record("node-a", 1)]).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = || metric_value(&agg.metrics.render(), "mermin_aggregator_batches_held");
+    until("the batch is held back", || held() == 1).await;
     assert!(agg.flows.try_recv().is_err(), "held back while over quota");
+    assert_eq!(store.last_sequence(&[5; 16]).unwrap(), 0, "not stored yet");
     store.outbox_remove(queued).await.unwrap();
     assert_eq!(s.ack().await, 1, "accepted once the exporter made room");
     assert_eq!(agg.flows.recv().await.unwrap().sequence, 1);

@@ -27,10 +27,5 @@ fn get_blocking(addr: SocketAddr, path: &str) -> (u16, String) {
 }
 
 pub async fn metric(addr: SocketAddr, series: &str) -> u64 {
-    get(addr, "/metrics")
-        .await
-        .1
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0)
+    super::metric_value(&get(addr, "/metrics").await.1, series)
 }

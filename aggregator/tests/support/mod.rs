@@ -89,6 +89,26 @@ impl Stream {
     }
 }
 
+/// Waits until `done` (checked every 20 ms; at most 20 s, then fails naming `what`).
+pub async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The value of `series` in a Prometheus text rendering (0 if absent).
+pub fn metric_value(rendered: &str, series: &str) -> u64 {
+    rendered
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Opens the store in `path` once the previous handle's background threads let go of sled's
 /// lock (they outlive the handle briefly); bounded.
 pub async fn reopen(path: &std::path::Path) -> mermin_aggregator::store::Store {
