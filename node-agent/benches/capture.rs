@@ -13,6 +13,7 @@
 mod support;
 
 use std::{
+    collections::HashMap,
     io::{Read, Write},
     net::{TcpListener, TcpStream, UdpSocket},
     sync::{
@@ -45,6 +46,9 @@ fn main() {
     }
     if wants("agent-load") {
         agent_load();
+    }
+    if wants("connections") {
+        connections();
     }
 }
 
@@ -404,4 +408,151 @@ fn agent_load_with(sink: &[&str]) -> Load {
         peak_mb: hwm as f64 / 1024.0,
         lost,
     }
+}
+
+/// Short TCP connections between a client pod on node-a and a server pod on node-b, through the
+/// whole system as deployed: an agent process per node (gRPC sink), the aggregator binary, an
+/// OTLP receiver in this process. CPU of each process per connection, peak RSS, and how many
+/// connections became exactly one span.
+fn connections() {
+    println!(
+        "| connections/s asked / made | connections | CLIENT spans | exactly one span | packets exact | agent node-a µs/conn | agent node-b µs/conn | aggregator µs/conn | peak RSS agent a / b / aggregator |"
+    );
+    println!("|---|---:|---:|---:|---|---:|---:|---:|---:|");
+    for rate in [1_000, 5_000] {
+        connections_at(rate, Duration::from_secs(10));
+    }
+}
+
+fn connections_at(rate: u64, duration: Duration) {
+    use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+    use support::{
+        aggregator::AggregatorProcess,
+        cluster::cluster,
+        otlp::{Receiver, int, serve, text},
+    };
+    const SERVER: &str = "10.90.2.2:8080";
+    let c = cluster();
+    // 50k connections in 10 s: wide enough a port range that no 5-tuple repeats (reuse is the
+    // connection-boundary issue's bench).
+    c.a1.sysctl("net.ipv4.ip_local_port_range", "1024 65535");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let receiver = Receiver::default();
+    let otlp = serve(&receiver, &runtime);
+    let data = tempfile::tempdir().unwrap();
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", support::free_port())
+        .parse()
+        .unwrap();
+    let aggregator = AggregatorProcess::start(listen, otlp, data.path());
+    let endpoint = format!("http://{listen}");
+    let agent_args = |name: &'static str| {
+        [
+            "--aggregator".to_owned(),
+            endpoint.clone(),
+            "--node-name".to_owned(),
+            name.to_owned(),
+        ]
+    };
+    let args_a = agent_args("node-a");
+    let args_b = agent_args("node-b");
+    fn as_str(args: &[String]) -> Vec<&str> {
+        args.iter().map(String::as_str).collect()
+    }
+    let agent_a = Agent::start(&c.node_a, "veth*,eth0", &as_str(&args_a));
+    let agent_b = Agent::start(&c.node_b, "veth*,eth0", &as_str(&args_b));
+    let pids = [agent_a.pid(), agent_b.pid(), aggregator.pid()];
+    let total = rate * duration.as_secs();
+    let server = c.b1.spawn(move || {
+        let listener = std::net::TcpListener::bind(SERVER).unwrap();
+        listener.set_nonblocking(false).unwrap();
+        let mut served = 0u64;
+        let mut buf = [0u8; 100];
+        while served < total {
+            let Ok((mut s, _)) = listener.accept() else {
+                break;
+            };
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            if s.read_exact(&mut buf).is_ok() {
+                let _ = s.write_all(&[2u8; 200]);
+                let _ = s.read(&mut buf); // the client's FIN
+            }
+            served += 1;
+        }
+    });
+    let ticks_per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let before: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p)).collect();
+    let started = Instant::now();
+    let client = c.a1.spawn(move || {
+        let start = Instant::now();
+        let mut made = 0u64;
+        let mut buf = [0u8; 200];
+        for i in 0..total {
+            let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                thread::sleep(wait);
+            }
+            let Ok(mut s) = std::net::TcpStream::connect(SERVER) else {
+                continue;
+            };
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            if s.write_all(&[1u8; 100]).is_ok() && s.read_exact(&mut buf).is_ok() {
+                made += 1;
+            }
+        }
+        made
+    });
+    let made = client.join().unwrap();
+    let elapsed = started.elapsed();
+    // Every connection reported (close timeout + scan + settle + export), bounded.
+    let spans = || {
+        receiver
+            .spans_with_service()
+            .into_iter()
+            .filter(|(_, s)| {
+                s.kind == SpanKind::Client as i32 && int(s, "destination.port") == 8080
+            })
+            .map(|(_, s)| s)
+            .collect::<Vec<_>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (spans().len() as u64) < made && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(200));
+    }
+    let after: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p)).collect();
+    let peaks: Vec<u64> = pids.iter().map(|p| status_kib(*p, "VmHWM:")).collect();
+    let spans = spans();
+    let mut per_port: HashMap<i64, u32> = HashMap::new();
+    for span in &spans {
+        assert_eq!(text(span, "source.address"), "10.90.1.2");
+        *per_port.entry(int(span, "source.port")).or_default() += 1;
+    }
+    let once = per_port.values().filter(|n| **n == 1).count();
+    // Each connection: SYN, ACK, data, FIN (and the last ACK) from the client at least; the
+    // exact count is in the wire counters of the client pod's veth.
+    let sent_packets: i64 = spans.iter().map(|s| int(s, "flow.packets.sent")).sum();
+    let wire = c.node_a.counters("vetha1");
+    let exact = if sent_packets as u64 == wire.rx_packets {
+        "yes"
+    } else {
+        "no"
+    };
+    let per_conn =
+        |i: usize| (after[i] - before[i]) as f64 / ticks_per_sec * 1e6 / made.max(1) as f64;
+    println!(
+        "| {rate} / {:.0} | {made} | {} | {once} | {exact} ({sent_packets} vs {} on the wire) | {:.1} | {:.1} | {:.1} | {:.1} / {:.1} / {:.1} MB |",
+        made as f64 / elapsed.as_secs_f64(),
+        spans.len(),
+        wire.rx_packets,
+        per_conn(0),
+        per_conn(1),
+        per_conn(2),
+        peaks[0] as f64 / 1024.0,
+        peaks[1] as f64 / 1024.0,
+        peaks[2] as f64 / 1024.0,
+    );
+    let _ = server.join();
+    drop(agent_a.stop());
+    drop(agent_b.stop());
+    drop(aggregator);
+    drop(runtime);
 }

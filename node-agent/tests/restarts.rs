@@ -2,90 +2,21 @@
 //! the aggregator killed with SIGKILL while the agent holds unacknowledged batches, then
 //! restarted; then the agent itself restarted. The connection's spans must add up to exactly what
 //! the TCP stacks sent, and no span id may arrive twice with different content.
-//!
-//! The aggregator binary is built by `cargo test` for its own package's tests; this test finds it
-//! next to its own executable (and builds it if it is missing).
 
 mod support;
 
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use support::{
+    aggregator::AggregatorProcess,
     otlp::{Receiver, int, serve, text},
     *,
 };
-
-/// The aggregator binary as a child process; killed on drop.
-struct AggregatorProcess(Child);
-
-impl AggregatorProcess {
-    fn start(listen: SocketAddr, otlp: SocketAddr, data: &Path) -> Self {
-        let child = Command::new(aggregator_binary())
-            .args(["--listen", &listen.to_string()])
-            .args(["--otlp-endpoint", &format!("http://{otlp}")])
-            .args(["--data-dir", &data.display().to_string()])
-            .args(["--settle", "1s", "--grace", "30s"])
-            .args(["--metrics-listen", "127.0.0.1:0", "--kubernetes=false"])
-            .args(["--admin-listen", "127.0.0.1:0", "--tls-mode=disabled"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(listen).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "aggregator not listening within 10 s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self(child)
-    }
-
-    fn kill(mut self) {
-        self.0.kill().unwrap(); // SIGKILL
-        self.0.wait().unwrap();
-    }
-}
-
-impl Drop for AggregatorProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn aggregator_binary() -> PathBuf {
-    // target/<profile>/deps/restarts-<hash> → target/<profile>/mermin-aggregator
-    let exe = std::env::current_exe().unwrap();
-    let binary = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("mermin-aggregator");
-    if !binary.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "-p",
-                "mermin-aggregator",
-                "--bin",
-                "mermin-aggregator",
-            ])
-            .status()
-            .unwrap();
-        assert!(status.success(), "building the aggregator binary failed");
-    }
-    binary
-}
 
 /// One node namespace and two pods on it: the client (10.91.1.2, on `vethc`) and the server
 /// (10.91.1.3, on `veths`).

@@ -3,6 +3,8 @@
 //! child process, and its JSON-lines records.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod aggregator;
+pub mod cluster;
 pub mod frames;
 pub mod otlp;
 
