@@ -13,7 +13,6 @@
 mod support;
 
 use std::{
-    collections::HashMap,
     io::{Read, Write},
     net::{TcpListener, TcpStream, UdpSocket},
     sync::{
@@ -416,11 +415,14 @@ fn agent_load_with(sink: &[&str]) -> Load {
 /// connections became exactly one span.
 fn connections() {
     println!(
-        "| connections/s asked / made | connections | CLIENT spans | exactly one span | packets exact | agent node-a µs/conn | agent node-b µs/conn | aggregator µs/conn | peak RSS agent a / b / aggregator |"
+        "| connections/s asked / made | connections | CLIENT spans | client→server packets: spans / wire | agent node-a µs/conn | agent node-b µs/conn | aggregator µs/conn | peak RSS agent a / b / aggregator |"
     );
-    println!("|---|---:|---:|---:|---|---:|---:|---:|---:|");
-    for rate in [1_000, 5_000] {
-        connections_at(rate, Duration::from_secs(10));
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    // At most 20k connections a run: the client's TIME_WAIT sockets hold their ports, and a
+    // connect() searching a nearly full port range slows the client down (a 50k run at 5k/s
+    // made only ~780 connections/s).
+    for (rate, seconds) in [(1_000, 10), (5_000, 4)] {
+        connections_at(rate, Duration::from_secs(seconds));
     }
 }
 
@@ -433,8 +435,8 @@ fn connections_at(rate: u64, duration: Duration) {
     };
     const SERVER: &str = "10.90.2.2:8080";
     let c = cluster();
-    // 50k connections in 10 s: wide enough a port range that no 5-tuple repeats (reuse is the
-    // connection-boundary issue's bench).
+    // Wide enough a port range that no 5-tuple repeats (reuse is the connection-boundary
+    // issue's bench).
     c.a1.sysctl("net.ipv4.ip_local_port_range", "1024 65535");
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let receiver = Receiver::default();
@@ -521,25 +523,17 @@ fn connections_at(rate: u64, duration: Duration) {
     let after: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p)).collect();
     let peaks: Vec<u64> = pids.iter().map(|p| status_kib(*p, "VmHWM:")).collect();
     let spans = spans();
-    let mut per_port: HashMap<i64, u32> = HashMap::new();
     for span in &spans {
         assert_eq!(text(span, "source.address"), "10.90.1.2");
-        *per_port.entry(int(span, "source.port")).or_default() += 1;
     }
-    let once = per_port.values().filter(|n| **n == 1).count();
-    // Each connection: SYN, ACK, data, FIN (and the last ACK) from the client at least; the
-    // exact count is in the wire counters of the client pod's veth.
+    // One span per connection with every packet counted once: the spans' client→server packets
+    // add up to what the client pod's veth received from it.
     let sent_packets: i64 = spans.iter().map(|s| int(s, "flow.packets.sent")).sum();
     let wire = c.node_a.counters("vetha1");
-    let exact = if sent_packets as u64 == wire.rx_packets {
-        "yes"
-    } else {
-        "no"
-    };
     let per_conn =
         |i: usize| (after[i] - before[i]) as f64 / ticks_per_sec * 1e6 / made.max(1) as f64;
     println!(
-        "| {rate} / {:.0} | {made} | {} | {once} | {exact} ({sent_packets} vs {} on the wire) | {:.1} | {:.1} | {:.1} | {:.1} / {:.1} / {:.1} MB |",
+        "| {rate} / {:.0} | {made} | {} | {sent_packets} / {} | {:.1} | {:.1} | {:.1} | {:.1} / {:.1} / {:.1} MB |",
         made as f64 / elapsed.as_secs_f64(),
         spans.len(),
         wire.rx_packets,

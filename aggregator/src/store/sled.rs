@@ -39,6 +39,10 @@ impl From<sled::Error> for StoreError {
     }
 }
 
+/// sled's page cache. Its default (1 GiB) only grows the process: what the aggregator reads back
+/// (a batch replayed to a shard, the outbox's oldest requests) was written moments before.
+const CACHE_BYTES: u64 = 64 << 20;
+
 #[derive(Clone)]
 pub struct SledStore {
     db: sled::Db,
@@ -71,10 +75,14 @@ impl SledStore {
     }
 
     fn open_concrete(path: &Path) -> Result<Self, StoreError> {
-        let db = sled::open(path).map_err(|source| StoreError::Open {
-            path: path.display().to_string(),
-            reason: source.to_string(),
-        })?;
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(CACHE_BYTES)
+            .open()
+            .map_err(|source| StoreError::Open {
+                path: path.display().to_string(),
+                reason: source.to_string(),
+            })?;
         let outbox = db.open_tree("outbox")?;
         let (mut outbox_bytes, mut outbox_count) = (0, 0);
         for value in outbox.iter().values() {
