@@ -22,6 +22,7 @@ use opentelemetry_proto::tonic::{
     trace::v1::{Span, span::SpanKind},
 };
 use support::{
+    aggregator::left_to_export,
     cluster::cluster,
     otlp::{Receiver, int, serve, text},
     *,
@@ -149,11 +150,16 @@ fn every_connection_becomes_one_exact_span() {
     while clients(&receiver.spans_with_service()).len() < 4 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
-    // A little longer: nothing more may arrive (no duplicates).
-    std::thread::sleep(Duration::from_secs(2));
+    // Nothing more may arrive (no duplicates): once the agents and the aggregator have stopped
+    // (each emitting what it held), nothing is left to export.
     agent_a.stop();
     agent_b.stop();
     runtime.block_on(aggregator.shutdown());
+    assert_eq!(
+        left_to_export(data.path()),
+        0,
+        "spans still queued after the stop"
+    );
 
     let all = receiver.spans_with_service();
     let spans = clients(&all);

@@ -13,7 +13,7 @@ use std::{
 
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use support::{
-    aggregator::AggregatorProcess,
+    aggregator::{AggregatorProcess, left_to_export},
     otlp::{Receiver, int, serve, text},
     *,
 };
@@ -90,14 +90,13 @@ fn span_totals(receiver: &Receiver, port: i64) -> (u64, u64, u64, u64) {
     totals
 }
 
-/// Waits (bounded: 30 s) until the spans to `port` carry `sent` bytes; then a little longer, for
-/// anything that should not come.
+/// Waits (bounded: 30 s) until the spans to `port` carry `sent` bytes. (Whatever should not
+/// come is caught at the end: after a graceful stop nothing may be left to export.)
 fn wait_for_bytes_sent(receiver: &Receiver, port: i64, sent: u64) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while span_totals(receiver, port).0 < sent && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
-    std::thread::sleep(Duration::from_secs(2));
 }
 
 #[test]
@@ -145,7 +144,12 @@ fn a_connection_survives_an_aggregator_kill_and_an_agent_restart() {
     let received = wire(&exchange.server_side, 20_000 + 2);
     wait_for_bytes_sent(&receiver, 9000, sent);
     agent.take().unwrap().stop();
-    drop(aggregator.take());
+    aggregator.take().unwrap().stop();
+    assert_eq!(
+        left_to_export(data.path()),
+        0,
+        "spans still queued after the stop"
+    );
 
     let spans = receiver.spans_with_service();
     let mut by_id = HashMap::new();
@@ -225,7 +229,12 @@ fn an_aggregator_that_lost_its_data_dir_takes_the_agent_on_again() {
 
     let lost = agent.metric("mermin_agent_sink_batches_lost_total");
     let (status, _) = agent.stop();
-    drop(aggregator);
+    aggregator.stop();
+    assert_eq!(
+        left_to_export(data.path()),
+        0,
+        "spans still queued after the stop"
+    );
     assert!(status.success(), "agent exit: {status}");
     assert!(
         lost.is_some_and(|lost| lost >= 1),

@@ -44,6 +44,35 @@ impl AggregatorProcess {
         self.0.kill().unwrap(); // SIGKILL
         self.0.wait().unwrap();
     }
+
+    /// Stops it as Kubernetes does (SIGTERM), waiting for the exit (bounded: 20 s).
+    pub fn stop(mut self) {
+        // SAFETY: sends a signal to our own child, which has not been waited for yet.
+        assert_eq!(unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) }, 0);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.0.try_wait().unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "aggregator still running 20 s after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Export requests an aggregator that stopped (gracefully) left in the store in `data`. When
+/// it stops, every shard emits what it holds; so 0 means that nothing more would ever be
+/// exported — the event "nothing more arrives" waits for, instead of sleeping.
+pub fn left_to_export(data: &Path) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        // sled's background threads let go of its lock shortly after the process or handle.
+        match mermin_aggregator::store::SledStore::open(data) {
+            Ok(store) => return store.outbox_len(),
+            Err(err) => assert!(Instant::now() < deadline, "reopening the store: {err}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 impl Drop for AggregatorProcess {
