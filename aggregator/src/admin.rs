@@ -11,9 +11,10 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use mermin_protocol::admin::v1::{
     AddMemberRequest, Agent, AgentsRequest, AgentsResponse, Cluster, DrainRequest, DrainResponse,
-    Member, MembershipResponse, ObserveRequest, ObservedFlow, Outbox, QueuesRequest,
-    QueuesResponse, ReasonCount, RemoveMemberRequest, Role, ShardPlacement, ShardQueue,
-    ShardReplica, StatusRequest, StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
+    Member, MembershipResponse, MetadataKind, MetadataSync, ObserveRequest, ObservedFlow, Outbox,
+    QueuesRequest, QueuesResponse, ReasonCount, RemoveMemberRequest, Role, ShardPlacement,
+    ShardQueue, ShardReplica, StatusRequest, StatusResponse, TransferLeaderRequest,
+    TransferLeaderResponse,
     admin_service_server::{AdminService, AdminServiceServer},
 };
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
@@ -26,6 +27,7 @@ use crate::{
     clock::unix_now,
     export::split_entry,
     ingest::{Agents, hex},
+    metadata::kube::WatchMetrics,
     metrics::{Metrics, ShardLabel},
     observe::{FlowFilter, ObserveHub},
     placement::{SHARDS, ShardId},
@@ -51,6 +53,10 @@ pub struct Admin {
     pub agents: Agents,
     pub observe: ObserveHub,
     pub outbox_max_bytes: u64,
+    /// The Kubernetes watchers' state, when the API is watched.
+    pub kubernetes: Option<WatchMetrics>,
+    /// Whether a static metadata file is loaded.
+    pub static_metadata: bool,
     /// Turns true when the aggregator stops: follow streams end.
     pub stopping: watch::Receiver<bool>,
 }
@@ -92,6 +98,26 @@ impl Admin {
     }
 
     /// The cluster as a single replica: one member, leader of every shard at term 0.
+    fn metadata(&self) -> MetadataSync {
+        let kinds = self.kubernetes.as_ref().map(WatchMetrics::kinds);
+        MetadataSync {
+            kubernetes: self.kubernetes.is_some(),
+            static_file: self.static_metadata,
+            kinds: kinds
+                .unwrap_or_default()
+                .into_iter()
+                .map(|k| MetadataKind {
+                    kind: k.kind.to_owned(),
+                    synced: k.synced,
+                    events: k.events,
+                    watch_errors: k.watch_errors,
+                    skipped_objects: k.skipped_objects,
+                    last_event_unix_seconds: k.last_event_unix_seconds,
+                })
+                .collect(),
+        }
+    }
+
     fn cluster(&self) -> Cluster {
         let id = self.self_id();
         Cluster {
@@ -146,6 +172,7 @@ impl AdminService for Admin {
             store_write_failure: self.store.write_failure().unwrap_or_default(),
             shard_count: u32::from(SHARDS),
             cluster: Some(self.cluster()),
+            metadata: Some(self.metadata()),
         }))
     }
 

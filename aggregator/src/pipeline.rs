@@ -252,6 +252,8 @@ impl Aggregator {
             agents: ingest.agents(),
             observe,
             outbox_max_bytes: config.outbox.max_bytes,
+            kubernetes: watchers.as_ref().map(|w| w.metrics().clone()),
+            static_metadata: config.metadata.static_file.is_some(),
             stopping: server_stop.clone(),
         })
         .await?;

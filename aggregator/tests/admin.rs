@@ -108,6 +108,16 @@ async fn status_agents_and_observe_show_what_happened() {
         );
         assert_eq!(shard.replicas[0].role(), Role::Leader);
     }
+    // The loopback configuration watches no Kubernetes API and loads no static file.
+    let metadata = status.metadata.unwrap();
+    assert_eq!(
+        (
+            metadata.kubernetes,
+            metadata.static_file,
+            metadata.kinds.len()
+        ),
+        (false, false, 0)
+    );
 
     let mut live = client
         .observe(ObserveRequest {

@@ -83,6 +83,13 @@ pub fn status(status: &StatusResponse, out: Output) -> Result<String, String> {
             why => format!("cannot write: {why}"),
         };
         let cluster = status.cluster.clone().unwrap_or_default();
+        let metadata = status.metadata.clone().unwrap_or_default();
+        let sources = match (metadata.kubernetes, metadata.static_file) {
+            (true, true) => "Kubernetes API and static file",
+            (true, false) => "Kubernetes API",
+            (false, true) => "static file",
+            (false, false) => "none (flows carry addresses only)",
+        };
         let mut text = table(
             &["FIELD", "VALUE"],
             &[
@@ -92,6 +99,7 @@ pub fn status(status: &StatusResponse, out: Output) -> Result<String, String> {
                 vec!["store".into(), store],
                 vec!["shards".into(), status.shard_count.to_string()],
                 vec!["this replica".into(), cluster.self_id.clone()],
+                vec!["metadata".into(), sources.into()],
             ],
         );
         text.push('\n');
@@ -107,6 +115,39 @@ pub fn status(status: &StatusResponse, out: Output) -> Result<String, String> {
             })
             .collect();
         text.push_str(&table(&["MEMBER", "ADDRESS", "LEADS SHARDS"], &members));
+        if !metadata.kinds.is_empty() {
+            // Ages by the aggregator's clock (its start + uptime), not this machine's.
+            let now = status.started_unix_nanos / 1_000_000_000 + status.uptime_seconds;
+            let kinds: Vec<Vec<String>> = metadata
+                .kinds
+                .iter()
+                .map(|k| {
+                    vec![
+                        k.kind.clone(),
+                        if k.synced { "yes" } else { "no" }.into(),
+                        k.events.to_string(),
+                        k.watch_errors.to_string(),
+                        k.skipped_objects.to_string(),
+                        match k.last_event_unix_seconds {
+                            0 => "never".into(),
+                            t => format!("{} ago", age(now.saturating_sub(t))),
+                        },
+                    ]
+                })
+                .collect();
+            text.push('\n');
+            text.push_str(&table(
+                &[
+                    "KIND",
+                    "SYNCED",
+                    "EVENTS",
+                    "WATCH ERRORS",
+                    "SKIPPED",
+                    "LAST EVENT",
+                ],
+                &kinds,
+            ));
+        }
         text
     })
 }
@@ -258,7 +299,53 @@ pub fn flow(flow: &ObservedFlow, out: Output, colour: bool) -> Result<String, St
 
 #[cfg(test)]
 mod tests {
+    use mermin_protocol::admin::v1::{MetadataKind, MetadataSync};
+
     use super::*;
+
+    #[test]
+    fn the_status_names_the_metadata_sources_and_each_kinds_sync() {
+        let kind = |kind: &str, synced, events, last| MetadataKind {
+            kind: kind.into(),
+            synced,
+            events,
+            watch_errors: u64::from(!synced),
+            skipped_objects: 0,
+            last_event_unix_seconds: last,
+        };
+        let status = StatusResponse {
+            version: "0.1.0".into(),
+            uptime_seconds: 100,
+            started_unix_nanos: 1_000 * 1_000_000_000,
+            data_dir: "/data".into(),
+            shard_count: 8,
+            metadata: Some(MetadataSync {
+                kubernetes: true,
+                static_file: false,
+                kinds: vec![kind("Pod", true, 12, 1_095), kind("Node", false, 0, 0)],
+            }),
+            ..StatusResponse::default()
+        };
+        let text = status_text(&status);
+        let kinds = text.split("\n\n").last().unwrap();
+        assert_eq!(
+            kinds,
+            "KIND  SYNCED  EVENTS  WATCH ERRORS  SKIPPED  LAST EVENT\n\
+             Pod   yes     12      0             0        5s ago\n\
+             Node  no      0       1             0        never\n"
+        );
+        assert!(text.contains("metadata      Kubernetes API\n"), "{text}");
+        let none = status_text(&StatusResponse::default());
+        assert!(
+            none.contains("metadata      none (flows carry addresses only)\n"),
+            "{none}"
+        );
+        assert!(!none.contains("KIND"), "no watched kinds, no table: {none}");
+    }
+
+    fn status_text(response: &StatusResponse) -> String {
+        status(response, Output::Table).unwrap()
+    }
 
     #[test]
     fn tables_align_and_ages_use_the_largest_unit() {

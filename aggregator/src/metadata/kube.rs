@@ -433,6 +433,38 @@ impl WatchMetrics {
         );
     }
 
+    /// Every watched kind's sync state, in [`ObjectKind::ALL`] order (read without creating
+    /// series).
+    pub fn kinds(&self) -> Vec<KindSync> {
+        ObjectKind::ALL
+            .iter()
+            .map(|kind| {
+                let label = KindLabel {
+                    kind: kind.as_str(),
+                };
+                let errors = |reason| {
+                    self.errors
+                        .get(&ErrorLabel {
+                            kind: kind.as_str(),
+                            reason,
+                        })
+                        .map_or(0, |c| c.get())
+                };
+                KindSync {
+                    kind: kind.as_str(),
+                    synced: self.synced.get(&label).is_some_and(|g| g.get() == 1),
+                    events: self.events.get(&label).map_or(0, |c| c.get()),
+                    watch_errors: errors("watch"),
+                    skipped_objects: errors("object"),
+                    last_event_unix_seconds: self
+                        .last_event
+                        .get(&label)
+                        .map_or(0, |g| u64::try_from(g.get()).unwrap_or(0)),
+                }
+            })
+            .collect()
+    }
+
     fn error(&self, kind: ObjectKind, reason: &'static str) {
         self.errors
             .get_or_create(&ErrorLabel {
@@ -441,6 +473,17 @@ impl WatchMetrics {
             })
             .inc();
     }
+}
+
+/// One watched kind's sync state (for the admin API's status).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KindSync {
+    pub kind: &'static str,
+    pub synced: bool,
+    pub events: u64,
+    pub watch_errors: u64,
+    pub skipped_objects: u64,
+    pub last_event_unix_seconds: u64,
 }
 
 /// The running watchers; dropping this stops them.
@@ -696,6 +739,45 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} not in\n{text}");
         }
+
+        // The same, as the admin API's status reads it: every kind, the unseen ones empty.
+        let kinds = metrics.kinds();
+        let names: Vec<&str> = kinds.iter().map(|k| k.kind).collect();
+        assert_eq!(
+            names,
+            [
+                "Pod",
+                "Service",
+                "EndpointSlice",
+                "Node",
+                "Namespace",
+                "ReplicaSet",
+                "Job"
+            ]
+        );
+        let pods = &kinds[0];
+        assert_eq!(
+            (
+                pods.synced,
+                pods.events,
+                pods.watch_errors,
+                pods.skipped_objects
+            ),
+            (true, 4, 1, 1)
+        );
+        let now = unix_now() / 1_000_000_000;
+        assert!(now - pods.last_event_unix_seconds <= 5, "{pods:?}");
+        assert_eq!(
+            kinds[3],
+            KindSync {
+                kind: "Node",
+                synced: false,
+                events: 0,
+                watch_errors: 0,
+                skipped_objects: 0,
+                last_event_unix_seconds: 0,
+            }
+        );
     }
 
     #[tokio::test]
