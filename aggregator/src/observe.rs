@@ -190,7 +190,7 @@ pub struct FlowFilter {
     pods: Vec<(Option<String>, String)>,
     workloads: Vec<String>,
     nodes: Vec<String>,
-    networks: Vec<(IpAddr, u8)>,
+    networks: Vec<ipnet::IpNet>,
     ports: Vec<u32>,
     protocols: Vec<u32>,
     end_reasons: Vec<EndReason>,
@@ -258,10 +258,10 @@ impl FlowFilter {
                 any_end(&|e| e.node == node) || flow.observed_at_nodes.iter().any(|n| n == node)
             })
             && (self.networks.is_empty()
-                || self.networks.iter().any(|(network, length)| {
+                || self.networks.iter().any(|network| {
                     any_end(&|e| {
                         mermin_protocol::json::address(&e.address)
-                            .is_some_and(|a| static_file::masked(a, *length) == *network)
+                            .is_some_and(|a| network.contains(&a))
                     })
                 }))
             && (self.ports.is_empty() || self.ports.iter().any(|p| any_end(&|e| e.port == *p)))

@@ -16,12 +16,13 @@
 
 use std::{net::IpAddr, path::Path, sync::Arc};
 
-use foldhash::HashMap;
 use hcl_edit::{
     Span,
     expr::{Expression, ObjectKey},
     structure::{BlockLabel, Structure},
 };
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use prefix_trie::PrefixMap;
 
 use super::index::{EndpointMetadata, Label};
 use crate::hcl::{ConfigError, parse_lenient, read, string};
@@ -29,18 +30,20 @@ use crate::hcl::{ConfigError, parse_lenient, read, string};
 const ENDPOINT_KEYS: &str =
     "pod, namespace, node, workload_kind, workload, service, container, labels";
 
-/// Metadata by address prefix, looked up longest prefix first.
-#[derive(Debug, Default)]
+/// Metadata by address prefix, looked up longest prefix first (a prefix trie per family).
+#[derive(Default)]
 pub struct PrefixTable {
-    /// Longest prefix first.
-    levels: Vec<PrefixLevel>,
+    ipv4: PrefixMap<Ipv4Net, StaticEntry>,
+    ipv6: PrefixMap<Ipv6Net, StaticEntry>,
 }
 
-#[derive(Debug)]
-struct PrefixLevel {
-    ipv4: bool,
-    length: u8,
-    entries: HashMap<IpAddr, StaticEntry>,
+impl std::fmt::Debug for PrefixTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrefixTable")
+            .field("ipv4", &self.ipv4.len())
+            .field("ipv6", &self.ipv6.len())
+            .finish()
+    }
 }
 
 /// What one `endpoint` block says.
@@ -74,57 +77,26 @@ impl StaticEntry {
 
 impl PrefixTable {
     pub fn longest_match(&self, address: IpAddr) -> Option<EndpointMetadata<'_>> {
-        self.levels
-            .iter()
-            .filter(|level| level.ipv4 == address.is_ipv4())
-            .find_map(|level| level.entries.get(&masked(address, level.length)))
-            .map(StaticEntry::metadata)
+        let entry = match address {
+            IpAddr::V4(a) => self.ipv4.get_lpm(&Ipv4Net::from(a)).map(|(_, e)| e),
+            IpAddr::V6(a) => self.ipv6.get_lpm(&Ipv6Net::from(a)).map(|(_, e)| e),
+        };
+        entry.map(StaticEntry::metadata)
     }
 
     /// Adds an entry; `false` if the prefix already has one.
-    fn insert(&mut self, network: IpAddr, length: u8, entry: StaticEntry) -> bool {
-        let ipv4 = network.is_ipv4();
-        let position = self
-            .levels
-            .iter()
-            .position(|level| (level.ipv4, level.length) == (ipv4, length))
-            .unwrap_or_else(|| {
-                let position = self.levels.partition_point(|level| level.length > length);
-                self.levels.insert(
-                    position,
-                    PrefixLevel {
-                        ipv4,
-                        length,
-                        entries: HashMap::default(),
-                    },
-                );
-                position
-            });
-        let entries = &mut self.levels[position].entries;
-        if entries.contains_key(&network) {
-            return false;
-        }
-        entries.insert(network, entry);
+    fn insert(&mut self, network: IpNet, entry: StaticEntry) -> bool {
+        match network {
+            IpNet::V4(net) if self.ipv4.get(&net).is_none() => self.ipv4.insert(net, entry),
+            IpNet::V6(net) if self.ipv6.get(&net).is_none() => self.ipv6.insert(net, entry),
+            _ => return false,
+        };
         true
     }
 }
 
-/// `address` with all but its first `length` bits zero.
-pub fn masked(address: IpAddr, length: u8) -> IpAddr {
-    match address {
-        IpAddr::V4(v4) => {
-            let mask = u32::MAX.checked_shl(32 - u32::from(length)).unwrap_or(0);
-            IpAddr::from((u32::from(v4) & mask).to_be_bytes())
-        }
-        IpAddr::V6(v6) => {
-            let mask = u128::MAX.checked_shl(128 - u32::from(length)).unwrap_or(0);
-            IpAddr::from((u128::from(v6) & mask).to_be_bytes())
-        }
-    }
-}
-
 /// An address (a full-length prefix) or a CIDR whose host bits are zero.
-pub fn network(text: &str) -> Result<(IpAddr, u8), String> {
+pub fn network(text: &str) -> Result<IpNet, String> {
     let (address, length) = match text.split_once('/') {
         Some((address, length)) => (address, Some(length)),
         None => (text, None),
@@ -132,21 +104,22 @@ pub fn network(text: &str) -> Result<(IpAddr, u8), String> {
     let address: IpAddr = address
         .parse()
         .map_err(|_| "not an IP address or CIDR".to_owned())?;
-    let max = if address.is_ipv4() { 32 } else { 128 };
-    let length = match length {
-        None => max,
-        Some(length) => match length.parse::<u8>() {
-            Ok(length) if length <= max => length,
-            _ => return Err(format!("prefix length must be 0 to {max}")),
-        },
+    let Some(length) = length else {
+        return Ok(IpNet::from(address));
     };
-    let network = masked(address, length);
-    if network != address {
+    let max = if address.is_ipv4() { 32 } else { 128 };
+    let network = length
+        .parse::<u8>()
+        .ok()
+        .and_then(|length| IpNet::new(address, length).ok())
+        .ok_or_else(|| format!("prefix length must be 0 to {max}"))?;
+    if network.trunc() != network {
         return Err(format!(
-            "host bits are set (the network is {network}/{length})"
+            "host bits are set (the network is {})",
+            network.trunc()
         ));
     }
-    Ok((network, length))
+    Ok(network)
 }
 
 pub fn load(path: &Path) -> Result<PrefixTable, ConfigError> {
@@ -177,7 +150,7 @@ pub fn parse(file: &str, text: &str) -> Result<PrefixTable, ConfigError> {
                 ));
             }
         };
-        let (address, length) =
+        let network =
             network(label).map_err(|why| at(offset, format!("endpoint \"{label}\": {why}")))?;
         let mut entry = StaticEntry::default();
         for item in block.body.iter() {
@@ -219,7 +192,7 @@ pub fn parse(file: &str, text: &str) -> Result<PrefixTable, ConfigError> {
             })?;
             *field = Some(value.into());
         }
-        if !table.insert(address, length, entry) {
+        if !table.insert(network, entry) {
             return Err(at(offset, format!("endpoint \"{label}\" is given twice")));
         }
     }
