@@ -16,7 +16,7 @@ use mermin_protocol::admin::v1::{
 use support::{closed_connection, connect, record};
 use tonic::{Code, transport::Channel};
 
-mod support;
+use mermin_test_support as support;
 
 async fn start(dir: &std::path::Path) -> Aggregator {
     Aggregator::start(AggregatorConfig {

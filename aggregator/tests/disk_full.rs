@@ -28,7 +28,7 @@ use support::{
 };
 use tokio::net::TcpListener;
 
-mod support;
+use mermin_test_support as support;
 
 /// A tmpfs of `size` mounted on a fresh directory; unmounted when dropped.
 struct Tmpfs {

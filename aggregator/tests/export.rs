@@ -25,7 +25,7 @@ use support::{otlp::Receiver, reopen};
 use tokio::net::TcpListener;
 use tonic::Status;
 
-mod support;
+use mermin_test_support as support;
 
 /// An outbox entry holding one request with spans of these names.
 fn request(names: &[&str]) -> Vec<u8> {

@@ -26,7 +26,7 @@ use support::{
 };
 use tokio::net::TcpListener;
 
-mod support;
+use mermin_test_support as support;
 
 /// An export request holding one span with the given id.
 fn request_with_span(id: u8) -> Vec<u8> {

@@ -20,7 +20,7 @@ use tokio::{
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::Code;
 
-mod support;
+use mermin_test_support as support;
 
 struct Aggregator {
     addr: SocketAddr,

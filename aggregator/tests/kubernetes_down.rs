@@ -17,7 +17,7 @@ use support::{
 };
 use tokio::net::TcpListener;
 
-mod support;
+use mermin_test_support as support;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_api_server_down_flows_still_go_out_and_readiness_says_why() {

@@ -15,7 +15,7 @@ use support::{
 };
 use tokio::net::TcpListener;
 
-mod support;
+use mermin_test_support as support;
 
 /// The aggregator binary; killed (SIGKILL) on drop.
 struct Process(Child);

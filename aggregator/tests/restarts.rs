@@ -11,7 +11,7 @@ use mermin_aggregator::{
 use support::{closed_connection, connect, http::metric, reopen};
 use tokio::net::TcpListener;
 
-mod support;
+use mermin_test_support as support;
 
 const RESTARTS: u32 = 1_000;
 

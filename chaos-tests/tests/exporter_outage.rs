@@ -21,8 +21,7 @@ use support::{
 };
 use tokio::net::TcpListener;
 
-#[path = "../../aggregator/tests/support/mod.rs"]
-mod support;
+use mermin_test_support as support;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "takes the outage's length (ten minutes by default)"]

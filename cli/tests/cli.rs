@@ -16,8 +16,7 @@ use mermin_protocol::{
 };
 use tokio::net::TcpListener;
 
-#[path = "../../aggregator/tests/support/mod.rs"]
-mod support;
+use mermin_test_support as support;
 
 use support::connection;
 

@@ -17,7 +17,7 @@ use mermin_protocol::agent::v1::{
     aggregator_message,
 };
 
-mod certs;
+use mermin_test_support::certs;
 
 fn write(dir: &Path, name: &str, text: &str) -> String {
     let path = dir.join(name);

@@ -17,8 +17,7 @@ use mermin_node_agent::{
 };
 use mermin_protocol::flow::v1::{Direction, EndReason, FlowRecord};
 
-#[path = "../../cli/tests/certs/mod.rs"]
-mod certs;
+use mermin_test_support::certs;
 
 fn record() -> FlowRecord {
     let now = mermin_aggregator::clock::unix_now();

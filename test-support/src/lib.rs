@@ -1,5 +1,7 @@
-//! A test agent: one `mermin.agent.v1` stream over real gRPC, with helpers to send and expect.
-#![allow(dead_code)] // each test binary uses a different part
+//! What the tests of every crate share (a dev-dependency, never shipped): a test agent — one
+//! `mermin.agent.v1` stream over real gRPC, with helpers to send and expect — records and whole
+//! connections, bounded waits, the store reopened after a restart; `otlp`, an in-process OTLP
+//! receiver; `http`, plain requests to the metrics endpoints; `certs`, test certificates.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -14,6 +16,7 @@ use tokio::{sync::mpsc, time::timeout};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 
+pub mod certs;
 pub mod http;
 pub mod otlp;
 
@@ -148,7 +151,6 @@ pub fn record(node: &str, packets: u64) -> FlowRecord {
 }
 
 /// Both directions of one TCP connection seen on one node's pod veth, closed.
-#[allow(dead_code)] // not every test binary sends whole connections
 pub fn closed_connection(port: u32) -> Vec<FlowRecord> {
     connection(
         [10, 0, 0, 1],

@@ -1,7 +1,7 @@
 //! An OTLP trace receiver on loopback for the tests, over gRPC (opentelemetry-proto's generated
 //! service) or OTLP/HTTP (protobuf bodies on `/v1/traces`): records what it accepts, answers from
 //! a script first. A scripted gRPC status becomes the HTTP status the OTLP specification pairs
-//! with it. (The node agent's end-to-end tests include this file too.)
+//! with it.
 
 use std::{
     collections::VecDeque,
@@ -59,7 +59,6 @@ pub async fn serve(receiver: Receiver, listener: TcpListener) -> tokio::task::Jo
 }
 
 /// The same receiver behind OTLP/HTTP.
-#[allow(dead_code)] // not every test binary speaks HTTP
 pub async fn serve_http(receiver: Receiver, listener: TcpListener) -> tokio::task::JoinHandle<()> {
     use axum::{body::Bytes, http::StatusCode, routing::post};
     use prost::Message;
@@ -104,7 +103,6 @@ impl Receiver {
     }
 
     /// Every span accepted so far, with its resource's `service.name`.
-    #[allow(dead_code)] // not every test binary looks at resources
     pub fn spans_with_service(&self) -> Vec<(String, Span)> {
         let accepted = self.accepted.lock().unwrap();
         let mut spans = Vec::new();
@@ -142,7 +140,6 @@ pub fn attr(span: &Span, key: &str) -> Value {
         .unwrap_or_else(|| panic!("no attribute {key} on {}", span.name))
 }
 
-#[allow(dead_code)] // not every test binary reads string attributes
 pub fn text(span: &Span, key: &str) -> String {
     match attr(span, key) {
         Value::StringValue(s) => s,

@@ -27,5 +27,5 @@ fn get_blocking(addr: SocketAddr, path: &str) -> (u16, String) {
 }
 
 pub async fn metric(addr: SocketAddr, series: &str) -> u64 {
-    super::metric_value(&get(addr, "/metrics").await.1, series)
+    crate::metric_value(&get(addr, "/metrics").await.1, series)
 }

@@ -1,5 +1,5 @@
 //! Test certificates made with rcgen: a CA, and certificates for `localhost` it signs (valid or
-//! expired). Shared by the TLS tests of the CLI and of the node agent.
+//! expired). Used by the TLS tests of the CLI and of the node agent.
 
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 
