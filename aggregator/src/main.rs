@@ -11,11 +11,6 @@ use mermin_aggregator::{
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
-// The aggregator allocates many small, short-lived strings per span; glibc's allocator spends a
-// third of span encoding consolidating them (see BENCHMARKS.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let settings = match Settings::load(std::env::args_os()) {
         Ok(settings) => settings,

@@ -1,5 +1,5 @@
 //! A global allocator that counts live heap bytes (to measure memory per flow or per index), and
-//! allocates with mimalloc, as the aggregator binary does. A bench declares
+//! allocates with the system allocator, as the aggregator binary does. A bench declares
 //! `#[global_allocator] static ALLOCATOR: Counting = Counting;` and reads [`live_bytes`].
 
 use std::{
@@ -7,21 +7,21 @@ use std::{
     sync::atomic::{AtomicIsize, Ordering},
 };
 
-use mimalloc::MiMalloc;
+use std::alloc::System;
 
 pub struct Counting;
 
 static LIVE: AtomicIsize = AtomicIsize::new(0);
 
-// SAFETY: delegates to mimalloc; only adds bookkeeping.
+// SAFETY: delegates to the system allocator; only adds bookkeeping.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        unsafe { MiMalloc.alloc(layout) }
+        unsafe { System.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        unsafe { MiMalloc.dealloc(ptr, layout) }
+        unsafe { System.dealloc(ptr, layout) }
     }
 }
 
