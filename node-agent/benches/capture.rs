@@ -464,23 +464,29 @@ fn connections_at(rate: u64, duration: Duration) {
     let agent_b = Agent::start(&c.node_b, "veth*,eth0", &as_str(&args_b));
     let pids = [agent_a.pid(), agent_b.pid(), aggregator.pid()];
     let total = rate * duration.as_secs();
-    let server = c.b1.spawn(move || {
-        let listener = std::net::TcpListener::bind(SERVER).unwrap();
-        listener.set_nonblocking(false).unwrap();
-        let mut served = 0u64;
-        let mut buf = [0u8; 100];
-        while served < total {
-            let Ok((mut s, _)) = listener.accept() else {
-                break;
-            };
-            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-            if s.read_exact(&mut buf).is_ok() {
-                let _ = s.write_all(&[2u8; 200]);
-                let _ = s.read(&mut buf); // the client's FIN
+    // The server runs until the client is done (then woken by a connection over its own
+    // loopback, which no agent sees); it is listening before the client starts.
+    let done = Arc::new(AtomicBool::new(false));
+    let (bound, listening) = std::sync::mpsc::channel();
+    let server = {
+        let done = done.clone();
+        c.b1.spawn(move || {
+            let listener = TcpListener::bind(SERVER).unwrap();
+            bound.send(()).unwrap();
+            let mut buf = [0u8; 100];
+            while let Ok((mut s, _)) = listener.accept() {
+                if done.load(Ordering::SeqCst) {
+                    break;
+                }
+                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                if s.read_exact(&mut buf).is_ok() {
+                    let _ = s.write_all(&[2u8; 200]);
+                    let _ = s.read(&mut buf); // the client's FIN
+                }
             }
-            served += 1;
-        }
-    });
+        })
+    };
+    listening.recv_timeout(Duration::from_secs(5)).unwrap();
     let ticks_per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let before: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p)).collect();
     let started = Instant::now();
@@ -504,6 +510,10 @@ fn connections_at(rate: u64, duration: Duration) {
         made
     });
     let made = client.join().unwrap();
+    done.store(true, Ordering::SeqCst);
+    c.b1.spawn(|| drop(TcpStream::connect(SERVER)))
+        .join()
+        .unwrap();
     let elapsed = started.elapsed();
     // Every connection reported (close timeout + scan + settle + export), bounded.
     let spans = || {
