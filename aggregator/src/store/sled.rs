@@ -89,7 +89,7 @@ impl SledStore {
             outbox_bytes += value?.len() as u64;
             outbox_count += 1;
         }
-        Ok(Self {
+        let store = Self {
             agents: db.open_tree("agents")?,
             agent_nodes: db.open_tree("agent_nodes")?,
             node_agents: db.open_tree("node_agents")?,
@@ -103,7 +103,13 @@ impl SledStore {
             connections: Arc::new(ChangeLogs::open(&db)?),
             positions: db.open_tree("positions")?,
             db,
-        })
+        };
+        // A crash between a checkpoint and its clean-up leaves batches every shard is past;
+        // an agent that never sends again would keep them for good.
+        for boot_id in store.agents.iter().keys() {
+            store.drop_applied_batches(&boot_id_of(&boot_id?)?)?;
+        }
+        Ok(store)
     }
 
     /// Notes the outcome of a write for [`Store::write_failure`]; passes it on.
