@@ -15,29 +15,8 @@ use mermin_node_agent::{
     metrics::Metrics,
     sink::RecordSink as _,
 };
-use mermin_protocol::flow::v1::{Direction, EndReason, FlowRecord};
 
 use mermin_test_support::certs;
-
-fn record() -> FlowRecord {
-    let now = mermin_aggregator::clock::unix_now();
-    FlowRecord {
-        node_name: "node-a".into(),
-        interface_name: "eth0".into(),
-        direction: Direction::Egress as i32,
-        source_address: vec![10, 0, 0, 1],
-        destination_address: vec![10, 0, 0, 2],
-        source_port: 40_000,
-        destination_port: 443,
-        ip_protocol: 6,
-        delta_packets: 1,
-        delta_octets: 100,
-        first_seen_unix_nanos: now,
-        last_seen_unix_nanos: now + 1,
-        end_reason: EndReason::ActiveTimeout as i32,
-        ..FlowRecord::default()
-    }
-}
 
 /// Batches left unacknowledged after sending one with `client`'s certificate and waiting.
 async fn unacknowledged(
@@ -69,7 +48,8 @@ async fn unacknowledged(
     )
     .unwrap();
     let handle = sink.handle();
-    sink.send(vec![record()]).unwrap();
+    sink.send(vec![mermin_test_support::record("node-a", 1)])
+        .unwrap();
     tokio::task::spawn_blocking(move || handle.wait_acknowledged(wait))
         .await
         .unwrap()
