@@ -77,9 +77,7 @@ impl Collector {
     ) -> Result<(), CaptureError> {
         drained.clear();
         let entries = self.tables.swap_and_drain(drained)?;
-        for (key, stats) in drained.iter() {
-            self.tracker.absorb(key, stats, reports);
-        }
+        self.tracker.absorb_interval(drained, reports);
         self.read_overflow(reports);
         self.metrics.observe_kernel_counters(&self.counters.read()?);
         self.metrics.kernel_table_entries.set(entries as i64);

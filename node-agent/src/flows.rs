@@ -1,6 +1,17 @@
 //! The agent's flow tracker: per-observation-point flow state across scan intervals, and the
 //! eviction policy (active timeout, per-protocol idle timeouts, TCP close, table pressure).
 //!
+//! **Connection boundaries.** A TCP SYN on a key whose connection was answered or ended starts a
+//! new connection (`node_common::starts_new_connection`): the kernel splits it off within an interval (segment entries, see
+//! `node-common`), the tracker across intervals. Each connection is its own flow with its own
+//! start and sequence numbers.
+//!
+//! **Fast close.** A TCP flow is final at the first scan where it was reset or where both it and
+//! its reverse direction at the same point carry a FIN; the close timeout is only the bound for
+//! flows whose other direction this point never sees. A finished TCP flow leaves a tombstone for
+//! the close timeout: packets that arrive after it (a retransmitted FIN or final ACK) are reported
+//! as one more record of that flow (same start, next sequence), never as a new flow.
+//!
 //! It is fed the counts the kernel accumulated in one interval ([`FlowTracker::absorb`]) or single
 //! overflow packets ([`FlowTracker::absorb_packet`]) and hands out [`Report`]s: the deltas since
 //! the previous report of the same flow. It never reads the clock — callers pass kernel-clock (`CLOCK_MONOTONIC`) `now` —
@@ -9,11 +20,14 @@
 //! Invariant: for each flow, the sum of `delta_packets` / `delta_bytes` over its reports equals
 //! everything absorbed for it. Counts only leave the tracker inside a report.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::{HashMap, VecDeque},
+    time::Duration,
+};
 
 use foldhash::fast::RandomState;
 
-use node_common::{FlowKey, FlowStats, PacketEvent, tcp_flags};
+use node_common::{FlowKey, FlowStats, PacketEvent, direction, starts_new_connection, tcp_flags};
 
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
@@ -108,6 +122,35 @@ struct FlowState {
     pending: Pending,
     /// FIN or RST seen: the flow closes after the close timeout of silence.
     closing: bool,
+    /// OR of the TCP flags of every packet of the flow.
+    seen_flags: u32,
+    /// Late packets of a flow already reported as finished (from its tombstone).
+    late: bool,
+}
+
+impl FlowState {
+    fn new(first: u64, first_flags: u32, last: u64, sequence: u64) -> Self {
+        Self {
+            flow_start: first,
+            first_tcp_flags: first_flags,
+            last_seen: last,
+            last_report: first,
+            sequence,
+            pending: Pending::default(),
+            closing: false,
+            seen_flags: 0,
+            late: false,
+        }
+    }
+}
+
+/// What remains of a finished TCP flow for the close timeout (see the module docs).
+#[derive(Debug, Clone)]
+struct Tombstone {
+    flow_start: u64,
+    first_tcp_flags: u32,
+    next_sequence: u64,
+    until: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -139,6 +182,9 @@ pub struct FlowTracker {
     /// Keyed by traffic the network controls: a per-process random seed keeps collisions from
     /// being chosen by senders (foldhash, a fraction of SipHash's cost on 48-byte keys).
     flows: HashMap<FlowKey, FlowState, RandomState>,
+    /// Finished TCP flows, and the same keys in the order their tombstones expire.
+    tombstones: HashMap<FlowKey, Tombstone, RandomState>,
+    expiring: VecDeque<(u64, FlowKey)>,
     timeouts: Timeouts,
     capacity: usize,
 }
@@ -147,6 +193,8 @@ impl FlowTracker {
     pub fn new(timeouts: Timeouts, capacity: usize) -> Self {
         Self {
             flows: HashMap::with_hasher(RandomState::default()),
+            tombstones: HashMap::with_hasher(RandomState::default()),
+            expiring: VecDeque::new(),
             timeouts,
             capacity,
         }
@@ -160,8 +208,32 @@ impl FlowTracker {
         self.flows.is_empty()
     }
 
-    /// Adds one kernel interval's counts for `key`. A new TCP connection on the 5-tuple of a
-    /// closing one (SYN without ACK first) ends the old flow first, into `out`.
+    /// Finished TCP flows remembered for late packets.
+    pub fn tombstones(&self) -> usize {
+        self.tombstones.len()
+    }
+
+    /// Adds everything one kernel table interval counted. The connections the kernel split off a
+    /// key (segments 1, 2, ...) come first, in the order they ended, each ending its flow; the
+    /// live entries after them.
+    pub fn absorb_interval(&mut self, entries: &[(FlowKey, FlowStats)], out: &mut Vec<Report>) {
+        let mut segments: Vec<&(FlowKey, FlowStats)> =
+            entries.iter().filter(|(key, _)| key.segment != 0).collect();
+        // Per key, segment numbers are in the order the connections ended.
+        segments.sort_unstable_by_key(|(key, _)| key.segment);
+        for (key, stats) in segments {
+            let live = FlowKey { segment: 0, ..*key };
+            self.absorb(&live, stats, out);
+            self.finish(&live, Reason::TcpClose, out);
+        }
+        for (key, stats) in entries.iter().filter(|(key, _)| key.segment == 0) {
+            self.absorb(key, stats, out);
+        }
+    }
+
+    /// Adds one kernel interval's counts for `key`. A new TCP connection on the 5-tuple of an
+    /// earlier one (SYN without ACK first, where ACK, FIN or RST were seen) ends the old flow
+    /// first, into `out`.
     pub fn absorb(&mut self, key: &FlowKey, stats: &FlowStats, out: &mut Vec<Report>) {
         self.add(
             key,
@@ -204,30 +276,64 @@ impl FlowTracker {
         first_flags: u32,
         out: &mut Vec<Report>,
     ) {
-        let opens = first_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
-        if opens && self.flows.get(key).is_some_and(|f| f.closing) {
+        let tcp = key.protocol == IPPROTO_TCP;
+        if tcp
+            && self
+                .flows
+                .get(key)
+                .is_some_and(|f| starts_new_connection(first_flags, f.seen_flags))
+        {
             self.finish(key, Reason::TcpClose, out);
         }
-        let state = self.flows.entry(*key).or_insert_with(|| FlowState {
-            flow_start: first,
-            first_tcp_flags: first_flags,
-            last_seen: last,
-            last_report: first,
-            sequence: 0,
-            pending: Pending::default(),
-            closing: false,
+        // A SYN or SYN+ACK after a finished connection belongs to a new one.
+        let opens = tcp && first_flags & tcp_flags::SYN != 0;
+        let tombstones = &mut self.tombstones;
+        let state = self.flows.entry(*key).or_insert_with(|| {
+            match tombstones.remove(key).filter(|_| !opens) {
+                // A late packet of a finished connection: one more record of that flow.
+                Some(t) => {
+                    let mut state =
+                        FlowState::new(t.flow_start, t.first_tcp_flags, last, t.next_sequence);
+                    state.closing = true;
+                    state.late = true;
+                    state
+                }
+                None => FlowState::new(first, first_flags, last, 0),
+            }
         });
         state.pending.add(packets, bytes, first, last, flags);
         state.last_seen = state.last_seen.max(last);
+        state.seen_flags |= flags;
         if flags & (tcp_flags::FIN | tcp_flags::RST) != 0 {
             state.closing = true;
         }
+    }
+
+    /// Closing TCP flows that are final now: reset, or both directions at this point carry a
+    /// FIN (a resurrected flow of late packets counts as having one).
+    fn complete_closes(&self) -> Vec<FlowKey> {
+        let fin = |state: &FlowState| state.seen_flags & tcp_flags::FIN != 0;
+        self.flows
+            .iter()
+            .filter(|(key, state)| {
+                state.closing
+                    && key.protocol == IPPROTO_TCP
+                    && (state.seen_flags & tcp_flags::RST != 0
+                        || (fin(state) && self.flows.get(&reverse(key)).is_some_and(fin))
+                        || state.late)
+            })
+            .map(|(key, _)| *key)
+            .collect()
     }
 
     /// Reports every flow that is due at `now`: interim reports for flows active longer than the
     /// active timeout, final reports for closed and idle flows, and — when more flows are tracked
     /// than the capacity — final reports for the least recently seen.
     pub fn evict(&mut self, now: u64, out: &mut Vec<Report>) {
+        self.expire_tombstones(now);
+        for key in self.complete_closes() {
+            self.finish(&key, Reason::TcpClose, out);
+        }
         let mut finished = Vec::new();
         for (key, state) in &mut self.flows {
             let quiet = Duration::from_nanos(now.saturating_sub(state.last_seen));
@@ -283,9 +389,53 @@ impl FlowTracker {
     }
 
     fn finish(&mut self, key: &FlowKey, reason: Reason, out: &mut Vec<Report>) {
-        if let Some(mut state) = self.flows.remove(key) {
-            out.push(report(key, &mut state, reason));
+        let Some(mut state) = self.flows.remove(key) else {
+            return;
+        };
+        let report = report(key, &mut state, reason);
+        if key.protocol == IPPROTO_TCP && reason != Reason::AgentShutdown {
+            let until = report.last_seen_ns + self.timeouts.tcp_close.as_nanos() as u64;
+            self.tombstones.insert(
+                *key,
+                Tombstone {
+                    flow_start: state.flow_start,
+                    first_tcp_flags: state.first_tcp_flags,
+                    next_sequence: state.sequence,
+                    until,
+                },
+            );
+            self.expiring.push_back((until, *key));
         }
+        out.push(report);
+    }
+
+    /// Forgets the tombstones whose close timeout is over.
+    fn expire_tombstones(&mut self, now: u64) {
+        while let Some(&(until, key)) = self.expiring.front() {
+            if until > now {
+                break;
+            }
+            self.expiring.pop_front();
+            // The key may have a newer tombstone (a later connection on it) with its own entry.
+            if self.tombstones.get(&key).is_some_and(|t| t.until <= now) {
+                self.tombstones.remove(&key);
+            }
+        }
+    }
+}
+
+/// The key of the other direction of `key`'s flow at the same point.
+fn reverse(key: &FlowKey) -> FlowKey {
+    FlowKey {
+        src_addr: key.dst_addr,
+        dst_addr: key.src_addr,
+        src_port: key.dst_port,
+        dst_port: key.src_port,
+        direction: match key.direction {
+            direction::INGRESS => direction::EGRESS,
+            _ => direction::INGRESS,
+        },
+        ..*key
     }
 }
 
@@ -352,7 +502,7 @@ mod tests {
             last_seen_ns: last,
             tcp_flags: u64::from(flags),
             first_tcp_flags: flags,
-            _pad: 0,
+            segments: 0,
         }
     }
 
@@ -495,5 +645,151 @@ mod tests {
         assert_eq!((out[0].delta_packets, out[0].delta_bytes), (5, 4700));
         assert_eq!((out[0].first_seen_ns, out[0].last_seen_ns), (5, 20));
         assert_eq!(out[0].flow_start_ns, 10);
+    }
+
+    fn segment(key: FlowKey, number: u8) -> FlowKey {
+        FlowKey {
+            segment: number,
+            ..key
+        }
+    }
+
+    #[test]
+    fn connections_the_kernel_split_off_a_key_become_flows_of_their_own_in_order() {
+        let mut tracker = FlowTracker::new(timeouts(), 100);
+        let k = key(IPPROTO_TCP, 40002);
+        let mut out = Vec::new();
+        let (syn, fin_ack) = (tcp_flags::SYN, tcp_flags::FIN | tcp_flags::ACK);
+        // An earlier interval saw the start of the first connection.
+        tracker.absorb_interval(&[(k, stats(3, 180, 0, S / 10, syn))], &mut out);
+        assert!(out.is_empty());
+        // Then: its end (segment 1), a whole second connection (segment 2), a third one going on.
+        tracker.absorb_interval(
+            &[
+                (k, stats(1, 60, 3 * S, 3 * S, syn)),
+                (
+                    segment(k, 2),
+                    stats(5, 500, 2 * S, 2 * S + 5, syn | fin_ack),
+                ),
+                (segment(k, 1), stats(2, 104, S, S + 1, fin_ack)),
+            ],
+            &mut out,
+        );
+        let summary: Vec<(u64, u64, u64, u64)> = out
+            .iter()
+            .map(|r| (r.flow_start_ns, r.delta_packets, r.delta_bytes, r.sequence))
+            .collect();
+        assert_eq!(summary, [(0, 5, 284, 0), (2 * S, 5, 500, 0)]);
+        assert!(
+            out.iter()
+                .all(|r| r.reason == Reason::TcpClose && r.key == k)
+        );
+        tracker.flush(&mut out);
+        assert_eq!((out[2].flow_start_ns, out[2].delta_packets), (3 * S, 1));
+        assert_eq!(out[2].first_tcp_flags, syn);
+    }
+
+    #[test]
+    fn a_syn_after_the_handshake_was_answered_starts_a_new_flow_across_intervals() {
+        let mut tracker = FlowTracker::new(timeouts(), 100);
+        let k = key(IPPROTO_TCP, 40003);
+        let mut out = Vec::new();
+        // No FIN seen (the old connection's end was lost), but it had been answered.
+        tracker.absorb(
+            &k,
+            &stats(4, 240, 0, S, tcp_flags::SYN | tcp_flags::ACK),
+            &mut out,
+        );
+        tracker.absorb(&k, &stats(1, 60, 2 * S, 2 * S, tcp_flags::SYN), &mut out);
+        // A retransmitted SYN of the same handshake is not a new connection.
+        tracker.absorb(&k, &stats(1, 60, 3 * S, 3 * S, tcp_flags::SYN), &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].delta_packets, out[0].flow_start_ns), (4, 0));
+        tracker.flush(&mut out);
+        assert_eq!((out[1].delta_packets, out[1].flow_start_ns), (2, 2 * S));
+    }
+
+    #[test]
+    fn a_completed_fin_exchange_or_a_reset_is_reported_at_the_next_scan() {
+        let mut tracker = FlowTracker::new(timeouts(), 100);
+        let out_key = key(IPPROTO_TCP, 40004);
+        let in_key = reverse(&out_key);
+        let reset_key = key(IPPROTO_TCP, 40005);
+        let mut out = Vec::new();
+        let ack = tcp_flags::ACK;
+        tracker.absorb_interval(
+            &[
+                (
+                    out_key,
+                    stats(6, 400, 0, S / 2, tcp_flags::SYN | ack | tcp_flags::FIN),
+                ),
+                (in_key, stats(5, 3000, 1, S / 2, tcp_flags::SYN | ack)),
+                (
+                    reset_key,
+                    stats(2, 100, 0, S / 2, tcp_flags::SYN | tcp_flags::RST),
+                ),
+            ],
+            &mut out,
+        );
+        // One FIN only: the exchange is not complete; the reset is.
+        tracker.evict(S, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].key, out[0].reason), (reset_key, Reason::TcpClose));
+        tracker.absorb_interval(
+            &[(in_key, stats(1, 52, S + 1, S + 1, ack | tcp_flags::FIN))],
+            &mut out,
+        );
+        // Well within the close timeout (2 s of silence).
+        tracker.evict(S + S / 10, &mut out);
+        let closed: Vec<(FlowKey, u64)> =
+            out[1..].iter().map(|r| (r.key, r.delta_packets)).collect();
+        assert_eq!(closed.len(), 2);
+        assert!(closed.contains(&(out_key, 6)) && closed.contains(&(in_key, 6)));
+        assert!(tracker.is_empty());
+        assert_eq!(tracker.tombstones(), 3);
+    }
+
+    #[test]
+    fn late_packets_after_a_close_join_the_finished_flow_and_a_new_handshake_does_not() {
+        let mut tracker = FlowTracker::new(timeouts(), 100);
+        let out_key = key(IPPROTO_TCP, 40006);
+        let in_key = reverse(&out_key);
+        let mut out = Vec::new();
+        let fin_ack = tcp_flags::FIN | tcp_flags::ACK;
+        tracker.absorb_interval(
+            &[
+                (out_key, stats(3, 200, 0, S / 2, tcp_flags::SYN | fin_ack)),
+                (in_key, stats(3, 200, 1, S / 2, tcp_flags::SYN | fin_ack)),
+            ],
+            &mut out,
+        );
+        tracker.evict(S, &mut out);
+        assert_eq!(out.len(), 2);
+        // The final ACK arrives after the scan: one more record of the same flow, at once.
+        tracker.absorb_interval(
+            &[(out_key, stats(1, 52, S + 5, S + 5, tcp_flags::ACK))],
+            &mut out,
+        );
+        tracker.evict(S + S / 10, &mut out);
+        assert_eq!(out.len(), 3);
+        let late = &out[2];
+        assert_eq!(
+            (late.key, late.flow_start_ns, late.sequence),
+            (out_key, 0, 1)
+        );
+        assert_eq!((late.delta_packets, late.reason), (1, Reason::TcpClose));
+        // A new connection's SYN+ACK on the reverse key starts a flow of its own.
+        tracker.absorb_interval(
+            &[(
+                in_key,
+                stats(1, 60, 2 * S, 2 * S, tcp_flags::SYN | tcp_flags::ACK),
+            )],
+            &mut out,
+        );
+        tracker.flush(&mut out);
+        assert_eq!((out[3].flow_start_ns, out[3].sequence), (2 * S, 0));
+        // Tombstones end with the close timeout after the flow's last packet.
+        tracker.evict(S + 5 + 2 * S, &mut out);
+        assert_eq!(tracker.tombstones(), 0);
     }
 }

@@ -32,6 +32,7 @@ pub struct Metrics {
     pub kernel_dropped_packets: Family<ReasonLabel, Counter>,
     pub kernel_skipped_packets: Family<ReasonLabel, Counter>,
     pub kernel_overflow_packets: Counter,
+    pub kernel_connections_merged: Counter,
     pub kernel_table_entries: Gauge,
     pub kernel_table_capacity: Gauge,
     pub tracked_flows: Gauge,
@@ -78,6 +79,12 @@ impl Metrics {
             "kernel_overflow_packets",
             "Packets counted through the overflow ring because the flow table was full",
             kernel_overflow_packets.clone(),
+        );
+        let kernel_connections_merged = Counter::default();
+        registry.register(
+            "kernel_connections_merged",
+            "New TCP connections the programs could not split from the earlier connection on the same 5-tuple (flow table full); each pair is reported as one flow",
+            kernel_connections_merged.clone(),
         );
         let kernel_table_entries = Gauge::default();
         registry.register(
@@ -136,6 +143,7 @@ impl Metrics {
             kernel_dropped_packets,
             kernel_skipped_packets,
             kernel_overflow_packets,
+            kernel_connections_merged,
             kernel_table_entries,
             kernel_table_capacity,
             tracked_flows,
@@ -185,6 +193,9 @@ impl Metrics {
                 KernelCounter::NoFlowTable => self.kernel_drop("no_flow_table", delta),
                 KernelCounter::NonIp => self.kernel_skip("non_ip", delta),
                 KernelCounter::Malformed => self.kernel_skip("malformed", delta),
+                KernelCounter::ConnectionsMerged => {
+                    self.kernel_connections_merged.inc_by(delta);
+                }
             }
         }
     }
@@ -280,8 +291,8 @@ mod tests {
     #[test]
     fn kernel_counters_advance_by_difference() {
         let metrics = Metrics::new();
-        metrics.observe_kernel_counters(&[5, 2, 7, 1, 0]);
-        metrics.observe_kernel_counters(&[8, 2, 7, 1, 3]);
+        metrics.observe_kernel_counters(&[5, 2, 7, 1, 0, 0]);
+        metrics.observe_kernel_counters(&[8, 2, 7, 1, 3, 4]);
         let text = metrics.render();
         assert!(
             text.contains("mermin_agent_kernel_overflow_packets_total 8\n"),
@@ -301,6 +312,10 @@ mod tests {
         );
         assert!(
             text.contains("mermin_agent_kernel_skipped_packets_total{reason=\"non_ip\"} 7\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mermin_agent_kernel_connections_merged_total 4\n"),
             "{text}"
         );
     }

@@ -307,31 +307,94 @@ fn long_flow_gets_interim_records_that_sum_to_the_total() {
 }
 
 #[test]
-fn fin_closed_flow_is_reported_within_the_close_timeout() {
+fn a_completed_fin_exchange_is_reported_at_the_next_scan_not_after_the_close_timeout() {
     let pair = Pair::new(LinkOptions::default());
-    let agent = Agent::start(&pair.client, "c0", &["--tcp-close-timeout", "1s"]);
-    tcp_exchange(
+    // A close timeout far beyond the wait below: only the fast close can report the flow.
+    let agent = Agent::start(&pair.client, "c0", &["--tcp-close-timeout", "300s"]);
+    let exchange = tcp_exchange(
         &pair.client,
         &pair.server,
         "10.77.0.2:5003".parse().unwrap(),
         10_000,
         10_000,
     );
-    let closed = Instant::now();
-    let records = agent.wait_for(Duration::from_secs(5), |r| {
-        r.iter().any(|r| r.end_reason == "END_REASON_TCP_CLOSE")
+    let records = agent.wait_for(Duration::from_secs(10), |r| {
+        r.iter()
+            .filter(|r| r.end_reason == "END_REASON_TCP_CLOSE")
+            .count()
+            >= 2
     });
-    let elapsed = closed.elapsed();
-    assert!(records.iter().any(|r| r.destination_port == 5003));
-    // Close timeout 1 s, plus at most one scan interval (200 ms) and scheduling slack.
-    assert!(
-        elapsed < Duration::from_millis(1500),
-        "reported {elapsed:?} after close"
+    let out = flow(&records, "DIRECTION_EGRESS", "10.77.0.1", "10.77.0.2");
+    let back = flow(&records, "DIRECTION_INGRESS", "10.77.0.2", "10.77.0.1");
+    assert_eq!((out.len(), back.len()), (1, 1), "{records:#?}");
+    assert_eq!(out[0].end_reason, "END_REASON_TCP_CLOSE");
+    assert_eq!(back[0].end_reason, "END_REASON_TCP_CLOSE");
+    assert_tcp_side(out[0], &exchange.client_side, 10_000, 20);
+    assert_tcp_side(back[0], &exchange.server_side, 10_000, 20);
+}
+
+/// Sums the records of one direction at `c0` by the flow they belong to (`flow_start`), in
+/// the order the flows started.
+fn connections(records: &[Record], direction: &str, src: &str, dst: &str) -> Vec<Record> {
+    let mut flows: Vec<Record> = Vec::new();
+    for r in flow(records, direction, src, dst) {
+        match flows
+            .iter_mut()
+            .find(|f| f.flow_start_unix_nanos == r.flow_start_unix_nanos)
+        {
+            Some(f) => {
+                f.delta_packets += r.delta_packets;
+                f.delta_octets += r.delta_octets;
+            }
+            None => flows.push(r.clone()),
+        }
+    }
+    flows.sort_by_key(|f| f.flow_start_unix_nanos);
+    flows
+}
+
+#[test]
+fn connections_reusing_one_tuple_are_flows_of_their_own_with_exact_counts() {
+    let pair = Pair::new(LinkOptions::default());
+    let agent = Agent::start(&pair.client, "c0", &["--tcp-close-timeout", "300s"]);
+    let sizes = [
+        (1_000, 50_000),
+        (200_000, 3_000),
+        (10, 10),
+        (64_000, 64_000),
+    ];
+    let client: SocketAddr = "10.77.0.1:41000".parse().unwrap();
+    let server: SocketAddr = "10.77.0.2:5004".parse().unwrap();
+    let exchanges = tcp_reused_tuple(&pair.client, &pair.server, client, server, &sizes);
+    let records = agent.wait_for(Duration::from_secs(10), |r| {
+        r.iter()
+            .filter(|r| r.end_reason == "END_REASON_TCP_CLOSE")
+            .count()
+            >= 2 * sizes.len()
+    });
+    assert_eq!(
+        agent.metric("mermin_agent_kernel_connections_merged_total"),
+        Some(0)
     );
-    assert!(
-        elapsed >= Duration::from_millis(800),
-        "reported too early: {elapsed:?}"
+    let (status, records) = {
+        drop(records);
+        agent.stop()
+    };
+    assert!(status.success(), "agent exit: {status}");
+    let out = connections(&records, "DIRECTION_EGRESS", "10.77.0.1", "10.77.0.2");
+    let back = connections(&records, "DIRECTION_INGRESS", "10.77.0.2", "10.77.0.1");
+    assert_eq!(
+        (out.len(), back.len()),
+        (sizes.len(), sizes.len()),
+        "{records:#?}"
     );
+    for (i, ((upload, download), exchange)) in sizes.iter().zip(&exchanges).enumerate() {
+        assert_eq!(out[i].source_port, 41000);
+        assert_eq!(out[i].first_tcp_flags, SYN, "connection {i}");
+        assert_eq!(back[i].first_tcp_flags, SYN | ACK, "connection {i}");
+        assert_tcp_side(&out[i], &exchange.client_side, *upload, 20);
+        assert_tcp_side(&back[i], &exchange.server_side, *download, 20);
+    }
 }
 
 #[test]

@@ -56,7 +56,25 @@ pub mod tcp_flags {
     pub const CWR: u32 = 0x80;
 }
 
-/// One direction of one flow at one observation point (interface + hook).
+/// Whether a TCP packet with `flags` starts a new connection on a key whose packets so far carried
+/// `seen` (an OR of their flags): a SYN after the handshake was answered (ACK) or the connection
+/// ended (FIN, RST); a SYN+ACK after the connection ended. Retransmitted SYNs and SYN+ACKs of the
+/// same handshake do not.
+#[inline(always)]
+pub const fn starts_new_connection(flags: u32, seen: u32) -> bool {
+    if flags & tcp_flags::SYN == 0 {
+        return false;
+    }
+    let ended = if flags & tcp_flags::ACK == 0 {
+        tcp_flags::ACK | tcp_flags::FIN | tcp_flags::RST
+    } else {
+        tcp_flags::FIN | tcp_flags::RST
+    };
+    seen & ended != 0
+}
+
+/// One direction of one flow at one observation point (interface + hook), or — with a nonzero
+/// [`FlowKey::segment`] — one finished connection of that key.
 ///
 /// Addresses are in network byte order; IPv4 addresses occupy the first 4 bytes and the rest is
 /// zero. Ports are in host byte order and zero for protocols without ports. ICMP and ICMPv6 flows
@@ -77,7 +95,11 @@ pub struct FlowKey {
     pub direction: u8,
     pub icmp_type: u8,
     pub icmp_code: u8,
-    pub _pad: [u8; 3],
+    /// 0 for the flow's live entry. A connection that ended before a new one started on the same
+    /// key within one table interval is moved to an entry with the same key and segment 1, 2, ...
+    /// in the order they ended (see [`FlowStats::segments`]); the live entry holds the newest.
+    pub segment: u8,
+    pub _pad: [u8; 2],
 }
 const _: () = assert!(size_of::<FlowKey>() == 48);
 
@@ -94,7 +116,11 @@ pub struct FlowStats {
     pub tcp_flags: u64,
     /// TCP flags of the first packet of this table interval.
     pub first_tcp_flags: u32,
-    pub _pad: u32,
+    /// In the live entry (segment 0): how many finished connections were split off this key in
+    /// this table interval. A SYN on a key whose connection was answered or ended starts a new
+    /// connection ([`starts_new_connection`]): the counts so far move to the entry with segment
+    /// `segments + 1`.
+    pub segments: u32,
 }
 const _: () = assert!(size_of::<FlowStats>() == 48);
 
@@ -126,18 +152,27 @@ pub enum Counter {
     Malformed = 3,
     /// Packets seen while no flow table was installed (before the agent finished start-up).
     NoFlowTable = 4,
+    /// New connections on the key of a finished one that could not be split off (the flow table
+    /// was full, or more than [`MAX_SEGMENTS`] in one interval): the two are counted as one flow.
+    /// Not a packet outcome — the packets are counted — but a boundary lost.
+    ConnectionsMerged = 5,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 6;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::OverflowEvents,
         Counter::OverflowLost,
         Counter::NonIp,
         Counter::Malformed,
         Counter::NoFlowTable,
+        Counter::ConnectionsMerged,
     ];
 }
+
+/// Finished connections one key can split off in one table interval ([`FlowKey::segment`] is a
+/// byte; segment 0 is the live entry).
+pub const MAX_SEGMENTS: u32 = 255;
 
 #[cfg(feature = "user")]
 mod user {

@@ -5,6 +5,9 @@
 //! - parsing Ethernet (+ up to two VLAN tags), IPv4 (with options), IPv6 (skipping hop-by-hop,
 //!   routing, destination-options, fragment and AH headers), TCP, UDP, ICMP and ICMPv6;
 //! - the flow table update: lookup, atomic adds, insert-if-absent (see `record`);
+//! - connection boundaries: a new TCP connection on the key of an earlier one (a SYN where the
+//!   earlier one was answered or ended, `node_common::starts_new_connection`) moves the finished connection's counts to a segment
+//!   entry of the same key, so two connections never share one entry (see `split`);
 //! - the overflow path: a packet that finds the table full goes to a ring buffer; if that is full
 //!   too, the `OverflowLost` counter says so. Nothing is dropped without a count.
 //!
@@ -34,8 +37,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use node_common::{
-    Counter, FLOW_TABLE_TEMPLATE_ENTRIES, FlowKey, FlowStats, OVERFLOW_RING_BYTES, PacketEvent,
-    direction,
+    Counter, FLOW_TABLE_TEMPLATE_ENTRIES, FlowKey, FlowStats, MAX_SEGMENTS, OVERFLOW_RING_BYTES,
+    PacketEvent, direction, starts_new_connection, tcp_flags,
 };
 
 use crate::parse::{Packet, ParseError};
@@ -85,6 +88,14 @@ fn record(packet: &Packet) {
         return;
     };
     if let Some(stats) = table.get_ptr_mut(&packet.key) {
+        if packet.tcp_flags & tcp_flags::SYN != 0
+            && starts_new_connection(packet.tcp_flags, unsafe { (*stats).tcp_flags } as u32)
+        {
+            if split(table, stats, packet) {
+                return;
+            }
+            count(Counter::ConnectionsMerged);
+        }
         // Established flow: the tick-resolution clock is enough for `last_seen` and costs a
         // fraction of a precise read (see node-common's units).
         add(stats, packet, unsafe { bpf_ktime_get_coarse_ns() });
@@ -98,7 +109,7 @@ fn record(packet: &Packet) {
         last_seen_ns: now,
         tcp_flags: u64::from(packet.tcp_flags),
         first_tcp_flags: packet.tcp_flags,
-        _pad: 0,
+        segments: 0,
     };
     match table.insert(&packet.key, &fresh, BPF_NOEXIST.into()) {
         Ok(()) => {}
@@ -110,6 +121,56 @@ fn record(packet: &Packet) {
         // -E2BIG (table full) or -ENOMEM.
         Err(_) => overflow(packet, now),
     }
+}
+
+/// Starts a new connection in the live entry `live` of `packet`'s key (`packet` is its SYN):
+/// everything the entry counted so far moves to a new segment entry. Returns false, changing
+/// nothing, when there is no room for the segment.
+///
+/// Exact under concurrency: the moved counts are subtracted from the live entry with atomic adds
+/// (the baseline BPF CPU has no fetching atomics), so a packet of the finished connection that
+/// another CPU adds at the same moment stays counted, in exactly one of the two entries. Only
+/// its TCP flags may land in the new connection's. The segment number needs no atomic: a key's
+/// SYNs come from one sender, one at a time.
+#[inline(always)]
+fn split(table: &FlowTable, live: *mut FlowStats, packet: &Packet) -> bool {
+    // SAFETY: `live` points into a live map value (see `add`); the segment entry is written only
+    // here, right after its insertion.
+    unsafe {
+        let number = (*live).segments + 1;
+        if number > MAX_SEGMENTS {
+            return false;
+        }
+        let mut key = packet.key;
+        key.segment = number as u8;
+        let now = bpf_ktime_get_ns();
+        let finished = FlowStats {
+            packets: (&raw const (*live).packets).read_volatile(),
+            bytes: (&raw const (*live).bytes).read_volatile(),
+            first_seen_ns: (*live).first_seen_ns,
+            last_seen_ns: (*live).last_seen_ns,
+            tcp_flags: (&raw const (*live).tcp_flags).read_volatile(),
+            first_tcp_flags: (*live).first_tcp_flags,
+            segments: 0,
+        };
+        if table.insert(&key, &finished, BPF_NOEXIST.into()).is_err() {
+            return false;
+        }
+        (*live).segments = number;
+        atomic_xadd::<u64, u64, { Relaxed }>(
+            &raw mut (*live).packets,
+            packet.packets.wrapping_sub(finished.packets),
+        );
+        atomic_xadd::<u64, u64, { Relaxed }>(
+            &raw mut (*live).bytes,
+            packet.bytes.wrapping_sub(finished.bytes),
+        );
+        (&raw mut (*live).tcp_flags).write_volatile(u64::from(packet.tcp_flags));
+        (*live).first_seen_ns = now;
+        (&raw mut (*live).last_seen_ns).write_volatile(now);
+        (*live).first_tcp_flags = packet.tcp_flags;
+    }
+    true
 }
 
 #[inline(always)]

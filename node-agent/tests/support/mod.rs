@@ -579,6 +579,107 @@ pub fn tcp_conversation(
     }
 }
 
+/// TCP connections one after another from the same client address and port to the same server:
+/// the 5-tuple is reused. In each, the client sends `upload`, the server answers `download` and
+/// closes first (so the TIME_WAIT is the server's, which accepts the next SYN on the tuple at
+/// once), then the client closes. Each side's TCP_INFO is read after its last segment.
+pub fn tcp_reused_tuple(
+    client_ns: &Netns,
+    server_ns: &Netns,
+    client: SocketAddr,
+    server: SocketAddr,
+    sizes: &[(usize, usize)],
+) -> Vec<TcpExchange> {
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    let (closed_tx, closed_rx) = std::sync::mpsc::channel();
+    let server_thread = server_ns.spawn({
+        let sizes = sizes.to_vec();
+        move || {
+            let listener = TcpListener::bind(server).unwrap();
+            bound_tx.send(()).unwrap();
+            for (upload, download) in sizes {
+                let (mut conn, _) = listener.accept().unwrap();
+                conn.set_read_timeout(Some(Duration::from_secs(30)))
+                    .unwrap();
+                conn.read_exact(&mut vec![0u8; upload]).unwrap();
+                conn.write_all(&vec![7u8; download]).unwrap();
+                conn.shutdown(std::net::Shutdown::Write).unwrap();
+                let mut rest = Vec::new();
+                conn.read_to_end(&mut rest).unwrap();
+                assert!(rest.is_empty());
+                let mut side = tcp_side(&conn);
+                side.segments += 1; // the SYN-ACK, see `tcp_conversation`
+                closed_tx.send(side).unwrap();
+            }
+        }
+    });
+    bound_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let client_thread = client_ns.spawn({
+        let sizes = sizes.to_vec();
+        move || {
+            let mut exchanges = Vec::new();
+            for (upload, download) in sizes {
+                if !exchanges.is_empty() {
+                    // The server's TIME_WAIT takes a SYN on the tuple only with a newer TCP
+                    // timestamp (millisecond clock); a refused SYN would be traffic of its own.
+                    thread::sleep(Duration::from_millis(50));
+                }
+                let mut conn = connect_from(client, server);
+                conn.set_read_timeout(Some(Duration::from_secs(30)))
+                    .unwrap();
+                conn.write_all(&vec![1u8; upload]).unwrap();
+                let mut answer = Vec::new();
+                conn.read_to_end(&mut answer).unwrap();
+                assert_eq!(answer.len(), download);
+                conn.shutdown(std::net::Shutdown::Write).unwrap();
+                let server_side = closed_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+                exchanges.push(TcpExchange {
+                    client,
+                    client_side: tcp_side(&conn),
+                    server_side,
+                });
+            }
+            exchanges
+        }
+    });
+    let exchanges = client_thread.join().unwrap();
+    server_thread.join().unwrap();
+    exchanges
+}
+
+/// Connects from the fixed address `client`, waiting (bounded) while the previous connection
+/// on the tuple is still finishing its close.
+fn connect_from(client: SocketAddr, server: SocketAddr) -> TcpStream {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(client),
+            socket2::Type::STREAM,
+            None,
+        )
+        .unwrap();
+        socket.set_reuse_address(true).unwrap();
+        let attempt = socket
+            .bind(&client.into())
+            .and_then(|()| socket.connect_timeout(&server.into(), Duration::from_secs(5)));
+        match attempt {
+            Ok(()) => return socket.into(),
+            Err(err) if Instant::now() < deadline => {
+                eprintln!("connect {client} -> {server}: {err}; retrying");
+                assert!(
+                    matches!(
+                        err.raw_os_error(),
+                        Some(libc::EADDRINUSE | libc::EADDRNOTAVAIL)
+                    ),
+                    "connecting {client} -> {server}: {err}"
+                );
+                thread::sleep(Duration::from_millis(20));
+            }
+            Err(err) => panic!("connecting {client} -> {server}: {err}"),
+        }
+    }
+}
+
 /// Asserts that a record of one TCP direction counts exactly what that side's stack sent: its
 /// segments, and its payload (plus retransmissions) with 20 + 40 header bytes on the SYN and
 /// 20 + 32 (timestamps option) on every other segment — `ip_header` 20 for IPv4, 40 for IPv6.
