@@ -10,6 +10,15 @@
 //! the pipeline writes those, serialized, in the same store transaction as the spans they
 //! produced, and [`FlowTable::restore`] rebuilds the table after a restart.
 //!
+//! **Connections on a reused 5-tuple.** A key can carry one connection after another (busy
+//! clients reuse ports). A record that starts a new flow at its point ([`Observation::starts_flow`];
+//! for TCP with a SYN among its first flags) after the key's connection ended and after that
+//! connection's last packet begins a new connection: it gets its own state, start and so trace
+//! id. The earlier connection stays (`Tracked::previous`) until its grace period is over: its
+//! own records that arrive later go to it by their flow start, which lies before its last
+//! packet. That needs node clocks to agree within `TCP_REUSE_GAP_NANOS`
+//! (10 ms; NTP and chrony do far better), and a tuple reused no sooner than that.
+//!
 //! **Late records.** A closed connection is remembered for a grace period. A late record from a
 //! point that counts one of its directions opens one more interval (so totals stay exact); a late
 //! record from any other point is ignored and counted, since its packets are already counted
@@ -28,6 +37,17 @@ use crate::{
     stitch::{Connection, Decisions, Flow, InterfaceKinds},
     store::Change,
 };
+
+const IPPROTO_TCP: u8 = 6;
+const SYN: u32 = 0x02;
+/// How much later than an ended TCP connection's last packet a SYN must open a flow to begin a
+/// new connection: more than node clocks disagree (and a packet takes from one node to the
+/// other), less than a tuple takes to be reused (TIME_WAIT takes a new SYN only with a newer
+/// millisecond timestamp; a client's kernel cycles through ~28k ports).
+const TCP_REUSE_GAP_NANOS: u64 = 10_000_000;
+/// The same for other protocols, which have no SYN: an agent starts a new flow on their key only
+/// after its idle timeout (seconds), so the gap can be long.
+const REUSE_GAP_NANOS: u64 = 1_000_000_000;
 
 /// Where an interval sits in its connection's life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,12 +80,158 @@ struct Tracked {
     closing: bool,
     /// Closed: kept until this time for late records.
     closed_until: Option<u64>,
+    /// The latest packet of the connection at any point.
+    last_packet_unix_nanos: u64,
+    /// The connection this key carried before this one, while it is remembered.
+    previous: Option<Box<Tracked>>,
 }
 
 impl Tracked {
+    fn new() -> Self {
+        Tracked {
+            connection: Connection::default(),
+            decisions: Decisions::default(),
+            start_unix_nanos: None,
+            index: 0,
+            due_unix_nanos: None,
+            closing: false,
+            closed_until: None,
+            last_packet_unix_nanos: 0,
+            previous: None,
+        }
+    }
+
     fn intern(&mut self, points: &mut Points) {
         self.connection.intern(points);
         self.decisions.intern(points);
+        if let Some(previous) = &mut self.previous {
+            previous.intern(points);
+        }
+    }
+
+    /// Moves every pending interval of the chain to `latest` if it is due later (after a restore).
+    fn due_no_later_than(&mut self, latest: u64) {
+        if let Some(due) = &mut self.due_unix_nanos {
+            *due = (*due).min(latest);
+        }
+        if let Some(previous) = &mut self.previous {
+            previous.due_no_later_than(latest);
+        }
+    }
+
+    /// Whether `observation` begins a new connection on this key (see the module docs).
+    fn is_followed_by(&self, observation: &Observation) -> bool {
+        let opens = observation.key.protocol != IPPROTO_TCP
+            || observation.counts.first_tcp_flags & SYN != 0;
+        observation.starts_flow
+            && opens
+            && (self.closing || self.closed_until.is_some())
+            && !self.ended_after(observation)
+    }
+
+    /// Whether this connection's last packet is no earlier than `observation`'s flow began, give
+    /// or take the reuse gap: then the observation is part of it.
+    fn ended_after(&self, observation: &Observation) -> bool {
+        let gap = if observation.key.protocol == IPPROTO_TCP {
+            TCP_REUSE_GAP_NANOS
+        } else {
+            REUSE_GAP_NANOS
+        };
+        observation.flow_start_unix_nanos <= self.last_packet_unix_nanos.saturating_add(gap)
+    }
+
+    /// The connection of this key's chain that `observation` belongs to: the earliest one that
+    /// had not ended before the observation's flow began.
+    fn owner_of(&mut self, observation: &Observation) -> &mut Tracked {
+        let mut depth = 0;
+        let mut walk = &*self;
+        while let Some(previous) = &walk.previous
+            && previous.ended_after(observation)
+        {
+            walk = previous;
+            depth += 1;
+        }
+        let mut owner = self;
+        for _ in 0..depth {
+            owner = owner
+                .previous
+                .as_deref_mut()
+                .expect("the chain walked above");
+        }
+        owner
+    }
+
+    /// Adds `observation` to this connection; false if it was a late record nobody needs.
+    fn apply(
+        &mut self,
+        observation: &Observation,
+        points: &mut Points,
+        kinds: &InterfaceKinds,
+        due: u64,
+    ) -> bool {
+        if self.closed_until.is_some() {
+            if !self
+                .decisions
+                .counts_at(&observation.point, observation.orientation)
+            {
+                return false;
+            }
+            // A counting point's late record: one more (final) interval.
+            self.closed_until = None;
+            self.closing = true;
+        }
+        let point = points.intern(&observation.point);
+        self.connection
+            .add(observation, point, &self.decisions, kinds);
+        if observation.end_reason != EndReason::ActiveTimeout {
+            self.closing = true;
+        }
+        self.last_packet_unix_nanos = self
+            .last_packet_unix_nanos
+            .max(observation.counts.last_seen_unix_nanos);
+        self.due_unix_nanos.get_or_insert(due);
+        true
+    }
+
+    /// Emits the due intervals of this connection and of the earlier ones it remembers, earliest
+    /// first, and forgets the earlier ones whose grace period is over. True if anything changed.
+    fn emit_due(
+        &mut self,
+        key: ConnectionKey,
+        now: u64,
+        grace: u64,
+        out: &mut Vec<Emitted>,
+    ) -> bool {
+        let mut changed = false;
+        if let Some(previous) = &mut self.previous {
+            changed |= previous.emit_due(key, now, grace, out);
+            if previous.is_forgotten(now) {
+                self.previous = previous.previous.take();
+                changed = true;
+            }
+        }
+        if self.closed_until.is_none() && self.due_unix_nanos.is_some_and(|due| due <= now) {
+            emit(key, self, now, grace, out);
+            changed = true;
+        }
+        changed
+    }
+
+    /// Emits every interval of the chain that holds anything (shutdown). True if any did.
+    fn flush(&mut self, key: ConnectionKey, now: u64, grace: u64, out: &mut Vec<Emitted>) -> bool {
+        let mut changed = false;
+        if let Some(previous) = &mut self.previous {
+            changed |= previous.flush(key, now, grace, out);
+        }
+        if self.closed_until.is_none() && self.due_unix_nanos.is_some() {
+            emit(key, self, now, grace, out);
+            changed = true;
+        }
+        changed
+    }
+
+    fn is_forgotten(&self, now: u64) -> bool {
+        self.closed_until.is_some_and(|until| until <= now)
     }
 }
 
@@ -80,6 +246,7 @@ pub struct FlowTable {
     /// How long a closed connection is remembered.
     grace_ns: u64,
     late_ignored: u64,
+    reused_keys: u64,
 }
 
 impl FlowTable {
@@ -92,6 +259,7 @@ impl FlowTable {
             settle_ns: settle.as_nanos() as u64,
             grace_ns: grace.as_nanos() as u64,
             late_ignored: 0,
+            reused_keys: 0,
         }
     }
 
@@ -109,37 +277,32 @@ impl FlowTable {
         self.late_ignored
     }
 
+    /// Connections that began on the key of an earlier one (see the module docs).
+    pub fn reused_keys(&self) -> u64 {
+        self.reused_keys
+    }
+
     pub fn apply(&mut self, observation: &Observation, now: u64) {
-        let tracked = self.open.entry(observation.key).or_insert_with(|| Tracked {
-            connection: Connection::default(),
-            decisions: Decisions::default(),
-            start_unix_nanos: None,
-            index: 0,
-            due_unix_nanos: None,
-            closing: false,
-            closed_until: None,
-        });
-        if tracked.closed_until.is_some() {
-            if !tracked
-                .decisions
-                .counts_at(&observation.point, observation.orientation)
-            {
-                self.late_ignored += 1;
-                return;
-            }
-            // A counting point's late record: one more (final) interval.
-            tracked.closed_until = None;
-            tracked.closing = true;
+        let tracked = self
+            .open
+            .entry(observation.key)
+            .or_insert_with(Tracked::new);
+        if tracked.is_followed_by(observation) {
+            let earlier = std::mem::replace(tracked, Tracked::new());
+            tracked.previous = Some(Box::new(earlier));
+            self.reused_keys += 1;
         }
-        self.dirty.insert(observation.key);
-        let point = self.points.intern(&observation.point);
-        tracked
-            .connection
-            .add(observation, point, &tracked.decisions, &self.kinds);
-        if observation.end_reason != EndReason::ActiveTimeout {
-            tracked.closing = true;
+        let owner = tracked.owner_of(observation);
+        if owner.apply(
+            observation,
+            &mut self.points,
+            &self.kinds,
+            now + self.settle_ns,
+        ) {
+            self.dirty.insert(observation.key);
+        } else {
+            self.late_ignored += 1;
         }
-        tracked.due_unix_nanos.get_or_insert(now + self.settle_ns);
     }
 
     /// Emits every interval whose settle time has come, and forgets connections whose grace
@@ -147,26 +310,27 @@ impl FlowTable {
     pub fn emit_due(&mut self, now: u64, out: &mut Vec<Emitted>) {
         let (grace, dirty) = (self.grace_ns, &mut self.dirty);
         self.open.retain(|key, tracked| {
-            if let Some(until) = tracked.closed_until {
-                if until <= now {
-                    dirty.insert(*key);
-                    return false;
-                }
-                return true;
-            }
-            if tracked.due_unix_nanos.is_some_and(|due| due <= now) {
-                emit(*key, tracked, now, grace, out);
+            if tracked.emit_due(*key, now, grace, out) {
                 dirty.insert(*key);
             }
-            true
+            if !tracked.is_forgotten(now) {
+                return true;
+            }
+            dirty.insert(*key);
+            match tracked.previous.take() {
+                Some(previous) => {
+                    *tracked = *previous;
+                    true
+                }
+                None => false,
+            }
         });
     }
 
     /// Emits every interval that holds anything, now (shutdown).
     pub fn flush(&mut self, now: u64, out: &mut Vec<Emitted>) {
         for (key, tracked) in &mut self.open {
-            if tracked.closed_until.is_none() && tracked.due_unix_nanos.is_some() {
-                emit(*key, tracked, now, self.grace_ns, out);
+            if tracked.flush(*key, now, self.grace_ns, out) {
                 self.dirty.insert(*key);
             }
         }
@@ -205,6 +369,7 @@ impl FlowTable {
                 settle_ns: self.settle_ns,
                 grace_ns: self.grace_ns,
                 late_ignored: 0,
+                reused_keys: 0,
             })
             .collect();
         for (key, mut tracked) in self.open {
@@ -228,9 +393,7 @@ impl FlowTable {
     ) -> Result<usize, postcard::Error> {
         for bytes in states {
             let (key, mut tracked): (ConnectionKey, Tracked) = postcard::from_bytes(&bytes)?;
-            if let Some(due) = &mut tracked.due_unix_nanos {
-                *due = (*due).min(now + self.settle_ns);
-            }
+            tracked.due_no_later_than(now + self.settle_ns);
             tracked.intern(&mut self.points);
             self.open.insert(key, tracked);
         }
@@ -450,5 +613,87 @@ mod tests {
         );
         t.flush(100 * S, &mut out);
         assert_eq!(out.len(), 1);
+    }
+
+    /// A record of one direction of a connection on 10.0.0.1:40000 <-> 10.0.0.2:443 whose packets
+    /// at its point ran from `first` to `last` seconds (and that began there at `first`).
+    fn timed(node: &str, outbound: bool, packets: u64, first: u64, last: u64) -> Observation {
+        let mut o = observation(node, "eth0", outbound, packets, EndReason::TcpClose);
+        o.counts.first_seen_unix_nanos = first;
+        o.counts.last_seen_unix_nanos = last;
+        o.flow_start_unix_nanos = first;
+        o
+    }
+
+    #[test]
+    fn a_new_connection_on_a_reused_tuple_is_its_own_and_late_records_find_the_earlier_one() {
+        let mut t = table();
+        let mut out = Vec::new();
+        // Connection 1: 10 s .. 11 s; node b sees its SYN 1 ms after node a.
+        t.apply(&timed("a", true, 5, 10 * S, 11 * S), 100 * S);
+        t.apply(&timed("b", false, 4, 10 * S + 1_000_000, 11 * S), 100 * S);
+        // Connection 2 on the same tuple, 50 ms after connection 1's last packet.
+        let second = 11 * S + 50_000_000;
+        t.apply(&timed("a", true, 7, second, second + S), 101 * S);
+        // Node a's view of connection 1's other direction arrives late: it began before
+        // connection 2 and so belongs to connection 1.
+        t.apply(&timed("a", false, 4, 10 * S + 2_000_000, 11 * S), 101 * S);
+        assert_eq!(t.reused_keys(), 1);
+        assert_eq!(t.len(), 1, "one key");
+        t.emit_due(104 * S, &mut out);
+        assert_eq!(out.len(), 2, "{out:#?}");
+        let starts: Vec<u64> = out
+            .iter()
+            .map(|e| e.interval.connection_start_unix_nanos)
+            .collect();
+        assert_eq!(starts, [10 * S, second]);
+        let packets = |e: &Emitted| {
+            (
+                e.flow.client_to_server.as_ref().map(|m| m.counts.packets),
+                e.flow.server_to_client.as_ref().map(|m| m.counts.packets),
+            )
+        };
+        assert_eq!(packets(&out[0]), (Some(5), Some(4)));
+        assert_eq!(packets(&out[1]), (Some(7), None));
+        assert_eq!(
+            out[0].flow.points.len(),
+            3,
+            "a egress, b ingress, a ingress"
+        );
+        // Both are remembered for the grace period, then the key is forgotten.
+        let changes = t.take_changes().unwrap();
+        assert_eq!(changes.len(), 1);
+        let mut restored = table();
+        restored
+            .restore(changes.into_iter().filter_map(|c| c.state), 104 * S)
+            .unwrap();
+        restored.emit_due(200 * S, &mut out);
+        assert!(restored.is_empty());
+    }
+
+    #[test]
+    fn a_flow_that_starts_again_soon_after_is_the_same_connection() {
+        let mut t = table();
+        let mut out = Vec::new();
+        // The other node's view of the same packets, its clock 5 ms ahead: not a new connection.
+        t.apply(&timed("a", true, 5, 10 * S, 11 * S), 100 * S);
+        t.apply(&timed("b", true, 5, 11 * S + 5_000_000, 12 * S), 100 * S);
+        // A new flow without a SYN (an agent evicted it under pressure and saw more).
+        let mut resumed = timed("a", true, 2, 13 * S, 13 * S);
+        resumed.counts.first_tcp_flags = 0x10;
+        t.apply(&resumed, 100 * S);
+        t.emit_due(103 * S, &mut out);
+        assert_eq!(t.reused_keys(), 0);
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            out[0]
+                .flow
+                .client_to_server
+                .as_ref()
+                .unwrap()
+                .counts
+                .packets,
+            7
+        );
     }
 }

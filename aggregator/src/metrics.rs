@@ -52,6 +52,7 @@ pub struct Metrics {
     pub intervals_emitted: Counter,
     pub batches_read_back: Counter,
     pub late_records_ignored: Counter,
+    pub reused_tuples: Counter,
     pub checkpoint_failures: Counter,
     pub store_write_failures: Family<ReasonLabel, Counter>,
     pub records_lost: Family<ReasonLabel, Counter>,
@@ -180,6 +181,12 @@ impl Metrics {
             "Batch parts a flow shard read back from the log because they never reached it (their session ended first)",
             batches_read_back.clone(),
         );
+        let reused_tuples = Counter::default();
+        registry.register(
+            "reused_tuples",
+            "Connections that began on the 5-tuple of an earlier, ended connection (each its own trace)",
+            reused_tuples.clone(),
+        );
         let late_records_ignored = Counter::default();
         registry.register(
             "late_records_ignored",
@@ -250,6 +257,7 @@ impl Metrics {
             intervals_emitted,
             batches_read_back,
             late_records_ignored,
+            reused_tuples,
         }
     }
 

@@ -120,6 +120,11 @@ pub struct Observation {
     pub point: ObservationPoint,
     pub counts: Counts,
     pub end_reason: EndReason,
+    /// The first packet of the point's flow (the agent's flow, across its records); the first
+    /// packet of this record if the agent did not say.
+    pub flow_start_unix_nanos: u64,
+    /// The first record of the point's flow: the agent saw a new flow begin.
+    pub starts_flow: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -237,6 +242,11 @@ impl TryFrom<&FlowRecord> for Observation {
                 first_tcp_flags: narrow("first_tcp_flags", r.first_tcp_flags, 8)?,
             },
             end_reason,
+            flow_start_unix_nanos: match r.flow_start_unix_nanos {
+                0 => r.first_seen_unix_nanos,
+                start => start.min(r.first_seen_unix_nanos),
+            },
+            starts_flow: r.record_sequence == 0,
         })
     }
 }

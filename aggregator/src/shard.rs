@@ -149,7 +149,7 @@ impl Handler<Apply> for FlowShard {
             return;
         }
         let now = unix_now();
-        let late_before = self.table.late_ignored();
+        let (late_before, reused_before) = (self.table.late_ignored(), self.table.reused_keys());
         for missing in applied + 1..batch.sequence {
             self.apply_from_log(&batch.boot_id, missing, now);
         }
@@ -160,6 +160,10 @@ impl Handler<Apply> for FlowShard {
             .metrics
             .late_records_ignored
             .inc_by(self.table.late_ignored() - late_before);
+        self.context
+            .metrics
+            .reused_tuples
+            .inc_by(self.table.reused_keys() - reused_before);
         self.positions.insert(batch.boot_id, batch.sequence);
         self.moved.insert(batch.boot_id);
     }

@@ -8,7 +8,7 @@
 mod support;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::UdpSocket,
     time::{Duration, Instant},
 };
@@ -137,8 +137,17 @@ fn every_connection_becomes_one_exact_span() {
     .join()
     .unwrap();
     c.a1.exec(&["ping", "-n", "-c", "2", "-i", "0.2", "-W", "2", "10.90.2.2"]);
+    // Three more connections, one after another on one 5-tuple: three traces.
+    let reuse_sizes = [(30_000, 1_000), (500, 90_000), (7, 7)];
+    let reused = tcp_reused_tuple(
+        &c.a1,
+        &c.b1,
+        "10.90.1.2:41000".parse().unwrap(),
+        "10.90.2.2:8443".parse().unwrap(),
+        &reuse_sizes,
+    );
 
-    // Four connections: wait (bounded) until each has its CLIENT span.
+    // Seven connections: wait (bounded) until each has its CLIENT span.
     let clients = |spans: &[(String, Span)]| -> Vec<Span> {
         spans
             .iter()
@@ -147,7 +156,7 @@ fn every_connection_becomes_one_exact_span() {
             .collect()
     };
     let deadline = Instant::now() + Duration::from_secs(20);
-    while clients(&receiver.spans_with_service()).len() < 4 && Instant::now() < deadline {
+    while clients(&receiver.spans_with_service()).len() < 7 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
     // Nothing more may arrive (no duplicates): once the agents and the aggregator have stopped
@@ -163,6 +172,10 @@ fn every_connection_becomes_one_exact_span() {
 
     let all = receiver.spans_with_service();
     let spans = clients(&all);
+    assert_eq!(spans.len(), 7, "one CLIENT span per connection: {spans:#?}");
+    let (mut reuse, spans): (Vec<Span>, Vec<Span>) = spans
+        .into_iter()
+        .partition(|s| int(s, "destination.port") == 8443);
     let by_server: HashMap<String, &Span> = spans
         .iter()
         .map(|s| {
@@ -176,7 +189,6 @@ fn every_connection_becomes_one_exact_span() {
             )
         })
         .collect();
-    assert_eq!(spans.len(), 4, "one CLIENT span per connection: {spans:#?}");
     assert_eq!(by_server.len(), 4);
 
     let tcp = by_server["10.90.2.2:443"];
@@ -185,8 +197,9 @@ fn every_connection_becomes_one_exact_span() {
     assert_eq!(int(tcp, "source.port"), i64::from(cross.client.port()));
     assert_eq!(text(tcp, "flow.client_rule"), "tcp_handshake");
     assert_eq!(text(tcp, "flow.end_reason"), "tcp_close");
-    let wire =
-        |side: &TcpSide, payload: u64| payload + side.bytes_retrans + 60 + (side.segments - 1) * 52;
+    let wire = |side: &TcpSide, payload: usize| {
+        payload as u64 + side.bytes_retrans + 60 + (side.segments - 1) * 52
+    };
     assert_eq!(
         int(tcp, "flow.packets.sent") as u64,
         cross.client_side.segments
@@ -212,6 +225,36 @@ fn every_connection_becomes_one_exact_span() {
         text(tcp, "flow.received.observation_point"),
         "node-b/vethb1/ingress"
     );
+
+    // The reused tuple: one trace per connection, each with its own exact counts.
+    reuse.sort_by_key(|s| s.start_time_unix_nano);
+    assert_eq!(reuse.len(), reuse_sizes.len());
+    let traces: HashSet<&[u8]> = reuse.iter().map(|s| s.trace_id.as_slice()).collect();
+    assert_eq!(traces.len(), reuse_sizes.len(), "one trace per connection");
+    for ((span, (upload, download)), exchange) in reuse.iter().zip(reuse_sizes).zip(&reused) {
+        assert_eq!(int(span, "source.port"), 41000);
+        assert_eq!(text(span, "flow.end_reason"), "tcp_close");
+        assert_eq!(
+            (
+                int(span, "flow.packets.sent") as u64,
+                int(span, "flow.bytes.sent") as u64
+            ),
+            (
+                exchange.client_side.segments,
+                wire(&exchange.client_side, upload)
+            )
+        );
+        assert_eq!(
+            (
+                int(span, "flow.packets.received") as u64,
+                int(span, "flow.bytes.received") as u64
+            ),
+            (
+                exchange.server_side.segments,
+                wire(&exchange.server_side, download)
+            )
+        );
+    }
 
     let local = by_server["10.90.1.3:8080"];
     assert_eq!(
