@@ -15,7 +15,11 @@ fn main() -> anyhow::Result<()> {
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out_dir.join("descriptors.bin"), descriptors.encode_to_vec())?;
     tonic_prost_build::configure()
-        .type_attribute(".mermin.flow.v1.FlowRecord", "#[derive(serde::Serialize)]")
+        .message_attribute(".mermin.flow.v1", "#[derive(serde::Serialize)]")
+        .field_attribute(
+            ".mermin.flow.v1.ConnectionEndpoint.address",
+            "#[serde(serialize_with = \"crate::json::ip_address\")]",
+        )
         .field_attribute(
             ".mermin.flow.v1.FlowRecord.source_address",
             "#[serde(serialize_with = \"crate::json::ip_address\")]",

@@ -26,6 +26,13 @@ pub struct Endpoint {
     pub port: u16,
 }
 
+impl std::fmt::Display for Endpoint {
+    /// `address:port`, IPv6 in brackets.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::net::SocketAddr::new(self.address, self.port).fmt(f)
+    }
+}
+
 /// A directional packet tuple as observed: source → destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tuple {

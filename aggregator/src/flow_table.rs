@@ -181,6 +181,8 @@ impl Tracked {
             self.closing = true;
         }
         let point = points.intern(&observation.point);
+        self.decisions
+            .note_translation(observation.translation.as_ref());
         self.connection
             .add(observation, point, &self.decisions, kinds);
         if observation.end_reason != EndReason::ActiveTimeout {

@@ -1,6 +1,12 @@
 //! One validated observation: a raw `FlowRecord` checked field by field and turned into typed
 //! values. Everything malformed is rejected here, with a message that names the field, so later
 //! stages never see an impossible record.
+//!
+//! **Translated connections.** A record whose node translated the connection (a Service's DNAT,
+//! a masquerade) carries the [`Translation`]; whichever view of the connection its point saw,
+//! the observation's tuple and key are the *server's* view (the client after any SNAT → the
+//! endpoint that served it), the view every other node sees without knowing of the NAT. So the
+//! points before and after the translation stitch into one connection, counted once.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -9,10 +15,10 @@ use std::{
 
 use foldhash::{HashSet, HashSetExt};
 
-use mermin_protocol::flow::v1::{Direction, EndReason, FlowRecord};
+use mermin_protocol::flow::v1::{self as proto, Direction, EndReason, FlowRecord};
 use serde::{Deserialize, Serialize};
 
-use crate::connection_key::{ConnectionKey, Orientation, Tuple};
+use crate::connection_key::{ConnectionKey, Endpoint, Orientation, Tuple};
 
 /// The TC hook of an observation point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -125,6 +131,83 @@ pub struct Observation {
     pub flow_start_unix_nanos: u64,
     /// The first record of the point's flow: the agent saw a new flow begin.
     pub starts_flow: bool,
+    /// How the node translated the connection, if it did (then `tuple` is the server's view).
+    pub translation: Option<Translation>,
+}
+
+/// How a node translated a connection: its endpoints as the client sent them and as the server
+/// sees them (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Translation {
+    /// The client as it sent (before any SNAT).
+    pub client: Endpoint,
+    /// The address and port the client dialled (before the DNAT).
+    pub dialled: Endpoint,
+    /// The client as the server sees it (after any SNAT).
+    pub translated_client: Endpoint,
+    /// The endpoint that served the connection.
+    pub server: Endpoint,
+}
+
+impl Translation {
+    /// Whether the client's address or port was translated (SNAT, masquerade).
+    pub fn translates_client(&self) -> bool {
+        self.client != self.translated_client
+    }
+
+    fn checked(t: &proto::Translation, family_v4: bool) -> Result<Self, InvalidRecord> {
+        let endpoint = |field: &'static str, e: &Option<proto::ConnectionEndpoint>| {
+            let e = e.as_ref().ok_or(InvalidRecord::Empty(field))?;
+            let address = address(field, &e.address)?;
+            if address.is_ipv4() != family_v4 {
+                return Err(InvalidRecord::MixedFamilies);
+            }
+            Ok(Endpoint {
+                address,
+                port: narrow(field, e.port, 16)? as u16,
+            })
+        };
+        Ok(Translation {
+            client: endpoint("translation.client", &t.client)?,
+            dialled: endpoint("translation.dialled", &t.dialled)?,
+            translated_client: endpoint("translation.translated_client", &t.translated_client)?,
+            server: endpoint("translation.server", &t.server)?,
+        })
+    }
+
+    /// `tuple` (either view, either direction) as the server sees it.
+    fn server_view(&self, tuple: &Tuple) -> Result<Tuple, InvalidRecord> {
+        let source = Endpoint {
+            address: tuple.source,
+            port: tuple.source_port,
+        };
+        let destination = Endpoint {
+            address: tuple.destination,
+            port: tuple.destination_port,
+        };
+        let (source, destination) = match (source, destination) {
+            (s, d) if (s, d) == (self.client, self.dialled) => {
+                (self.translated_client, self.server)
+            }
+            (s, d) if (s, d) == (self.dialled, self.client) => {
+                (self.server, self.translated_client)
+            }
+            (s, d)
+                if (s, d) == (self.translated_client, self.server)
+                    || (s, d) == (self.server, self.translated_client) =>
+            {
+                (s, d)
+            }
+            _ => return Err(InvalidRecord::NotTranslated),
+        };
+        Ok(Tuple {
+            source: source.address,
+            source_port: source.port,
+            destination: destination.address,
+            destination_port: destination.port,
+            ..*tuple
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -153,6 +236,12 @@ pub enum InvalidRecord {
         "delta_octets ({bytes}) is more than one interface can carry in the record's {nanos} ns (1 Tbit/s, plus a second)"
     )]
     AboveLineRate { bytes: u64, nanos: u64 },
+    #[error(
+        "translation: the record's addresses and ports are neither the client's nor the server's view of it"
+    )]
+    NotTranslated,
+    #[error("translation: protocol {0} has no ports to translate (only TCP, UDP and SCTP)")]
+    TranslationProtocol(u8),
     #[error("{field} ({value}) is not within a day of the aggregator's clock ({now})")]
     FarFromNow {
         field: &'static str,
@@ -223,6 +312,16 @@ impl TryFrom<&FlowRecord> for Observation {
             icmp_type: narrow("icmp_type", r.icmp_type, 8)? as u8,
             icmp_code: narrow("icmp_code", r.icmp_code, 8)? as u8,
         };
+        let (tuple, translation) = match &r.translation {
+            None => (tuple, None),
+            Some(t) => {
+                if !matches!(tuple.protocol, 6 | 17 | 132) {
+                    return Err(InvalidRecord::TranslationProtocol(tuple.protocol));
+                }
+                let translation = Translation::checked(t, source.is_ipv4())?;
+                (translation.server_view(&tuple)?, Some(translation))
+            }
+        };
         let (key, orientation) = ConnectionKey::of(&tuple);
         Ok(Observation {
             key,
@@ -247,6 +346,7 @@ impl TryFrom<&FlowRecord> for Observation {
                 start => start.min(r.first_seen_unix_nanos),
             },
             starts_flow: r.record_sequence == 0,
+            translation,
         })
     }
 }
@@ -409,6 +509,94 @@ mod tests {
                 r.delta_octets = u64::MAX;
             }),
             "delta_octets (18446744073709551615) is more than one interface can carry in the record's 10 ns (1 Tbit/s, plus a second)"
+        );
+    }
+
+    fn endpoint(address: [u8; 4], port: u32) -> Option<proto::ConnectionEndpoint> {
+        Some(proto::ConnectionEndpoint {
+            address: address.to_vec(),
+            port,
+        })
+    }
+
+    /// 10.0.0.1:40000 dialled the Service 10.96.0.10:80, served by 10.0.2.5:8080.
+    fn service_translation() -> proto::Translation {
+        proto::Translation {
+            client: endpoint([10, 0, 0, 1], 40000),
+            dialled: endpoint([10, 96, 0, 10], 80),
+            translated_client: endpoint([10, 0, 0, 1], 40000),
+            server: endpoint([10, 0, 2, 5], 8080),
+        }
+    }
+
+    fn seen(source: ([u8; 4], u32), destination: ([u8; 4], u32)) -> FlowRecord {
+        FlowRecord {
+            source_address: source.0.to_vec(),
+            source_port: source.1,
+            destination_address: destination.0.to_vec(),
+            destination_port: destination.1,
+            translation: Some(service_translation()),
+            ..record()
+        }
+    }
+
+    #[test]
+    fn every_view_of_a_translated_connection_is_the_servers_view() {
+        let client = ([10, 0, 0, 1], 40000);
+        let service = ([10, 96, 0, 10], 80);
+        let server = ([10, 0, 2, 5], 8080);
+        let untranslated = Observation::try_from(&FlowRecord {
+            translation: None,
+            ..seen(client, server)
+        })
+        .unwrap();
+        let views = [
+            (seen(client, service), Orientation::Forward),
+            (seen(service, client), Orientation::Reverse),
+            (seen(client, server), Orientation::Forward),
+            (seen(server, client), Orientation::Reverse),
+        ];
+        for (record, orientation) in views {
+            let o = Observation::try_from(&record).unwrap();
+            assert_eq!(o.key, untranslated.key, "{record:?}");
+            assert_eq!(o.orientation, orientation);
+            let t = o.translation.unwrap();
+            assert_eq!(t.dialled.to_string(), "10.96.0.10:80");
+            assert_eq!(t.server.to_string(), "10.0.2.5:8080");
+            assert!(!t.translates_client());
+        }
+        let o = Observation::try_from(&seen(service, client)).unwrap();
+        assert_eq!(
+            (o.tuple.source.to_string(), o.tuple.source_port),
+            ("10.0.2.5".to_owned(), 8080)
+        );
+    }
+
+    #[test]
+    fn a_translation_that_does_not_fit_the_record_is_refused() {
+        let refused = |record: FlowRecord| Observation::try_from(&record).unwrap_err().to_string();
+        assert_eq!(
+            refused(seen(([10, 0, 0, 9], 40000), ([10, 96, 0, 10], 80))),
+            "translation: the record's addresses and ports are neither the client's nor the server's view of it"
+        );
+        assert_eq!(
+            refused(FlowRecord {
+                ip_protocol: 1,
+                ..seen(([10, 0, 0, 1], 40000), ([10, 96, 0, 10], 80))
+            }),
+            "translation: protocol 1 has no ports to translate (only TCP, UDP and SCTP)"
+        );
+        let mut no_server = seen(([10, 0, 0, 1], 40000), ([10, 96, 0, 10], 80));
+        no_server.translation.as_mut().unwrap().server = None;
+        assert_eq!(refused(no_server), "translation.server is empty");
+        let mut v6 = seen(([10, 0, 0, 1], 40000), ([10, 96, 0, 10], 80));
+        v6.translation.as_mut().unwrap().dialled = Some(proto::ConnectionEndpoint {
+            address: vec![0; 16],
+            port: 80,
+        });
+        assert_eq!(
+            refused(v6),
+            "source and destination addresses are of different families"
         );
     }
 

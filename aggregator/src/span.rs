@@ -13,6 +13,13 @@
 //! [`crate::metadata::attributes`]). Each side's resource `service.name` is its workload (else pod,
 //! Service or node), or its address when nothing is known.
 //!
+//! **Translated connections** (a Service's DNAT, a NodePort, a masquerade): the destination is
+//! the endpoint that served the connection and the source the client as it sent; the address it
+//! dialled is `flow.dialled.address` / `flow.dialled.port`, and where that is a Service the index
+//! knows (from Kubernetes or the static file), its name is `destination.service.name` (and its
+//! namespace `destination.namespace` if the endpoint itself is unknown). A client translated by
+//! SNAT shows as the server saw it in `flow.translated.source.address` / `.port`.
+//!
 //! **Identity.** Ids are derived, never random, so re-exporting an interval after a crash yields
 //! the same ids and Tempo keeps one copy: the trace id from (Community ID, connection start,
 //! window), the span ids from (trace id, interval, role). A trace covers [`INTERVALS_PER_TRACE`]
@@ -29,7 +36,9 @@ use sha1::{Digest, Sha1};
 
 use crate::{
     flow_table::Interval,
-    metadata::{AttributeNaming, FlowSide, MetadataIndex, append_metadata_attributes},
+    metadata::{
+        AttributeNaming, EndpointMetadata, FlowSide, MetadataIndex, append_metadata_attributes,
+    },
     observation::{Hook, ObservationPoint},
     stitch::{Flow, Side},
 };
@@ -85,15 +94,29 @@ fn span_id(trace_id: &[u8; 16], index: u64, role: Role) -> [u8; 8] {
 pub fn flow_spans(flow: &Flow, interval: &Interval, enrichment: &Enrichment) -> Vec<ResourceSpans> {
     let community_id = flow.key.community_id(0);
     let trace = trace_id(&community_id, interval);
-    let client_span = span_id(&trace, interval.index, Role::Client);
-    let server_span = span_id(&trace, interval.index, Role::Server);
+    let client_id = span_id(&trace, interval.index, Role::Client);
+    let server_id = span_id(&trace, interval.index, Role::Server);
     let name = span_name(flow);
+    let client = shown_client(flow);
     let lookup = |side: &Side| {
         enrichment
             .index
             .lookup(side.address, side.port, flow.start_unix_nanos)
     };
-    let (client_side, server_side) = (lookup(&flow.client), lookup(&flow.server));
+    let client_side = lookup(&client);
+    let mut server_side = lookup(&flow.server);
+    if let Some(t) = &flow.translation
+        && let Some(service) = enrichment
+            .index
+            .lookup(t.dialled.address, t.dialled.port, flow.start_unix_nanos)
+            .filter(|dialled| dialled.service_name.is_some() && dialled.pod_name.is_none())
+    {
+        let server = server_side.get_or_insert(EndpointMetadata {
+            namespace: service.namespace,
+            ..EndpointMetadata::default()
+        });
+        server.service_name = service.service_name;
+    }
 
     let mut links = Vec::new();
     if interval.index > 0 && interval.index.is_multiple_of(INTERVALS_PER_TRACE) {
@@ -109,15 +132,15 @@ pub fn flow_spans(flow: &Flow, interval: &Interval, enrichment: &Enrichment) -> 
         });
     }
 
-    let client = Span {
+    let client_span = Span {
         trace_id: trace.to_vec(),
-        span_id: client_span.to_vec(),
+        span_id: client_id.to_vec(),
         name: name.clone(),
         kind: SpanKind::Client as i32,
         start_time_unix_nano: flow.start_unix_nanos,
         end_time_unix_nano: flow.end_unix_nanos,
         attributes: {
-            let mut attributes = flow_attributes(flow, &community_id, interval);
+            let mut attributes = flow_attributes(flow, &client, &community_id, interval);
             for (side, end) in [
                 (FlowSide::Source, &client_side),
                 (FlowSide::Destination, &server_side),
@@ -131,10 +154,10 @@ pub fn flow_spans(flow: &Flow, interval: &Interval, enrichment: &Enrichment) -> 
         links,
         ..Span::default()
     };
-    let server = Span {
+    let server_span = Span {
         trace_id: trace.to_vec(),
-        span_id: server_span.to_vec(),
-        parent_span_id: client_span.to_vec(),
+        span_id: server_id.to_vec(),
+        parent_span_id: client_id.to_vec(),
         name,
         kind: SpanKind::Server as i32,
         start_time_unix_nano: flow.start_unix_nanos,
@@ -148,9 +171,25 @@ pub fn flow_spans(flow: &Flow, interval: &Interval, enrichment: &Enrichment) -> 
     let client_workload = client_side.as_ref().and_then(|m| m.workload_service_name());
     let server_workload = server_side.as_ref().and_then(|m| m.workload_service_name());
     vec![
-        resource_spans(&flow.client, false, client_workload, client),
-        resource_spans(&flow.server, true, server_workload, server),
+        resource_spans(&client, false, client_workload, client_span),
+        resource_spans(&flow.server, true, server_workload, server_span),
     ]
+}
+
+/// The client as users see it: as it sent, before any SNAT of a translated connection.
+fn shown_client(flow: &Flow) -> Side {
+    match &flow.translation {
+        Some(t)
+            if (flow.client.address, flow.client.port)
+                == (t.translated_client.address, t.translated_client.port) =>
+        {
+            Side {
+                address: t.client.address,
+                port: t.client.port,
+            }
+        }
+        _ => flow.client,
+    }
 }
 
 /// Low-cardinality span name in the style Mermin users know: `flow_ipv4_tcp`.
@@ -186,14 +225,19 @@ const TCP_FLAG_NAMES: [(u32, &str); 8] = [
     (0x80, "CWR"),
 ];
 
-fn flow_attributes(flow: &Flow, community_id: &str, interval: &Interval) -> Vec<KeyValue> {
+fn flow_attributes(
+    flow: &Flow,
+    client: &Side,
+    community_id: &str,
+    interval: &Interval,
+) -> Vec<KeyValue> {
     let protocol = protocol_name(flow.key.protocol.into());
     let mut attributes = vec![
         string("network.protocol", &protocol),
         string("network.transport", &protocol.to_lowercase()),
         string("network.type", network_type(flow)),
-        string("source.address", &flow.client.address.to_string()),
-        int("source.port", i64::from(flow.client.port)),
+        string("source.address", &client.address.to_string()),
+        int("source.port", i64::from(client.port)),
         string("destination.address", &flow.server.address.to_string()),
         int("destination.port", i64::from(flow.server.port)),
         string("flow.community_id", community_id),
@@ -201,6 +245,23 @@ fn flow_attributes(flow: &Flow, community_id: &str, interval: &Interval) -> Vec<
         string("flow.end_reason", end_reason_name(flow.end_reason)),
         int("flow.interval", saturating_i64(interval.index)),
     ];
+    if let Some(t) = &flow.translation {
+        attributes.push(string(
+            "flow.dialled.address",
+            &t.dialled.address.to_string(),
+        ));
+        attributes.push(int("flow.dialled.port", i64::from(t.dialled.port)));
+        if t.translates_client() {
+            attributes.push(string(
+                "flow.translated.source.address",
+                &t.translated_client.address.to_string(),
+            ));
+            attributes.push(int(
+                "flow.translated.source.port",
+                i64::from(t.translated_client.port),
+            ));
+        }
+    }
     let mut flags = 0;
     for (direction, measured) in [
         ("sent", &flow.client_to_server),
@@ -382,6 +443,7 @@ mod tests {
             start_unix_nanos: 1_000,
             end_unix_nanos: 9_500,
             end_reason: EndReason::TcpClose,
+            translation: None,
         }
     }
 
@@ -502,6 +564,78 @@ mod tests {
             span(&spans(&flow(), &other_connection)).trace_id,
             span(&first).trace_id
         );
+    }
+
+    #[test]
+    fn a_translated_connection_shows_the_client_as_it_sent_and_names_the_service_it_dialled() {
+        let mut index = MetadataIndex::new(&IndexSettings::default());
+        index.set_static_entries(
+            static_file::parse(
+                "m.hcl",
+                r#"
+endpoint "10.0.1.5" { pod = "web-7c9" namespace = "frontend" }
+endpoint "10.0.2.7" { pod = "api-0" namespace = "backend" service = "api-headless" }
+endpoint "10.96.0.10" { service = "api" namespace = "backend" }
+"#,
+            )
+            .unwrap(),
+        );
+        let endpoint = |address: &str, port| crate::connection_key::Endpoint {
+            address: address.parse().unwrap(),
+            port,
+        };
+        // 10.0.1.5:51000 dialled the Service 10.96.0.10:80, masqueraded to 10.0.9.1:61000.
+        let mut translated = flow();
+        translated.client = Side {
+            address: "10.0.9.1".parse().unwrap(),
+            port: 61000,
+        };
+        translated.translation = Some(crate::observation::Translation {
+            client: endpoint("10.0.1.5", 51000),
+            dialled: endpoint("10.96.0.10", 80),
+            translated_client: endpoint("10.0.9.1", 61000),
+            server: endpoint("10.0.2.7", 443),
+        });
+        let spans = flow_spans(
+            &translated,
+            &START,
+            &Enrichment {
+                index: &index,
+                naming: AttributeNaming::Seed,
+            },
+        );
+        let a = attributes(&spans[0].scope_spans[0].spans[0]);
+        assert_eq!(a["source.address"], text("10.0.1.5"));
+        assert_eq!(a["source.port"], Value::IntValue(51000));
+        assert_eq!(a["source.pod.name"], text("web-7c9"));
+        assert_eq!(a["destination.address"], text("10.0.2.7"));
+        assert_eq!(a["destination.pod.name"], text("api-0"));
+        assert_eq!(a["destination.service.name"], text("api"));
+        assert_eq!(a["flow.dialled.address"], text("10.96.0.10"));
+        assert_eq!(a["flow.dialled.port"], Value::IntValue(80));
+        assert_eq!(a["flow.translated.source.address"], text("10.0.9.1"));
+        assert_eq!(a["flow.translated.source.port"], Value::IntValue(61000));
+
+        // Without SNAT there is nothing translated to show of the client.
+        translated.client = Side {
+            address: "10.0.1.5".parse().unwrap(),
+            port: 51000,
+        };
+        if let Some(t) = translated.translation.as_mut() {
+            t.translated_client = t.client;
+        }
+        let spans = flow_spans(
+            &translated,
+            &START,
+            &Enrichment {
+                index: &index,
+                naming: AttributeNaming::Seed,
+            },
+        );
+        let a = attributes(&spans[0].scope_spans[0].spans[0]);
+        assert_eq!(a["source.address"], text("10.0.1.5"));
+        assert!(!a.contains_key("flow.translated.source.address"));
+        assert_eq!(a["destination.service.name"], text("api"));
     }
 
     #[test]

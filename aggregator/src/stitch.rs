@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     connection_key::{ConnectionKey, Endpoint, Orientation},
-    observation::{Counts, Hook, Observation, ObservationPoint, Point, Points},
+    observation::{Counts, Hook, Observation, ObservationPoint, Point, Points, Translation},
 };
 use smallvec::SmallVec;
 
@@ -138,6 +138,9 @@ pub struct Flow {
     pub end_unix_nanos: u64,
     /// The most final reason any point gave (`ActiveTimeout` if the connection goes on).
     pub end_reason: EndReason,
+    /// How a node translated the connection, if one did; `client` and `server` are then the
+    /// server's view of it.
+    pub translation: Option<Translation>,
 }
 
 /// What one point saw of one direction in the current interval.
@@ -159,9 +162,20 @@ pub struct Decisions {
     client: Option<(bool, ClientRule)>,
     forward_point: Option<Point>,
     reverse_point: Option<Point>,
+    /// The first translation a record reported (boxed: few connections have one).
+    translation: Option<Box<Translation>>,
 }
 
 impl Decisions {
+    /// Keeps the connection's translation; the first one reported stands.
+    pub fn note_translation(&mut self, translation: Option<&Translation>) {
+        if self.translation.is_none()
+            && let Some(t) = translation
+        {
+            self.translation = Some(Box::new(*t));
+        }
+    }
+
     /// Whether `point` counts the direction `orientation` of this connection.
     pub fn counts_at(&self, point: &ObservationPoint, orientation: Orientation) -> bool {
         self.chosen(orientation.into())
@@ -338,6 +352,7 @@ impl Connection {
             start_unix_nanos: self.start_unix_nanos,
             end_unix_nanos: self.end_unix_nanos,
             end_reason: self.end_reason,
+            translation: decisions.translation.as_deref().copied(),
         })
     }
 
