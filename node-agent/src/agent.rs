@@ -1,7 +1,7 @@
 //! Start-up and shutdown order of the agent's parts.
 //!
 //! Start: bind the metrics endpoint, check privileges and load the programs, install a flow
-//! table, start the collector, start the interface watcher (which attaches to what is present),
+//! table, subscribe to conntrack (in the node's namespace), start the collector, start the interface watcher (which attaches to what is present),
 //! report ready. Stop (SIGTERM/SIGINT, or a part failing): the watcher detaches every program,
 //! then the collector drains the tables one last time and flushes every flow, then we exit.
 
@@ -26,6 +26,7 @@ use crate::{
     metrics::{self, Metrics},
     netns::NetnsError,
     sink::{JsonLines, RecordSink, SinkError},
+    translations::Translations,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +61,20 @@ impl AgentError {
 
 /// How long a stopping agent waits for the aggregator to acknowledge its last batches.
 const SHUTDOWN_ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long a translation is kept after the last record that used it: a flow's records are at
+/// most the longest timeout (plus a scan) apart, and late packets of a finished flow come within
+/// the close timeout.
+fn translation_retention(config: &Config) -> std::time::Duration {
+    let longest = config
+        .timeouts
+        .named()
+        .into_iter()
+        .map(|(_, timeout)| timeout)
+        .max()
+        .unwrap_or_default();
+    longest + config.timeouts.tcp_close + 2 * config.scan_interval
+}
 
 pub fn run(config: Config) -> Result<(), AgentError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -104,6 +119,21 @@ async fn run_async(config: Config) -> Result<(), AgentError> {
         }
     };
     let names = InterfaceNames::default();
+    let translations = match Translations::open(
+        config.netns.as_deref(),
+        translation_retention(&config),
+        metrics.clone(),
+        WallClock::kernel_now(),
+    ) {
+        Ok(translations) => Some(translations),
+        Err(err) => {
+            tracing::warn!(
+                %err,
+                "address translations unknown: a connection through a Service (DNAT) or a masquerade (SNAT) is reported as the views before and after it"
+            );
+            None
+        }
+    };
 
     let stop_collector = Arc::new(AtomicBool::new(false));
     let (collector_done_tx, collector_done) = oneshot::channel();
@@ -117,6 +147,7 @@ async fn run_async(config: Config) -> Result<(), AgentError> {
             node_name: config.node_name.clone(),
             names: names.clone(),
         },
+        translations,
         metrics: metrics.clone(),
         scan_interval: config.scan_interval,
         clock: WallClock::measure(),

@@ -1,6 +1,7 @@
 //! The collector loop: every scan interval it swaps the kernel flow tables, feeds what the retired
 //! table counted (and any overflow packets) to the [`FlowTracker`], turns due reports into
-//! [`FlowRecord`]s and hands them to the sink. It owns the tracker; nothing else touches it.
+//! [`FlowRecord`]s (with their connections' address translations, read from conntrack just
+//! before) and hands them to the sink. It owns the tracker; nothing else touches it.
 //!
 //! On stop (after the watcher has detached the programs) it drains both tables and the overflow
 //! ring one last time and reports every flow it still holds with `AGENT_SHUTDOWN`.
@@ -14,7 +15,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use mermin_protocol::flow::v1::{Direction, EndReason, FlowRecord};
+use mermin_protocol::flow::v1::{Direction, EndReason, FlowRecord, Translation};
 use node_common::{FlowKey, FlowStats, direction};
 
 use crate::{
@@ -24,6 +25,7 @@ use crate::{
     interfaces::{InterfaceNames, wait_readable},
     metrics::Metrics,
     sink::RecordSink,
+    translations::Translations,
 };
 
 pub struct Collector {
@@ -33,6 +35,8 @@ pub struct Collector {
     pub tracker: FlowTracker,
     pub sink: Box<dyn RecordSink>,
     pub records: RecordBuilder,
+    /// `None` where conntrack cannot be read (records then carry no translation).
+    pub translations: Option<Translations>,
     pub metrics: Arc<Metrics>,
     pub scan_interval: Duration,
     pub clock: WallClock,
@@ -100,9 +104,19 @@ impl Collector {
             return;
         }
         self.clock.follow_steps();
+        let now = WallClock::kernel_now();
+        if let Some(translations) = &mut self.translations {
+            translations.update(now);
+        }
         let records: Vec<FlowRecord> = reports
             .iter()
-            .map(|r| self.records.build(r, &self.clock))
+            .map(|r| {
+                let translation = self
+                    .translations
+                    .as_mut()
+                    .and_then(|t| t.lookup(&r.key, now));
+                self.records.build(r, &self.clock, translation)
+            })
             .collect();
         let count = records.len();
         match self.sink.send(records) {
@@ -128,7 +142,12 @@ pub struct RecordBuilder {
 }
 
 impl RecordBuilder {
-    pub fn build(&self, report: &Report, clock: &WallClock) -> FlowRecord {
+    pub fn build(
+        &self,
+        report: &Report,
+        clock: &WallClock,
+        translation: Option<Translation>,
+    ) -> FlowRecord {
         let key = &report.key;
         let address_len = if key.ip_version == 4 { 4 } else { 16 };
         FlowRecord {
@@ -156,6 +175,7 @@ impl RecordBuilder {
             first_tcp_flags: report.first_tcp_flags,
             end_reason: end_reason(report.reason) as i32,
             record_sequence: report.sequence,
+            translation,
         }
     }
 }
@@ -203,7 +223,7 @@ mod tests {
             node_name: "node-a".into(),
             names: InterfaceNames::default(),
         };
-        let record = builder.build(&report, &WallClock::with_offset(1_000_000));
+        let record = builder.build(&report, &WallClock::with_offset(1_000_000), None);
         assert_eq!(record.source_address, [192, 0, 2, 1]);
         assert_eq!(record.destination_address, [192, 0, 2, 2]);
         assert_eq!(record.direction, Direction::Ingress as i32);

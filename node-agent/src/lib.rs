@@ -4,8 +4,9 @@
 //!
 //! Pipeline, one module per stage:
 //! `config` → `capture` (load, attach, flow-table swap) → `collector` (scan loop) → `flows`
-//! (tracking, eviction) → `sink` (JSON lines) or `grpc_sink` (the aggregator stream). `interfaces` follows interfaces as they come and
-//! go; `clock` converts kernel time; `metrics` serves /metrics, /livez, /readyz; `agent` wires the
+//! (tracking, eviction) → `sink` (JSON lines) or `grpc_sink` (the aggregator stream).
+//! `interfaces` follows interfaces as they come and go; `translations` learns the node's
+//! address translations from conntrack; `clock` converts kernel time; `metrics` serves /metrics, /livez, /readyz; `agent` wires the
 //! parts together in start-up and shutdown order.
 
 pub mod agent;
@@ -19,3 +20,4 @@ pub mod interfaces;
 pub mod metrics;
 pub mod netns;
 pub mod sink;
+pub mod translations;

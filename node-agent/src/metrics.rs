@@ -42,6 +42,9 @@ pub struct Metrics {
     pub sink_backpressure: Counter,
     pub sink_reconnects: Counter,
     pub sink_batches_lost: Counter,
+    pub translations_known: Gauge,
+    pub translations_dropped: Family<ReasonLabel, Counter>,
+    pub conntrack_resyncs: Counter,
     kernel_totals: [AtomicU64; KernelCounter::COUNT as usize],
     last_scan_ns: AtomicU64,
     ready: AtomicBool,
@@ -136,6 +139,24 @@ impl Metrics {
             "Aggregator streams that failed and were reopened",
             sink_reconnects.clone(),
         );
+        let translations_known = Gauge::default();
+        registry.register(
+            "translations_known",
+            "Address translations (DNAT, SNAT) of the node's connections the agent knows from conntrack",
+            translations_known.clone(),
+        );
+        let translations_dropped = Family::default();
+        registry.register(
+            "translations_dropped",
+            "Address translations the agent could not keep, by reason (their connections' records go out without one)",
+            translations_dropped.clone(),
+        );
+        let conntrack_resyncs = Counter::default();
+        registry.register(
+            "conntrack_resyncs",
+            "Times conntrack events were lost (socket buffer full) and the table was dumped again",
+            conntrack_resyncs.clone(),
+        );
         Self {
             registry,
             records_emitted,
@@ -153,6 +174,9 @@ impl Metrics {
             sink_backpressure,
             sink_reconnects,
             sink_batches_lost,
+            translations_known,
+            translations_dropped,
+            conntrack_resyncs,
             kernel_totals: Default::default(),
             last_scan_ns: AtomicU64::new(WallClock::kernel_now()),
             ready: AtomicBool::new(false),

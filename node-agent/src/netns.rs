@@ -39,3 +39,19 @@ pub fn enter(path: &Path) -> Result<(), NetnsError> {
     }
     Ok(())
 }
+
+/// Runs `f` on a thread of its own inside the network namespace at `path` (the caller's own
+/// namespace for `None`): sockets it opens stay in that namespace when used from any thread.
+pub fn within<T: Send>(path: Option<&Path>, f: impl FnOnce() -> T + Send) -> Result<T, NetnsError> {
+    std::thread::scope(|scope| {
+        let entered = scope.spawn(|| {
+            if let Some(path) = path {
+                enter(path)?;
+            }
+            Ok(f())
+        });
+        entered
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
