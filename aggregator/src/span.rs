@@ -15,7 +15,7 @@
 //!
 //! **Translated connections** (a Service's DNAT, a NodePort, a masquerade): the destination is
 //! the endpoint that served the connection and the source the client as it sent; the address it
-//! dialled is `flow.dialled.address` / `flow.dialled.port`, and where that is a Service the index
+//! dialled, where it is not the endpoint, is `flow.dialled.address` / `flow.dialled.port`, and where that is a Service the index
 //! knows (from Kubernetes or the static file), its name is `destination.service.name` (and its
 //! namespace `destination.namespace` if the endpoint itself is unknown). A client translated by
 //! SNAT shows as the server saw it in `flow.translated.source.address` / `.port`.
@@ -105,7 +105,7 @@ pub fn flow_spans(flow: &Flow, interval: &Interval, enrichment: &Enrichment) -> 
     };
     let client_side = lookup(&client);
     let mut server_side = lookup(&flow.server);
-    if let Some(t) = &flow.translation
+    if let Some(t) = flow.translation.filter(|t| t.dialled != t.server)
         && let Some(service) = enrichment
             .index
             .lookup(t.dialled.address, t.dialled.port, flow.start_unix_nanos)
@@ -246,11 +246,13 @@ fn flow_attributes(
         int("flow.interval", saturating_i64(interval.index)),
     ];
     if let Some(t) = &flow.translation {
-        attributes.push(string(
-            "flow.dialled.address",
-            &t.dialled.address.to_string(),
-        ));
-        attributes.push(int("flow.dialled.port", i64::from(t.dialled.port)));
+        if t.dialled != t.server {
+            attributes.push(string(
+                "flow.dialled.address",
+                &t.dialled.address.to_string(),
+            ));
+            attributes.push(int("flow.dialled.port", i64::from(t.dialled.port)));
+        }
         if t.translates_client() {
             attributes.push(string(
                 "flow.translated.source.address",

@@ -10,21 +10,17 @@ mod support;
 use std::{
     collections::{HashMap, HashSet},
     net::UdpSocket,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use mermin_aggregator::{
-    export::ExportConfig,
-    pipeline::{Aggregator, AggregatorConfig, MetadataConfig},
-};
 use opentelemetry_proto::tonic::{
     common::v1::any_value::Value,
     trace::v1::{Span, span::SpanKind},
 };
 use support::{
-    aggregator::left_to_export,
     cluster::cluster,
-    otlp::{Receiver, int, serve, text},
+    otlp::{int, text},
+    system::System,
     *,
 };
 
@@ -49,47 +45,10 @@ fn is_text(span: &Span, key: &str, expected: &str) -> bool {
 
 #[test]
 fn every_connection_becomes_one_exact_span() {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let receiver = Receiver::default();
-    let data = tempfile::tempdir().unwrap();
-    let otlp = serve(&receiver, &runtime);
-    let endpoints = data.path().join("endpoints.hcl");
-    std::fs::write(&endpoints, ENDPOINTS).unwrap();
-    let aggregator = runtime.block_on(async {
-        Aggregator::start(AggregatorConfig {
-            settle: Duration::from_secs(1),
-            grace: Duration::from_secs(10),
-            metadata: MetadataConfig {
-                static_file: Some(endpoints),
-                ..MetadataConfig::default()
-            },
-            ..AggregatorConfig::loopback(
-                data.path().to_owned(),
-                ExportConfig::new(format!("http://{otlp}")),
-            )
-        })
-        .await
-        .unwrap()
-    });
-    let endpoint = format!("http://{}", aggregator.local_addr);
-
+    let system = System::start(ENDPOINTS);
     let c = cluster();
-    let agent_args = |node: &str| {
-        vec![
-            "--aggregator".to_owned(),
-            endpoint.clone(),
-            "--node-name".to_owned(),
-            node.to_owned(),
-            "--tcp-close-timeout".to_owned(),
-            "1s".to_owned(),
-            "--udp-idle-timeout".to_owned(),
-            "1s".to_owned(),
-            "--icmp-idle-timeout".to_owned(),
-            "1s".to_owned(),
-        ]
-    };
-    let args_a = agent_args("node-a");
-    let args_b = agent_args("node-b");
+    let args_a = system.agent_args("node-a");
+    let args_b = system.agent_args("node-b");
     let agent_a = Agent::start(
         &c.node_a,
         "veth*,eth0",
@@ -147,31 +106,15 @@ fn every_connection_becomes_one_exact_span() {
         &reuse_sizes,
     );
 
-    // Seven connections: wait (bounded) until each has its CLIENT span.
-    let clients = |spans: &[(String, Span)]| -> Vec<Span> {
-        spans
-            .iter()
-            .filter(|(_, s)| s.kind == SpanKind::Client as i32)
-            .map(|(_, s)| s.clone())
-            .collect()
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while clients(&receiver.spans_with_service()).len() < 7 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    // Nothing more may arrive (no duplicates): once the agents and the aggregator have stopped
-    // (each emitting what it held), nothing is left to export.
-    agent_a.stop();
-    agent_b.stop();
-    runtime.block_on(aggregator.shutdown());
-    assert_eq!(
-        left_to_export(data.path()),
-        0,
-        "spans still queued after the stop"
-    );
-
-    let all = receiver.spans_with_service();
-    let spans = clients(&all);
+    // Seven connections: wait (bounded) until each has its CLIENT span. Nothing more may
+    // arrive (no duplicates): `stop` checks that nothing is left to export.
+    system.wait_for_clients(7, Duration::from_secs(20));
+    let all = system.stop(vec![agent_a, agent_b]);
+    let spans: Vec<Span> = all
+        .iter()
+        .filter(|(_, s)| s.kind == SpanKind::Client as i32)
+        .map(|(_, s)| s.clone())
+        .collect();
     assert_eq!(spans.len(), 7, "one CLIENT span per connection: {spans:#?}");
     let (mut reuse, spans): (Vec<Span>, Vec<Span>) = spans
         .into_iter()

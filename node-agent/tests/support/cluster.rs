@@ -1,7 +1,7 @@
 //! A two-node cluster of network namespaces, for the tests and benches that need traffic
 //! between pods on different nodes.
 
-use super::{LinkOptions, Netns, link};
+use super::{LinkOptions, Netns, link, point_to_point};
 
 /// node-a: pod a1 (10.90.1.2), pod a2 (10.90.1.3); node-b: pod b1 (10.90.2.2). The nodes are
 /// joined by an "uplink" veth (10.90.0.1 ↔ 10.90.0.2) and route pod subnets across it.
@@ -24,13 +24,10 @@ pub fn cluster() -> Cluster {
     for node in [&c.node_a, &c.node_b] {
         node.sysctl("net.ipv4.ip_forward", "1");
     }
-    let (ua, ub) = link(&c.node_a, "eth0", &c.node_b, "eth0", LinkOptions::default());
-    ua.addr("10.90.0.1/30");
-    ub.addr("10.90.0.2/30");
-    ua.neighbour("10.90.0.2", &ub.mac);
-    ub.neighbour("10.90.0.1", &ua.mac);
-    ua.up();
-    ub.up();
+    point_to_point(
+        (&c.node_a, "eth0", "10.90.0.1/30"),
+        (&c.node_b, "eth0", "10.90.0.2/30"),
+    );
     let pod = |node: &Netns, host_if: &str, pod_ns: &Netns, pod_ip: &str, gateway: &str| {
         let (h, p) = link(node, host_if, pod_ns, "eth0", LinkOptions::default());
         h.addr(&format!("{gateway}/32"));

@@ -7,6 +7,7 @@ pub mod aggregator;
 pub mod cluster;
 pub mod frames;
 pub mod otlp;
+pub mod system;
 
 use std::{
     fs,
@@ -208,6 +209,22 @@ fn prepare<'a>(ns: &'a Netns, name: &str, options: LinkOptions) -> End<'a> {
         name: name.to_owned(),
         mac: mac.trim().to_owned(),
     }
+}
+
+/// A veth pair between `a` and `b` with an address on each end (`a_cidr`, `b_cidr`), permanent
+/// neighbour entries for each other, and both ends up.
+pub fn point_to_point(
+    (a, a_name, a_cidr): (&Netns, &str, &str),
+    (b, b_name, b_cidr): (&Netns, &str, &str),
+) {
+    let (end_a, end_b) = link(a, a_name, b, b_name, LinkOptions::default());
+    end_a.addr(a_cidr);
+    end_b.addr(b_cidr);
+    let host = |cidr: &str| cidr.split('/').next().unwrap_or(cidr).to_owned();
+    end_a.neighbour(&host(b_cidr), &end_b.mac);
+    end_b.neighbour(&host(a_cidr), &end_a.mac);
+    end_a.up();
+    end_b.up();
 }
 
 impl End<'_> {
@@ -601,15 +618,7 @@ pub fn tcp_reused_tuple(
                 let (mut conn, _) = listener.accept().unwrap();
                 conn.set_read_timeout(Some(Duration::from_secs(30)))
                     .unwrap();
-                conn.read_exact(&mut vec![0u8; upload]).unwrap();
-                conn.write_all(&vec![7u8; download]).unwrap();
-                conn.shutdown(std::net::Shutdown::Write).unwrap();
-                let mut rest = Vec::new();
-                conn.read_to_end(&mut rest).unwrap();
-                assert!(rest.is_empty());
-                let mut side = tcp_side(&conn);
-                side.segments += 1; // the SYN-ACK, see `tcp_conversation`
-                closed_tx.send(side).unwrap();
+                closed_tx.send(serve(&mut conn, upload, download)).unwrap();
             }
         }
     });
@@ -645,6 +654,118 @@ pub fn tcp_reused_tuple(
     let exchanges = client_thread.join().unwrap();
     server_thread.join().unwrap();
     exchanges
+}
+
+/// The server's part of an exchange on an accepted connection: read `upload` bytes, answer
+/// `download`, close, wait for the client's close; the server side's TCP_INFO.
+fn serve(conn: &mut TcpStream, upload: usize, download: usize) -> TcpSide {
+    conn.read_exact(&mut vec![0u8; upload]).unwrap();
+    conn.write_all(&vec![7u8; download]).unwrap();
+    conn.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    conn.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    let mut side = tcp_side(conn);
+    side.segments += 1; // the SYN-ACK, see `tcp_conversation`
+    side
+}
+
+/// One client of [`tcp_exchanges`]: from a namespace (and a fixed address, if given) to the
+/// address it dials, which may be translated on the way.
+pub struct Dial<'a> {
+    pub from: &'a Netns,
+    pub bind: Option<SocketAddr>,
+    pub to: SocketAddr,
+    /// At least 8 bytes (the first 8 tell the server the sizes); distinct among the dials.
+    pub upload: usize,
+    pub download: usize,
+}
+
+/// One connection of [`tcp_exchanges`].
+pub struct Served {
+    pub exchange: TcpExchange,
+    /// The client as the server saw it (after any SNAT).
+    pub peer: SocketAddr,
+}
+
+/// Concurrent TCP exchanges of every dial with one server listening on `listen`: each client
+/// sends its upload, the server answers its download and closes, then the client closes; each
+/// side's TCP_INFO is read after its last segment. Results in the order of `dials`.
+pub fn tcp_exchanges(server_ns: &Netns, listen: SocketAddr, dials: &[Dial]) -> Vec<Served> {
+    let count = dials.len();
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    let server_thread = server_ns.spawn(move || {
+        let listener = TcpListener::bind(listen).unwrap();
+        bound_tx.send(()).unwrap();
+        let handlers: Vec<_> = (0..count)
+            .map(|_| {
+                let (mut conn, peer) = listener.accept().unwrap();
+                thread::spawn(move || {
+                    conn.set_read_timeout(Some(Duration::from_secs(30)))
+                        .unwrap();
+                    let mut sizes = [0u8; 8];
+                    conn.read_exact(&mut sizes).unwrap();
+                    let upload = u32::from_le_bytes(sizes[..4].try_into().unwrap()) as usize;
+                    let download = u32::from_le_bytes(sizes[4..].try_into().unwrap()) as usize;
+                    (upload, peer, serve(&mut conn, upload - 8, download))
+                })
+            })
+            .collect();
+        handlers
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    bound_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let clients: Vec<_> = dials
+        .iter()
+        .map(|dial| {
+            let (bind, to, upload, download) = (dial.bind, dial.to, dial.upload, dial.download);
+            assert!(upload >= 8);
+            dial.from.spawn(move || {
+                let mut conn = match bind {
+                    Some(bind) => connect_from(bind, to),
+                    None => TcpStream::connect_timeout(&to, Duration::from_secs(5)).unwrap(),
+                };
+                conn.set_read_timeout(Some(Duration::from_secs(30)))
+                    .unwrap();
+                let mut message = vec![1u8; upload];
+                message[..4].copy_from_slice(&(upload as u32).to_le_bytes());
+                message[4..8].copy_from_slice(&(download as u32).to_le_bytes());
+                conn.write_all(&message).unwrap();
+                // The whole answer first: the server then waits for this FIN only after it
+                // sent everything (its TCP_INFO is final).
+                let mut answer = Vec::new();
+                conn.read_to_end(&mut answer).unwrap();
+                assert_eq!(answer.len(), download);
+                conn.shutdown(std::net::Shutdown::Write).unwrap();
+                conn
+            })
+        })
+        .collect();
+    let clients: Vec<TcpStream> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let served = server_thread.join().unwrap();
+    // Every server got its client's FIN: the clients' TCP_INFO is final too.
+    dials
+        .iter()
+        .zip(clients)
+        .map(|(dial, conn)| {
+            let (client, client_side) = (conn.local_addr().unwrap(), tcp_side(&conn));
+            let (_, peer, server_side) = served
+                .iter()
+                .find(|(upload, _, _)| *upload == dial.upload)
+                .copied()
+                .unwrap();
+            Served {
+                exchange: TcpExchange {
+                    client,
+                    client_side,
+                    server_side,
+                },
+                peer,
+            }
+        })
+        .collect()
 }
 
 /// Connects from the fixed address `client`, waiting (bounded) while the previous connection
