@@ -4,7 +4,12 @@
 //! **When.** The first record of an interval starts its settle timer; when it expires the interval
 //! is stitched and emitted, so records of the same moment from the other observation points
 //! (other nodes report on their own scan schedules) land in the same span. An interval that
-//! contains a final record (close, idle, pressure, shutdown) ends the connection.
+//! contains a final record (close, idle, pressure, shutdown) ends the connection. It is emitted
+//! at once, without waiting for the settle timer, when it is complete: every point that saw it
+//! sent its final record, and the nodes its ends live on ([`EndNodes`]: for at least one end a
+//! node is known) are among those points' nodes. An end whose node is unknown is taken to be
+//! outside the cluster (no agent will report it); the settle time stays the upper bound for
+//! everything else.
 //!
 //! **Persistence.** The table records which connections changed ([`FlowTable::take_changes`]);
 //! the pipeline writes those, serialized, in the same store transaction as the spans they
@@ -48,6 +53,28 @@ const TCP_REUSE_GAP_NANOS: u64 = 10_000_000;
 /// The same for other protocols, which have no SYN: an agent starts a new flow on their key only
 /// after its idle timeout (seconds), so the gap can be long.
 const REUSE_GAP_NANOS: u64 = 1_000_000_000;
+
+/// Where the ends of connections live, for emitting complete intervals at once (see the module
+/// docs): implemented over the metadata index by the shards.
+pub trait EndNodes {
+    /// Whether at least one end of `key` has a known node at `at_unix_nanos`, and every known
+    /// end's node is among `reporting`.
+    fn all_reported(
+        &self,
+        key: &ConnectionKey,
+        at_unix_nanos: u64,
+        reporting: &mut dyn Iterator<Item = &str>,
+    ) -> bool;
+}
+
+/// Knows no end's node: every interval waits for its settle time.
+pub struct NoEndNodes;
+
+impl EndNodes for NoEndNodes {
+    fn all_reported(&self, _: &ConnectionKey, _: u64, _: &mut dyn Iterator<Item = &str>) -> bool {
+        false
+    }
+}
 
 /// Where an interval sits in its connection's life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,11 +136,16 @@ impl Tracked {
         }
     }
 
-    /// Moves every pending interval of the chain to `latest` if it is due later (after a restore).
-    fn due_no_later_than(&mut self, latest: u64) {
+    /// Makes the current interval due no later than `latest`.
+    fn due_no_later_than_this(&mut self, latest: u64) {
         if let Some(due) = &mut self.due_unix_nanos {
             *due = (*due).min(latest);
         }
+    }
+
+    /// Moves every pending interval of the chain to `latest` if it is due later (after a restore).
+    fn due_no_later_than(&mut self, latest: u64) {
+        self.due_no_later_than_this(latest);
         if let Some(previous) = &mut self.previous {
             previous.due_no_later_than(latest);
         }
@@ -249,6 +281,7 @@ pub struct FlowTable {
     grace_ns: u64,
     late_ignored: u64,
     reused_keys: u64,
+    complete_early: u64,
 }
 
 impl FlowTable {
@@ -262,6 +295,7 @@ impl FlowTable {
             grace_ns: grace.as_nanos() as u64,
             late_ignored: 0,
             reused_keys: 0,
+            complete_early: 0,
         }
     }
 
@@ -284,7 +318,19 @@ impl FlowTable {
         self.reused_keys
     }
 
+    /// Final intervals made due before their settle time because they were complete.
+    pub fn complete_early(&self) -> u64 {
+        self.complete_early
+    }
+
+    /// Adds `observation`; its interval waits for the settle time.
     pub fn apply(&mut self, observation: &Observation, now: u64) {
+        self.apply_knowing(observation, now, &NoEndNodes);
+    }
+
+    /// Adds `observation`; its interval is due at once if that makes it complete (see the
+    /// module docs).
+    pub fn apply_knowing(&mut self, observation: &Observation, now: u64, ends: &dyn EndNodes) {
         let tracked = self
             .open
             .entry(observation.key)
@@ -301,6 +347,17 @@ impl FlowTable {
             &self.kinds,
             now + self.settle_ns,
         ) {
+            if observation.end_reason != EndReason::ActiveTimeout
+                && owner.connection.is_final_everywhere()
+                && ends.all_reported(
+                    &observation.key,
+                    observation.flow_start_unix_nanos,
+                    &mut owner.connection.reporting_nodes(),
+                )
+            {
+                owner.due_no_later_than_this(now);
+                self.complete_early += 1;
+            }
             self.dirty.insert(observation.key);
         } else {
             self.late_ignored += 1;
@@ -372,6 +429,7 @@ impl FlowTable {
                 grace_ns: self.grace_ns,
                 late_ignored: 0,
                 reused_keys: 0,
+                complete_early: 0,
             })
             .collect();
         for (key, mut tracked) in self.open {
@@ -495,6 +553,94 @@ mod tests {
         assert_eq!(flow.server_to_client.as_ref().unwrap().counts.packets, 4);
         assert_eq!(out[0].interval.index, 0);
         assert_eq!(out[0].interval.connection_start_unix_nanos, 10 * S);
+    }
+
+    /// 10.0.0.1 lives on node "a", 10.0.0.2 on `server_node` (if known).
+    struct Ends {
+        server_node: Option<&'static str>,
+    }
+
+    impl EndNodes for Ends {
+        fn all_reported(
+            &self,
+            key: &ConnectionKey,
+            _: u64,
+            reporting: &mut dyn Iterator<Item = &str>,
+        ) -> bool {
+            let node = |address: std::net::IpAddr| match address.to_string().as_str() {
+                "10.0.0.1" => Some("a"),
+                _ => self.server_node,
+            };
+            let reporting: Vec<&str> = reporting.collect();
+            [node(key.first.address), node(key.second.address)]
+                .iter()
+                .flatten()
+                .all(|n| reporting.contains(n))
+        }
+    }
+
+    #[test]
+    fn a_final_interval_is_due_at_once_when_every_point_and_both_ends_have_reported() {
+        let mut t = table();
+        let mut out = Vec::new();
+        let ends = Ends {
+            server_node: Some("b"),
+        };
+        // Node a's two points are final, node b has not reported: wait.
+        t.apply_knowing(
+            &observation("a", "veth1", true, 5, EndReason::TcpClose),
+            100 * S,
+            &ends,
+        );
+        t.apply_knowing(
+            &observation("a", "eth0", false, 4, EndReason::TcpClose),
+            100 * S,
+            &ends,
+        );
+        t.emit_due(100 * S, &mut out);
+        assert!(out.is_empty(), "node b has not reported");
+        // Node b: one point still active, then final.
+        t.apply_knowing(
+            &observation("b", "eth0", false, 4, EndReason::ActiveTimeout),
+            100 * S + 1,
+            &ends,
+        );
+        t.emit_due(100 * S + 1, &mut out);
+        assert!(out.is_empty(), "a point of node b is not final");
+        t.apply_knowing(
+            &observation("b", "eth0", false, 0, EndReason::TcpClose),
+            100 * S + 2,
+            &ends,
+        );
+        t.emit_due(100 * S + 2, &mut out);
+        assert_eq!(out.len(), 1, "complete: emitted without the settle time");
+        assert_eq!(t.complete_early(), 1);
+        let flow = &out[0].flow;
+        assert_eq!(flow.client_to_server.as_ref().unwrap().counts.packets, 5);
+        assert_eq!(flow.points.len(), 3);
+
+        // The server's node unknown: taken to be outside, node a's finals complete it.
+        let mut t = table();
+        out.clear();
+        t.apply_knowing(
+            &observation("a", "eth0", true, 5, EndReason::TcpClose),
+            100 * S,
+            &Ends { server_node: None },
+        );
+        t.emit_due(100 * S, &mut out);
+        assert_eq!(out.len(), 1);
+        // Without end nodes: the settle time.
+        let mut t = table();
+        out.clear();
+        t.apply_knowing(
+            &observation("a", "eth0", true, 5, EndReason::TcpClose),
+            100 * S,
+            &NoEndNodes,
+        );
+        t.emit_due(102 * S, &mut out);
+        assert!(out.is_empty());
+        t.emit_due(103 * S, &mut out);
+        assert_eq!(out.len(), 1);
     }
 
     #[test]

@@ -53,6 +53,7 @@ pub struct Metrics {
     pub batches_read_back: Counter,
     pub late_records_ignored: Counter,
     pub reused_tuples: Counter,
+    pub intervals_complete_early: Counter,
     pub checkpoint_failures: Counter,
     pub store_write_failures: Family<ReasonLabel, Counter>,
     pub records_lost: Family<ReasonLabel, Counter>,
@@ -187,6 +188,12 @@ impl Metrics {
             "Connections that began on the 5-tuple of an earlier, ended connection (each its own trace)",
             reused_tuples.clone(),
         );
+        let intervals_complete_early = Counter::default();
+        registry.register(
+            "intervals_complete_early",
+            "Final intervals emitted before the settle time because every point that saw them, including both ends' nodes, had reported",
+            intervals_complete_early.clone(),
+        );
         let late_records_ignored = Counter::default();
         registry.register(
             "late_records_ignored",
@@ -258,6 +265,7 @@ impl Metrics {
             batches_read_back,
             late_records_ignored,
             reused_tuples,
+            intervals_complete_early,
         }
     }
 

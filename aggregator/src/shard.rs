@@ -32,10 +32,11 @@ use prost::Message as _;
 use crate::{
     actors::ActorRuntime,
     clock::unix_now,
+    connection_key::ConnectionKey,
     export::{OutboxChanged, outbox_entry},
-    flow_table::{Emitted, FlowTable},
+    flow_table::{Emitted, EndNodes, FlowTable},
     ingest::{AppliedBatch, BatchSink, SinkClosed},
-    metadata::{AttributeNaming, SharedIndex},
+    metadata::{AttributeNaming, MetadataIndex, SharedIndex},
     metrics::{Metrics, ShardLabel},
     observation::Observation,
     observe::{ObserveHub, observed},
@@ -47,6 +48,7 @@ use actix::{
     WrapFuture, fut::LocalBoxActorFuture,
 };
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use smallvec::SmallVec;
 
 pub use crate::placement::{SHARDS, ShardId, shard_of};
 
@@ -85,6 +87,29 @@ pub struct ShardContext {
     /// What spans are enriched with.
     pub metadata: SharedIndex,
     pub naming: AttributeNaming,
+}
+
+/// The nodes the metadata index places a connection's ends on, as of the flow's start.
+struct IndexedEnds<'a>(&'a MetadataIndex);
+
+impl EndNodes for IndexedEnds<'_> {
+    fn all_reported(
+        &self,
+        key: &ConnectionKey,
+        at_unix_nanos: u64,
+        reporting: &mut dyn Iterator<Item = &str>,
+    ) -> bool {
+        let nodes = [key.first, key.second].map(|end| {
+            self.0
+                .lookup(end.address, end.port, at_unix_nanos)
+                .and_then(|m| m.node_name)
+        });
+        if nodes.iter().all(Option::is_none) {
+            return false;
+        }
+        let reporting: SmallVec<[&str; 8]> = reporting.collect();
+        nodes.iter().flatten().all(|node| reporting.contains(node))
+    }
 }
 
 /// The actor owning one shard's flow table.
@@ -149,13 +174,25 @@ impl Handler<Apply> for FlowShard {
             return;
         }
         let now = unix_now();
-        let (late_before, reused_before) = (self.table.late_ignored(), self.table.reused_keys());
+        let (late_before, reused_before, early_before) = (
+            self.table.late_ignored(),
+            self.table.reused_keys(),
+            self.table.complete_early(),
+        );
         for missing in applied + 1..batch.sequence {
             self.apply_from_log(&batch.boot_id, missing, now);
         }
-        for observation in &batch.observations {
-            self.table.apply(observation, now);
+        {
+            let index = self.context.metadata.read();
+            let ends = IndexedEnds(&index);
+            for observation in &batch.observations {
+                self.table.apply_knowing(observation, now, &ends);
+            }
         }
+        self.context
+            .metrics
+            .intervals_complete_early
+            .inc_by(self.table.complete_early() - early_before);
         self.context
             .metrics
             .late_records_ignored

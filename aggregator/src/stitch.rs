@@ -211,6 +211,8 @@ pub struct Connection {
     counted: SmallVec<[Seen; 2]>,
     /// Every point that saw the connection in this interval.
     points: SmallVec<[Point; 4]>,
+    /// Bit `i`: `points[i]` sent a final record in this interval (the first eight points).
+    finals: u8,
     start_unix_nanos: u64,
     end_unix_nanos: u64,
     #[serde(with = "crate::observation::end_reason_number")]
@@ -238,6 +240,17 @@ impl Connection {
         self.points.is_empty()
     }
 
+    /// Whether every point that saw the connection in this interval has sent its final record.
+    pub fn is_final_everywhere(&self) -> bool {
+        let seen = self.points.len();
+        seen > 0 && seen <= 8 && u32::from(self.finals) == (1u32 << seen) - 1
+    }
+
+    /// The nodes whose points saw the connection in this interval (with repeats).
+    pub fn reporting_nodes(&self) -> impl Iterator<Item = &str> {
+        self.points.iter().map(|p| p.node.as_str())
+    }
+
     /// Adds an observation of this connection seen at `point` (the interned copy of the
     /// observation's point), keeping what `decisions` and the points' ranks may still count.
     pub fn add(
@@ -257,8 +270,15 @@ impl Connection {
             self.end_unix_nanos = self.end_unix_nanos.max(counts.last_seen_unix_nanos);
             self.end_reason = more_final(self.end_reason, observation.end_reason);
         }
-        if !self.points.iter().any(|p| same(p, &point)) {
-            self.points.push(point.clone());
+        let index = match self.points.iter().position(|p| same(p, &point)) {
+            Some(index) => index,
+            None => {
+                self.points.push(point.clone());
+                self.points.len() - 1
+            }
+        };
+        if observation.end_reason != EndReason::ActiveTimeout && index < 8 {
+            self.finals |= 1 << index;
         }
         let orientation = OrientationKey::from(observation.orientation);
         let rank = match decisions.chosen(orientation) {

@@ -5,8 +5,12 @@
 //! - `throughput`: TCP bulk and small-UDP packet rates over a veth pair, without and with the
 //!   agent attached, alternating runs.
 //! - `agent-load`: the agent's CPU and memory while it evicts 10k new flows per second.
+//! - `connections`: short TCP connections between pods on two nodes at fixed rates: spans made,
+//!   CPU per connection of each process, peak RSS.
+//! - `latency`: with default settings, from a cleanly closed connection's last packet to its
+//!   span's acceptance by the OTLP endpoint.
 //!
-//! Run as root: `cargo bench -p mermin-node-agent --bench capture -- [per-packet|throughput|agent-load]`.
+//! Run as root: `cargo bench -p mermin-node-agent --bench capture -- [per-packet|throughput|agent-load|connections|latency]`.
 //! Every loop is bounded in time; every namespace is removed on exit.
 
 #[path = "../tests/support/mod.rs"]
@@ -49,6 +53,108 @@ fn main() {
     if wants("connections") {
         connections();
     }
+    if wants("latency") {
+        latency();
+    }
+}
+
+/// Connections closed with a FIN exchange, one every 50 ms, with every setting at its default
+/// (agent scan 1 s — given, as the harness's agents scan every 200 ms —, aggregator settle 3 s
+/// as the upper bound) and both pods' nodes known from a
+/// static metadata file: the time from each connection's last packet (its span's end) to the
+/// OTLP endpoint's acceptance of the request that carried it.
+fn latency() {
+    use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+    use support::{
+        aggregator::AggregatorProcess,
+        cluster::cluster,
+        otlp::{Receiver, serve},
+    };
+    const CONNECTIONS: usize = 200;
+    let c = cluster();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let receiver = Receiver::default();
+    let otlp = serve(&receiver, &runtime);
+    let data = tempfile::tempdir().unwrap();
+    let endpoints = data.path().join("endpoints.hcl");
+    std::fs::write(
+        &endpoints,
+        r#"
+endpoint "10.90.1.2" { pod = "client-0" namespace = "a" node = "node-a" }
+endpoint "10.90.2.2" { pod = "server-0" namespace = "b" node = "node-b" }
+"#,
+    )
+    .unwrap();
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", support::free_port())
+        .parse()
+        .unwrap();
+    let file = endpoints.display().to_string();
+    let aggregator = AggregatorProcess::start_with(
+        listen,
+        otlp,
+        &data.path().join("store"),
+        &["--metadata-file", &file],
+    );
+    let endpoint = format!("http://{listen}");
+    let args = |node: &str| {
+        [
+            "--aggregator",
+            &endpoint,
+            "--node-name",
+            node,
+            "--scan-interval",
+            "1s",
+        ]
+        .map(str::to_owned)
+    };
+    let (args_a, args_b) = (args("node-a"), args("node-b"));
+    let agent_a = Agent::start(&c.node_a, "veth*,eth0", &as_str(&args_a));
+    let agent_b = Agent::start(&c.node_b, "veth*,eth0", &as_str(&args_b));
+    for _ in 0..CONNECTIONS {
+        support::tcp_exchange(&c.a1, &c.b1, "10.90.2.2:8080".parse().unwrap(), 100, 200);
+        thread::sleep(Duration::from_millis(50));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let clients = || {
+        let accepted = receiver.accepted.lock().unwrap();
+        let at = receiver.accepted_at.lock().unwrap();
+        accepted
+            .iter()
+            .zip(at.iter())
+            .flat_map(|(request, at)| {
+                request
+                    .resource_spans
+                    .iter()
+                    .flat_map(|r| &r.scope_spans)
+                    .flat_map(|s| &s.spans)
+                    .filter(|s| s.kind == SpanKind::Client as i32)
+                    .map(move |s| at.saturating_sub(s.end_time_unix_nano))
+            })
+            .collect::<Vec<u64>>()
+    };
+    while clients().len() < CONNECTIONS && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+    }
+    let mut latencies = clients();
+    latencies.sort_unstable();
+    let ms = |q: f64| {
+        let i = ((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len()) - 1;
+        latencies[i] as f64 / 1e6
+    };
+    println!("| connections | CLIENT spans | min ms | p50 ms | p99 ms | max ms |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| {CONNECTIONS} | {} | {:.0} | {:.0} | {:.0} | {:.0} |",
+        latencies.len(),
+        ms(0.0),
+        ms(0.5),
+        ms(0.99),
+        ms(1.0)
+    );
+    drop(agent_a.stop());
+    drop(agent_b.stop());
+    drop(aggregator);
+    drop(runtime);
 }
 
 fn per_packet() {
@@ -426,6 +532,10 @@ fn connections() {
     }
 }
 
+fn as_str(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
 fn connections_at(rate: u64, duration: Duration) {
     use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
     use support::{
@@ -457,9 +567,6 @@ fn connections_at(rate: u64, duration: Duration) {
     };
     let args_a = agent_args("node-a");
     let args_b = agent_args("node-b");
-    fn as_str(args: &[String]) -> Vec<&str> {
-        args.iter().map(String::as_str).collect()
-    }
     let agent_a = Agent::start(&c.node_a, "veth*,eth0", &as_str(&args_a));
     let agent_b = Agent::start(&c.node_b, "veth*,eth0", &as_str(&args_b));
     let pids = [agent_a.pid(), agent_b.pid(), aggregator.pid()];

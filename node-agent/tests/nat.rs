@@ -18,12 +18,16 @@ use support::{
     *,
 };
 
-/// What Kubernetes would say: the pods, and the Service's ClusterIP (only the file names it).
+/// What Kubernetes would say: the pods, the nodes' addresses, and the Service's ClusterIP (only
+/// the file names it).
 const ENDPOINTS: &str = r#"
 endpoint "10.90.1.2" { pod = "nginx-7d9f4-abcde" namespace = "frontend" node = "node-a" }
 endpoint "10.90.1.3" { pod = "cache-0" namespace = "frontend" node = "node-a" }
 endpoint "10.90.2.2" { pod = "api-0" namespace = "backend" node = "node-b" }
 endpoint "10.96.0.10" { service = "api" namespace = "backend" }
+endpoint "10.90.0.1" { node = "node-a" }
+endpoint "10.90.9.1" { node = "node-a" }
+endpoint "10.90.0.2" { node = "node-b" }
 "#;
 
 /// The Service 10.96.0.10:80 → api-0 (10.90.2.2:8080), also as NodePort 30080 on node-a (whose

@@ -26,6 +26,8 @@ pub type Answer = Result<ExportTraceServiceResponse, Status>;
 #[derive(Clone, Default)]
 pub struct Receiver {
     pub accepted: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
+    /// When each accepted request arrived (Unix ns), in the order of `accepted`.
+    pub accepted_at: Arc<Mutex<Vec<u64>>>,
     pub script: Arc<Mutex<VecDeque<Answer>>>,
 }
 
@@ -39,7 +41,13 @@ impl TraceService for Receiver {
         match answer {
             Some(Err(status)) => Err(status),
             other => {
-                self.accepted.lock().unwrap().push(request.into_inner());
+                let mut accepted = self.accepted.lock().unwrap();
+                accepted.push(request.into_inner());
+                self.accepted_at.lock().unwrap().push(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_nanos() as u64),
+                );
                 Ok(Response::new(
                     other.map_or_else(Default::default, Result::unwrap),
                 ))

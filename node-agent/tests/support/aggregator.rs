@@ -1,6 +1,5 @@
 //! The aggregator binary as a child process, for tests and benches that run the whole system.
-//! `cargo test` builds it for its own package's tests; it is found next to this executable (and
-//! built if it is missing).
+//! It is built (if it is not current) and found next to this executable.
 
 use std::{
     net::SocketAddr,
@@ -14,11 +13,21 @@ pub struct AggregatorProcess(Child);
 
 impl AggregatorProcess {
     pub fn start(listen: SocketAddr, otlp: SocketAddr, data: &Path) -> Self {
+        Self::start_with(listen, otlp, data, &["--settle", "1s", "--grace", "30s"])
+    }
+
+    /// [`start`](Self::start) with `settings` instead of a 1 s settle and a 30 s grace.
+    pub fn start_with(
+        listen: SocketAddr,
+        otlp: SocketAddr,
+        data: &Path,
+        settings: &[&str],
+    ) -> Self {
         let child = Command::new(aggregator_binary())
             .args(["--listen", &listen.to_string()])
             .args(["--otlp-endpoint", &format!("http://{otlp}")])
             .args(["--data-dir", &data.display().to_string()])
-            .args(["--settle", "1s", "--grace", "30s"])
+            .args(settings)
             .args(["--metrics-listen", "127.0.0.1:0", "--kubernetes=false"])
             .args(["--admin-listen", "127.0.0.1:0", "--tls-mode=disabled"])
             .stdout(Stdio::null())
@@ -86,21 +95,25 @@ fn aggregator_binary() -> PathBuf {
     // target/<profile>/deps/<test>-<hash> → target/<profile>/mermin-aggregator
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().unwrap().parent().unwrap();
-    let binary = profile_dir.join("mermin-aggregator");
-    if !binary.exists() {
-        let mut build = Command::new(env!("CARGO"));
-        build.args([
-            "build",
-            "-p",
-            "mermin-aggregator",
-            "--bin",
-            "mermin-aggregator",
-        ]);
-        if profile_dir.ends_with("release") {
-            build.arg("--release");
-        }
-        let status = build.status().unwrap();
-        assert!(status.success(), "building the aggregator binary failed");
+    // Built once per process (a no-op when it is current): another package's binary is not
+    // rebuilt by this package's `cargo test`, and a stale one would test old code.
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    BUILT.call_once(|| build_aggregator(profile_dir));
+    profile_dir.join("mermin-aggregator")
+}
+
+fn build_aggregator(profile_dir: &Path) {
+    let mut build = Command::new(env!("CARGO"));
+    build.args([
+        "build",
+        "-p",
+        "mermin-aggregator",
+        "--bin",
+        "mermin-aggregator",
+    ]);
+    if profile_dir.ends_with("release") {
+        build.arg("--release");
     }
-    binary
+    let status = build.status().unwrap();
+    assert!(status.success(), "building the aggregator binary failed");
 }
