@@ -6,8 +6,8 @@
 //! `node-common`), the tracker across intervals. Each connection is its own flow with its own
 //! start and sequence numbers.
 //!
-//! **Fast close.** A TCP flow is final at the first scan where it was reset or where both it and
-//! its reverse direction at the same point carry a FIN; the close timeout is only the bound for
+//! **Fast close.** A TCP flow is final at the first scan where it or its reverse direction at the
+//! same point was reset, or where both carry a FIN; the close timeout is only the bound for
 //! flows whose other direction this point never sees. A finished TCP flow leaves a tombstone for
 //! the close timeout: packets that arrive after it (a retransmitted FIN or final ACK) are reported
 //! as one more record of that flow (same start, next sequence), never as a new flow.
@@ -309,18 +309,21 @@ impl FlowTracker {
         }
     }
 
-    /// Closing TCP flows that are final now: reset, or both directions at this point carry a
-    /// FIN (a resurrected flow of late packets counts as having one).
+    /// TCP flows that are final now: either direction at this point was reset, or both carry a
+    /// FIN (a resurrected flow of late packets counts as closed).
     fn complete_closes(&self) -> Vec<FlowKey> {
-        let fin = |state: &FlowState| state.seen_flags & tcp_flags::FIN != 0;
+        let has = |state: &FlowState, flag: u32| state.seen_flags & flag != 0;
         self.flows
             .iter()
             .filter(|(key, state)| {
-                state.closing
-                    && key.protocol == IPPROTO_TCP
-                    && (state.seen_flags & tcp_flags::RST != 0
-                        || (fin(state) && self.flows.get(&reverse(key)).is_some_and(fin))
-                        || state.late)
+                if key.protocol != IPPROTO_TCP {
+                    return false;
+                }
+                let back = self.flows.get(&reverse(key));
+                has(state, tcp_flags::RST)
+                    || back.is_some_and(|b| has(b, tcp_flags::RST))
+                    || (has(state, tcp_flags::FIN) && back.is_some_and(|b| has(b, tcp_flags::FIN)))
+                    || state.late
             })
             .map(|(key, _)| *key)
             .collect()
@@ -715,6 +718,8 @@ mod tests {
         let out_key = key(IPPROTO_TCP, 40004);
         let in_key = reverse(&out_key);
         let reset_key = key(IPPROTO_TCP, 40005);
+        // The answers of the reset connection carry no RST: its reverse's does.
+        let answered_key = reverse(&reset_key);
         let mut out = Vec::new();
         let ack = tcp_flags::ACK;
         tracker.absorb_interval(
@@ -728,25 +733,27 @@ mod tests {
                     reset_key,
                     stats(2, 100, 0, S / 2, tcp_flags::SYN | tcp_flags::RST),
                 ),
+                (answered_key, stats(1, 60, 1, 1, tcp_flags::SYN | ack)),
             ],
             &mut out,
         );
-        // One FIN only: the exchange is not complete; the reset is.
+        // One FIN only: the exchange is not complete; the reset is, both ways.
         tracker.evict(S, &mut out);
-        assert_eq!(out.len(), 1);
-        assert_eq!((out[0].key, out[0].reason), (reset_key, Reason::TcpClose));
+        let reset: Vec<(FlowKey, Reason)> = out.drain(..).map(|r| (r.key, r.reason)).collect();
+        assert_eq!(reset.len(), 2);
+        assert!(reset.contains(&(reset_key, Reason::TcpClose)));
+        assert!(reset.contains(&(answered_key, Reason::TcpClose)));
         tracker.absorb_interval(
             &[(in_key, stats(1, 52, S + 1, S + 1, ack | tcp_flags::FIN))],
             &mut out,
         );
         // Well within the close timeout (2 s of silence).
         tracker.evict(S + S / 10, &mut out);
-        let closed: Vec<(FlowKey, u64)> =
-            out[1..].iter().map(|r| (r.key, r.delta_packets)).collect();
+        let closed: Vec<(FlowKey, u64)> = out.iter().map(|r| (r.key, r.delta_packets)).collect();
         assert_eq!(closed.len(), 2);
         assert!(closed.contains(&(out_key, 6)) && closed.contains(&(in_key, 6)));
         assert!(tracker.is_empty());
-        assert_eq!(tracker.tombstones(), 3);
+        assert_eq!(tracker.tombstones(), 4);
     }
 
     #[test]

@@ -6,7 +6,8 @@
 mod support;
 
 use std::{
-    net::{SocketAddr, UdpSocket},
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     time::{Duration, Instant},
 };
 
@@ -331,6 +332,58 @@ fn a_completed_fin_exchange_is_reported_at_the_next_scan_not_after_the_close_tim
     assert_eq!(back[0].end_reason, "END_REASON_TCP_CLOSE");
     assert_tcp_side(out[0], &exchange.client_side, 10_000, 20);
     assert_tcp_side(back[0], &exchange.server_side, 10_000, 20);
+}
+
+#[test]
+fn a_reset_connection_is_reported_at_the_next_scan_with_every_packet() {
+    let pair = Pair::new(LinkOptions::default());
+    let agent = Agent::start(&pair.client, "c0", &["--tcp-close-timeout", "300s"]);
+    let before = pair.client.counters("c0");
+    let server: SocketAddr = "10.77.0.2:5005".parse().unwrap();
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    let served = pair.server.spawn(move || {
+        let listener = TcpListener::bind(server).unwrap();
+        bound_tx.send(()).unwrap();
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut received = vec![0u8; 5_000];
+        conn.read_exact(&mut received).unwrap();
+        conn.write_all(&[1]).unwrap();
+        // The client resets the connection.
+        let error = conn.read(&mut [0u8; 16]).unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset);
+    });
+    bound_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    pair.client
+        .spawn(move || {
+            let mut conn = TcpStream::connect_timeout(&server, Duration::from_secs(5)).unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            conn.write_all(&[7u8; 5_000]).unwrap();
+            conn.read_exact(&mut [0u8]).unwrap();
+            // Closing with a zero linger sends a RST instead of a FIN.
+            socket2::SockRef::from(&conn)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+        })
+        .join()
+        .unwrap();
+    served.join().unwrap();
+    // A close timeout far beyond the wait: only the fast close can report the flow.
+    let records = agent.wait_for(Duration::from_secs(10), |r| {
+        r.iter()
+            .filter(|r| r.end_reason == "END_REASON_TCP_CLOSE")
+            .count()
+            >= 2
+    });
+    let out = flow(&records, "DIRECTION_EGRESS", "10.77.0.1", "10.77.0.2");
+    let back = flow(&records, "DIRECTION_INGRESS", "10.77.0.2", "10.77.0.1");
+    assert_eq!((out.len(), back.len()), (1, 1), "{records:#?}");
+    assert_eq!(out[0].end_reason, "END_REASON_TCP_CLOSE");
+    assert_eq!(back[0].end_reason, "END_REASON_TCP_CLOSE");
+    assert_ne!(out[0].tcp_flags & 0x04, 0, "the client's RST");
+    assert_matches_interface(&records, "c0", &pair.client.counters("c0").since(&before));
 }
 
 /// Sums the records of one direction at `c0` by the flow they belong to (`flow_start`), in
