@@ -24,6 +24,7 @@ use std::{
     time::Duration,
 };
 
+use foldhash::fast::RandomState;
 use mermin_protocol::flow::v1::{ConnectionEndpoint, Translation as RecordTranslation};
 use node_common::FlowKey;
 
@@ -120,9 +121,9 @@ struct Entry {
 /// kernel-clock `now`.
 pub struct TranslationTable {
     /// By original tuple.
-    entries: HashMap<Tuple, Entry>,
+    entries: HashMap<Tuple, Entry, RandomState>,
     /// The four tuples of each entry (original and reply, both ways) → its original tuple.
-    aliases: HashMap<Tuple, Tuple>,
+    aliases: HashMap<Tuple, Tuple, RandomState>,
     retention_ns: u64,
     next_sweep_ns: u64,
     capacity: usize,
@@ -139,8 +140,8 @@ enum Learned {
 impl TranslationTable {
     pub fn new(retention: Duration, capacity: usize) -> Self {
         TranslationTable {
-            entries: HashMap::new(),
-            aliases: HashMap::new(),
+            entries: HashMap::default(),
+            aliases: HashMap::default(),
             retention_ns: u64::try_from(retention.as_nanos()).unwrap_or(u64::MAX),
             next_sweep_ns: 0,
             capacity,
