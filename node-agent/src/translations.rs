@@ -833,6 +833,42 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_translations_are_parsed_and_found() {
+        let address = |last: u8| {
+            let mut a = [0u8; 16];
+            a[..4].copy_from_slice(&[0xfd, 0, 0, 1]);
+            a[15] = last;
+            a
+        };
+        let v6 = |source: [u8; 16], sport, destination: [u8; 16], dport| Tuple {
+            protocol: 17,
+            address_len: 16,
+            source,
+            destination,
+            source_port: sport,
+            destination_port: dport,
+        };
+        // fd00:1::2 dialled the Service fd00:1::a:53, served by fd00:1::9:5353.
+        let service = Tracked {
+            original: v6(address(2), 40000, address(0xa), 53),
+            reply: v6(address(9), 5353, address(2), 40000),
+        };
+        let mut learned = Vec::new();
+        parse_messages(&message(NFNL_SUBSYS_CTNETLINK << 8, &service), &mut learned);
+        assert_eq!(learned, [service]);
+        let mut table = TranslationTable::new(Duration::from_secs(60), 10);
+        assert_eq!(table.learn(learned[0], 0), Learned::Kept);
+        let seen = FlowKey {
+            ip_version: 6,
+            ..key(&service.reply)
+        };
+        let t = table.lookup(&seen, 1).unwrap();
+        let dialled = t.dialled.unwrap();
+        assert_eq!((dialled.address, dialled.port), (address(0xa).to_vec(), 53));
+        assert_eq!(t.server.unwrap().address.len(), 16);
+    }
+
+    #[test]
     fn a_tuple_reused_by_a_new_connection_belongs_to_it() {
         let mut table = TranslationTable::new(Duration::from_secs(60), 10);
         let first = service_connection();
