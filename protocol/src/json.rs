@@ -56,7 +56,7 @@ pub fn role<S: Serializer>(value: &i32, s: S) -> Result<S::Ok, S::Error> {
 
 #[cfg(test)]
 mod tests {
-    use crate::flow::v1::{Direction, EndReason, FlowRecord};
+    use crate::flow::v1::{ConnectionEndpoint, Direction, EndReason, FlowRecord, Translation};
 
     #[test]
     fn renders_addresses_and_enum_names() {
@@ -76,6 +76,33 @@ mod tests {
         assert_eq!(json["destination_address"], "fd00::2");
         assert_eq!(json["direction"], "DIRECTION_EGRESS");
         assert_eq!(json["end_reason"], "END_REASON_TCP_CLOSE");
+    }
+
+    #[test]
+    fn renders_a_translation_with_its_addresses() {
+        let endpoint = |address: [u8; 4], port| {
+            Some(ConnectionEndpoint {
+                address: address.to_vec(),
+                port,
+            })
+        };
+        let record = FlowRecord {
+            translation: Some(Translation {
+                client: endpoint([10, 0, 0, 1], 40000),
+                dialled: endpoint([10, 96, 0, 10], 80),
+                translated_client: endpoint([10, 0, 0, 1], 40000),
+                server: endpoint([10, 0, 2, 5], 8080),
+            }),
+            ..FlowRecord::default()
+        };
+        let json = serde_json::to_value(&record).unwrap();
+        assert_eq!(json["translation"]["dialled"]["address"], "10.96.0.10");
+        assert_eq!(json["translation"]["dialled"]["port"], 80);
+        assert_eq!(json["translation"]["server"]["address"], "10.0.2.5");
+        assert_eq!(
+            serde_json::to_value(FlowRecord::default()).unwrap()["translation"],
+            serde_json::Value::Null
+        );
     }
 
     #[test]
