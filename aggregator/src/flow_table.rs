@@ -819,6 +819,66 @@ mod tests {
         assert!(restored.is_empty());
     }
 
+    /// An ICMP echo request (outbound) or reply of echo id 7 from 10.0.0.1 to 10.0.0.2.
+    fn echo(outbound: bool, first: u64, last: u64) -> Observation {
+        let (src, dst, icmp_type) = if outbound {
+            ([10, 0, 0, 1], [10, 0, 0, 2], 8)
+        } else {
+            ([10, 0, 0, 2], [10, 0, 0, 1], 0)
+        };
+        Observation::try_from(&FlowRecord {
+            node_name: "a".into(),
+            interface_name: "eth0".into(),
+            direction: if outbound {
+                Direction::Egress
+            } else {
+                Direction::Ingress
+            } as i32,
+            source_address: src.to_vec(),
+            destination_address: dst.to_vec(),
+            ip_protocol: 1,
+            icmp_type,
+            delta_packets: 2,
+            delta_octets: 168,
+            first_seen_unix_nanos: first,
+            last_seen_unix_nanos: last,
+            flow_start_unix_nanos: first,
+            end_reason: EndReason::IdleTimeout as i32,
+            ..FlowRecord::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn an_echo_identifier_reused_after_its_flow_ended_is_a_new_connection() {
+        let mut t = table();
+        let mut out = Vec::new();
+        // Two pings of the same echo id, 20 s apart: each ended by the agent's idle timeout.
+        t.apply(&echo(true, 10 * S, 11 * S), 30 * S);
+        t.apply(&echo(false, 10 * S + 1, 11 * S + 1), 30 * S);
+        t.apply(&echo(true, 31 * S, 32 * S), 50 * S);
+        t.apply(&echo(false, 31 * S + 1, 32 * S + 1), 50 * S);
+        assert_eq!(t.reused_keys(), 1);
+        t.emit_due(60 * S, &mut out);
+        let starts: Vec<(u64, u64, u64)> = out
+            .iter()
+            .map(|e| {
+                (
+                    e.interval.connection_start_unix_nanos,
+                    e.flow
+                        .client_to_server
+                        .as_ref()
+                        .map_or(0, |m| m.counts.packets),
+                    e.flow
+                        .server_to_client
+                        .as_ref()
+                        .map_or(0, |m| m.counts.packets),
+                )
+            })
+            .collect();
+        assert_eq!(starts, [(10 * S, 2, 2), (31 * S, 2, 2)]);
+    }
+
     #[test]
     fn a_flow_that_starts_again_soon_after_is_the_same_connection() {
         let mut t = table();
