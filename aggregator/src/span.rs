@@ -598,15 +598,22 @@ endpoint "10.96.0.10" { service = "api" namespace = "backend" }
             translated_client: endpoint("10.0.9.1", 61000),
             server: endpoint("10.0.2.7", 443),
         });
-        let spans = flow_spans(
-            &translated,
-            &START,
-            &Enrichment {
-                index: &index,
-                naming: AttributeNaming::Seed,
-            },
-        );
-        let a = attributes(&spans[0].scope_spans[0].spans[0]);
+        // The client span's attributes, owned.
+        let client_attributes = |flow: &Flow| {
+            let spans = flow_spans(
+                flow,
+                &START,
+                &Enrichment {
+                    index: &index,
+                    naming: AttributeNaming::Seed,
+                },
+            );
+            attributes(&spans[0].scope_spans[0].spans[0])
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect::<HashMap<String, Value>>()
+        };
+        let a = client_attributes(&translated);
         assert_eq!(a["source.address"], text("10.0.1.5"));
         assert_eq!(a["source.port"], Value::IntValue(51000));
         assert_eq!(a["source.pod.name"], text("web-7c9"));
@@ -626,15 +633,7 @@ endpoint "10.96.0.10" { service = "api" namespace = "backend" }
         if let Some(t) = translated.translation.as_mut() {
             t.translated_client = t.client;
         }
-        let spans = flow_spans(
-            &translated,
-            &START,
-            &Enrichment {
-                index: &index,
-                naming: AttributeNaming::Seed,
-            },
-        );
-        let a = attributes(&spans[0].scope_spans[0].spans[0]);
+        let a = client_attributes(&translated);
         assert_eq!(a["source.address"], text("10.0.1.5"));
         assert!(!a.contains_key("flow.translated.source.address"));
         assert_eq!(a["destination.service.name"], text("api"));

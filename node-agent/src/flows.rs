@@ -310,23 +310,30 @@ impl FlowTracker {
     }
 
     /// TCP flows that are final now: either direction at this point was reset, or both carry a
-    /// FIN (a resurrected flow of late packets counts as closed).
+    /// FIN (a resurrected flow of late packets counts as closed). Only closing flows (a FIN or
+    /// RST seen) are visited; a reset also ends its reverse direction, closing or not.
     fn complete_closes(&self) -> Vec<FlowKey> {
         let has = |state: &FlowState, flag: u32| state.seen_flags & flag != 0;
-        self.flows
-            .iter()
-            .filter(|(key, state)| {
-                if key.protocol != IPPROTO_TCP {
-                    return false;
-                }
-                let back = self.flows.get(&reverse(key));
-                has(state, tcp_flags::RST)
-                    || back.is_some_and(|b| has(b, tcp_flags::RST))
-                    || (has(state, tcp_flags::FIN) && back.is_some_and(|b| has(b, tcp_flags::FIN)))
-                    || state.late
-            })
-            .map(|(key, _)| *key)
-            .collect()
+        let mut done = Vec::new();
+        for (key, state) in &self.flows {
+            if !state.closing || key.protocol != IPPROTO_TCP {
+                continue;
+            }
+            let back_key = reverse(key);
+            let back = self.flows.get(&back_key);
+            if has(state, tcp_flags::RST)
+                || back.is_some_and(|b| has(b, tcp_flags::RST))
+                || (has(state, tcp_flags::FIN) && back.is_some_and(|b| has(b, tcp_flags::FIN)))
+                || state.late
+            {
+                done.push(*key);
+            }
+            // A reverse that is closing itself is visited on its own.
+            if has(state, tcp_flags::RST) && back.is_some_and(|b| !b.closing) {
+                done.push(back_key);
+            }
+        }
+        done
     }
 
     /// Reports every flow that is due at `now`: interim reports for flows active longer than the

@@ -10,7 +10,7 @@ use std::{
     collections::{HashMap, HashSet},
     ffi::CStr,
     io,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, OwnedFd},
     path::PathBuf,
     sync::{
         Arc, RwLock,
@@ -25,6 +25,7 @@ use crate::{
     capture::Programs,
     config::ConfigError,
     metrics::Metrics,
+    netlink,
     netns::{self, NetnsError},
 };
 
@@ -267,35 +268,11 @@ fn list_interfaces() -> io::Result<HashMap<u32, String>> {
 
 /// A non-blocking rtnetlink socket subscribed to link notifications.
 fn link_notifications() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket syscall; the fd is owned right away.
-    let raw = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            libc::NETLINK_ROUTE,
-        )
-    };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a fresh, valid fd that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: sockaddr_nl is plain data; zeroed is a valid initial value.
-    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-    addr.nl_groups = libc::RTMGRP_LINK as u32;
-    // SAFETY: `addr` is a valid sockaddr_nl and the length matches it.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&raw const addr).cast(),
-            size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(fd)
+    netlink::socket(
+        libc::NETLINK_ROUTE,
+        libc::RTMGRP_LINK as u32,
+        libc::SOCK_NONBLOCK,
+    )
 }
 
 /// Waits up to `timeout` for `fd` to become readable.
@@ -324,6 +301,5 @@ pub(crate) fn wait_readable(fd: &impl AsRawFd, timeout: Duration) -> io::Result<
 /// Discards queued notifications; their content does not matter (see the module docs).
 fn drain(fd: &OwnedFd) {
     let mut buf = [0u8; 16 * 1024];
-    // SAFETY: reads into a valid buffer of the given length on a non-blocking socket.
-    while unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) } > 0 {}
+    while netlink::receive(fd, &mut buf).is_ok_and(|len| len > 0) {}
 }

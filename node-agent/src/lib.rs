@@ -6,8 +6,9 @@
 //! `config` → `capture` (load, attach, flow-table swap) → `collector` (scan loop) → `flows`
 //! (tracking, eviction) → `sink` (JSON lines) or `grpc_sink` (the aggregator stream).
 //! `interfaces` follows interfaces as they come and go; `translations` learns the node's
-//! address translations from conntrack; `clock` converts kernel time; `metrics` serves /metrics, /livez, /readyz; `agent` wires the
-//! parts together in start-up and shutdown order.
+//! address translations from conntrack; `netlink` and `netns` are the sockets and namespaces
+//! both use; `clock` converts kernel time; `metrics` serves /metrics, /livez, /readyz; `agent`
+//! wires the parts together in start-up and shutdown order.
 
 pub mod agent;
 pub mod capture;
@@ -18,6 +19,7 @@ pub mod flows;
 pub mod grpc_sink;
 pub mod interfaces;
 pub mod metrics;
+pub mod netlink;
 pub mod netns;
 pub mod sink;
 pub mod translations;

@@ -18,7 +18,7 @@
 use std::{
     collections::HashMap,
     io,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, OwnedFd},
     path::Path,
     sync::Arc,
     time::Duration,
@@ -30,6 +30,7 @@ use node_common::FlowKey;
 
 use crate::{
     metrics::{Metrics, ReasonLabel},
+    netlink,
     netns::{self, NetnsError},
 };
 
@@ -340,7 +341,7 @@ struct Conntrack {
 
 impl Conntrack {
     fn open() -> Result<Self, TranslationsError> {
-        let events = netlink_socket(CONNTRACK_NEW_GROUP, libc::SOCK_NONBLOCK)
+        let events = netlink::socket(NETLINK_NETFILTER, CONNTRACK_NEW_GROUP, libc::SOCK_NONBLOCK)
             .map_err(TranslationsError::Socket)?;
         // As root the buffer may exceed rmem_max; otherwise take what the kernel allows.
         for option in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
@@ -348,7 +349,7 @@ impl Conntrack {
                 break;
             }
         }
-        let dump = netlink_socket(0, 0).map_err(TranslationsError::Socket)?;
+        let dump = netlink::socket(NETLINK_NETFILTER, 0, 0).map_err(TranslationsError::Socket)?;
         set_receive_timeout(&dump, DUMP_TIMEOUT).map_err(TranslationsError::Socket)?;
         if std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_events")
             .is_ok_and(|v| v.trim() == "0")
@@ -368,7 +369,7 @@ impl Conntrack {
     /// Reads every queued event; true if some were lost.
     fn read_events(&mut self, learned: &mut Vec<Tracked>) -> bool {
         loop {
-            match receive(&self.events, &mut self.buffer) {
+            match netlink::receive(&self.events, &mut self.buffer) {
                 Ok(0) => return false,
                 Ok(len) => {
                     parse_messages(&self.buffer[..len], learned);
@@ -401,7 +402,7 @@ impl Conntrack {
             return Err(io::Error::last_os_error());
         }
         loop {
-            let len = match receive(&self.dump, &mut self.buffer) {
+            let len = match netlink::receive(&self.dump, &mut self.buffer) {
                 Ok(len) => len,
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
                 Err(err) => return Err(err),
@@ -413,38 +414,6 @@ impl Conntrack {
             }
         }
     }
-}
-
-fn netlink_socket(groups: u32, flags: i32) -> io::Result<OwnedFd> {
-    // SAFETY: plain socket syscall; the fd is owned right away.
-    let raw = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC | flags,
-            NETLINK_NETFILTER,
-        )
-    };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a fresh, valid fd that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: sockaddr_nl is plain data; zeroed is a valid initial value.
-    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-    addr.nl_groups = groups;
-    // SAFETY: `addr` is a valid sockaddr_nl and the length matches it.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&raw const addr).cast(),
-            size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(fd)
 }
 
 fn set_option(fd: &OwnedFd, option: i32, value: i32) -> io::Result<()> {
@@ -484,16 +453,6 @@ fn set_receive_timeout(fd: &OwnedFd, timeout: Duration) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
-    }
-}
-
-fn receive(fd: &OwnedFd, buffer: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: reads into a valid buffer of the given length.
-    let len = unsafe { libc::recv(fd.as_raw_fd(), buffer.as_mut_ptr().cast(), buffer.len(), 0) };
-    if len < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(len as usize)
     }
 }
 

@@ -307,6 +307,23 @@ fn long_flow_gets_interim_records_that_sum_to_the_total() {
     }
 }
 
+/// Waits (bounded) for the TCP connection between 10.77.0.1 and 10.77.0.2 at `c0` to be
+/// reported closed in both directions, each by one TCP_CLOSE record; all records so far.
+fn closed_both_ways(agent: &Agent) -> Vec<Record> {
+    let records = agent.wait_for(Duration::from_secs(10), |r| {
+        r.iter()
+            .filter(|r| r.end_reason == "END_REASON_TCP_CLOSE")
+            .count()
+            >= 2
+    });
+    let out = flow(&records, "DIRECTION_EGRESS", "10.77.0.1", "10.77.0.2");
+    let back = flow(&records, "DIRECTION_INGRESS", "10.77.0.2", "10.77.0.1");
+    assert_eq!((out.len(), back.len()), (1, 1), "{records:#?}");
+    assert_eq!(out[0].end_reason, "END_REASON_TCP_CLOSE");
+    assert_eq!(back[0].end_reason, "END_REASON_TCP_CLOSE");
+    records
+}
+
 #[test]
 fn a_completed_fin_exchange_is_reported_at_the_next_scan_not_after_the_close_timeout() {
     let pair = Pair::new(LinkOptions::default());
@@ -319,17 +336,9 @@ fn a_completed_fin_exchange_is_reported_at_the_next_scan_not_after_the_close_tim
         10_000,
         10_000,
     );
-    let records = agent.wait_for(Duration::from_secs(10), |r| {
-        r.iter()
-            .filter(|r| r.end_reason == "END_REASON_TCP_CLOSE")
-            .count()
-            >= 2
-    });
+    let records = closed_both_ways(&agent);
     let out = flow(&records, "DIRECTION_EGRESS", "10.77.0.1", "10.77.0.2");
     let back = flow(&records, "DIRECTION_INGRESS", "10.77.0.2", "10.77.0.1");
-    assert_eq!((out.len(), back.len()), (1, 1), "{records:#?}");
-    assert_eq!(out[0].end_reason, "END_REASON_TCP_CLOSE");
-    assert_eq!(back[0].end_reason, "END_REASON_TCP_CLOSE");
     assert_tcp_side(out[0], &exchange.client_side, 10_000, 20);
     assert_tcp_side(back[0], &exchange.server_side, 10_000, 20);
 }
@@ -371,17 +380,8 @@ fn a_reset_connection_is_reported_at_the_next_scan_with_every_packet() {
         .unwrap();
     served.join().unwrap();
     // A close timeout far beyond the wait: only the fast close can report the flow.
-    let records = agent.wait_for(Duration::from_secs(10), |r| {
-        r.iter()
-            .filter(|r| r.end_reason == "END_REASON_TCP_CLOSE")
-            .count()
-            >= 2
-    });
+    let records = closed_both_ways(&agent);
     let out = flow(&records, "DIRECTION_EGRESS", "10.77.0.1", "10.77.0.2");
-    let back = flow(&records, "DIRECTION_INGRESS", "10.77.0.2", "10.77.0.1");
-    assert_eq!((out.len(), back.len()), (1, 1), "{records:#?}");
-    assert_eq!(out[0].end_reason, "END_REASON_TCP_CLOSE");
-    assert_eq!(back[0].end_reason, "END_REASON_TCP_CLOSE");
     assert_ne!(out[0].tcp_flags & 0x04, 0, "the client's RST");
     assert_matches_interface(&records, "c0", &pair.client.counters("c0").since(&before));
 }
