@@ -304,7 +304,8 @@ impl<S: BatchSink> Ingest<S> {
             let (store, open) = (self.store.clone(), self.agents.open_boot_ids());
             match tokio::task::spawn_blocking(move || store.retire_superseded(&open)).await {
                 Ok(Ok(retirement)) => {
-                    self.metrics.agents_known.set(retirement.known as i64);
+                    // The retired count moves before the known gauge: whoever sees the gauge
+                    // fall sees the retirements that made it fall.
                     if !retirement.retired.is_empty() {
                         self.metrics
                             .agents_retired
@@ -315,6 +316,7 @@ impl<S: BatchSink> Ingest<S> {
                         );
                         self.flows.retire(retirement.retired.into()).await;
                     }
+                    self.metrics.agents_known.set(retirement.known as i64);
                 }
                 Ok(Err(err)) => {
                     tracing::warn!(%err, "cannot retire agent processes; trying again later")
