@@ -109,6 +109,7 @@ impl SledStore {
         for boot_id in store.agents.iter().keys() {
             store.drop_applied_batches(&boot_id_of(&boot_id?)?)?;
         }
+        store.drop_batches_of_retired_agents()?;
         Ok(store)
     }
 
@@ -200,6 +201,23 @@ impl SledStore {
         Ok(())
     }
 
+    /// Deletes the batches of boot ids that are no longer known. A retirement removes a boot
+    /// id's batches with it; a store written before it did kept them, and with the boot id's
+    /// positions gone a recovery would apply them again (every shard was past them, or the boot
+    /// id would not have been retired).
+    fn drop_batches_of_retired_agents(&self) -> Result<(), StoreError> {
+        for key in self.batches.iter().keys() {
+            let key = key?;
+            if !self
+                .agents
+                .contains_key(&key[..BOOT_ID_LEN.min(key.len())])?
+            {
+                self.batches.remove(key)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Deletes the batches of `boot_id` that every shard's checkpoint covers.
     fn drop_applied_batches(&self, boot_id: &BootId) -> Result<(), StoreError> {
         let mut shards = 0;
@@ -277,13 +295,21 @@ impl SledStore {
                 return Ok(false);
             }
         }
+        // Every shard is past them: its batches go with it (left behind, with its positions
+        // gone, a recovery would apply them again).
+        let batches = self
+            .batches
+            .range(batch_key(&boot_id, 0)..=batch_key(&boot_id, last))
+            .keys()
+            .collect::<Result<Vec<_>, _>>()?;
         let result: Result<(), TransactionError<StoreError>> = (
             &self.agents,
             &self.agent_nodes,
             &self.node_agents,
             &self.positions,
+            &self.batches,
         )
-            .transaction(|(agents, nodes, index, positions)| {
+            .transaction(|(agents, nodes, index, positions, log)| {
                 let now = match agents.get(boot_id)? {
                     None => 0,
                     Some(bytes) => {
@@ -304,6 +330,9 @@ impl SledStore {
                 index.remove(index_key)?;
                 for shard in 0..SHARDS {
                     positions.remove(&position_key(&boot_id, shard)[..])?;
+                }
+                for key in &batches {
+                    log.remove(key)?;
                 }
                 Ok(())
             });
@@ -601,5 +630,59 @@ impl Storage for SledStore {
 
     fn outbox_remove(&self, id: u64) -> BoxFuture<'_, Result<(), StoreError>> {
         self.remove_request(id).boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(sequence: u64) -> Batch {
+        Batch {
+            sequence,
+            records: vec![mermin_protocol::flow::v1::FlowRecord::default()],
+        }
+    }
+
+    fn batch_ids(store: &SledStore) -> Vec<(u8, u64)> {
+        store
+            .stored_batches()
+            .map(|b| {
+                let (id, batch) = b.unwrap();
+                (id[0], batch.sequence)
+            })
+            .collect()
+    }
+
+    /// The interleaving a CI run found: a retirement between a checkpoint's write of the last
+    /// shard's position and its clean-up of the batches that made possible. The batches must
+    /// go with the boot id, or a recovery (every position gone) would apply them again.
+    #[tokio::test]
+    async fn a_retired_boot_id_takes_its_batches_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, newest) = ([1; BOOT_ID_LEN], [2; BOOT_ID_LEN]);
+        {
+            let store = SledStore::open_concrete(dir.path()).unwrap();
+            for id in [old, newest] {
+                store.bind_agent(&id, "node-a").unwrap();
+                store.append_batch(&id, &batch(1)).await.unwrap();
+            }
+            // Every shard's position written, the clean-up not yet run.
+            for shard in 0..SHARDS {
+                let key = position_key(&old, shard);
+                store.positions.insert(key, &1u64.to_be_bytes()).unwrap();
+            }
+            let retirement = store.retire(&HashSet::new()).unwrap();
+            assert_eq!(retirement.retired, [old]);
+            assert_eq!(batch_ids(&store), [(2, 1)], "old's batch went with it");
+            // A store written before retirements did this: an unknown boot id's batch.
+            store
+                .batches
+                .insert(batch_key(&old, 2), batch(2).encode_to_vec())
+                .unwrap();
+            store.db.flush().unwrap();
+        }
+        let store = SledStore::open_concrete(dir.path()).unwrap();
+        assert_eq!(batch_ids(&store), [(2, 1)], "dropped at open");
     }
 }
