@@ -28,6 +28,7 @@ pub mod metadata;
 pub mod metrics;
 pub mod observation;
 pub mod observe;
+pub mod otlp_wire;
 pub mod pipeline;
 pub mod placement;
 pub mod settings;

@@ -27,27 +27,26 @@ use std::{
 use std::io::IsTerminal as _;
 
 use mermin_protocol::display::flow_line;
-use prost::Message as _;
 
 use crate::{
     actors::ActorRuntime,
     clock::unix_now,
     connection_key::ConnectionKey,
-    export::{OutboxChanged, outbox_entry},
+    export::OutboxChanged,
     flow_table::{Emitted, EndNodes, FlowTable},
     ingest::{AppliedBatch, BatchSink, SinkClosed},
     metadata::{AttributeNaming, MetadataIndex, SharedIndex},
     metrics::{Metrics, ShardLabel},
     observation::Observation,
     observe::{ObserveHub, observed},
-    span::{Enrichment, flow_spans},
+    otlp_wire::RequestWriter,
+    span::{Enrichment, SPANS_PER_INTERVAL, write_flow_spans},
     store::{BootId, Change, Checkpoint, Store, StoreError},
 };
 use actix::{
     Actor, ActorContext, ActorFutureExt, Addr, AsyncContext, Context, Handler, Message, Recipient,
     WrapFuture, fut::LocalBoxActorFuture,
 };
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use smallvec::SmallVec;
 
 pub use crate::placement::{SHARDS, ShardId, shard_of};
@@ -401,24 +400,23 @@ pub const MAX_REQUEST_BYTES: usize = 2 << 20;
 /// The outbox entries (encoded OTLP export requests) carrying the spans of `emitted`.
 pub fn encode_requests(emitted: &[Emitted], enrichment: &Enrichment) -> Vec<Vec<u8>> {
     let mut requests = Vec::new();
-    let mut request = ExportTraceServiceRequest::default();
-    let (mut intervals, mut bytes) = (0, 0);
+    let mut request = RequestWriter::default();
+    let mut intervals = 0;
     for e in emitted {
-        let spans = flow_spans(&e.flow, &e.interval, enrichment);
-        // Each ResourceSpans costs its length plus a tag and a length prefix (at most 4 bytes).
-        let size: usize = spans.iter().map(|r| r.encoded_len() + 5).sum();
-        if intervals > 0 && (intervals == INTERVALS_PER_REQUEST || bytes + size > MAX_REQUEST_BYTES)
+        let before = request.request_len();
+        write_flow_spans(&e.flow, &e.interval, enrichment, &mut request);
+        // Over the limits with this interval: it starts the next request.
+        if intervals > 0
+            && (intervals == INTERVALS_PER_REQUEST || request.request_len() > MAX_REQUEST_BYTES)
         {
-            requests.push(outbox_entry(&request));
-            request.resource_spans.clear();
-            (intervals, bytes) = (0, 0);
+            let next = request.split_off(before, SPANS_PER_INTERVAL);
+            requests.push(std::mem::replace(&mut request, next).finish());
+            intervals = 0;
         }
-        request.resource_spans.extend(spans);
         intervals += 1;
-        bytes += size;
     }
-    if intervals > 0 {
-        requests.push(outbox_entry(&request));
+    if !request.is_empty() {
+        requests.push(request.finish());
     }
     requests
 }
@@ -542,6 +540,8 @@ impl Shards {
 mod tests {
     use super::*;
     use crate::store::SledStore;
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message as _;
 
     /// A part that never reached the shard (its session ended while the mailbox was full) is read
     /// back from the log when the next one arrives; the stale part arriving afterwards is ignored:
@@ -550,7 +550,6 @@ mod tests {
     async fn a_missed_part_is_read_back_from_the_log_and_a_stale_one_is_ignored() {
         use mermin_protocol::{agent::v1::Batch, flow::v1::EndReason};
         use opentelemetry_proto::tonic::common::v1::any_value::Value;
-        use prost::Message as _;
 
         use crate::{
             export::Exporter,
@@ -671,5 +670,16 @@ mod tests {
             .collect();
         assert_eq!(spans, [2_000, 2_000, 1_000]);
         assert!(requests.iter().all(|r| r.len() < MAX_REQUEST_BYTES));
+        // Each request decodes to the spans it counts, and every span is in exactly one.
+        let mut span_ids = std::collections::HashSet::new();
+        for entry in &requests {
+            let request = ExportTraceServiceRequest::decode(&entry[4..]).unwrap();
+            let counted = u32::from_be_bytes(entry[..4].try_into().unwrap()) as usize;
+            assert_eq!(request.resource_spans.len(), counted);
+            for resource_spans in request.resource_spans {
+                assert!(span_ids.insert(resource_spans.scope_spans[0].spans[0].span_id.clone()));
+            }
+        }
+        assert_eq!(span_ids.len(), 5_000);
     }
 }

@@ -27,11 +27,7 @@
 //! one, which keeps a connection that lives for days far below Tempo's 5 MB per-trace limit.
 
 use mermin_protocol::display::{end_reason_name, protocol_name};
-use opentelemetry_proto::tonic::{
-    common::v1::{AnyValue, ArrayValue, InstrumentationScope, KeyValue, any_value::Value},
-    resource::v1::Resource,
-    trace::v1::{ResourceSpans, ScopeSpans, Span, span::Link, span::SpanKind},
-};
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use sha1::{Digest, Sha1};
 
 use crate::{
@@ -40,6 +36,7 @@ use crate::{
         AttributeNaming, EndpointMetadata, FlowSide, MetadataIndex, append_metadata_attributes,
     },
     observation::{Hook, ObservationPoint},
+    otlp_wire::{Attributes, RequestWriter},
     stitch::{Flow, Side},
 };
 
@@ -53,6 +50,9 @@ pub struct Enrichment<'a> {
 /// Intervals in one trace. With the default 60 s active timeout a trace spans an hour: at most
 /// 120 spans of a few hundred bytes each.
 pub const INTERVALS_PER_TRACE: u64 = 60;
+
+/// Spans written per interval ([`write_flow_spans`]): CLIENT and SERVER.
+pub const SPANS_PER_INTERVAL: u32 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Role {
@@ -89,14 +89,20 @@ fn span_id(trace_id: &[u8; 16], index: u64, role: Role) -> [u8; 8] {
     id
 }
 
-/// The OTLP spans of one flow interval: the client side's resource with the CLIENT span, the
-/// server side's with the SERVER span.
-pub fn flow_spans(flow: &Flow, interval: &Interval, enrichment: &Enrichment) -> Vec<ResourceSpans> {
+/// Writes the OTLP spans of one flow interval to `request`: the client side's resource with the
+/// CLIENT span, the server side's with the SERVER span.
+pub fn write_flow_spans(
+    flow: &Flow,
+    interval: &Interval,
+    enrichment: &Enrichment,
+    request: &mut RequestWriter,
+) {
     let community_id = flow.key.community_id(0);
     let trace = trace_id(&community_id, interval);
     let client_id = span_id(&trace, interval.index, Role::Client);
     let server_id = span_id(&trace, interval.index, Role::Server);
-    let name = span_name(flow);
+    let protocol = protocol_name(flow.key.protocol.into());
+    let name = span_name(flow, &protocol);
     let client = shown_client(flow);
     let lookup = |side: &Side| {
         enrichment
@@ -117,30 +123,30 @@ pub fn flow_spans(flow: &Flow, interval: &Interval, enrichment: &Enrichment) -> 
         });
         server.service_name = service.service_name;
     }
+    let scope = ("mermin", env!("CARGO_PKG_VERSION"));
 
-    let mut links = Vec::new();
-    if interval.index > 0 && interval.index.is_multiple_of(INTERVALS_PER_TRACE) {
-        let previous = Interval {
-            index: interval.index - 1,
-            ..*interval
-        };
-        let previous_trace = trace_id(&community_id, &previous);
-        links.push(Link {
-            trace_id: previous_trace.to_vec(),
-            span_id: span_id(&previous_trace, previous.index, Role::Client).to_vec(),
-            ..Link::default()
-        });
-    }
-
-    let client_span = Span {
-        trace_id: trace.to_vec(),
-        span_id: client_id.to_vec(),
-        name: name.clone(),
-        kind: SpanKind::Client as i32,
-        start_time_unix_nano: flow.start_unix_nanos,
-        end_time_unix_nano: flow.end_unix_nanos,
-        attributes: {
-            let mut attributes = flow_attributes(flow, &client, &community_id, interval);
+    let client_workload = client_side.as_ref().and_then(|m| m.workload_service_name());
+    request.resource_span(
+        ServiceName::of(&client, false, client_workload),
+        scope,
+        |span| {
+            span.ids(&trace, &client_id, None);
+            span.name(&name);
+            span.kind(SpanKind::Client as i32);
+            span.times(flow.start_unix_nanos, flow.end_unix_nanos);
+            if interval.index > 0 && interval.index.is_multiple_of(INTERVALS_PER_TRACE) {
+                let previous = Interval {
+                    index: interval.index - 1,
+                    ..*interval
+                };
+                let previous_trace = trace_id(&community_id, &previous);
+                span.link(
+                    &previous_trace,
+                    &span_id(&previous_trace, previous.index, Role::Client),
+                );
+            }
+            let mut attributes = span.attributes();
+            write_flow_attributes(flow, &client, &community_id, interval, &mut attributes);
             for (side, end) in [
                 (FlowSide::Source, &client_side),
                 (FlowSide::Destination, &server_side),
@@ -149,31 +155,22 @@ pub fn flow_spans(flow: &Flow, interval: &Interval, enrichment: &Enrichment) -> 
                     append_metadata_attributes(enrichment.naming, side, metadata, &mut attributes);
                 }
             }
-            attributes
         },
-        links,
-        ..Span::default()
-    };
-    let server_span = Span {
-        trace_id: trace.to_vec(),
-        span_id: server_id.to_vec(),
-        parent_span_id: client_id.to_vec(),
-        name,
-        kind: SpanKind::Server as i32,
-        start_time_unix_nano: flow.start_unix_nanos,
-        end_time_unix_nano: flow.end_unix_nanos,
-        attributes: vec![
-            string("flow.community_id", &community_id),
-            string("network.protocol", &protocol_name(flow.key.protocol.into())),
-        ],
-        ..Span::default()
-    };
-    let client_workload = client_side.as_ref().and_then(|m| m.workload_service_name());
+    );
     let server_workload = server_side.as_ref().and_then(|m| m.workload_service_name());
-    vec![
-        resource_spans(&client, false, client_workload, client_span),
-        resource_spans(&flow.server, true, server_workload, server_span),
-    ]
+    request.resource_span(
+        ServiceName::of(&flow.server, true, server_workload),
+        scope,
+        |span| {
+            span.ids(&trace, &server_id, Some(&client_id));
+            span.name(&name);
+            span.kind(SpanKind::Server as i32);
+            span.times(flow.start_unix_nanos, flow.end_unix_nanos);
+            let mut attributes = span.attributes();
+            attributes.string("flow.community_id", &community_id);
+            attributes.string("network.protocol", &protocol);
+        },
+    );
 }
 
 /// The client as users see it: as it sent, before any SNAT of a translated connection.
@@ -193,12 +190,8 @@ fn shown_client(flow: &Flow) -> Side {
 }
 
 /// Low-cardinality span name in the style Mermin users know: `flow_ipv4_tcp`.
-fn span_name(flow: &Flow) -> String {
-    format!(
-        "flow_{}_{}",
-        network_type(flow),
-        protocol_name(flow.key.protocol.into()).to_lowercase()
-    )
+fn span_name(flow: &Flow, protocol: &str) -> String {
+    format!("flow_{}_{}", network_type(flow), protocol.to_lowercase())
 }
 
 fn network_type(flow: &Flow) -> &'static str {
@@ -225,67 +218,54 @@ const TCP_FLAG_NAMES: [(u32, &str); 8] = [
     (0x80, "CWR"),
 ];
 
-fn flow_attributes(
+fn write_flow_attributes(
     flow: &Flow,
     client: &Side,
     community_id: &str,
     interval: &Interval,
-) -> Vec<KeyValue> {
+    attributes: &mut Attributes,
+) {
     let protocol = protocol_name(flow.key.protocol.into());
-    let mut attributes = vec![
-        string("network.protocol", &protocol),
-        string("network.transport", &protocol.to_lowercase()),
-        string("network.type", network_type(flow)),
-        string("source.address", &client.address.to_string()),
-        int("source.port", i64::from(client.port)),
-        string("destination.address", &flow.server.address.to_string()),
-        int("destination.port", i64::from(flow.server.port)),
-        string("flow.community_id", community_id),
-        string("flow.client_rule", flow.client_rule.as_str()),
-        string("flow.end_reason", end_reason_name(flow.end_reason)),
-        int("flow.interval", saturating_i64(interval.index)),
-    ];
+    attributes.string("network.protocol", &protocol);
+    attributes.string("network.transport", &protocol.to_lowercase());
+    attributes.string("network.type", network_type(flow));
+    attributes.display("source.address", client.address);
+    attributes.int("source.port", i64::from(client.port));
+    attributes.display("destination.address", flow.server.address);
+    attributes.int("destination.port", i64::from(flow.server.port));
+    attributes.string("flow.community_id", community_id);
+    attributes.string("flow.client_rule", flow.client_rule.as_str());
+    attributes.string("flow.end_reason", end_reason_name(flow.end_reason));
+    attributes.int("flow.interval", saturating_i64(interval.index));
     if let Some(t) = &flow.translation {
         if t.dialled != t.server {
-            attributes.push(string(
-                "flow.dialled.address",
-                &t.dialled.address.to_string(),
-            ));
-            attributes.push(int("flow.dialled.port", i64::from(t.dialled.port)));
+            attributes.display("flow.dialled.address", t.dialled.address);
+            attributes.int("flow.dialled.port", i64::from(t.dialled.port));
         }
         if t.translates_client() {
-            attributes.push(string(
+            attributes.display(
                 "flow.translated.source.address",
-                &t.translated_client.address.to_string(),
-            ));
-            attributes.push(int(
+                t.translated_client.address,
+            );
+            attributes.int(
                 "flow.translated.source.port",
                 i64::from(t.translated_client.port),
-            ));
+            );
         }
     }
     let mut flags = 0;
     for (direction, measured) in [
-        ("sent", &flow.client_to_server),
-        ("received", &flow.server_to_client),
+        (Direction::Sent, &flow.client_to_server),
+        (Direction::Received, &flow.server_to_client),
     ] {
         let (packets, bytes) = measured
             .as_ref()
             .map_or((0, 0), |m| (m.counts.packets, m.counts.bytes));
-        attributes.push(int(
-            &format!("flow.bytes.{direction}"),
-            saturating_i64(bytes),
-        ));
-        attributes.push(int(
-            &format!("flow.packets.{direction}"),
-            saturating_i64(packets),
-        ));
+        attributes.int(direction.bytes_key(), saturating_i64(bytes));
+        attributes.int(direction.packets_key(), saturating_i64(packets));
         if let Some(m) = measured {
             flags |= m.counts.tcp_flags;
-            attributes.push(string(
-                &format!("flow.{direction}.observation_point"),
-                &point_label(&m.point),
-            ));
+            attributes.display(direction.point_key(), PointLabel(&m.point));
         }
     }
     if flow.key.protocol == 6 {
@@ -293,73 +273,82 @@ fn flow_attributes(
             .iter()
             .filter(|(bit, _)| flags & bit != 0)
             .map(|(_, name)| *name);
-        attributes.push(strings("flow.tcp.flags", names));
+        attributes.strings("flow.tcp.flags", names);
     }
-    attributes.push(strings(
+    attributes.strings(
         "flow.observation_points",
-        flow.points.iter().map(|point| point_label(point)),
-    ));
-    attributes
+        flow.points.iter().map(|point| PointLabel(point)),
+    );
+}
+
+/// Client → server (`sent`) or back (`received`): the keys of its attributes.
+#[derive(Clone, Copy)]
+enum Direction {
+    Sent,
+    Received,
+}
+
+impl Direction {
+    fn bytes_key(self) -> &'static str {
+        match self {
+            Direction::Sent => "flow.bytes.sent",
+            Direction::Received => "flow.bytes.received",
+        }
+    }
+
+    fn packets_key(self) -> &'static str {
+        match self {
+            Direction::Sent => "flow.packets.sent",
+            Direction::Received => "flow.packets.received",
+        }
+    }
+
+    fn point_key(self) -> &'static str {
+        match self {
+            Direction::Sent => "flow.sent.observation_point",
+            Direction::Received => "flow.received.observation_point",
+        }
+    }
 }
 
 /// `node/interface/ingress` — how users read an observation point.
-fn point_label(point: &ObservationPoint) -> String {
-    let hook = match point.hook {
-        Hook::Ingress => "ingress",
-        Hook::Egress => "egress",
-    };
-    format!("{}/{}/{hook}", point.node, point.interface)
-}
+struct PointLabel<'a>(&'a ObservationPoint);
 
-fn resource_spans(side: &Side, server: bool, workload: Option<&str>, span: Span) -> ResourceSpans {
-    // Without metadata a side is named by its address (and, for the server, its port), which is
-    // what the service graph then shows.
-    let service = match workload {
-        Some(workload) => workload.to_owned(),
-        None if server && side.port != 0 => format!("{}:{}", side.address, side.port),
-        None => side.address.to_string(),
-    };
-    ResourceSpans {
-        resource: Some(Resource {
-            attributes: vec![string("service.name", &service)],
-            ..Resource::default()
-        }),
-        scope_spans: vec![ScopeSpans {
-            scope: Some(InstrumentationScope {
-                name: "mermin".into(),
-                version: env!("CARGO_PKG_VERSION").into(),
-                ..InstrumentationScope::default()
-            }),
-            spans: vec![span],
-            ..ScopeSpans::default()
-        }],
-        ..ResourceSpans::default()
+impl std::fmt::Display for PointLabel<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hook = match self.0.hook {
+            Hook::Ingress => "ingress",
+            Hook::Egress => "egress",
+        };
+        write!(f, "{}/{}/{hook}", self.0.node, self.0.interface)
     }
 }
 
-fn string(key: &str, value: &str) -> KeyValue {
-    key_value(key, Value::StringValue(value.to_owned()))
+/// A side's resource `service.name`: its workload; without metadata its address (and, for the
+/// server, its port), which is what the service graph then shows.
+enum ServiceName<'a> {
+    Workload(&'a str),
+    Endpoint(&'a Side),
+    Address(&'a Side),
 }
 
-fn int(key: &str, value: i64) -> KeyValue {
-    key_value(key, Value::IntValue(value))
+impl<'a> ServiceName<'a> {
+    fn of(side: &'a Side, server: bool, workload: Option<&'a str>) -> Self {
+        match workload {
+            Some(workload) => ServiceName::Workload(workload),
+            None if server && side.port != 0 => ServiceName::Endpoint(side),
+            None => ServiceName::Address(side),
+        }
+    }
 }
 
-fn strings<S: Into<String>>(key: &str, values: impl IntoIterator<Item = S>) -> KeyValue {
-    let values = values
-        .into_iter()
-        .map(|v| AnyValue {
-            value: Some(Value::StringValue(v.into())),
-        })
-        .collect();
-    key_value(key, Value::ArrayValue(ArrayValue { values }))
-}
-
-fn key_value(key: &str, value: Value) -> KeyValue {
-    KeyValue {
-        key: key.to_owned(),
-        value: Some(AnyValue { value: Some(value) }),
-        ..KeyValue::default()
+impl std::fmt::Display for ServiceName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServiceName::Workload(workload) => f.write_str(workload),
+            ServiceName::Endpoint(side) => write!(f, "{}:{}", side.address, side.port),
+            ServiceName::Address(side) => write!(f, "{}", side.address),
+        }
     }
 }
 
@@ -368,6 +357,12 @@ mod tests {
     use std::collections::HashMap;
 
     use mermin_protocol::flow::v1::EndReason;
+    use opentelemetry_proto::tonic::{
+        collector::trace::v1::ExportTraceServiceRequest,
+        common::v1::{AnyValue, any_value::Value},
+        trace::v1::{ResourceSpans, Span},
+    };
+    use prost::Message;
 
     use super::*;
     use crate::{
@@ -384,7 +379,18 @@ mod tests {
             index: &index,
             naming: AttributeNaming::Seed,
         };
-        flow_spans(flow, interval, &enrichment)
+        decoded(flow, interval, &enrichment)
+    }
+
+    /// What [`write_flow_spans`] wrote, decoded.
+    fn decoded(flow: &Flow, interval: &Interval, enrichment: &Enrichment) -> Vec<ResourceSpans> {
+        let mut request = RequestWriter::default();
+        write_flow_spans(flow, interval, enrichment, &mut request);
+        let entry = request.finish();
+        assert_eq!(entry[..4], 2u32.to_be_bytes(), "two spans counted");
+        ExportTraceServiceRequest::decode(&entry[4..])
+            .unwrap()
+            .resource_spans
     }
 
     fn flow() -> Flow {
@@ -600,7 +606,7 @@ endpoint "10.96.0.10" { service = "api" namespace = "backend" }
         });
         // The client span's attributes, owned.
         let client_attributes = |flow: &Flow| {
-            let spans = flow_spans(
+            let spans = decoded(
                 flow,
                 &START,
                 &Enrichment {
@@ -653,7 +659,7 @@ endpoint "10.0.2.0/24" { pod = "nginx-0" namespace = "backend" service = "nginx"
             .unwrap(),
         );
         let attributes_of = |naming| {
-            let spans = flow_spans(
+            let spans = decoded(
                 &flow(),
                 &START,
                 &Enrichment {

@@ -7,6 +7,7 @@ use std::{collections::BTreeSet, path::Path};
 const ORDER: &[&str] = &[
     "clock",
     "defaults",
+    "otlp_wire",
     "hcl",
     "connection_key",
     "actors",

@@ -17,9 +17,8 @@
 
 use std::borrow::Cow;
 
-use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
-
 use super::index::EndpointMetadata;
+use crate::otlp_wire::StringAttributes;
 
 /// Which attribute names metadata gets.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -84,26 +83,14 @@ pub fn append_metadata_attributes(
     naming: AttributeNaming,
     side: FlowSide,
     metadata: &EndpointMetadata,
-    attributes: &mut Vec<KeyValue>,
+    attributes: &mut impl StringAttributes,
 ) {
     let prefix = side.prefix();
-    // The key is `<side>.` and `name_parts` joined by dots, built with one allocation.
+    // The key is `<side>.` and `name_parts` joined by dots.
     let mut push = |name_parts: &[&str], value: &str| {
-        let mut key = String::with_capacity(
-            prefix.len() + name_parts.iter().map(|part| part.len() + 1).sum::<usize>(),
-        );
-        key.push_str(prefix);
-        for part in name_parts {
-            key.push('.');
-            key.push_str(part);
-        }
-        attributes.push(KeyValue {
-            key,
-            value: Some(AnyValue {
-                value: Some(Value::StringValue(value.to_owned())),
-            }),
-            ..KeyValue::default()
-        });
+        let mut key = [prefix; 4];
+        key[1..=name_parts.len()].copy_from_slice(name_parts);
+        attributes.dotted_string(&key[..=name_parts.len()], value);
     };
     let (pod, namespace, node, service, container, pod_label, namespace_label) = match naming {
         AttributeNaming::Seed => (
@@ -200,20 +187,24 @@ mod tests {
         }
     }
 
+    /// The attributes in order, as written.
+    #[derive(Default)]
+    struct Pairs(Vec<(String, String)>);
+
+    impl StringAttributes for Pairs {
+        fn dotted_string(&mut self, key: &[&str], value: &str) {
+            self.0.push((key.join("."), value.to_owned()));
+        }
+    }
+
     fn attributes(
         naming: AttributeNaming,
         side: FlowSide,
         metadata: &EndpointMetadata,
     ) -> Vec<(String, String)> {
-        let mut attributes = Vec::new();
+        let mut attributes = Pairs::default();
         append_metadata_attributes(naming, side, metadata, &mut attributes);
-        attributes
-            .into_iter()
-            .map(|kv| match kv.value.and_then(|v| v.value) {
-                Some(Value::StringValue(value)) => (kv.key, value),
-                other => panic!("{} is not a string: {other:?}", kv.key),
-            })
-            .collect()
+        attributes.0
     }
 
     fn pairs(expected: &[(&str, &str)]) -> Vec<(String, String)> {
