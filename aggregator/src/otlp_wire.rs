@@ -84,6 +84,15 @@ impl Fields<'_> {
         self.0.extend_from_slice(&value.to_le_bytes());
     }
 
+    /// A string field holding `value` formatted, written without building the string.
+    fn formatted(&mut self, tag: u32, value: impl std::fmt::Display) {
+        self.message(tag, |text| {
+            use std::io::Write;
+            // Writing into a Vec cannot fail.
+            let _ = write!(text.0, "{value}");
+        });
+    }
+
     /// A nested message written by `body`, its length put in front of it afterwards.
     fn message(&mut self, tag: u32, body: impl FnOnce(&mut Fields)) {
         encode_key(tag, WireType::LengthDelimited, self.0);
@@ -125,13 +134,7 @@ impl Attributes<'_> {
     pub fn display(&mut self, key: &str, value: impl std::fmt::Display) {
         self.fields.message(self.tag, |kv| {
             kv.dotted(KEY_VALUE_KEY, &[key]);
-            kv.message(KEY_VALUE_VALUE, |any| {
-                any.message(ANY_STRING, |text| {
-                    use std::io::Write;
-                    // Writing into a Vec cannot fail.
-                    let _ = write!(text.0, "{value}");
-                });
-            });
+            kv.message(KEY_VALUE_VALUE, |any| any.formatted(ANY_STRING, value));
         });
     }
 
@@ -154,12 +157,7 @@ impl Attributes<'_> {
             kv.message(KEY_VALUE_VALUE, |any| {
                 any.message(ANY_ARRAY, |array| {
                     for value in values {
-                        array.message(ARRAY_VALUES, |element| {
-                            element.message(ANY_STRING, |text| {
-                                use std::io::Write;
-                                let _ = write!(text.0, "{value}");
-                            });
-                        });
+                        array.message(ARRAY_VALUES, |element| element.formatted(ANY_STRING, value));
                     }
                 });
             });

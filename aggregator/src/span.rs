@@ -146,7 +146,14 @@ pub fn write_flow_spans(
                 );
             }
             let mut attributes = span.attributes();
-            write_flow_attributes(flow, &client, &community_id, interval, &mut attributes);
+            write_flow_attributes(
+                flow,
+                &client,
+                &protocol,
+                &community_id,
+                interval,
+                &mut attributes,
+            );
             for (side, end) in [
                 (FlowSide::Source, &client_side),
                 (FlowSide::Destination, &server_side),
@@ -221,12 +228,12 @@ const TCP_FLAG_NAMES: [(u32, &str); 8] = [
 fn write_flow_attributes(
     flow: &Flow,
     client: &Side,
+    protocol: &str,
     community_id: &str,
     interval: &Interval,
     attributes: &mut Attributes,
 ) {
-    let protocol = protocol_name(flow.key.protocol.into());
-    attributes.string("network.protocol", &protocol);
+    attributes.string("network.protocol", protocol);
     attributes.string("network.transport", &protocol.to_lowercase());
     attributes.string("network.type", network_type(flow));
     attributes.display("source.address", client.address);

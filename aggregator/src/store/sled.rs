@@ -109,7 +109,10 @@ impl SledStore {
         for boot_id in store.agents.iter().keys() {
             store.drop_applied_batches(&boot_id_of(&boot_id?)?)?;
         }
-        store.drop_batches_of_retired_agents()?;
+        // A retirement removes a boot id's batches with it; a store written before it did kept
+        // them, and with the boot id's positions gone a recovery would apply them again (every
+        // shard was past them, or the boot id would not have been retired).
+        store.drop_entries_of_unknown_agents(&store.batches)?;
         Ok(store)
     }
 
@@ -201,18 +204,15 @@ impl SledStore {
         Ok(())
     }
 
-    /// Deletes the batches of boot ids that are no longer known. A retirement removes a boot
-    /// id's batches with it; a store written before it did kept them, and with the boot id's
-    /// positions gone a recovery would apply them again (every shard was past them, or the boot
-    /// id would not have been retired).
-    fn drop_batches_of_retired_agents(&self) -> Result<(), StoreError> {
-        for key in self.batches.iter().keys() {
+    /// Deletes the entries of `tree` (keyed by boot id first) whose boot id is no longer known.
+    fn drop_entries_of_unknown_agents(&self, tree: &sled::Tree) -> Result<(), StoreError> {
+        for key in tree.iter().keys() {
             let key = key?;
             if !self
                 .agents
                 .contains_key(&key[..BOOT_ID_LEN.min(key.len())])?
             {
-                self.batches.remove(key)?;
+                tree.remove(key)?;
             }
         }
         Ok(())
@@ -261,15 +261,7 @@ impl SledStore {
         }
         retirement.known += usize::from(newest.is_some());
         // Positions written back by a checkpoint that raced an earlier retirement.
-        for key in self.positions.iter().keys() {
-            let key = key?;
-            if !self
-                .agents
-                .contains_key(&key[..BOOT_ID_LEN.min(key.len())])?
-            {
-                self.positions.remove(key)?;
-            }
-        }
+        self.drop_entries_of_unknown_agents(&self.positions)?;
         Ok(retirement)
     }
 
