@@ -7,6 +7,7 @@ fn main() -> anyhow::Result<()> {
         "proto/mermin/flow/v1/flow.proto",
         "proto/mermin/agent/v1/agent.proto",
         "proto/mermin/admin/v1/admin.proto",
+        "proto/mermin/replica/v1/raft.proto",
     ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");

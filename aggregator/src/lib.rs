@@ -31,6 +31,7 @@ pub mod observe;
 pub mod otlp_wire;
 pub mod pipeline;
 pub mod placement;
+pub mod replication;
 pub mod settings;
 pub mod shard;
 pub mod span;

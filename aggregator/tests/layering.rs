@@ -15,6 +15,7 @@ const ORDER: &[&str] = &[
     "placement",
     "stitch",
     "store",
+    "replication",
     "flow_table",
     "metadata",
     "span",

@@ -3,6 +3,7 @@
 //! - [`flow::v1`]: raw flow records, the shape the node agent emits and the aggregator ingests.
 //! - [`agent::v1`]: the agent → aggregator stream (hello, sequenced batches, durable acks).
 //! - [`admin::v1`]: the aggregator's admin API (status, agents, queues, the observe stream).
+//! - [`replica::v1`]: replica to replica, the Raft transport of the aggregator cluster.
 //! - [`display`]: the one-line human form of an observed flow (the CLI and `--print-flows`).
 //!
 //! Protobuf hygiene: every enum starts with `*_UNSPECIFIED = 0`; fields are never renumbered
@@ -23,6 +24,12 @@ pub mod agent {
 pub mod admin {
     pub mod v1 {
         include!(concat!(env!("OUT_DIR"), "/mermin.admin.v1.rs"));
+    }
+}
+
+pub mod replica {
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/mermin.replica.v1.rs"));
     }
 }
 

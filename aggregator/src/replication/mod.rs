@@ -1,0 +1,42 @@
+//! Replication of the aggregator across replicas with Raft (openraft): the groups a replica
+//! takes part in, their logs and state machines in the replica's sled database, and the
+//! replica-to-replica transport.
+//!
+//! The design (ARCHITECTURE.md, "Replication"): one Raft group for membership and placement
+//! (every replica a voter; its state machine is the shard map: which replica leads which shard,
+//! with an epoch per shard) and, built on it, one group per shard whose log carries that shard's
+//! part of every agent batch and its checkpoints. What is here today is the first group:
+//! - `log`: the Raft log of any group, in sled ([`log::SledLog`]).
+//! - `placement`: the membership and placement state machine and how shards are spread.
+//! - `network`: the gRPC transport (`mermin.replica.v1.Raft`), one service for every group.
+//! - [`Replica`]: one replica's groups started on its data dir and served on its listener;
+//!   bootstrap as a StatefulSet does it (replica 0 initialises, the others are added by the
+//!   leader).
+
+pub mod log;
+pub mod network;
+pub mod placement;
+mod replica;
+
+pub use self::replica::{Replica, Timings};
+
+/// A replica's Raft node id: its StatefulSet ordinal.
+pub type ReplicaId = u64;
+
+/// The membership and placement group's name on the wire.
+pub const PLACEMENT_GROUP: &str = "placement";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    #[error("replica store: {0}")]
+    Store(#[from] sled::Error),
+    #[error("replica store: corrupt {what}: {reason}")]
+    Corrupt { what: &'static str, reason: String },
+    #[error("starting Raft: {0}")]
+    Start(String),
+    /// This replica does not lead the group; `leader` does, if one is known.
+    #[error("not the leader of the group (leader: {leader:?})")]
+    NotLeader { leader: Option<ReplicaId> },
+    #[error("Raft: {0}")]
+    Raft(String),
+}

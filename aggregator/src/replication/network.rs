@@ -1,0 +1,290 @@
+//! The Raft transport between replicas over gRPC (`mermin.replica.v1.Raft`).
+//!
+//! The server side ([`RaftService`]) routes every message to the local Raft group it names
+//! ([`Groups`]); a message for a group this replica does not run is refused with NOT_FOUND.
+//! The client side ([`GrpcNetwork`]) is openraft's network factory: one lazily connected
+//! channel per peer and group, each call bounded by openraft's own deadline. A peer that cannot
+//! be reached is reported as unreachable (openraft then backs off); an answer that does not
+//! decode, as a network error.
+
+use std::{
+    collections::HashMap,
+    error::Error,
+    sync::{Arc, RwLock},
+};
+
+use futures_util::future::BoxFuture;
+use mermin_protocol::replica::v1::{
+    RaftMessage,
+    raft_client::RaftClient,
+    raft_server::{Raft as RaftTransport, RaftServer},
+};
+use openraft::{
+    BasicNode, Raft, RaftTypeConfig,
+    error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable},
+    network::{RPCOption, RaftNetwork, RaftNetworkFactory},
+    raft::{
+        AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest,
+        InstallSnapshotResponse, VoteRequest, VoteResponse,
+    },
+};
+use serde::{Serialize, de::DeserializeOwned};
+use tonic::{Request, Response, Status, transport::Channel};
+
+use super::ReplicaId;
+
+/// What a Raft group of any type needs to answer its peers' messages.
+trait GroupEndpoint: Send + Sync {
+    fn append_entries(&self, payload: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, Status>>;
+    fn vote(&self, payload: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, Status>>;
+    fn install_snapshot(&self, payload: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, Status>>;
+}
+
+fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, Status> {
+    postcard::from_bytes(payload)
+        .map_err(|e| Status::invalid_argument(format!("malformed Raft message: {e}")))
+}
+
+fn encode<T: Serialize>(answer: &T) -> Result<Vec<u8>, Status> {
+    postcard::to_allocvec(answer)
+        .map_err(|e| Status::internal(format!("encoding a Raft answer: {e}")))
+}
+
+impl<C> GroupEndpoint for Raft<C>
+where
+    C: RaftTypeConfig<NodeId = ReplicaId, Node = BasicNode>,
+    AppendEntriesRequest<C>: DeserializeOwned,
+    InstallSnapshotRequest<C>: DeserializeOwned,
+{
+    fn append_entries(&self, payload: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, Status>> {
+        Box::pin(async move {
+            let rpc: AppendEntriesRequest<C> = decode(&payload)?;
+            encode(&Raft::append_entries(self, rpc).await)
+        })
+    }
+
+    fn vote(&self, payload: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, Status>> {
+        Box::pin(async move {
+            let rpc: VoteRequest<ReplicaId> = decode(&payload)?;
+            encode(&Raft::vote(self, rpc).await)
+        })
+    }
+
+    fn install_snapshot(&self, payload: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, Status>> {
+        Box::pin(async move {
+            let rpc: InstallSnapshotRequest<C> = decode(&payload)?;
+            encode(&Raft::install_snapshot(self, rpc).await)
+        })
+    }
+}
+
+/// The Raft groups this replica runs, by name.
+#[derive(Clone, Default)]
+pub struct Groups {
+    by_name: Arc<RwLock<HashMap<String, Arc<dyn GroupEndpoint>>>>,
+}
+
+impl Groups {
+    /// Routes the messages for `name` to `raft` from now on.
+    pub fn add<C>(&self, name: &str, raft: Raft<C>)
+    where
+        C: RaftTypeConfig<NodeId = ReplicaId, Node = BasicNode>,
+        AppendEntriesRequest<C>: DeserializeOwned,
+        InstallSnapshotRequest<C>: DeserializeOwned,
+    {
+        self.by_name
+            .write()
+            .expect("groups lock")
+            .insert(name.to_owned(), Arc::new(raft));
+    }
+
+    fn get(&self, name: &str) -> Result<Arc<dyn GroupEndpoint>, Status> {
+        self.by_name
+            .read()
+            .expect("groups lock")
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("this replica runs no Raft group {name:?}")))
+    }
+
+    /// The gRPC service answering peers for every group added.
+    pub fn service(&self) -> RaftServer<RaftService> {
+        RaftServer::new(RaftService {
+            groups: self.clone(),
+        })
+    }
+}
+
+/// The server side of the transport (see the module docs).
+pub struct RaftService {
+    groups: Groups,
+}
+
+#[derive(Clone, Copy)]
+enum Rpc {
+    AppendEntries,
+    Vote,
+    InstallSnapshot,
+}
+
+impl RaftService {
+    async fn answer(
+        &self,
+        rpc: Rpc,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let RaftMessage { group, payload } = request.into_inner();
+        let endpoint = self.groups.get(&group)?;
+        let payload = match rpc {
+            Rpc::AppendEntries => endpoint.append_entries(payload).await?,
+            Rpc::Vote => endpoint.vote(payload).await?,
+            Rpc::InstallSnapshot => endpoint.install_snapshot(payload).await?,
+        };
+        Ok(Response::new(RaftMessage { group, payload }))
+    }
+}
+
+#[tonic::async_trait]
+impl RaftTransport for RaftService {
+    async fn append_entries(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        self.answer(Rpc::AppendEntries, request).await
+    }
+
+    async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        self.answer(Rpc::Vote, request).await
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        self.answer(Rpc::InstallSnapshot, request).await
+    }
+}
+
+/// The client side of the transport for one group (see the module docs).
+#[derive(Clone)]
+pub struct GrpcNetwork {
+    group: String,
+}
+
+impl GrpcNetwork {
+    pub fn new(group: &str) -> Self {
+        Self {
+            group: group.to_owned(),
+        }
+    }
+}
+
+/// One peer of one group, as openraft sends to it.
+pub struct GrpcPeer {
+    group: String,
+    target: ReplicaId,
+    client: Result<RaftClient<Channel>, String>,
+}
+
+impl<C> RaftNetworkFactory<C> for GrpcNetwork
+where
+    C: RaftTypeConfig<NodeId = ReplicaId, Node = BasicNode>,
+    AppendEntriesRequest<C>: Serialize,
+    InstallSnapshotRequest<C>: Serialize,
+{
+    type Network = GrpcPeer;
+
+    async fn new_client(&mut self, target: ReplicaId, node: &BasicNode) -> GrpcPeer {
+        let client = Channel::from_shared(format!("http://{}", node.addr))
+            .map(|endpoint| RaftClient::new(endpoint.connect_lazy()))
+            .map_err(|e| format!("replica {target} has a bad address {:?}: {e}", node.addr));
+        GrpcPeer {
+            group: self.group.clone(),
+            target,
+            client,
+        }
+    }
+}
+
+/// A failure to reach a peer or to understand it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct TransportError(String);
+
+type PeerError<E> = RPCError<ReplicaId, BasicNode, RaftError<ReplicaId, E>>;
+
+impl GrpcPeer {
+    async fn call<Req, Resp, E>(
+        &mut self,
+        rpc: Rpc,
+        message: &Req,
+        option: RPCOption,
+    ) -> Result<Resp, PeerError<E>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: Error + DeserializeOwned,
+    {
+        let network =
+            |reason: String| RPCError::Network(NetworkError::new(&TransportError(reason)));
+        let payload = postcard::to_allocvec(message).map_err(|e| network(e.to_string()))?;
+        let client = self.client.as_mut().map_err(|reason| {
+            RPCError::Unreachable(Unreachable::new(&TransportError(reason.clone())))
+        })?;
+        let mut request = Request::new(RaftMessage {
+            group: self.group.clone(),
+            payload,
+        });
+        request.set_timeout(option.hard_ttl());
+        let answer = match rpc {
+            Rpc::AppendEntries => client.append_entries(request).await,
+            Rpc::Vote => client.vote(request).await,
+            Rpc::InstallSnapshot => client.install_snapshot(request).await,
+        };
+        let answer = answer.map_err(|status| {
+            let error = TransportError(format!("replica {}: {status}", self.target));
+            match status.code() {
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
+                    RPCError::Unreachable(Unreachable::new(&error))
+                }
+                _ => RPCError::Network(NetworkError::new(&error)),
+            }
+        })?;
+        let result: Result<Resp, RaftError<ReplicaId, E>> =
+            postcard::from_bytes(&answer.into_inner().payload).map_err(|e| {
+                network(format!("replica {}: undecodable answer: {e}", self.target))
+            })?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl<C> RaftNetwork<C> for GrpcPeer
+where
+    C: RaftTypeConfig<NodeId = ReplicaId, Node = BasicNode>,
+    AppendEntriesRequest<C>: Serialize,
+    InstallSnapshotRequest<C>: Serialize,
+{
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<C>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<ReplicaId>, PeerError<openraft::error::Infallible>> {
+        self.call(Rpc::AppendEntries, &rpc, option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<C>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<ReplicaId>, PeerError<InstallSnapshotError>> {
+        self.call(Rpc::InstallSnapshot, &rpc, option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<ReplicaId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<ReplicaId>, PeerError<openraft::error::Infallible>> {
+        self.call(Rpc::Vote, &rpc, option).await
+    }
+}
