@@ -1,0 +1,162 @@
+//! The membership and placement group across three replicas on loopback, over the real gRPC
+//! transport and real sled stores: bootstrap as a StatefulSet does it, the shard map the same on
+//! every replica, a new leader after the leader stops, its shards placed elsewhere, and the
+//! stopped replica back with its data.
+
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use mermin_aggregator::{
+    placement::ShardId,
+    replication::{
+        Replica, ReplicaId, Timings,
+        placement::{Lease, ShardMap},
+    },
+};
+use tokio::net::TcpListener;
+
+const WITHIN: Duration = Duration::from_secs(20);
+
+fn timings() -> Timings {
+    Timings {
+        heartbeat: Duration::from_millis(100),
+        election_timeout: (Duration::from_millis(500), Duration::from_millis(1000)),
+    }
+}
+
+async fn start(id: ReplicaId, data: &Path) -> Replica {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    Replica::start(id, listener, data, timings()).await.unwrap()
+}
+
+/// Which shards each replica leads.
+fn held(map: &ShardMap) -> BTreeMap<ReplicaId, Vec<ShardId>> {
+    let mut held: BTreeMap<ReplicaId, Vec<ShardId>> = BTreeMap::new();
+    for (shard, lease) in map {
+        held.entry(lease.replica).or_default().push(*shard);
+    }
+    held
+}
+
+/// Waits until every replica has applied `expected`; fails with what each has after [`WITHIN`].
+async fn converged(replicas: &[&Replica], expected: &ShardMap) {
+    for replica in replicas {
+        let mut map = replica.shard_map();
+        let reached = tokio::time::timeout(WITHIN, map.wait_for(|map| map == expected))
+            .await
+            .is_ok_and(|waited| waited.is_ok());
+        assert!(
+            reached,
+            "replica {} has {:?}, expected {:?}",
+            replica.id(),
+            *map.borrow(),
+            expected
+        );
+    }
+}
+
+/// Waits until every replica names the same leader, one of them; returns it.
+async fn agreed_leader(replicas: &[&Replica]) -> ReplicaId {
+    let deadline = Instant::now() + WITHIN;
+    loop {
+        let leaders: Vec<_> = replicas.iter().map(|r| r.leader()).collect();
+        if let Some(Some(leader)) = leaders.first()
+            && leaders.iter().all(|l| *l == Some(*leader))
+            && replicas.iter().any(|r| r.id() == *leader)
+        {
+            return *leader;
+        }
+        assert!(Instant::now() < deadline, "no agreed leader: {leaders:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_agree_on_the_shard_map_through_a_leader_change_and_a_rejoin() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+
+    // Replica 0 initialises a cluster of one and places every shard on itself.
+    let zero = start(0, dirs[0].path()).await;
+    zero.bootstrap().await.unwrap();
+    assert_eq!(agreed_leader(&[&zero]).await, 0);
+    let placed = zero.rebalance().await.unwrap();
+    assert_eq!(placed.applied.len(), 8);
+
+    // Replicas 1 and 2 join through the leader; the shards spread with as few moves as possible.
+    let one = start(1, dirs[1].path()).await;
+    let two = start(2, dirs[2].path()).await;
+    zero.add_member(1, one.address()).await.unwrap();
+    zero.add_member(2, two.address()).await.unwrap();
+    assert_eq!(zero.rebalance().await.unwrap().applied.len(), 5);
+    let spread = zero.shard_map().borrow().clone();
+    assert_eq!(
+        held(&spread),
+        BTreeMap::from([(0, vec![0, 1, 2]), (1, vec![3, 5, 7]), (2, vec![4, 6])])
+    );
+    converged(&[&zero, &one, &two], &spread).await;
+    // Bootstrapping again (every start of replica 0 does) changes nothing.
+    zero.bootstrap().await.unwrap();
+    assert_eq!(agreed_leader(&[&zero, &one, &two]).await, 0);
+
+    // The leader stops: the other two elect one of them, which takes replica 0 out and places
+    // its shards; only those three move, each to a new epoch.
+    let stopped_at = Instant::now();
+    zero.shutdown().await;
+    let leader_id = agreed_leader(&[&one, &two]).await;
+    let elected_after = stopped_at.elapsed();
+    assert!(
+        elected_after < WITHIN,
+        "a new leader after {elected_after:?}"
+    );
+    let (leader, follower) = if leader_id == 1 {
+        (&one, &two)
+    } else {
+        (&two, &one)
+    };
+    leader.remove_member(0).await.unwrap();
+    let moved = leader.rebalance().await.unwrap();
+    assert_eq!(
+        moved.applied.iter().map(|m| m.shard).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
+    let without_zero = leader.shard_map().borrow().clone();
+    assert_eq!(
+        held(&without_zero).values().map(Vec::len).collect::<Vec<_>>(),
+        vec![4, 4]
+    );
+    for shard in 0..3 {
+        assert_eq!(without_zero[&shard].epoch, 2, "shard {shard}");
+    }
+    for shard in 3..8 {
+        assert_eq!(without_zero[&shard], spread[&shard], "shard {shard}");
+    }
+    converged(&[leader, follower], &without_zero).await;
+
+    // Replica 0 starts again on its data dir: it still has the map it had applied, and once the
+    // leader adds it back it catches up to the current one.
+    let zero = start(0, dirs[0].path()).await;
+    assert_eq!(*zero.shard_map().borrow(), spread);
+    leader.add_member(0, zero.address()).await.unwrap();
+    converged(&[&zero, leader, follower], &without_zero).await;
+    assert_eq!(
+        without_zero.values().filter(|l| l.replica == 0).count(),
+        0
+    );
+    let rebalanced = leader.rebalance().await.unwrap();
+    assert_eq!(rebalanced.applied.len(), 2);
+    let final_map = leader.shard_map().borrow().clone();
+    converged(&[&zero, leader, follower], &final_map).await;
+    assert_eq!(
+        held(&final_map).values().map(Vec::len).collect::<Vec<_>>(),
+        vec![2, 3, 3]
+    );
+    assert!(final_map.values().all(|Lease { epoch, .. }| *epoch >= 1));
+    eprintln!("new leader {leader_id} agreed {elected_after:?} after the leader stopped");
+
+    for replica in [zero, one, two] {
+        replica.shutdown().await;
+    }
+}
