@@ -124,7 +124,10 @@ async fn three_replicas_agree_on_the_shard_map_through_a_leader_change_and_a_rej
     );
     let without_zero = leader.shard_map().borrow().clone();
     assert_eq!(
-        held(&without_zero).values().map(Vec::len).collect::<Vec<_>>(),
+        held(&without_zero)
+            .values()
+            .map(Vec::len)
+            .collect::<Vec<_>>(),
         vec![4, 4]
     );
     for shard in 0..3 {
@@ -141,10 +144,7 @@ async fn three_replicas_agree_on_the_shard_map_through_a_leader_change_and_a_rej
     assert_eq!(*zero.shard_map().borrow(), spread);
     leader.add_member(0, zero.address()).await.unwrap();
     converged(&[&zero, leader, follower], &without_zero).await;
-    assert_eq!(
-        without_zero.values().filter(|l| l.replica == 0).count(),
-        0
-    );
+    assert_eq!(without_zero.values().filter(|l| l.replica == 0).count(), 0);
     let rebalanced = leader.rebalance().await.unwrap();
     assert_eq!(rebalanced.applied.len(), 2);
     let final_map = leader.shard_map().borrow().clone();

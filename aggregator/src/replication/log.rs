@@ -51,6 +51,10 @@ where
         })
     }
 
+    #[expect(
+        clippy::result_large_err,
+        reason = "openraft's error type, which its storage traits return"
+    )]
     fn read_meta<T: DeserializeOwned>(
         &self,
         key: &[u8],
@@ -80,6 +84,10 @@ where
         Ok(())
     }
 
+    #[expect(
+        clippy::result_large_err,
+        reason = "openraft's error type, which its storage traits return"
+    )]
     fn last_entry_id(&self) -> Result<Option<LogId<C::NodeId>>, StorageIOError<C::NodeId>> {
         let Some((_, bytes)) = self
             .entries
@@ -99,6 +107,10 @@ where
     C: RaftTypeConfig,
     C::Entry: Serialize + DeserializeOwned,
 {
+    #[expect(
+        clippy::result_large_err,
+        reason = "openraft's error type, which its storage traits return"
+    )]
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
