@@ -529,6 +529,7 @@ impl<S: BatchSink> Worker<S> {
             .ingest
             .store
             .bind_agent(&boot_id, &hello.node_name)
+            .await
             .map_err(internal)?
         {
             None => self.ingest.agent_bound.notify_one(),

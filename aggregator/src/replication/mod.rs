@@ -13,10 +13,15 @@
 //!   bootstrap as a StatefulSet does it (replica 0 initialises, the others are added by the
 //!   leader).
 
+// openraft's storage error (~200 B) is what its storage traits return; the helpers return it
+// as it is rather than boxing it only to unbox it at the trait.
+#![expect(clippy::result_large_err)]
+
 pub mod log;
 pub mod network;
 pub mod placement;
 mod replica;
+pub mod store;
 
 pub use self::replica::{Replica, Timings};
 
@@ -25,6 +30,9 @@ pub type ReplicaId = u64;
 
 /// The membership and placement group's name on the wire.
 pub const PLACEMENT_GROUP: &str = "placement";
+
+/// The store group's name on the wire.
+pub const STORE_GROUP: &str = "store";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {

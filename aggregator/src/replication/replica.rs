@@ -1,5 +1,5 @@
-//! One replica: its sled database, the membership and placement group on it, and the gRPC
-//! server its peers reach it on.
+//! One replica: its sled databases, the membership and placement group and the store group on
+//! them, and the gRPC server its peers reach it on.
 
 use std::{collections::BTreeMap, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
@@ -11,12 +11,13 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
 
 use super::{
-    PLACEMENT_GROUP, ReplicaId, ReplicationError,
+    PLACEMENT_GROUP, ReplicaId, ReplicationError, STORE_GROUP,
     log::SledLog,
     network::{Groups, GrpcNetwork},
     placement::{Placed, PlacementCommand, PlacementGroup, PlacementMachine, ShardMap, rebalance},
+    store::{ReplicatedStore, StoreGroup, StoreMachine},
 };
-use crate::placement::SHARDS;
+use crate::{placement::SHARDS, store::Store};
 
 /// Raft's clock: how often a leader shows it is alive, and how long a follower waits before
 /// it stands for election (a random time in the range, so that two rarely stand at once).
@@ -41,6 +42,8 @@ pub struct Replica {
     address: SocketAddr,
     placement: Raft<PlacementGroup>,
     machine: PlacementMachine,
+    store_group: Raft<StoreGroup>,
+    store: Arc<ReplicatedStore>,
     server: JoinHandle<()>,
 }
 
@@ -61,6 +64,49 @@ fn write_error(
     }
 }
 
+/// Makes `raft`'s group a cluster of `members`, unless it has been initialised before.
+async fn initialize<C>(
+    raft: &Raft<C>,
+    members: BTreeMap<ReplicaId, BasicNode>,
+) -> Result<(), ReplicationError>
+where
+    C: openraft::RaftTypeConfig<NodeId = ReplicaId, Node = BasicNode>,
+{
+    if raft
+        .is_initialized()
+        .await
+        .map_err(|e| ReplicationError::Raft(e.to_string()))?
+    {
+        return Ok(());
+    }
+    raft.initialize(members)
+        .await
+        .map_err(|e| ReplicationError::Raft(e.to_string()))
+}
+
+/// Adds replica `id` at `address` to `raft`'s group (on its leader): first as a learner that
+/// catches up, then as a voter.
+async fn add_voter<C>(
+    raft: &Raft<C>,
+    id: ReplicaId,
+    address: SocketAddr,
+) -> Result<(), ReplicationError>
+where
+    C: openraft::RaftTypeConfig<
+            NodeId = ReplicaId,
+            Node = BasicNode,
+            Responder = openraft::impls::OneshotResponder<C>,
+        >,
+{
+    raft.add_learner(id, BasicNode::new(address), true)
+        .await
+        .map_err(write_error)?;
+    raft.change_membership(ChangeMembers::AddVoterIds([id].into()), false)
+        .await
+        .map_err(write_error)?;
+    Ok(())
+}
+
 impl Replica {
     /// Opens (or creates) the replica's database in `data_dir`, starts its Raft groups and
     /// serves them on `listener`. A replica that has state rejoins with it.
@@ -74,27 +120,43 @@ impl Replica {
             .local_addr()
             .map_err(|e| ReplicationError::Start(format!("the replica's listener: {e}")))?;
         let db = sled::open(data_dir.join("replica"))?;
-        let config = Config {
-            cluster_name: "mermin".to_owned(),
-            heartbeat_interval: timings.heartbeat.as_millis() as u64,
-            election_timeout_min: timings.election_timeout.0.as_millis() as u64,
-            election_timeout_max: timings.election_timeout.1.as_millis() as u64,
-            ..Config::default()
-        }
-        .validate()
-        .map_err(|e| ReplicationError::Start(e.to_string()))?;
+        let config = Arc::new(
+            Config {
+                cluster_name: "mermin".to_owned(),
+                heartbeat_interval: timings.heartbeat.as_millis() as u64,
+                election_timeout_min: timings.election_timeout.0.as_millis() as u64,
+                election_timeout_max: timings.election_timeout.1.as_millis() as u64,
+                ..Config::default()
+            }
+            .validate()
+            .map_err(|e| ReplicationError::Start(e.to_string()))?,
+        );
         let machine = PlacementMachine::open(&db)?;
         let placement = Raft::new(
             id,
-            Arc::new(config),
+            config.clone(),
             GrpcNetwork::new(PLACEMENT_GROUP),
             SledLog::<PlacementGroup>::open(&db, PLACEMENT_GROUP)?,
             machine.clone(),
         )
         .await
         .map_err(|e| ReplicationError::Start(e.to_string()))?;
+        // The store's own database: a snapshot of the store group carries all its trees.
+        let store_machine = StoreMachine::open(sled::open(data_dir.join("store"))?)
+            .map_err(|e| ReplicationError::Start(e.to_string()))?;
+        let store_group = Raft::new(
+            id,
+            config,
+            GrpcNetwork::new(STORE_GROUP),
+            SledLog::<StoreGroup>::open(&db, STORE_GROUP)?,
+            store_machine.clone(),
+        )
+        .await
+        .map_err(|e| ReplicationError::Start(e.to_string()))?;
+        let store = Arc::new(ReplicatedStore::new(store_group.clone(), store_machine));
         let groups = Groups::default();
         groups.add(PLACEMENT_GROUP, placement.clone());
+        groups.add(STORE_GROUP, store_group.clone());
         let server = tokio::spawn(async move {
             let served = tonic::transport::Server::builder()
                 .add_service(groups.service())
@@ -109,6 +171,8 @@ impl Replica {
             address,
             placement,
             machine,
+            store_group,
+            store,
             server,
         })
     }
@@ -125,22 +189,9 @@ impl Replica {
     /// Makes this replica a cluster of one, if it has never been part of a cluster (what
     /// replica 0 does on its first start; a no-op on every later start).
     pub async fn bootstrap(&self) -> Result<(), ReplicationError> {
-        if self
-            .placement
-            .is_initialized()
-            .await
-            .map_err(|e| ReplicationError::Raft(e.to_string()))?
-        {
-            return Ok(());
-        }
         let members = BTreeMap::from([(self.id, BasicNode::new(self.address))]);
-        self.placement
-            .initialize(members)
-            .await
-            .map_err(|e| match e {
-                RaftError::APIError(e) => ReplicationError::Raft(e.to_string()),
-                RaftError::Fatal(e) => ReplicationError::Raft(e.to_string()),
-            })
+        initialize(&self.placement, members.clone()).await?;
+        initialize(&self.store_group, members).await
     }
 
     /// Adds replica `id` at `address` as a voter (on the leader): it first catches up as a
@@ -150,21 +201,18 @@ impl Replica {
         id: ReplicaId,
         address: SocketAddr,
     ) -> Result<(), ReplicationError> {
-        self.placement
-            .add_learner(id, BasicNode::new(address), true)
-            .await
-            .map_err(write_error)?;
-        self.placement
-            .change_membership(ChangeMembers::AddVoterIds([id].into()), false)
-            .await
-            .map_err(write_error)?;
-        Ok(())
+        add_voter(&self.placement, id, address).await?;
+        add_voter(&self.store_group, id, address).await
     }
 
     /// Removes replica `id` from the voters (on the leader); its shards are placed again by the
     /// next [`Replica::rebalance`].
     pub async fn remove_member(&self, id: ReplicaId) -> Result<(), ReplicationError> {
         self.placement
+            .change_membership(ChangeMembers::RemoveVoters([id].into()), false)
+            .await
+            .map_err(write_error)?;
+        self.store_group
             .change_membership(ChangeMembers::RemoveVoters([id].into()), false)
             .await
             .map_err(write_error)?;
@@ -209,10 +257,24 @@ impl Replica {
         self.placement.metrics()
     }
 
+    /// The storage seam on the store group: what the aggregator runs on while this replica
+    /// leads the group.
+    pub fn store(&self) -> Store {
+        self.store.clone()
+    }
+
+    /// The store group's leader as this replica knows it.
+    pub fn store_leader(&self) -> Option<ReplicaId> {
+        self.store_group.metrics().borrow().current_leader
+    }
+
     /// Stops the groups and the server; what is durable stays in the data dir.
     pub async fn shutdown(self) {
         if let Err(e) = self.placement.shutdown().await {
             tracing::warn!(error = %e, "stopping the placement group");
+        }
+        if let Err(e) = self.store_group.shutdown().await {
+            tracing::warn!(error = %e, "stopping the store group");
         }
         self.server.abort();
         let _ = self.server.await;

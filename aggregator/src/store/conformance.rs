@@ -16,7 +16,7 @@ use super::{BOOT_ID_LEN, BootId, Change, Checkpoint, Retirement, SledStore, Stor
 use crate::placement::SHARDS;
 
 /// Opens the implementation under test on a directory (again, for a reopen).
-type Opener<'a> = &'a dyn Fn(&Path) -> Store;
+pub(crate) type Opener<'a> = &'a dyn Fn(&Path) -> Store;
 
 #[tokio::test]
 async fn sled_passes_the_suite() {
@@ -31,14 +31,19 @@ async fn sled_passes_the_suite() {
         }
         SledStore::open(path).unwrap()
     };
-    batches_survive_reopening_in_order(&open).await;
-    a_gap_or_a_repeat_is_refused(&open).await;
-    checkpoints_are_recovered_and_a_batch_goes_once_every_shard_is_past_it(&open).await;
-    a_checkpoint_writes_only_the_positions_it_is_given(&open).await;
-    states_survive_many_checkpoints_of_updates_and_removals(&open).await;
-    the_outbox_keeps_order_count_and_size_across_reopening(&open).await;
-    a_boot_id_stays_bound_to_its_first_node(&open).await;
-    a_superseded_boot_id_is_forgotten_once_every_shard_is_past_it(&open).await;
+    run(&open).await;
+}
+
+/// Every check of the suite, against the implementation `open` opens.
+pub(crate) async fn run(open: Opener<'_>) {
+    batches_survive_reopening_in_order(open).await;
+    a_gap_or_a_repeat_is_refused(open).await;
+    checkpoints_are_recovered_and_a_batch_goes_once_every_shard_is_past_it(open).await;
+    a_checkpoint_writes_only_the_positions_it_is_given(open).await;
+    states_survive_many_checkpoints_of_updates_and_removals(open).await;
+    the_outbox_keeps_order_count_and_size_across_reopening(open).await;
+    a_boot_id_stays_bound_to_its_first_node(open).await;
+    a_superseded_boot_id_is_forgotten_once_every_shard_is_past_it(open).await;
 }
 
 fn batch(sequence: u64) -> Batch {
@@ -292,16 +297,16 @@ async fn a_boot_id_stays_bound_to_its_first_node(open: Opener<'_>) {
     let id = [5; BOOT_ID_LEN];
     {
         let store = open(dir.path());
-        assert_eq!(store.bind_agent(&id, "node-a").unwrap(), None);
+        assert_eq!(store.bind_agent(&id, "node-a").await.unwrap(), None);
         assert_eq!(
-            store.bind_agent(&id, "node-a").unwrap(),
+            store.bind_agent(&id, "node-a").await.unwrap(),
             Some("node-a".into())
         );
         store.append(&id, &batch(1)).await.unwrap();
     }
     let store = open(dir.path());
     assert_eq!(
-        store.bind_agent(&id, "node-b").unwrap(),
+        store.bind_agent(&id, "node-b").await.unwrap(),
         Some("node-a".into())
     );
 }
@@ -328,9 +333,9 @@ async fn a_superseded_boot_id_is_forgotten_once_every_shard_is_past_it(open: Ope
         let store = open(dir.path());
         // Bound in this order on node-a: `newest` last. `other` is the only one of node-b.
         for id in [old, behind, streaming, silent, newest] {
-            assert_eq!(store.bind_agent(&id, "node-a").unwrap(), None);
+            assert_eq!(store.bind_agent(&id, "node-a").await.unwrap(), None);
         }
-        assert_eq!(store.bind_agent(&other, "node-b").unwrap(), None);
+        assert_eq!(store.bind_agent(&other, "node-b").await.unwrap(), None);
         for id in [old, behind, streaming, newest, other] {
             store.append(&id, &batch(1)).await.unwrap();
             store.append(&id, &batch(2)).await.unwrap();
@@ -373,7 +378,7 @@ async fn a_superseded_boot_id_is_forgotten_once_every_shard_is_past_it(open: Ope
     agents.dedup();
     assert_eq!(agents, [11, 14, 15], "behind, newest and other");
     assert_eq!(
-        store.bind_agent(&old, "node-c").unwrap(),
+        store.bind_agent(&old, "node-c").await.unwrap(),
         None,
         "a forgotten boot id is a new one"
     );

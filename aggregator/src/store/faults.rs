@@ -91,7 +91,11 @@ impl Storage for FaultyStore {
         self.inner.last_sequence(boot_id)
     }
 
-    fn bind_agent(&self, boot_id: &BootId, node: &str) -> Result<Option<String>, StoreError> {
+    fn bind_agent<'a>(
+        &'a self,
+        boot_id: &'a BootId,
+        node: &'a str,
+    ) -> BoxFuture<'a, Result<Option<String>, StoreError>> {
         self.inner.bind_agent(boot_id, node)
     }
 

@@ -47,7 +47,7 @@ mod sled;
 pub use self::sled::SledStore;
 
 #[cfg(test)]
-mod conformance;
+pub(crate) mod conformance;
 pub mod faults;
 
 /// Length of an agent boot id.
@@ -81,7 +81,7 @@ pub enum StoreError {
 }
 
 /// A connection's serialized key and state (`None`: forgotten), as a checkpoint writes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Change {
     pub key: Vec<u8>,
     pub state: Option<Vec<u8>>,
@@ -180,7 +180,11 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Ties `boot_id` to `node` if it is new; returns the node it was tied to before, if any.
     /// A new boot id supersedes the node's earlier ones (see [`Storage::retire_superseded`]).
-    fn bind_agent(&self, boot_id: &BootId, node: &str) -> Result<Option<String>, StoreError>;
+    fn bind_agent<'a>(
+        &'a self,
+        boot_id: &'a BootId,
+        node: &'a str,
+    ) -> BoxFuture<'a, Result<Option<String>, StoreError>>;
 
     /// Forgets every boot id that a later-bound boot id of the same node superseded, that is not
     /// in `open` (boot ids with a stream open) and whose every batch every shard's checkpoint is

@@ -83,6 +83,11 @@ impl SledStore {
                 path: path.display().to_string(),
                 reason: source.to_string(),
             })?;
+        Self::on_db(db)
+    }
+
+    /// The store kept in `db` (which may hold other trees too).
+    pub(crate) fn on_db(db: sled::Db) -> Result<Self, StoreError> {
         let outbox = db.open_tree("outbox")?;
         let (mut outbox_bytes, mut outbox_count) = (0, 0);
         for value in outbox.iter().values() {
@@ -134,56 +139,12 @@ impl SledStore {
     }
 
     fn write_checkpoint(&self, checkpoint: Checkpoint<'_>) -> Result<(), StoreError> {
-        let ids = checkpoint
-            .outbox
-            .iter()
-            .map(|_| self.db.generate_id())
-            .collect::<Result<Vec<u64>, _>>()?;
-        // Counted before the entries exist, so that the exporter removing one cannot take the
-        // count below zero; taken back if the transaction fails.
-        let outbox_bytes: u64 = checkpoint.outbox.iter().map(|r| r.len() as u64).sum();
-        let outbox_count = checkpoint.outbox.len() as u64;
-        self.outbox_bytes.fetch_add(outbox_bytes, Ordering::Relaxed);
-        self.outbox_count.fetch_add(outbox_count, Ordering::Relaxed);
-        let mut log = self.connections.lock(checkpoint.shard);
-        let change_set = (!checkpoint.changes.is_empty()).then(|| {
-            let set = change_log::encode(
-                checkpoint
-                    .changes
-                    .iter()
-                    .map(|c| (c.key.as_slice(), c.state.as_deref())),
-            );
-            (change_log::key(checkpoint.shard, log.take_number()), set)
-        });
-        let result: Result<(), TransactionError<StoreError>> =
-            (self.connections.tree(), &self.positions, &self.outbox).transaction(
-                |(connections, positions, outbox)| {
-                    if let Some((key, set)) = &change_set {
-                        connections.insert(&key[..], set.as_slice())?;
-                    }
-                    for (boot_id, sequence) in checkpoint.positions {
-                        positions.insert(
-                            &position_key(boot_id, checkpoint.shard)[..],
-                            &sequence.to_be_bytes(),
-                        )?;
-                    }
-                    for (id, request) in ids.iter().zip(checkpoint.outbox) {
-                        outbox.insert(&id.to_be_bytes(), request.as_slice())?;
-                    }
-                    Ok(())
-                },
-            );
-        let uncount = || {
-            self.outbox_bytes.fetch_sub(outbox_bytes, Ordering::Relaxed);
-            self.outbox_count.fetch_sub(outbox_count, Ordering::Relaxed);
-        };
-        if let Err(err) = committed(result) {
-            uncount();
-            return Err(err);
+        let first_id = self.db.generate_id()?;
+        // The rest of the ids: sled's are unique and rising, ours need only be rising.
+        for _ in 1..checkpoint.outbox.len() {
+            self.db.generate_id()?;
         }
-        if let Some((_, set)) = &change_set {
-            log.written(set.len());
-        }
+        self.apply_checkpoint(checkpoint, first_id)?;
         if let Err(err) = self.db.flush() {
             let why = err.to_string();
             if matches!(err, sled::Error::Io(_)) {
@@ -193,11 +154,17 @@ impl SledStore {
             // `StoreError::NotDurable`).
             return Err(StoreError::NotDurable(why));
         }
-        if change_set.is_some() {
+        self.after_checkpoint(checkpoint)
+    }
+
+    /// Drops what a written checkpoint made unneeded: change sets folded into the base, and
+    /// the batches every shard is now past.
+    fn after_checkpoint(&self, checkpoint: Checkpoint<'_>) -> Result<(), StoreError> {
+        if !checkpoint.changes.is_empty() {
+            let mut log = self.connections.lock(checkpoint.shard);
             self.connections
                 .compact_if_due(&self.db, checkpoint.shard, &mut log);
         }
-        drop(log);
         for boot_id in checkpoint.positions.keys() {
             self.drop_applied_batches(boot_id)?;
         }
@@ -336,6 +303,166 @@ impl SledStore {
     }
 }
 
+/// The writes without their flush and with their ids given: what a replicated state machine
+/// applies, in its log's order, on every replica. Each one, applied again with the same ids
+/// after a crash, changes nothing more (outbox entries are keyed by their id and counted once,
+/// an append of a sequence already there is refused, a bind keeps the first node).
+impl SledStore {
+    /// Writes `checkpoint` with outbox ids `first_id`, `first_id + 1`, ...
+    pub(crate) fn apply_checkpoint(
+        &self,
+        checkpoint: Checkpoint<'_>,
+        first_id: u64,
+    ) -> Result<(), StoreError> {
+        let mut log = self.connections.lock(checkpoint.shard);
+        let change_set = (!checkpoint.changes.is_empty()).then(|| {
+            let set = change_log::encode(
+                checkpoint
+                    .changes
+                    .iter()
+                    .map(|c| (c.key.as_slice(), c.state.as_deref())),
+            );
+            (change_log::key(checkpoint.shard, log.take_number()), set)
+        });
+        // Counted before the entries exist, so that the exporter removing one cannot take the
+        // count below zero; taken back for entries that were there already (a replica applying
+        // an entry again) and if the transaction fails.
+        let outbox_bytes: u64 = checkpoint.outbox.iter().map(|r| r.len() as u64).sum();
+        let outbox_count = checkpoint.outbox.len() as u64;
+        self.count_outbox(outbox_count, outbox_bytes);
+        let result: Result<(u64, u64), TransactionError<StoreError>> =
+            (self.connections.tree(), &self.positions, &self.outbox).transaction(
+                |(connections, positions, outbox)| {
+                    if let Some((key, set)) = &change_set {
+                        connections.insert(&key[..], set.as_slice())?;
+                    }
+                    for (boot_id, sequence) in checkpoint.positions {
+                        positions.insert(
+                            &position_key(boot_id, checkpoint.shard)[..],
+                            &sequence.to_be_bytes(),
+                        )?;
+                    }
+                    let (mut present, mut present_bytes) = (0, 0);
+                    for (id, request) in (first_id..).zip(checkpoint.outbox) {
+                        if let Some(was) = outbox.insert(&id.to_be_bytes(), request.as_slice())? {
+                            present += 1;
+                            present_bytes += was.len() as u64;
+                        }
+                    }
+                    Ok((present, present_bytes))
+                },
+            );
+        match committed(result) {
+            Ok((present, present_bytes)) => self.uncount_outbox(present, present_bytes),
+            Err(err) => {
+                self.uncount_outbox(outbox_count, outbox_bytes);
+                return Err(err);
+            }
+        }
+        if let Some((_, set)) = &change_set {
+            log.written(set.len());
+        }
+        Ok(())
+    }
+
+    /// [`SledStore::apply_checkpoint`], then its clean-up (what a replica does once applied).
+    pub(crate) fn apply_checkpoint_and_clean_up(
+        &self,
+        checkpoint: Checkpoint<'_>,
+        first_id: u64,
+    ) -> Result<(), StoreError> {
+        self.apply_checkpoint(checkpoint, first_id)?;
+        self.after_checkpoint(checkpoint)
+    }
+
+    /// Queues `request` as outbox entry `id`.
+    pub(crate) fn apply_push(&self, id: u64, request: &[u8]) -> Result<(), StoreError> {
+        // Counted first, as in `apply_checkpoint`.
+        self.count_outbox(1, request.len() as u64);
+        match self.outbox.insert(id.to_be_bytes(), request) {
+            Ok(None) => Ok(()),
+            Ok(Some(was)) => {
+                self.uncount_outbox(1, was.len() as u64);
+                Ok(())
+            }
+            Err(err) => {
+                self.uncount_outbox(1, request.len() as u64);
+                Err(err.into())
+            }
+        }
+    }
+
+    /// Removes outbox entry `id`, if it is there.
+    pub(crate) fn apply_remove(&self, id: u64) -> Result<(), StoreError> {
+        if let Some(removed) = self.outbox.remove(id.to_be_bytes())? {
+            self.uncount_outbox(1, removed.len() as u64);
+        }
+        Ok(())
+    }
+
+    fn count_outbox(&self, requests: u64, bytes: u64) {
+        self.outbox_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.outbox_count.fetch_add(requests, Ordering::Relaxed);
+    }
+
+    fn uncount_outbox(&self, requests: u64, bytes: u64) {
+        self.outbox_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.outbox_count.fetch_sub(requests, Ordering::Relaxed);
+    }
+
+    /// Appends `batch` to the log of `boot_id` if it is the next one after `last`.
+    pub(crate) fn apply_append(
+        &self,
+        boot_id: &BootId,
+        sequence: u64,
+        encoded: &[u8],
+        not_durable_from: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let result = (&self.agents, &self.batches).transaction(|(agents, batches)| {
+            let stored = match agents.get(boot_id)? {
+                None => 0,
+                Some(bytes) => decode_u64(&bytes).map_err(ConflictableTransactionError::Abort)?,
+            };
+            // A batch whose write failed is there in memory but was never acknowledged: the
+            // agent sends it again, and it is written again.
+            let last = not_durable_from.map_or(stored, |from| stored.min(from - 1));
+            if sequence != last + 1 {
+                return Err(ConflictableTransactionError::Abort(
+                    StoreError::OutOfOrder { sequence, last },
+                ));
+            }
+            agents.insert(&boot_id[..], &sequence.to_be_bytes())?;
+            batches.insert(batch_key(boot_id, sequence).as_slice(), encoded)?;
+            Ok(())
+        });
+        committed(result)
+    }
+
+    /// Ties `boot_id` to `node` as the node's agent process of bind order `order`, if it is new;
+    /// the node it was tied to before, if any.
+    pub(crate) fn apply_bind(
+        &self,
+        boot_id: &BootId,
+        node: &str,
+        order: u64,
+    ) -> Result<Option<String>, StoreError> {
+        let result = (&self.agent_nodes, &self.node_agents).transaction(|(nodes, index)| {
+            if let Some(bound) = nodes.get(boot_id)? {
+                return Ok(Some(String::from_utf8_lossy(&bound).into_owned()));
+            }
+            nodes.insert(&boot_id[..], node.as_bytes())?;
+            index.insert(node_agent_key(node, order), &boot_id[..])?;
+            Ok(None)
+        });
+        committed(result)
+    }
+
+    /// Forgets superseded boot ids (see [`Storage::retire_superseded`]).
+    pub(crate) fn apply_retire(&self, open: &HashSet<BootId>) -> Result<Retirement, StoreError> {
+        self.retire(open)
+    }
+}
+
 fn boot_id_of(bytes: &[u8]) -> Result<BootId, StoreError> {
     bytes
         .try_into()
@@ -401,25 +528,8 @@ impl SledStore {
     async fn append_batch(&self, boot_id: &BootId, batch: &Batch) -> Result<(), StoreError> {
         let encoded = batch.encode_to_vec();
         let sequence = batch.sequence;
-        let not_durable = self.not_durable_from(boot_id);
-        let result = (&self.agents, &self.batches).transaction(|(agents, batches)| {
-            let stored = match agents.get(boot_id)? {
-                None => 0,
-                Some(bytes) => decode_u64(&bytes).map_err(ConflictableTransactionError::Abort)?,
-            };
-            // A batch whose write failed is there in memory but was never acknowledged: the
-            // agent sends it again, and it is written again.
-            let last = not_durable.map_or(stored, |from| stored.min(from - 1));
-            if sequence != last + 1 {
-                return Err(ConflictableTransactionError::Abort(
-                    StoreError::OutOfOrder { sequence, last },
-                ));
-            }
-            agents.insert(&boot_id[..], &sequence.to_be_bytes())?;
-            batches.insert(batch_key(boot_id, sequence).as_slice(), encoded.as_slice())?;
-            Ok(())
-        });
-        let written = match committed(result) {
+        let result = self.apply_append(boot_id, sequence, &encoded, self.not_durable_from(boot_id));
+        let written = match result {
             Ok(()) => self.db.flush_async().await.map(drop).map_err(Into::into),
             Err(err @ StoreError::OutOfOrder { .. }) => return Err(err),
             // sled may fail a commit after applying it in memory.
@@ -450,25 +560,12 @@ impl SledStore {
     /// Queues an encoded export request durably; returns its outbox id.
     async fn push_request(&self, request: &[u8]) -> Result<u64, StoreError> {
         let id = self.db.generate_id()?;
-        self.outbox_bytes
-            .fetch_add(request.len() as u64, Ordering::Relaxed);
-        self.outbox_count.fetch_add(1, Ordering::Relaxed);
-        if let Err(err) = self.outbox.insert(id.to_be_bytes(), request) {
-            self.outbox_bytes
-                .fetch_sub(request.len() as u64, Ordering::Relaxed);
-            self.outbox_count.fetch_sub(1, Ordering::Relaxed);
-            return self.observe_write(Err(err.into()));
+        if let Err(err) = self.apply_push(id, request) {
+            return self.observe_write(Err(err));
         }
         if let Err(err) = self.db.flush_async().await {
-            if self
-                .outbox
-                .remove(id.to_be_bytes())
-                .is_ok_and(|r| r.is_some())
-            {
-                self.outbox_bytes
-                    .fetch_sub(request.len() as u64, Ordering::Relaxed);
-                self.outbox_count.fetch_sub(1, Ordering::Relaxed);
-            }
+            // Not durable: not queued either (the caller keeps the request).
+            let _ = self.apply_remove(id);
             return self.observe_write(Err(err.into()));
         }
         Ok(id)
@@ -476,18 +573,14 @@ impl SledStore {
 
     /// Removes a delivered (or permanently rejected) request.
     async fn remove_request(&self, id: u64) -> Result<(), StoreError> {
-        if let Some(removed) =
-            self.observe_write(self.outbox.remove(id.to_be_bytes()).map_err(Into::into))?
-        {
-            self.outbox_bytes
-                .fetch_sub(removed.len() as u64, Ordering::Relaxed);
-            self.outbox_count.fetch_sub(1, Ordering::Relaxed);
-        }
+        self.observe_write(self.apply_remove(id))?;
         self.observe_write(self.db.flush_async().await.map(drop).map_err(Into::into))
     }
 
     /// Every stored batch, in (boot id, sequence) order: what start-up replays.
-    fn stored_batches(&self) -> impl Iterator<Item = Result<(BootId, Batch), StoreError>> + '_ {
+    pub(crate) fn stored_batches(
+        &self,
+    ) -> impl Iterator<Item = Result<(BootId, Batch), StoreError>> + 'static {
         self.batches.iter().map(|entry| {
             let (key, value) = entry?;
             let boot_id: BootId = key[..BOOT_ID_LEN]
@@ -513,20 +606,20 @@ impl Storage for SledStore {
     }
 
     /// Ties `boot_id` to `node` if it is new; returns the node it was tied to before, if any.
-    fn bind_agent(&self, boot_id: &BootId, node: &str) -> Result<Option<String>, StoreError> {
-        if let Some(bound) = self.agent_nodes.get(boot_id)? {
-            return Ok(Some(String::from_utf8_lossy(&bound).into_owned()));
-        }
-        let order = self.db.generate_id()?;
-        let result = (&self.agent_nodes, &self.node_agents).transaction(|(nodes, index)| {
-            if let Some(bound) = nodes.get(boot_id)? {
+    /// Not flushed: the agent's first append makes it durable.
+    fn bind_agent<'a>(
+        &'a self,
+        boot_id: &'a BootId,
+        node: &'a str,
+    ) -> BoxFuture<'a, Result<Option<String>, StoreError>> {
+        let bound = (|| {
+            if let Some(bound) = self.agent_nodes.get(boot_id)? {
                 return Ok(Some(String::from_utf8_lossy(&bound).into_owned()));
             }
-            nodes.insert(&boot_id[..], node.as_bytes())?;
-            index.insert(node_agent_key(node, order), &boot_id[..])?;
-            Ok(None)
-        });
-        committed(result)
+            let order = self.db.generate_id()?;
+            self.apply_bind(boot_id, node, order)
+        })();
+        futures_util::future::ready(bound).boxed()
     }
 
     /// Not noted for [`Storage::write_failure`]: removals that succeed say nothing of whether
@@ -656,7 +749,7 @@ mod tests {
         {
             let store = SledStore::open_concrete(dir.path()).unwrap();
             for id in [old, newest] {
-                store.bind_agent(&id, "node-a").unwrap();
+                store.bind_agent(&id, "node-a").await.unwrap();
                 store.append_batch(&id, &batch(1)).await.unwrap();
             }
             // Every shard's position written, the clean-up not yet run.

@@ -1,0 +1,573 @@
+//! The store group: the storage seam ([`Storage`]) replicated by Raft. Every write of the seam
+//! is an entry of the group's log ([`StoreCommand`]), committed on a quorum of replicas before
+//! it returns — an agent's batch is acknowledged only once a majority holds it — and applied on
+//! every replica to its own [`SledStore`] ([`StoreMachine`]). Reads are served by the local
+//! copy, which on the leader holds every write it has returned.
+//!
+//! Determinism: what the local store would choose itself is taken from the log instead — the
+//! outbox ids of an entry at index `i` are `i · 2¹⁶ + j`, the bind order of an agent process is
+//! `i` — so every replica holds the same bytes. Every command applied again after a crash
+//! changes nothing more (see `SledStore`'s apply methods), so the machine records the last
+//! applied log id after the effect, without a flush per entry; a snapshot flushes first.
+//!
+//! Only the group's leader writes: on any other replica a write fails with
+//! [`StoreError::Backend`] naming the leader, which the layers above treat as a failing disk
+//! (batches refused, not ready).
+
+use std::{
+    collections::{HashMap, HashSet},
+    io::Cursor,
+    sync::{Arc, Mutex, RwLock},
+};
+
+use futures_util::{FutureExt, future::BoxFuture};
+use mermin_protocol::agent::v1::Batch;
+use openraft::{
+    BasicNode, EntryPayload, LogId, Raft, RaftLogId, RaftSnapshotBuilder, RaftTypeConfig, Snapshot,
+    SnapshotMeta, StorageError, StorageIOError, StoredMembership,
+    error::{ClientWriteError, RaftError},
+    storage::RaftStateMachine,
+};
+use prost::Message;
+use serde::{Deserialize, Serialize};
+
+use super::ReplicaId;
+use crate::{
+    placement::ShardId,
+    store::{BootId, Change, Checkpoint, Recovered, Retirement, SledStore, Storage, StoreError},
+};
+
+openraft::declare_raft_types!(
+    /// The store group: its entries are [`StoreCommand`]s.
+    pub StoreGroup:
+        D = StoreCommand,
+        R = StoreAnswer,
+        NodeId = ReplicaId,
+        Node = BasicNode,
+);
+
+/// A write of the storage seam, as the store group's log carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StoreCommand {
+    Bind {
+        boot_id: BootId,
+        node: String,
+    },
+    Append {
+        boot_id: BootId,
+        sequence: u64,
+        /// The batch, protobuf-encoded as the log stores it.
+        batch: Vec<u8>,
+    },
+    Checkpoint {
+        shard: ShardId,
+        positions: Vec<(BootId, u64)>,
+        changes: Vec<Change>,
+        outbox: Vec<Vec<u8>>,
+    },
+    Push {
+        request: Vec<u8>,
+    },
+    Remove {
+        id: u64,
+    },
+    Retire {
+        open: Vec<BootId>,
+    },
+}
+
+/// What applying a command answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StoreAnswer {
+    Done,
+    Bound(Option<String>),
+    Pushed(u64),
+    Retired { retired: Vec<BootId>, known: usize },
+    OutOfOrder { sequence: u64, last: u64 },
+}
+
+/// Outbox ids per log entry: an entry's requests are numbered from its index times this.
+const IDS_PER_ENTRY: u64 = 1 << 16;
+
+type Error = StorageError<ReplicaId>;
+type Membership = StoredMembership<ReplicaId, BasicNode>;
+
+const APPLIED: &[u8] = b"applied";
+const MACHINE_TREE: &str = "raft/store/machine";
+
+/// Applies `command`, the entry at `index`, to `store`.
+fn apply(store: &SledStore, index: u64, command: &StoreCommand) -> Result<StoreAnswer, StoreError> {
+    let answer = match command {
+        StoreCommand::Bind { boot_id, node } => {
+            StoreAnswer::Bound(store.apply_bind(boot_id, node, index)?)
+        }
+        StoreCommand::Append {
+            boot_id,
+            sequence,
+            batch,
+        } => match store.apply_append(boot_id, *sequence, batch, None) {
+            Ok(()) => StoreAnswer::Done,
+            Err(StoreError::OutOfOrder { sequence, last }) => {
+                StoreAnswer::OutOfOrder { sequence, last }
+            }
+            Err(err) => return Err(err),
+        },
+        StoreCommand::Checkpoint {
+            shard,
+            positions,
+            changes,
+            outbox,
+        } => {
+            let positions: HashMap<BootId, u64> = positions.iter().copied().collect();
+            let checkpoint = Checkpoint {
+                shard: *shard,
+                positions: &positions,
+                changes,
+                outbox,
+            };
+            store.apply_checkpoint_and_clean_up(checkpoint, index * IDS_PER_ENTRY)?;
+            StoreAnswer::Done
+        }
+        StoreCommand::Push { request } => {
+            store.apply_push(index * IDS_PER_ENTRY, request)?;
+            StoreAnswer::Pushed(index * IDS_PER_ENTRY)
+        }
+        StoreCommand::Remove { id } => {
+            store.apply_remove(*id)?;
+            StoreAnswer::Done
+        }
+        StoreCommand::Retire { open } => {
+            let Retirement { retired, known } =
+                store.apply_retire(&open.iter().copied().collect())?;
+            StoreAnswer::Retired { retired, known }
+        }
+    };
+    Ok(answer)
+}
+
+/// Every tree of the store as a snapshot carries it: (name, entries).
+type TreeDump = Vec<(Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>)>;
+
+/// The store group's state machine on one replica (see the module docs).
+#[derive(Clone)]
+pub struct StoreMachine {
+    db: sled::Db,
+    meta: sled::Tree,
+    current: Arc<RwLock<Arc<SledStore>>>,
+}
+
+fn io_error(e: impl std::fmt::Display) -> Error {
+    StorageIOError::write_state_machine(&StoreError::Backend(e.to_string())).into()
+}
+
+impl StoreMachine {
+    /// The machine kept in `db` (a database of its own: a snapshot carries all its trees).
+    pub fn open(db: sled::Db) -> Result<Self, StoreError> {
+        let meta = db.open_tree(MACHINE_TREE)?;
+        let store = SledStore::on_db(db.clone())?;
+        Ok(Self {
+            db,
+            meta,
+            current: Arc::new(RwLock::new(Arc::new(store))),
+        })
+    }
+
+    /// The local store as applied so far.
+    pub fn store(&self) -> Arc<SledStore> {
+        self.current.read().expect("store lock").clone()
+    }
+
+    fn applied(&self) -> Result<(Option<LogId<ReplicaId>>, Membership), Error> {
+        match self.meta.get(APPLIED).map_err(io_error)? {
+            Some(bytes) => postcard::from_bytes(&bytes).map_err(io_error),
+            None => Ok((None, Membership::default())),
+        }
+    }
+
+    fn set_applied(&self, applied: &(Option<LogId<ReplicaId>>, Membership)) -> Result<(), Error> {
+        let bytes = postcard::to_allocvec(applied).map_err(io_error)?;
+        self.meta.insert(APPLIED, bytes).map_err(io_error)?;
+        Ok(())
+    }
+
+    /// The trees a snapshot carries: all but the machine's own and sled's default one.
+    fn store_trees(&self) -> Vec<sled::IVec> {
+        self.db
+            .tree_names()
+            .into_iter()
+            .filter(|name| &name[..] != MACHINE_TREE.as_bytes() && &name[..] != b"__sled__default")
+            .collect()
+    }
+}
+
+impl RaftSnapshotBuilder<StoreGroup> for StoreMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<StoreGroup>, Error> {
+        // What the snapshot says is applied must be on disk before the log below it goes.
+        self.db.flush_async().await.map_err(io_error)?;
+        let (last_log_id, last_membership) = self.applied()?;
+        let mut dump: TreeDump = Vec::new();
+        for name in self.store_trees() {
+            let tree = self.db.open_tree(&name).map_err(io_error)?;
+            let entries = tree
+                .iter()
+                .map(|entry| entry.map(|(k, v)| (k.to_vec(), v.to_vec())))
+                .collect::<Result<_, _>>()
+                .map_err(io_error)?;
+            dump.push((name.to_vec(), entries));
+        }
+        let data = postcard::to_allocvec(&dump).map_err(io_error)?;
+        let snapshot_id = match &last_log_id {
+            Some(id) => format!("{}-{}-{}", id.leader_id, id.index, data.len()),
+            None => format!("empty-{}", data.len()),
+        };
+        Ok(Snapshot {
+            meta: SnapshotMeta {
+                last_log_id,
+                last_membership,
+                snapshot_id,
+            },
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStateMachine<StoreGroup> for StoreMachine {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId<ReplicaId>>, Membership), Error> {
+        self.applied()
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<StoreAnswer>, Error>
+    where
+        I: IntoIterator<Item = <StoreGroup as RaftTypeConfig>::Entry> + openraft::OptionalSend,
+        I::IntoIter: openraft::OptionalSend,
+    {
+        let store = self.store();
+        let mut applied = self.applied()?;
+        let mut answers = Vec::new();
+        for entry in entries {
+            let log_id = *entry.get_log_id();
+            answers.push(match &entry.payload {
+                EntryPayload::Blank => StoreAnswer::Done,
+                EntryPayload::Normal(command) => apply(&store, log_id.index, command)
+                    .map_err(|e| StorageIOError::apply(log_id, &e))?,
+                EntryPayload::Membership(membership) => {
+                    applied.1 = StoredMembership::new(Some(log_id), membership.clone());
+                    StoreAnswer::Done
+                }
+            });
+            applied.0 = Some(log_id);
+        }
+        self.set_applied(&applied)?;
+        Ok(answers)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, Error> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<ReplicaId, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), Error> {
+        let dump: TreeDump = postcard::from_bytes(snapshot.get_ref())
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        for name in self.store_trees() {
+            self.db
+                .open_tree(&name)
+                .map_err(io_error)?
+                .clear()
+                .map_err(io_error)?;
+        }
+        for (name, entries) in dump {
+            let tree = self.db.open_tree(&name).map_err(io_error)?;
+            let mut batch = sled::Batch::default();
+            for (key, value) in entries {
+                batch.insert(key, value);
+            }
+            tree.apply_batch(batch).map_err(io_error)?;
+        }
+        self.set_applied(&(meta.last_log_id, meta.last_membership.clone()))?;
+        self.db.flush_async().await.map_err(io_error)?;
+        // The local store's counts and change-log numbers are read from the trees at open.
+        let reopened = SledStore::on_db(self.db.clone()).map_err(io_error)?;
+        *self.current.write().expect("store lock") = Arc::new(reopened);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<StoreGroup>>, Error> {
+        // Built when asked: the state as applied now is as good a snapshot as the last one.
+        if self.applied()?.0.is_none() {
+            return Ok(None);
+        }
+        self.build_snapshot().await.map(Some)
+    }
+}
+
+/// The storage seam on the store group (see the module docs).
+pub struct ReplicatedStore {
+    raft: Raft<StoreGroup>,
+    machine: StoreMachine,
+    write_failure: Mutex<Option<String>>,
+}
+
+impl ReplicatedStore {
+    pub fn new(raft: Raft<StoreGroup>, machine: StoreMachine) -> Self {
+        Self {
+            raft,
+            machine,
+            write_failure: Mutex::default(),
+        }
+    }
+
+    async fn propose(&self, command: StoreCommand) -> Result<StoreAnswer, StoreError> {
+        let written = self.raft.client_write(command).await;
+        let mut failure = self.write_failure.lock().unwrap_or_else(|e| e.into_inner());
+        match written {
+            Ok(response) => {
+                *failure = None;
+                Ok(response.data)
+            }
+            Err(err) => {
+                let err = match err {
+                    RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => {
+                        StoreError::Backend(format!(
+                            "this replica does not lead the store group (leader: {})",
+                            forward
+                                .leader_id
+                                .map_or("unknown".to_owned(), |id| format!("replica {id}"))
+                        ))
+                    }
+                    other => StoreError::Backend(other.to_string()),
+                };
+                *failure = Some(err.to_string());
+                Err(err)
+            }
+        }
+    }
+
+    /// [`ReplicatedStore::propose`] from a blocking caller (the blocking pool, or a worker of
+    /// a multi-threaded runtime).
+    fn propose_blocking(&self, command: StoreCommand) -> Result<StoreAnswer, StoreError> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|e| StoreError::Backend(format!("a store write outside a runtime: {e}")))?;
+        tokio::task::block_in_place(|| runtime.block_on(self.propose(command)))
+    }
+}
+
+fn unexpected(answer: StoreAnswer) -> StoreError {
+    StoreError::Corrupt(format!("the store group answered {answer:?}"))
+}
+
+impl Storage for ReplicatedStore {
+    fn last_sequence(&self, boot_id: &BootId) -> Result<u64, StoreError> {
+        self.machine.store().last_sequence(boot_id)
+    }
+
+    fn bind_agent<'a>(
+        &'a self,
+        boot_id: &'a BootId,
+        node: &'a str,
+    ) -> BoxFuture<'a, Result<Option<String>, StoreError>> {
+        async move {
+            let command = StoreCommand::Bind {
+                boot_id: *boot_id,
+                node: node.to_owned(),
+            };
+            match self.propose(command).await? {
+                StoreAnswer::Bound(bound) => Ok(bound),
+                other => Err(unexpected(other)),
+            }
+        }
+        .boxed()
+    }
+
+    fn retire_superseded(&self, open: &HashSet<BootId>) -> Result<Retirement, StoreError> {
+        let command = StoreCommand::Retire {
+            open: open.iter().copied().collect(),
+        };
+        match self.propose_blocking(command)? {
+            StoreAnswer::Retired { retired, known } => Ok(Retirement { retired, known }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    fn append<'a>(
+        &'a self,
+        boot_id: &'a BootId,
+        batch: &'a Batch,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        async move {
+            let command = StoreCommand::Append {
+                boot_id: *boot_id,
+                sequence: batch.sequence,
+                batch: batch.encode_to_vec(),
+            };
+            match self.propose(command).await? {
+                StoreAnswer::Done => Ok(()),
+                StoreAnswer::OutOfOrder { sequence, last } => {
+                    Err(StoreError::OutOfOrder { sequence, last })
+                }
+                other => Err(unexpected(other)),
+            }
+        }
+        .boxed()
+    }
+
+    fn batch(&self, boot_id: &BootId, sequence: u64) -> Result<Option<Batch>, StoreError> {
+        self.machine.store().batch(boot_id, sequence)
+    }
+
+    fn batches(&self) -> Box<dyn Iterator<Item = Result<(BootId, Batch), StoreError>> + '_> {
+        Box::new(self.machine.store().stored_batches())
+    }
+
+    fn checkpoint(&self, checkpoint: Checkpoint<'_>) -> Result<(), StoreError> {
+        if checkpoint.outbox.len() as u64 >= IDS_PER_ENTRY {
+            return Err(StoreError::Backend(format!(
+                "a checkpoint of {} export requests; at most {} fit one entry",
+                checkpoint.outbox.len(),
+                IDS_PER_ENTRY - 1
+            )));
+        }
+        let command = StoreCommand::Checkpoint {
+            shard: checkpoint.shard,
+            positions: checkpoint.positions.iter().map(|(k, v)| (*k, *v)).collect(),
+            changes: checkpoint.changes.to_vec(),
+            outbox: checkpoint.outbox.to_vec(),
+        };
+        match self.propose_blocking(command)? {
+            StoreAnswer::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    fn recover(&self) -> Result<Recovered, StoreError> {
+        self.machine.store().recover()
+    }
+
+    fn outbox_push<'a>(&'a self, request: &'a [u8]) -> BoxFuture<'a, Result<u64, StoreError>> {
+        async move {
+            let command = StoreCommand::Push {
+                request: request.to_vec(),
+            };
+            match self.propose(command).await? {
+                StoreAnswer::Pushed(id) => Ok(id),
+                other => Err(unexpected(other)),
+            }
+        }
+        .boxed()
+    }
+
+    fn outbox_oldest(&self, max: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.machine.store().outbox_oldest(max)
+    }
+
+    fn outbox_after(&self, after: u64, max: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.machine.store().outbox_after(after, max)
+    }
+
+    fn outbox_remove(&self, id: u64) -> BoxFuture<'_, Result<(), StoreError>> {
+        async move {
+            match self.propose(StoreCommand::Remove { id }).await? {
+                StoreAnswer::Done => Ok(()),
+                other => Err(unexpected(other)),
+            }
+        }
+        .boxed()
+    }
+
+    fn outbox_len(&self) -> usize {
+        self.machine.store().outbox_len()
+    }
+
+    fn outbox_bytes(&self) -> u64 {
+        self.machine.store().outbox_bytes()
+    }
+
+    fn write_failure(&self) -> Option<String> {
+        self.write_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn broken(&self) -> Option<String> {
+        match &self.raft.metrics().borrow().running_state {
+            Ok(()) => self.machine.store().broken(),
+            Err(fatal) => Some(format!("the store group stopped: {fatal}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{path::Path, time::Duration};
+
+    use tokio::net::TcpListener;
+
+    use crate::{
+        replication::{Replica, Timings},
+        store::{Store, conformance},
+    };
+
+    /// The storage suite against the store group of a one-replica cluster, started again on
+    /// its data dir for every reopen (as a restarted pod would be).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_replicated_store_passes_the_storage_suite() {
+        let running: std::sync::Mutex<Option<Replica>> = std::sync::Mutex::new(None);
+        let open = |path: &Path| -> Store {
+            let runtime = tokio::runtime::Handle::current();
+            tokio::task::block_in_place(|| {
+                runtime.block_on(async {
+                    let previous = running.lock().unwrap().take();
+                    if let Some(previous) = previous {
+                        previous.shutdown().await;
+                    }
+                    let replica = start_again(path).await;
+                    replica.bootstrap().await.unwrap();
+                    for _ in 0..200 {
+                        if replica.store_leader() == Some(0) {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(25)).await;
+                    }
+                    assert_eq!(replica.store_leader(), Some(0), "no leader after 5 s");
+                    let store = replica.store();
+                    *running.lock().unwrap() = Some(replica);
+                    store
+                })
+            })
+        };
+        conformance::run(&open).await;
+        let last = running.lock().unwrap().take();
+        if let Some(last) = last {
+            last.shutdown().await;
+        }
+    }
+
+    /// Starts replica 0 on `path`; the previous process's sled handles let go of their locks
+    /// shortly after it stops: retried, bounded.
+    async fn start_again(path: &Path) -> Replica {
+        let timings = Timings {
+            heartbeat: Duration::from_millis(50),
+            election_timeout: (Duration::from_millis(150), Duration::from_millis(300)),
+        };
+        let mut last_error = None;
+        for _ in 0..100 {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            match Replica::start(0, listener, path, timings).await {
+                Ok(replica) => return replica,
+                Err(e) => last_error = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("replica 0 did not start again: {last_error:?}");
+    }
+}
