@@ -1,7 +1,8 @@
-//! The membership and placement group across three replicas on loopback, over the real gRPC
-//! transport and real sled stores: bootstrap as a StatefulSet does it, the shard map the same on
-//! every replica, a new leader after the leader stops, its shards placed elsewhere, and the
-//! stopped replica back with its data.
+//! Three replicas on loopback, over the real gRPC transport and real sled stores. The
+//! membership and placement group: bootstrap as a StatefulSet does it, the shard map the same
+//! on every replica, a new leader after the leader stops, its shards placed elsewhere, and the
+//! stopped replica back with its data. The store group: what the leader acknowledged is on the
+//! replica that leads after it, byte for byte, and a replica that does not lead refuses writes.
 
 use std::{
     collections::BTreeMap,
@@ -15,7 +16,9 @@ use mermin_aggregator::{
         Replica, ReplicaId, Timings,
         placement::{Lease, ShardMap},
     },
+    store::{Checkpoint, StoreError},
 };
+use mermin_protocol::{agent::v1::Batch, flow::v1::FlowRecord};
 use tokio::net::TcpListener;
 
 const WITHIN: Duration = Duration::from_secs(20);
@@ -60,9 +63,18 @@ async fn converged(replicas: &[&Replica], expected: &ShardMap) {
 
 /// Waits until every replica names the same leader, one of them; returns it.
 async fn agreed_leader(replicas: &[&Replica]) -> ReplicaId {
+    agreed(replicas, Replica::leader).await
+}
+
+/// Waits until every replica names the same store group leader, one of them; returns it.
+async fn agreed_store_leader(replicas: &[&Replica]) -> ReplicaId {
+    agreed(replicas, Replica::store_leader).await
+}
+
+async fn agreed(replicas: &[&Replica], leader_of: fn(&Replica) -> Option<ReplicaId>) -> ReplicaId {
     let deadline = Instant::now() + WITHIN;
     loop {
-        let leaders: Vec<_> = replicas.iter().map(|r| r.leader()).collect();
+        let leaders: Vec<_> = replicas.iter().map(|r| leader_of(r)).collect();
         if let Some(Some(leader)) = leaders.first()
             && leaders.iter().all(|l| *l == Some(*leader))
             && replicas.iter().any(|r| r.id() == *leader)
@@ -157,6 +169,111 @@ async fn three_replicas_agree_on_the_shard_map_through_a_leader_change_and_a_rej
     eprintln!("new leader {leader_id} agreed {elected_after:?} after the leader stopped");
 
     for replica in [zero, one, two] {
+        replica.shutdown().await;
+    }
+}
+
+fn batch(sequence: u64) -> Batch {
+    Batch {
+        sequence,
+        records: vec![FlowRecord {
+            delta_packets: sequence,
+            delta_octets: sequence * 100,
+            ..Default::default()
+        }],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_store_leader_acknowledged_is_on_the_next_leader() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let zero = start(0, dirs[0].path()).await;
+    zero.bootstrap().await.unwrap();
+    let one = start(1, dirs[1].path()).await;
+    let two = start(2, dirs[2].path()).await;
+    assert_eq!(agreed_store_leader(&[&zero]).await, 0);
+    zero.add_member(1, one.address()).await.unwrap();
+    zero.add_member(2, two.address()).await.unwrap();
+    // The store group follows the membership.
+    let deadline = Instant::now() + WITHIN;
+    while zero.store_voters() != [0, 1, 2].into() {
+        assert!(
+            Instant::now() < deadline,
+            "store voters {:?}",
+            zero.store_voters()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(agreed_store_leader(&[&zero, &one, &two]).await, 0);
+
+    // The leader acknowledges: a bound agent's 40 batches, a checkpoint past 30 of them on
+    // every shard, two requests queued by it and one pushed.
+    let store = zero.store();
+    let boot_id = [9; 16];
+    assert_eq!(store.bind_agent(&boot_id, "node-a").await.unwrap(), None);
+    for sequence in 1..=40 {
+        store.append(&boot_id, &batch(sequence)).await.unwrap();
+    }
+    let positions = std::collections::HashMap::from([(boot_id, 30)]);
+    let requests = [b"first request".to_vec(), b"second".to_vec()];
+    let checkpoint_store = store.clone();
+    tokio::task::spawn_blocking(move || {
+        for shard in 0..mermin_aggregator::placement::SHARDS {
+            let outbox: &[Vec<u8>] = if shard == 0 { &requests } else { &[] };
+            checkpoint_store
+                .checkpoint(Checkpoint {
+                    shard,
+                    positions: &positions,
+                    changes: &[],
+                    outbox,
+                })
+                .unwrap();
+        }
+    })
+    .await
+    .unwrap();
+    let pushed = store.outbox_push(b"pushed").await.unwrap();
+    let acknowledged_outbox = store.outbox_oldest(10).unwrap();
+    assert_eq!(acknowledged_outbox.len(), 3);
+    assert_eq!(acknowledged_outbox[2], (pushed, b"pushed".to_vec()));
+
+    // A replica that does not lead refuses writes, naming the leader.
+    let refused = one.store().append(&boot_id, &batch(41)).await.unwrap_err();
+    assert!(
+        matches!(&refused, StoreError::Backend(why) if why == "this replica does not lead the store group (leader: replica 0)"),
+        "{refused}"
+    );
+
+    // The leader stops; the next one holds exactly what was acknowledged.
+    drop(store);
+    zero.shutdown().await;
+    let next = agreed_store_leader(&[&one, &two]).await;
+    let next = if next == 1 { &one } else { &two };
+    let store = next.store();
+    assert_eq!(store.last_sequence(&boot_id).unwrap(), 40);
+    let kept: Vec<u64> = store
+        .batches()
+        .map(|entry| entry.unwrap().1.sequence)
+        .collect();
+    assert_eq!(
+        kept,
+        (31..=40).collect::<Vec<_>>(),
+        "batches every shard is past are gone"
+    );
+    assert_eq!(store.batch(&boot_id, 35).unwrap(), Some(batch(35)));
+    assert_eq!(store.outbox_oldest(10).unwrap(), acknowledged_outbox);
+    assert_eq!(store.outbox_len(), 3);
+    assert_eq!(store.outbox_bytes(), (13 + 6 + 6) as u64);
+    let recovered = store.recover().unwrap();
+    assert_eq!(recovered.positions.len(), 8);
+    assert!(recovered.positions.values().all(|&position| position == 30));
+    // And it takes writes: the agent goes on where it was.
+    store.append(&boot_id, &batch(41)).await.unwrap();
+    assert_eq!(store.last_sequence(&boot_id).unwrap(), 41);
+    store.outbox_remove(pushed).await.unwrap();
+    assert_eq!(store.outbox_len(), 2);
+    drop(store);
+    for replica in [one, two] {
         replica.shutdown().await;
     }
 }

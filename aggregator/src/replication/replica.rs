@@ -1,10 +1,16 @@
 //! One replica: its sled databases, the membership and placement group and the store group on
 //! them, and the gRPC server its peers reach it on.
 
-use std::{collections::BTreeMap, net::SocketAddr, path::Path, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
 
 use openraft::{
-    BasicNode, ChangeMembers, Config, Raft,
+    BasicNode, ChangeMembers, Config, Raft, ServerState,
     error::{ClientWriteError, RaftError},
 };
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
@@ -45,6 +51,7 @@ pub struct Replica {
     store_group: Raft<StoreGroup>,
     store: Arc<ReplicatedStore>,
     server: JoinHandle<()>,
+    membership: JoinHandle<()>,
 }
 
 fn raft_error<E: std::error::Error>(error: RaftError<ReplicaId, E>) -> ReplicationError {
@@ -89,7 +96,7 @@ where
 async fn add_voter<C>(
     raft: &Raft<C>,
     id: ReplicaId,
-    address: SocketAddr,
+    node: BasicNode,
 ) -> Result<(), ReplicationError>
 where
     C: openraft::RaftTypeConfig<
@@ -98,13 +105,68 @@ where
             Responder = openraft::impls::OneshotResponder<C>,
         >,
 {
-    raft.add_learner(id, BasicNode::new(address), true)
+    raft.add_learner(id, node, true)
         .await
         .map_err(write_error)?;
     raft.change_membership(ChangeMembers::AddVoterIds([id].into()), false)
         .await
         .map_err(write_error)?;
     Ok(())
+}
+
+/// The voters of a group and where they are.
+fn voters(metrics: &openraft::RaftMetrics<ReplicaId, BasicNode>) -> BTreeMap<ReplicaId, BasicNode> {
+    let membership = metrics.membership_config.membership();
+    membership
+        .voter_ids()
+        .filter_map(|id| Some((id, membership.get_node(&id)?.clone())))
+        .collect()
+}
+
+/// Keeps the store group's voters those of the membership group (which
+/// [`Replica::add_member`] and [`Replica::remove_member`] change), on whichever replica leads
+/// the store group; checks every `interval` and retries what failed.
+async fn follow_membership(
+    members: watch::Receiver<openraft::RaftMetrics<ReplicaId, BasicNode>>,
+    store_group: Raft<StoreGroup>,
+    interval: Duration,
+) {
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tick.tick().await;
+        let (leads, current) = {
+            let metrics = store_group.metrics();
+            let metrics = metrics.borrow();
+            (metrics.state == ServerState::Leader, voters(&metrics))
+        };
+        let desired = voters(&members.borrow());
+        if !leads || desired.is_empty() || desired == current {
+            continue;
+        }
+        // A member that moved is taken out first and added again at its new address.
+        let gone: BTreeSet<ReplicaId> = current
+            .iter()
+            .filter(|(id, node)| desired.get(id) != Some(node))
+            .map(|(id, _)| *id)
+            .collect();
+        if !gone.is_empty() {
+            let removed = store_group
+                .change_membership(ChangeMembers::RemoveVoters(gone), false)
+                .await;
+            if let Err(e) = removed {
+                tracing::warn!(error = %e, "taking replicas out of the store group");
+                continue;
+            }
+        }
+        for (id, node) in desired {
+            if current.get(&id) == Some(&node) {
+                continue;
+            }
+            if let Err(e) = add_voter(&store_group, id, node).await {
+                tracing::warn!(replica = id, error = %e, "adding a replica to the store group");
+            }
+        }
+    }
 }
 
 impl Replica {
@@ -166,6 +228,11 @@ impl Replica {
                 tracing::error!(error = %e, "the replica's Raft server stopped");
             }
         });
+        let membership = tokio::spawn(follow_membership(
+            placement.metrics(),
+            store_group.clone(),
+            timings.heartbeat * 2,
+        ));
         Ok(Self {
             id,
             address,
@@ -174,6 +241,7 @@ impl Replica {
             store_group,
             store,
             server,
+            membership,
         })
     }
 
@@ -194,25 +262,20 @@ impl Replica {
         initialize(&self.store_group, members).await
     }
 
-    /// Adds replica `id` at `address` as a voter (on the leader): it first catches up as a
-    /// learner, then joins the voters.
+    /// Adds replica `id` at `address` as a voter (on the membership group's leader): it first
+    /// catches up as a learner, then joins the voters. The store group follows.
     pub async fn add_member(
         &self,
         id: ReplicaId,
         address: SocketAddr,
     ) -> Result<(), ReplicationError> {
-        add_voter(&self.placement, id, address).await?;
-        add_voter(&self.store_group, id, address).await
+        add_voter(&self.placement, id, BasicNode::new(address)).await
     }
 
-    /// Removes replica `id` from the voters (on the leader); its shards are placed again by the
-    /// next [`Replica::rebalance`].
+    /// Removes replica `id` from the voters (on the membership group's leader); its shards are
+    /// placed again by the next [`Replica::rebalance`]. The store group follows.
     pub async fn remove_member(&self, id: ReplicaId) -> Result<(), ReplicationError> {
         self.placement
-            .change_membership(ChangeMembers::RemoveVoters([id].into()), false)
-            .await
-            .map_err(write_error)?;
-        self.store_group
             .change_membership(ChangeMembers::RemoveVoters([id].into()), false)
             .await
             .map_err(write_error)?;
@@ -263,6 +326,13 @@ impl Replica {
         self.store.clone()
     }
 
+    /// The store group's voters as this replica knows them.
+    pub fn store_voters(&self) -> BTreeSet<ReplicaId> {
+        voters(&self.store_group.metrics().borrow())
+            .into_keys()
+            .collect()
+    }
+
     /// The store group's leader as this replica knows it.
     pub fn store_leader(&self) -> Option<ReplicaId> {
         self.store_group.metrics().borrow().current_leader
@@ -276,7 +346,9 @@ impl Replica {
         if let Err(e) = self.store_group.shutdown().await {
             tracing::warn!(error = %e, "stopping the store group");
         }
-        self.server.abort();
-        let _ = self.server.await;
+        for task in [self.membership, self.server] {
+            task.abort();
+            let _ = task.await;
+        }
     }
 }
