@@ -32,7 +32,9 @@ fn timings() -> Timings {
 
 async fn start(id: ReplicaId, data: &Path) -> Replica {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    Replica::start(id, listener, data, timings()).await.unwrap()
+    Replica::start(id, listener, None, data, timings())
+        .await
+        .unwrap()
 }
 
 /// Which shards each replica leads.
@@ -274,6 +276,94 @@ async fn what_the_store_leader_acknowledged_is_on_the_next_leader() {
     assert_eq!(store.outbox_len(), 2);
     drop(store);
     for replica in [one, two] {
+        replica.shutdown().await;
+    }
+}
+
+/// Starts replica `ordinal` as a StatefulSet pod would: its id from its data dir, then joined
+/// through `peers`.
+async fn start_pod(ordinal: u32, listener: TcpListener, data: &Path, peers: &[String]) -> Replica {
+    let id = mermin_aggregator::replication::identity(data, ordinal).unwrap();
+    let replica = Replica::start(id, listener, None, data, timings())
+        .await
+        .unwrap();
+    tokio::time::timeout(WITHIN, replica.join(peers, Duration::from_millis(100)))
+        .await
+        .expect("joined in time")
+        .unwrap();
+    replica
+}
+
+async fn voters_become(replica: &Replica, expected: &[ReplicaId]) {
+    let deadline = Instant::now() + WITHIN;
+    let expected: std::collections::BTreeSet<ReplicaId> = expected.iter().copied().collect();
+    while replica.store_voters() != expected {
+        assert!(
+            Instant::now() < deadline,
+            "store voters {:?}, expected {expected:?}",
+            replica.store_voters()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_form_one_cluster_from_a_peer_list_and_a_lost_disk_comes_back_as_a_new_member() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut listeners = Vec::new();
+    for _ in 0..3 {
+        listeners.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
+    }
+    let peers: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect();
+    // All three start at once, as a StatefulSet with parallel pod management starts them.
+    let mut listeners = listeners.into_iter();
+    let (zero, one, two) = tokio::join!(
+        start_pod(0, listeners.next().unwrap(), dirs[0].path(), &peers),
+        start_pod(1, listeners.next().unwrap(), dirs[1].path(), &peers),
+        start_pod(2, listeners.next().unwrap(), dirs[2].path(), &peers),
+    );
+    for (ordinal, replica) in [&zero, &one, &two].into_iter().enumerate() {
+        assert_eq!(
+            mermin_aggregator::replication::ordinal(replica.id()),
+            ordinal as u32
+        );
+    }
+    voters_become(&zero, &[zero.id(), one.id(), two.id()]).await;
+    assert_eq!(agreed_leader(&[&zero, &one, &two]).await, zero.id());
+
+    // Replica 1 loses its disk: a new incarnation joins, and the old one leaves.
+    let old_one = one.id();
+    let address = one.address().to_owned();
+    one.shutdown().await;
+    let wiped = tempfile::tempdir().unwrap();
+    let mut listener = None;
+    for _ in 0..100 {
+        match TcpListener::bind(&address).await {
+            Ok(bound) => {
+                listener = Some(bound);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let one = start_pod(1, listener.expect("its port again"), wiped.path(), &peers).await;
+    assert_ne!(one.id(), old_one, "a new incarnation");
+    voters_become(&zero, &[zero.id(), one.id(), two.id()]).await;
+    voters_become(&one, &[zero.id(), one.id(), two.id()]).await;
+    // It holds what the store group holds: a write on the leader reaches it.
+    let store = zero.store();
+    store.bind_agent(&[4; 16], "node-z").await.unwrap();
+    store.append(&[4; 16], &batch(1)).await.unwrap();
+    let deadline = Instant::now() + WITHIN;
+    while one.store().last_sequence(&[4; 16]).unwrap() != 1 {
+        assert!(Instant::now() < deadline, "the new member did not catch up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(store);
+    for replica in [zero, one, two] {
         replica.shutdown().await;
     }
 }

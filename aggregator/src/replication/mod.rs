@@ -23,9 +23,10 @@ pub mod placement;
 mod replica;
 pub mod store;
 
-pub use self::replica::{Replica, Timings};
+pub use self::replica::{Replica, Timings, identity, ordinal};
 
-/// A replica's Raft node id: its StatefulSet ordinal.
+/// A replica's Raft node id: its StatefulSet ordinal in the upper 32 bits, the incarnation of
+/// its data dir in the lower ([`identity`]).
 pub type ReplicaId = u64;
 
 /// The membership and placement group's name on the wire.

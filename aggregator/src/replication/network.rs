@@ -1,7 +1,8 @@
 //! The Raft transport between replicas over gRPC (`mermin.replica.v1.Raft`).
 //!
 //! The server side ([`RaftService`]) routes every message to the local Raft group it names
-//! ([`Groups`]); a message for a group this replica does not run is refused with NOT_FOUND.
+//! ([`Groups`]); a message for a group this replica does not run is refused with NOT_FOUND. It
+//! also answers a replica asking to join ([`Admission`]; [`ask_to_join`] is the asking side).
 //! The client side ([`GrpcNetwork`]) is openraft's network factory: one lazily connected
 //! channel per peer and group, each call bounded by openraft's own deadline. A peer that cannot
 //! be reached is reported as unreachable (openraft then backs off); an answer that does not
@@ -15,7 +16,7 @@ use std::{
 
 use futures_util::future::BoxFuture;
 use mermin_protocol::replica::v1::{
-    RaftMessage,
+    JoinRequest, JoinResponse, RaftMessage,
     raft_client::RaftClient,
     raft_server::{Raft as RaftTransport, RaftServer},
 };
@@ -78,13 +79,33 @@ where
     }
 }
 
-/// The Raft groups this replica runs, by name.
-#[derive(Clone, Default)]
+/// How this replica answers a replica asking to join: `Ok` once it is a member.
+pub type Admission =
+    Arc<dyn Fn(ReplicaId, String) -> BoxFuture<'static, Result<(), Status>> + Send + Sync>;
+
+/// The metadata key of a join refusal naming the leader's address.
+pub const LEADER_METADATA: &str = "mermin-leader";
+/// The metadata key of a join refusal by a replica that has never been part of a cluster.
+pub const CLUSTER_METADATA: &str = "mermin-cluster";
+
+/// The Raft groups this replica runs, by name, and how it admits new members.
+#[derive(Clone)]
 pub struct Groups {
+    /// This replica: messages for any other are refused.
+    replica: ReplicaId,
     by_name: Arc<RwLock<HashMap<String, Arc<dyn GroupEndpoint>>>>,
+    admission: Admission,
 }
 
 impl Groups {
+    pub fn new(replica: ReplicaId, admission: Admission) -> Self {
+        Self {
+            replica,
+            by_name: Arc::default(),
+            admission,
+        }
+    }
+
     /// Routes the messages for `name` to `raft` from now on.
     pub fn add<C>(&self, name: &str, raft: Raft<C>)
     where
@@ -133,14 +154,28 @@ impl RaftService {
         rpc: Rpc,
         request: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
-        let RaftMessage { group, payload } = request.into_inner();
+        let RaftMessage {
+            group,
+            payload,
+            replica_id,
+        } = request.into_inner();
+        if replica_id != self.groups.replica {
+            return Err(Status::failed_precondition(format!(
+                "this is replica {}, not {replica_id}",
+                self.groups.replica
+            )));
+        }
         let endpoint = self.groups.get(&group)?;
         let payload = match rpc {
             Rpc::AppendEntries => endpoint.append_entries(payload).await?,
             Rpc::Vote => endpoint.vote(payload).await?,
             Rpc::InstallSnapshot => endpoint.install_snapshot(payload).await?,
         };
-        Ok(Response::new(RaftMessage { group, payload }))
+        Ok(Response::new(RaftMessage {
+            group,
+            payload,
+            replica_id,
+        }))
     }
 }
 
@@ -162,6 +197,58 @@ impl RaftTransport for RaftService {
         request: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
         self.answer(Rpc::InstallSnapshot, request).await
+    }
+
+    async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let JoinRequest {
+            replica_id,
+            address,
+        } = request.into_inner();
+        if address.is_empty() {
+            return Err(Status::invalid_argument("JoinRequest.address is empty"));
+        }
+        (self.groups.admission)(replica_id, address).await?;
+        Ok(Response::new(JoinResponse {}))
+    }
+}
+
+/// Why a peer did not admit a replica asking to join.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum JoinRefused {
+    #[error("replica at {0} leads the membership; ask it")]
+    AskLeader(String),
+    #[error("the peer has never been part of a cluster")]
+    NoCluster,
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Asks the replica at `peer` (host:port) to admit replica `id`, reachable at `address`.
+pub async fn ask_to_join(peer: &str, id: ReplicaId, address: &str) -> Result<(), JoinRefused> {
+    let endpoint = Channel::from_shared(format!("http://{peer}"))
+        .map_err(|e| JoinRefused::Failed(format!("bad peer address {peer:?}: {e}")))?;
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| JoinRefused::Failed(format!("{peer}: {e}")))?;
+    let asked = RaftClient::new(channel)
+        .join(JoinRequest {
+            replica_id: id,
+            address: address.to_owned(),
+        })
+        .await;
+    match asked {
+        Ok(_) => Ok(()),
+        Err(status) => {
+            let metadata = status.metadata();
+            if let Some(leader) = metadata.get(LEADER_METADATA).and_then(|v| v.to_str().ok()) {
+                Err(JoinRefused::AskLeader(leader.to_owned()))
+            } else if metadata.get(CLUSTER_METADATA).is_some() {
+                Err(JoinRefused::NoCluster)
+            } else {
+                Err(JoinRefused::Failed(format!("{peer}: {status}")))
+            }
+        }
     }
 }
 
@@ -234,6 +321,7 @@ impl GrpcPeer {
         let mut request = Request::new(RaftMessage {
             group: self.group.clone(),
             payload,
+            replica_id: self.target,
         });
         request.set_timeout(option.hard_ttl());
         let answer = match rpc {

@@ -3,7 +3,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::SocketAddr,
     path::Path,
     sync::Arc,
     time::Duration,
@@ -19,7 +18,9 @@ use tokio_stream::wrappers::TcpListenerStream;
 use super::{
     PLACEMENT_GROUP, ReplicaId, ReplicationError, STORE_GROUP,
     log::SledLog,
-    network::{Groups, GrpcNetwork},
+    network::{
+        Admission, CLUSTER_METADATA, Groups, GrpcNetwork, JoinRefused, LEADER_METADATA, ask_to_join,
+    },
     placement::{Placed, PlacementCommand, PlacementGroup, PlacementMachine, ShardMap, rebalance},
     store::{ReplicatedStore, StoreGroup, StoreMachine},
 };
@@ -45,7 +46,7 @@ impl Default for Timings {
 /// One replica (see the module docs).
 pub struct Replica {
     id: ReplicaId,
-    address: SocketAddr,
+    address: String,
     placement: Raft<PlacementGroup>,
     machine: PlacementMachine,
     store_group: Raft<StoreGroup>,
@@ -114,6 +115,124 @@ where
     Ok(())
 }
 
+/// How this replica answers a replica asking to join (see `Join` in the protocol).
+fn admission(placement: Raft<PlacementGroup>) -> Admission {
+    Arc::new(move |id, address| {
+        let placement = placement.clone();
+        Box::pin(async move { admit(&placement, id, address).await })
+    })
+}
+
+fn refusal(message: String, key: &'static str, value: &str) -> tonic::Status {
+    let mut status = tonic::Status::failed_precondition(message);
+    if let Ok(value) = value.parse() {
+        status.metadata_mut().insert(key, value);
+    }
+    status
+}
+
+async fn admit(
+    placement: &Raft<PlacementGroup>,
+    id: ReplicaId,
+    address: String,
+) -> Result<(), tonic::Status> {
+    let initialized = placement
+        .is_initialized()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    if !initialized {
+        return Err(refusal(
+            "this replica has never been part of a cluster".to_owned(),
+            CLUSTER_METADATA,
+            "none",
+        ));
+    }
+    let (leader, members) = {
+        let metrics = placement.metrics();
+        let metrics = metrics.borrow();
+        (metrics.current_leader, voters(&metrics))
+    };
+    let this = placement.metrics().borrow().id;
+    if leader != Some(this) {
+        let Some(at) = leader.and_then(|leader| members.get(&leader)) else {
+            return Err(tonic::Status::unavailable(
+                "the cluster has no leader right now",
+            ));
+        };
+        return Err(refusal(
+            format!(
+                "replica {} leads the membership, at {}",
+                leader.unwrap_or_default(),
+                at.addr
+            ),
+            LEADER_METADATA,
+            &at.addr,
+        ));
+    }
+    let node = BasicNode { addr: address };
+    if members.get(&id) == Some(&node) {
+        return Ok(());
+    }
+    add_voter(placement, id, node)
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    // Earlier incarnations of the same ordinal (a replica that lost its disk) leave.
+    let stale: BTreeSet<ReplicaId> = members
+        .keys()
+        .copied()
+        .filter(|member| ordinal(*member) == ordinal(id) && *member != id)
+        .collect();
+    if !stale.is_empty() {
+        placement
+            .change_membership(ChangeMembers::RemoveVoters(stale), false)
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// This replica's id: `ordinal` in the upper 32 bits and, in the lower, the incarnation of
+/// `data_dir` — chosen when the directory was first used and kept in it (`replica-id`), so that
+/// a replica that lost its disk comes back as a new member, never as its old self.
+pub fn identity(data_dir: &Path, ordinal: u32) -> Result<ReplicaId, ReplicationError> {
+    let path = data_dir.join("replica-id");
+    let corrupt = |reason: String| ReplicationError::Corrupt {
+        what: "replica-id",
+        reason,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let id: ReplicaId = text
+                .trim()
+                .parse()
+                .map_err(|e| corrupt(format!("{}: {e}", path.display())))?;
+            if self::ordinal(id) != ordinal {
+                return Err(corrupt(format!(
+                    "{} belongs to replica {}, not {ordinal}",
+                    path.display(),
+                    self::ordinal(id)
+                )));
+            }
+            Ok(id)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let nanos = crate::clock::unix_now();
+            let incarnation = ((nanos ^ (nanos >> 32)) as u32 ^ std::process::id()).max(1);
+            let id = (ReplicaId::from(ordinal) << 32) | ReplicaId::from(incarnation);
+            std::fs::create_dir_all(data_dir)
+                .and_then(|()| std::fs::write(&path, format!("{id}\n")))
+                .map_err(|e| ReplicationError::Start(format!("{}: {e}", path.display())))?;
+            Ok(id)
+        }
+        Err(e) => Err(ReplicationError::Start(format!("{}: {e}", path.display()))),
+    }
+}
+
+/// The StatefulSet ordinal of a replica id (its upper 32 bits).
+pub fn ordinal(id: ReplicaId) -> u32 {
+    (id >> 32) as u32
+}
+
 /// The voters of a group and where they are.
 fn voters(metrics: &openraft::RaftMetrics<ReplicaId, BasicNode>) -> BTreeMap<ReplicaId, BasicNode> {
     let membership = metrics.membership_config.membership();
@@ -170,17 +289,20 @@ async fn follow_membership(
 }
 
 impl Replica {
-    /// Opens (or creates) the replica's database in `data_dir`, starts its Raft groups and
-    /// serves them on `listener`. A replica that has state rejoins with it.
+    /// Opens (or creates) the replica's databases in `data_dir`, starts its Raft groups and
+    /// serves them on `listener`; peers reach it at `advertise` (host:port; the listener's
+    /// address if `None`). A replica that has state rejoins with it.
     pub async fn start(
         id: ReplicaId,
         listener: TcpListener,
+        advertise: Option<String>,
         data_dir: &Path,
         timings: Timings,
     ) -> Result<Self, ReplicationError> {
-        let address = listener
+        let local = listener
             .local_addr()
             .map_err(|e| ReplicationError::Start(format!("the replica's listener: {e}")))?;
+        let address = advertise.unwrap_or_else(|| local.to_string());
         let db = sled::open(data_dir.join("replica"))?;
         let config = Arc::new(
             Config {
@@ -216,7 +338,7 @@ impl Replica {
         .await
         .map_err(|e| ReplicationError::Start(e.to_string()))?;
         let store = Arc::new(ReplicatedStore::new(store_group.clone(), store_machine));
-        let groups = Groups::default();
+        let groups = Groups::new(id, admission(placement.clone()));
         groups.add(PLACEMENT_GROUP, placement.clone());
         groups.add(STORE_GROUP, store_group.clone());
         let server = tokio::spawn(async move {
@@ -249,26 +371,22 @@ impl Replica {
         self.id
     }
 
-    /// Where peers reach this replica.
-    pub fn address(&self) -> SocketAddr {
-        self.address
+    /// Where peers reach this replica (host:port).
+    pub fn address(&self) -> &str {
+        &self.address
     }
 
     /// Makes this replica a cluster of one, if it has never been part of a cluster (what
     /// replica 0 does on its first start; a no-op on every later start).
     pub async fn bootstrap(&self) -> Result<(), ReplicationError> {
-        let members = BTreeMap::from([(self.id, BasicNode::new(self.address))]);
+        let members = BTreeMap::from([(self.id, BasicNode::new(&self.address))]);
         initialize(&self.placement, members.clone()).await?;
         initialize(&self.store_group, members).await
     }
 
     /// Adds replica `id` at `address` as a voter (on the membership group's leader): it first
     /// catches up as a learner, then joins the voters. The store group follows.
-    pub async fn add_member(
-        &self,
-        id: ReplicaId,
-        address: SocketAddr,
-    ) -> Result<(), ReplicationError> {
+    pub async fn add_member(&self, id: ReplicaId, address: &str) -> Result<(), ReplicationError> {
         add_voter(&self.placement, id, BasicNode::new(address)).await
     }
 
@@ -318,6 +436,65 @@ impl Replica {
     /// This replica's Raft metrics for the membership group (term, leader, log indexes).
     pub fn metrics(&self) -> watch::Receiver<openraft::RaftMetrics<ReplicaId, BasicNode>> {
         self.placement.metrics()
+    }
+
+    /// Becomes a member: does nothing if this replica is one already (a restart with its data);
+    /// otherwise asks each of `peers` (host:port; its own address is skipped) to admit it,
+    /// following a refusal that names the leader. Replica 0 (ordinal 0) makes a cluster of its
+    /// own instead only when every peer answers that it has never been part of one — a replica
+    /// 0 that lost its disk joins the cluster that is there. Tries again every `retry` until it
+    /// is a member.
+    pub async fn join(&self, peers: &[String], retry: Duration) -> Result<(), ReplicationError> {
+        let peers: Vec<&String> = peers.iter().filter(|p| **p != self.address).collect();
+        loop {
+            if self.is_voter() {
+                return Ok(());
+            }
+            let mut without_cluster = 0;
+            for peer in &peers {
+                let asked = match ask_to_join(peer, self.id, &self.address).await {
+                    Err(JoinRefused::AskLeader(leader)) => {
+                        ask_to_join(&leader, self.id, &self.address).await
+                    }
+                    other => other,
+                };
+                match asked {
+                    Ok(()) => return Ok(()),
+                    Err(JoinRefused::NoCluster) => without_cluster += 1,
+                    Err(refused) => {
+                        tracing::info!(peer = %peer, reason = %refused, "not admitted yet")
+                    }
+                }
+            }
+            if ordinal(self.id) == 0 && without_cluster == peers.len() {
+                tracing::info!(
+                    replica = self.id,
+                    "no cluster among the peers: starting one"
+                );
+                return self.bootstrap().await;
+            }
+            tokio::time::sleep(retry).await;
+        }
+    }
+
+    /// Whether this replica is a voter of the membership group, as it knows it.
+    fn is_voter(&self) -> bool {
+        voters(&self.placement.metrics().borrow()).contains_key(&self.id)
+    }
+
+    /// Waits until this replica leads the store group and has applied everything committed
+    /// before its term: the moment it may run the aggregator on the replicated store.
+    pub async fn lead_store(&self) -> Result<(), ReplicationError> {
+        self.store_group
+            .ensure_linearizable()
+            .await
+            .map(drop)
+            .map_err(|e| ReplicationError::Raft(e.to_string()))
+    }
+
+    /// The store group's metrics, following every change (leader, term, log indexes).
+    pub fn store_metrics(&self) -> watch::Receiver<openraft::RaftMetrics<ReplicaId, BasicNode>> {
+        self.store_group.metrics()
     }
 
     /// The storage seam on the store group: what the aggregator runs on while this replica
