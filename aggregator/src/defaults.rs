@@ -12,6 +12,9 @@ pub const LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPEC
 /// Where `/metrics`, `/livez` and `/readyz` are served.
 pub const METRICS_LISTEN: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 9465));
+/// Where the replica-to-replica service (Raft) listens, when the aggregator runs as a replica.
+pub const REPLICATION_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 4610));
 /// Where the admin API (gRPC, with health and reflection) is served: loopback unless asked.
 pub const ADMIN_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9093));
 /// Flows the admin API keeps for `mermin observe --last N`.

@@ -10,13 +10,15 @@
 //! to `store`, acks) → `shard` (the flow table split by connection key: `observation` →
 //! `connection_key` → `flow_table` → `stitch` → `span`, checkpointed) → `export` (the outbox to
 //! OTLP). Beside them, `admin` serves the admin API (status, agents, queues, and `observe`, the
-//! feed of emitted flows). `actors` runs the actix actors, `pipeline` wires and recovers them, `settings` is the one
+//! feed of emitted flows). `actors` runs the actix actors, `pipeline` wires and recovers them, `replication` replicates
+//! the store across replicas with Raft and `cluster` runs the pipeline on the replica that leads it, `settings` is the one
 //! settings model (flags, HCL keys via `config` and `hcl`, defaults in `defaults`), `metrics`
 //! declares every metric.
 
 pub mod actors;
 pub mod admin;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod connection_key;
 pub mod defaults;

@@ -1,10 +1,12 @@
-//! `mermin-aggregator`: read the settings, start the pipeline, run until SIGTERM/SIGINT, then
-//! flush every pending flow into the durable outbox and stop. Exit codes: 0 clean stop, 1 runtime
+//! `mermin-aggregator`: read the settings, start the pipeline (alone, or as one replica of a
+//! cluster with `--replica-ordinal`), run until SIGTERM/SIGINT, then flush every pending flow
+//! into the durable outbox and stop. Exit codes: 0 clean stop, 1 runtime
 //! failure, 2 invalid configuration, 3 environment (a port or the data directory).
 
 use std::{io::IsTerminal, process::ExitCode};
 
 use mermin_aggregator::{
+    cluster,
     pipeline::Aggregator,
     settings::{LogFormat, Settings, SettingsError},
 };
@@ -43,14 +45,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let cluster = settings.cluster_config();
     runtime.block_on(async {
-        let aggregator = match Aggregator::start(config).await {
-            Ok(aggregator) => aggregator,
-            Err(err) => {
-                eprintln!("error: {err}");
-                return ExitCode::from(err.exit_code());
-            }
-        };
+        let (stop, stopped) = tokio::sync::watch::channel(false);
         let (Ok(mut term), Ok(mut int)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
@@ -58,13 +55,40 @@ fn main() -> ExitCode {
             eprintln!("error: cannot install signal handlers");
             return ExitCode::FAILURE;
         };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+        let signalled = async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::info!("stopping: flushing pending flows");
+            let _ = stop.send(true);
+        };
+        let ran = match cluster {
+            Some(cluster) => {
+                let replica = cluster::run(config, cluster, stopped);
+                tokio::pin!(replica);
+                tokio::select! {
+                    ran = &mut replica => ran,
+                    () = signalled => replica.await,
+                }
+                .map_err(|err| (err.to_string(), err.exit_code()))
+            }
+            None => match Aggregator::start(config).await {
+                Ok(aggregator) => {
+                    signalled.await;
+                    aggregator.shutdown().await;
+                    Ok(())
+                }
+                Err(err) => Err((err.to_string(), err.exit_code())),
+            },
+        };
+        match ran {
+            Ok(()) => ExitCode::SUCCESS,
+            Err((message, code)) => {
+                eprintln!("error: {message}");
+                ExitCode::from(code)
+            }
         }
-        tracing::info!("stopping: flushing pending flows");
-        aggregator.shutdown().await;
-        ExitCode::SUCCESS
     })
 }
 

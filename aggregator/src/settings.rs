@@ -12,12 +12,14 @@ use std::{ffi::OsString, net::SocketAddr, path::PathBuf};
 use clap::{CommandFactory, FromArgMatches, Parser, parser::ValueSource};
 
 use crate::{
+    cluster::ClusterConfig,
     config::{self, ConfigError, FileSetting},
     defaults,
     export::{ExportConfig, OtlpProtocol},
     ingest::IngestLimits,
     metadata::{AttributeNaming, IndexSettings},
     pipeline::{AdminConfig, AggregatorConfig, MetadataConfig, ServerTlsConfig},
+    replication::Timings,
     store::{OutboxQuota, WhenFull},
     tls::TlsFiles,
 };
@@ -180,6 +182,23 @@ pub struct Settings {
     /// (backpressure policy) [agents { outbox_full_wait }].
     #[arg(long, default_value_t = defaults::OUTBOX_FULL_WAIT.into())]
     pub agents_outbox_full_wait: humantime::Duration,
+
+    /// Run as replica N of a cluster (its StatefulSet ordinal; replica 0 starts the cluster)
+    /// instead of alone: the store is replicated with Raft and the replica that leads it runs
+    /// the pipeline [replication { ordinal }].
+    #[arg(long, env = "MERMIN_REPLICA_ORDINAL")]
+    pub replica_ordinal: Option<u32>,
+    /// Address of the replica-to-replica service (Raft) [replication { listen }].
+    #[arg(long, default_value_t = defaults::REPLICATION_LISTEN)]
+    pub replication_listen: SocketAddr,
+    /// Where the other replicas reach this one, host:port (the listen address if unset)
+    /// [replication { advertise }].
+    #[arg(long, env = "MERMIN_REPLICATION_ADVERTISE")]
+    pub replication_advertise: Option<String>,
+    /// Every replica's address, host:port, comma-separated (its own is skipped)
+    /// [replication { peers }].
+    #[arg(long, value_delimiter = ',')]
+    pub replication_peers: Vec<String>,
 }
 
 /// Each option that the file may set: its argument id (the field name) and its HCL path.
@@ -217,6 +236,10 @@ const FILE_KEYS: &[(&str, &str)] = &[
     ("tls_key", "tls.key_file"),
     ("tls_client_ca", "tls.client_ca_file"),
     ("tls_reload_interval", "tls.reload_interval"),
+    ("replica_ordinal", "replication.ordinal"),
+    ("replication_listen", "replication.listen"),
+    ("replication_advertise", "replication.advertise"),
+    ("replication_peers", "replication.peers"),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -389,6 +412,23 @@ impl Settings {
                 "client_ca_file": self.tls_client_ca.as_ref().map(|p| p.display().to_string()),
                 "reload_interval": duration(&self.tls_reload_interval),
             },
+            "replication": {
+                "ordinal": self.replica_ordinal,
+                "listen": self.replication_listen.to_string(),
+                "advertise": self.replication_advertise,
+                "peers": self.replication_peers,
+            },
+        })
+    }
+
+    /// This aggregator's place in a cluster, if it runs as a replica (`--replica-ordinal`).
+    pub fn cluster_config(&self) -> Option<ClusterConfig> {
+        Some(ClusterConfig {
+            ordinal: self.replica_ordinal?,
+            listen: self.replication_listen,
+            advertise: self.replication_advertise.clone(),
+            peers: self.replication_peers.clone(),
+            timings: Timings::default(),
         })
     }
 }
@@ -608,7 +648,7 @@ admin { listen = "0.0.0.0:9093" observe_ring = 50 }
         );
         assert_eq!(
             load_file("bogus = 1\n", &[]).unwrap_err(),
-            "mermin.hcl:1: unknown key `bogus` (known: listen, metrics_listen, data_dir, log_format, print_flows, settle, grace, outbox_max_bytes, outbox_when_full, export \"traces\", metadata, agents, admin, tls)"
+            "mermin.hcl:1: unknown key `bogus` (known: listen, metrics_listen, data_dir, log_format, print_flows, settle, grace, outbox_max_bytes, outbox_when_full, export \"traces\", metadata, agents, admin, tls, replication)"
         );
     }
 }

@@ -22,6 +22,7 @@ use support::{
     closed_connection, connect,
     http::{get, metric},
     otlp::{Receiver, serve},
+    process::free_port,
     until,
 };
 use tokio::net::TcpListener;
@@ -44,14 +45,6 @@ fn request_with_span(id: u8) -> Vec<u8> {
             ..ResourceSpans::default()
         }],
     })
-}
-
-async fn free_port() -> std::net::SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,6 +27,7 @@ const ORDER: &[&str] = &[
     "shard",
     "admin",
     "pipeline",
+    "cluster",
     "config",
     "settings",
 ];

@@ -4,7 +4,7 @@
 use std::{
     net::SocketAddr,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -12,47 +12,11 @@ use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind};
 use support::{
     closed_connection as connection, connect,
     otlp::{Receiver, int, serve},
+    process::{Process, free_port},
 };
 use tokio::net::TcpListener;
 
 use mermin_test_support as support;
-
-/// The aggregator binary; killed (SIGKILL) on drop.
-struct Process(Child);
-
-impl Process {
-    /// Stops it as Kubernetes does (SIGTERM), waiting for the exit (bounded: 20 s).
-    async fn stop(mut self) {
-        let term = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(term.success());
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.0.try_wait().unwrap().is_none() {
-            assert!(
-                Instant::now() < deadline,
-                "still running 20 s after SIGTERM"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
 
 async fn aggregator(listen: SocketAddr, otlp: SocketAddr, data: &Path, settle: &str) -> Process {
     let child = Command::new(env!("CARGO_BIN_EXE_mermin-aggregator"))

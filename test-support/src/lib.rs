@@ -1,7 +1,8 @@
 //! What the tests of every crate share (a dev-dependency, never shipped): a test agent — one
 //! `mermin.agent.v1` stream over real gRPC, with helpers to send and expect — records and whole
 //! connections, bounded waits, the store reopened after a restart; `otlp`, an in-process OTLP
-//! receiver; `http`, plain requests to the metrics endpoints; `certs`, test certificates.
+//! receiver; `http`, plain requests to the metrics endpoints; `certs`, test certificates;
+//! `process`, a child process under test (killed on drop) and free ports.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -19,6 +20,7 @@ use tonic::Streaming;
 pub mod certs;
 pub mod http;
 pub mod otlp;
+pub mod process;
 
 pub struct Stream {
     out: mpsc::Sender<AgentMessage>,
