@@ -5,8 +5,10 @@
 //! - `ingest`: the whole aggregator (ingest with durable sled appends, flow shards, outbox,
 //!   exporter) fed by two agent streams over loopback gRPC, exporting to an OTLP receiver in this
 //!   process: records acknowledged per second, and last record acked → span received, p50/p99.
+//! - `replicated`: the same on the replicated store — one replica alone, then three replicas in
+//!   this process (Raft over loopback gRPC): what a quorum write costs per record.
 //!
-//! `cargo bench -p mermin-aggregator --bench pipeline -- [stitch|ingest]`
+//! `cargo bench -p mermin-aggregator --bench pipeline -- [stitch|ingest|replicated]`
 
 use std::{
     sync::{Arc, Mutex},
@@ -19,9 +21,11 @@ use mermin_aggregator::{
     metadata::{AttributeNaming, IndexSettings, MetadataIndex},
     observation::Observation,
     pipeline::{Aggregator, AggregatorConfig},
+    replication::{Replica, Timings},
     shard::encode_requests,
     span::Enrichment,
     stitch::InterfaceKinds,
+    store::{SledStore, Store},
 };
 use mermin_protocol::{
     agent::v1::{
@@ -57,8 +61,59 @@ fn main() {
         stitch();
     }
     if all || which.iter().any(|w| w == "ingest") {
-        ingest();
+        ingest(Backend::Sled);
     }
+    if all || which.iter().any(|w| w == "replicated") {
+        ingest(Backend::Replicas(1));
+        ingest(Backend::Replicas(3));
+    }
+}
+
+/// What the aggregator under test stores in.
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Sled,
+    /// The store group of this many replicas, all in this process; replica 0 leads.
+    Replicas(usize),
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backend::Sled => f.write_str("sled"),
+            Backend::Replicas(n) => write!(f, "replicated, {n} replica(s)"),
+        }
+    }
+}
+
+/// The store of `backend` in `dir`, and the replicas it runs on (kept until the run ends).
+async fn open_store(backend: Backend, dir: &std::path::Path) -> (Store, Vec<Replica>) {
+    let Backend::Replicas(count) = backend else {
+        return (SledStore::open(dir).unwrap(), Vec::new());
+    };
+    let mut replicas = Vec::new();
+    for id in 0..count as u64 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let data = dir.join(format!("replica-{id}"));
+        replicas.push(
+            Replica::start(id, listener, None, &data, Timings::default())
+                .await
+                .unwrap(),
+        );
+    }
+    replicas[0].bootstrap().await.unwrap();
+    for replica in &replicas[1..] {
+        replicas[0]
+            .add_member(replica.id(), replica.address())
+            .await
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while replicas[0].store_voters().len() != count || replicas[0].store_leader() != Some(0) {
+        assert!(Instant::now() < deadline, "the store group did not form");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (replicas[0].store(), replicas)
 }
 
 /// The four records of one cross-node TCP connection (two nodes, each direction), connection `i`.
@@ -158,14 +213,14 @@ fn stitch() {
 /// the outbox and the exporter — and an OTLP receiver in this process: records acknowledged per
 /// second, and for each connection the time from the ack of its last record to the arrival of its
 /// span at the receiver.
-fn ingest() {
+fn ingest(backend: Backend) {
     const SETTLE: Duration = Duration::from_secs(1);
     println!(
-        "| measure (2 agent streams, whole aggregator, loopback, settle {SETTLE:?}) | value |"
+        "| measure (2 agent streams, whole aggregator, loopback, settle {SETTLE:?}, {backend}) | value |"
     );
     println!("|---|---:|");
     // As fast as the aggregator acknowledges: throughput (and latency under saturation).
-    let (records, elapsed, latency) = ingest_run(150, None, SETTLE);
+    let (records, elapsed, latency) = ingest_run(backend, 150, None, SETTLE);
     println!(
         "| records acknowledged per second, unpaced ({records} records in batches of 2000) | {:.0} k records/s |",
         records as f64 / elapsed.as_secs_f64() / 1e3
@@ -176,7 +231,7 @@ fn ingest() {
         latency(99).as_secs_f64() * 1e3
     );
     // Paced well below saturation (2 × 5 batches/s = 20k records/s): the latency a flow sees.
-    let (_, _, latency) = ingest_run(50, Some(Duration::from_millis(200)), SETTLE);
+    let (_, _, latency) = ingest_run(backend, 50, Some(Duration::from_millis(200)), SETTLE);
     println!(
         "| last record acked → span received, p50 / p99, at 20k records/s | {:.0} ms / {:.0} ms |",
         latency(50).as_secs_f64() * 1e3,
@@ -187,6 +242,7 @@ fn ingest() {
 /// One run of [`ingest`] against a fresh aggregator: `batches` per stream, one every `pace` if
 /// given. Returns the records sent, the time until the last ack, and latency percentiles.
 fn ingest_run(
+    backend: Backend,
     batches: u32,
     pace: Option<Duration>,
     settle: Duration,
@@ -203,14 +259,18 @@ fn ingest_run(
                 .serve_with_incoming(TcpListenerStream::new(otlp)),
         );
         let dir = tempfile::tempdir().unwrap();
-        let aggregator = Aggregator::start(AggregatorConfig {
-            settle,
-            grace: Duration::from_secs(60),
-            ..AggregatorConfig::loopback(
-                dir.path().to_owned(),
-                ExportConfig::new(format!("http://{otlp_addr}")),
-            )
-        })
+        let (store, replicas) = open_store(backend, dir.path()).await;
+        let aggregator = Aggregator::start_on(
+            AggregatorConfig {
+                settle,
+                grace: Duration::from_secs(60),
+                ..AggregatorConfig::loopback(
+                    dir.path().to_owned(),
+                    ExportConfig::new(format!("http://{otlp_addr}")),
+                )
+            },
+            store,
+        )
         .await
         .unwrap();
         let endpoint = format!("http://{}", aggregator.local_addr);
@@ -250,6 +310,9 @@ fn ingest_run(
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         aggregator.shutdown().await;
+        for replica in replicas {
+            replica.shutdown().await;
+        }
         let arrivals = receiver.arrivals.lock().unwrap().clone();
         assert_eq!(
             arrivals.len(),

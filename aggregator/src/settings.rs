@@ -183,10 +183,10 @@ pub struct Settings {
     #[arg(long, default_value_t = defaults::OUTBOX_FULL_WAIT.into())]
     pub agents_outbox_full_wait: humantime::Duration,
 
-    /// Run as replica N of a cluster (its StatefulSet ordinal; replica 0 starts the cluster)
-    /// instead of alone: the store is replicated with Raft and the replica that leads it runs
-    /// the pipeline [replication { ordinal }].
-    #[arg(long, env = "MERMIN_REPLICA_ORDINAL")]
+    /// Run as replica N of a cluster instead of alone: the store is replicated with Raft and
+    /// the replica that leads it runs the pipeline; replica 0 starts the cluster. N, or a
+    /// StatefulSet pod name (`mermin-aggregator-2`: its ordinal) [replication { ordinal }].
+    #[arg(long, env = "MERMIN_REPLICA_ORDINAL", value_parser = replica_ordinal)]
     pub replica_ordinal: Option<u32>,
     /// Address of the replica-to-replica service (Raft) [replication { listen }].
     #[arg(long, default_value_t = defaults::REPLICATION_LISTEN)]
@@ -197,7 +197,7 @@ pub struct Settings {
     pub replication_advertise: Option<String>,
     /// Every replica's address, host:port, comma-separated (its own is skipped)
     /// [replication { peers }].
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, env = "MERMIN_REPLICATION_PEERS", value_delimiter = ',')]
     pub replication_peers: Vec<String>,
 }
 
@@ -478,6 +478,14 @@ fn clap_reason(err: &clap::Error) -> String {
 }
 
 /// `--otlp-endpoint`: an http:// or https:// URL.
+/// A replica's ordinal: a number, or a StatefulSet pod name ending in `-<ordinal>`.
+fn replica_ordinal(text: &str) -> Result<u32, String> {
+    let number = text.rsplit('-').next().unwrap_or(text);
+    number.parse().map_err(|_| {
+        format!("{text:?} is neither an ordinal nor a StatefulSet pod name ending in -<ordinal>")
+    })
+}
+
 fn endpoint(text: &str) -> Result<String, String> {
     if text.starts_with("http://") || text.starts_with("https://") {
         Ok(text.to_owned())
@@ -606,6 +614,28 @@ admin { listen = "0.0.0.0:9093" observe_ring = 50 }
         assert_eq!(
             s.effective_json()["metadata"]["labels"],
             serde_json::json!([])
+        );
+    }
+
+    #[test]
+    fn the_replication_block_and_an_ordinal_from_a_pod_name() {
+        let text = "replication {\n  ordinal = \"mermin-aggregator-2\"\n  listen = \"0.0.0.0:4610\"\n  advertise = \"mermin-aggregator-2.peers.ns.svc:4610\"\n  peers = [\"a:4610\", \"b:4610\"]\n}\n";
+        let cluster = load_file(text, &[]).unwrap().cluster_config().unwrap();
+        assert_eq!(cluster.ordinal, 2);
+        assert_eq!(cluster.listen, "0.0.0.0:4610".parse().unwrap());
+        assert_eq!(
+            cluster.advertise.as_deref(),
+            Some("mermin-aggregator-2.peers.ns.svc:4610")
+        );
+        assert_eq!(cluster.peers, ["a:4610", "b:4610"]);
+        let alone = load_file("", &[]).unwrap();
+        assert!(alone.cluster_config().is_none(), "no ordinal: alone");
+        let err = load_file("replication {\n  ordinal = \"leader\"\n}\n", &[]).unwrap_err();
+        assert!(
+            err.contains(
+                "\"leader\" is neither an ordinal nor a StatefulSet pod name ending in -<ordinal>"
+            ),
+            "{err}"
         );
     }
 

@@ -300,8 +300,11 @@ async fn voters_become(replica: &Replica, expected: &[ReplicaId]) {
     while replica.store_voters() != expected {
         assert!(
             Instant::now() < deadline,
-            "store voters {:?}, expected {expected:?}",
-            replica.store_voters()
+            "replica {}: store voters {:?} (leader {:?}), membership leader {:?}; expected {expected:?}",
+            replica.id(),
+            replica.store_voters(),
+            replica.store_leader(),
+            replica.leader(),
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -6,5 +6,6 @@
 //!   `cargo test -p mermin-chaos-tests -- --ignored`.
 //!
 //! The kill and restart tests under real traffic (aggregator SIGKILL, agent restart) live with the
-//! namespace harness in `node-agent/tests/restarts.rs`; partitions between replicas come with the
-//! replication issue.
+//! namespace harness in `node-agent/tests/restarts.rs`; the replica kill test (three aggregator
+//! processes, the leader SIGKILLed mid-stream) in `aggregator/tests/failover.rs`, beside the
+//! binary it runs. Partitions between replicas are not tested yet.

@@ -29,21 +29,22 @@ DEFAULTS = {
     "export": {"traces": {"otlp": {"endpoint": f"http://mermin-tempo.{NAMESPACE}.svc:4317", "protocol": "grpc"}}},
     "metadata": {"attribute_names": "seed", "static_file": None, "labels": [], "deleted_grace": "5m", "kubernetes": True},
     "tls": {"mode": "disabled"},
+    "replication": {"ordinal": None, "listen": "0.0.0.0:4610", "advertise": None, "peers": []},
 }
 
 
-def check(path: Path) -> subprocess.CompletedProcess[str]:
+def check(path: Path, pod_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     assert BINARY.is_file(), f"{BINARY} not found: build it (cargo build -p mermin-aggregator) or set MERMIN_AGGREGATOR_BIN"
     return subprocess.run(
         [str(BINARY), "--config", str(path), "--check-config"],
-        capture_output=True, text=True, timeout=60, env=ENV,
+        capture_output=True, text=True, timeout=60, env={**ENV, **(pod_env or {})},
     )
 
 
-def effective(hcl: str, tmp_path: Path) -> dict[str, Any]:
+def effective(hcl: str, tmp_path: Path, pod_env: dict[str, str] | None = None) -> dict[str, Any]:
     path = tmp_path / "mermin.hcl"
     path.write_text(hcl)
-    result = check(path)
+    result = check(path, pod_env)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -136,3 +137,23 @@ def test_the_pods_arguments_are_the_aggregators_own(tmp_path):
     result = subprocess.run([str(BINARY), *args], capture_output=True, text=True, timeout=60, env=ENV)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["metrics_listen"] == "0.0.0.0:9500"
+
+
+def test_a_replica_pod_of_three_gets_its_ordinal_address_and_peers(rendered, tmp_path):
+    """The StatefulSet's environment for pod 2, as the kubelet expands it."""
+    r = rendered["three-replicas"]
+    sts = r.get("StatefulSet", "mermin-aggregator")
+    pod = "mermin-aggregator-2"
+    variables = {
+        e["name"]: e["value"].replace("$(POD_NAME)", pod)
+        for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]
+        if e["name"].startswith("MERMIN_REPLICA")
+    }
+    settings = effective(r.hcl(), tmp_path, variables)
+    peers = [f"mermin-aggregator-{i}.mermin-aggregator-peers.{NAMESPACE}.svc:4610" for i in range(3)]
+    assert settings["replication"] == {
+        "ordinal": 2,
+        "listen": "0.0.0.0:4610",
+        "advertise": peers[2],
+        "peers": peers,
+    }

@@ -105,14 +105,23 @@ def test_aggregator_services_and_pdb(rendered):
     assert pdb["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": selector}}
 
 
-@pytest.mark.parametrize("case, replicas", [("defaults", 1), ("three-replicas", 3)])
-def test_peer_list_names_every_replica_by_its_headless_dns_name(rendered, case, replicas):
-    sts = rendered[case].get("StatefulSet", "mermin-aggregator")
-    assert sts["spec"]["replicas"] == replicas
-    peers = env(container(sts, "aggregator"))["MERMIN_PEERS"]
-    assert peers == ",".join(
-        f"mermin-aggregator-{i}.mermin-aggregator-peers.{NAMESPACE}.svc:4610" for i in range(replicas)
+def test_three_replicas_form_a_cluster_named_by_their_headless_dns_names(rendered):
+    sts = rendered["three-replicas"].get("StatefulSet", "mermin-aggregator")
+    assert sts["spec"]["replicas"] == 3
+    variables = env(container(sts, "aggregator"))
+    assert variables["MERMIN_REPLICA_ORDINAL"] == "$(POD_NAME)"
+    assert variables["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert variables["MERMIN_REPLICATION_ADVERTISE"] == f"$(POD_NAME).mermin-aggregator-peers.{NAMESPACE}.svc:4610"
+    assert variables["MERMIN_REPLICATION_PEERS"] == ",".join(
+        f"mermin-aggregator-{i}.mermin-aggregator-peers.{NAMESPACE}.svc:4610" for i in range(3)
     )
+
+
+def test_one_replica_runs_alone(rendered):
+    sts = rendered["defaults"].get("StatefulSet", "mermin-aggregator")
+    assert sts["spec"]["replicas"] == 1
+    variables = env(container(sts, "aggregator"))
+    assert not {"MERMIN_REPLICA_ORDINAL", "MERMIN_REPLICATION_ADVERTISE", "MERMIN_REPLICATION_PEERS"} & set(variables)
 
 
 def test_three_replicas_required_anti_affinity_and_notes_warning(rendered):
@@ -120,8 +129,8 @@ def test_three_replicas_required_anti_affinity_and_notes_warning(rendered):
     affinity = r.get("StatefulSet", "mermin-aggregator")["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
     assert list(affinity) == ["requiredDuringSchedulingIgnoredDuringExecution"]
     assert affinity["requiredDuringSchedulingIgnoredDuringExecution"][0]["topologyKey"] == "kubernetes.io/hostname"
-    assert "WARNING: aggregator.replicas=3" in r.notes
-    assert "WARNING" not in rendered["defaults"].notes
+    assert "Replicated: aggregator.replicas=3 replicas form one Raft cluster (it survives 1 lost)." in r.notes
+    assert "Replicated" not in rendered["defaults"].notes
 
 
 def test_agent_daemonset_capabilities_and_host_access(rendered):

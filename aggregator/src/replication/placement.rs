@@ -186,6 +186,11 @@ impl PlacementMachine {
         })
     }
 
+    /// The shard map as applied on this replica now.
+    pub fn shards(&self) -> ShardMap {
+        self.state.borrow().shards.clone()
+    }
+
     /// The shard map as applied on this replica, following every change.
     pub fn shard_map(&self) -> watch::Receiver<ShardMap> {
         let (sender, receiver) = watch::channel(self.state.borrow().shards.clone());

@@ -242,6 +242,10 @@ fn voters(metrics: &openraft::RaftMetrics<ReplicaId, BasicNode>) -> BTreeMap<Rep
         .collect()
 }
 
+/// How long the store group's leader waits for a new member to catch up before it looks at the
+/// membership again.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(10);
+
 /// Keeps the store group's voters those of the membership group (which
 /// [`Replica::add_member`] and [`Replica::remove_member`] change), on whichever replica leads
 /// the store group; checks every `interval` and retries what failed.
@@ -281,8 +285,16 @@ async fn follow_membership(
             if current.get(&id) == Some(&node) {
                 continue;
             }
-            if let Err(e) = add_voter(&store_group, id, node).await {
-                tracing::warn!(replica = id, error = %e, "adding a replica to the store group");
+            // Bounded: a replica that died while catching up must not hold up the others.
+            match tokio::time::timeout(CATCH_UP_WAIT, add_voter(&store_group, id, node)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(replica = id, error = %e, "adding a replica to the store group")
+                }
+                Err(_) => tracing::warn!(
+                    replica = id,
+                    "adding a replica to the store group: not caught up within {CATCH_UP_WAIT:?}; trying again"
+                ),
             }
         }
     }
@@ -403,15 +415,10 @@ impl Replica {
     /// Spreads the shards over the current voters (on the leader), moving as few as possible;
     /// returns the moves applied.
     pub async fn rebalance(&self) -> Result<Placed, ReplicationError> {
-        let voters = self
-            .placement
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
+        let voters = voters(&self.placement.metrics().borrow())
+            .into_keys()
             .collect();
-        let moves = rebalance(&self.machine.shard_map().borrow(), &voters, SHARDS);
+        let moves = rebalance(&self.machine.shards(), &voters, SHARDS);
         if moves.is_empty() {
             return Ok(Placed::default());
         }
@@ -431,11 +438,6 @@ impl Replica {
     /// The membership group's leader as this replica knows it.
     pub fn leader(&self) -> Option<ReplicaId> {
         self.placement.metrics().borrow().current_leader
-    }
-
-    /// This replica's Raft metrics for the membership group (term, leader, log indexes).
-    pub fn metrics(&self) -> watch::Receiver<openraft::RaftMetrics<ReplicaId, BasicNode>> {
-        self.placement.metrics()
     }
 
     /// Becomes a member: does nothing if this replica is one already (a restart with its data);
