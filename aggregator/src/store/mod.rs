@@ -83,7 +83,11 @@ pub enum StoreError {
 /// A connection's serialized key and state (`None`: forgotten), as a checkpoint writes it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Change {
+    // As byte strings (not sequences of numbers) wherever serde writes them: the store group's
+    // log carries them.
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub state: Option<Vec<u8>>,
 }
 
