@@ -83,6 +83,11 @@ where
 pub type Admission =
     Arc<dyn Fn(ReplicaId, String) -> BoxFuture<'static, Result<(), Status>> + Send + Sync>;
 
+/// The largest Raft message a replica takes. An entry carries a whole agent batch or a shard's
+/// checkpoint with its export requests (up to 2 MB each), and one `AppendEntries` carries many
+/// entries: tonic's default (4 MB) would refuse them, and replication would never catch up.
+const MAX_MESSAGE_BYTES: usize = 512 << 20;
+
 /// The metadata key of a join refusal naming the leader's address.
 pub const LEADER_METADATA: &str = "mermin-leader";
 /// The metadata key of a join refusal by a replica that has never been part of a cluster.
@@ -133,6 +138,7 @@ impl Groups {
         RaftServer::new(RaftService {
             groups: self.clone(),
         })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
     }
 }
 
@@ -283,7 +289,10 @@ where
 
     async fn new_client(&mut self, target: ReplicaId, node: &BasicNode) -> GrpcPeer {
         let client = Channel::from_shared(format!("http://{}", node.addr))
-            .map(|endpoint| RaftClient::new(endpoint.connect_lazy()))
+            .map(|endpoint| {
+                RaftClient::new(endpoint.connect_lazy())
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            })
             .map_err(|e| format!("replica {target} has a bad address {:?}: {e}", node.addr));
         GrpcPeer {
             group: self.group.clone(),

@@ -322,6 +322,9 @@ impl Replica {
                 heartbeat_interval: timings.heartbeat.as_millis() as u64,
                 election_timeout_min: timings.election_timeout.0.as_millis() as u64,
                 election_timeout_max: timings.election_timeout.1.as_millis() as u64,
+                // Entries are large (whole batches, checkpoints with their export requests):
+                // fewer per message keep a message well below the transport's limit.
+                max_payload_entries: 64,
                 ..Config::default()
             }
             .validate()
