@@ -24,7 +24,7 @@ use support::{
 use mermin_test_support as support;
 
 const REPLICAS: usize = 3;
-const WITHIN: Duration = Duration::from_secs(30);
+const WITHIN: Duration = Duration::from_secs(60);
 
 struct Ports {
     agents: SocketAddr,
