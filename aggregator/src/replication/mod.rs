@@ -35,6 +35,15 @@ pub const PLACEMENT_GROUP: &str = "placement";
 /// The store group's name on the wire.
 pub const STORE_GROUP: &str = "store";
 
+/// A snapshot's name: the last log id it holds and its size (two snapshots of one state have
+/// the same name on every replica).
+fn snapshot_id(last_applied: Option<&openraft::LogId<ReplicaId>>, data: &[u8]) -> String {
+    match last_applied {
+        Some(id) => format!("{}-{}-{}", id.leader_id, id.index, data.len()),
+        None => format!("empty-{}", data.len()),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {
     #[error("replica store: {0}")]

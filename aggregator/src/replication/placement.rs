@@ -224,10 +224,7 @@ impl RaftSnapshotBuilder<PlacementGroup> for PlacementMachine {
             let state = self.state.borrow();
             let data = postcard::to_allocvec(&*state)
                 .map_err(|e| StorageIOError::read_state_machine(&e))?;
-            let snapshot_id = match state.last_applied {
-                Some(id) => format!("{}-{}-{}", id.leader_id, id.index, data.len()),
-                None => format!("empty-{}", data.len()),
-            };
+            let snapshot_id = super::snapshot_id(state.last_applied.as_ref(), &data);
             let meta = SnapshotMeta {
                 last_log_id: state.last_applied,
                 last_membership: state.membership.clone(),

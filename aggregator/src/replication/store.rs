@@ -224,10 +224,7 @@ impl RaftSnapshotBuilder<StoreGroup> for StoreMachine {
             dump.push((ByteBuf::from(name.to_vec()), entries));
         }
         let data = postcard::to_allocvec(&dump).map_err(io_error)?;
-        let snapshot_id = match &last_log_id {
-            Some(id) => format!("{}-{}-{}", id.leader_id, id.index, data.len()),
-            None => format!("empty-{}", data.len()),
-        };
+        let snapshot_id = super::snapshot_id(last_log_id.as_ref(), &data);
         Ok(Snapshot {
             meta: SnapshotMeta {
                 last_log_id,
