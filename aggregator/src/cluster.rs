@@ -12,10 +12,16 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use openraft::{BasicNode, RaftMetrics};
-use prometheus_client::{encoding::text::encode, metrics::gauge::Gauge, registry::Registry};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text::encode},
+    metrics::gauge::ConstGauge,
+    registry::Registry,
+};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
 use crate::{
+    metrics::Metrics,
     pipeline::{Aggregator, AggregatorConfig, StartError},
     replication::{Replica, ReplicaId, ReplicationError, Timings, identity},
 };
@@ -92,7 +98,9 @@ pub async fn run(
         _ = until(&mut stop, |stopped| *stopped) => Ok(()),
     };
     let result = match joined {
-        Ok(()) if !*stop.borrow() => lead_when_elected(&replica, &config, stop).await,
+        Ok(()) if !*stop.borrow() => {
+            lead_when_elected(&replica, &config, cluster.timings, stop).await
+        }
         other => other,
     };
     replica.shutdown().await;
@@ -104,14 +112,20 @@ pub async fn run(
 async fn lead_when_elected(
     replica: &Replica,
     config: &AggregatorConfig,
+    timings: Timings,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), ClusterError> {
     let id = replica.id();
+    let view = ReplicaView {
+        id,
+        store: replica.store_metrics(),
+        membership: replica.membership_metrics(),
+    };
     let mut store = replica.store_metrics();
     loop {
         let standby = config
             .metrics_listen
-            .map(|addr| standby_endpoint(addr, replica.store_metrics()));
+            .map(|addr| standby_endpoint(addr, view.clone()));
         let elected = tokio::select! {
             _ = until(&mut store, |m| m.current_leader == Some(id)) => replica.lead_store().await.is_ok(),
             _ = until(&mut stop, |stopped| *stopped) => false,
@@ -130,16 +144,47 @@ async fn lead_when_elected(
             replica = id,
             "leading the store group: starting the aggregator"
         );
-        let aggregator = Aggregator::start_on(config.clone(), replica.store()).await?;
+        replica.fence_store(false);
+        let mut metrics = Metrics::new();
+        metrics.register(|registry| {
+            registry
+                .sub_registry_with_prefix("replica")
+                .register_collector(Box::new(view.clone()))
+        });
+        let aggregator = Aggregator::start_with(config.clone(), replica.store(), metrics).await?;
         tokio::select! {
             _ = until(&mut store, |m| m.current_leader != Some(id)) => {
                 tracing::warn!(replica = id, "no longer leads the store group: stopping the aggregator");
             }
+            _ = quorum_lost(replica, timings) => {
+                tracing::warn!(
+                    replica = id,
+                    "no quorum of the store group answers: stopping the aggregator"
+                );
+            }
             _ = until(&mut stop, |stopped| *stopped) => {}
         }
+        // Writes still waiting for a quorum fail now, so the stop waits on none of them.
+        replica.fence_store(true);
         aggregator.shutdown().await;
         if *stop.borrow() {
             return Ok(());
+        }
+    }
+}
+
+/// Returns once this replica, leading the store group, has not heard from a quorum of it for
+/// twice the longest election timeout: by then the others have elected another leader, which
+/// exports from now on (so two replicas export at once for at most that long, the same spans).
+async fn quorum_lost(replica: &Replica, timings: Timings) {
+    let bound = timings.election_timeout.1 * 2;
+    loop {
+        tokio::time::sleep(timings.heartbeat * 5).await;
+        if !matches!(
+            tokio::time::timeout(bound, replica.lead_store()).await,
+            Ok(Ok(()))
+        ) {
+            return;
         }
     }
 }
@@ -153,10 +198,7 @@ async fn until<T>(value: &mut watch::Receiver<T>, done: impl FnMut(&T) -> bool) 
 
 /// Serves the standby's `/livez`, `/readyz` and `/metrics` on `addr` until aborted (a failed
 /// bind is logged and retried: the pipeline that served there may still be letting go of it).
-fn standby_endpoint(
-    addr: SocketAddr,
-    store: watch::Receiver<RaftMetrics<ReplicaId, BasicNode>>,
-) -> JoinHandle<()> {
+fn standby_endpoint(addr: SocketAddr, view: ReplicaView) -> JoinHandle<()> {
     tokio::spawn(async move {
         let listener = loop {
             match TcpListener::bind(addr).await {
@@ -167,18 +209,23 @@ fn standby_endpoint(
                 }
             }
         };
-        if let Err(err) = axum::serve(listener, standby_router(store)).await {
+        if let Err(err) = axum::serve(listener, standby_router(view)).await {
             tracing::error!(%err, "standby endpoint failed");
         }
     })
 }
 
 /// What a standby replica answers (see the module docs).
-fn standby_router(store: watch::Receiver<RaftMetrics<ReplicaId, BasicNode>>) -> axum::Router {
+fn standby_router(view: ReplicaView) -> axum::Router {
     use axum::{http::StatusCode, routing::get};
-    let metrics = Arc::new(StandbyMetrics::default());
-    let live = store.clone();
-    let ready = store.clone();
+    let mut registry = Registry::with_prefix("mermin_aggregator");
+    registry
+        .sub_registry_with_prefix("replica")
+        .register_collector(Box::new(view.clone()));
+    let registry = Arc::new(registry);
+    let live = view.store.clone();
+    let ready = view.store.clone();
+    let id = view.id;
     axum::Router::new()
         .route(
             "/livez",
@@ -201,6 +248,10 @@ fn standby_router(store: watch::Receiver<RaftMetrics<ReplicaId, BasicNode>>) -> 
                 let leader = ready.borrow().current_leader;
                 async move {
                     let why = match leader {
+                        Some(leader) if leader == id => {
+                            "standing by: this replica leads the store group but no quorum of it answers\n"
+                                .to_owned()
+                        }
                         Some(leader) => format!(
                             "standing by: replica {leader} leads the store group and takes the agents' batches\n"
                         ),
@@ -213,7 +264,9 @@ fn standby_router(store: watch::Receiver<RaftMetrics<ReplicaId, BasicNode>>) -> 
         .route(
             "/metrics",
             get(move || {
-                let text = metrics.render(&store.borrow());
+                let mut text = String::new();
+                // Writing to a String cannot fail.
+                let _ = encode(&mut text, &registry);
                 async move {
                     (
                         [(
@@ -227,66 +280,94 @@ fn standby_router(store: watch::Receiver<RaftMetrics<ReplicaId, BasicNode>>) -> 
         )
 }
 
-/// A standby replica's own metrics: where the store group stands as it sees it.
-struct StandbyMetrics {
-    registry: Registry,
-    leader: Gauge,
-    term: Gauge,
-    last_applied: Gauge,
-    voters: Gauge,
+/// This replica's view of both Raft groups, read at each scrape of `/metrics` (the standby's
+/// and the pipeline's): its own `id`, `<group>_leader` (-1: none), `_term`, `_last_applied`, `_voters`, and
+/// on the store group's leader `store_replication_lag{replica}`, the entries each other
+/// replica has yet to take.
+#[derive(Debug, Clone)]
+struct ReplicaView {
+    id: ReplicaId,
+    store: watch::Receiver<RaftMetrics<ReplicaId, BasicNode>>,
+    membership: watch::Receiver<RaftMetrics<ReplicaId, BasicNode>>,
 }
 
-impl Default for StandbyMetrics {
-    fn default() -> Self {
-        let mut registry = Registry::with_prefix("mermin_aggregator_replica");
-        let (leader, term, last_applied, voters) = (
-            Gauge::default(),
-            Gauge::default(),
-            Gauge::default(),
-            Gauge::default(),
-        );
-        registry.register(
-            "store_leader",
-            "The replica id that leads the store group as this replica knows it (-1: none)",
-            leader.clone(),
-        );
-        registry.register(
-            "store_term",
-            "The store group's Raft term as this replica knows it",
-            term.clone(),
-        );
-        registry.register(
-            "store_last_applied",
-            "The index of the store group's last log entry this replica applied",
-            last_applied.clone(),
-        );
-        registry.register(
-            "store_voters",
-            "The store group's voters as this replica knows them (a quorum of them must be up)",
-            voters.clone(),
-        );
-        Self {
-            registry,
-            leader,
-            term,
-            last_applied,
-            voters,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReplicaLabel {
+    replica: String,
+}
+
+fn gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: i64,
+) -> Result<(), std::fmt::Error> {
+    let gauge = ConstGauge::new(value);
+    gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)
+}
+
+impl Collector for ReplicaView {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        // Copied out at once: the watch's read lock must not be held (see `until`).
+        let store = self.store.borrow().clone();
+        let membership = self.membership.borrow().clone();
+        gauge(
+            &mut encoder,
+            "id",
+            "This replica's id: its ordinal in the upper 32 bits, its data dir's incarnation in the lower",
+            self.id as i64,
+        )?;
+        for (group, name, metrics) in [
+            ("store", "the store group", &store),
+            (
+                "membership",
+                "the membership and placement group",
+                &membership,
+            ),
+        ] {
+            let as_seen = "as this replica knows it";
+            gauge(
+                &mut encoder,
+                &format!("{group}_leader"),
+                &format!("The replica id that leads {name} {as_seen} (-1: none)"),
+                metrics.current_leader.map_or(-1, |leader| leader as i64),
+            )?;
+            gauge(
+                &mut encoder,
+                &format!("{group}_term"),
+                &format!("The Raft term of {name} {as_seen}"),
+                metrics.current_term as i64,
+            )?;
+            gauge(
+                &mut encoder,
+                &format!("{group}_last_applied"),
+                &format!("The index of the last entry of {name} this replica applied"),
+                metrics.last_applied.map_or(0, |id| id.index as i64),
+            )?;
+            gauge(
+                &mut encoder,
+                &format!("{group}_voters"),
+                &format!("The voters of {name} {as_seen} (a quorum of them must be up)"),
+                metrics.membership_config.membership().voter_ids().count() as i64,
+            )?;
         }
-    }
-}
-
-impl StandbyMetrics {
-    fn render(&self, store: &RaftMetrics<ReplicaId, BasicNode>) -> String {
-        self.leader
-            .set(store.current_leader.map_or(-1, |leader| leader as i64));
-        self.term.set(store.current_term as i64);
-        self.last_applied
-            .set(store.last_applied.map_or(0, |id| id.index as i64));
-        self.voters
-            .set(store.membership_config.membership().voter_ids().count() as i64);
-        let mut text = String::new();
-        // Writing to a String cannot fail.
-        let _ = encode(&mut text, &self.registry);
-        text
+        if let Some(replication) = &store.replication {
+            let last = store.last_log_index.unwrap_or(0);
+            let lag = ConstGauge::new(0i64);
+            let mut family = encoder.encode_descriptor(
+                "store_replication_lag",
+                "Entries of the store group's log a replica has yet to take (on the leader only)",
+                None,
+                lag.metric_type(),
+            )?;
+            for (replica, matched) in replication.iter().filter(|(r, _)| **r != self.id) {
+                let behind = last.saturating_sub(matched.map_or(0, |m| m.index)) as i64;
+                let label = ReplicaLabel {
+                    replica: replica.to_string(),
+                };
+                ConstGauge::new(behind).encode(family.encode_family(&label)?)?;
+            }
+        }
+        Ok(())
     }
 }

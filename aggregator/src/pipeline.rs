@@ -153,7 +153,17 @@ impl Aggregator {
     }
 
     /// Starts on `store` (any implementation of the storage seam; `config.data_dir` unused).
-    pub async fn start_on(mut config: AggregatorConfig, store: Store) -> Result<Self, StartError> {
+    pub async fn start_on(config: AggregatorConfig, store: Store) -> Result<Self, StartError> {
+        Self::start_with(config, store, Metrics::new()).await
+    }
+
+    /// As [`Aggregator::start_on`], serving `metrics` (with what its caller registered in it:
+    /// a replica's view of its cluster) besides the pipeline's own.
+    pub async fn start_with(
+        mut config: AggregatorConfig,
+        store: Store,
+        mut metrics: Metrics,
+    ) -> Result<Self, StartError> {
         match config.outbox.when_full {
             WhenFull::Backpressure => {
                 config.limits.pause_above_outbox_bytes = Some(config.outbox.max_bytes)
@@ -171,7 +181,6 @@ impl Aggregator {
             Some(tls) => Some((ServerTls::load(tls.files.clone())?, tls.reload_interval)),
             None => None,
         };
-        let mut metrics = Metrics::new();
         let watchers = if config.metadata.kubernetes {
             watch_kubernetes(index.clone(), &mut metrics).await
         } else {

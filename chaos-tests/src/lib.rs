@@ -6,6 +6,6 @@
 //!   `cargo test -p mermin-chaos-tests -- --ignored`.
 //!
 //! The kill and restart tests under real traffic (aggregator SIGKILL, agent restart) live with the
-//! namespace harness in `node-agent/tests/restarts.rs`; the replica kill test (three aggregator
-//! processes, the leader SIGKILLed mid-stream) in `aggregator/tests/failover.rs`, beside the
-//! binary it runs. Partitions between replicas are not tested yet.
+//! namespace harness in `node-agent/tests/restarts.rs`; the replica chaos tests (three aggregator
+//! processes in namespaces of their own: kills, a lost disk, partitions, the endpoint out of the
+//! leader's reach) in `aggregator/tests/chaos.rs`, beside the binary they run.

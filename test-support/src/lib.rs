@@ -2,7 +2,8 @@
 //! `mermin.agent.v1` stream over real gRPC, with helpers to send and expect — records and whole
 //! connections, bounded waits, the store reopened after a restart; `otlp`, an in-process OTLP
 //! receiver; `http`, plain requests to the metrics endpoints; `certs`, test certificates;
-//! `process`, a child process under test (killed on drop) and free ports.
+//! `process`, a child process under test (killed on drop) and free ports; `netns`, network
+//! namespaces and veth pairs the test creates and deletes.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -19,6 +20,7 @@ use tonic::Streaming;
 
 pub mod certs;
 pub mod http;
+pub mod netns;
 pub mod otlp;
 pub mod process;
 
@@ -28,26 +30,32 @@ pub struct Stream {
 }
 
 pub async fn connect(addr: SocketAddr) -> Stream {
+    try_connect(addr).await.unwrap()
+}
+
+/// A stream to `addr`, or why there is none (a replica standing by has no agent endpoint).
+pub async fn try_connect(addr: SocketAddr) -> Result<Stream, tonic::Status> {
     let mut client = AgentServiceClient::connect(format!("http://{addr}"))
         .await
-        .unwrap();
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     let (out, rx) = mpsc::channel(16);
-    let answers = client
-        .stream(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    Stream { out, answers }
+    let answers = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+    Ok(Stream { out, answers })
 }
 
 impl Stream {
     pub async fn send(&self, message: agent_message::Message) {
+        assert!(self.try_send(message).await, "the stream is closed");
+    }
+
+    /// Sends `message`; false if the stream is gone.
+    pub async fn try_send(&self, message: agent_message::Message) -> bool {
         self.out
             .send(AgentMessage {
                 message: Some(message),
             })
             .await
-            .unwrap();
+            .is_ok()
     }
 
     pub async fn hello(&self, node: &str, boot_id: [u8; 16]) {
@@ -63,6 +71,12 @@ impl Stream {
     pub async fn batch(&self, sequence: u64, records: Vec<FlowRecord>) {
         self.send(agent_message::Message::Batch(Batch { sequence, records }))
             .await;
+    }
+
+    /// The next answer as it comes (no time limit: the caller bounds it); `None` if the stream
+    /// ended or failed.
+    pub async fn next_answer(&mut self) -> Option<aggregator_message::Message> {
+        self.answers.message().await.ok()??.message
     }
 
     pub async fn answer(&mut self) -> Result<aggregator_message::Message, tonic::Status> {

@@ -4,14 +4,15 @@
 //!
 //! The design (ARCHITECTURE.md, "Replication"): one Raft group for membership and placement
 //! (every replica a voter; its state machine is the shard map: which replica leads which shard,
-//! with an epoch per shard) and, built on it, one group per shard whose log carries that shard's
-//! part of every agent batch and its checkpoints. What is here today is the first group:
+//! with an epoch per shard) and one store group whose log carries every write of the storage
+//! seam (a group per shard is the next step; ARCHITECTURE.md says why not yet).
 //! - `log`: the Raft log of any group, in sled ([`log::SledLog`]).
 //! - `placement`: the membership and placement state machine and how shards are spread.
+//! - `store`: the store group's state machine, and the storage seam on it
+//!   ([`store::ReplicatedStore`]: writes committed on a quorum, reads local).
 //! - `network`: the gRPC transport (`mermin.replica.v1.Raft`), one service for every group.
 //! - [`Replica`]: one replica's groups started on its data dir and served on its listener;
-//!   bootstrap as a StatefulSet does it (replica 0 initialises, the others are added by the
-//!   leader).
+//!   bootstrap as a StatefulSet does it (replica 0 initialises, the others ask to join).
 
 // openraft's storage error (~200 B) is what its storage traits return; the helpers return it
 // as it is rather than boxing it only to unbox it at the trait.

@@ -502,6 +502,18 @@ impl Replica {
         self.store_group.metrics()
     }
 
+    /// The membership and placement group's metrics, following every change.
+    pub fn membership_metrics(
+        &self,
+    ) -> watch::Receiver<openraft::RaftMetrics<ReplicaId, BasicNode>> {
+        self.placement.metrics()
+    }
+
+    /// Fences this replica's store or lifts the fence (see [`ReplicatedStore::fence`]).
+    pub fn fence_store(&self, fenced: bool) {
+        self.store.fence(fenced);
+    }
+
     /// The storage seam on the store group: what the aggregator runs on while this replica
     /// leads the group.
     pub fn store(&self) -> Store {

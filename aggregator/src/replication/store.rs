@@ -12,12 +12,16 @@
 //!
 //! Only the group's leader writes: on any other replica a write fails with
 //! [`StoreError::Backend`] naming the leader, which the layers above treat as a failing disk
-//! (batches refused, not ready).
+//! (batches refused, not ready). So does a write that no quorum took within [`WRITE_BOUND`]
+//! (a leader cut off from its followers), and every write, pending or new, once the replica is
+//! fenced ([`ReplicatedStore::fence`]: it stopped leading): nothing above the seam waits on a
+//! quorum that is not there.
 
 use std::{
     collections::{HashMap, HashSet},
     io::Cursor,
     sync::{Arc, Mutex, RwLock},
+    time::Duration,
 };
 
 use futures_util::{FutureExt, future::BoxFuture};
@@ -31,6 +35,7 @@ use openraft::{
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
+use tokio::sync::watch;
 
 use super::ReplicaId;
 use crate::{
@@ -315,11 +320,16 @@ impl RaftStateMachine<StoreGroup> for StoreMachine {
     }
 }
 
+/// The longest a write waits for a quorum before it fails (a commit takes milliseconds; this
+/// long means the followers are out of reach).
+pub const WRITE_BOUND: Duration = Duration::from_secs(10);
+
 /// The storage seam on the store group (see the module docs).
 pub struct ReplicatedStore {
     raft: Raft<StoreGroup>,
     machine: StoreMachine,
     write_failure: Mutex<Option<String>>,
+    fenced: watch::Sender<bool>,
 }
 
 impl ReplicatedStore {
@@ -328,33 +338,36 @@ impl ReplicatedStore {
             raft,
             machine,
             write_failure: Mutex::default(),
+            fenced: watch::Sender::new(false),
         }
     }
 
+    /// Fences the store (`true`): every pending write fails at once, and every new one, until
+    /// `fence(false)`. A replica that stops leading fences its store before it stops the
+    /// pipeline, so the pipeline's stop waits on no write.
+    pub fn fence(&self, fenced: bool) {
+        self.fenced.send_replace(fenced);
+    }
+
     async fn propose(&self, command: StoreCommand) -> Result<StoreAnswer, StoreError> {
-        let written = self.raft.client_write(command).await;
-        let mut failure = self.write_failure.lock().unwrap_or_else(|e| e.into_inner());
-        match written {
-            Ok(response) => {
-                *failure = None;
-                Ok(response.data)
-            }
-            Err(err) => {
-                let err = match err {
-                    RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => {
-                        StoreError::Backend(format!(
-                            "this replica does not lead the store group (leader: {})",
-                            forward
-                                .leader_id
-                                .map_or("unknown".to_owned(), |id| format!("replica {id}"))
-                        ))
-                    }
-                    other => StoreError::Backend(other.to_string()),
-                };
-                *failure = Some(err.to_string());
-                Err(err)
-            }
-        }
+        let mut fenced = self.fenced.subscribe();
+        let written = tokio::select! {
+            // The fence first: a fenced store proposes nothing (a write it refuses while one is
+            // pending may still be committed, as any write whose answer was lost).
+            biased;
+            // The watch's guard is let go inside the arm's future.
+            _ = async { drop(fenced.wait_for(|f| *f).await) } => Err(StoreError::Backend(
+                "this replica stopped leading the store group".to_owned(),
+            )),
+            written = self.raft.client_write(command) => written.map(|r| r.data).map_err(write_error),
+            _ = tokio::time::sleep(WRITE_BOUND) => Err(StoreError::Backend(format!(
+                "no quorum of the store group took the write within {} s",
+                WRITE_BOUND.as_secs()
+            ))),
+        };
+        *self.write_failure.lock().unwrap_or_else(|e| e.into_inner()) =
+            written.as_ref().err().map(ToString::to_string);
+        written
     }
 
     /// [`ReplicatedStore::propose`] from a blocking caller (the blocking pool, or a worker of
@@ -363,6 +376,20 @@ impl ReplicatedStore {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|e| StoreError::Backend(format!("a store write outside a runtime: {e}")))?;
         tokio::task::block_in_place(|| runtime.block_on(self.propose(command)))
+    }
+}
+
+fn write_error(error: RaftError<ReplicaId, ClientWriteError<ReplicaId, BasicNode>>) -> StoreError {
+    match error {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => {
+            StoreError::Backend(format!(
+                "this replica does not lead the store group (leader: {})",
+                forward
+                    .leader_id
+                    .map_or("unknown".to_owned(), |id| format!("replica {id}"))
+            ))
+        }
+        other => StoreError::Backend(other.to_string()),
     }
 }
 
@@ -539,15 +566,7 @@ mod tests {
                     if let Some(previous) = previous {
                         previous.shutdown().await;
                     }
-                    let replica = start_again(path).await;
-                    replica.bootstrap().await.unwrap();
-                    for _ in 0..200 {
-                        if replica.store_leader() == Some(0) {
-                            break;
-                        }
-                        tokio::time::sleep(Duration::from_millis(25)).await;
-                    }
-                    assert_eq!(replica.store_leader(), Some(0), "no leader after 5 s");
+                    let replica = leading(path).await;
                     let store = replica.store();
                     *running.lock().unwrap() = Some(replica);
                     store
@@ -647,6 +666,50 @@ mod tests {
                 last: 1
             }]
         );
+    }
+
+    /// A fenced store fails every write at once, naming why, and reports it as its write
+    /// failure (what `/readyz` shows); lifted, it writes again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fenced_store_refuses_writes_until_the_fence_is_lifted() {
+        use crate::store::{BootId, Storage};
+        let dir = tempfile::tempdir().unwrap();
+        let replica = leading(dir.path()).await;
+        let store = replica.store();
+        let boot_id: BootId = [7; 16];
+        let batch = |sequence| mermin_protocol::agent::v1::Batch {
+            sequence,
+            records: Vec::new(),
+        };
+        store.bind_agent(&boot_id, "node-a").await.unwrap();
+        store.append(&boot_id, &batch(1)).await.unwrap();
+
+        replica.fence_store(true);
+        let refused = store.append(&boot_id, &batch(2)).await.unwrap_err();
+        let why = "store: this replica stopped leading the store group";
+        assert_eq!(refused.to_string(), why);
+        assert_eq!(store.write_failure().as_deref(), Some(why));
+        assert_eq!(store.last_sequence(&boot_id).unwrap(), 1);
+
+        replica.fence_store(false);
+        store.append(&boot_id, &batch(2)).await.unwrap();
+        assert_eq!(store.write_failure(), None);
+        assert_eq!(store.last_sequence(&boot_id).unwrap(), 2);
+        replica.shutdown().await;
+    }
+
+    /// Replica 0 started on `path`, a cluster of one, once it leads its store group (bounded).
+    async fn leading(path: &Path) -> Replica {
+        let replica = start_again(path).await;
+        replica.bootstrap().await.unwrap();
+        for _ in 0..200 {
+            if replica.store_leader() == Some(0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert_eq!(replica.store_leader(), Some(0), "no leader after 5 s");
+        replica
     }
 
     /// Starts replica 0 on `path`; the previous process's sled handles let go of their locks

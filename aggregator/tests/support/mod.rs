@@ -1,0 +1,673 @@
+//! A cluster of aggregator replicas, each in a network namespace of its own, for the chaos tests:
+//! real processes (the binary under test), real Raft over gRPC between the namespaces, real
+//! sled stores in temporary data dirs, and a network the test breaks on purpose.
+//!
+//! Layout: the test's own threads (the OTLP receiver, the agents, every probe) run in an
+//! *observer* namespace that holds a bridge; each replica's namespace hangs on it by a veth pair.
+//! Addresses, all on `10.77.0.0/24`: the observer `.1`, the OTLP receiver `.2` (a second address
+//! of the bridge, so that one replica can lose the endpoint and keep everything else), replica
+//! `i` at `.10 + i`. A partition is a pair of blackhole routes per peer (each side drops what it
+//! would send to the other); healing deletes them. Everything is deleted when the [`Network`]
+//! drops (also on a failed assertion), the processes are SIGKILLed when their handles drop.
+
+use std::{
+    collections::HashMap,
+    fs::{self, OpenOptions},
+    future::Future,
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use mermin_protocol::{
+    agent::v1::{Batch, Hello, agent_message::Message, aggregator_message::Message as Answer},
+    flow::v1::{EndReason, FlowRecord},
+};
+use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind};
+use support::{
+    connection,
+    http::try_get,
+    metric_value,
+    netns::{LinkOptions, Netns, link, unique},
+    otlp::{Receiver, int, serve},
+    process::Process,
+    recent_nanos, try_connect,
+};
+use tokio::{sync::watch, task::JoinHandle, time::timeout};
+
+use mermin_test_support as support;
+
+/// Each wait of a scenario is bounded by this (a loaded CI runner elects slowly).
+pub const WITHIN: Duration = Duration::from_secs(60);
+
+const AGENTS_PORT: u16 = 4600;
+const METRICS_PORT: u16 = 9090;
+const REPLICATION_PORT: u16 = 4610;
+const OTLP_PORT: u16 = 4317;
+const OBSERVER: &str = "10.77.0.1";
+const OTLP: &str = "10.77.0.2";
+
+fn replica_ip(ordinal: usize) -> String {
+    format!("10.77.0.{}", 10 + ordinal)
+}
+
+/// One scenario at a time: three replicas each are all two cores can take.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Builds the network for `replicas`, and runs `scenario` on a runtime whose threads are in the
+/// observer namespace; a panic in the scenario fails the test (after the network is deleted).
+pub fn run<F, Fut>(replicas: usize, scenario: F)
+where
+    F: FnOnce(Arc<Network>) -> Fut + Send + 'static,
+    Fut: Future<Output = ()>,
+{
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let network = Arc::new(Network::new(replicas));
+    let inside = network.clone();
+    let result = network
+        .observer
+        .spawn(move || {
+            // Threads the runtime starts are created from this one: they share its namespace.
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(scenario(inside));
+        })
+        .join();
+    drop(network);
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// The namespaces, the bridge and the links between them.
+pub struct Network {
+    observer: Netns,
+    replicas: Vec<Netns>,
+    dir: tempfile::TempDir,
+}
+
+impl Network {
+    fn new(replicas: usize) -> Self {
+        let observer = Netns::new();
+        observer.ip(&["link", "add", "br0", "type", "bridge"]);
+        for address in [OBSERVER, OTLP] {
+            observer.ip(&["addr", "add", &format!("{address}/24"), "dev", "br0"]);
+        }
+        observer.ip(&["link", "set", "br0", "up"]);
+        let replicas = (0..replicas)
+            .map(|ordinal| {
+                let ns = Netns::new();
+                let port = unique("rp");
+                let options = LinkOptions {
+                    ipv6: false,
+                    no_gso: false,
+                };
+                let (inside, outside) = link(&ns, "eth0", &observer, &port, options);
+                inside.addr(&format!("{}/24", replica_ip(ordinal)));
+                inside.up();
+                observer.ip(&["link", "set", &port, "master", "br0"]);
+                outside.up();
+                ns
+            })
+            .collect();
+        Self {
+            observer,
+            replicas,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// Cuts `ordinal` off from every other replica (both ways); the agents and the OTLP
+    /// endpoint still reach it.
+    pub fn partition(&self, ordinal: usize) {
+        self.blackholes(ordinal, "add");
+    }
+
+    pub fn heal(&self, ordinal: usize) {
+        self.blackholes(ordinal, "del");
+    }
+
+    fn blackholes(&self, ordinal: usize, verb: &str) {
+        for peer in (0..self.replicas.len()).filter(|&p| p != ordinal) {
+            for (from, to) in [(ordinal, peer), (peer, ordinal)] {
+                self.replicas[from].ip(&[
+                    "route",
+                    verb,
+                    "blackhole",
+                    &format!("{}/32", replica_ip(to)),
+                ]);
+            }
+        }
+    }
+
+    /// Makes the OTLP endpoint unreachable from `ordinal` (`false`: reachable again).
+    pub fn cut_export(&self, ordinal: usize, cut: bool) {
+        let verb = if cut { "add" } else { "del" };
+        self.replicas[ordinal].ip(&["route", verb, "blackhole", &format!("{OTLP}/32")]);
+    }
+
+    pub fn otlp(&self) -> SocketAddr {
+        format!("{OTLP}:{OTLP_PORT}").parse().unwrap()
+    }
+
+    pub fn agents(&self, ordinal: usize) -> SocketAddr {
+        format!("{}:{AGENTS_PORT}", replica_ip(ordinal))
+            .parse()
+            .unwrap()
+    }
+
+    pub fn metrics(&self, ordinal: usize) -> SocketAddr {
+        format!("{}:{METRICS_PORT}", replica_ip(ordinal))
+            .parse()
+            .unwrap()
+    }
+
+    fn data(&self, ordinal: usize) -> PathBuf {
+        self.dir.path().join(format!("replica-{ordinal}"))
+    }
+
+    fn log(&self, ordinal: usize) -> PathBuf {
+        self.dir.path().join(format!("replica-{ordinal}.log"))
+    }
+
+    /// Every replica's log, for a failure's message.
+    pub fn logs(&self) -> String {
+        (0..self.replicas.len())
+            .map(|ordinal| {
+                let text = fs::read_to_string(self.log(ordinal)).unwrap_or_default();
+                format!("--- replica {ordinal}:\n{text}")
+            })
+            .collect()
+    }
+}
+
+/// The replicas' processes, by ordinal (`None`: not running).
+pub struct Cluster {
+    pub network: Arc<Network>,
+    processes: Vec<Option<Process>>,
+    /// The OTLP receiver every replica exports to, in the observer namespace.
+    pub receiver: Receiver,
+    server: JoinHandle<()>,
+}
+
+impl Cluster {
+    /// Starts the OTLP receiver and every replica, and waits until one leads with every
+    /// replica a voter.
+    pub async fn start(network: Arc<Network>) -> Self {
+        let receiver = Receiver::default();
+        let listener = tokio::net::TcpListener::bind(network.otlp()).await.unwrap();
+        let server = serve(receiver.clone(), listener).await;
+        let mut cluster = Self {
+            processes: (0..network.replicas.len()).map(|_| None).collect(),
+            network,
+            receiver,
+            server,
+        };
+        for ordinal in 0..cluster.size() {
+            cluster.start_replica(ordinal);
+        }
+        cluster.converged().await;
+        cluster
+    }
+
+    /// [`Cluster::start`], then `agents` agents reporting ([`Load`]), once each had 20 batches
+    /// acknowledged.
+    pub async fn start_under_load(network: Arc<Network>, agents: usize) -> (Self, Load) {
+        let cluster = Self::start(network.clone()).await;
+        let load = Load::start(&network, agents);
+        load.advance(20, &cluster).await;
+        (cluster, load)
+    }
+
+    pub fn size(&self) -> usize {
+        self.network.replicas.len()
+    }
+
+    pub fn running(&self) -> Vec<usize> {
+        (0..self.size())
+            .filter(|&o| self.processes[o].is_some())
+            .collect()
+    }
+
+    pub fn start_replica(&mut self, ordinal: usize) {
+        assert!(self.processes[ordinal].is_none(), "replica {ordinal} runs");
+        let network = &self.network;
+        let peers: Vec<String> = (0..self.size())
+            .map(|o| format!("{}:{REPLICATION_PORT}", replica_ip(o)))
+            .collect();
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(network.log(ordinal))
+            .unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &network.replicas[ordinal].name])
+            .arg(env!("CARGO_BIN_EXE_mermin-aggregator"))
+            .args(["--replica-ordinal", &ordinal.to_string()])
+            .args(["--replication-listen", &peers[ordinal]])
+            .args(["--replication-peers", &peers.join(",")])
+            .args(["--listen", &format!("0.0.0.0:{AGENTS_PORT}")])
+            .args(["--metrics-listen", &format!("0.0.0.0:{METRICS_PORT}")])
+            .args(["--admin-listen", "127.0.0.1:0"])
+            .args(["--data-dir", &network.data(ordinal).display().to_string()])
+            .args(["--otlp-endpoint", &format!("http://{}", network.otlp())])
+            .args(["--settle", "300ms", "--grace", "5s"])
+            .args(["--kubernetes=false", "--tls-mode=disabled"])
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.processes[ordinal] = Some(Process(child));
+    }
+
+    /// SIGKILLs `ordinal`.
+    pub fn kill(&mut self, ordinal: usize) {
+        assert!(
+            self.processes[ordinal].take().is_some(),
+            "replica {ordinal} is not running"
+        );
+    }
+
+    /// Deletes `ordinal`'s data dir (it must not be running): the disk it had is lost.
+    pub fn wipe(&self, ordinal: usize) {
+        assert!(self.processes[ordinal].is_none(), "replica {ordinal} runs");
+        fs::remove_dir_all(self.network.data(ordinal)).unwrap();
+    }
+
+    /// The ordinal of the one running replica whose `/readyz` answers 200, once every other
+    /// running replica answers 503 "standing by"; bounded by [`WITHIN`].
+    pub async fn ready_leader(&self) -> usize {
+        self.ready_leader_among(&self.running()).await
+    }
+
+    /// As [`Cluster::ready_leader`], among `ordinals` only (the others may be cut off).
+    pub async fn ready_leader_among(&self, ordinals: &[usize]) -> usize {
+        let deadline = Instant::now() + WITHIN;
+        loop {
+            let mut ready = Vec::new();
+            let mut standing_by = 0;
+            for &ordinal in ordinals {
+                match try_get(self.network.metrics(ordinal), "/readyz").await {
+                    Some((200, _)) => ready.push(ordinal),
+                    Some((503, body)) if body.starts_with("standing by") => standing_by += 1,
+                    _ => {}
+                }
+            }
+            if ready.len() == 1 && standing_by == ordinals.len() - 1 {
+                return ready[0];
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no single ready leader among {ordinals:?}: ready {ready:?}\n{}",
+                self.network.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `ordinal`'s view of the cluster, from its `/metrics` (`None` while it does not answer).
+    pub async fn view(&self, ordinal: usize) -> Option<View> {
+        let (status, text) = try_get(self.network.metrics(ordinal), "/metrics").await?;
+        (status == 200).then(|| View {
+            id: metric_value(&text, "mermin_aggregator_replica_id"),
+            store_leader: metric_value(&text, "mermin_aggregator_replica_store_leader"),
+            membership_leader: metric_value(&text, "mermin_aggregator_replica_membership_leader"),
+            store_voters: metric_value(&text, "mermin_aggregator_replica_store_voters"),
+            membership_voters: metric_value(&text, "mermin_aggregator_replica_membership_voters"),
+            store_last_applied: metric_value(&text, "mermin_aggregator_replica_store_last_applied"),
+        })
+    }
+
+    /// Waits until every running replica sees the same leaders of both groups and as many
+    /// voters in each as there are replicas, and has applied the store group's log at least as
+    /// far as the furthest replica had when they first agreed (it caught up); returns the view
+    /// of the first running replica. Bounded by [`WITHIN`].
+    pub async fn converged(&self) -> View {
+        let deadline = Instant::now() + WITHIN;
+        let voters = self.size() as u64;
+        let mut caught_up_at = None;
+        loop {
+            let mut views = Vec::new();
+            for ordinal in self.running() {
+                views.push(self.view(ordinal).await);
+            }
+            let agreed: Option<Vec<View>> = views.iter().cloned().collect();
+            if let Some(agreed) = agreed.filter(|v| {
+                v.iter().all(|view| {
+                    view.agrees_with(&v[0])
+                        && view.store_voters == voters
+                        && view.membership_voters == voters
+                })
+            }) {
+                let furthest = agreed
+                    .iter()
+                    .map(|v| v.store_last_applied)
+                    .max()
+                    .unwrap_or(0);
+                let target = *caught_up_at.get_or_insert(furthest);
+                if agreed.iter().all(|v| v.store_last_applied >= target) {
+                    return agreed[0].clone();
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the replicas' views did not converge: {views:?}\n{}",
+                self.network.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Every client span the receiver got, by span id; fails if one id came with two contents.
+    pub fn spans_by_id(&self) -> HashMap<Vec<u8>, Span> {
+        let mut by_id: HashMap<Vec<u8>, Span> = HashMap::new();
+        for span in self.receiver.spans() {
+            if span.kind != SpanKind::Client as i32 {
+                continue;
+            }
+            match by_id.get(&span.span_id) {
+                Some(first) => assert_eq!(first, &span, "a span id delivered with other content"),
+                None => {
+                    by_id.insert(span.span_id.clone(), span);
+                }
+            }
+        }
+        by_id
+    }
+
+    /// Waits until the receiver has more than `spans` spans (bounded by [`WITHIN`]).
+    pub async fn exports_beyond(&self, spans: usize) {
+        let deadline = Instant::now() + WITHIN;
+        while self.receiver.spans().len() <= spans {
+            assert!(
+                Instant::now() < deadline,
+                "no span exported\n{}",
+                self.network.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn shutdown(mut self) {
+        for process in self.processes.iter_mut().filter_map(Option::take) {
+            process.stop().await;
+        }
+        self.server.abort();
+    }
+}
+
+/// What one replica reports about the cluster (ids as `/metrics` shows them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct View {
+    /// The replica's own id (ordinal and incarnation).
+    pub id: u64,
+    pub store_leader: u64,
+    pub membership_leader: u64,
+    pub store_voters: u64,
+    pub membership_voters: u64,
+    pub store_last_applied: u64,
+}
+
+impl View {
+    /// Whether both views see the same leaders and voters.
+    fn agrees_with(&self, other: &View) -> bool {
+        (
+            self.store_leader,
+            self.membership_leader,
+            self.store_voters,
+            self.membership_voters,
+        ) == (
+            other.store_leader,
+            other.membership_leader,
+            other.store_voters,
+            other.membership_voters,
+        )
+    }
+}
+
+/// The ordinal of a replica id (its upper 32 bits).
+pub fn ordinal(id: u64) -> usize {
+    (id >> 32) as usize
+}
+
+/// Agents reporting one closed connection per batch, each to whichever replica takes it: a
+/// refused connection, a stream that fails or an acknowledgement later than 5 s sends the agent
+/// to the next replica, where it carries on after the batch that replica says it has.
+pub struct Load {
+    stop: watch::Sender<bool>,
+    agents: Vec<JoinHandle<u64>>,
+    /// Each agent's last acknowledged sequence, as it goes.
+    acked: Arc<Vec<AtomicU64>>,
+}
+
+/// The client port of `agent`'s connection in batch `sequence`: unique per batch.
+fn client_port(agent: usize, sequence: u64) -> u32 {
+    (10_000 * (agent as u64 + 1) + sequence) as u32
+}
+
+/// Payload bytes the client of batch `sequence` sends (different per batch, so that a batch
+/// counted into another's span shows).
+fn sent_bytes(sequence: u64) -> u64 {
+    1_000 + sequence
+}
+
+const RECEIVED_BYTES: u64 = 48_000;
+
+impl Load {
+    pub fn start(network: &Arc<Network>, agents: usize) -> Self {
+        let (stop, stopped) = watch::channel(false);
+        let replicas: Vec<SocketAddr> = (0..network.replicas.len())
+            .map(|o| network.agents(o))
+            .collect();
+        let acked: Arc<Vec<AtomicU64>> = Arc::new((0..agents).map(|_| AtomicU64::new(0)).collect());
+        let agents = (0..agents)
+            .map(|agent| {
+                let progress = Progress {
+                    acked: acked.clone(),
+                    agent,
+                };
+                tokio::spawn(report(progress, replicas.clone(), stopped.clone()))
+            })
+            .collect();
+        Self {
+            stop,
+            agents,
+            acked,
+        }
+    }
+
+    /// Waits until every agent has had `batches` more batches acknowledged (bounded by
+    /// [`WITHIN`]): the cluster takes batches again.
+    pub async fn advance(&self, batches: u64, cluster: &Cluster) {
+        let target: Vec<u64> = self
+            .acked
+            .iter()
+            .map(|a| a.load(Relaxed) + batches)
+            .collect();
+        let deadline = Instant::now() + WITHIN;
+        while self
+            .acked
+            .iter()
+            .zip(&target)
+            .any(|(a, t)| a.load(Relaxed) < *t)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the agents did not get {batches} more batches acknowledged\n{}",
+                cluster.network.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops the agents after the batch each is on is acknowledged; returns each agent's last
+    /// acknowledged sequence.
+    pub async fn stop(self) -> Vec<u64> {
+        self.stop.send_replace(true);
+        let mut last = Vec::new();
+        for agent in self.agents {
+            last.push(
+                timeout(WITHIN, agent)
+                    .await
+                    .expect("an agent did not stop")
+                    .unwrap(),
+            );
+        }
+        last
+    }
+
+    /// Stops the agents, waits until the replicas converge, and asserts that everything
+    /// acknowledged was exported ([`Load::assert_exported`]); returns each agent's last
+    /// sequence and the converged view.
+    pub async fn finish(self, cluster: &Cluster) -> (Vec<u64>, View) {
+        let last = self.stop().await;
+        let view = cluster.converged().await;
+        Self::assert_exported(cluster, &last).await;
+        (last, view)
+    }
+
+    /// Waits until every acknowledged batch of every agent (`last[agent]` the last) is one span
+    /// with its exact counts, and nothing else is; bounded by [`WITHIN`].
+    pub async fn assert_exported(cluster: &Cluster, last: &[u64]) {
+        let mut expected: Vec<i64> = last
+            .iter()
+            .enumerate()
+            .flat_map(|(agent, &last)| (1..=last).map(move |s| client_port(agent, s) as i64))
+            .collect();
+        expected.sort_unstable();
+        let deadline = Instant::now() + WITHIN;
+        let by_id = loop {
+            let by_id = cluster.spans_by_id();
+            if by_id.len() >= expected.len() || Instant::now() > deadline {
+                break by_id;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let mut ports: Vec<i64> = by_id.values().map(|s| int(s, "source.port")).collect();
+        ports.sort_unstable();
+        assert_eq!(
+            ports.len(),
+            expected.len(),
+            "spans: one per acknowledged connection\n{}",
+            cluster.network.logs()
+        );
+        assert_eq!(ports, expected);
+        for span in by_id.values() {
+            let port = int(span, "source.port") as u64;
+            let sequence = port % 10_000;
+            assert_eq!(
+                int(span, "flow.bytes.sent") as u64,
+                sent_bytes(sequence),
+                "port {port}"
+            );
+            assert_eq!(int(span, "flow.packets.sent"), 12, "port {port}");
+            assert_eq!(
+                int(span, "flow.bytes.received") as u64,
+                RECEIVED_BYTES,
+                "port {port}"
+            );
+            assert_eq!(int(span, "flow.packets.received"), 10, "port {port}");
+        }
+    }
+}
+
+/// Where one agent publishes its last acknowledged sequence.
+struct Progress {
+    acked: Arc<Vec<AtomicU64>>,
+    agent: usize,
+}
+
+/// One agent (see [`Load`]); returns its last acknowledged sequence.
+async fn report(progress: Progress, replicas: Vec<SocketAddr>, stop: watch::Receiver<bool>) -> u64 {
+    let agent = progress.agent;
+    let node = format!("node-{agent}");
+    let mut acked = 0;
+    let mut target = 0;
+    // A batch sent and not acknowledged: the next Welcome says whether it is stored (so it
+    // will be exported), even after the stop.
+    let mut in_doubt = false;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !*stop.borrow() || in_doubt {
+        assert!(Instant::now() < deadline, "agent {agent}: no end");
+        target = (target + 1) % replicas.len();
+        let Ok(Ok(mut stream)) =
+            timeout(Duration::from_secs(1), try_connect(replicas[target])).await
+        else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let hello = Message::Hello(Hello {
+            protocol_version: 1,
+            node_name: node.clone(),
+            agent_version: "chaos".into(),
+            boot_id: vec![agent as u8 + 1; 16],
+        });
+        if !stream.try_send(hello).await {
+            continue;
+        }
+        let Ok(Some(Answer::Welcome(welcome))) = timeout(ANSWER, stream.next_answer()).await else {
+            continue;
+        };
+        let welcome = welcome.last_durable_sequence;
+        assert!(
+            welcome == acked || (in_doubt && welcome == acked + 1),
+            "agent {agent}: replica {target} has batches up to {welcome}, {acked} were acknowledged"
+        );
+        acked = welcome;
+        in_doubt = false;
+        progress.acked[agent].store(acked, Relaxed);
+        while !*stop.borrow() {
+            let sequence = acked + 1;
+            let batch = Message::Batch(Batch {
+                sequence,
+                records: records(&node, agent, sequence),
+            });
+            in_doubt = true;
+            if !stream.try_send(batch).await {
+                break;
+            }
+            match timeout(ANSWER, stream.next_answer()).await {
+                Ok(Some(Answer::Ack(ack))) if ack.sequence == sequence => {
+                    acked = sequence;
+                    in_doubt = false;
+                    progress.acked[agent].store(acked, Relaxed);
+                }
+                _ => break,
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    acked
+}
+
+/// How long an agent waits for a Welcome or an Ack before it tries the next replica.
+const ANSWER: Duration = Duration::from_secs(5);
+
+/// Both directions of `agent`'s connection in batch `sequence`, closed.
+fn records(node: &str, agent: usize, sequence: u64) -> Vec<FlowRecord> {
+    let mut records = connection(
+        [10, 1, agent as u8, 1],
+        client_port(agent, sequence),
+        [10, 2, 0, 1],
+        443,
+        6,
+        (sent_bytes(sequence), RECEIVED_BYTES),
+        EndReason::TcpClose,
+        recent_nanos(),
+    );
+    for record in &mut records {
+        record.node_name = node.to_owned();
+    }
+    records
+}
