@@ -672,7 +672,7 @@ mod tests {
     /// failure (what `/readyz` shows); lifted, it writes again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_fenced_store_refuses_writes_until_the_fence_is_lifted() {
-        use crate::store::{BootId, Storage};
+        use crate::store::BootId;
         let dir = tempfile::tempdir().unwrap();
         let replica = leading(dir.path()).await;
         let store = replica.store();
