@@ -331,19 +331,27 @@ impl Aggregator {
 
     /// Stops accepting agents, writes every pending interval to the outbox, stops exporting
     /// (what the outbox still holds goes out after the next start).
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(self) {
+        self.stop_within(SERVER_STOP_WAIT).await;
+    }
+
+    /// Stops without waiting for the agents' and operators' connections to close: what a
+    /// replica that stopped leading does (its writes fail already; a connection to a peer it
+    /// cannot reach would hold a graceful stop for [`SERVER_STOP_WAIT`]).
+    pub async fn abort(self) {
+        self.stop_within(Duration::ZERO).await;
+    }
+
+    async fn stop_within(mut self, wait: Duration) {
         let _ = self.stop.send(true);
         // Sessions end their streams at once; an agent that does not read its answers cannot
-        // hold the stop up for longer than this.
-        if tokio::time::timeout(SERVER_STOP_WAIT, &mut self.server)
-            .await
-            .is_err()
-        {
-            tracing::warn!("agent streams still open after {SERVER_STOP_WAIT:?}; closing them");
+        // hold the stop up for longer than `wait`.
+        if tokio::time::timeout(wait, &mut self.server).await.is_err() {
+            tracing::warn!("agent streams still open after {wait:?}; closing them");
             self.server.abort();
         }
         // Its streams end on the stop; only a client that reads nothing could hold it up.
-        if tokio::time::timeout(SERVER_STOP_WAIT, &mut self.admin_server)
+        if tokio::time::timeout(wait, &mut self.admin_server)
             .await
             .is_err()
         {

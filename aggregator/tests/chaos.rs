@@ -13,7 +13,13 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::{Cluster, Load, ordinal, run};
+use mermin_protocol::flow::v1::Direction;
+use mermin_test_support::{
+    connect,
+    otlp::{attr, int},
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use support::{Cluster, Load, RECEIVED_BYTES, client_side, ordinal, run, sent_bytes};
 
 const AGENTS: usize = 2;
 
@@ -25,6 +31,79 @@ fn outage() -> Duration {
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
     Duration::from_secs(seconds)
+}
+
+/// Both ends of ten connections, each end's node reporting through another standby replica:
+/// both forward to the leader, which stitches each connection into one span.
+#[test]
+fn both_ends_reported_through_different_replicas_are_one_span() {
+    run(3, |network| async move {
+        let cluster = Cluster::start(network.clone()).await;
+        let leader = cluster.ready_leader().await;
+        let (a, b) = ((leader + 1) % 3, (leader + 2) % 3);
+        let mut client = connect(network.agents(a)).await;
+        let mut server = connect(network.agents(b)).await;
+        client.hello("node-a", [1; 16]).await;
+        server.hello("node-b", [2; 16]).await;
+        assert_eq!((client.welcome().await, server.welcome().await), (0, 0));
+        for sequence in 1..=10 {
+            let port = 20_000 + sequence as u32;
+            let client_end = client_side("node-a", [10, 1, 0, 1], port, sequence);
+            // The server's node sees the same packets on the server pod's veth: the client's
+            // towards the pod (egress), the answers from it (ingress).
+            let server_end = client_end
+                .iter()
+                .map(|record| {
+                    let mut record = record.clone();
+                    record.node_name = "node-b".into();
+                    record.interface_name = "veth2".into();
+                    record.direction = match record.direction() {
+                        Direction::Ingress => Direction::Egress,
+                        _ => Direction::Ingress,
+                    } as i32;
+                    record
+                })
+                .collect();
+            client.batch(sequence, client_end).await;
+            server.batch(sequence, server_end).await;
+            assert_eq!(
+                (client.ack().await, server.ack().await),
+                (sequence, sequence)
+            );
+        }
+
+        let spans = cluster.spans_eventually(10).await;
+        let mut ports: Vec<i64> = spans.iter().map(|s| int(s, "source.port")).collect();
+        ports.sort_unstable();
+        assert_eq!(ports, (20_001..=20_010).collect::<Vec<i64>>());
+        for span in &spans {
+            let sequence = int(span, "source.port") as u64 - 20_000;
+            assert_eq!(int(span, "flow.bytes.sent") as u64, sent_bytes(sequence));
+            assert_eq!(int(span, "flow.bytes.received") as u64, RECEIVED_BYTES);
+            assert_eq!(int(span, "flow.packets.sent"), 12);
+            let Value::ArrayValue(points) = attr(span, "flow.observation_points") else {
+                panic!("flow.observation_points is not an array");
+            };
+            let points: Vec<String> = points
+                .values
+                .iter()
+                .filter_map(|v| match &v.value {
+                    Some(Value::StringValue(point)) => Some(point.clone()),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(
+                points,
+                [
+                    "node-a/veth1/ingress",
+                    "node-a/veth1/egress",
+                    "node-b/veth2/ingress",
+                    "node-b/veth2/egress"
+                ]
+            );
+        }
+        cluster.shutdown().await;
+    });
 }
 
 #[test]
@@ -102,7 +181,10 @@ fn a_partitioned_leader_steps_down_and_catches_up_once_healed() {
             .collect();
         let next = cluster.ready_leader_among(&others).await;
         let ready = cut.elapsed();
-        assert_eq!(cluster.ready_leader().await, next);
+        assert_eq!(
+            cluster.standing_by(leader).await,
+            "standing by: this replica leads the store group but no quorum of it answers\n"
+        );
         let stepped_down = cut.elapsed();
         load.advance(20, &cluster).await;
         let taking = cut.elapsed();
@@ -127,9 +209,19 @@ fn a_partitioned_follower_catches_up_once_healed() {
         let leader = cluster.ready_leader().await;
         let follower = (leader + 1) % cluster.size();
         network.partition(follower);
-        // A quorum is still there: batches go on being acknowledged, by the same leader.
+        // A quorum is still there: batches go on being acknowledged, by the same leader; the
+        // cut-off follower knows no leader, so it is not Ready.
         load.advance(40, &cluster).await;
-        assert_eq!(cluster.ready_leader().await, leader);
+        let others: Vec<usize> = cluster
+            .running()
+            .into_iter()
+            .filter(|&o| o != follower)
+            .collect();
+        assert_eq!(cluster.ready_leader_among(&others).await, leader);
+        assert_eq!(
+            cluster.standing_by(follower).await,
+            "standing by: the store group has no leader right now\n"
+        );
 
         network.heal(follower);
         load.advance(20, &cluster).await;

@@ -37,6 +37,14 @@ use crate::{
 const PROTOCOL_VERSION: u32 = 1;
 /// Records per batch (the aggregator's limit is larger).
 const BATCH_RECORDS: usize = 1000;
+/// How long a connection attempt waits, and how often a stream pings the aggregator and how
+/// long it waits for the answer: a path that went silent (a node gone without a reset, a
+/// replica forwarding to a leader it can no longer reach) ends the stream within
+/// `KEEPALIVE + KEEPALIVE_WAIT`, and the agent reconnects and replays, instead of waiting on
+/// the kernel's retransmissions for many minutes.
+const CONNECT_WAIT: Duration = Duration::from_secs(5);
+const KEEPALIVE: Duration = Duration::from_secs(5);
+const KEEPALIVE_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct GrpcSinkConfig {
@@ -277,7 +285,11 @@ async fn stream_until_error(
     welcomed: &mut bool,
 ) -> Result<std::convert::Infallible, String> {
     let mut endpoint = tonic::transport::Endpoint::from_shared(config.endpoint.clone())
-        .map_err(|e| format!("endpoint: {e}"))?;
+        .map_err(|e| format!("endpoint: {e}"))?
+        .connect_timeout(CONNECT_WAIT)
+        .http2_keep_alive_interval(KEEPALIVE)
+        .keep_alive_timeout(KEEPALIVE_WAIT)
+        .keep_alive_while_idle(true);
     if let Some(tls) = &config.tls {
         endpoint = endpoint
             .tls_config(client_tls(tls)?)
@@ -436,6 +448,38 @@ mod tests {
         let s = shared(4, 2..4);
         assert_eq!(s.welcome(9), 0);
         assert_eq!(sequences(&s), (vec![10, 11], 12));
+    }
+
+    /// An aggregator that accepts the connection and then says nothing (a silent path): the
+    /// stream ends once a ping goes unanswered, instead of waiting for ever.
+    #[tokio::test]
+    async fn a_silent_aggregator_ends_the_stream_when_a_ping_goes_unanswered() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let config = GrpcSinkConfig {
+            endpoint: format!("http://{addr}"),
+            node_name: "node-a".into(),
+            capacity: 4,
+            tls: None,
+        };
+        let (shared, metrics) = (shared(1, 1..1), Metrics::new());
+        let mut welcomed = false;
+        let bound = KEEPALIVE + KEEPALIVE_WAIT + Duration::from_secs(5);
+        let ended = tokio::time::timeout(
+            bound,
+            stream_once(&config, [1; 16], &shared, &metrics, &mut welcomed),
+        )
+        .await
+        .expect("the stream ends within the keepalive bound");
+        assert!(!welcomed);
+        assert!(ended.starts_with("Unavailable: "), "{ended}");
+        silent.abort();
     }
 
     #[test]

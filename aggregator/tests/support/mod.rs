@@ -285,8 +285,9 @@ impl Cluster {
         fs::remove_dir_all(self.network.data(ordinal)).unwrap();
     }
 
-    /// The ordinal of the one running replica whose `/readyz` answers 200, once every other
-    /// running replica answers 503 "standing by"; bounded by [`WITHIN`].
+    /// The ordinal of the running replica that leads: the one that runs the pipeline (its
+    /// `/readyz` answers 200 "ready"), once every other running replica is Ready forwarding to
+    /// it; bounded by [`WITHIN`].
     pub async fn ready_leader(&self) -> usize {
         self.ready_leader_among(&self.running()).await
     }
@@ -295,21 +296,45 @@ impl Cluster {
     pub async fn ready_leader_among(&self, ordinals: &[usize]) -> usize {
         let deadline = Instant::now() + WITHIN;
         loop {
-            let mut ready = Vec::new();
-            let mut standing_by = 0;
+            let mut leading = Vec::new();
+            let mut forwarding_to = Vec::new();
             for &ordinal in ordinals {
                 match try_get(self.network.metrics(ordinal), "/readyz").await {
-                    Some((200, _)) => ready.push(ordinal),
-                    Some((503, body)) if body.starts_with("standing by") => standing_by += 1,
+                    Some((200, body)) if body == "ready\n" => leading.push(ordinal),
+                    Some((200, body)) => forwarding_to.push(
+                        body.strip_prefix("ready: forwarding agents to replica ")
+                            .and_then(|rest| rest.split(',').next()?.parse::<u64>().ok())
+                            .map(self::ordinal),
+                    ),
                     _ => {}
                 }
             }
-            if ready.len() == 1 && standing_by == ordinals.len() - 1 {
-                return ready[0];
+            if let [leader] = leading[..]
+                && forwarding_to.len() == ordinals.len() - 1
+                && forwarding_to.iter().all(|to| *to == Some(leader))
+            {
+                return leader;
             }
             assert!(
                 Instant::now() < deadline,
-                "no single ready leader among {ordinals:?}: ready {ready:?}\n{}",
+                "no single leader among {ordinals:?}: leading {leading:?}, the others forwarding \
+                 to {forwarding_to:?}\n{}",
+                self.network.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until `ordinal` stands by, not Ready (bounded by [`WITHIN`]); returns its reason.
+    pub async fn standing_by(&self, ordinal: usize) -> String {
+        let deadline = Instant::now() + WITHIN;
+        loop {
+            if let Some((503, body)) = try_get(self.network.metrics(ordinal), "/readyz").await {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica {ordinal} still Ready\n{}",
                 self.network.logs()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -386,6 +411,19 @@ impl Cluster {
         by_id
     }
 
+    /// The client spans by id ([`Cluster::spans_by_id`]) once there are at least `count`, or
+    /// after [`WITHIN`] (the caller asserts what it got).
+    pub async fn spans_eventually(&self, count: usize) -> Vec<Span> {
+        let deadline = Instant::now() + WITHIN;
+        loop {
+            let by_id = self.spans_by_id();
+            if by_id.len() >= count || Instant::now() > deadline {
+                return by_id.into_values().collect();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits until the receiver has more than `spans` spans (bounded by [`WITHIN`]).
     pub async fn exports_beyond(&self, spans: usize) {
         let deadline = Instant::now() + WITHIN;
@@ -441,9 +479,10 @@ pub fn ordinal(id: u64) -> usize {
     (id >> 32) as usize
 }
 
-/// Agents reporting one closed connection per batch, each to whichever replica takes it: a
-/// refused connection, a stream that fails or an acknowledgement later than 5 s sends the agent
-/// to the next replica, where it carries on after the batch that replica says it has.
+/// Agents reporting one closed connection per batch, each to whichever replica takes it (a
+/// standby forwards it to the leader): a refused connection, a stream that fails or an
+/// acknowledgement later than 5 s sends the agent to the next replica, where it carries on
+/// after the batch that replica says it has.
 pub struct Load {
     stop: watch::Sender<bool>,
     agents: Vec<JoinHandle<u64>>,
@@ -458,11 +497,11 @@ fn client_port(agent: usize, sequence: u64) -> u32 {
 
 /// Payload bytes the client of batch `sequence` sends (different per batch, so that a batch
 /// counted into another's span shows).
-fn sent_bytes(sequence: u64) -> u64 {
+pub fn sent_bytes(sequence: u64) -> u64 {
     1_000 + sequence
 }
 
-const RECEIVED_BYTES: u64 = 48_000;
+pub const RECEIVED_BYTES: u64 = 48_000;
 
 impl Load {
     pub fn start(network: &Arc<Network>, agents: usize) -> Self {
@@ -546,15 +585,8 @@ impl Load {
             .flat_map(|(agent, &last)| (1..=last).map(move |s| client_port(agent, s) as i64))
             .collect();
         expected.sort_unstable();
-        let deadline = Instant::now() + WITHIN;
-        let by_id = loop {
-            let by_id = cluster.spans_by_id();
-            if by_id.len() >= expected.len() || Instant::now() > deadline {
-                break by_id;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        let mut ports: Vec<i64> = by_id.values().map(|s| int(s, "source.port")).collect();
+        let spans = cluster.spans_eventually(expected.len()).await;
+        let mut ports: Vec<i64> = spans.iter().map(|s| int(s, "source.port")).collect();
         ports.sort_unstable();
         assert_eq!(
             ports.len(),
@@ -563,7 +595,7 @@ impl Load {
             cluster.network.logs()
         );
         assert_eq!(ports, expected);
-        for span in by_id.values() {
+        for span in &spans {
             let port = int(span, "source.port") as u64;
             let sequence = port % 10_000;
             assert_eq!(
@@ -593,7 +625,8 @@ async fn report(progress: Progress, replicas: Vec<SocketAddr>, stop: watch::Rece
     let agent = progress.agent;
     let node = format!("node-{agent}");
     let mut acked = 0;
-    let mut target = 0;
+    // Agent `i` tries replica `i` first: the agents start on different replicas.
+    let mut target = (agent + replicas.len() - 1) % replicas.len();
     // A batch sent and not acknowledged: the next Welcome says whether it is stored (so it
     // will be exported), even after the stop.
     let mut in_doubt = false;
@@ -654,11 +687,23 @@ async fn report(progress: Progress, replicas: Vec<SocketAddr>, stop: watch::Rece
 /// How long an agent waits for a Welcome or an Ack before it tries the next replica.
 const ANSWER: Duration = Duration::from_secs(5);
 
-/// Both directions of `agent`'s connection in batch `sequence`, closed.
+/// Both directions of `agent`'s connection in batch `sequence`, closed, as `node` sees them on
+/// the client's pod veth.
 fn records(node: &str, agent: usize, sequence: u64) -> Vec<FlowRecord> {
-    let mut records = connection(
+    client_side(
+        node,
         [10, 1, agent as u8, 1],
         client_port(agent, sequence),
+        sequence,
+    )
+}
+
+/// Both directions of a closed connection from `client`:`port` to 10.2.0.1:443, as `node` sees
+/// them on the client's pod veth (`sent_bytes(sequence)` sent, [`RECEIVED_BYTES`] received).
+pub fn client_side(node: &str, client: [u8; 4], port: u32, sequence: u64) -> Vec<FlowRecord> {
+    let mut records = connection(
+        client,
+        port,
         [10, 2, 0, 1],
         443,
         6,

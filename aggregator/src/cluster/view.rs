@@ -1,0 +1,117 @@
+//! A replica's view of its cluster, as both Raft groups' metrics show it to this replica: what
+//! `/metrics` reports (the standby's and the pipeline's), and where the store group's leader is.
+
+use openraft::{BasicNode, RaftMetrics};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::gauge::ConstGauge,
+};
+use tokio::sync::watch;
+
+use crate::replication::ReplicaId;
+
+/// This replica's view of both Raft groups, read at each scrape of `/metrics` (the standby's
+/// and the pipeline's): its own `id`, `<group>_leader` (-1: none), `_term`, `_last_applied`, `_voters`, and
+/// on the store group's leader `store_replication_lag{replica}`, the entries each other
+/// replica has yet to take.
+#[derive(Debug, Clone)]
+pub struct ReplicaView {
+    pub id: ReplicaId,
+    pub store: watch::Receiver<RaftMetrics<ReplicaId, BasicNode>>,
+    pub membership: watch::Receiver<RaftMetrics<ReplicaId, BasicNode>>,
+}
+
+impl ReplicaView {
+    /// The store group's leader, if this replica knows one other than itself, and where it
+    /// listens on `port`: the host of its advertised replication address (the replicas of a
+    /// StatefulSet all listen on the same ports).
+    pub fn leader_at(&self, port: u16) -> Option<(ReplicaId, String)> {
+        let metrics = self.store.borrow();
+        let leader = metrics.current_leader.filter(|&leader| leader != self.id)?;
+        let node = metrics.membership_config.membership().get_node(&leader)?;
+        let (host, _) = node.addr.rsplit_once(':')?;
+        Some((leader, format!("{host}:{port}")))
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReplicaLabel {
+    replica: String,
+}
+
+fn gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: i64,
+) -> Result<(), std::fmt::Error> {
+    let gauge = ConstGauge::new(value);
+    gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)
+}
+
+impl Collector for ReplicaView {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        // Copied out at once: the watch's read lock must not be held (see `until`).
+        let store = self.store.borrow().clone();
+        let membership = self.membership.borrow().clone();
+        gauge(
+            &mut encoder,
+            "id",
+            "This replica's id: its ordinal in the upper 32 bits, its data dir's incarnation in the lower",
+            self.id as i64,
+        )?;
+        for (group, name, metrics) in [
+            ("store", "the store group", &store),
+            (
+                "membership",
+                "the membership and placement group",
+                &membership,
+            ),
+        ] {
+            let as_seen = "as this replica knows it";
+            gauge(
+                &mut encoder,
+                &format!("{group}_leader"),
+                &format!("The replica id that leads {name} {as_seen} (-1: none)"),
+                metrics.current_leader.map_or(-1, |leader| leader as i64),
+            )?;
+            gauge(
+                &mut encoder,
+                &format!("{group}_term"),
+                &format!("The Raft term of {name} {as_seen}"),
+                metrics.current_term as i64,
+            )?;
+            gauge(
+                &mut encoder,
+                &format!("{group}_last_applied"),
+                &format!("The index of the last entry of {name} this replica applied"),
+                metrics.last_applied.map_or(0, |id| id.index as i64),
+            )?;
+            gauge(
+                &mut encoder,
+                &format!("{group}_voters"),
+                &format!("The voters of {name} {as_seen} (a quorum of them must be up)"),
+                metrics.membership_config.membership().voter_ids().count() as i64,
+            )?;
+        }
+        if let Some(replication) = &store.replication {
+            let last = store.last_log_index.unwrap_or(0);
+            let lag = ConstGauge::new(0i64);
+            let mut family = encoder.encode_descriptor(
+                "store_replication_lag",
+                "Entries of the store group's log a replica has yet to take (on the leader only)",
+                None,
+                lag.metric_type(),
+            )?;
+            for (replica, matched) in replication.iter().filter(|(r, _)| **r != self.id) {
+                let behind = last.saturating_sub(matched.map_or(0, |m| m.index)) as i64;
+                let label = ReplicaLabel {
+                    replica: replica.to_string(),
+                };
+                ConstGauge::new(behind).encode(family.encode_family(&label)?)?;
+            }
+        }
+        Ok(())
+    }
+}
