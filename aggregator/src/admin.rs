@@ -3,12 +3,14 @@
 //! stream, and the cluster operations.
 //!
 //! It owns no state: it reads the store's counters, the metrics, the sessions' [`Agents`] and
-//! the [`ObserveHub`]. Before replication exists the cluster is this replica alone (one member,
-//! leader of every shard at term 0) and the operations answer FAILED_PRECONDITION with
-//! [`NOT_REPLICATED`]; the replication issue extends both.
+//! the [`ObserveHub`]. A replica of a cluster shows and changes its cluster through
+//! [`ClusterAdmin`] (implemented by `cluster`); a single aggregator is a cluster of one (one
+//! member, leader of every shard at term 0) whose operations answer FAILED_PRECONDITION with
+//! [`NOT_REPLICATED`].
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
+use futures_util::future::BoxFuture;
 use mermin_protocol::admin::v1::{
     AddMemberRequest, Agent, AgentsRequest, AgentsResponse, Cluster, DrainRequest, DrainResponse,
     Member, MembershipResponse, MetadataKind, MetadataSync, ObserveRequest, ObservedFlow, Outbox,
@@ -34,9 +36,28 @@ use crate::{
     store::Store,
 };
 
-/// What the cluster operations answer until replication exists.
+/// What the cluster operations answer on a single aggregator.
 pub const NOT_REPLICATED: &str =
     "replication is not configured: this aggregator is a single replica";
+
+/// What `TransferLeader` answers on a replica.
+pub const NO_TRANSFER: &str = "leadership cannot be handed to a chosen replica (openraft 0.9 has no \
+     transfer): drain the leader, or restart it, and another replica leads within seconds";
+
+/// What `AddMember` answers on a replica.
+pub const JOIN_BY_ITSELF: &str = "replicas join by themselves: start one with the cluster's peer \
+     list (replication.peers) and it asks to be admitted";
+
+/// A replica's cluster as the admin API shows and changes it.
+pub trait ClusterAdmin: Send + Sync + 'static {
+    /// The members, and every shard's leader, term, lag and replicas, as this replica knows them.
+    fn cluster(&self) -> Cluster;
+    /// Takes the member `id` (as [`Cluster`] names it) out of the voters.
+    fn remove_member(&self, id: &str) -> BoxFuture<'static, Result<(), Status>>;
+    /// Takes this replica out of the voters: its leaderships move to the others, and it stops
+    /// taking agents.
+    fn drain(&self) -> BoxFuture<'static, Result<(), Status>>;
+}
 
 /// Flows an observe stream buffers towards its client before it falls behind the live feed.
 const OBSERVE_BUFFER: usize = 64;
@@ -59,6 +80,8 @@ pub struct Admin {
     pub static_metadata: bool,
     /// Turns true when the aggregator stops: follow streams end.
     pub stopping: watch::Receiver<bool>,
+    /// The cluster this replica belongs to; `None`: a single aggregator.
+    pub cluster: Option<Arc<dyn ClusterAdmin>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,11 +116,17 @@ fn reasons(counts: Vec<(String, u64)>) -> Vec<ReasonCount> {
 }
 
 impl Admin {
+    /// The cluster, or FAILED_PRECONDITION on a single aggregator.
+    fn replicated(&self) -> Result<&dyn ClusterAdmin, Status> {
+        self.cluster
+            .as_deref()
+            .ok_or_else(|| Status::failed_precondition(NOT_REPLICATED))
+    }
+
     fn self_id(&self) -> String {
         self.agent_endpoint.to_string()
     }
 
-    /// The cluster as a single replica: one member, leader of every shard at term 0.
     fn metadata(&self) -> MetadataSync {
         let kinds = self.kubernetes.as_ref().map(WatchMetrics::kinds);
         MetadataSync {
@@ -118,7 +147,12 @@ impl Admin {
         }
     }
 
+    /// The cluster: a replica's, or a single aggregator's (one member, leader of every shard at
+    /// term 0).
     fn cluster(&self) -> Cluster {
+        if let Some(cluster) = &self.cluster {
+            return cluster.cluster();
+        }
         let id = self.self_id();
         Cluster {
             self_id: id.clone(),
@@ -268,27 +302,32 @@ impl AdminService for Admin {
     }
 
     async fn drain(&self, _: Request<DrainRequest>) -> Result<Response<DrainResponse>, Status> {
-        Err(Status::failed_precondition(NOT_REPLICATED))
+        self.replicated()?.drain().await?;
+        Ok(Response::new(DrainResponse {}))
     }
 
     async fn transfer_leader(
         &self,
         _: Request<TransferLeaderRequest>,
     ) -> Result<Response<TransferLeaderResponse>, Status> {
-        Err(Status::failed_precondition(NOT_REPLICATED))
+        self.replicated()?;
+        Err(Status::failed_precondition(NO_TRANSFER))
     }
 
     async fn add_member(
         &self,
         _: Request<AddMemberRequest>,
     ) -> Result<Response<MembershipResponse>, Status> {
-        Err(Status::failed_precondition(NOT_REPLICATED))
+        self.replicated()?;
+        Err(Status::failed_precondition(JOIN_BY_ITSELF))
     }
 
     async fn remove_member(
         &self,
-        _: Request<RemoveMemberRequest>,
+        request: Request<RemoveMemberRequest>,
     ) -> Result<Response<MembershipResponse>, Status> {
-        Err(Status::failed_precondition(NOT_REPLICATED))
+        let id = request.into_inner().id;
+        self.replicated()?.remove_member(&id).await?;
+        Ok(Response::new(MembershipResponse {}))
     }
 }

@@ -17,7 +17,7 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
 use crate::{
     actors::ActorRuntime,
-    admin::{Admin, AdminError},
+    admin::{Admin, AdminError, ClusterAdmin},
     clock::unix_now,
     export::{ExportConfig, ExportError, Exporter},
     flow_table::FlowTable,
@@ -154,15 +154,17 @@ impl Aggregator {
 
     /// Starts on `store` (any implementation of the storage seam; `config.data_dir` unused).
     pub async fn start_on(config: AggregatorConfig, store: Store) -> Result<Self, StartError> {
-        Self::start_with(config, store, Metrics::new()).await
+        Self::start_with(config, store, Metrics::new(), None).await
     }
 
-    /// As [`Aggregator::start_on`], serving `metrics` (with what its caller registered in it:
-    /// a replica's view of its cluster) besides the pipeline's own.
+    /// As [`Aggregator::start_on`], as a replica of `cluster` (`None`: a single aggregator):
+    /// serving `metrics` (with what the caller registered in it: the replica's view of its
+    /// cluster) besides the pipeline's own, and the cluster in the admin API.
     pub async fn start_with(
         mut config: AggregatorConfig,
         store: Store,
         mut metrics: Metrics,
+        cluster: Option<Arc<dyn ClusterAdmin>>,
     ) -> Result<Self, StartError> {
         match config.outbox.when_full {
             WhenFull::Backpressure => {
@@ -264,6 +266,7 @@ impl Aggregator {
             kubernetes: watchers.as_ref().map(|w| w.metrics().clone()),
             static_metadata: config.metadata.static_file.is_some(),
             stopping: server_stop.clone(),
+            cluster,
         })
         .await?;
         let agent_routes = tonic::service::Routes::new(ingest.into_service());

@@ -13,7 +13,13 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use mermin_protocol::flow::v1::Direction;
+use mermin_protocol::{
+    admin::v1::{
+        DrainRequest, RemoveMemberRequest, Role, StatusRequest,
+        admin_service_client::AdminServiceClient,
+    },
+    flow::v1::Direction,
+};
 use mermin_test_support::{
     connect,
     otlp::{attr, int},
@@ -106,6 +112,76 @@ fn both_ends_reported_through_different_replicas_are_one_span() {
     });
 }
 
+/// The admin API through a standby (forwarded to the leader) shows the cluster; draining the
+/// leader hands its shards to another replica, and it stops taking agents.
+#[test]
+fn a_drained_leader_hands_over_and_stops_taking_agents() {
+    run(3, |network| async move {
+        let (mut cluster, load) = Cluster::start_under_load(network.clone(), AGENTS).await;
+        let leader = cluster.ready_leader().await;
+        let leader_id = cluster
+            .view(leader)
+            .await
+            .expect("the leader answers")
+            .id
+            .to_string();
+        let via = (leader + 1) % cluster.size();
+        let mut admin = AdminServiceClient::connect(format!("http://{}", network.admin(via)))
+            .await
+            .unwrap();
+        let status = admin.status(StatusRequest {}).await.unwrap().into_inner();
+        let view = status.cluster.expect("a cluster");
+        assert_eq!(view.self_id, leader_id, "answered by the leader");
+        assert_eq!(view.members.len(), 3);
+        assert_eq!(view.shards.len(), status.shard_count as usize);
+        for shard in &view.shards {
+            assert_eq!(shard.leader, leader_id);
+            let roles: Vec<i32> = shard.replicas.iter().map(|r| r.role).collect();
+            assert_eq!(
+                roles.iter().filter(|r| **r == Role::Leader as i32).count(),
+                1
+            );
+            assert_eq!(
+                roles
+                    .iter()
+                    .filter(|r| **r == Role::Follower as i32)
+                    .count(),
+                2
+            );
+        }
+        let refused = admin
+            .remove_member(RemoveMemberRequest {
+                id: "replica-1".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            refused.message(),
+            "\"replica-1\" is not a member id (the ids `mermin status` lists)"
+        );
+
+        let drained = Instant::now();
+        admin.drain(DrainRequest {}).await.unwrap();
+        let next = cluster.ready_leader_except(leader).await;
+        let handed_over = drained.elapsed();
+        assert_eq!(
+            cluster.standing_by(leader).await,
+            "standing by: not a voter of the cluster (drained, or not admitted yet)\n"
+        );
+        load.advance(20, &cluster).await;
+        let last = load.stop().await;
+        // Scaled down: the drained replica goes; the other two are the cluster.
+        cluster.kill(leader);
+        cluster.converged_with(2).await;
+        Load::assert_exported(&cluster, &last).await;
+        eprintln!(
+            "leader {leader} drained: replica {next} ready after {handed_over:?}; {last:?} batches"
+        );
+        cluster.shutdown().await;
+    });
+}
+
 #[test]
 fn a_killed_leader_is_replaced_and_comes_back_with_its_data() {
     run(3, |network| async move {
@@ -174,12 +250,7 @@ fn a_partitioned_leader_steps_down_and_catches_up_once_healed() {
         let cut = Instant::now();
         network.partition(leader);
         // The others elect a leader; the cut-off one stops taking batches and stands by.
-        let others: Vec<usize> = cluster
-            .running()
-            .into_iter()
-            .filter(|&o| o != leader)
-            .collect();
-        let next = cluster.ready_leader_among(&others).await;
+        let next = cluster.ready_leader_except(leader).await;
         let ready = cut.elapsed();
         assert_eq!(
             cluster.standing_by(leader).await,
@@ -212,12 +283,7 @@ fn a_partitioned_follower_catches_up_once_healed() {
         // A quorum is still there: batches go on being acknowledged, by the same leader; the
         // cut-off follower knows no leader, so it is not Ready.
         load.advance(40, &cluster).await;
-        let others: Vec<usize> = cluster
-            .running()
-            .into_iter()
-            .filter(|&o| o != follower)
-            .collect();
-        assert_eq!(cluster.ready_leader_among(&others).await, leader);
+        assert_eq!(cluster.ready_leader_except(follower).await, leader);
         assert_eq!(
             cluster.standing_by(follower).await,
             "standing by: the store group has no leader right now\n"

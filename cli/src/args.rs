@@ -69,8 +69,16 @@ pub enum Command {
     Queues,
     /// Consolidated flows as the shards emit them, filtered by the aggregator.
     Observe(Box<ObserveArgs>),
-    /// Move this replica's shard leaderships away and stop taking agents (needs replication).
+    /// Take the replica that answers (the leader: other replicas forward the admin port to it)
+    /// out of the cluster: its shards move to the others and it stops taking agents; then scale
+    /// the StatefulSet down (needs replication).
     Drain,
+    /// Take a member out of the cluster by its id (as `status` lists it), e.g. one whose pod
+    /// is gone for good (needs replication).
+    RemoveMember {
+        /// The member's id.
+        id: String,
+    },
 }
 
 /// Filters (all given must match; a repeated one matches any of its values; filters on ends

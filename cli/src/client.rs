@@ -4,7 +4,7 @@
 use std::{io::Write as _, time::Duration};
 
 use mermin_protocol::admin::v1::{
-    AgentsRequest, DrainRequest, QueuesRequest, StatusRequest,
+    AgentsRequest, DrainRequest, QueuesRequest, RemoveMemberRequest, StatusRequest,
     admin_service_client::AdminServiceClient,
 };
 use tonic::{
@@ -86,6 +86,11 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Drain => {
             client.drain(DrainRequest {}).await.map_err(failed)?;
             Ok("drained\n".to_owned())
+        }
+        Command::RemoveMember { id } => {
+            let request = RemoveMemberRequest { id: id.clone() };
+            client.remove_member(request).await.map_err(failed)?;
+            Ok(format!("member {id} removed\n"))
         }
         Command::Observe(args) => {
             let mut flows = client

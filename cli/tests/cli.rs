@@ -365,6 +365,14 @@ async fn exit_codes_say_who_failed() {
             "error: http://{admin} answered FailedPrecondition: replication is not configured: this aggregator is a single replica\n"
         )
     );
+    let (code, _, stderr) = mermin(admin, &["remove-member", "4294967296"]).await;
+    assert_eq!(code, 1);
+    assert_eq!(
+        stderr,
+        format!(
+            "error: http://{admin} answered FailedPrecondition: replication is not configured: this aggregator is a single replica\n"
+        )
+    );
     let (code, _, stderr) = mermin(admin, &["observe", "--protocol", "xyz"]).await;
     assert_eq!(code, 2);
     assert!(stderr.starts_with("error: invalid value 'xyz' for '--protocol <PROTOCOL>': expected tcp, udp, icmp, icmpv6, sctp or a number 0-255"), "{stderr}");

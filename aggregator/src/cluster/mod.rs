@@ -7,16 +7,17 @@
 //! the replicated store, as a restarted single aggregator does from its disk, and the agents
 //! replay what was not yet acknowledged. A leader that loses its term, or hears from no quorum
 //! for a while, stops its pipeline; what it had acknowledged is on a quorum already. `view`
-//! is what each replica reports of the cluster.
+//! is what each replica reports of the cluster, `admin` what the admin API shows and changes.
 
+mod admin;
 mod standby;
 mod view;
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::watch};
 
-use self::{standby::Standby, view::ReplicaView};
+use self::{admin::ReplicaAdmin, standby::Standby, view::ReplicaView};
 use crate::{
     metrics::Metrics,
     pipeline::{Aggregator, AggregatorConfig, StartError},
@@ -143,7 +144,12 @@ async fn lead_when_elected(
                 .sub_registry_with_prefix("replica")
                 .register_collector(Box::new(view.clone()))
         });
-        let aggregator = Aggregator::start_with(config.clone(), replica.store(), metrics).await?;
+        let cluster = Arc::new(ReplicaAdmin {
+            view: view.clone(),
+            agent_port: config.listen.port(),
+        });
+        let aggregator =
+            Aggregator::start_with(config.clone(), replica.store(), metrics, Some(cluster)).await?;
         let deposed = tokio::select! {
             _ = until(&mut store, |m| m.current_leader != Some(id)) => {
                 tracing::warn!(replica = id, "no longer leads the store group: stopping the aggregator");

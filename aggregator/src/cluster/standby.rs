@@ -160,11 +160,20 @@ fn probes(view: ReplicaView, registry: Arc<Registry>) -> axum::Router {
         .route(
             "/readyz",
             get(move || {
-                let known = view.store.borrow().current_leader;
+                let (known, voter) = {
+                    let store = view.store.borrow();
+                    let voters = store.membership_config.membership();
+                    (store.current_leader, voters.voter_ids().any(|v| v == view.id))
+                };
                 let forwarding = view.leader_at(0).map(|(leader, _)| leader);
                 let id = view.id;
                 async move {
                     match (forwarding, known) {
+                        _ if !voter => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "standing by: not a voter of the cluster (drained, or not admitted yet)\n"
+                                .to_owned(),
+                        ),
                         (Some(leader), _) => (
                             StatusCode::OK,
                             format!("ready: forwarding agents to replica {leader}, the store group's leader\n"),

@@ -24,7 +24,7 @@ pub mod placement;
 mod replica;
 pub mod store;
 
-pub use self::replica::{Replica, Timings, identity, ordinal};
+pub use self::replica::{Replica, Timings, identity, ordinal, take_out};
 
 /// A replica's Raft node id: its StatefulSet ordinal in the upper 32 bits, the incarnation of
 /// its data dir in the lower ([`identity`]).
@@ -58,4 +58,7 @@ pub enum ReplicationError {
     NotLeader { leader: Option<ReplicaId> },
     #[error("Raft: {0}")]
     Raft(String),
+    /// A membership change the cluster did not make.
+    #[error("membership: {0}")]
+    Membership(String),
 }

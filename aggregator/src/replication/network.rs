@@ -2,7 +2,8 @@
 //!
 //! The server side ([`RaftService`]) routes every message to the local Raft group it names
 //! ([`Groups`]); a message for a group this replica does not run is refused with NOT_FOUND. It
-//! also answers a replica asking to join ([`Admission`]; [`ask_to_join`] is the asking side).
+//! also answers a replica asking to join or to be taken out ([`Membership`]; [`ask_to_join`]
+//! and [`ask_to_leave`] are the asking side).
 //! The client side ([`GrpcNetwork`]) is openraft's network factory: one lazily connected
 //! channel per peer and group, each call bounded by openraft's own deadline. A peer that cannot
 //! be reached is reported as unreachable (openraft then backs off); an answer that does not
@@ -16,7 +17,7 @@ use std::{
 
 use futures_util::future::BoxFuture;
 use mermin_protocol::replica::v1::{
-    JoinRequest, JoinResponse, RaftMessage,
+    JoinRequest, JoinResponse, LeaveRequest, LeaveResponse, RaftMessage,
     raft_client::RaftClient,
     raft_server::{Raft as RaftTransport, RaftServer},
 };
@@ -79,9 +80,13 @@ where
     }
 }
 
-/// How this replica answers a replica asking to join: `Ok` once it is a member.
-pub type Admission =
-    Arc<dyn Fn(ReplicaId, String) -> BoxFuture<'static, Result<(), Status>> + Send + Sync>;
+/// How this replica answers a replica asking to join or to be taken out (`Join`, `Leave`).
+pub trait Membership: Send + Sync + 'static {
+    /// `Ok` once `id`, reachable at `address`, is a member.
+    fn admit(&self, id: ReplicaId, address: String) -> BoxFuture<'static, Result<(), Status>>;
+    /// `Ok` once `id` is not a voter.
+    fn release(&self, id: ReplicaId) -> BoxFuture<'static, Result<(), Status>>;
+}
 
 /// The largest Raft message a replica takes. An entry carries a whole agent batch or a shard's
 /// checkpoint with its export requests (up to 2 MB each), and one `AppendEntries` carries many
@@ -99,15 +104,15 @@ pub struct Groups {
     /// This replica: messages for any other are refused.
     replica: ReplicaId,
     by_name: Arc<RwLock<HashMap<String, Arc<dyn GroupEndpoint>>>>,
-    admission: Admission,
+    membership: Arc<dyn Membership>,
 }
 
 impl Groups {
-    pub fn new(replica: ReplicaId, admission: Admission) -> Self {
+    pub fn new(replica: ReplicaId, membership: Arc<dyn Membership>) -> Self {
         Self {
             replica,
             by_name: Arc::default(),
-            admission,
+            membership,
         }
     }
 
@@ -213,14 +218,23 @@ impl RaftTransport for RaftService {
         if address.is_empty() {
             return Err(Status::invalid_argument("JoinRequest.address is empty"));
         }
-        (self.groups.admission)(replica_id, address).await?;
+        self.groups.membership.admit(replica_id, address).await?;
         Ok(Response::new(JoinResponse {}))
+    }
+
+    async fn leave(
+        &self,
+        request: Request<LeaveRequest>,
+    ) -> Result<Response<LeaveResponse>, Status> {
+        let LeaveRequest { replica_id } = request.into_inner();
+        self.groups.membership.release(replica_id).await?;
+        Ok(Response::new(LeaveResponse {}))
     }
 }
 
-/// Why a peer did not admit a replica asking to join.
+/// Why a peer did not admit a replica asking to join, or did not take one out.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
-pub enum JoinRefused {
+pub enum MembershipRefused {
     #[error("replica at {0} leads the membership; ask it")]
     AskLeader(String),
     #[error("the peer has never been part of a cluster")]
@@ -230,31 +244,49 @@ pub enum JoinRefused {
 }
 
 /// Asks the replica at `peer` (host:port) to admit replica `id`, reachable at `address`.
-pub async fn ask_to_join(peer: &str, id: ReplicaId, address: &str) -> Result<(), JoinRefused> {
+pub async fn ask_to_join(
+    peer: &str,
+    id: ReplicaId,
+    address: &str,
+) -> Result<(), MembershipRefused> {
+    let request = JoinRequest {
+        replica_id: id,
+        address: address.to_owned(),
+    };
+    let mut client = client(peer).await?;
+    answered(peer, client.join(request).await.map(drop))
+}
+
+/// Asks the replica at `peer` (host:port) to take replica `id` out of the voters.
+pub async fn ask_to_leave(peer: &str, id: ReplicaId) -> Result<(), MembershipRefused> {
+    let mut client = client(peer).await?;
+    let asked = client.leave(LeaveRequest { replica_id: id }).await;
+    answered(peer, asked.map(drop))
+}
+
+async fn client(peer: &str) -> Result<RaftClient<Channel>, MembershipRefused> {
     let endpoint = Channel::from_shared(format!("http://{peer}"))
-        .map_err(|e| JoinRefused::Failed(format!("bad peer address {peer:?}: {e}")))?;
+        .map_err(|e| MembershipRefused::Failed(format!("bad peer address {peer:?}: {e}")))?;
     let channel = endpoint
         .connect()
         .await
-        .map_err(|e| JoinRefused::Failed(format!("{peer}: {e}")))?;
-    let asked = RaftClient::new(channel)
-        .join(JoinRequest {
-            replica_id: id,
-            address: address.to_owned(),
-        })
-        .await;
-    match asked {
-        Ok(_) => Ok(()),
-        Err(status) => {
-            let metadata = status.metadata();
-            if let Some(leader) = metadata.get(LEADER_METADATA).and_then(|v| v.to_str().ok()) {
-                Err(JoinRefused::AskLeader(leader.to_owned()))
-            } else if metadata.get(CLUSTER_METADATA).is_some() {
-                Err(JoinRefused::NoCluster)
-            } else {
-                Err(JoinRefused::Failed(format!("{peer}: {status}")))
-            }
-        }
+        .map_err(|e| MembershipRefused::Failed(format!("{peer}: {e}")))?;
+    Ok(RaftClient::new(channel))
+}
+
+/// A membership answer from `peer`, its refusal read from the metadata.
+fn answered(peer: &str, asked: Result<(), Status>) -> Result<(), MembershipRefused> {
+    let status = match asked {
+        Ok(()) => return Ok(()),
+        Err(status) => status,
+    };
+    let metadata = status.metadata();
+    if let Some(leader) = metadata.get(LEADER_METADATA).and_then(|v| v.to_str().ok()) {
+        Err(MembershipRefused::AskLeader(leader.to_owned()))
+    } else if metadata.get(CLUSTER_METADATA).is_some() {
+        Err(MembershipRefused::NoCluster)
+    } else {
+        Err(MembershipRefused::Failed(format!("{peer}: {status}")))
     }
 }
 

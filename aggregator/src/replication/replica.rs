@@ -8,6 +8,7 @@ use std::{
     time::Duration,
 };
 
+use futures_util::future::BoxFuture;
 use openraft::{
     BasicNode, ChangeMembers, Config, Raft, ServerState,
     error::{ClientWriteError, RaftError},
@@ -19,7 +20,8 @@ use super::{
     PLACEMENT_GROUP, ReplicaId, ReplicationError, STORE_GROUP,
     log::SledLog,
     network::{
-        Admission, CLUSTER_METADATA, Groups, GrpcNetwork, JoinRefused, LEADER_METADATA, ask_to_join,
+        CLUSTER_METADATA, Groups, GrpcNetwork, LEADER_METADATA, Membership, MembershipRefused,
+        ask_to_join, ask_to_leave,
     },
     placement::{Placed, PlacementCommand, PlacementGroup, PlacementMachine, ShardMap, rebalance},
     store::{ReplicatedStore, StoreGroup, StoreMachine},
@@ -115,12 +117,34 @@ where
     Ok(())
 }
 
-/// How this replica answers a replica asking to join (see `Join` in the protocol).
-fn admission(placement: Raft<PlacementGroup>) -> Admission {
-    Arc::new(move |id, address| {
-        let placement = placement.clone();
+/// How this replica answers a replica asking to join or to leave (see `Join` and `Leave` in the
+/// protocol): through the membership group, on its leader.
+struct PlacementMembership(Raft<PlacementGroup>);
+
+impl Membership for PlacementMembership {
+    fn admit(
+        &self,
+        id: ReplicaId,
+        address: String,
+    ) -> BoxFuture<'static, Result<(), tonic::Status>> {
+        let placement = self.0.clone();
         Box::pin(async move { admit(&placement, id, address).await })
-    })
+    }
+
+    fn release(&self, id: ReplicaId) -> BoxFuture<'static, Result<(), tonic::Status>> {
+        let placement = self.0.clone();
+        Box::pin(async move {
+            let members = leading_members(&placement).await?;
+            if !members.contains_key(&id) {
+                return Ok(());
+            }
+            placement
+                .change_membership(ChangeMembers::RemoveVoters([id].into()), false)
+                .await
+                .map(drop)
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))
+        })
+    }
 }
 
 fn refusal(message: String, key: &'static str, value: &str) -> tonic::Status {
@@ -131,11 +155,11 @@ fn refusal(message: String, key: &'static str, value: &str) -> tonic::Status {
     status
 }
 
-async fn admit(
+/// The membership group's voters, if this replica leads it; else a refusal naming the leader
+/// (or saying that there is no cluster yet).
+async fn leading_members(
     placement: &Raft<PlacementGroup>,
-    id: ReplicaId,
-    address: String,
-) -> Result<(), tonic::Status> {
+) -> Result<BTreeMap<ReplicaId, BasicNode>, tonic::Status> {
     let initialized = placement
         .is_initialized()
         .await
@@ -169,6 +193,15 @@ async fn admit(
             &at.addr,
         ));
     }
+    Ok(members)
+}
+
+async fn admit(
+    placement: &Raft<PlacementGroup>,
+    id: ReplicaId,
+    address: String,
+) -> Result<(), tonic::Status> {
+    let members = leading_members(placement).await?;
     let node = BasicNode { addr: address };
     if members.get(&id) == Some(&node) {
         return Ok(());
@@ -189,6 +222,31 @@ async fn admit(
             .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     }
     Ok(())
+}
+
+/// Takes replica `id` out of the voters, from any replica whose membership group's metrics are
+/// `membership`: asks the group's leader (`Leave`), following a refusal that names another. The
+/// store group follows; a leader taken out steps down once the change is committed.
+pub async fn take_out(
+    membership: &watch::Receiver<openraft::RaftMetrics<ReplicaId, BasicNode>>,
+    id: ReplicaId,
+) -> Result<(), ReplicationError> {
+    let leader = {
+        let metrics = membership.borrow();
+        let nodes = metrics.membership_config.membership();
+        metrics
+            .current_leader
+            .and_then(|leader| nodes.get_node(&leader))
+            .map(|node| node.addr.clone())
+    };
+    let leader = leader.ok_or_else(|| {
+        ReplicationError::Membership("the membership group has no leader right now".into())
+    })?;
+    let asked = match ask_to_leave(&leader, id).await {
+        Err(MembershipRefused::AskLeader(other)) => ask_to_leave(&other, id).await,
+        other => other,
+    };
+    asked.map_err(|e| ReplicationError::Membership(e.to_string()))
 }
 
 /// This replica's id: `ordinal` in the upper 32 bits and, in the lower, the incarnation of
@@ -353,7 +411,7 @@ impl Replica {
         .await
         .map_err(|e| ReplicationError::Start(e.to_string()))?;
         let store = Arc::new(ReplicatedStore::new(store_group.clone(), store_machine));
-        let groups = Groups::new(id, admission(placement.clone()));
+        let groups = Groups::new(id, Arc::new(PlacementMembership(placement.clone())));
         groups.add(PLACEMENT_GROUP, placement.clone());
         groups.add(STORE_GROUP, store_group.clone());
         let server = tokio::spawn(async move {
@@ -415,6 +473,11 @@ impl Replica {
         Ok(())
     }
 
+    /// Takes replica `id` out of the voters from any replica (see [`take_out`]).
+    pub async fn take_out(&self, id: ReplicaId) -> Result<(), ReplicationError> {
+        take_out(&self.placement.metrics(), id).await
+    }
+
     /// Spreads the shards over the current voters (on the leader), moving as few as possible;
     /// returns the moves applied.
     pub async fn rebalance(&self) -> Result<Placed, ReplicationError> {
@@ -458,14 +521,14 @@ impl Replica {
             let mut without_cluster = 0;
             for peer in &peers {
                 let asked = match ask_to_join(peer, self.id, &self.address).await {
-                    Err(JoinRefused::AskLeader(leader)) => {
+                    Err(MembershipRefused::AskLeader(leader)) => {
                         ask_to_join(&leader, self.id, &self.address).await
                     }
                     other => other,
                 };
                 match asked {
                     Ok(()) => return Ok(()),
-                    Err(JoinRefused::NoCluster) => without_cluster += 1,
+                    Err(MembershipRefused::NoCluster) => without_cluster += 1,
                     Err(refused) => {
                         tracing::info!(peer = %peer, reason = %refused, "not admitted yet")
                     }

@@ -48,6 +48,7 @@ pub const WITHIN: Duration = Duration::from_secs(60);
 const AGENTS_PORT: u16 = 4600;
 const METRICS_PORT: u16 = 9090;
 const REPLICATION_PORT: u16 = 4610;
+const ADMIN_PORT: u16 = 4620;
 const OTLP_PORT: u16 = 4317;
 const OBSERVER: &str = "10.77.0.1";
 const OTLP: &str = "10.77.0.2";
@@ -166,6 +167,12 @@ impl Network {
             .unwrap()
     }
 
+    pub fn admin(&self, ordinal: usize) -> SocketAddr {
+        format!("{}:{ADMIN_PORT}", replica_ip(ordinal))
+            .parse()
+            .unwrap()
+    }
+
     pub fn metrics(&self, ordinal: usize) -> SocketAddr {
         format!("{}:{METRICS_PORT}", replica_ip(ordinal))
             .parse()
@@ -258,7 +265,7 @@ impl Cluster {
             .args(["--replication-peers", &peers.join(",")])
             .args(["--listen", &format!("0.0.0.0:{AGENTS_PORT}")])
             .args(["--metrics-listen", &format!("0.0.0.0:{METRICS_PORT}")])
-            .args(["--admin-listen", "127.0.0.1:0"])
+            .args(["--admin-listen", &format!("0.0.0.0:{ADMIN_PORT}")])
             .args(["--data-dir", &network.data(ordinal).display().to_string()])
             .args(["--otlp-endpoint", &format!("http://{}", network.otlp())])
             .args(["--settle", "300ms", "--grace", "5s"])
@@ -290,6 +297,17 @@ impl Cluster {
     /// it; bounded by [`WITHIN`].
     pub async fn ready_leader(&self) -> usize {
         self.ready_leader_among(&self.running()).await
+    }
+
+    /// As [`Cluster::ready_leader`], among the running replicas but `ordinal` (cut off,
+    /// drained).
+    pub async fn ready_leader_except(&self, ordinal: usize) -> usize {
+        let others: Vec<usize> = self
+            .running()
+            .into_iter()
+            .filter(|&o| o != ordinal)
+            .collect();
+        self.ready_leader_among(&others).await
     }
 
     /// As [`Cluster::ready_leader`], among `ordinals` only (the others may be cut off).
@@ -359,8 +377,12 @@ impl Cluster {
     /// far as the furthest replica had when they first agreed (it caught up); returns the view
     /// of the first running replica. Bounded by [`WITHIN`].
     pub async fn converged(&self) -> View {
+        self.converged_with(self.size() as u64).await
+    }
+
+    /// As [`Cluster::converged`], with `voters` voters in each group.
+    pub async fn converged_with(&self, voters: u64) -> View {
         let deadline = Instant::now() + WITHIN;
-        let voters = self.size() as u64;
         let mut caught_up_at = None;
         loop {
             let mut views = Vec::new();
