@@ -96,7 +96,7 @@ async fn open_store(backend: Backend, dir: &std::path::Path) -> (Store, Vec<Repl
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let data = dir.join(format!("replica-{id}"));
         replicas.push(
-            Replica::start(id, listener, None, &data, Timings::default())
+            Replica::start(id, listener, None, &data, Timings::default(), None)
                 .await
                 .unwrap(),
         );

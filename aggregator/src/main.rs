@@ -26,9 +26,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let config = match settings.aggregator_config() {
-        Ok(config) => config,
-        Err(err) => {
+    let (config, cluster) = match (settings.aggregator_config(), settings.cluster_config()) {
+        (Ok(config), Ok(cluster)) => (config, cluster),
+        (Err(err), _) | (_, Err(err)) => {
             eprintln!("error: {err}");
             return ExitCode::from(2);
         }
@@ -45,7 +45,6 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let cluster = settings.cluster_config();
     runtime.block_on(async {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let (Ok(mut term), Ok(mut int)) = (

@@ -199,6 +199,17 @@ pub struct Settings {
     /// [replication { peers }].
     #[arg(long, env = "MERMIN_REPLICATION_PEERS", value_delimiter = ',')]
     pub replication_peers: Vec<String>,
+    /// This replica's certificate chain (PEM) for mutual TLS between replicas; with the key and
+    /// the CA, replicas speak only TLS to each other (reloaded when it changes, every
+    /// tls.reload_interval) [replication { tls { cert_file } }].
+    #[arg(long)]
+    pub replication_tls_cert: Option<PathBuf>,
+    /// Its private key (PEM) [replication { tls { key_file } }].
+    #[arg(long)]
+    pub replication_tls_key: Option<PathBuf>,
+    /// The CA (PEM) every replica's certificate must chain to [replication { tls { ca_file } }].
+    #[arg(long)]
+    pub replication_tls_ca: Option<PathBuf>,
 }
 
 /// Each option that the file may set: its argument id (the field name) and its HCL path.
@@ -240,6 +251,9 @@ const FILE_KEYS: &[(&str, &str)] = &[
     ("replication_listen", "replication.listen"),
     ("replication_advertise", "replication.advertise"),
     ("replication_peers", "replication.peers"),
+    ("replication_tls_cert", "replication.tls.cert_file"),
+    ("replication_tls_key", "replication.tls.key_file"),
+    ("replication_tls_ca", "replication.tls.ca_file"),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -417,19 +431,48 @@ impl Settings {
                 "listen": self.replication_listen.to_string(),
                 "advertise": self.replication_advertise,
                 "peers": self.replication_peers,
+                "tls": {
+                    "cert_file": self.replication_tls_cert.as_ref().map(|p| p.display().to_string()),
+                    "key_file": self.replication_tls_key.as_ref().map(|p| p.display().to_string()),
+                    "ca_file": self.replication_tls_ca.as_ref().map(|p| p.display().to_string()),
+                },
             },
         })
     }
 
     /// This aggregator's place in a cluster, if it runs as a replica (`--replica-ordinal`).
-    pub fn cluster_config(&self) -> Option<ClusterConfig> {
-        Some(ClusterConfig {
-            ordinal: self.replica_ordinal?,
+    pub fn cluster_config(&self) -> Result<Option<ClusterConfig>, SettingsError> {
+        let Some(ordinal) = self.replica_ordinal else {
+            return Ok(None);
+        };
+        let tls = match (
+            &self.replication_tls_cert,
+            &self.replication_tls_key,
+            &self.replication_tls_ca,
+        ) {
+            (None, None, None) => None,
+            (Some(cert), Some(key), Some(ca)) => Some(ServerTlsConfig {
+                files: TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: ca.clone(),
+                },
+                reload_interval: self.tls_reload_interval.into(),
+            }),
+            _ => {
+                return Err(SettingsError::Tls(
+                    "TLS between replicas needs all of --replication-tls-cert, --replication-tls-key and --replication-tls-ca (replication { tls { cert_file key_file ca_file } }), or none of them for plaintext".into(),
+                ));
+            }
+        };
+        Ok(Some(ClusterConfig {
+            ordinal,
             listen: self.replication_listen,
             advertise: self.replication_advertise.clone(),
             peers: self.replication_peers.clone(),
             timings: Timings::default(),
-        })
+            tls,
+        }))
     }
 }
 
@@ -620,7 +663,11 @@ admin { listen = "0.0.0.0:9093" observe_ring = 50 }
     #[test]
     fn the_replication_block_and_an_ordinal_from_a_pod_name() {
         let text = "replication {\n  ordinal = \"mermin-aggregator-2\"\n  listen = \"0.0.0.0:4610\"\n  advertise = \"mermin-aggregator-2.peers.ns.svc:4610\"\n  peers = [\"a:4610\", \"b:4610\"]\n}\n";
-        let cluster = load_file(text, &[]).unwrap().cluster_config().unwrap();
+        let cluster = load_file(text, &[])
+            .unwrap()
+            .cluster_config()
+            .unwrap()
+            .unwrap();
         assert_eq!(cluster.ordinal, 2);
         assert_eq!(cluster.listen, "0.0.0.0:4610".parse().unwrap());
         assert_eq!(
@@ -629,7 +676,31 @@ admin { listen = "0.0.0.0:9093" observe_ring = 50 }
         );
         assert_eq!(cluster.peers, ["a:4610", "b:4610"]);
         let alone = load_file("", &[]).unwrap();
-        assert!(alone.cluster_config().is_none(), "no ordinal: alone");
+        assert!(
+            alone.cluster_config().unwrap().is_none(),
+            "no ordinal: alone"
+        );
+        let tls = "replication {\n  ordinal = 1\n  tls {\n    cert_file = \"/p/tls.crt\"\n    key_file = \"/p/tls.key\"\n    ca_file = \"/p/ca.crt\"\n  }\n}\n";
+        let files = load_file(tls, &[])
+            .unwrap()
+            .cluster_config()
+            .unwrap()
+            .unwrap()
+            .tls;
+        assert_eq!(
+            files.map(|tls| tls.files),
+            Some(TlsFiles {
+                cert: "/p/tls.crt".into(),
+                key: "/p/tls.key".into(),
+                client_ca: "/p/ca.crt".into(),
+            })
+        );
+        let half = tls.replace("    key_file = \"/p/tls.key\"\n", "");
+        let half = load_file(&half, &[]).unwrap();
+        assert_eq!(
+            half.cluster_config().unwrap_err().to_string(),
+            "TLS between replicas needs all of --replication-tls-cert, --replication-tls-key and --replication-tls-ca (replication { tls { cert_file key_file ca_file } }), or none of them for plaintext"
+        );
         let err = load_file("replication {\n  ordinal = \"leader\"\n}\n", &[]).unwrap_err();
         assert!(
             err.contains(

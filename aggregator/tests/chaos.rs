@@ -13,6 +13,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use mermin_protocol::{
     admin::v1::{
         DrainRequest, RemoveMemberRequest, Role, StatusRequest,
@@ -22,12 +24,27 @@ use mermin_protocol::{
 };
 use mermin_test_support::{
     connect,
+    http::metric,
     otlp::{attr, int},
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
-use support::{Cluster, Load, RECEIVED_BYTES, client_side, ordinal, run, sent_bytes};
+use support::{
+    Cluster, Load, RECEIVED_BYTES, Security, client_side, ordinal, run, run_with, sent_bytes,
+};
 
 const AGENTS: usize = 2;
+
+/// Waits until `series` on replica `ordinal` is `value` (bounded: 10 s), and fails if it is
+/// not.
+async fn until_metric(network: &support::Network, ordinal: usize, series: &str, value: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = metric(network.metrics(ordinal), series).await;
+    while seen != value && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        seen = metric(network.metrics(ordinal), series).await;
+    }
+    assert_eq!(seen, value, "{series} on replica {ordinal}");
+}
 
 /// How long the OTLP endpoint stays out of the leader's reach: 5 s, or
 /// `MERMIN_CHAOS_OUTAGE_SECS` (minutes, to try it as the issue asks).
@@ -178,6 +195,40 @@ fn a_drained_leader_hands_over_and_stops_taking_agents() {
         eprintln!(
             "leader {leader} drained: replica {next} ready after {handed_over:?}; {last:?} batches"
         );
+        cluster.shutdown().await;
+    });
+}
+
+/// With mutual TLS between the replicas, the cluster forms, takes batches and survives the
+/// leader's kill the same; a replica-port client without a certificate is refused and counted.
+#[test]
+fn replicas_speaking_mutual_tls_fail_over_the_same() {
+    run_with(3, Security::MutualTls, |network| async move {
+        let (mut cluster, load) = Cluster::start_under_load(network.clone(), AGENTS).await;
+        let leader = cluster.ready_leader().await;
+        // One plaintext HTTP/2 connection to a follower's replica port: refused in the
+        // handshake (the connection closed) and counted.
+        let follower = (leader + 1) % cluster.size();
+        let mut plaintext = tokio::net::TcpStream::connect(network.replication(follower))
+            .await
+            .unwrap();
+        plaintext
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(10), plaintext.read_to_end(&mut answer));
+        assert!(closed.await.is_ok(), "the plaintext connection is closed");
+        let series = "mermin_aggregator_replica_tls_handshake_failures_total{endpoint=\"replication\",reason=\"handshake\"}";
+        until_metric(&network, follower, series, 1).await;
+
+        cluster.kill(leader);
+        let next = cluster.ready_leader().await;
+        load.advance(20, &cluster).await;
+        cluster.start_replica(leader);
+        let (last, _) = load.finish(&cluster).await;
+        eprintln!("TLS: leader {leader} killed, replica {next} took over; {last:?} batches");
         cluster.shutdown().await;
     });
 }

@@ -32,7 +32,7 @@ fn timings() -> Timings {
 
 async fn start(id: ReplicaId, data: &Path) -> Replica {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    Replica::start(id, listener, None, data, timings())
+    Replica::start(id, listener, None, data, timings(), None)
         .await
         .unwrap()
 }
@@ -284,7 +284,7 @@ async fn what_the_store_leader_acknowledged_is_on_the_next_leader() {
 /// through `peers`.
 async fn start_pod(ordinal: u32, listener: TcpListener, data: &Path, peers: &[String]) -> Replica {
     let id = mermin_aggregator::replication::identity(data, ordinal).unwrap();
-    let replica = Replica::start(id, listener, None, data, timings())
+    let replica = Replica::start(id, listener, None, data, timings(), None)
         .await
         .unwrap();
     tokio::time::timeout(WITHIN, replica.join(peers, Duration::from_millis(100)))

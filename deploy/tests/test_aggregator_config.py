@@ -29,7 +29,10 @@ DEFAULTS = {
     "export": {"traces": {"otlp": {"endpoint": f"http://mermin-tempo.{NAMESPACE}.svc:4317", "protocol": "grpc"}}},
     "metadata": {"attribute_names": "seed", "static_file": None, "labels": [], "deleted_grace": "5m", "kubernetes": True},
     "tls": {"mode": "disabled"},
-    "replication": {"ordinal": None, "listen": "0.0.0.0:4610", "advertise": None, "peers": []},
+    "replication": {
+        "ordinal": None, "listen": "0.0.0.0:4610", "advertise": None, "peers": [],
+        "tls": {"cert_file": None, "key_file": None, "ca_file": None},
+    },
 }
 
 
@@ -72,12 +75,19 @@ def merged(overrides: dict[str, Any]) -> dict[str, Any]:
     [
         ("defaults", DEFAULTS),
         ("three-replicas", DEFAULTS),
-        ("tls", merged({"tls": {
-            "mode": "required",
-            "cert_file": "/etc/mermin/tls/agent/tls.crt",
-            "key_file": "/etc/mermin/tls/agent/tls.key",
-            "client_ca_file": "/etc/mermin/tls/agent/ca.crt",
-        }})),
+        ("tls", merged({
+            "tls": {
+                "mode": "required",
+                "cert_file": "/etc/mermin/tls/agent/tls.crt",
+                "key_file": "/etc/mermin/tls/agent/tls.key",
+                "client_ca_file": "/etc/mermin/tls/agent/ca.crt",
+            },
+            "replication": {**DEFAULTS["replication"], "tls": {
+                "cert_file": "/etc/mermin/tls/peer/tls.crt",
+                "key_file": "/etc/mermin/tls/peer/tls.key",
+                "ca_file": "/etc/mermin/tls/peer/ca.crt",
+            }},
+        })),
         ("mermin-names", merged({"metadata": {"attribute_names": "mermin", "labels": ["app", "team"]}})),
     ],
 )
@@ -156,4 +166,5 @@ def test_a_replica_pod_of_three_gets_its_ordinal_address_and_peers(rendered, tmp
         "listen": "0.0.0.0:4610",
         "advertise": peers[2],
         "peers": peers,
+        "tls": {"cert_file": None, "key_file": None, "ca_file": None},
     }

@@ -131,6 +131,9 @@ def test_three_replicas_required_anti_affinity_and_notes_warning(rendered):
     assert affinity["requiredDuringSchedulingIgnoredDuringExecution"][0]["topologyKey"] == "kubernetes.io/hostname"
     assert "Replicated: aggregator.replicas=3 replicas form one Raft cluster (it survives 1 lost)." in r.notes
     assert "Replicated" not in rendered["defaults"].notes
+    assert "Replica-to-replica traffic is plaintext (tls.enabled turns on mutual TLS)" in r.notes
+    secured = Rendered({"aggregator": {"replicas": 3}, "tls": {"enabled": True, "peerSecretName": "peer"}})
+    assert "Replicas speak mutual TLS to each other (the peer certificate)." in secured.notes
 
 
 def test_agent_daemonset_capabilities_and_host_access(rendered):
@@ -207,7 +210,10 @@ def test_tls_mounts_secrets_and_requests_certificates(rendered):
     # API (checked by the aggregator's own loader in test_aggregator_config.py).
     assert 'cert_file      = "/etc/mermin/tls/agent/tls.crt"' in r.hcl()
     assert 'mode = "disabled"' in rendered["defaults"].hcl()
-    assert r.hcl().split("\ntls {")[0] == rendered["defaults"].hcl().split("\ntls {")[0]
+    assert r.hcl().split("\nreplication {")[0] == rendered["defaults"].hcl().split("\nreplication {")[0]
+    # The replicas speak mutual TLS with the peer Secret's certificate.
+    assert 'ca_file   = "/etc/mermin/tls/peer/ca.crt"' in r.hcl()
+    assert "/etc/mermin/tls/peer" not in rendered["defaults"].hcl()
     assert not rendered["defaults"].all("Certificate")
 
 

@@ -1,5 +1,6 @@
-//! Test certificates made with rcgen: a CA, and certificates for `localhost` it signs (valid or
-//! expired). Used by the TLS tests of the CLI and of the node agent.
+//! Test certificates made with rcgen: a CA, and certificates it signs for `localhost` or given
+//! names and addresses (valid or expired). Used by the TLS tests of the CLI, of the node agent
+//! and of replication.
 
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 
@@ -17,7 +18,13 @@ impl Ca {
 
     /// A certificate for `localhost` (PEM certificate, PEM key), expired if `expired`.
     pub fn issue(&self, expired: bool) -> (String, String) {
-        let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        self.issue_for(&["localhost"], expired)
+    }
+
+    /// A certificate for `names` (host names or IP addresses), expired if `expired`.
+    pub fn issue_for(&self, names: &[&str], expired: bool) -> (String, String) {
+        let names = names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
+        let mut params = CertificateParams::new(names).unwrap();
         if expired {
             params.not_before = rcgen::date_time_ymd(2019, 1, 1);
             params.not_after = rcgen::date_time_ymd(2020, 1, 1);

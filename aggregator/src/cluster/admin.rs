@@ -11,13 +11,14 @@ use super::view::ReplicaView;
 use crate::{
     admin::ClusterAdmin,
     placement::SHARDS,
-    replication::{ReplicaId, take_out},
+    replication::{ReplicaId, network::Transport, take_out},
 };
 
 /// A replica's [`ClusterAdmin`]; members are shown at their host and this replica's agent port
 /// (every replica of a StatefulSet listens on the same one).
 pub struct ReplicaAdmin {
     pub view: ReplicaView,
+    pub transport: Transport,
     pub agent_port: u16,
 }
 
@@ -95,9 +96,9 @@ impl ClusterAdmin for ReplicaAdmin {
             ));
             return futures_util::future::ready(Err(refused)).boxed();
         };
-        let membership = self.view.membership.clone();
+        let (membership, transport) = (self.view.membership.clone(), self.transport.clone());
         async move {
-            take_out(&membership, id)
+            take_out(&transport, &membership, id)
                 .await
                 .map_err(|e| Status::unavailable(e.to_string()))
         }

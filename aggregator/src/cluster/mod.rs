@@ -17,11 +17,17 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::watch};
 
-use self::{admin::ReplicaAdmin, standby::Standby, view::ReplicaView};
+use prometheus_client::metrics::{counter::Counter, family::Family};
+
+use self::{
+    admin::ReplicaAdmin,
+    standby::Standby,
+    view::{ReplicaMetrics, ReplicaView},
+};
 use crate::{
-    metrics::Metrics,
-    pipeline::{Aggregator, AggregatorConfig, StartError},
-    replication::{Replica, ReplicationError, Timings, identity},
+    metrics::{EndpointReasonLabel, Metrics},
+    pipeline::{Aggregator, AggregatorConfig, ServerTlsConfig, StartError},
+    replication::{Replica, ReplicaTls, ReplicationError, Timings, identity},
 };
 
 /// How often a replica that is not yet a member asks its peers again.
@@ -39,6 +45,8 @@ pub struct ClusterConfig {
     /// The replicas' advertised addresses (this one's is skipped), for joining.
     pub peers: Vec<String>,
     pub timings: Timings,
+    /// Mutual TLS between replicas; `None`: plaintext.
+    pub tls: Option<ServerTlsConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,12 +90,20 @@ pub async fn run(
                 addr: cluster.listen,
                 source,
             })?;
+    // Counted in both the standby's and the pipeline's metrics.
+    let handshake_failures = Family::<EndpointReasonLabel, Counter>::default();
+    let tls = cluster.tls.clone().map(|tls| ReplicaTls {
+        files: tls.files,
+        reload_interval: tls.reload_interval,
+        failures: handshake_failures.clone(),
+    });
     let replica = Replica::start(
         id,
         listener,
         cluster.advertise.clone(),
         &config.data_dir,
         cluster.timings,
+        tls,
     )
     .await?;
     tracing::info!(replica = id, address = replica.address(), "replica started");
@@ -97,7 +113,7 @@ pub async fn run(
     };
     let result = match joined {
         Ok(()) if !*stop.borrow() => {
-            lead_when_elected(&replica, &config, cluster.timings, stop).await
+            lead_when_elected(&replica, &config, cluster.timings, handshake_failures, stop).await
         }
         other => other,
     };
@@ -111,6 +127,7 @@ async fn lead_when_elected(
     replica: &Replica,
     config: &AggregatorConfig,
     timings: Timings,
+    handshake_failures: Family<EndpointReasonLabel, Counter>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), ClusterError> {
     let id = replica.id();
@@ -119,9 +136,13 @@ async fn lead_when_elected(
         store: replica.store_metrics(),
         membership: replica.membership_metrics(),
     };
+    let replica_metrics = ReplicaMetrics {
+        view: view.clone(),
+        handshake_failures,
+    };
     let mut store = replica.store_metrics();
     loop {
-        let standby = Standby::start(config, view.clone());
+        let standby = Standby::start(config, &replica_metrics);
         let elected = tokio::select! {
             _ = until(&mut store, |m| m.current_leader == Some(id)) => replica.lead_store().await.is_ok(),
             _ = until(&mut stop, |stopped| *stopped) => false,
@@ -139,13 +160,10 @@ async fn lead_when_elected(
         );
         replica.fence_store(false);
         let mut metrics = Metrics::new();
-        metrics.register(|registry| {
-            registry
-                .sub_registry_with_prefix("replica")
-                .register_collector(Box::new(view.clone()))
-        });
+        metrics.register(|registry| replica_metrics.register(registry));
         let cluster = Arc::new(ReplicaAdmin {
             view: view.clone(),
+            transport: replica.transport(),
             agent_port: config.listen.port(),
         });
         let aggregator =

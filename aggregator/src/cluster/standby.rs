@@ -18,7 +18,7 @@ use tokio::{
     task::JoinSet,
 };
 
-use super::view::ReplicaView;
+use super::view::{ReplicaMetrics, ReplicaView};
 use crate::pipeline::AggregatorConfig;
 
 /// How long a forwarded connection waits for the leader to accept it.
@@ -41,12 +41,12 @@ struct ForwardLabel {
 type Forwarded = Family<ForwardLabel, Counter>;
 
 impl Standby {
-    pub fn start(config: &AggregatorConfig, view: ReplicaView) -> Self {
+    pub fn start(config: &AggregatorConfig, metrics: &ReplicaMetrics) -> Self {
+        let view = metrics.view.clone();
         let forwarded = Forwarded::default();
         let mut registry = Registry::with_prefix("mermin_aggregator");
-        let replica = registry.sub_registry_with_prefix("replica");
-        replica.register_collector(Box::new(view.clone()));
-        replica.register(
+        metrics.register(&mut registry);
+        registry.sub_registry_with_prefix("replica").register(
             "standby_connections",
             "Connections a standby replica took on the agent or admin port, by outcome",
             forwarded.clone(),

@@ -5,11 +5,34 @@ use openraft::{BasicNode, RaftMetrics};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
-    metrics::gauge::ConstGauge,
+    metrics::{counter::Counter, family::Family, gauge::ConstGauge},
+    registry::Registry,
 };
 use tokio::sync::watch;
 
-use crate::replication::ReplicaId;
+use crate::{metrics::EndpointReasonLabel, replication::ReplicaId};
+
+/// What every `/metrics` of a replica shows of it, under `mermin_aggregator_replica_`: its
+/// [`ReplicaView`], and the handshakes its replication port refused (with TLS between
+/// replicas), by reason.
+#[derive(Debug, Clone)]
+pub struct ReplicaMetrics {
+    pub view: ReplicaView,
+    pub handshake_failures: Family<EndpointReasonLabel, Counter>,
+}
+
+impl ReplicaMetrics {
+    /// Registers them in `registry` (the standby's or the pipeline's).
+    pub fn register(&self, registry: &mut Registry) {
+        let replica = registry.sub_registry_with_prefix("replica");
+        replica.register_collector(Box::new(self.view.clone()));
+        replica.register(
+            "tls_handshake_failures",
+            "Replica connections refused in the TLS handshake, by reason",
+            self.handshake_failures.clone(),
+        );
+    }
+}
 
 /// This replica's view of both Raft groups, read at each scrape of `/metrics` (the standby's
 /// and the pipeline's): its own `id`, `<group>_leader` (-1: none), `_term`, `_last_applied`, `_voters`, and

@@ -24,7 +24,7 @@ pub mod placement;
 mod replica;
 pub mod store;
 
-pub use self::replica::{Replica, Timings, identity, ordinal, take_out};
+pub use self::replica::{Replica, ReplicaTls, Timings, identity, ordinal, take_out};
 
 /// A replica's Raft node id: its StatefulSet ordinal in the upper 32 bits, the incarnation of
 /// its data dir in the lower ([`identity`]).

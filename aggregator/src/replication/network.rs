@@ -31,9 +31,13 @@ use openraft::{
     },
 };
 use serde::{Serialize, de::DeserializeOwned};
-use tonic::{Request, Response, Status, transport::Channel};
+use tonic::{
+    Request, Response, Status,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+};
 
 use super::ReplicaId;
+use crate::tls::TlsFiles;
 
 /// What a Raft group of any type needs to answer its peers' messages.
 trait GroupEndpoint: Send + Sync {
@@ -245,6 +249,7 @@ pub enum MembershipRefused {
 
 /// Asks the replica at `peer` (host:port) to admit replica `id`, reachable at `address`.
 pub async fn ask_to_join(
+    transport: &Transport,
     peer: &str,
     id: ReplicaId,
     address: &str,
@@ -253,25 +258,61 @@ pub async fn ask_to_join(
         replica_id: id,
         address: address.to_owned(),
     };
-    let mut client = client(peer).await?;
+    let mut client = transport.client(peer).await?;
     answered(peer, client.join(request).await.map(drop))
 }
 
 /// Asks the replica at `peer` (host:port) to take replica `id` out of the voters.
-pub async fn ask_to_leave(peer: &str, id: ReplicaId) -> Result<(), MembershipRefused> {
-    let mut client = client(peer).await?;
+pub async fn ask_to_leave(
+    transport: &Transport,
+    peer: &str,
+    id: ReplicaId,
+) -> Result<(), MembershipRefused> {
+    let mut client = transport.client(peer).await?;
     let asked = client.leave(LeaveRequest { replica_id: id }).await;
     answered(peer, asked.map(drop))
 }
 
-async fn client(peer: &str) -> Result<RaftClient<Channel>, MembershipRefused> {
-    let endpoint = Channel::from_shared(format!("http://{peer}"))
-        .map_err(|e| MembershipRefused::Failed(format!("bad peer address {peer:?}: {e}")))?;
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| MembershipRefused::Failed(format!("{peer}: {e}")))?;
-    Ok(RaftClient::new(channel))
+/// How this replica reaches its peers: plaintext, or mutual TLS (it presents its certificate,
+/// and checks the peer's against the CA and the peer's host name; the files are read at every
+/// connection, so a renewed certificate is used without a restart).
+#[derive(Clone, Default)]
+pub struct Transport {
+    tls: Option<TlsFiles>,
+}
+
+impl Transport {
+    pub fn tls(files: TlsFiles) -> Self {
+        Self { tls: Some(files) }
+    }
+
+    /// The endpoint of `peer` (host:port).
+    fn endpoint(&self, peer: &str) -> Result<Endpoint, String> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let endpoint = Channel::from_shared(format!("{scheme}://{peer}"))
+            .map_err(|e| format!("bad peer address {peer:?}: {e}"))?;
+        let Some(files) = &self.tls else {
+            return Ok(endpoint);
+        };
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))
+        };
+        let config = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(&files.client_ca)?))
+            .identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?));
+        endpoint
+            .tls_config(config)
+            .map_err(|e| format!("TLS for {peer}: {e}"))
+    }
+
+    async fn client(&self, peer: &str) -> Result<RaftClient<Channel>, MembershipRefused> {
+        let endpoint = self.endpoint(peer).map_err(MembershipRefused::Failed)?;
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| MembershipRefused::Failed(format!("{peer}: {e}")))?;
+        Ok(RaftClient::new(channel))
+    }
 }
 
 /// A membership answer from `peer`, its refusal read from the metadata.
@@ -294,12 +335,14 @@ fn answered(peer: &str, asked: Result<(), Status>) -> Result<(), MembershipRefus
 #[derive(Clone)]
 pub struct GrpcNetwork {
     group: String,
+    transport: Transport,
 }
 
 impl GrpcNetwork {
-    pub fn new(group: &str) -> Self {
+    pub fn new(group: &str, transport: Transport) -> Self {
         Self {
             group: group.to_owned(),
+            transport,
         }
     }
 }
@@ -320,12 +363,14 @@ where
     type Network = GrpcPeer;
 
     async fn new_client(&mut self, target: ReplicaId, node: &BasicNode) -> GrpcPeer {
-        let client = Channel::from_shared(format!("http://{}", node.addr))
+        let client = self
+            .transport
+            .endpoint(&node.addr)
             .map(|endpoint| {
                 RaftClient::new(endpoint.connect_lazy())
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
             })
-            .map_err(|e| format!("replica {target} has a bad address {:?}: {e}", node.addr));
+            .map_err(|e| format!("replica {target}: {e}"));
         GrpcPeer {
             group: self.group.clone(),
             target,

@@ -9,24 +9,32 @@ use std::{
 };
 
 use futures_util::future::BoxFuture;
+use mermin_protocol::replica::v1::raft_server::RaftServer;
 use openraft::{
     BasicNode, ChangeMembers, Config, Raft, ServerState,
     error::{ClientWriteError, RaftError},
 };
+use prometheus_client::metrics::{counter::Counter, family::Family};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::Connected;
 
 use super::{
     PLACEMENT_GROUP, ReplicaId, ReplicationError, STORE_GROUP,
     log::SledLog,
     network::{
         CLUSTER_METADATA, Groups, GrpcNetwork, LEADER_METADATA, Membership, MembershipRefused,
-        ask_to_join, ask_to_leave,
+        RaftService, Transport, ask_to_join, ask_to_leave,
     },
     placement::{Placed, PlacementCommand, PlacementGroup, PlacementMachine, ShardMap, rebalance},
     store::{ReplicatedStore, StoreGroup, StoreMachine},
 };
-use crate::{placement::SHARDS, store::Store};
+use crate::{
+    metrics::EndpointReasonLabel,
+    placement::SHARDS,
+    store::Store,
+    tls::{ServerTls, TlsFiles},
+};
 
 /// Raft's clock: how often a leader shows it is alive, and how long a follower waits before
 /// it stands for election (a random time in the range, so that two rarely stand at once).
@@ -49,12 +57,33 @@ impl Default for Timings {
 pub struct Replica {
     id: ReplicaId,
     address: String,
+    transport: Transport,
     placement: Raft<PlacementGroup>,
     machine: PlacementMachine,
     store_group: Raft<StoreGroup>,
     store: Arc<ReplicatedStore>,
     server: JoinHandle<()>,
     membership: JoinHandle<()>,
+    /// Turned true at shutdown: the certificate watch ends.
+    stop: watch::Sender<bool>,
+}
+
+/// Serves the Raft transport on `incoming` until the task is aborted.
+async fn serve<IO, E>(
+    service: RaftServer<RaftService>,
+    incoming: impl futures_util::Stream<Item = Result<IO, E>> + Send + 'static,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Connected + Unpin + Send + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let served = tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming(incoming)
+        .await;
+    if let Err(e) = served {
+        tracing::error!(error = %e, "the replica's Raft server stopped");
+    }
 }
 
 fn raft_error<E: std::error::Error>(error: RaftError<ReplicaId, E>) -> ReplicationError {
@@ -228,6 +257,7 @@ async fn admit(
 /// `membership`: asks the group's leader (`Leave`), following a refusal that names another. The
 /// store group follows; a leader taken out steps down once the change is committed.
 pub async fn take_out(
+    transport: &Transport,
     membership: &watch::Receiver<openraft::RaftMetrics<ReplicaId, BasicNode>>,
     id: ReplicaId,
 ) -> Result<(), ReplicationError> {
@@ -242,8 +272,8 @@ pub async fn take_out(
     let leader = leader.ok_or_else(|| {
         ReplicationError::Membership("the membership group has no leader right now".into())
     })?;
-    let asked = match ask_to_leave(&leader, id).await {
-        Err(MembershipRefused::AskLeader(other)) => ask_to_leave(&other, id).await,
+    let asked = match ask_to_leave(transport, &leader, id).await {
+        Err(MembershipRefused::AskLeader(other)) => ask_to_leave(transport, &other, id).await,
         other => other,
     };
     asked.map_err(|e| ReplicationError::Membership(e.to_string()))
@@ -358,17 +388,37 @@ async fn follow_membership(
     }
 }
 
+/// Mutual TLS between replicas: each presents its certificate (`files.cert`, `files.key`) as a
+/// server and as a client, and takes only peers whose certificate chains to `files.client_ca`
+/// (a client also checks the peer's host name). The files are read again at every outgoing connection, and checked for
+/// changes every `reload_interval` for incoming ones, so a renewed certificate is used
+/// without a restart.
+#[derive(Debug, Clone)]
+pub struct ReplicaTls {
+    pub files: TlsFiles,
+    pub reload_interval: Duration,
+    /// Refused handshakes on the replication port, by reason.
+    pub failures: Family<EndpointReasonLabel, Counter>,
+}
+
+/// How long an incoming replica connection may take to complete its TLS handshake.
+const HANDSHAKE_WAIT: Duration = Duration::from_secs(10);
+
 impl Replica {
     /// Opens (or creates) the replica's databases in `data_dir`, starts its Raft groups and
-    /// serves them on `listener`; peers reach it at `advertise` (host:port; the listener's
-    /// address if `None`). A replica that has state rejoins with it.
+    /// serves them on `listener` (with mutual TLS if `tls`); peers reach it at `advertise`
+    /// (host:port; the listener's address if `None`). A replica that has state rejoins with it.
     pub async fn start(
         id: ReplicaId,
         listener: TcpListener,
         advertise: Option<String>,
         data_dir: &Path,
         timings: Timings,
+        tls: Option<ReplicaTls>,
     ) -> Result<Self, ReplicationError> {
+        let transport = tls
+            .as_ref()
+            .map_or_else(Transport::default, |tls| Transport::tls(tls.files.clone()));
         let local = listener
             .local_addr()
             .map_err(|e| ReplicationError::Start(format!("the replica's listener: {e}")))?;
@@ -392,7 +442,7 @@ impl Replica {
         let placement = Raft::new(
             id,
             config.clone(),
-            GrpcNetwork::new(PLACEMENT_GROUP),
+            GrpcNetwork::new(PLACEMENT_GROUP, transport.clone()),
             SledLog::<PlacementGroup>::open(&db, PLACEMENT_GROUP)?,
             machine.clone(),
         )
@@ -404,7 +454,7 @@ impl Replica {
         let store_group = Raft::new(
             id,
             config,
-            GrpcNetwork::new(STORE_GROUP),
+            GrpcNetwork::new(STORE_GROUP, transport.clone()),
             SledLog::<StoreGroup>::open(&db, STORE_GROUP)?,
             store_machine.clone(),
         )
@@ -414,15 +464,20 @@ impl Replica {
         let groups = Groups::new(id, Arc::new(PlacementMembership(placement.clone())));
         groups.add(PLACEMENT_GROUP, placement.clone());
         groups.add(STORE_GROUP, store_group.clone());
-        let server = tokio::spawn(async move {
-            let served = tonic::transport::Server::builder()
-                .add_service(groups.service())
-                .serve_with_incoming(TcpListenerStream::new(listener))
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "the replica's Raft server stopped");
+        let (stop, stopping) = watch::channel(false);
+        let accepted = TcpListenerStream::new(listener);
+        let service = groups.service();
+        let server = match tls {
+            Some(tls) => {
+                let server_tls = ServerTls::load(tls.files.clone())
+                    .map_err(|e| ReplicationError::Start(e.to_string()))?;
+                server_tls.watch(tls.reload_interval, stopping);
+                let incoming =
+                    server_tls.incoming(accepted, "replication", HANDSHAKE_WAIT, tls.failures);
+                tokio::spawn(serve(service, incoming))
             }
-        });
+            None => tokio::spawn(serve(service, accepted)),
+        };
         let membership = tokio::spawn(follow_membership(
             placement.metrics(),
             store_group.clone(),
@@ -431,12 +486,14 @@ impl Replica {
         Ok(Self {
             id,
             address,
+            transport,
             placement,
             machine,
             store_group,
             store,
             server,
             membership,
+            stop,
         })
     }
 
@@ -475,7 +532,12 @@ impl Replica {
 
     /// Takes replica `id` out of the voters from any replica (see [`take_out`]).
     pub async fn take_out(&self, id: ReplicaId) -> Result<(), ReplicationError> {
-        take_out(&self.placement.metrics(), id).await
+        take_out(&self.transport, &self.placement.metrics(), id).await
+    }
+
+    /// How this replica reaches its peers.
+    pub fn transport(&self) -> Transport {
+        self.transport.clone()
     }
 
     /// Spreads the shards over the current voters (on the leader), moving as few as possible;
@@ -520,9 +582,9 @@ impl Replica {
             }
             let mut without_cluster = 0;
             for peer in &peers {
-                let asked = match ask_to_join(peer, self.id, &self.address).await {
+                let asked = match ask_to_join(&self.transport, peer, self.id, &self.address).await {
                     Err(MembershipRefused::AskLeader(leader)) => {
-                        ask_to_join(&leader, self.id, &self.address).await
+                        ask_to_join(&self.transport, &leader, self.id, &self.address).await
                     }
                     other => other,
                 };
@@ -597,6 +659,7 @@ impl Replica {
 
     /// Stops the groups and the server; what is durable stays in the data dir.
     pub async fn shutdown(self) {
+        self.stop.send_replace(true);
         if let Err(e) = self.placement.shutdown().await {
             tracing::warn!(error = %e, "stopping the placement group");
         }

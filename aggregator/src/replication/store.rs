@@ -722,7 +722,7 @@ mod tests {
         let mut last_error = None;
         for _ in 0..100 {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            match Replica::start(0, listener, None, path, timings).await {
+            match Replica::start(0, listener, None, path, timings, None).await {
                 Ok(replica) => return replica,
                 Err(e) => last_error = Some(e),
             }

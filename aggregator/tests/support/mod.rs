@@ -30,6 +30,7 @@ use mermin_protocol::{
 };
 use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind};
 use support::{
+    certs::Ca,
     connection,
     http::try_get,
     metric_value,
@@ -67,10 +68,27 @@ where
     F: FnOnce(Arc<Network>) -> Fut + Send + 'static,
     Fut: Future<Output = ()>,
 {
+    run_with(replicas, Security::Plaintext, scenario);
+}
+
+/// How the replicas speak to each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Security {
+    Plaintext,
+    /// Mutual TLS: each replica's certificate (for its address) from one test CA.
+    MutualTls,
+}
+
+/// As [`run`], with the replicas speaking as `security` says.
+pub fn run_with<F, Fut>(replicas: usize, security: Security, scenario: F)
+where
+    F: FnOnce(Arc<Network>) -> Fut + Send + 'static,
+    Fut: Future<Output = ()>,
+{
     let _serial = SERIAL
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let network = Arc::new(Network::new(replicas));
+    let network = Arc::new(Network::new(replicas, security));
     let inside = network.clone();
     let result = network
         .observer
@@ -95,10 +113,11 @@ pub struct Network {
     observer: Netns,
     replicas: Vec<Netns>,
     dir: tempfile::TempDir,
+    security: Security,
 }
 
 impl Network {
-    fn new(replicas: usize) -> Self {
+    fn new(replicas: usize, security: Security) -> Self {
         let observer = Netns::new();
         observer.ip(&["link", "add", "br0", "type", "bridge"]);
         for address in [OBSERVER, OTLP] {
@@ -121,11 +140,27 @@ impl Network {
                 ns
             })
             .collect();
-        Self {
+        let network = Self {
             observer,
             replicas,
             dir: tempfile::tempdir().unwrap(),
+            security,
+        };
+        if security == Security::MutualTls {
+            let ca = Ca::new("mermin replicas");
+            fs::write(network.dir.path().join("ca.crt"), ca.pem()).unwrap();
+            for ordinal in 0..network.replicas.len() {
+                let (cert, key) = ca.issue_for(&[&replica_ip(ordinal)], false);
+                fs::write(network.tls_file(ordinal, "crt"), cert).unwrap();
+                fs::write(network.tls_file(ordinal, "key"), key).unwrap();
+            }
         }
+        network
+    }
+
+    /// Replica `ordinal`'s certificate (`crt`) or key (`key`) file.
+    fn tls_file(&self, ordinal: usize, kind: &str) -> PathBuf {
+        self.dir.path().join(format!("replica-{ordinal}.{kind}"))
     }
 
     /// Cuts `ordinal` off from every other replica (both ways); the agents and the OTLP
@@ -165,6 +200,11 @@ impl Network {
         format!("{}:{AGENTS_PORT}", replica_ip(ordinal))
             .parse()
             .unwrap()
+    }
+
+    /// Replica `ordinal`'s replication address (host:port).
+    pub fn replication(&self, ordinal: usize) -> String {
+        format!("{}:{REPLICATION_PORT}", replica_ip(ordinal))
     }
 
     pub fn admin(&self, ordinal: usize) -> SocketAddr {
@@ -249,15 +289,14 @@ impl Cluster {
     pub fn start_replica(&mut self, ordinal: usize) {
         assert!(self.processes[ordinal].is_none(), "replica {ordinal} runs");
         let network = &self.network;
-        let peers: Vec<String> = (0..self.size())
-            .map(|o| format!("{}:{REPLICATION_PORT}", replica_ip(o)))
-            .collect();
+        let peers: Vec<String> = (0..self.size()).map(|o| network.replication(o)).collect();
         let log = OpenOptions::new()
             .create(true)
             .append(true)
             .open(network.log(ordinal))
             .unwrap();
-        let child = Command::new("ip")
+        let mut command = Command::new("ip");
+        command
             .args(["netns", "exec", &network.replicas[ordinal].name])
             .arg(env!("CARGO_BIN_EXE_mermin-aggregator"))
             .args(["--replica-ordinal", &ordinal.to_string()])
@@ -269,7 +308,17 @@ impl Cluster {
             .args(["--data-dir", &network.data(ordinal).display().to_string()])
             .args(["--otlp-endpoint", &format!("http://{}", network.otlp())])
             .args(["--settle", "300ms", "--grace", "5s"])
-            .args(["--kubernetes=false", "--tls-mode=disabled"])
+            .args(["--kubernetes=false", "--tls-mode=disabled"]);
+        if network.security == Security::MutualTls {
+            command
+                .arg("--replication-tls-cert")
+                .arg(network.tls_file(ordinal, "crt"))
+                .arg("--replication-tls-key")
+                .arg(network.tls_file(ordinal, "key"))
+                .arg("--replication-tls-ca")
+                .arg(network.dir.path().join("ca.crt"));
+        }
+        let child = command
             .env("RUST_LOG", "info,openraft=warn")
             .stdout(Stdio::null())
             .stderr(log)
