@@ -21,7 +21,7 @@ use mermin_aggregator::{
     metadata::{AttributeNaming, IndexSettings, MetadataIndex},
     observation::Observation,
     pipeline::{Aggregator, AggregatorConfig},
-    replication::{Replica, Timings},
+    replication::{RaftTuning, Replica},
     shard::encode_requests,
     span::Enrichment,
     stitch::InterfaceKinds,
@@ -96,7 +96,7 @@ async fn open_store(backend: Backend, dir: &std::path::Path) -> (Store, Vec<Repl
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let data = dir.join(format!("replica-{id}"));
         replicas.push(
-            Replica::start(id, listener, None, &data, Timings::default(), None)
+            Replica::start(id, listener, None, &data, RaftTuning::default(), None)
                 .await
                 .unwrap(),
         );

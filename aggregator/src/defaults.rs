@@ -15,6 +15,8 @@ pub const METRICS_LISTEN: SocketAddr =
 /// Where the replica-to-replica service (Raft) listens, when the aggregator runs as a replica.
 pub const REPLICATION_LISTEN: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 4610));
+/// Log entries a replica's Raft group keeps before it snapshots its state and drops them.
+pub const REPLICATION_SNAPSHOT_ENTRIES: u64 = 5_000;
 /// Where the admin API (gRPC, with health and reflection) is served: loopback unless asked.
 pub const ADMIN_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9093));
 /// Flows the admin API keeps for `mermin observe --last N`.

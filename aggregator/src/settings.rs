@@ -19,7 +19,7 @@ use crate::{
     ingest::IngestLimits,
     metadata::{AttributeNaming, IndexSettings},
     pipeline::{AdminConfig, AggregatorConfig, MetadataConfig, ServerTlsConfig},
-    replication::Timings,
+    replication::RaftTuning,
     store::{OutboxQuota, WhenFull},
     tls::TlsFiles,
 };
@@ -199,6 +199,11 @@ pub struct Settings {
     /// [replication { peers }].
     #[arg(long, env = "MERMIN_REPLICATION_PEERS", value_delimiter = ',')]
     pub replication_peers: Vec<String>,
+    /// Log entries a Raft group keeps before it snapshots its state and drops them: a replica
+    /// that lags further, or a new one, is sent the snapshot (a file, streamed)
+    /// [replication { snapshot_entries }].
+    #[arg(long, default_value_t = defaults::REPLICATION_SNAPSHOT_ENTRIES)]
+    pub replication_snapshot_entries: u64,
     /// This replica's certificate chain (PEM) for mutual TLS between replicas; with the key and
     /// the CA, replicas speak only TLS to each other (reloaded when it changes, every
     /// tls.reload_interval) [replication { tls { cert_file } }].
@@ -251,6 +256,10 @@ const FILE_KEYS: &[(&str, &str)] = &[
     ("replication_listen", "replication.listen"),
     ("replication_advertise", "replication.advertise"),
     ("replication_peers", "replication.peers"),
+    (
+        "replication_snapshot_entries",
+        "replication.snapshot_entries",
+    ),
     ("replication_tls_cert", "replication.tls.cert_file"),
     ("replication_tls_key", "replication.tls.key_file"),
     ("replication_tls_ca", "replication.tls.ca_file"),
@@ -431,6 +440,7 @@ impl Settings {
                 "listen": self.replication_listen.to_string(),
                 "advertise": self.replication_advertise,
                 "peers": self.replication_peers,
+                "snapshot_entries": self.replication_snapshot_entries,
                 "tls": {
                     "cert_file": self.replication_tls_cert.as_ref().map(|p| p.display().to_string()),
                     "key_file": self.replication_tls_key.as_ref().map(|p| p.display().to_string()),
@@ -470,7 +480,10 @@ impl Settings {
             listen: self.replication_listen,
             advertise: self.replication_advertise.clone(),
             peers: self.replication_peers.clone(),
-            timings: Timings::default(),
+            timings: RaftTuning {
+                snapshot_entries: self.replication_snapshot_entries,
+                ..RaftTuning::default()
+            },
             tls,
         }))
     }

@@ -13,7 +13,7 @@ use std::{
 use mermin_aggregator::{
     placement::ShardId,
     replication::{
-        Replica, ReplicaId, Timings,
+        RaftTuning, Replica, ReplicaId,
         placement::{Lease, ShardMap},
     },
     store::{Checkpoint, StoreError},
@@ -23,10 +23,11 @@ use tokio::net::TcpListener;
 
 const WITHIN: Duration = Duration::from_secs(20);
 
-fn timings() -> Timings {
-    Timings {
+fn timings() -> RaftTuning {
+    RaftTuning {
         heartbeat: Duration::from_millis(100),
         election_timeout: (Duration::from_millis(500), Duration::from_millis(1000)),
+        ..RaftTuning::default()
     }
 }
 

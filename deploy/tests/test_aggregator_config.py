@@ -31,7 +31,7 @@ DEFAULTS = {
     "tls": {"mode": "disabled"},
     "replication": {
         "ordinal": None, "listen": "0.0.0.0:4610", "advertise": None, "peers": [],
-        "tls": {"cert_file": None, "key_file": None, "ca_file": None},
+        "snapshot_entries": 5000, "tls": {"cert_file": None, "key_file": None, "ca_file": None},
     },
 }
 
@@ -166,5 +166,6 @@ def test_a_replica_pod_of_three_gets_its_ordinal_address_and_peers(rendered, tmp
         "listen": "0.0.0.0:4610",
         "advertise": peers[2],
         "peers": peers,
+        "snapshot_entries": 5000,
         "tls": {"cert_file": None, "key_file": None, "ca_file": None},
     }

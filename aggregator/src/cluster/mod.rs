@@ -27,7 +27,7 @@ use self::{
 use crate::{
     metrics::{EndpointReasonLabel, Metrics},
     pipeline::{Aggregator, AggregatorConfig, ServerTlsConfig, StartError},
-    replication::{Replica, ReplicaTls, ReplicationError, Timings, identity},
+    replication::{RaftTuning, Replica, ReplicaTls, ReplicationError, identity},
 };
 
 /// How often a replica that is not yet a member asks its peers again.
@@ -44,7 +44,7 @@ pub struct ClusterConfig {
     pub advertise: Option<String>,
     /// The replicas' advertised addresses (this one's is skipped), for joining.
     pub peers: Vec<String>,
-    pub timings: Timings,
+    pub timings: RaftTuning,
     /// Mutual TLS between replicas; `None`: plaintext.
     pub tls: Option<ServerTlsConfig>,
 }
@@ -126,7 +126,7 @@ pub async fn run(
 async fn lead_when_elected(
     replica: &Replica,
     config: &AggregatorConfig,
-    timings: Timings,
+    timings: RaftTuning,
     handshake_failures: Family<EndpointReasonLabel, Counter>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), ClusterError> {
@@ -198,7 +198,7 @@ async fn lead_when_elected(
 /// Returns once this replica, leading the store group, has not heard from a quorum of it for
 /// twice the longest election timeout: by then the others have elected another leader, which
 /// exports from now on (so two replicas export at once for at most that long, the same spans).
-async fn quorum_lost(replica: &Replica, timings: Timings) {
+async fn quorum_lost(replica: &Replica, timings: RaftTuning) {
     let bound = timings.election_timeout.1 * 2;
     loop {
         tokio::time::sleep(timings.heartbeat * 5).await;

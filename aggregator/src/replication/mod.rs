@@ -9,7 +9,8 @@
 //! - `log`: the Raft log of any group, in sled ([`log::SledLog`]).
 //! - `placement`: the membership and placement state machine and how shards are spread.
 //! - `store`: the store group's state machine, and the storage seam on it
-//!   ([`store::ReplicatedStore`]: writes committed on a quorum, reads local).
+//!   ([`store::ReplicatedStore`]: writes committed on a quorum, reads local); `snapshot`, its
+//!   snapshots as files, never the whole store in memory.
 //! - `network`: the gRPC transport (`mermin.replica.v1.Raft`), one service for every group.
 //! - [`Replica`]: one replica's groups started on its data dir and served on its listener;
 //!   bootstrap as a StatefulSet does it (replica 0 initialises, the others ask to join).
@@ -22,9 +23,10 @@ pub mod log;
 pub mod network;
 pub mod placement;
 mod replica;
+mod snapshot;
 pub mod store;
 
-pub use self::replica::{Replica, ReplicaTls, Timings, identity, ordinal, take_out};
+pub use self::replica::{RaftTuning, Replica, ReplicaTls, identity, ordinal, take_out};
 
 /// A replica's Raft node id: its StatefulSet ordinal in the upper 32 bits, the incarnation of
 /// its data dir in the lower ([`identity`]).
@@ -36,12 +38,12 @@ pub const PLACEMENT_GROUP: &str = "placement";
 /// The store group's name on the wire.
 pub const STORE_GROUP: &str = "store";
 
-/// A snapshot's name: the last log id it holds and its size (two snapshots of one state have
-/// the same name on every replica).
-fn snapshot_id(last_applied: Option<&openraft::LogId<ReplicaId>>, data: &[u8]) -> String {
+/// A snapshot's name: the last log id it holds and its size in bytes (two snapshots of one
+/// state have the same name on every replica).
+fn snapshot_id(last_applied: Option<&openraft::LogId<ReplicaId>>, size: u64) -> String {
     match last_applied {
-        Some(id) => format!("{}-{}-{}", id.leader_id, id.index, data.len()),
-        None => format!("empty-{}", data.len()),
+        Some(id) => format!("{}-{}-{size}", id.leader_id, id.index),
+        None => format!("empty-{size}"),
     }
 }
 

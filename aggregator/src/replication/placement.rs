@@ -224,7 +224,7 @@ impl RaftSnapshotBuilder<PlacementGroup> for PlacementMachine {
             let state = self.state.borrow();
             let data = postcard::to_allocvec(&*state)
                 .map_err(|e| StorageIOError::read_state_machine(&e))?;
-            let snapshot_id = super::snapshot_id(state.last_applied.as_ref(), &data);
+            let snapshot_id = super::snapshot_id(state.last_applied.as_ref(), data.len() as u64);
             let meta = SnapshotMeta {
                 last_log_id: state.last_applied,
                 last_membership: state.membership.clone(),

@@ -11,7 +11,7 @@ use std::{
 use futures_util::future::BoxFuture;
 use mermin_protocol::replica::v1::raft_server::RaftServer;
 use openraft::{
-    BasicNode, ChangeMembers, Config, Raft, ServerState,
+    BasicNode, ChangeMembers, Config, Raft, ServerState, SnapshotPolicy,
     error::{ClientWriteError, RaftError},
 };
 use prometheus_client::metrics::{counter::Counter, family::Family};
@@ -36,19 +36,23 @@ use crate::{
     tls::{ServerTls, TlsFiles},
 };
 
-/// Raft's clock: how often a leader shows it is alive, and how long a follower waits before
-/// it stands for election (a random time in the range, so that two rarely stand at once).
+/// How the replica's Raft groups run: how often a leader shows it is alive, how long a follower
+/// waits before it stands for election (a random time in the range, so that two rarely stand
+/// at once), and how many log entries a group keeps before it snapshots its state and drops
+/// them (a fifth as many are kept behind a snapshot for followers that lag a little).
 #[derive(Debug, Clone, Copy)]
-pub struct Timings {
+pub struct RaftTuning {
     pub heartbeat: Duration,
     pub election_timeout: (Duration, Duration),
+    pub snapshot_entries: u64,
 }
 
-impl Default for Timings {
+impl Default for RaftTuning {
     fn default() -> Self {
         Self {
             heartbeat: Duration::from_millis(200),
             election_timeout: (Duration::from_millis(1000), Duration::from_millis(2000)),
+            snapshot_entries: crate::defaults::REPLICATION_SNAPSHOT_ENTRIES,
         }
     }
 }
@@ -413,7 +417,7 @@ impl Replica {
         listener: TcpListener,
         advertise: Option<String>,
         data_dir: &Path,
-        timings: Timings,
+        timings: RaftTuning,
         tls: Option<ReplicaTls>,
     ) -> Result<Self, ReplicationError> {
         let transport = tls
@@ -433,6 +437,8 @@ impl Replica {
                 // Entries are large (whole batches, checkpoints with their export requests):
                 // fewer per message keep a message well below the transport's limit.
                 max_payload_entries: 64,
+                snapshot_policy: SnapshotPolicy::LogsSinceLast(timings.snapshot_entries),
+                max_in_snapshot_log_to_keep: timings.snapshot_entries / 5,
                 ..Config::default()
             }
             .validate()
@@ -449,8 +455,9 @@ impl Replica {
         .await
         .map_err(|e| ReplicationError::Start(e.to_string()))?;
         // The store's own database: a snapshot of the store group carries all its trees.
-        let store_machine = StoreMachine::open(sled::open(data_dir.join("store"))?)
-            .map_err(|e| ReplicationError::Start(e.to_string()))?;
+        let store_machine =
+            StoreMachine::open(sled::open(data_dir.join("store"))?, data_dir.to_owned())
+                .map_err(|e| ReplicationError::Start(e.to_string()))?;
         let store_group = Raft::new(
             id,
             config,

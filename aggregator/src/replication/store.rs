@@ -19,7 +19,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    io::Cursor,
+    path::PathBuf,
     sync::{Arc, Mutex, RwLock},
     time::Duration,
 };
@@ -37,19 +37,20 @@ use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 use tokio::sync::watch;
 
-use super::ReplicaId;
+use super::{ReplicaId, snapshot};
 use crate::{
     placement::ShardId,
     store::{BootId, Change, Checkpoint, Recovered, Retirement, SledStore, Storage, StoreError},
 };
 
 openraft::declare_raft_types!(
-    /// The store group: its entries are [`StoreCommand`]s.
+    /// The store group: its entries are [`StoreCommand`]s; its snapshots are files (`snapshot`).
     pub StoreGroup:
         D = StoreCommand,
         R = StoreAnswer,
         NodeId = ReplicaId,
         Node = BasicNode,
+        SnapshotData = tokio::fs::File,
 );
 
 /// A write of the storage seam, as the store group's log carries it. Byte fields are written as
@@ -156,15 +157,14 @@ fn apply(store: &SledStore, index: u64, command: &StoreCommand) -> Result<StoreA
     Ok(answer)
 }
 
-/// Every tree of the store as a snapshot carries it: (name, entries), as byte strings.
-type TreeDump = Vec<(ByteBuf, Vec<(ByteBuf, ByteBuf)>)>;
-
 /// The store group's state machine on one replica (see the module docs).
 #[derive(Clone)]
 pub struct StoreMachine {
     db: sled::Db,
     meta: sled::Tree,
     current: Arc<RwLock<Arc<SledStore>>>,
+    /// Where snapshot files are made (anonymous: see `snapshot`).
+    snapshots: PathBuf,
 }
 
 fn io_error(e: impl std::fmt::Display) -> Error {
@@ -172,14 +172,16 @@ fn io_error(e: impl std::fmt::Display) -> Error {
 }
 
 impl StoreMachine {
-    /// The machine kept in `db` (a database of its own: a snapshot carries all its trees).
-    pub fn open(db: sled::Db) -> Result<Self, StoreError> {
+    /// The machine kept in `db` (a database of its own: a snapshot carries all its trees),
+    /// making its snapshot files in `snapshots`.
+    pub fn open(db: sled::Db, snapshots: PathBuf) -> Result<Self, StoreError> {
         let meta = db.open_tree(MACHINE_TREE)?;
         let store = SledStore::on_db(db.clone())?;
         Ok(Self {
             db,
             meta,
             current: Arc::new(RwLock::new(Arc::new(store))),
+            snapshots,
         })
     }
 
@@ -216,27 +218,19 @@ impl RaftSnapshotBuilder<StoreGroup> for StoreMachine {
         // What the snapshot says is applied must be on disk before the log below it goes.
         self.db.flush_async().await.map_err(io_error)?;
         let (last_log_id, last_membership) = self.applied()?;
-        let mut dump: TreeDump = Vec::new();
-        for name in self.store_trees() {
-            let tree = self.db.open_tree(&name).map_err(io_error)?;
-            let entries = tree
-                .iter()
-                .map(|entry| {
-                    entry.map(|(k, v)| (ByteBuf::from(k.to_vec()), ByteBuf::from(v.to_vec())))
-                })
-                .collect::<Result<_, _>>()
-                .map_err(io_error)?;
-            dump.push((ByteBuf::from(name.to_vec()), entries));
-        }
-        let data = postcard::to_allocvec(&dump).map_err(io_error)?;
-        let snapshot_id = super::snapshot_id(last_log_id.as_ref(), &data);
+        let (db, trees, dir) = (self.db.clone(), self.store_trees(), self.snapshots.clone());
+        let (file, size) = tokio::task::spawn_blocking(move || snapshot::write(&db, &trees, &dir))
+            .await
+            .map_err(io_error)?
+            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        let snapshot_id = super::snapshot_id(last_log_id.as_ref(), size);
         Ok(Snapshot {
             meta: SnapshotMeta {
                 last_log_id,
                 last_membership,
                 snapshot_id,
             },
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Box::new(tokio::fs::File::from_std(file)),
         })
     }
 }
@@ -277,37 +271,41 @@ impl RaftStateMachine<StoreGroup> for StoreMachine {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, Error> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, Error> {
+        let file = snapshot::anonymous(&self.snapshots)
+            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        Ok(Box::new(tokio::fs::File::from_std(file)))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<ReplicaId, BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<tokio::fs::File>,
     ) -> Result<(), Error> {
-        let dump: TreeDump = postcard::from_bytes(snapshot.get_ref())
-            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
-        for name in self.store_trees() {
-            self.db
-                .open_tree(&name)
-                .map_err(io_error)?
-                .clear()
-                .map_err(io_error)?;
-        }
-        for (name, entries) in dump {
-            let tree = self.db.open_tree(name.as_slice()).map_err(io_error)?;
-            let mut batch = sled::Batch::default();
-            for (key, value) in entries {
-                batch.insert(key.into_vec(), value.into_vec());
+        let file = snapshot.into_std().await;
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let (db, trees) = (self.db.clone(), self.store_trees());
+        tokio::task::spawn_blocking(move || {
+            for name in trees {
+                db.open_tree(&name)
+                    .and_then(|tree| tree.clear())
+                    .map_err(std::io::Error::other)?;
             }
-            tree.apply_batch(batch).map_err(io_error)?;
-        }
+            snapshot::read(file, &db)
+        })
+        .await
+        .map_err(io_error)?
+        .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         self.set_applied(&(meta.last_log_id, meta.last_membership.clone()))?;
         self.db.flush_async().await.map_err(io_error)?;
         // The local store's counts and change-log numbers are read from the trees at open.
         let reopened = SledStore::on_db(self.db.clone()).map_err(io_error)?;
         *self.current.write().expect("store lock") = Arc::new(reopened);
+        tracing::info!(
+            bytes = size,
+            up_to = ?meta.last_log_id.map(|id| id.index),
+            "installed a snapshot of the store group"
+        );
         Ok(())
     }
 
@@ -549,7 +547,7 @@ mod tests {
     use tokio::net::TcpListener;
 
     use crate::{
-        replication::{Replica, Timings},
+        replication::{RaftTuning, Replica},
         store::{Store, conformance},
     };
 
@@ -596,7 +594,10 @@ mod tests {
             payload: EntryPayload::Normal(command),
         };
         let (from_dir, to_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let mut from = StoreMachine::open(sled::open(from_dir.path()).unwrap()).unwrap();
+        let open = |dir: &Path| {
+            StoreMachine::open(sled::open(dir.join("store")).unwrap(), dir.to_owned()).unwrap()
+        };
+        let mut from = open(from_dir.path());
         let boot_id = [3; 16];
         let batch = mermin_protocol::agent::v1::Batch {
             sequence: 1,
@@ -633,7 +634,7 @@ mod tests {
         let snapshot = from.build_snapshot().await.unwrap();
         assert_eq!(snapshot.meta.last_log_id.map(|id| id.index), Some(3));
 
-        let mut to = StoreMachine::open(sled::open(to_dir.path()).unwrap()).unwrap();
+        let mut to = open(to_dir.path());
         to.install_snapshot(&snapshot.meta, snapshot.snapshot)
             .await
             .unwrap();
@@ -715,9 +716,10 @@ mod tests {
     /// Starts replica 0 on `path`; the previous process's sled handles let go of their locks
     /// shortly after it stops: retried, bounded.
     async fn start_again(path: &Path) -> Replica {
-        let timings = Timings {
+        let timings = RaftTuning {
             heartbeat: Duration::from_millis(50),
             election_timeout: (Duration::from_millis(150), Duration::from_millis(300)),
+            ..RaftTuning::default()
         };
         let mut last_error = None;
         for _ in 0..100 {
