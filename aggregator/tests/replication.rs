@@ -2,7 +2,8 @@
 //! membership and placement group: bootstrap as a StatefulSet does it, the shard map the same
 //! on every replica, a new leader after the leader stops, its shards placed elsewhere, and the
 //! stopped replica back with its data. The store group: what the leader acknowledged is on the
-//! replica that leads after it, byte for byte, and a replica that does not lead refuses writes.
+//! replica that leads after it, byte for byte, and a replica that does not lead refuses writes;
+//! a replica that joins after the log was dropped gets the store from a snapshot.
 
 use std::{
     collections::BTreeMap,
@@ -32,8 +33,12 @@ fn timings() -> RaftTuning {
 }
 
 async fn start(id: ReplicaId, data: &Path) -> Replica {
+    start_tuned(id, data, timings()).await
+}
+
+async fn start_tuned(id: ReplicaId, data: &Path, tuning: RaftTuning) -> Replica {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    Replica::start(id, listener, None, data, timings(), None)
+    Replica::start(id, listener, None, data, tuning, None)
         .await
         .unwrap()
 }
@@ -277,6 +282,62 @@ async fn what_the_store_leader_acknowledged_is_on_the_next_leader() {
     assert_eq!(store.outbox_len(), 2);
     drop(store);
     for replica in [one, two] {
+        replica.shutdown().await;
+    }
+}
+
+/// A replica that joins after the leader dropped the log it would need is sent a snapshot of
+/// the store (a file, in chunks, over the real transport) and holds the same store after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_joining_after_the_log_was_dropped_gets_the_store_from_a_snapshot() {
+    let tuning = RaftTuning {
+        snapshot_entries: 20,
+        ..timings()
+    };
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let zero = start_tuned(0, dirs[0].path(), tuning).await;
+    zero.bootstrap().await.unwrap();
+    assert_eq!(agreed_store_leader(&[&zero]).await, 0);
+    let store = zero.store();
+    let boot_id = [5; 16];
+    store.bind_agent(&boot_id, "node-a").await.unwrap();
+    for sequence in 1..=100 {
+        store.append(&boot_id, &batch(sequence)).await.unwrap();
+    }
+    let pushed = store.outbox_push(&vec![0xcd; 100_000]).await.unwrap();
+    // The entries of the first batches are gone from the leader's log.
+    let mut metrics = zero.store_metrics();
+    let purged = tokio::time::timeout(
+        WITHIN,
+        metrics.wait_for(|m| m.purged.is_some_and(|p| p.index >= 50)),
+    )
+    .await
+    .is_ok();
+    assert!(
+        purged,
+        "log purged: {:?}",
+        zero.store_metrics().borrow().purged
+    );
+
+    let one = start_tuned(1, dirs[1].path(), tuning).await;
+    zero.add_member(1, one.address()).await.unwrap();
+    let deadline = Instant::now() + WITHIN;
+    while one.store().last_sequence(&boot_id).unwrap() != 100 {
+        assert!(Instant::now() < deadline, "replica 1 did not catch up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Batch 1's entry is not in any log any more: only a snapshot can have brought it.
+    let copy = one.store();
+    let sequences: Vec<u64> = copy.batches().map(|b| b.unwrap().1.sequence).collect();
+    assert_eq!(sequences, (1..=100).collect::<Vec<u64>>());
+    assert_eq!(copy.batch(&boot_id, 1).unwrap(), Some(batch(1)));
+    assert_eq!(
+        copy.outbox_oldest(10).unwrap(),
+        [(pushed, vec![0xcd; 100_000])]
+    );
+    assert_eq!((copy.outbox_len(), copy.outbox_bytes()), (1, 100_000));
+    drop((store, copy));
+    for replica in [zero, one] {
         replica.shutdown().await;
     }
 }

@@ -227,11 +227,6 @@ impl Network {
         self.dir.path().join(format!("replica-{ordinal}.log"))
     }
 
-    /// Replica `ordinal`'s log so far.
-    pub fn log_of(&self, ordinal: usize) -> String {
-        fs::read_to_string(self.log(ordinal)).unwrap_or_default()
-    }
-
     /// Every replica's log, for a failure's message.
     pub fn logs(&self) -> String {
         (0..self.replicas.len())
@@ -313,8 +308,8 @@ impl Cluster {
             .args(["--data-dir", &network.data(ordinal).display().to_string()])
             .args(["--otlp-endpoint", &format!("http://{}", network.otlp())])
             .args(["--settle", "300ms", "--grace", "5s"])
-            // Snapshots every few seconds under the agents' load: a replica that rejoins
-            // empty is sent one (the file, streamed) rather than the whole log.
+            // Snapshots every few seconds under the agents' load (built, and sent to a
+            // replica that lags when the log it needs is gone).
             .args(["--replication-snapshot-entries", "200"])
             .args(["--kubernetes=false", "--tls-mode=disabled"]);
         if network.security == Security::MutualTls {
