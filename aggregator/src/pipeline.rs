@@ -128,6 +128,9 @@ impl StartError {
     }
 }
 
+/// How often the agent endpoint pings each connection, and how long it waits for the answer.
+const AGENT_KEEPALIVE: Duration = Duration::from_secs(5);
+
 /// How long a stop waits for the agent endpoint to close its streams.
 const SERVER_STOP_WAIT: Duration = Duration::from_secs(10);
 
@@ -271,10 +274,13 @@ impl Aggregator {
         .await?;
         let agent_routes = tonic::service::Routes::new(ingest.into_service());
         let handshake_timeout = config.limits.hello_timeout;
-        // Notice agents whose connection died without a word, so their sessions end.
+        // Notice agents whose connection died without a word (a node gone, a standby that can
+        // no longer reach this leader) within 10 s, so their sessions end and the agent's next
+        // stream (it gives the old one up as fast: the same pings) is not refused as a second
+        // one of the same process.
         let agent_server = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(10)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+            .http2_keepalive_interval(Some(AGENT_KEEPALIVE))
+            .http2_keepalive_timeout(Some(AGENT_KEEPALIVE));
         let agent_incoming = crate::ingest::connections(listener, handshake_timeout);
         let admin_incoming = tokio_stream::wrappers::TcpListenerStream::new(admin_listener);
         let admin_server = tonic::transport::Server::builder();

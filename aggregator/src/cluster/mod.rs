@@ -198,14 +198,14 @@ async fn lead_when_elected(
 /// Returns once this replica, leading the store group, has not heard from a quorum of it for
 /// twice the longest election timeout: by then the others have elected another leader, which
 /// exports from now on (so two replicas export at once for at most that long, the same spans).
+/// Checked by a heartbeat round every second, not a read: a busy leader whose applying lags
+/// is not taken for a cut-off one.
 async fn quorum_lost(replica: &Replica, timings: RaftTuning) {
     let bound = timings.election_timeout.1 * 2;
     loop {
         tokio::time::sleep(timings.heartbeat * 5).await;
-        if !matches!(
-            tokio::time::timeout(bound, replica.lead_store()).await,
-            Ok(Ok(()))
-        ) {
+        let confirmed = tokio::time::timeout(bound, replica.confirm_store_leadership()).await;
+        if !matches!(confirmed, Ok(Ok(()))) {
             return;
         }
     }

@@ -629,6 +629,17 @@ impl Replica {
             .map_err(|e| ReplicationError::Raft(e.to_string()))
     }
 
+    /// Confirms that this replica still leads the store group: a quorum answered a heartbeat
+    /// of its term. Unlike [`Replica::lead_store`] it does not wait for the state machine, so a
+    /// busy leader whose applying lags is not taken for one cut off.
+    pub async fn confirm_store_leadership(&self) -> Result<(), ReplicationError> {
+        self.store_group
+            .get_read_log_id()
+            .await
+            .map(drop)
+            .map_err(|e| ReplicationError::Raft(e.to_string()))
+    }
+
     /// The store group's metrics, following every change (leader, term, log indexes).
     pub fn store_metrics(&self) -> watch::Receiver<openraft::RaftMetrics<ReplicaId, BasicNode>> {
         self.store_group.metrics()
