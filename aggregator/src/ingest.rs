@@ -7,7 +7,9 @@
 //! (durable when `append` returns), handed to the flow shards ([`BatchSink`]), and only then
 //! acknowledged. A batch
 //! the store already holds is acknowledged again and not applied twice. Anything wrong ends this
-//! stream — and only this stream — with a status whose message names the problem.
+//! stream — and only this stream — with a status whose message names the problem. One agent
+//! process (boot id) has one stream: a newer one takes over, and the older ends ABORTED (the
+//! agent gave it up; this side may not have noticed yet that its path went silent).
 //!
 //! Nothing here queues without bound: the answer channel holds `max_in_flight_batches` acks, the
 //! shards' mailboxes are bounded, and a session takes the next message from its stream only after
@@ -131,6 +133,8 @@ pub struct Agents(Arc<std::sync::Mutex<AgentsInner>>);
 #[derive(Default)]
 struct AgentsInner {
     open: std::collections::HashMap<BootId, AgentInfo>,
+    /// The open stream of each agent process: told to end when a newer one takes over.
+    streams: std::collections::HashMap<BootId, Superseded>,
     /// Streams each node opened since start.
     streams_by_node: std::collections::HashMap<String, u64>,
 }
@@ -159,11 +163,21 @@ impl Agents {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Opens `hello`'s stream; false if its boot id has one open already.
-    fn claim(&self, boot_id: BootId, hello: &Hello, last: u64, now: u64) -> bool {
+    /// Opens `hello`'s stream, `stream`. A stream its boot id has open already is told to end
+    /// (the agent gave it up: its path went silent, say, and the agent came back through
+    /// another route before this side noticed); true if there was one.
+    fn claim(
+        &self,
+        boot_id: BootId,
+        hello: &Hello,
+        last: u64,
+        now: u64,
+        stream: &Superseded,
+    ) -> bool {
         let mut agents = self.lock();
-        if agents.open.contains_key(&boot_id) {
-            return false;
+        let older = agents.streams.insert(boot_id, stream.clone());
+        if let Some(older) = &older {
+            older.send_replace(true);
         }
         let streams = agents
             .streams_by_node
@@ -186,11 +200,20 @@ impl Agents {
                 recent: Default::default(),
             },
         );
-        true
+        older.is_some()
     }
 
-    fn release(&self, boot_id: &BootId) {
-        self.lock().open.remove(boot_id);
+    /// Lets `stream`'s claim on `boot_id` go, unless a newer stream took it over.
+    fn release(&self, boot_id: &BootId, stream: &Superseded) {
+        let mut agents = self.lock();
+        if agents
+            .streams
+            .get(boot_id)
+            .is_some_and(|open| Arc::ptr_eq(open, stream))
+        {
+            agents.streams.remove(boot_id);
+            agents.open.remove(boot_id);
+        }
     }
 
     /// A batch of `records` records, the newest ending at `newest_end`, was acknowledged at `now`.
@@ -347,6 +370,7 @@ impl<S: BatchSink> AgentService for Ingest<S> {
             ingest: self.clone(),
             answers,
             claimed: Arc::default(),
+            superseded: Arc::new(watch::Sender::new(false)),
         };
         Session::start_in_arbiter(self.arbiters.next(), move |ctx| {
             ctx.add_stream(inbound);
@@ -382,6 +406,15 @@ impl<S: BatchSink> Actor for Session<S> {
             session.worker.end(Status::unavailable(STOPPING));
             ctx.stop();
         }));
+        let superseded = self.worker.superseded.subscribe();
+        ctx.spawn(
+            stopped(superseded)
+                .into_actor(self)
+                .map(|(), session, ctx| {
+                    session.worker.refuse(Status::aborted(SUPERSEDED));
+                    ctx.stop();
+                }),
+        );
         let hello_timeout = self.worker.ingest.limits.hello_timeout;
         ctx.run_later(hello_timeout, move |session, ctx| {
             if session.agent.is_none() && !session.busy {
@@ -400,7 +433,10 @@ const STOPPING: &str = "the aggregator is shutting down";
 impl<S> Drop for Session<S> {
     fn drop(&mut self) {
         if let Some(boot_id) = self.worker.claimed.get() {
-            self.worker.ingest.agents.release(boot_id);
+            self.worker
+                .ingest
+                .agents
+                .release(boot_id, &self.worker.superseded);
         }
     }
 }
@@ -418,11 +454,14 @@ impl<S: BatchSink> StreamHandler<Result<AgentMessage, Status>> for Session<S> {
         let mut agent = self.agent.take();
         self.busy = true;
         let stopping = worker.ingest.stopping.clone();
+        let superseded = worker.superseded.subscribe();
         let handled = async move {
             let outcome = tokio::select! {
                 outcome = worker.handle(&mut agent, message) => outcome,
-                // A stop preempts every wait (a full shard mailbox, a full outbox).
+                // A stop preempts every wait (a full shard mailbox, a full outbox), and so
+                // does a newer stream of the same agent.
                 () = stopped(stopping) => Err(Status::unavailable(STOPPING)),
+                () = stopped(superseded) => Err(Status::aborted(SUPERSEDED)),
             };
             if let Err(status) = &outcome {
                 worker.refuse(status.clone());
@@ -451,7 +490,14 @@ struct Worker<S> {
     answers: mpsc::Sender<Result<AggregatorMessage, Status>>,
     /// This stream holds its boot id in `agents` (released when the session stops).
     claimed: Arc<std::sync::OnceLock<BootId>>,
+    /// Turns true when a newer stream of the same agent process takes over.
+    superseded: Superseded,
 }
+
+/// A stream's handle in [`Agents`]: turned true when a newer stream of its agent takes over.
+type Superseded = Arc<watch::Sender<bool>>;
+
+const SUPERSEDED: &str = "a newer stream of this agent process (same boot id) took over";
 
 /// What the session knows about its agent after the Hello.
 struct Agent {
@@ -548,12 +594,16 @@ impl<S: BatchSink> Worker<S> {
             .last_sequence(&boot_id)
             .map_err(internal)?;
         let now = crate::clock::unix_now();
-        if !self.ingest.agents.claim(boot_id, &hello, last, now) {
-            return Err(Status::failed_precondition(format!(
-                "a stream of agent {} (boot id {}) is already open; one stream per agent process",
-                hello.node_name,
-                hex(&boot_id)
-            )));
+        if self
+            .ingest
+            .agents
+            .claim(boot_id, &hello, last, now, &self.superseded)
+        {
+            tracing::info!(
+                node = %hello.node_name,
+                boot_id = %hex(&boot_id),
+                "agent reconnected while its older stream was open: the older one is ended"
+            );
         }
         let _ = self.claimed.set(boot_id);
         self.send(aggregator_message::Message::Welcome(Welcome {

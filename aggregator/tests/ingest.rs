@@ -295,8 +295,8 @@ async fn a_full_outbox_holds_batches_back_then_refuses_the_stream() {
     );
 }
 
-/// One agent process is one boot id on one node with one stream; it says Hello promptly, replays
-/// exactly what it sent, and reports times its node's clock can have.
+/// One agent process is one boot id on one node with one stream (a newer one takes over); it says
+/// Hello promptly, replays exactly what it sent, and reports times its node's clock can have.
 #[actix::test]
 async fn agents_that_misuse_their_identity_or_the_clock_are_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -316,18 +316,20 @@ async fn agents_that_misuse_their_identity_or_the_clock_are_refused() {
         )
     );
 
+    // A second stream of one agent process takes over; the older one ends.
     let boot = [9; 16];
+    let mut older = connect(agg.addr).await;
+    older.hello("node-a", boot).await;
+    assert_eq!(older.welcome().await, 0);
     let mut first = connect(agg.addr).await;
     first.hello("node-a", boot).await;
     assert_eq!(first.welcome().await, 0);
-    let mut second = connect(agg.addr).await;
-    second.hello("node-a", boot).await;
-    let status = second.status().await;
+    let status = older.status().await;
     assert_eq!(
         (status.code(), status.message()),
         (
-            Code::FailedPrecondition,
-            "a stream of agent node-a (boot id 09090909090909090909090909090909) is already open; one stream per agent process"
+            Code::Aborted,
+            "a newer stream of this agent process (same boot id) took over"
         )
     );
     let mut other_node = connect(agg.addr).await;
@@ -383,7 +385,7 @@ async fn agents_that_misuse_their_identity_or_the_clock_are_refused() {
     let text = agg.metrics.render();
     for line in [
         "mermin_aggregator_streams_rejected_total{reason=\"deadline_exceeded\"} 1",
-        "mermin_aggregator_streams_rejected_total{reason=\"failed_precondition\"} 1",
+        "mermin_aggregator_streams_rejected_total{reason=\"aborted\"} 1",
         "mermin_aggregator_streams_rejected_total{reason=\"already_exists\"} 1",
         "mermin_aggregator_streams_rejected_total{reason=\"invalid_argument\"} 2",
         "mermin_aggregator_batches_conflicting_total 1",
