@@ -275,9 +275,7 @@ impl Aggregator {
         let agent_routes = tonic::service::Routes::new(ingest.into_service());
         let handshake_timeout = config.limits.hello_timeout;
         // Notice agents whose connection died without a word (a node gone, a standby that can
-        // no longer reach this leader) within 10 s, so their sessions end and the agent's next
-        // stream (it gives the old one up as fast: the same pings) is not refused as a second
-        // one of the same process.
+        // no longer reach this leader) within 10 s, so their sessions end.
         let agent_server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(AGENT_KEEPALIVE))
             .http2_keepalive_timeout(Some(AGENT_KEEPALIVE));
