@@ -237,6 +237,8 @@ fn replicas_speaking_mutual_tls_fail_over_the_same() {
 fn a_killed_leader_is_replaced_and_comes_back_with_its_data() {
     run(3, |network| async move {
         let (mut cluster, load) = Cluster::start_under_load(network.clone(), AGENTS).await;
+        // The shard map: every shard leased to the leader.
+        let before = cluster.converged().await;
 
         let leader = cluster.ready_leader().await;
         let killed = Instant::now();
@@ -252,7 +254,15 @@ fn a_killed_leader_is_replaced_and_comes_back_with_its_data() {
 
         cluster.start_replica(leader);
         load.advance(20, &cluster).await;
-        let (last, _) = load.finish(&cluster).await;
+        let (last, after) = load.finish(&cluster).await;
+        // Every shard moved to the next leader once: one epoch more each, on every replica.
+        let moved: Vec<(u64, u64, u64)> = before
+            .shard_map
+            .iter()
+            .map(|&(shard, _, epoch)| (shard, after.store_leader, epoch + 1))
+            .collect();
+        assert_eq!(after.shard_map, moved);
+        assert_eq!(ordinal(after.store_leader), next);
         eprintln!(
             "leader {leader} killed: replica {next} ready after {ready:?}, spans exported \
              again after {exporting:?}, 20 more batches per agent acknowledged after {taking:?}; \

@@ -112,9 +112,10 @@ pub async fn run(
         _ = until(&mut stop, |stopped| *stopped) => Ok(()),
     };
     let result = match joined {
-        Ok(()) if !*stop.borrow() => {
-            lead_when_elected(&replica, &config, cluster.timings, handshake_failures, stop).await
-        }
+        Ok(()) if !*stop.borrow() => tokio::select! {
+            led = lead_when_elected(&replica, &config, cluster.timings, handshake_failures, stop) => led,
+            never = lease_shards(&replica, cluster.timings) => match never {},
+        },
         other => other,
     };
     replica.shutdown().await;
@@ -135,6 +136,7 @@ async fn lead_when_elected(
         id,
         store: replica.store_metrics(),
         membership: replica.membership_metrics(),
+        shards: replica.shard_map(),
     };
     let replica_metrics = ReplicaMetrics {
         view: view.clone(),
@@ -191,6 +193,23 @@ async fn lead_when_elected(
         }
         if *stop.borrow() {
             return Ok(());
+        }
+    }
+}
+
+/// Keeps the shard map saying that the store group's leader leads every shard (acts on the
+/// membership group's leader only; checks every second).
+async fn lease_shards(replica: &Replica, timings: RaftTuning) -> std::convert::Infallible {
+    loop {
+        tokio::time::sleep(timings.heartbeat * 5).await;
+        match replica.lease_shards_to_store_leader().await {
+            Ok(placed) if !placed.applied.is_empty() => tracing::info!(
+                moved = placed.applied.len(),
+                to = ?placed.applied.first().map(|m| m.replica),
+                "shards leased to the store group's leader"
+            ),
+            Ok(_) => {}
+            Err(err) => tracing::warn!(%err, "leasing the shards to the store group's leader"),
         }
     }
 }

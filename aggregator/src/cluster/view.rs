@@ -10,7 +10,13 @@ use prometheus_client::{
 };
 use tokio::sync::watch;
 
-use crate::{metrics::EndpointReasonLabel, replication::ReplicaId};
+use crate::{
+    metrics::EndpointReasonLabel,
+    replication::{
+        ReplicaId,
+        placement::{Lease, ShardMap},
+    },
+};
 
 /// What every `/metrics` of a replica shows of it, under `mermin_aggregator_replica_`: its
 /// [`ReplicaView`], and the handshakes its replication port refused (with TLS between
@@ -35,7 +41,8 @@ impl ReplicaMetrics {
 }
 
 /// This replica's view of both Raft groups, read at each scrape of `/metrics` (the standby's
-/// and the pipeline's): its own `id`, `<group>_leader` (-1: none), `_term`, `_last_applied`, `_voters`, and
+/// and the pipeline's): its own `id`, `shard_lease_{replica,epoch}{shard}` (the shard map),
+/// `<group>_leader` (-1: none), `_term`, `_last_applied`, `_voters`, and
 /// on the store group's leader `store_replication_lag{replica}`, the entries each other
 /// replica has yet to take.
 #[derive(Debug, Clone)]
@@ -43,6 +50,8 @@ pub struct ReplicaView {
     pub id: ReplicaId,
     pub store: watch::Receiver<RaftMetrics<ReplicaId, BasicNode>>,
     pub membership: watch::Receiver<RaftMetrics<ReplicaId, BasicNode>>,
+    /// The shard map as this replica applied it.
+    pub shards: watch::Receiver<ShardMap>,
 }
 
 impl ReplicaView {
@@ -61,6 +70,11 @@ impl ReplicaView {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReplicaLabel {
     replica: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShardLabel {
+    shard: String,
 }
 
 fn gauge(
@@ -117,6 +131,28 @@ impl Collector for ReplicaView {
                 &format!("The voters of {name} {as_seen} (a quorum of them must be up)"),
                 metrics.membership_config.membership().voter_ids().count() as i64,
             )?;
+        }
+        let shards = self.shards.borrow().clone();
+        for (name, help, value) in [
+            (
+                "shard_lease_replica",
+                "The replica that holds each shard's lease in the shard map as this replica applied it",
+                (|lease: &Lease| lease.replica as i64) as fn(&Lease) -> i64,
+            ),
+            (
+                "shard_lease_epoch",
+                "Each shard's lease epoch (one more at every move) as this replica applied it",
+                |lease: &Lease| lease.epoch as i64,
+            ),
+        ] {
+            let gauge = ConstGauge::new(0i64);
+            let mut family = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+            for (shard, lease) in &shards {
+                let label = ShardLabel {
+                    shard: shard.to_string(),
+                };
+                ConstGauge::new(value(lease)).encode(family.encode_family(&label)?)?;
+            }
         }
         if let Some(replication) = &store.replication {
             let last = store.last_log_index.unwrap_or(0);

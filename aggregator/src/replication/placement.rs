@@ -66,6 +66,19 @@ pub struct Placed {
     pub applied: Vec<Move>,
 }
 
+/// The moves that give every one of `shards` shards to `replica` (those it leads already stay):
+/// how leases follow the store group's leader while it leads every shard.
+pub fn onto(map: &ShardMap, replica: ReplicaId, shards: ShardId) -> Vec<Move> {
+    (0..shards)
+        .filter(|shard| map.get(shard).is_none_or(|lease| lease.replica != replica))
+        .map(|shard| Move {
+            shard,
+            from_epoch: map.get(&shard).map_or(0, |lease| lease.epoch),
+            replica,
+        })
+        .collect()
+}
+
 /// The moves that spread `shards` shards evenly over `replicas` (each leads ⌊shards/n⌋ or one
 /// more) while moving as few as possible: a shard stays where it is unless its replica is gone
 /// or leads more than its share. Empty if the map is balanced already or there are no replicas.
@@ -469,6 +482,53 @@ mod tests {
     }
 
     /// openraft's own storage suite, against the sled log and this machine.
+    #[test]
+    fn every_shard_onto_one_replica_moves_only_those_it_does_not_lead() {
+        let map = ShardMap::from([
+            (
+                0,
+                Lease {
+                    replica: 7,
+                    epoch: 3,
+                },
+            ),
+            (
+                1,
+                Lease {
+                    replica: 9,
+                    epoch: 1,
+                },
+            ),
+        ]);
+        assert_eq!(
+            onto(&map, 7, 3),
+            [
+                Move {
+                    shard: 1,
+                    from_epoch: 1,
+                    replica: 7
+                },
+                Move {
+                    shard: 2,
+                    from_epoch: 0,
+                    replica: 7
+                },
+            ]
+        );
+        let all: ShardMap = (0..3)
+            .map(|s| {
+                (
+                    s,
+                    Lease {
+                        replica: 7,
+                        epoch: 1,
+                    },
+                )
+            })
+            .collect();
+        assert_eq!(onto(&all, 7, 3), []);
+    }
+
     #[test]
     fn the_log_and_the_machine_pass_openraft_s_storage_suite() {
         openraft::testing::Suite::test_all(SledBuilder).expect("every storage check passes");

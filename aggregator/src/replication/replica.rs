@@ -26,7 +26,9 @@ use super::{
         CLUSTER_METADATA, Groups, GrpcNetwork, LEADER_METADATA, Membership, MembershipRefused,
         RaftService, Transport, ask_to_join, ask_to_leave,
     },
-    placement::{Placed, PlacementCommand, PlacementGroup, PlacementMachine, ShardMap, rebalance},
+    placement::{
+        Placed, PlacementCommand, PlacementGroup, PlacementMachine, ShardMap, onto, rebalance,
+    },
     store::{ReplicatedStore, StoreGroup, StoreMachine},
 };
 use crate::{
@@ -563,6 +565,30 @@ impl Replica {
             .await
             .map_err(write_error)?;
         Ok(written.data)
+    }
+
+    /// Leases every shard to the store group's leader (on the membership group's leader, when
+    /// the map says otherwise: after a failover or a drain); returns the moves applied. While
+    /// one store group holds every shard, its leader leads them all, and the map says so — each
+    /// move a new epoch.
+    pub async fn lease_shards_to_store_leader(&self) -> Result<Placed, ReplicationError> {
+        let (Some(store_leader), true) = (self.store_leader(), self.leads_membership()) else {
+            return Ok(Placed::default());
+        };
+        let moves = onto(&self.machine.shards(), store_leader, SHARDS);
+        if moves.is_empty() {
+            return Ok(Placed::default());
+        }
+        let written = self
+            .placement
+            .client_write(PlacementCommand::Place(moves))
+            .await
+            .map_err(write_error)?;
+        Ok(written.data)
+    }
+
+    fn leads_membership(&self) -> bool {
+        self.placement.metrics().borrow().current_leader == Some(self.id)
     }
 
     /// The shard map as this replica has applied it, following every change.

@@ -52,6 +52,7 @@ const REPLICATION_PORT: u16 = 4610;
 const ADMIN_PORT: u16 = 4620;
 const OTLP_PORT: u16 = 4317;
 const OBSERVER: &str = "10.77.0.1";
+const SHARDS: usize = mermin_aggregator::placement::SHARDS as usize;
 const OTLP: &str = "10.77.0.2";
 
 fn replica_ip(ordinal: usize) -> String {
@@ -421,11 +422,13 @@ impl Cluster {
             store_voters: metric_value(&text, "mermin_aggregator_replica_store_voters"),
             membership_voters: metric_value(&text, "mermin_aggregator_replica_membership_voters"),
             store_last_applied: metric_value(&text, "mermin_aggregator_replica_store_last_applied"),
+            shard_map: shard_map(&text),
         })
     }
 
-    /// Waits until every running replica sees the same leaders of both groups and as many
-    /// voters in each as there are replicas, and has applied the store group's log at least as
+    /// Waits until every running replica sees the same leaders of both groups, as many voters
+    /// in each as there are replicas and the same shard map — every shard leased to the store
+    /// group's leader — and has applied the store group's log at least as
     /// far as the furthest replica had when they first agreed (it caught up); returns the view
     /// of the first running replica. Bounded by [`WITHIN`].
     pub async fn converged(&self) -> View {
@@ -447,6 +450,11 @@ impl Cluster {
                     view.agrees_with(&v[0])
                         && view.store_voters == voters
                         && view.membership_voters == voters
+                        && view.shard_map.len() == SHARDS
+                        && view
+                            .shard_map
+                            .iter()
+                            .all(|(_, replica, _)| *replica == view.store_leader)
                 })
             }) {
                 let furthest = agreed
@@ -529,11 +537,35 @@ pub struct View {
     pub store_voters: u64,
     pub membership_voters: u64,
     pub store_last_applied: u64,
+    /// Each shard's lease: (shard, replica, epoch), by shard.
+    pub shard_map: Vec<(u64, u64, u64)>,
+}
+
+/// The shard map in a `/metrics` text: (shard, replica, epoch) for every shard with a lease.
+fn shard_map(text: &str) -> Vec<(u64, u64, u64)> {
+    let series = |name: &str| -> std::collections::BTreeMap<u64, u64> {
+        let prefix = format!("mermin_aggregator_replica_shard_lease_{name}{{shard=\"");
+        text.lines()
+            .filter_map(|line| {
+                let (shard, value) = line.strip_prefix(&prefix)?.split_once("\"} ")?;
+                Some((shard.parse().ok()?, value.parse().ok()?))
+            })
+            .collect()
+    };
+    let epochs = series("epoch");
+    series("replica")
+        .into_iter()
+        .map(|(shard, replica)| (shard, replica, epochs.get(&shard).copied().unwrap_or(0)))
+        .collect()
 }
 
 impl View {
-    /// Whether both views see the same leaders and voters.
+    /// Whether both views see the same leaders, voters and shard map.
     fn agrees_with(&self, other: &View) -> bool {
+        self.shard_map == other.shard_map && self.same_groups(other)
+    }
+
+    fn same_groups(&self, other: &View) -> bool {
         (
             self.store_leader,
             self.membership_leader,
