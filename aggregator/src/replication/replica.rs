@@ -27,7 +27,7 @@ use super::{
         RaftService, Transport, ask_to_join, ask_to_leave,
     },
     placement::{
-        Placed, PlacementCommand, PlacementGroup, PlacementMachine, ShardMap, onto, rebalance,
+        Move, Placed, PlacementCommand, PlacementGroup, PlacementMachine, ShardMap, onto, rebalance,
     },
     store::{ReplicatedStore, StoreGroup, StoreMachine},
 };
@@ -555,7 +555,12 @@ impl Replica {
         let voters = voters(&self.placement.metrics().borrow())
             .into_keys()
             .collect();
-        let moves = rebalance(&self.machine.shards(), &voters, SHARDS);
+        self.place(rebalance(&self.machine.shards(), &voters, SHARDS))
+            .await
+    }
+
+    /// Applies `moves` through the membership group (on its leader); none: nothing to do.
+    async fn place(&self, moves: Vec<Move>) -> Result<Placed, ReplicationError> {
         if moves.is_empty() {
             return Ok(Placed::default());
         }
@@ -575,16 +580,8 @@ impl Replica {
         let (Some(store_leader), true) = (self.store_leader(), self.leads_membership()) else {
             return Ok(Placed::default());
         };
-        let moves = onto(&self.machine.shards(), store_leader, SHARDS);
-        if moves.is_empty() {
-            return Ok(Placed::default());
-        }
-        let written = self
-            .placement
-            .client_write(PlacementCommand::Place(moves))
+        self.place(onto(&self.machine.shards(), store_leader, SHARDS))
             .await
-            .map_err(write_error)?;
-        Ok(written.data)
     }
 
     fn leads_membership(&self) -> bool {
