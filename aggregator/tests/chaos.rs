@@ -94,6 +94,13 @@ fn both_ends_reported_through_different_replicas_are_one_span() {
                 (sequence, sequence)
             );
         }
+        // Each standby forwards one connection, open still.
+        for standby in [a, b] {
+            let forwarding = "mermin_aggregator_replica_standby_forwarding{endpoint=\"agent\"}";
+            let forwarded = "mermin_aggregator_replica_standby_connections_total{endpoint=\"agent\",outcome=\"forwarded\"}";
+            assert_eq!(metric(network.metrics(standby), forwarding).await, 1);
+            assert_eq!(metric(network.metrics(standby), forwarded).await, 1);
+        }
 
         let spans = cluster.spans_eventually(10).await;
         let mut ports: Vec<i64> = spans.iter().map(|s| int(s, "source.port")).collect();

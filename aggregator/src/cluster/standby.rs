@@ -10,7 +10,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 use tokio::{
@@ -36,20 +36,45 @@ struct ForwardLabel {
 }
 
 /// Connections forwarded to the leader, by endpoint (`agent`, `admin`) and outcome
-/// (`forwarded`; `no_leader` and `leader_unreachable`: the connection was closed at once, and
-/// the client tries again, as after any lost connection).
+/// (`forwarded`; `no_leader`, `leader_unreachable` and `over_limit`: the connection was closed
+/// at once, and the client tries again, as after any lost connection).
 type Forwarded = Family<ForwardLabel, Counter>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabel {
+    endpoint: &'static str,
+}
+
+/// Connections being forwarded now, by endpoint.
+type Forwarding = Family<EndpointLabel, Gauge>;
+
+/// Connections forwarded at once per endpoint, at most (each holds two sockets): a cluster's
+/// agents are spread over its replicas by the Service, so this is far above what one takes.
+const MAX_FORWARDED: usize = 10_000;
+
+/// What a forwarding endpoint counts.
+#[derive(Clone, Default)]
+struct ForwardMetrics {
+    connections: Forwarded,
+    open: Forwarding,
+}
 
 impl Standby {
     pub fn start(config: &AggregatorConfig, metrics: &ReplicaMetrics) -> Self {
         let view = metrics.view.clone();
-        let forwarded = Forwarded::default();
+        let forwarded = ForwardMetrics::default();
         let mut registry = Registry::with_prefix("mermin_aggregator");
         metrics.register(&mut registry);
-        registry.sub_registry_with_prefix("replica").register(
+        let replica = registry.sub_registry_with_prefix("replica");
+        replica.register(
             "standby_connections",
             "Connections a standby replica took on the agent or admin port, by outcome",
-            forwarded.clone(),
+            forwarded.connections.clone(),
+        );
+        replica.register(
+            "standby_forwarding",
+            "Connections a standby replica is forwarding to the leader now, by endpoint",
+            forwarded.open.clone(),
         );
         let mut tasks = JoinSet::new();
         if let Some(addr) = config.metrics_listen {
@@ -85,7 +110,12 @@ async fn bind(endpoint: &'static str, addr: SocketAddr) -> TcpListener {
 }
 
 /// Accepts on `addr` and splices each connection to the leader's `endpoint` port.
-async fn forward(endpoint: &'static str, addr: SocketAddr, view: ReplicaView, counted: Forwarded) {
+async fn forward(
+    endpoint: &'static str,
+    addr: SocketAddr,
+    view: ReplicaView,
+    counted: ForwardMetrics,
+) {
     let listener = bind(endpoint, addr).await;
     // Dropped with this task: every spliced connection closes with it.
     let mut connections = JoinSet::new();
@@ -99,6 +129,10 @@ async fn forward(endpoint: &'static str, addr: SocketAddr, view: ReplicaView, co
             }
         };
         while connections.try_join_next().is_some() {}
+        if connections.len() >= MAX_FORWARDED {
+            count(&counted, endpoint, "over_limit");
+            continue;
+        }
         let Some((leader, target)) = view.leader_at(addr.port()) else {
             count(&counted, endpoint, "no_leader");
             continue;
@@ -111,7 +145,10 @@ async fn forward(endpoint: &'static str, addr: SocketAddr, view: ReplicaView, co
                     let _ = outbound.set_nodelay(true);
                     let _ = inbound.set_nodelay(true);
                     count(&counted, endpoint, "forwarded");
+                    let open = counted.open.get_or_create(&EndpointLabel { endpoint }).clone();
+                    open.inc();
                     let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    open.dec();
                     return;
                 }
                 Ok(Err(err)) => err.to_string(),
@@ -123,8 +160,9 @@ async fn forward(endpoint: &'static str, addr: SocketAddr, view: ReplicaView, co
     }
 }
 
-fn count(counted: &Forwarded, endpoint: &'static str, outcome: &'static str) {
+fn count(counted: &ForwardMetrics, endpoint: &'static str, outcome: &'static str) {
     counted
+        .connections
         .get_or_create(&ForwardLabel { endpoint, outcome })
         .inc();
 }
