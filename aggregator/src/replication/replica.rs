@@ -152,6 +152,18 @@ where
     Ok(())
 }
 
+/// Removes `id` from the membership group's voters (on its leader).
+async fn remove_voter(
+    placement: &Raft<PlacementGroup>,
+    id: ReplicaId,
+) -> Result<(), ReplicationError> {
+    placement
+        .change_membership(ChangeMembers::RemoveVoters([id].into()), false)
+        .await
+        .map(drop)
+        .map_err(write_error)
+}
+
 /// How this replica answers a replica asking to join or to leave (see `Join` and `Leave` in the
 /// protocol): through the membership group, on its leader.
 struct PlacementMembership(Raft<PlacementGroup>);
@@ -173,10 +185,8 @@ impl Membership for PlacementMembership {
             if !members.contains_key(&id) {
                 return Ok(());
             }
-            placement
-                .change_membership(ChangeMembers::RemoveVoters([id].into()), false)
+            remove_voter(&placement, id)
                 .await
-                .map(drop)
                 .map_err(|e| tonic::Status::unavailable(e.to_string()))
         })
     }
@@ -532,16 +542,7 @@ impl Replica {
     /// Removes replica `id` from the voters (on the membership group's leader); its shards are
     /// placed again by the next [`Replica::rebalance`]. The store group follows.
     pub async fn remove_member(&self, id: ReplicaId) -> Result<(), ReplicationError> {
-        self.placement
-            .change_membership(ChangeMembers::RemoveVoters([id].into()), false)
-            .await
-            .map_err(write_error)?;
-        Ok(())
-    }
-
-    /// Takes replica `id` out of the voters from any replica (see [`take_out`]).
-    pub async fn take_out(&self, id: ReplicaId) -> Result<(), ReplicationError> {
-        take_out(&self.transport, &self.placement.metrics(), id).await
+        remove_voter(&self.placement, id).await
     }
 
     /// How this replica reaches its peers.

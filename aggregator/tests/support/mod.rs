@@ -59,6 +59,10 @@ fn replica_ip(ordinal: usize) -> String {
     format!("10.77.0.{}", 10 + ordinal)
 }
 
+fn replica_addr(ordinal: usize, port: u16) -> SocketAddr {
+    format!("{}:{port}", replica_ip(ordinal)).parse().unwrap()
+}
+
 /// One scenario at a time: three replicas each are all two cores can take.
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -198,9 +202,7 @@ impl Network {
     }
 
     pub fn agents(&self, ordinal: usize) -> SocketAddr {
-        format!("{}:{AGENTS_PORT}", replica_ip(ordinal))
-            .parse()
-            .unwrap()
+        replica_addr(ordinal, AGENTS_PORT)
     }
 
     /// Replica `ordinal`'s replication address (host:port).
@@ -209,15 +211,11 @@ impl Network {
     }
 
     pub fn admin(&self, ordinal: usize) -> SocketAddr {
-        format!("{}:{ADMIN_PORT}", replica_ip(ordinal))
-            .parse()
-            .unwrap()
+        replica_addr(ordinal, ADMIN_PORT)
     }
 
     pub fn metrics(&self, ordinal: usize) -> SocketAddr {
-        format!("{}:{METRICS_PORT}", replica_ip(ordinal))
-            .parse()
-            .unwrap()
+        replica_addr(ordinal, METRICS_PORT)
     }
 
     fn data(&self, ordinal: usize) -> PathBuf {
