@@ -42,6 +42,7 @@ pub(crate) async fn run(open: Opener<'_>) {
     a_checkpoint_writes_only_the_positions_it_is_given(open).await;
     states_survive_many_checkpoints_of_updates_and_removals(open).await;
     the_outbox_keeps_order_count_and_size_across_reopening(open).await;
+    checkpoints_of_shards_at_once_keep_every_request(open).await;
     a_boot_id_stays_bound_to_its_first_node(open).await;
     a_superseded_boot_id_is_forgotten_once_every_shard_is_past_it(open).await;
 }
@@ -290,6 +291,73 @@ async fn the_outbox_keeps_order_count_and_size_across_reopening(open: Opener<'_>
         .collect();
     assert_eq!(after, [3, 4], "the entries after an id, oldest first");
     assert!(store.outbox_after(ids[2], 10).unwrap().is_empty());
+}
+
+/// The shards checkpoint on the blocking pool, at once: each checkpoint's requests are queued,
+/// none in another's place.
+async fn checkpoints_of_shards_at_once_keep_every_request(open: Opener<'_>) {
+    const ROUNDS: u8 = 10;
+    const REQUESTS: u8 = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    // Request (shard, round, i): 3 bytes saying which, padded to a size of its own.
+    let request = |shard: u16, round: u8, i: u8| {
+        let mut request = vec![shard as u8, round, i];
+        request.resize(3 + usize::from(i), 0);
+        request
+    };
+    // As the shards run them: on the blocking pool.
+    let checkpoints: Vec<_> = (0..SHARDS)
+        .map(|shard| {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || {
+                for round in 0..ROUNDS {
+                    let outbox: Vec<Vec<u8>> =
+                        (0..REQUESTS).map(|i| request(shard, round, i)).collect();
+                    store
+                        .checkpoint(Checkpoint {
+                            shard,
+                            positions: &HashMap::new(),
+                            changes: &[],
+                            outbox: &outbox,
+                        })
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for checkpoint in checkpoints {
+        checkpoint.await.unwrap();
+    }
+    let written = usize::from(SHARDS) * usize::from(ROUNDS) * usize::from(REQUESTS);
+    let bytes = (u64::from(SHARDS) * u64::from(ROUNDS)) * (3 + 4 + 5);
+    assert_eq!((store.outbox_len(), store.outbox_bytes()), (written, bytes));
+    let stored = store.outbox_oldest(written + 1).unwrap();
+    let mut found: Vec<Vec<u8>> = stored.into_iter().map(|(_, r)| r).collect();
+    found.sort();
+    let mut expected: Vec<Vec<u8>> = (0..SHARDS)
+        .flat_map(|shard| {
+            (0..ROUNDS).flat_map(move |round| (0..REQUESTS).map(move |i| request(shard, round, i)))
+        })
+        .collect();
+    expected.sort();
+    assert_eq!(found, expected, "every request of every checkpoint, once");
+    // In each shard's order.
+    for shard in 0..SHARDS {
+        let order: Vec<(u8, u8)> = store
+            .outbox_oldest(written)
+            .unwrap()
+            .iter()
+            .filter(|(_, r)| u16::from(r[0]) == shard)
+            .map(|(_, r)| (r[1], r[2]))
+            .collect();
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(
+            order, sorted,
+            "shard {shard}'s requests in the order checkpointed"
+        );
+    }
 }
 
 async fn a_boot_id_stays_bound_to_its_first_node(open: Opener<'_>) {

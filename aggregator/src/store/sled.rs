@@ -66,6 +66,11 @@ pub struct SledStore {
     /// Per agent, the first batch whose append failed after sled applied it in memory: from
     /// there on nothing counts as durable until it is written again.
     not_durable: Arc<std::sync::Mutex<HashMap<BootId, u64>>>,
+    /// Held while outbox ids are taken, so that a checkpoint's ids are one unbroken range:
+    /// checkpoints of different shards run at once, and sled's ids are unique but not
+    /// consecutive across threads (interleaved, two ranges would overlap and one checkpoint's
+    /// requests overwrite the other's).
+    outbox_ids: Arc<std::sync::Mutex<()>>,
 }
 
 impl SledStore {
@@ -105,6 +110,7 @@ impl SledStore {
             write_failure: Arc::default(),
             broken: Arc::default(),
             not_durable: Arc::default(),
+            outbox_ids: Arc::default(),
             connections: Arc::new(ChangeLogs::open(&db)?),
             positions: db.open_tree("positions")?,
             db,
@@ -139,11 +145,7 @@ impl SledStore {
     }
 
     fn write_checkpoint(&self, checkpoint: Checkpoint<'_>) -> Result<(), StoreError> {
-        let first_id = self.db.generate_id()?;
-        // The rest of the ids: sled's are unique and rising, ours need only be rising.
-        for _ in 1..checkpoint.outbox.len() {
-            self.db.generate_id()?;
-        }
+        let first_id = self.outbox_ids(checkpoint.outbox.len())?;
         self.apply_checkpoint(checkpoint, first_id)?;
         if let Err(err) = self.db.flush() {
             let why = err.to_string();
@@ -155,6 +157,17 @@ impl SledStore {
             return Err(StoreError::NotDurable(why));
         }
         self.after_checkpoint(checkpoint)
+    }
+
+    /// The first of `count` consecutive new outbox ids (one even for `count` 0). sled's ids
+    /// are unique and rising (across restarts too); the outbox needs them only rising.
+    fn outbox_ids(&self, count: usize) -> Result<u64, StoreError> {
+        let _range = self.outbox_ids.lock().unwrap_or_else(|e| e.into_inner());
+        let first = self.db.generate_id()?;
+        for _ in 1..count {
+            self.db.generate_id()?;
+        }
+        Ok(first)
     }
 
     /// Drops what a written checkpoint made unneeded: change sets folded into the base, and
@@ -559,7 +572,7 @@ impl SledStore {
 
     /// Queues an encoded export request durably; returns its outbox id.
     async fn push_request(&self, request: &[u8]) -> Result<u64, StoreError> {
-        let id = self.db.generate_id()?;
+        let id = self.outbox_ids(1)?;
         if let Err(err) = self.apply_push(id, request) {
             return self.observe_write(Err(err));
         }
