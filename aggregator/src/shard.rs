@@ -146,18 +146,33 @@ impl Unsaved {
 impl Actor for FlowShard {
     type Context = Context<Self>;
 
+    /// Ticks on a grid of wall-clock time that every shard shares, so that their checkpoints
+    /// reach the store together and are made durable by one flush (the store groups them).
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
-        ctx.run_interval(TICK, |shard, ctx| {
-            shard.table.emit_due(unix_now(), &mut shard.emitted);
-            if let Some(checkpoint) = shard.checkpoint() {
-                ctx.wait(checkpoint);
-            }
-            shard
-                .context
-                .metrics
-                .shard_ticked(shard.id, unix_now() / 1_000_000_000);
+        ctx.run_later(until_next_tick(unix_now()), |shard, ctx| {
+            shard.tick(ctx);
+            ctx.run_interval(TICK, Self::tick);
         });
+    }
+}
+
+/// From `now_unix_nanos` to the next multiple of [`TICK`].
+fn until_next_tick(now_unix_nanos: u64) -> Duration {
+    let tick = TICK.as_nanos() as u64;
+    Duration::from_nanos(tick - now_unix_nanos % tick)
+}
+
+impl FlowShard {
+    /// Emits what is due and writes the checkpoint; the shard takes no message until it is done.
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        self.table.emit_due(unix_now(), &mut self.emitted);
+        if let Some(checkpoint) = self.checkpoint() {
+            ctx.wait(checkpoint);
+        }
+        self.context
+            .metrics
+            .shard_ticked(self.id, unix_now() / 1_000_000_000);
     }
 }
 

@@ -227,7 +227,10 @@ pub trait Storage: Send + Sync + 'static {
     /// Up to `max` queued requests with ids above `after`, oldest first.
     fn outbox_after(&self, after: u64, max: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
 
-    /// Removes a delivered (or permanently refused) request.
+    /// Removes a delivered (or permanently refused) request. Readers no longer see it at once;
+    /// it may become durable only with the next durable write: a crash before that delivers the
+    /// request again, which is harmless (its spans are the same bytes, span ids included) and
+    /// spares the exporter a flush per request.
     fn outbox_remove(&self, id: u64) -> BoxFuture<'_, Result<(), StoreError>>;
 
     /// Requests waiting in the outbox (O(1)).

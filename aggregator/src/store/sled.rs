@@ -1,7 +1,8 @@
 //! The sled implementation of the storage seam ([`Storage`]): one sled database, a tree per
 //! part (`agents`, `agent_nodes`, `node_agents`, `batches`, `shard_changes` (connection states
 //! as per-shard change logs, see [`change_log`]), `positions`, `outbox`); cross-tree writes are
-//! sled transactions, flushed before they count as durable.
+//! sled transactions, flushed before they count as durable — together when they arrive together
+//! ([`group_commit`]).
 //!
 //! sled 0.34 is the last stable release, labelled beta and known for disk growth (openraft
 //! dropped its sled store for that); it stays behind the seam so that it can be replaced.
@@ -24,8 +25,9 @@ use sled::{
 };
 
 mod change_log;
+mod group_commit;
 
-use self::change_log::ChangeLogs;
+use self::{change_log::ChangeLogs, group_commit::GroupCommit};
 use super::{BOOT_ID_LEN, BootId, Checkpoint, Recovered, Retirement, Storage, Store, StoreError};
 use crate::placement::{SHARDS, ShardId};
 
@@ -71,6 +73,8 @@ pub struct SledStore {
     /// consecutive across threads (interleaved, two ranges would overlap and one checkpoint's
     /// requests overwrite the other's).
     outbox_ids: Arc<std::sync::Mutex<()>>,
+    /// Every durable write flushes through it: writes that wait together, flush together.
+    group_commit: Arc<GroupCommit>,
 }
 
 impl SledStore {
@@ -111,6 +115,7 @@ impl SledStore {
             broken: Arc::default(),
             not_durable: Arc::default(),
             outbox_ids: Arc::default(),
+            group_commit: Arc::default(),
             connections: Arc::new(ChangeLogs::open(&db)?),
             positions: db.open_tree("positions")?,
             db,
@@ -147,7 +152,7 @@ impl SledStore {
     fn write_checkpoint(&self, checkpoint: Checkpoint<'_>) -> Result<(), StoreError> {
         let first_id = self.outbox_ids(checkpoint.outbox.len())?;
         self.apply_checkpoint(checkpoint, first_id)?;
-        if let Err(err) = self.db.flush() {
+        if let Err(err) = self.group_commit.flush_blocking(&self.db) {
             let why = err.to_string();
             if matches!(err, sled::Error::Io(_)) {
                 self.broken.get_or_init(|| why.clone());
@@ -543,7 +548,12 @@ impl SledStore {
         let sequence = batch.sequence;
         let result = self.apply_append(boot_id, sequence, &encoded, self.not_durable_from(boot_id));
         let written = match result {
-            Ok(()) => self.db.flush_async().await.map(drop).map_err(Into::into),
+            Ok(()) => self
+                .group_commit
+                .flush(&self.db)
+                .await
+                .map(drop)
+                .map_err(Into::into),
             Err(err @ StoreError::OutOfOrder { .. }) => return Err(err),
             // sled may fail a commit after applying it in memory.
             Err(err) => Err(err),
@@ -576,7 +586,7 @@ impl SledStore {
         if let Err(err) = self.apply_push(id, request) {
             return self.observe_write(Err(err));
         }
-        if let Err(err) = self.db.flush_async().await {
+        if let Err(err) = self.group_commit.flush(&self.db).await {
             // Not durable: not queued either (the caller keeps the request).
             let _ = self.apply_remove(id);
             return self.observe_write(Err(err.into()));
@@ -584,10 +594,10 @@ impl SledStore {
         Ok(id)
     }
 
-    /// Removes a delivered (or permanently rejected) request.
-    async fn remove_request(&self, id: u64) -> Result<(), StoreError> {
-        self.observe_write(self.apply_remove(id))?;
-        self.observe_write(self.db.flush_async().await.map(drop).map_err(Into::into))
+    /// Removes a delivered (or permanently rejected) request; durable with the next durable
+    /// write (see [`Storage::outbox_remove`]).
+    fn remove_request(&self, id: u64) -> Result<(), StoreError> {
+        self.observe_write(self.apply_remove(id))
     }
 
     /// Every stored batch, in (boot id, sequence) order: what start-up replays.
@@ -727,7 +737,7 @@ impl Storage for SledStore {
     }
 
     fn outbox_remove(&self, id: u64) -> BoxFuture<'_, Result<(), StoreError>> {
-        self.remove_request(id).boxed()
+        futures_util::future::ready(self.remove_request(id)).boxed()
     }
 }
 
