@@ -29,9 +29,9 @@
 //! record from any other point is ignored and counted, since its packets are already counted
 //! elsewhere.
 
-use std::time::Duration;
+use std::{num::NonZeroU64, time::Duration};
 
-use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+use foldhash::{HashMap, HashMapExt};
 
 use mermin_protocol::flow::v1::EndReason;
 use serde::{Deserialize, Serialize};
@@ -92,21 +92,28 @@ pub struct Emitted {
     pub interval: Interval,
 }
 
-/// A connection's state (stored as `(key, state)`).
+/// A connection's state (stored as `(key, state)`). Its times are never 0 (records with a time
+/// of 0 are refused), so the optional ones take no more room than a `u64`; they are stored as
+/// `Option<u64>`.
 #[derive(Debug, Serialize, Deserialize)]
 struct Tracked {
     connection: Connection,
     decisions: Decisions,
     /// Start of the connection's first interval.
-    start_unix_nanos: Option<u64>,
+    start_unix_nanos: Option<NonZeroU64>,
     /// Index of the current interval.
     index: u64,
     /// When the current interval is emitted; `None` while it is empty.
-    due_unix_nanos: Option<u64>,
+    due_unix_nanos: Option<NonZeroU64>,
     /// The current interval holds a final record.
     closing: bool,
+    /// Changed since the table last handed out its changes (kept by the head of a key's chain,
+    /// which stands for the chain). A flag rather than a set of keys beside the table: it fits
+    /// in this struct's padding.
+    #[serde(skip)]
+    changed: bool,
     /// Closed: kept until this time for late records.
-    closed_until: Option<u64>,
+    closed_until: Option<NonZeroU64>,
     /// The latest packet of the connection at any point.
     last_packet_unix_nanos: u64,
     /// The connection this key carried before this one, while it is remembered.
@@ -122,6 +129,7 @@ impl Tracked {
             index: 0,
             due_unix_nanos: None,
             closing: false,
+            changed: false,
             closed_until: None,
             last_packet_unix_nanos: 0,
             previous: None,
@@ -139,7 +147,7 @@ impl Tracked {
     /// Makes the current interval due no later than `latest`.
     fn due_no_later_than_this(&mut self, latest: u64) {
         if let Some(due) = &mut self.due_unix_nanos {
-            *due = (*due).min(latest);
+            *due = (*due).min(nanos(latest));
         }
     }
 
@@ -223,7 +231,7 @@ impl Tracked {
         self.last_packet_unix_nanos = self
             .last_packet_unix_nanos
             .max(observation.counts.last_seen_unix_nanos);
-        self.due_unix_nanos.get_or_insert(due);
+        self.due_unix_nanos.get_or_insert(nanos(due));
         true
     }
 
@@ -244,7 +252,7 @@ impl Tracked {
                 changed = true;
             }
         }
-        if self.closed_until.is_none() && self.due_unix_nanos.is_some_and(|due| due <= now) {
+        if self.closed_until.is_none() && self.due_unix_nanos.is_some_and(|due| due.get() <= now) {
             emit(key, self, now, grace, out);
             changed = true;
         }
@@ -265,14 +273,15 @@ impl Tracked {
     }
 
     fn is_forgotten(&self, now: u64) -> bool {
-        self.closed_until.is_some_and(|until| until <= now)
+        self.closed_until.is_some_and(|until| until.get() <= now)
     }
 }
 
 pub struct FlowTable {
     open: HashMap<ConnectionKey, Tracked>,
-    /// Connections changed since the last `take_changes`.
-    dirty: HashSet<ConnectionKey>,
+    /// Keys whose connections were forgotten since the last `take_changes`, in that order
+    /// (changed connections are flagged in the table: `Tracked::changed`).
+    forgotten: Vec<ConnectionKey>,
     /// The observation points the connections refer to, one copy each.
     points: Points,
     kinds: InterfaceKinds,
@@ -288,7 +297,7 @@ impl FlowTable {
     pub fn new(kinds: InterfaceKinds, settle: Duration, grace: Duration) -> Self {
         Self {
             open: HashMap::new(),
-            dirty: HashSet::new(),
+            forgotten: Vec::new(),
             points: Points::default(),
             kinds,
             settle_ns: settle.as_nanos() as u64,
@@ -338,6 +347,7 @@ impl FlowTable {
         if tracked.is_followed_by(observation) {
             let earlier = std::mem::replace(tracked, Tracked::new());
             tracked.previous = Some(Box::new(earlier));
+            tracked.changed = true;
             self.reused_keys += 1;
         }
         let owner = tracked.owner_of(observation);
@@ -358,7 +368,7 @@ impl FlowTable {
                 owner.due_no_later_than_this(now);
                 self.complete_early += 1;
             }
-            self.dirty.insert(observation.key);
+            tracked.changed = true;
         } else {
             self.late_ignored += 1;
         }
@@ -367,21 +377,24 @@ impl FlowTable {
     /// Emits every interval whose settle time has come, and forgets connections whose grace
     /// period is over.
     pub fn emit_due(&mut self, now: u64, out: &mut Vec<Emitted>) {
-        let (grace, dirty) = (self.grace_ns, &mut self.dirty);
+        let (grace, forgotten) = (self.grace_ns, &mut self.forgotten);
         self.open.retain(|key, tracked| {
             if tracked.emit_due(*key, now, grace, out) {
-                dirty.insert(*key);
+                tracked.changed = true;
             }
             if !tracked.is_forgotten(now) {
                 return true;
             }
-            dirty.insert(*key);
             match tracked.previous.take() {
                 Some(previous) => {
                     *tracked = *previous;
+                    tracked.changed = true;
                     true
                 }
-                None => false,
+                None => {
+                    forgotten.push(*key);
+                    false
+                }
             }
         });
     }
@@ -390,29 +403,54 @@ impl FlowTable {
     pub fn flush(&mut self, now: u64, out: &mut Vec<Emitted>) {
         for (key, tracked) in &mut self.open {
             if tracked.flush(*key, now, self.grace_ns, out) {
-                self.dirty.insert(*key);
+                tracked.changed = true;
             }
         }
     }
 
-    /// The connections changed since the last call, serialized for the store.
+    /// The connections changed since the last call, serialized for the store: the forgotten
+    /// ones first (a key forgotten and then taken by a new connection ends with its state).
     pub fn take_changes(&mut self) -> Result<Vec<Change>, postcard::Error> {
-        let changes = self
-            .dirty
+        let mut changes = self
+            .forgotten
             .iter()
             .map(|key| {
                 Ok(Change {
                     key: postcard::to_allocvec(key)?,
-                    state: self
-                        .open
-                        .get(key)
-                        .map(|tracked| postcard::to_allocvec(&(key, tracked)))
-                        .transpose()?,
+                    state: None,
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        // Only now: on an error every change stays pending for the next checkpoint.
-        self.dirty.clear();
+        let mut taken = Vec::new();
+        let mut failed = None;
+        for (key, tracked) in self.open.iter_mut().filter(|(_, t)| t.changed) {
+            let serialized = postcard::to_allocvec(key)
+                .and_then(|k| Ok((k, postcard::to_allocvec(&(key, &*tracked))?)));
+            match serialized {
+                Ok((key_bytes, state)) => {
+                    changes.push(Change {
+                        key: key_bytes,
+                        state: Some(state),
+                    });
+                    tracked.changed = false;
+                    taken.push(*key);
+                }
+                Err(err) => {
+                    failed = Some(err);
+                    break;
+                }
+            }
+        }
+        if let Some(err) = failed {
+            // Every change stays pending for the next checkpoint.
+            for key in taken {
+                if let Some(tracked) = self.open.get_mut(&key) {
+                    tracked.changed = true;
+                }
+            }
+            return Err(err);
+        }
+        self.forgotten.clear();
         Ok(changes)
     }
 
@@ -422,7 +460,7 @@ impl FlowTable {
         let mut tables: Vec<FlowTable> = (0..parts)
             .map(|_| FlowTable {
                 open: HashMap::new(),
-                dirty: HashSet::new(),
+                forgotten: Vec::new(),
                 points: Points::default(),
                 kinds: self.kinds.clone(),
                 settle_ns: self.settle_ns,
@@ -437,8 +475,8 @@ impl FlowTable {
             tracked.intern(&mut table.points);
             table.open.insert(key, tracked);
         }
-        for key in self.dirty {
-            tables[part_of(&key)].dirty.insert(key);
+        for key in self.forgotten {
+            tables[part_of(&key)].forgotten.push(key);
         }
         tables
     }
@@ -461,11 +499,17 @@ impl FlowTable {
     }
 }
 
+/// A time as the state keeps it (never 0; see [`Tracked`]).
+fn nanos(unix_nanos: u64) -> NonZeroU64 {
+    NonZeroU64::new(unix_nanos).unwrap_or(NonZeroU64::MIN)
+}
+
 fn emit(key: ConnectionKey, tracked: &mut Tracked, now: u64, grace: u64, out: &mut Vec<Emitted>) {
     if let Some(flow) = tracked.connection.stitch(key, &mut tracked.decisions) {
-        let start = *tracked
+        let start = tracked
             .start_unix_nanos
-            .get_or_insert(flow.start_unix_nanos);
+            .get_or_insert(nanos(flow.start_unix_nanos))
+            .get();
         out.push(Emitted {
             flow,
             interval: Interval {
@@ -479,7 +523,7 @@ fn emit(key: ConnectionKey, tracked: &mut Tracked, now: u64, grace: u64, out: &m
     tracked.due_unix_nanos = None;
     if tracked.closing {
         tracked.closing = false;
-        tracked.closed_until = Some(now + grace);
+        tracked.closed_until = Some(nanos(now + grace));
     }
 }
 
@@ -749,6 +793,47 @@ mod tests {
         let forgotten = after.take_changes().unwrap();
         assert_eq!(forgotten.len(), 1);
         assert_eq!(forgotten[0].state, None);
+    }
+
+    #[test]
+    fn a_key_forgotten_and_taken_again_before_a_checkpoint_ends_with_the_new_state() {
+        let mut t = table();
+        let mut out = Vec::new();
+        t.apply(
+            &observation("a", "eth0", true, 5, EndReason::TcpClose),
+            100 * S,
+        );
+        t.emit_due(103 * S, &mut out);
+        t.take_changes().unwrap();
+        // Forgotten after the grace period, then the key carries a new connection.
+        t.emit_due(200 * S, &mut out);
+        assert!(t.is_empty());
+        t.apply(
+            &observation("a", "eth0", true, 9, EndReason::ActiveTimeout),
+            200 * S,
+        );
+        let changes = t.take_changes().unwrap();
+        assert_eq!(changes.len(), 2);
+        assert_eq!(changes[0].state, None, "the removal first");
+        assert_eq!(changes[0].key, changes[1].key);
+        // Applied in order, as the store does: the new connection's state stays.
+        let mut after = table();
+        let states = changes.into_iter().filter_map(|c| c.state);
+        assert_eq!(after.restore(states, 200 * S).unwrap(), 1);
+        let mut resumed = Vec::new();
+        after.emit_due(203 * S, &mut resumed);
+        assert_eq!(resumed.len(), 1);
+        assert_eq!(
+            resumed[0]
+                .flow
+                .client_to_server
+                .as_ref()
+                .unwrap()
+                .counts
+                .packets,
+            9
+        );
+        assert_eq!(resumed[0].interval.index, 0, "a connection of its own");
     }
 
     #[test]
