@@ -421,19 +421,17 @@ impl FlowTable {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mut taken = Vec::new();
         let mut failed = None;
         for (key, tracked) in self.open.iter_mut().filter(|(_, t)| t.changed) {
-            let serialized = postcard::to_allocvec(key)
-                .and_then(|k| Ok((k, postcard::to_allocvec(&(key, &*tracked))?)));
-            match serialized {
-                Ok((key_bytes, state)) => {
+            match postcard::to_allocvec(key)
+                .and_then(|k| Ok((k, postcard::to_allocvec(&(key, &*tracked))?)))
+            {
+                Ok((key, state)) => {
                     changes.push(Change {
-                        key: key_bytes,
+                        key,
                         state: Some(state),
                     });
                     tracked.changed = false;
-                    taken.push(*key);
                 }
                 Err(err) => {
                     failed = Some(err);
@@ -442,11 +440,10 @@ impl FlowTable {
             }
         }
         if let Some(err) = failed {
-            // Every change stays pending for the next checkpoint.
-            for key in taken {
-                if let Some(tracked) = self.open.get_mut(&key) {
-                    tracked.changed = true;
-                }
+            // Every change stays pending for the next checkpoint (and states taken already
+            // are written again with it, which changes nothing).
+            for tracked in self.open.values_mut() {
+                tracked.changed = true;
             }
             return Err(err);
         }
@@ -574,6 +571,14 @@ mod tests {
             Duration::from_secs(3),
             Duration::from_secs(30),
         )
+    }
+
+    /// A new table holding the states of `changes` (one connection), as after a restart.
+    fn restored(changes: Vec<Change>, now: u64) -> FlowTable {
+        let mut after = table();
+        let states = changes.into_iter().filter_map(|c| c.state);
+        assert_eq!(after.restore(states, now).unwrap(), 1);
+        after
     }
 
     #[test]
@@ -775,9 +780,7 @@ mod tests {
             "changes are taken once"
         );
 
-        let mut after = table();
-        let states = changes.into_iter().filter_map(|c| c.state);
-        assert_eq!(after.restore(states, 160 * S).unwrap(), 1);
+        let mut after = restored(changes, 160 * S);
         let mut resumed = Vec::new();
         after.emit_due(163 * S, &mut resumed);
         before.emit_due(163 * S, &mut out);
@@ -817,9 +820,7 @@ mod tests {
         assert_eq!(changes[0].state, None, "the removal first");
         assert_eq!(changes[0].key, changes[1].key);
         // Applied in order, as the store does: the new connection's state stays.
-        let mut after = table();
-        let states = changes.into_iter().filter_map(|c| c.state);
-        assert_eq!(after.restore(states, 200 * S).unwrap(), 1);
+        let mut after = restored(changes, 200 * S);
         let mut resumed = Vec::new();
         after.emit_due(203 * S, &mut resumed);
         assert_eq!(resumed.len(), 1);

@@ -1,9 +1,9 @@
 //! Group commit: writes made durable together. Every durable write of the sled store (a
-//! batch appended, a shard's checkpoint, an outbox push or removal) used to flush on its own:
-//! at 1,000 connections/s that was ~120 flushes a second, each a buffer sealed, handed to
-//! sled's I/O threads, written and synced, with the thread wake-ups that go with it. Writers
-//! that arrive while a flush is running now wait for it and are covered by the next one, which
-//! one of them runs for all.
+//! batch appended, a shard's checkpoint, an outbox push) flushes, and each flush seals a
+//! buffer that sled hands to its I/O threads to write and sync, with the thread wake-ups that
+//! go with it (at 1,000 connections/s, ~120 syncs a second when every write flushed on its
+//! own). Writers that arrive while a flush is running wait for it and are covered by the next
+//! one, which one of them runs for all.
 //!
 //! **The invariant.** A writer takes a ticket *after* its write is applied in memory. A flush
 //! covers every ticket taken before it started, so `flushed` only ever moves to a ticket read
