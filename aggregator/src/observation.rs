@@ -8,12 +8,7 @@
 //! endpoint that served it), the view every other node sees without knowing of the NAT. So the
 //! points before and after the translation stitch into one connection, counted once.
 
-use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    sync::Arc,
-};
-
-use foldhash::{HashSet, HashSetExt};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use mermin_protocol::flow::v1::{self as proto, Direction, EndReason, FlowRecord};
 use serde::{Deserialize, Serialize};
@@ -33,55 +28,6 @@ pub struct ObservationPoint {
     pub node: String,
     pub interface: String,
     pub hook: Hook,
-}
-
-/// An observation point as a flow table holds it: interned ([`Points`]), so that the connections
-/// seen at one point share one copy of its names.
-pub type Point = Arc<ObservationPoint>;
-
-/// The interner of one flow table's observation points. Points no connection refers to any more
-/// (pods come and go, and with them their veths) are forgotten whenever the set has doubled
-/// since the last time: amortized O(1), and never more than twice the points in use.
-pub struct Points {
-    set: HashSet<Point>,
-    collect_at: usize,
-}
-
-impl Default for Points {
-    fn default() -> Self {
-        Self {
-            set: HashSet::new(),
-            collect_at: Self::MIN_COLLECT_AT,
-        }
-    }
-}
-
-impl Points {
-    const MIN_COLLECT_AT: usize = 1024;
-
-    /// The shared copy of `point`.
-    pub fn intern(&mut self, point: &ObservationPoint) -> Point {
-        if let Some(shared) = self.set.get(point) {
-            return shared.clone();
-        }
-        if self.set.len() >= self.collect_at {
-            // Only the set holds them.
-            self.set.retain(|p| Arc::strong_count(p) > 1);
-            self.collect_at = Self::MIN_COLLECT_AT.max(2 * self.set.len());
-        }
-        let shared = Arc::new(point.clone());
-        self.set.insert(shared.clone());
-        shared
-    }
-
-    /// Points held (in use, or not yet forgotten).
-    pub fn len(&self) -> usize {
-        self.set.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.set.is_empty()
-    }
 }
 
 /// Counts of one direction at one point over some interval (sums of record deltas).
@@ -401,26 +347,6 @@ fn narrow(field: &'static str, value: u32, bits: u32) -> Result<u32, InvalidReco
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn points_are_shared_and_forgotten_when_unused() {
-        let point = |i: usize| ObservationPoint {
-            node: "node-a".into(),
-            interface: format!("veth{i}"),
-            hook: Hook::Ingress,
-        };
-        let mut points = Points::default();
-        let kept = points.intern(&point(0));
-        assert!(Arc::ptr_eq(&kept, &points.intern(&point(0))), "one copy");
-        for i in 1..Points::MIN_COLLECT_AT {
-            drop(points.intern(&point(i)));
-        }
-        assert_eq!(points.len(), Points::MIN_COLLECT_AT);
-        // The set is full: the next new point collects those only the set holds.
-        let _new = points.intern(&point(5_000));
-        assert_eq!(points.len(), 2, "the kept point and the new one");
-        assert!(Arc::ptr_eq(&kept, &points.intern(&point(0))));
-    }
 
     fn record() -> FlowRecord {
         FlowRecord {

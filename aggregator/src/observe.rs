@@ -153,9 +153,7 @@ pub fn observed(emitted: &Emitted, index: &MetadataIndex) -> ObservedFlow {
         end
     };
     let counts = |measured: &Option<crate::stitch::Measured>| {
-        measured
-            .as_ref()
-            .map_or((0, 0), |m| (m.counts.bytes, m.counts.packets))
+        measured.as_ref().map_or((0, 0), |m| (m.bytes, m.packets))
     };
     let (sent_bytes, sent_packets) = counts(&flow.client_to_server);
     let (received_bytes, received_packets) = counts(&flow.server_to_client);

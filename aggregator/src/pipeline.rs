@@ -582,7 +582,7 @@ mod tests {
             let mut emitted = Vec::new();
             shard.table.flush(unix_now(), &mut emitted);
             for e in emitted {
-                let sent = e.flow.client_to_server.unwrap().counts.packets;
+                let sent = e.flow.client_to_server.unwrap().packets;
                 packets_by_port.push((index as ShardId, e.flow.client.port, sent));
             }
         }

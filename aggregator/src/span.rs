@@ -265,13 +265,11 @@ fn write_flow_attributes(
         (Direction::Sent, &flow.client_to_server),
         (Direction::Received, &flow.server_to_client),
     ] {
-        let (packets, bytes) = measured
-            .as_ref()
-            .map_or((0, 0), |m| (m.counts.packets, m.counts.bytes));
+        let (packets, bytes) = measured.as_ref().map_or((0, 0), |m| (m.packets, m.bytes));
         attributes.int(direction.bytes_key(), saturating_i64(bytes));
         attributes.int(direction.packets_key(), saturating_i64(packets));
         if let Some(m) = measured {
-            flags |= m.counts.tcp_flags;
+            flags |= u32::from(m.tcp_flags);
             attributes.display(direction.point_key(), PointLabel(&m.point));
         }
     }
@@ -375,7 +373,6 @@ mod tests {
     use crate::{
         connection_key::{ConnectionKey, Tuple},
         metadata::{IndexSettings, static_file},
-        observation::Counts,
         stitch::{ClientRule, Measured},
     };
 
@@ -417,15 +414,11 @@ mod tests {
                 hook,
             })
         };
-        let measured = |packets, bytes, flags, point| Measured {
-            counts: Counts {
-                packets,
-                bytes,
-                first_seen_unix_nanos: 1_000,
-                last_seen_unix_nanos: 9_000,
-                tcp_flags: flags,
-                first_tcp_flags: 0x02,
-            },
+        let measured = |packets, bytes, tcp_flags, point| Measured {
+            packets,
+            bytes,
+            tcp_flags,
+            first_tcp_flags: 0x02,
             point,
         };
         Flow {

@@ -18,29 +18,34 @@
 //! egress (the packet is about to enter the receiving pod); ties go to the earlier first packet.
 //! A direction that the preferred point did not see is taken from the next one.
 //!
-//! **Stability.** The first interval of a connection fixes these decisions in [`Decisions`]; later
+//! **Stability.** The first interval of a connection fixes these decisions in its [`Connection`]; later
 //! intervals keep them, so an interval without a SYN cannot flip client and server, and a
 //! direction is counted at the same point for the connection's whole life. That makes the sum of
 //! a direction's counts over all intervals exactly what that one point counted.
 
-use std::{net::IpAddr, sync::Arc};
+mod points;
+mod stored;
+
+use std::net::IpAddr;
 
 use mermin_protocol::flow::v1::EndReason;
 use serde::{Deserialize, Serialize};
 
 use crate::{
     connection_key::{ConnectionKey, Endpoint, Orientation},
-    observation::{Counts, Hook, Observation, ObservationPoint, Point, Points, Translation},
+    observation::{Counts, Hook, Observation, ObservationPoint, Translation},
 };
-use smallvec::SmallVec;
+
+pub use points::{Point, PointId, Points};
+pub use stored::{StoredConnection, StoredDecisions};
 
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_ICMPV6: u8 = 58;
 const IPPROTO_SCTP: u8 = 132;
-const SYN: u32 = 0x02;
-const ACK: u32 = 0x10;
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
 const EPHEMERAL_PORTS_START: u16 = 32768;
 const ICMP_V4_REQUESTS: &[u8] = &[8, 13, 15, 10, 17];
 const ICMP_V4_REPLIES: &[u8] = &[0, 14, 16, 9, 18];
@@ -58,6 +63,15 @@ pub enum ClientRule {
 }
 
 impl ClientRule {
+    /// Every rule, in the order of their numbers.
+    const ALL: [ClientRule; 5] = [
+        ClientRule::TcpHandshake,
+        ClientRule::IcmpRequest,
+        ClientRule::WellKnownPort,
+        ClientRule::EphemeralPort,
+        ClientRule::FirstPacket,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ClientRule::TcpHandshake => "tcp_handshake",
@@ -119,7 +133,12 @@ pub struct Side {
 /// One direction's counts and the point they come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Measured {
-    pub counts: Counts,
+    pub packets: u64,
+    pub bytes: u64,
+    /// Every TCP flag seen in this direction (8 bits).
+    pub tcp_flags: u8,
+    /// The flags of the first packet the point saw in this direction.
+    pub first_tcp_flags: u8,
     pub point: Point,
 }
 
@@ -143,204 +162,250 @@ pub struct Flow {
     pub translation: Option<Translation>,
 }
 
-/// What one point saw of one direction in the current interval.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Seen {
-    point: Point,
-    orientation: OrientationKey,
-    /// The point's rank for this direction (see the module docs).
-    rank: u8,
-    counts: Counts,
-    /// The ICMP message type (the client rule looks at it).
-    icmp_type: u8,
+/// Index of a direction in a connection's per-direction arrays.
+fn direction(orientation: Orientation) -> usize {
+    match orientation {
+        Orientation::Forward => 0,
+        Orientation::Reverse => 1,
+    }
 }
 
-/// What the first interval decided; kept for the connection's life (see the module docs).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Decisions {
-    /// Whether the key's first endpoint is the client, and why.
-    client: Option<(bool, ClientRule)>,
-    forward_point: Option<Point>,
-    reverse_point: Option<Point>,
-    /// The first translation a record reported (boxed: few connections have one).
-    translation: Option<Box<Translation>>,
+/// What one point saw of one direction in the current interval: what stitching needs of a
+/// record's [`Counts`] (the last packet's time is the connection's, not a point's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Tally {
+    point: PointId,
+    packets: u64,
+    bytes: u64,
+    first_seen_unix_nanos: u64,
+    tcp_flags: u8,
+    first_tcp_flags: u8,
 }
 
-impl Decisions {
-    /// Keeps the connection's translation; the first one reported stands.
-    pub fn note_translation(&mut self, translation: Option<&Translation>) {
-        if self.translation.is_none()
-            && let Some(t) = translation
-        {
-            self.translation = Some(Box::new(*t));
+impl Tally {
+    fn of(point: PointId, counts: &Counts) -> Tally {
+        // Records are validated: TCP flags fit in 8 bits.
+        Tally {
+            point,
+            packets: counts.packets,
+            bytes: counts.bytes,
+            first_seen_unix_nanos: counts.first_seen_unix_nanos,
+            tcp_flags: counts.tcp_flags as u8,
+            first_tcp_flags: counts.first_tcp_flags as u8,
         }
     }
 
-    /// Whether `point` counts the direction `orientation` of this connection.
-    pub fn counts_at(&self, point: &ObservationPoint, orientation: Orientation) -> bool {
-        self.chosen(orientation.into())
-            .is_some_and(|chosen| **chosen == *point)
-    }
-
-    fn chosen(&self, orientation: OrientationKey) -> Option<&Point> {
-        match orientation {
-            OrientationKey::Forward => self.forward_point.as_ref(),
-            OrientationKey::Reverse => self.reverse_point.as_ref(),
-        }
-    }
-
-    /// Replaces every point with the shared copy from `points` (after a restore).
-    pub fn intern(&mut self, points: &mut Points) {
-        for point in [&mut self.forward_point, &mut self.reverse_point]
-            .into_iter()
-            .flatten()
-        {
-            *point = points.intern(point);
+    /// Adds a later record of the same direction at the same point.
+    fn merge(&mut self, later: &Counts) {
+        // Validated records cannot get near u64::MAX (see `MAX_BYTES_PER_SECOND`); saturate
+        // rather than wrap all the same.
+        self.packets = self.packets.saturating_add(later.packets);
+        self.bytes = self.bytes.saturating_add(later.bytes);
+        self.tcp_flags |= later.tcp_flags as u8;
+        if later.first_seen_unix_nanos < self.first_seen_unix_nanos {
+            self.first_seen_unix_nanos = later.first_seen_unix_nanos;
+            self.first_tcp_flags = later.first_tcp_flags as u8;
         }
     }
 }
 
-/// The observations of one connection in the current interval, reduced as they arrive to what
-/// stitching needs: per direction only the counts of the points that can still be the counting
-/// point (the decided one; before a decision, those of the best rank so far — counts are never
-/// summed across points, so the others' would be dropped anyway), and of every point only that it
-/// saw the connection.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// The client decision in one byte: undecided, or whether the key's first endpoint is the
+/// client and the rule that says so.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct ClientDecision(u8);
+
+impl ClientDecision {
+    fn of((first_is_client, rule): (bool, ClientRule)) -> Self {
+        Self(1 + 2 * rule as u8 + u8::from(first_is_client))
+    }
+
+    fn get(self) -> Option<(bool, ClientRule)> {
+        let value = self.0.checked_sub(1)?;
+        Some((value & 1 == 1, ClientRule::ALL[usize::from(value >> 1)]))
+    }
+}
+
+/// What a connection rarely has, kept apart so that the common connection stays small.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Rare {
+    /// Counts of points that tie with a direction's kept point on rank (this interval).
+    ties: Vec<(usize, Tally)>,
+    /// The points that saw the connection in this interval beyond the first four.
+    more_points: Vec<PointId>,
+    /// The first translation a record reported (for the connection's life).
+    translation: Option<Translation>,
+}
+
+/// One connection as the flow table keeps it: the observations of its current interval, reduced
+/// as they arrive to what stitching needs — per direction only the counts of the point that can
+/// still be the counting point (the decided one; before a decision, the best rank's so far, with
+/// any ties in [`Rare`] — counts are never summed across points, so the others' would be dropped
+/// anyway), of every point only that it saw the connection — and what its first interval decided,
+/// kept for its life (see the module docs).
+///
+/// This is the flow table's entry, so its layout is its cost: per-direction values are arrays
+/// indexed by [`direction`], points are [`PointId`]s, and nothing is padded (112 bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Connection {
-    /// Usually one per direction; more only while points of one rank tie.
-    counted: SmallVec<[Seen; 2]>,
-    /// Every point that saw the connection in this interval.
-    points: SmallVec<[Point; 4]>,
-    /// Bit `i`: `points[i]` sent a final record in this interval (the first eight points).
-    finals: u8,
+    /// The current interval's first and last packet at any point.
     start_unix_nanos: u64,
     end_unix_nanos: u64,
-    #[serde(with = "crate::observation::end_reason_number")]
-    end_reason: EndReason,
+    /// Per direction, the kept point's counts (nothing kept: `counted_at` is `NONE`).
+    packets: [u64; 2],
+    bytes: [u64; 2],
+    first_seen_unix_nanos: [u64; 2],
+    counted_at: [PointId; 2],
+    tcp_flags: [u8; 2],
+    first_tcp_flags: [u8; 2],
+    /// The first four points that saw the connection in this interval; `NONE` after the last.
+    points: [PointId; 4],
+    /// Bit `i`: the `i`th point sent a final record in this interval (the first eight points).
+    finals: u8,
+    /// The most final reason of this interval, as its number.
+    end_reason: u8,
+    /// For the connection's life: each direction's counting point, once decided.
+    decided_at: [PointId; 2],
+    client: ClientDecision,
+    rare: Option<Box<Rare>>,
 }
 
-/// `Orientation` with an order, for the map key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-enum OrientationKey {
-    Forward,
-    Reverse,
-}
-
-impl From<Orientation> for OrientationKey {
-    fn from(o: Orientation) -> Self {
-        match o {
-            Orientation::Forward => OrientationKey::Forward,
-            Orientation::Reverse => OrientationKey::Reverse,
+impl Default for Connection {
+    fn default() -> Self {
+        Connection {
+            start_unix_nanos: 0,
+            end_unix_nanos: 0,
+            packets: [0; 2],
+            bytes: [0; 2],
+            first_seen_unix_nanos: [0; 2],
+            counted_at: [PointId::NONE; 2],
+            tcp_flags: [0; 2],
+            first_tcp_flags: [0; 2],
+            points: [PointId::NONE; 4],
+            finals: 0,
+            end_reason: EndReason::Unspecified as u8,
+            decided_at: [PointId::NONE; 2],
+            client: ClientDecision::default(),
+            rare: None,
         }
     }
 }
 
 impl Connection {
+    /// Whether no point saw the connection in this interval.
     pub fn is_empty(&self) -> bool {
-        self.points.is_empty()
+        self.points[0].is_none()
     }
 
     /// Whether every point that saw the connection in this interval has sent its final record.
     pub fn is_final_everywhere(&self) -> bool {
-        let seen = self.points.len();
+        let seen = self.point_ids().count();
         seen > 0 && seen <= 8 && u32::from(self.finals) == (1u32 << seen) - 1
     }
 
     /// The nodes whose points saw the connection in this interval (with repeats).
-    pub fn reporting_nodes(&self) -> impl Iterator<Item = &str> {
-        self.points.iter().map(|p| p.node.as_str())
+    pub fn reporting_nodes<'a>(&'a self, points: &'a Points) -> impl Iterator<Item = &'a str> {
+        self.point_ids().map(|id| points.get(id).node.as_str())
     }
 
-    /// Adds an observation of this connection seen at `point` (the interned copy of the
-    /// observation's point), keeping what `decisions` and the points' ranks may still count.
-    pub fn add(
-        &mut self,
-        observation: &Observation,
-        point: Point,
-        decisions: &Decisions,
-        kinds: &InterfaceKinds,
-    ) {
+    /// Whether `point` counts the direction `orientation` of this connection.
+    pub fn counts_at(&self, point: PointId, orientation: Orientation) -> bool {
+        let decided = self.decided_at[direction(orientation)];
+        !decided.is_none() && decided == point
+    }
+
+    /// Keeps the connection's translation; the first one reported stands.
+    pub fn note_translation(&mut self, translation: Option<&Translation>) {
+        if let Some(t) = translation {
+            let rare = self.rare.get_or_insert_default();
+            if rare.translation.is_none() {
+                rare.translation = Some(*t);
+            }
+        }
+    }
+
+    /// Adds an observation of this connection seen at `point` (its id in `points`), keeping what
+    /// the decisions and the points' ranks may still count.
+    pub fn add(&mut self, observation: &Observation, point: PointId, points: &Points) {
         let counts = &observation.counts;
-        if self.points.is_empty() {
+        if self.is_empty() {
             self.start_unix_nanos = counts.first_seen_unix_nanos;
             self.end_unix_nanos = counts.last_seen_unix_nanos;
-            self.end_reason = observation.end_reason;
+            self.end_reason = observation.end_reason as u8;
         } else {
             self.start_unix_nanos = self.start_unix_nanos.min(counts.first_seen_unix_nanos);
             self.end_unix_nanos = self.end_unix_nanos.max(counts.last_seen_unix_nanos);
-            self.end_reason = more_final(self.end_reason, observation.end_reason);
+            self.end_reason = more_final(self.end_reason(), observation.end_reason) as u8;
         }
-        let index = match self.points.iter().position(|p| same(p, &point)) {
-            Some(index) => index,
-            None => {
-                self.points.push(point.clone());
-                self.points.len() - 1
-            }
-        };
+        let index = self.note_point(point);
         if observation.end_reason != EndReason::ActiveTimeout && index < 8 {
             self.finals |= 1 << index;
         }
-        let orientation = OrientationKey::from(observation.orientation);
-        let rank = match decisions.chosen(orientation) {
-            Some(chosen) if same(chosen, &point) => 0,
-            Some(_) => return, // counted at another point
-            None => kinds.rank(&point),
+        let d = direction(observation.orientation);
+        let decided = self.decided_at[d];
+        let rank = if decided.is_none() {
+            points.rank(point)
+        } else if decided == point {
+            0
+        } else {
+            return; // counted at another point
         };
-        let mut best = u8::MAX;
-        for seen in self.counted.iter_mut() {
-            if seen.orientation != orientation {
-                continue;
-            }
-            if same(&seen.point, &point) {
-                seen.counts.merge(counts);
-                return;
-            }
-            best = best.min(seen.rank);
+        let Some(mut kept) = self.tally(d) else {
+            self.set_tally(d, Tally::of(point, counts));
+            return;
+        };
+        if kept.point == point {
+            kept.merge(counts);
+            self.set_tally(d, kept);
+            return;
         }
+        if let Some(rare) = &mut self.rare
+            && let Some((_, tie)) = rare
+                .ties
+                .iter_mut()
+                .find(|(td, t)| *td == d && t.point == point)
+        {
+            tie.merge(counts);
+            return;
+        }
+        // Every point kept for a direction has one rank: the kept one's (0 if decided, and then
+        // `point` was the decided one and merged above).
+        let best = points.rank(kept.point);
         if rank > best {
             return;
         }
         if rank < best {
-            self.counted.retain(|s| s.orientation != orientation);
-        }
-        self.counted.push(Seen {
-            point,
-            orientation,
-            rank,
-            counts: *counts,
-            icmp_type: observation.tuple.icmp_type,
-        });
-    }
-
-    /// Replaces every point with the shared copy from `points` (after a restore).
-    pub fn intern(&mut self, points: &mut Points) {
-        for point in self.points.iter_mut() {
-            *point = points.intern(point);
-        }
-        for seen in self.counted.iter_mut() {
-            seen.point = points.intern(&seen.point);
+            self.set_tally(d, Tally::of(point, counts));
+            if let Some(rare) = &mut self.rare {
+                rare.ties.retain(|(td, _)| *td != d);
+            }
+        } else {
+            let rare = self.rare.get_or_insert_default();
+            rare.ties.push((d, Tally::of(point, counts)));
         }
     }
 
-    /// The stitched flow of connection `key`, or `None` if nothing was observed. `decisions`
-    /// carries what earlier intervals of this connection decided and takes what this one
-    /// decides first.
-    pub fn stitch(&self, key: ConnectionKey, decisions: &mut Decisions) -> Option<Flow> {
-        if self.points.is_empty() {
+    /// The stitched flow of connection `key`, or `None` if nothing was observed in this interval.
+    /// The connection's decisions are taken from earlier intervals, or made now.
+    pub fn stitch(&mut self, key: ConnectionKey, points: &Points) -> Option<Flow> {
+        if self.is_empty() {
             return None;
         }
-        let forward = self.best(OrientationKey::Forward);
-        let reverse = self.best(OrientationKey::Reverse);
-        let (client_is_first, client_rule) = *decisions
-            .client
-            .get_or_insert_with(|| client(key, forward, reverse));
+        let forward = self.best(0, points);
+        let reverse = self.best(1, points);
+        let (client_is_first, client_rule) = match self.client.get() {
+            Some(decided) => decided,
+            None => {
+                let decided = client(key, forward.as_ref(), reverse.as_ref());
+                self.client = ClientDecision::of(decided);
+                decided
+            }
+        };
         // What is kept is the decided point's, or — no decision yet — the best rank's.
-        for (chosen, best) in [
-            (&mut decisions.forward_point, forward),
-            (&mut decisions.reverse_point, reverse),
-        ] {
-            if chosen.is_none() {
-                *chosen = best.map(|seen| seen.point.clone());
+        for (decided, best) in self.decided_at.iter_mut().zip([forward, reverse]) {
+            if decided.is_none()
+                && let Some(best) = best
+            {
+                *decided = best.point;
             }
         }
         let (to_server, to_client) = if client_is_first {
@@ -353,14 +418,17 @@ impl Connection {
         } else {
             (key.second, key.first)
         };
-        let measured = |seen: Option<&Seen>| {
-            seen.map(|seen| Measured {
-                counts: seen.counts,
-                point: seen.point.clone(),
+        let measured = |tally: Option<Tally>| {
+            tally.map(|t| Measured {
+                packets: t.packets,
+                bytes: t.bytes,
+                tcp_flags: t.tcp_flags,
+                first_tcp_flags: t.first_tcp_flags,
+                point: points.get(t.point).clone(),
             })
         };
-        let mut points: Vec<Point> = self.points.to_vec();
-        points.sort();
+        let mut seen: Vec<Point> = self.point_ids().map(|id| points.get(id).clone()).collect();
+        seen.sort();
         Some(Flow {
             key,
             client: side(key.protocol, client),
@@ -368,48 +436,169 @@ impl Connection {
             client_rule,
             client_to_server: measured(to_server),
             server_to_client: measured(to_client),
-            points,
+            points: seen,
             start_unix_nanos: self.start_unix_nanos,
             end_unix_nanos: self.end_unix_nanos,
-            end_reason: self.end_reason,
-            translation: decisions.translation.as_deref().copied(),
+            end_reason: self.end_reason(),
+            translation: self.rare.as_ref().and_then(|r| r.translation),
         })
     }
 
-    /// The counting point's observation of one direction: among those kept (one rank), the
-    /// earliest first packet, then the smaller point.
-    fn best(&self, orientation: OrientationKey) -> Option<&Seen> {
-        self.counted
+    /// Empties the current interval; what the connection decided stays.
+    pub fn next_interval(&mut self) {
+        let rare = self.rare.take().and_then(|mut rare| {
+            rare.ties.clear();
+            rare.more_points.clear();
+            rare.translation.is_some().then_some(rare)
+        });
+        *self = Connection {
+            decided_at: self.decided_at,
+            client: self.client,
+            rare,
+            ..Connection::default()
+        };
+    }
+
+    /// Calls `mark` with every point the connection refers to.
+    pub fn mark_points(&self, mark: &mut dyn FnMut(PointId)) {
+        let rare = self.rare.as_deref();
+        self.counted_at
             .iter()
-            .filter(|s| s.orientation == orientation)
-            .min_by(|a, b| {
-                let first = |s: &Seen| s.counts.first_seen_unix_nanos;
-                first(a).cmp(&first(b)).then_with(|| a.point.cmp(&b.point))
-            })
+            .chain(&self.decided_at)
+            .copied()
+            .filter(|id| !id.is_none())
+            .chain(self.point_ids())
+            .chain(
+                rare.into_iter()
+                    .flat_map(|r| r.ties.iter().map(|(_, t)| t.point)),
+            )
+            .for_each(mark);
+    }
+
+    /// Replaces every point id with `map(id)` (moving the connection to another table).
+    pub fn map_points(&mut self, map: &mut dyn FnMut(PointId) -> PointId) {
+        for id in self
+            .counted_at
+            .iter_mut()
+            .chain(&mut self.decided_at)
+            .chain(&mut self.points)
+            .filter(|id| !id.is_none())
+        {
+            *id = map(*id);
+        }
+        if let Some(rare) = &mut self.rare {
+            for id in rare
+                .more_points
+                .iter_mut()
+                .chain(rare.ties.iter_mut().map(|(_, t)| &mut t.point))
+            {
+                *id = map(*id);
+            }
+        }
+    }
+
+    fn end_reason(&self) -> EndReason {
+        EndReason::try_from(i32::from(self.end_reason)).unwrap_or(EndReason::Unspecified)
+    }
+
+    /// The points that saw the connection in this interval, in the order they first did.
+    fn point_ids(&self) -> impl Iterator<Item = PointId> + '_ {
+        let more = self.rare.as_deref().map_or(&[][..], |r| &r.more_points[..]);
+        self.points
+            .iter()
+            .copied()
+            .take_while(|id| !id.is_none())
+            .chain(more.iter().copied())
+    }
+
+    /// The position of `point` among the points of this interval, added if it is new.
+    fn note_point(&mut self, point: PointId) -> usize {
+        for (index, slot) in self.points.iter_mut().enumerate() {
+            if *slot == point {
+                return index;
+            }
+            if slot.is_none() {
+                *slot = point;
+                return index;
+            }
+        }
+        let more = &mut self.rare.get_or_insert_default().more_points;
+        let index = match more.iter().position(|&p| p == point) {
+            Some(index) => index,
+            None => {
+                more.push(point);
+                more.len() - 1
+            }
+        };
+        self.points.len() + index
+    }
+
+    /// The kept counts of direction `d`.
+    fn tally(&self, d: usize) -> Option<Tally> {
+        (!self.counted_at[d].is_none()).then(|| Tally {
+            point: self.counted_at[d],
+            packets: self.packets[d],
+            bytes: self.bytes[d],
+            first_seen_unix_nanos: self.first_seen_unix_nanos[d],
+            tcp_flags: self.tcp_flags[d],
+            first_tcp_flags: self.first_tcp_flags[d],
+        })
+    }
+
+    fn set_tally(&mut self, d: usize, tally: Tally) {
+        self.counted_at[d] = tally.point;
+        self.packets[d] = tally.packets;
+        self.bytes[d] = tally.bytes;
+        self.first_seen_unix_nanos[d] = tally.first_seen_unix_nanos;
+        self.tcp_flags[d] = tally.tcp_flags;
+        self.first_tcp_flags[d] = tally.first_tcp_flags;
+    }
+
+    /// Every kept tally of direction `d`: the kept point's and its ties.
+    fn tallies(&self, d: usize) -> impl Iterator<Item = Tally> + '_ {
+        let ties = self.rare.as_deref().map_or(&[][..], |r| &r.ties[..]);
+        self.tally(d)
+            .into_iter()
+            .chain(ties.iter().filter(move |(td, _)| *td == d).map(|(_, t)| *t))
+    }
+
+    /// The counting point's tally of direction `d`: among those kept (one rank), the earliest
+    /// first packet, then the smaller point.
+    fn best(&self, d: usize, points: &Points) -> Option<Tally> {
+        self.tallies(d).min_by(|a, b| {
+            a.first_seen_unix_nanos
+                .cmp(&b.first_seen_unix_nanos)
+                .then_with(|| points.get(a.point).cmp(points.get(b.point)))
+        })
     }
 }
 
 /// Whether the key's first endpoint is the client, and the rule that says so; `forward` and
-/// `reverse` are the counting points' observations.
+/// `reverse` are the counting points' tallies.
 fn client(
     key: ConnectionKey,
-    forward: Option<&Seen>,
-    reverse: Option<&Seen>,
+    forward: Option<&Tally>,
+    reverse: Option<&Tally>,
 ) -> (bool, ClientRule) {
-    // Each rule answers "does the forward direction come from the client?".
-    let by_direction = |test: &dyn Fn(&Seen) -> Option<bool>| {
+    // Each rule answers "does the forward direction come from the client?", given a direction's
+    // tally and the ICMP message type its sender sent (for ICMP the key's ports are the types:
+    // each endpoint's port is the type it sends).
+    let by_direction = |test: &dyn Fn(&Tally, u8) -> Option<bool>| {
         forward
-            .and_then(test)
-            .or_else(|| reverse.and_then(test).map(|from_client| !from_client))
+            .and_then(|t| test(t, key.first.port as u8))
+            .or_else(|| {
+                reverse
+                    .and_then(|t| test(t, key.second.port as u8))
+                    .map(|from_client| !from_client)
+            })
     };
     let protocol = key.protocol;
     if protocol == IPPROTO_TCP
-        && let Some(first) =
-            by_direction(&|s: &Seen| match s.counts.first_tcp_flags & (SYN | ACK) {
-                SYN => Some(true),
-                f if f == SYN | ACK => Some(false),
-                _ => None,
-            })
+        && let Some(first) = by_direction(&|t: &Tally, _| match t.first_tcp_flags & (SYN | ACK) {
+            SYN => Some(true),
+            f if f == SYN | ACK => Some(false),
+            _ => None,
+        })
     {
         return (first, ClientRule::TcpHandshake);
     }
@@ -419,10 +608,10 @@ fn client(
         } else {
             (ICMP_V6_REQUESTS, ICMP_V6_REPLIES)
         };
-        let test = |s: &Seen| {
-            if requests.contains(&s.icmp_type) {
+        let test = |_: &Tally, icmp_type: u8| {
+            if requests.contains(&icmp_type) {
                 Some(true)
-            } else if replies.contains(&s.icmp_type) {
+            } else if replies.contains(&icmp_type) {
                 Some(false)
             } else {
                 None
@@ -442,7 +631,7 @@ fn client(
             return (ephemeral(a), ClientRule::EphemeralPort);
         }
     }
-    let first_seen = |s: Option<&Seen>| s.map_or(u64::MAX, |s| s.counts.first_seen_unix_nanos);
+    let first_seen = |t: Option<&Tally>| t.map_or(u64::MAX, |t| t.first_seen_unix_nanos);
     (
         first_seen(forward) <= first_seen(reverse),
         ClientRule::FirstPacket,
@@ -458,11 +647,6 @@ fn side(protocol: u8, endpoint: Endpoint) -> Side {
             0
         },
     }
-}
-
-/// Whether two points are one: the same copy (always, within one table), or equal.
-fn same(a: &Point, b: &Point) -> bool {
-    Arc::ptr_eq(a, b) || a == b
 }
 
 fn has_ports(protocol: u8) -> bool {
@@ -523,9 +707,9 @@ mod tests {
             self.0.last_seen_unix_nanos = last;
             self
         }
-        fn flags(mut self, first: u32, all: u32) -> R {
-            self.0.first_tcp_flags = first;
-            self.0.tcp_flags = all;
+        fn flags(mut self, first: u8, all: u8) -> R {
+            self.0.first_tcp_flags = u32::from(first);
+            self.0.tcp_flags = u32::from(all);
             self
         }
         fn proto(mut self, protocol: u32) -> R {
@@ -542,27 +726,44 @@ mod tests {
         }
     }
 
-    fn stitch(records: Vec<R>) -> Flow {
-        let observations: Vec<Observation> = records
-            .iter()
-            .map(|r| Observation::try_from(&r.0).unwrap())
-            .collect();
-        for o in &observations {
-            assert_eq!(o.key, observations[0].key, "records of one connection");
-        }
-        observe(&observations, &Decisions::default())
-            .stitch(observations[0].key, &mut Decisions::default())
-            .unwrap()
+    /// One connection's observations, interval after interval, as a flow table adds them.
+    struct Intervals {
+        points: Points,
+        kinds: InterfaceKinds,
+        connection: Connection,
     }
 
-    /// One interval's observations of one connection, added in order.
-    fn observe(observations: &[Observation], decisions: &Decisions) -> Connection {
-        let (kinds, mut points) = (InterfaceKinds::default(), Points::default());
-        let mut connection = Connection::default();
-        for o in observations {
-            connection.add(o, points.intern(&o.point), decisions, &kinds);
+    impl Intervals {
+        fn new() -> Self {
+            Intervals {
+                points: Points::default(),
+                kinds: InterfaceKinds::default(),
+                connection: Connection::default(),
+            }
         }
-        connection
+
+        /// The next interval: `records` added in order, stitched.
+        fn interval(&mut self, records: Vec<R>) -> Flow {
+            let observations: Vec<Observation> = records
+                .iter()
+                .map(|r| Observation::try_from(&r.0).unwrap())
+                .collect();
+            for o in &observations {
+                assert_eq!(o.key, observations[0].key, "records of one connection");
+                let point = self.points.intern(&o.point, &self.kinds);
+                self.connection.add(o, point, &self.points);
+            }
+            let flow = self
+                .connection
+                .stitch(observations[0].key, &self.points)
+                .unwrap();
+            self.connection.next_interval();
+            flow
+        }
+    }
+
+    fn stitch(records: Vec<R>) -> Flow {
+        Intervals::new().interval(records)
     }
 
     const C: &str = "10.0.1.5:51000";
@@ -603,16 +804,13 @@ mod tests {
         assert_eq!(flow.client.address.to_string(), "10.0.1.5");
         assert_eq!((flow.client.port, flow.server.port), (51000, 443));
         let sent = flow.client_to_server.unwrap();
-        assert_eq!((sent.counts.packets, sent.counts.bytes), (10, 5_000));
+        assert_eq!((sent.packets, sent.bytes), (10, 5_000));
         assert_eq!(
             (sent.point.node.as_str(), sent.point.interface.as_str()),
             ("node-c", "vethc1")
         );
         let received = flow.server_to_client.unwrap();
-        assert_eq!(
-            (received.counts.packets, received.counts.bytes),
-            (8, 90_000)
-        );
+        assert_eq!((received.packets, received.bytes), (8, 90_000));
         assert_eq!(
             (
                 received.point.node.as_str(),
@@ -635,7 +833,7 @@ mod tests {
         assert_eq!(flow.client_rule, ClientRule::TcpHandshake);
         assert_eq!(flow.client.port, 51000);
         assert!(flow.client_to_server.is_none());
-        assert_eq!(flow.server_to_client.unwrap().counts.bytes, 7_000);
+        assert_eq!(flow.server_to_client.unwrap().bytes, 7_000);
     }
 
     #[test]
@@ -685,7 +883,7 @@ mod tests {
         assert_eq!(flow.client_rule, ClientRule::IcmpRequest);
         assert_eq!(flow.client.address.to_string(), "10.0.0.3");
         assert_eq!((flow.client.port, flow.server.port), (0, 0));
-        assert_eq!(flow.client_to_server.unwrap().counts.packets, 3);
+        assert_eq!(flow.client_to_server.unwrap().packets, 3);
     }
 
     #[test]
@@ -710,63 +908,41 @@ mod tests {
 
     #[test]
     fn later_intervals_keep_the_client_and_the_counting_points() {
-        let mut decisions = Decisions::default();
-        let interval = |records: Vec<R>, decisions: &Decisions| {
-            let observations: Vec<Observation> = records
-                .iter()
-                .map(|r| Observation::try_from(&r.0).unwrap())
-                .collect();
-            (observations[0].key, observe(&observations, decisions))
-        };
+        let mut connection = Intervals::new();
         // Interval 0: only the host uplinks saw the handshake.
-        let (key, first) = interval(
-            vec![
-                r("n", "eth0", Out, C, S)
-                    .counts(3, 180, 1, 2)
-                    .flags(SYN, SYN | ACK),
-                r("n", "eth0", In, S, C)
-                    .counts(2, 120, 1, 2)
-                    .flags(SYN | ACK, SYN | ACK),
-            ],
-            &decisions,
-        );
-        let flow = first.stitch(key, &mut decisions).unwrap();
+        let flow = connection.interval(vec![
+            r("n", "eth0", Out, C, S)
+                .counts(3, 180, 1, 2)
+                .flags(SYN, SYN | ACK),
+            r("n", "eth0", In, S, C)
+                .counts(2, 120, 1, 2)
+                .flags(SYN | ACK, SYN | ACK),
+        ]);
         assert_eq!(flow.client_rule, ClientRule::TcpHandshake);
         // Interval 1: no SYN, and a better-ranked pod veth appears; decisions hold.
-        let (_, second) = interval(
-            vec![
-                r("n", "eth0", In, S, C)
-                    .counts(5, 500, 3, 4)
-                    .flags(ACK, ACK),
-                r("n", "vethc1", In, C, S)
-                    .counts(9, 900, 3, 4)
-                    .flags(ACK, ACK),
-                r("n", "eth0", Out, C, S)
-                    .counts(9, 900, 3, 4)
-                    .flags(ACK, ACK),
-            ],
-            &decisions,
-        );
-        let flow = second.stitch(key, &mut decisions).unwrap();
+        let flow = connection.interval(vec![
+            r("n", "eth0", In, S, C)
+                .counts(5, 500, 3, 4)
+                .flags(ACK, ACK),
+            r("n", "vethc1", In, C, S)
+                .counts(9, 900, 3, 4)
+                .flags(ACK, ACK),
+            r("n", "eth0", Out, C, S)
+                .counts(9, 900, 3, 4)
+                .flags(ACK, ACK),
+        ]);
         assert_eq!(flow.client_rule, ClientRule::TcpHandshake);
         assert_eq!(flow.client.port, 51000);
         let sent = flow.client_to_server.unwrap();
-        assert_eq!(
-            (sent.point.interface.as_str(), sent.counts.packets),
-            ("eth0", 9)
-        );
+        assert_eq!((sent.point.interface.as_str(), sent.packets), ("eth0", 9));
         // Interval 2: the counting point of the answers has not reported yet: nothing counted.
-        let (_, third) = interval(
-            vec![
-                r("n", "eth0", Out, C, S)
-                    .counts(1, 60, 5, 5)
-                    .flags(ACK, ACK),
-            ],
-            &decisions,
-        );
-        let flow = third.stitch(key, &mut decisions).unwrap();
+        let flow = connection.interval(vec![
+            r("n", "eth0", Out, C, S)
+                .counts(1, 60, 5, 5)
+                .flags(ACK, ACK),
+        ]);
         assert!(flow.server_to_client.is_none());
-        assert_eq!(flow.client_to_server.unwrap().counts.packets, 1);
+        assert_eq!(flow.client_to_server.unwrap().packets, 1);
     }
 
     #[test]
@@ -784,11 +960,7 @@ mod tests {
         let flow = stitch(records());
         let sent = flow.client_to_server.clone().unwrap();
         assert_eq!(
-            (
-                sent.point.interface.as_str(),
-                sent.counts.packets,
-                sent.counts.bytes
-            ),
+            (sent.point.interface.as_str(), sent.packets, sent.bytes),
             ("eth1", 3, 300),
             "eth1's two records, first packet at 10"
         );
@@ -799,10 +971,7 @@ mod tests {
         with_veth.push(r("n", "vethc1", In, C, S).counts(7, 700, 12, 13));
         let flow = stitch(with_veth);
         let sent = flow.client_to_server.unwrap();
-        assert_eq!(
-            (sent.point.interface.as_str(), sent.counts.packets),
-            ("vethc1", 7)
-        );
+        assert_eq!((sent.point.interface.as_str(), sent.packets), ("vethc1", 7));
         assert_eq!(
             flow.points.len(),
             4,
@@ -823,8 +992,8 @@ mod tests {
                 .flags(ACK, 0x11),
         ]);
         let sent = flow.client_to_server.unwrap();
-        assert_eq!((sent.counts.packets, sent.counts.bytes), (10, 1_000));
-        assert_eq!(sent.counts.first_tcp_flags, SYN);
+        assert_eq!((sent.packets, sent.bytes), (10, 1_000));
+        assert_eq!(sent.first_tcp_flags, SYN);
         assert_eq!(flow.end_reason, EndReason::TcpClose);
     }
 }

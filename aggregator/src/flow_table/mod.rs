@@ -13,7 +13,14 @@
 //!
 //! **Persistence.** The table records which connections changed ([`FlowTable::take_changes`]);
 //! the pipeline writes those, serialized, in the same store transaction as the spans they
-//! produced, and [`FlowTable::restore`] rebuilds the table after a restart.
+//! produced, and [`FlowTable::restore`] rebuilds the table after a restart. What is written is
+//! the stored form (`stored`), whose layout has not changed since the first release.
+//!
+//! **Layout.** A live connection costs its entry, so entries are compact (a [`Connection`] of
+//! 112 bytes, the key packed in 38, times and links: 184 bytes) and sit in a slab of fixed-size
+//! chunks (`slab`); the index from key to entry is a hash table of 4-byte slots, so that its load
+//! factor costs bytes, not entries. Connections that ended on a key stay chained behind the
+//! key's newest one (`Entry::previous`), in the slab but not in the index.
 //!
 //! **Connections on a reused 5-tuple.** A key can carry one connection after another (busy
 //! clients reuse ports). A record that starts a new flow at its point ([`Observation::starts_flow`];
@@ -29,19 +36,25 @@
 //! record from any other point is ignored and counted, since its packets are already counted
 //! elsewhere.
 
-use std::{num::NonZeroU64, time::Duration};
+mod packed_key;
+mod slab;
+mod stored;
 
-use foldhash::{HashMap, HashMapExt};
+use std::{hash::BuildHasher, time::Duration};
 
+use foldhash::fast::RandomState;
+use hashbrown::HashTable;
 use mermin_protocol::flow::v1::EndReason;
-use serde::{Deserialize, Serialize};
 
 use crate::{
     connection_key::ConnectionKey,
-    observation::{Observation, Points},
-    stitch::{Connection, Decisions, Flow, InterfaceKinds},
+    observation::{Observation, ObservationPoint},
+    stitch::{Connection, Flow, InterfaceKinds, PointId, Points},
     store::Change,
 };
+use packed_key::PackedKey;
+use slab::{NO_SLOT, Slab};
+use stored::StoredTracked;
 
 const IPPROTO_TCP: u8 = 6;
 const SYN: u32 = 0x02;
@@ -92,70 +105,98 @@ pub struct Emitted {
     pub interval: Interval,
 }
 
-/// A connection's state (stored as `(key, state)`). Its times are never 0 (records with a time
-/// of 0 are refused), so the optional ones take no more room than a `u64`; they are stored as
-/// `Option<u64>`.
-#[derive(Debug, Serialize, Deserialize)]
-struct Tracked {
-    connection: Connection,
-    decisions: Decisions,
-    /// Start of the connection's first interval.
-    start_unix_nanos: Option<NonZeroU64>,
-    /// Index of the current interval.
-    index: u64,
-    /// When the current interval is emitted; `None` while it is empty.
-    due_unix_nanos: Option<NonZeroU64>,
+/// Bits of [`Entry::state`].
+mod state {
+    /// The slot holds a connection.
+    pub const OCCUPIED: u8 = 1 << 0;
+    /// An earlier connection of its key, reached from the key's newest one (not in the index).
+    pub const CHAINED: u8 = 1 << 1;
     /// The current interval holds a final record.
-    closing: bool,
+    pub const CLOSING: u8 = 1 << 2;
     /// Changed since the table last handed out its changes (kept by the head of a key's chain,
-    /// which stands for the chain). A flag rather than a set of keys beside the table: it fits
-    /// in this struct's padding.
-    #[serde(skip)]
-    changed: bool,
-    /// Closed: kept until this time for late records.
-    closed_until: Option<NonZeroU64>,
-    /// The latest packet of the connection at any point.
-    last_packet_unix_nanos: u64,
-    /// The connection this key carried before this one, while it is remembered.
-    previous: Option<Box<Tracked>>,
+    /// which stands for the chain).
+    pub const CHANGED: u8 = 1 << 3;
+    /// The current interval holds records and is emitted at the deadline.
+    pub const DUE: u8 = 1 << 4;
+    /// Closed: kept until the deadline for late records.
+    pub const CLOSED: u8 = 1 << 5;
 }
 
-impl Tracked {
-    fn new() -> Self {
-        Tracked {
+/// One connection of one key, with where it is in its life.
+struct Entry {
+    connection: Connection,
+    key: PackedKey,
+    /// Start of the connection's first interval (0 until that interval is emitted; times are
+    /// never 0: records with a time of 0 are refused).
+    start_unix_nanos: u64,
+    /// The latest packet of the connection at any point.
+    last_packet_unix_nanos: u64,
+    /// With `DUE`, when the current interval is emitted; with `CLOSED`, when the connection is
+    /// forgotten (the two never hold at once).
+    deadline_unix_nanos: u64,
+    /// Index of the current interval.
+    index: u32,
+    /// The slot of the connection this key carried before this one, while it is remembered.
+    previous: u32,
+    /// [`state`] bits.
+    state: u8,
+}
+
+impl Default for Entry {
+    /// An empty slot.
+    fn default() -> Self {
+        Entry {
             connection: Connection::default(),
-            decisions: Decisions::default(),
-            start_unix_nanos: None,
-            index: 0,
-            due_unix_nanos: None,
-            closing: false,
-            changed: false,
-            closed_until: None,
+            key: PackedKey::default(),
+            start_unix_nanos: 0,
             last_packet_unix_nanos: 0,
-            previous: None,
+            deadline_unix_nanos: 0,
+            index: 0,
+            previous: NO_SLOT,
+            state: 0,
+        }
+    }
+}
+
+impl Entry {
+    /// A connection of `key` that has seen nothing yet.
+    fn new(key: PackedKey) -> Self {
+        Entry {
+            key,
+            state: state::OCCUPIED,
+            ..Entry::default()
         }
     }
 
-    fn intern(&mut self, points: &mut Points) {
-        self.connection.intern(points);
-        self.decisions.intern(points);
-        if let Some(previous) = &mut self.previous {
-            previous.intern(points);
-        }
+    fn has(&self, bit: u8) -> bool {
+        self.state & bit != 0
+    }
+
+    fn set(&mut self, bit: u8) {
+        self.state |= bit;
+    }
+
+    fn clear(&mut self, bit: u8) {
+        self.state &= !bit;
+    }
+
+    /// Whether this is the newest connection of its key (in the index).
+    fn is_head(&self) -> bool {
+        self.state & (state::OCCUPIED | state::CHAINED) == state::OCCUPIED
+    }
+
+    fn due(&self) -> Option<u64> {
+        self.has(state::DUE).then_some(self.deadline_unix_nanos)
+    }
+
+    fn is_forgotten(&self, now: u64) -> bool {
+        self.has(state::CLOSED) && self.deadline_unix_nanos <= now
     }
 
     /// Makes the current interval due no later than `latest`.
-    fn due_no_later_than_this(&mut self, latest: u64) {
-        if let Some(due) = &mut self.due_unix_nanos {
-            *due = (*due).min(nanos(latest));
-        }
-    }
-
-    /// Moves every pending interval of the chain to `latest` if it is due later (after a restore).
     fn due_no_later_than(&mut self, latest: u64) {
-        self.due_no_later_than_this(latest);
-        if let Some(previous) = &mut self.previous {
-            previous.due_no_later_than(latest);
+        if self.has(state::DUE) {
+            self.deadline_unix_nanos = self.deadline_unix_nanos.min(latest);
         }
     }
 
@@ -165,7 +206,7 @@ impl Tracked {
             || observation.counts.first_tcp_flags & SYN != 0;
         observation.starts_flow
             && opens
-            && (self.closing || self.closed_until.is_some())
+            && self.has(state::CLOSING | state::CLOSED)
             && !self.ended_after(observation)
     }
 
@@ -180,107 +221,70 @@ impl Tracked {
         observation.flow_start_unix_nanos <= self.last_packet_unix_nanos.saturating_add(gap)
     }
 
-    /// The connection of this key's chain that `observation` belongs to: the earliest one that
-    /// had not ended before the observation's flow began.
-    fn owner_of(&mut self, observation: &Observation) -> &mut Tracked {
-        let mut depth = 0;
-        let mut walk = &*self;
-        while let Some(previous) = &walk.previous
-            && previous.ended_after(observation)
-        {
-            walk = previous;
-            depth += 1;
-        }
-        let mut owner = self;
-        for _ in 0..depth {
-            owner = owner
-                .previous
-                .as_deref_mut()
-                .expect("the chain walked above");
-        }
-        owner
-    }
-
-    /// Adds `observation` to this connection; false if it was a late record nobody needs.
+    /// Adds `observation`, seen at `point`; false if it was a late record nobody needs.
     fn apply(
         &mut self,
         observation: &Observation,
-        points: &mut Points,
-        kinds: &InterfaceKinds,
+        point: PointId,
+        points: &Points,
         due: u64,
     ) -> bool {
-        if self.closed_until.is_some() {
-            if !self
-                .decisions
-                .counts_at(&observation.point, observation.orientation)
-            {
+        if self.has(state::CLOSED) {
+            if !self.connection.counts_at(point, observation.orientation) {
                 return false;
             }
             // A counting point's late record: one more (final) interval.
-            self.closed_until = None;
-            self.closing = true;
+            self.clear(state::CLOSED);
+            self.set(state::CLOSING);
         }
-        let point = points.intern(&observation.point);
-        self.decisions
-            .note_translation(observation.translation.as_ref());
         self.connection
-            .add(observation, point, &self.decisions, kinds);
+            .note_translation(observation.translation.as_ref());
+        self.connection.add(observation, point, points);
         if observation.end_reason != EndReason::ActiveTimeout {
-            self.closing = true;
+            self.set(state::CLOSING);
         }
         self.last_packet_unix_nanos = self
             .last_packet_unix_nanos
             .max(observation.counts.last_seen_unix_nanos);
-        self.due_unix_nanos.get_or_insert(nanos(due));
+        if !self.has(state::DUE) {
+            self.set(state::DUE);
+            self.deadline_unix_nanos = due;
+        }
         true
     }
 
-    /// Emits the due intervals of this connection and of the earlier ones it remembers, earliest
-    /// first, and forgets the earlier ones whose grace period is over. True if anything changed.
-    fn emit_due(
-        &mut self,
-        key: ConnectionKey,
-        now: u64,
-        grace: u64,
-        out: &mut Vec<Emitted>,
-    ) -> bool {
-        let mut changed = false;
-        if let Some(previous) = &mut self.previous {
-            changed |= previous.emit_due(key, now, grace, out);
-            if previous.is_forgotten(now) {
-                self.previous = previous.previous.take();
-                changed = true;
+    /// Emits the current interval (if it holds anything) and starts the next one.
+    fn emit(&mut self, now: u64, grace: u64, points: &Points, out: &mut Vec<Emitted>) {
+        if let Some(flow) = self.connection.stitch(self.key.key(), points) {
+            if self.start_unix_nanos == 0 {
+                self.start_unix_nanos = flow.start_unix_nanos.max(1);
             }
+            out.push(Emitted {
+                flow,
+                interval: Interval {
+                    connection_start_unix_nanos: self.start_unix_nanos,
+                    index: u64::from(self.index),
+                },
+            });
         }
-        if self.closed_until.is_none() && self.due_unix_nanos.is_some_and(|due| due.get() <= now) {
-            emit(key, self, now, grace, out);
-            changed = true;
+        self.connection.next_interval();
+        self.index = self.index.saturating_add(1);
+        self.clear(state::DUE);
+        if self.has(state::CLOSING) {
+            self.clear(state::CLOSING);
+            self.set(state::CLOSED);
+            self.deadline_unix_nanos = now + grace;
         }
-        changed
-    }
-
-    /// Emits every interval of the chain that holds anything (shutdown). True if any did.
-    fn flush(&mut self, key: ConnectionKey, now: u64, grace: u64, out: &mut Vec<Emitted>) -> bool {
-        let mut changed = false;
-        if let Some(previous) = &mut self.previous {
-            changed |= previous.flush(key, now, grace, out);
-        }
-        if self.closed_until.is_none() && self.due_unix_nanos.is_some() {
-            emit(key, self, now, grace, out);
-            changed = true;
-        }
-        changed
-    }
-
-    fn is_forgotten(&self, now: u64) -> bool {
-        self.closed_until.is_some_and(|until| until.get() <= now)
     }
 }
 
 pub struct FlowTable {
-    open: HashMap<ConnectionKey, Tracked>,
+    entries: Slab<Entry>,
+    /// The slot of each key's newest connection (the head of its chain).
+    heads: HashTable<u32>,
+    hasher: RandomState,
     /// Keys whose connections were forgotten since the last `take_changes`, in that order
-    /// (changed connections are flagged in the table: `Tracked::changed`).
+    /// (changed connections are flagged in their entries).
     forgotten: Vec<ConnectionKey>,
     /// The observation points the connections refer to, one copy each.
     points: Points,
@@ -296,7 +300,9 @@ pub struct FlowTable {
 impl FlowTable {
     pub fn new(kinds: InterfaceKinds, settle: Duration, grace: Duration) -> Self {
         Self {
-            open: HashMap::new(),
+            entries: Slab::new(),
+            heads: HashTable::new(),
+            hasher: RandomState::default(),
             forgotten: Vec::new(),
             points: Points::default(),
             kinds,
@@ -308,13 +314,13 @@ impl FlowTable {
         }
     }
 
-    /// Connections held (open or in their grace period).
+    /// Keys held (with a connection open or in its grace period).
     pub fn len(&self) -> usize {
-        self.open.len()
+        self.heads.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.open.is_empty()
+        self.heads.is_empty()
     }
 
     /// Late records of closed connections that were not needed (see the module docs).
@@ -340,35 +346,33 @@ impl FlowTable {
     /// Adds `observation`; its interval is due at once if that makes it complete (see the
     /// module docs).
     pub fn apply_knowing(&mut self, observation: &Observation, now: u64, ends: &dyn EndNodes) {
-        let tracked = self
-            .open
-            .entry(observation.key)
-            .or_insert_with(Tracked::new);
-        if tracked.is_followed_by(observation) {
-            let earlier = std::mem::replace(tracked, Tracked::new());
-            tracked.previous = Some(Box::new(earlier));
-            tracked.changed = true;
+        let point = self.intern(&observation.point);
+        let key = PackedKey::of(&observation.key);
+        let head = self.head_of(key);
+        if self.entries.get(head).is_followed_by(observation) {
+            let mut earlier = std::mem::replace(self.entries.get_mut(head), Entry::new(key));
+            earlier.set(state::CHAINED);
+            let earlier = self.entries.insert(earlier);
+            let fresh = self.entries.get_mut(head);
+            fresh.previous = earlier;
+            fresh.set(state::CHANGED);
             self.reused_keys += 1;
         }
-        let owner = tracked.owner_of(observation);
-        if owner.apply(
-            observation,
-            &mut self.points,
-            &self.kinds,
-            now + self.settle_ns,
-        ) {
+        let owner = self.owner_of(head, observation);
+        let entry = self.entries.get_mut(owner);
+        if entry.apply(observation, point, &self.points, now + self.settle_ns) {
             if observation.end_reason != EndReason::ActiveTimeout
-                && owner.connection.is_final_everywhere()
+                && entry.connection.is_final_everywhere()
                 && ends.all_reported(
                     &observation.key,
                     observation.flow_start_unix_nanos,
-                    &mut owner.connection.reporting_nodes(),
+                    &mut entry.connection.reporting_nodes(&self.points),
                 )
             {
-                owner.due_no_later_than_this(now);
+                entry.due_no_later_than(now);
                 self.complete_early += 1;
             }
-            tracked.changed = true;
+            self.entries.get_mut(head).set(state::CHANGED);
         } else {
             self.late_ignored += 1;
         }
@@ -377,33 +381,43 @@ impl FlowTable {
     /// Emits every interval whose settle time has come, and forgets connections whose grace
     /// period is over.
     pub fn emit_due(&mut self, now: u64, out: &mut Vec<Emitted>) {
-        let (grace, forgotten) = (self.grace_ns, &mut self.forgotten);
-        self.open.retain(|key, tracked| {
-            if tracked.emit_due(*key, now, grace, out) {
-                tracked.changed = true;
+        for slot in 0..self.entries.slots() {
+            if !self.entries.get(slot).is_head() {
+                continue;
             }
-            if !tracked.is_forgotten(now) {
-                return true;
+            if self.emit_chain(slot, now, out) {
+                self.entries.get_mut(slot).set(state::CHANGED);
             }
-            match tracked.previous.take() {
-                Some(previous) => {
-                    *tracked = *previous;
-                    tracked.changed = true;
-                    true
+            let head = self.entries.get(slot);
+            if !head.is_forgotten(now) {
+                continue;
+            }
+            match head.previous {
+                NO_SLOT => {
+                    let head = self.entries.remove(slot);
+                    let hash = self.hasher.hash_one(head.key);
+                    self.heads
+                        .find_entry(hash, |&s| s == slot)
+                        .expect("a head is in the index")
+                        .remove();
+                    self.forgotten.push(head.key.key());
                 }
-                None => {
-                    forgotten.push(*key);
-                    false
+                previous => {
+                    // The earlier connection becomes the key's newest, in the head's slot.
+                    let mut earlier = self.entries.remove(previous);
+                    earlier.clear(state::CHAINED);
+                    earlier.set(state::CHANGED);
+                    *self.entries.get_mut(slot) = earlier;
                 }
             }
-        });
+        }
     }
 
     /// Emits every interval that holds anything, now (shutdown).
     pub fn flush(&mut self, now: u64, out: &mut Vec<Emitted>) {
-        for (key, tracked) in &mut self.open {
-            if tracked.flush(*key, now, self.grace_ns, out) {
-                tracked.changed = true;
+        for slot in 0..self.entries.slots() {
+            if self.entries.get(slot).is_head() && self.flush_chain(slot, now, out) {
+                self.entries.get_mut(slot).set(state::CHANGED);
             }
         }
     }
@@ -421,31 +435,34 @@ impl FlowTable {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mut failed = None;
-        for (key, tracked) in self.open.iter_mut().filter(|(_, t)| t.changed) {
-            match postcard::to_allocvec(key)
-                .and_then(|k| Ok((k, postcard::to_allocvec(&(key, &*tracked))?)))
-            {
+        for slot in 0..self.entries.slots() {
+            let entry = self.entries.get(slot);
+            if !entry.is_head() || !entry.has(state::CHANGED) {
+                continue;
+            }
+            let key = entry.key.key();
+            let serialized = postcard::to_allocvec(&key)
+                .and_then(|k| Ok((k, postcard::to_allocvec(&(key, self.stored(slot)))?)));
+            match serialized {
                 Ok((key, state)) => {
                     changes.push(Change {
                         key,
                         state: Some(state),
                     });
-                    tracked.changed = false;
+                    self.entries.get_mut(slot).clear(state::CHANGED);
                 }
                 Err(err) => {
-                    failed = Some(err);
-                    break;
+                    // Every change stays pending for the next checkpoint (and states taken
+                    // already are written again with it, which changes nothing).
+                    for slot in 0..self.entries.slots() {
+                        let entry = self.entries.get_mut(slot);
+                        if entry.is_head() {
+                            entry.set(state::CHANGED);
+                        }
+                    }
+                    return Err(err);
                 }
             }
-        }
-        if let Some(err) = failed {
-            // Every change stays pending for the next checkpoint (and states taken already
-            // are written again with it, which changes nothing).
-            for tracked in self.open.values_mut() {
-                tracked.changed = true;
-            }
-            return Err(err);
         }
         self.forgotten.clear();
         Ok(changes)
@@ -453,24 +470,26 @@ impl FlowTable {
 
     /// Divides the table into `parts` tables by `part_of(key)` (each keeps its connections'
     /// unsaved changes), for the shards after a recovery.
-    pub fn split(self, parts: usize, part_of: impl Fn(&ConnectionKey) -> usize) -> Vec<FlowTable> {
+    pub fn split(
+        mut self,
+        parts: usize,
+        part_of: impl Fn(&ConnectionKey) -> usize,
+    ) -> Vec<FlowTable> {
+        let (settle, grace) = (
+            Duration::from_nanos(self.settle_ns),
+            Duration::from_nanos(self.grace_ns),
+        );
         let mut tables: Vec<FlowTable> = (0..parts)
-            .map(|_| FlowTable {
-                open: HashMap::new(),
-                forgotten: Vec::new(),
-                points: Points::default(),
-                kinds: self.kinds.clone(),
-                settle_ns: self.settle_ns,
-                grace_ns: self.grace_ns,
-                late_ignored: 0,
-                reused_keys: 0,
-                complete_early: 0,
-            })
+            .map(|_| FlowTable::new(self.kinds.clone(), settle, grace))
             .collect();
-        for (key, mut tracked) in self.open {
-            let table = &mut tables[part_of(&key)];
-            tracked.intern(&mut table.points);
-            table.open.insert(key, tracked);
+        for slot in 0..self.entries.slots() {
+            if !self.entries.get(slot).is_head() {
+                continue;
+            }
+            let key = self.entries.get(slot).key;
+            let table = &mut tables[part_of(&key.key())];
+            let moved = table.adopt(&mut self, slot);
+            table.index(key, moved);
         }
         for key in self.forgotten {
             tables[part_of(&key)].forgotten.push(key);
@@ -478,7 +497,7 @@ impl FlowTable {
         tables
     }
 
-    /// Rebuilds the table from stored states; returns how many connections it holds. Pending
+    /// Rebuilds the table from stored states; returns how many keys it holds. Pending
     /// intervals are due no later than this table's settle time from `now` (the settle time may
     /// have been shortened since they were stored).
     pub fn restore(
@@ -487,40 +506,129 @@ impl FlowTable {
         now: u64,
     ) -> Result<usize, postcard::Error> {
         for bytes in states {
-            let (key, mut tracked): (ConnectionKey, Tracked) = postcard::from_bytes(&bytes)?;
-            tracked.due_no_later_than(now + self.settle_ns);
-            tracked.intern(&mut self.points);
-            self.open.insert(key, tracked);
+            let (key, mut stored): (ConnectionKey, StoredTracked) = postcard::from_bytes(&bytes)?;
+            stored.due_no_later_than(now + self.settle_ns);
+            let key = PackedKey::of(&key);
+            let slot = self.unstore(key, stored, false);
+            self.index(key, slot);
         }
-        Ok(self.open.len())
+        Ok(self.heads.len())
     }
-}
 
-/// A time as the state keeps it (never 0; see [`Tracked`]).
-fn nanos(unix_nanos: u64) -> NonZeroU64 {
-    NonZeroU64::new(unix_nanos).unwrap_or(NonZeroU64::MIN)
-}
-
-fn emit(key: ConnectionKey, tracked: &mut Tracked, now: u64, grace: u64, out: &mut Vec<Emitted>) {
-    if let Some(flow) = tracked.connection.stitch(key, &mut tracked.decisions) {
-        let start = tracked
-            .start_unix_nanos
-            .get_or_insert(nanos(flow.start_unix_nanos))
-            .get();
-        out.push(Emitted {
-            flow,
-            interval: Interval {
-                connection_start_unix_nanos: start,
-                index: tracked.index,
-            },
-        });
+    /// The id of `point`, after forgetting the points nothing refers to if it is time to.
+    fn intern(&mut self, point: &ObservationPoint) -> PointId {
+        if self.points.should_collect() {
+            let entries = &self.entries;
+            self.points.collect(|mark| {
+                for slot in 0..entries.slots() {
+                    let entry = entries.get(slot);
+                    if entry.has(state::OCCUPIED) {
+                        entry.connection.mark_points(mark);
+                    }
+                }
+            });
+        }
+        self.points.intern(point, &self.kinds)
     }
-    tracked.connection = Connection::default();
-    tracked.index += 1;
-    tracked.due_unix_nanos = None;
-    if tracked.closing {
-        tracked.closing = false;
-        tracked.closed_until = Some(nanos(now + grace));
+
+    /// The slot of `key`'s newest connection, made if the key is new.
+    fn head_of(&mut self, key: PackedKey) -> u32 {
+        let hash = self.hasher.hash_one(key);
+        let entries = &self.entries;
+        if let Some(&slot) = self.heads.find(hash, |&s| entries.get(s).key == key) {
+            return slot;
+        }
+        let slot = self.entries.insert(Entry::new(key));
+        let (entries, hasher) = (&self.entries, &self.hasher);
+        self.heads
+            .insert_unique(hash, slot, |&s| hasher.hash_one(entries.get(s).key));
+        slot
+    }
+
+    /// Makes `slot` the head of `key`, in place of any chain the key had.
+    fn index(&mut self, key: PackedKey, slot: u32) {
+        let hash = self.hasher.hash_one(key);
+        let entries = &self.entries;
+        match self.heads.find_mut(hash, |&s| entries.get(s).key == key) {
+            Some(head) => {
+                let replaced = std::mem::replace(head, slot);
+                self.remove_chain(replaced);
+            }
+            None => {
+                let (entries, hasher) = (&self.entries, &self.hasher);
+                self.heads
+                    .insert_unique(hash, slot, |&s| hasher.hash_one(entries.get(s).key));
+            }
+        }
+    }
+
+    fn remove_chain(&mut self, mut slot: u32) {
+        while slot != NO_SLOT {
+            slot = self.entries.remove(slot).previous;
+        }
+    }
+
+    /// The connection of `head`'s chain that `observation` belongs to: the earliest one that
+    /// had not ended before the observation's flow began.
+    fn owner_of(&self, head: u32, observation: &Observation) -> u32 {
+        let mut owner = head;
+        loop {
+            let previous = self.entries.get(owner).previous;
+            if previous == NO_SLOT || !self.entries.get(previous).ended_after(observation) {
+                return owner;
+            }
+            owner = previous;
+        }
+    }
+
+    /// Emits the due intervals of `slot`'s connection and of the earlier ones it remembers,
+    /// earliest first, and forgets the earlier ones whose grace period is over. True if anything
+    /// changed.
+    fn emit_chain(&mut self, slot: u32, now: u64, out: &mut Vec<Emitted>) -> bool {
+        let mut changed = false;
+        let previous = self.entries.get(slot).previous;
+        if previous != NO_SLOT {
+            changed |= self.emit_chain(previous, now, out);
+            if self.entries.get(previous).is_forgotten(now) {
+                let forgotten = self.entries.remove(previous);
+                self.entries.get_mut(slot).previous = forgotten.previous;
+                changed = true;
+            }
+        }
+        let entry = self.entries.get_mut(slot);
+        if entry.due().is_some_and(|due| due <= now) {
+            entry.emit(now, self.grace_ns, &self.points, out);
+            changed = true;
+        }
+        changed
+    }
+
+    /// Emits every interval of `slot`'s chain that holds anything (shutdown). True if any did.
+    fn flush_chain(&mut self, slot: u32, now: u64, out: &mut Vec<Emitted>) -> bool {
+        let mut changed = false;
+        let previous = self.entries.get(slot).previous;
+        if previous != NO_SLOT {
+            changed |= self.flush_chain(previous, now, out);
+        }
+        let entry = self.entries.get_mut(slot);
+        if entry.due().is_some() {
+            entry.emit(now, self.grace_ns, &self.points, out);
+            changed = true;
+        }
+        changed
+    }
+
+    /// Moves `slot`'s chain from `from` into this table; returns the slot of its head here.
+    fn adopt(&mut self, from: &mut FlowTable, slot: u32) -> u32 {
+        let mut entry = from.entries.remove(slot);
+        if entry.previous != NO_SLOT {
+            entry.previous = self.adopt(from, entry.previous);
+        }
+        let (points, kinds) = (&mut self.points, &self.kinds);
+        entry
+            .connection
+            .map_points(&mut |id| points.intern(from.points.get(id), kinds));
+        self.entries.insert(entry)
     }
 }
 
@@ -598,8 +706,8 @@ mod tests {
         t.emit_due(103 * S, &mut out);
         assert_eq!(out.len(), 1);
         let flow = &out[0].flow;
-        assert_eq!(flow.client_to_server.as_ref().unwrap().counts.packets, 5);
-        assert_eq!(flow.server_to_client.as_ref().unwrap().counts.packets, 4);
+        assert_eq!(flow.client_to_server.as_ref().unwrap().packets, 5);
+        assert_eq!(flow.server_to_client.as_ref().unwrap().packets, 4);
         assert_eq!(out[0].interval.index, 0);
         assert_eq!(out[0].interval.connection_start_unix_nanos, 10 * S);
     }
@@ -665,7 +773,7 @@ mod tests {
         assert_eq!(out.len(), 1, "complete: emitted without the settle time");
         assert_eq!(t.complete_early(), 1);
         let flow = &out[0].flow;
-        assert_eq!(flow.client_to_server.as_ref().unwrap().counts.packets, 5);
+        assert_eq!(flow.client_to_server.as_ref().unwrap().packets, 5);
         assert_eq!(flow.points.len(), 3);
 
         // The server's node unknown: taken to be outside, node a's finals complete it.
@@ -748,16 +856,7 @@ mod tests {
         t.emit_due(114 * S, &mut out);
         assert_eq!(out.len(), 2);
         assert_eq!(out[1].interval.index, 1);
-        assert_eq!(
-            out[1]
-                .flow
-                .client_to_server
-                .as_ref()
-                .unwrap()
-                .counts
-                .packets,
-            2
-        );
+        assert_eq!(out[1].flow.client_to_server.as_ref().unwrap().packets, 2);
     }
 
     #[test]
@@ -825,16 +924,72 @@ mod tests {
         after.emit_due(203 * S, &mut resumed);
         assert_eq!(resumed.len(), 1);
         assert_eq!(
-            resumed[0]
-                .flow
-                .client_to_server
-                .as_ref()
-                .unwrap()
-                .counts
-                .packets,
+            resumed[0].flow.client_to_server.as_ref().unwrap().packets,
             9
         );
         assert_eq!(resumed[0].interval.index, 0, "a connection of its own");
+    }
+
+    /// What a live connection costs is its entry (see BENCHMARKS.md): a change that grows it is
+    /// a decision, not an accident.
+    #[test]
+    fn an_entry_takes_184_bytes() {
+        assert_eq!(std::mem::size_of::<Connection>(), 112);
+        assert_eq!(std::mem::size_of::<Entry>(), 184);
+    }
+
+    #[test]
+    fn points_nothing_refers_to_are_forgotten_and_the_others_keep_their_names() {
+        let mut t = table();
+        let mut out = Vec::new();
+        // Connection `port` seen at `interface` (one point each).
+        let at = |interface: &str, port: u16, reason| {
+            let mut o = observation("a", interface, true, 1, reason);
+            o.key.first.port = port;
+            o
+        };
+        t.apply(&at("vethkeep", 1, EndReason::ActiveTimeout), 100 * S);
+        for port in 2..1_102 {
+            t.apply(
+                &at(&format!("veth{port}"), port, EndReason::TcpClose),
+                100 * S,
+            );
+        }
+        t.emit_due(103 * S, &mut out);
+        t.emit_due(134 * S, &mut out);
+        assert_eq!(
+            (out.len(), t.len()),
+            (1_101, 1),
+            "the closed ones forgotten"
+        );
+        assert_eq!(t.points.len(), 1_101, "their points not yet");
+        // The kept connection's next interval, then new points until the points have doubled
+        // since the collection the first thousand made.
+        t.apply(&at("vethkeep", 1, EndReason::ActiveTimeout), 135 * S);
+        for port in 2_000..2_950 {
+            t.apply(
+                &at(&format!("veth{port}"), port, EndReason::ActiveTimeout),
+                135 * S,
+            );
+        }
+        assert_eq!(
+            t.points.len(),
+            1 + 950,
+            "only those in use: 2,051 without a collection"
+        );
+        out.clear();
+        t.emit_due(138 * S, &mut out);
+        let kept = out.iter().find(|e| e.flow.key.first.port == 1).unwrap();
+        assert_eq!(kept.interval.index, 1);
+        let sent = kept.flow.client_to_server.as_ref().unwrap();
+        assert_eq!(sent.point.interface, "vethkeep");
+        assert_eq!(kept.flow.points.len(), 1);
+        for e in &out {
+            let port = e.flow.key.first.port;
+            if port != 1 {
+                assert_eq!(e.flow.points[0].interface, format!("veth{port}"));
+            }
+        }
     }
 
     #[test]
@@ -883,8 +1038,8 @@ mod tests {
         assert_eq!(starts, [10 * S, second]);
         let packets = |e: &Emitted| {
             (
-                e.flow.client_to_server.as_ref().map(|m| m.counts.packets),
-                e.flow.server_to_client.as_ref().map(|m| m.counts.packets),
+                e.flow.client_to_server.as_ref().map(|m| m.packets),
+                e.flow.server_to_client.as_ref().map(|m| m.packets),
             )
         };
         assert_eq!(packets(&out[0]), (Some(5), Some(4)));
@@ -951,14 +1106,8 @@ mod tests {
             .map(|e| {
                 (
                     e.interval.connection_start_unix_nanos,
-                    e.flow
-                        .client_to_server
-                        .as_ref()
-                        .map_or(0, |m| m.counts.packets),
-                    e.flow
-                        .server_to_client
-                        .as_ref()
-                        .map_or(0, |m| m.counts.packets),
+                    e.flow.client_to_server.as_ref().map_or(0, |m| m.packets),
+                    e.flow.server_to_client.as_ref().map_or(0, |m| m.packets),
                 )
             })
             .collect();
@@ -979,15 +1128,140 @@ mod tests {
         t.emit_due(103 * S, &mut out);
         assert_eq!(t.reused_keys(), 0);
         assert_eq!(out.len(), 1);
+        assert_eq!(out[0].flow.client_to_server.as_ref().unwrap().packets, 7);
+    }
+
+    /// States written by the release before the compact table (a key with a closed connection
+    /// chained behind a new one, translated, its first interval counted at one of two tied
+    /// points; a key seen at six points with a tie pending), and what that release emitted after
+    /// restoring them and applying two more records: this one emits the same.
+    #[test]
+    fn states_written_by_an_earlier_release_restore_and_emit_the_same() {
+        let states = [
+            "06000a000001c0b802000a000205903f01016105766574686100000002cf0180c0fc82aa0280d4e7dfad02120200010161057665746861000080c0fc82aa0280d4e7dfad020200000001000a000001c0b802000a60000a50000a000001c0b802000a000205903f0000018084eabc8405000080d4e7dfad020100000000000001010001016105626f6e64300101016204657468300001000a000001c0b802000a60000a50000a000001c0b802000a000205903f01c0cceca025020000018094c9fdce0580f8cce2840200",
+            "06000a000001c1b802000a000205903f030161046574683101000103b3028388aca3cf02809c9780d302120200016105626f6e64300100010497038288aca3cf02809c9780d3021202000162046574683001010106df049488aca3cf0280b082ddd602121200060161046574683101016105626f6e643001016204657468300001620576657468620101620465746839000162046574683001208288aca3cf0280b082ddd60206000000000000018084eabc8405010080b082ddd60200",
+        ];
+        let mut t = table();
         assert_eq!(
-            out[0]
-                .flow
-                .client_to_server
-                .as_ref()
-                .unwrap()
-                .counts
-                .packets,
-            7
+            t.restore(states.iter().map(|h| hex(h)), 170 * S).unwrap(),
+            2
         );
+        let mut out = Vec::new();
+        t.emit_due(173 * S, &mut out);
+        let client = |reason, forward, packets, first, last, flags| {
+            let (src, dst, sport, dport, direction) = if forward {
+                (
+                    [10, 0, 0, 1],
+                    [10, 0, 2, 5],
+                    40000,
+                    8080,
+                    Direction::Ingress,
+                )
+            } else {
+                ([10, 0, 2, 5], [10, 0, 0, 1], 8080, 40000, Direction::Egress)
+            };
+            let dialled = Some(mermin_protocol::flow::v1::ConnectionEndpoint {
+                address: vec![10, 96, 0, 10],
+                port: 80,
+            });
+            let end = |address: [u8; 4], port| {
+                Some(mermin_protocol::flow::v1::ConnectionEndpoint {
+                    address: address.to_vec(),
+                    port,
+                })
+            };
+            Observation::try_from(&FlowRecord {
+                node_name: "a".into(),
+                interface_name: "vetha".into(),
+                direction: direction as i32,
+                source_address: src.to_vec(),
+                destination_address: dst.to_vec(),
+                source_port: sport,
+                destination_port: dport,
+                ip_protocol: 6,
+                delta_packets: packets,
+                delta_octets: packets * 100 + 7,
+                first_seen_unix_nanos: first,
+                last_seen_unix_nanos: last,
+                flow_start_unix_nanos: first,
+                first_tcp_flags: flags,
+                tcp_flags: flags | 0x10,
+                end_reason: reason as i32,
+                translation: Some(mermin_protocol::flow::v1::Translation {
+                    client: end([10, 0, 0, 1], 40000),
+                    dialled,
+                    translated_client: end([10, 0, 0, 1], 40000),
+                    server: end([10, 0, 2, 5], 8080),
+                }),
+                ..FlowRecord::default()
+            })
+            .unwrap()
+        };
+        t.apply(
+            &client(EndReason::TcpClose, false, 1, 80 * S + 5, 82 * S, 0x12),
+            174 * S,
+        );
+        t.apply(
+            &client(EndReason::TcpClose, true, 1, 82 * S, 82 * S, 0x10),
+            174 * S,
+        );
+        t.emit_due(177 * S, &mut out);
+        t.emit_due(300 * S, &mut out);
+        let mut lines: Vec<String> = out.iter().map(summary).collect();
+        lines.sort();
+        assert_eq!(
+            lines,
+            [
+                "start=80000000000 index=0 10.0.0.1:40000 -> 10.0.2.5:8080 tcp_handshake c2s=2p/207B/0x12/0x2@a/vetha/Ingress s2c=- points=[\"a/vetha/Ingress\"] time=80000000000..81000000000 end=ActiveTimeout dialled=Some(\"10.96.0.10:80\")",
+                "start=80000000000 index=1 10.0.0.1:40000 -> 10.0.2.5:8080 tcp_handshake c2s=1p/107B/0x10/0x10@a/vetha/Ingress s2c=1p/107B/0x12/0x12@a/vetha/Egress points=[\"a/vetha/Ingress\", \"a/vetha/Egress\"] time=80000000005..82000000000 end=TcpClose dialled=Some(\"10.96.0.10:80\")",
+                "start=90000000002 index=0 10.0.0.1:40001 -> 10.0.2.5:8080 tcp_handshake c2s=4p/407B/0x12/0x2@a/bond0/Egress s2c=6p/607B/0x12/0x12@b/eth0/Egress points=[\"a/bond0/Egress\", \"a/eth1/Egress\", \"b/eth0/Ingress\", \"b/eth0/Egress\", \"b/eth9/Ingress\", \"b/vethb/Egress\"] time=90000000002..92000000000 end=TcpClose dialled=None",
+            ]
+        );
+        assert!(t.is_empty());
+    }
+
+    fn hex(text: &str) -> Vec<u8> {
+        (0..text.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// One emitted interval on a line: everything a span is made of.
+    fn summary(e: &Emitted) -> String {
+        let f = &e.flow;
+        let m = |m: &Option<crate::stitch::Measured>| match m {
+            Some(m) => format!(
+                "{}p/{}B/{:#x}/{:#x}@{}/{}/{:?}",
+                m.packets,
+                m.bytes,
+                m.tcp_flags,
+                m.first_tcp_flags,
+                m.point.node,
+                m.point.interface,
+                m.point.hook
+            ),
+            None => "-".into(),
+        };
+        format!(
+            "start={} index={} {}:{} -> {}:{} {} c2s={} s2c={} points={:?} time={}..{} end={:?} dialled={:?}",
+            e.interval.connection_start_unix_nanos,
+            e.interval.index,
+            f.client.address,
+            f.client.port,
+            f.server.address,
+            f.server.port,
+            f.client_rule.as_str(),
+            m(&f.client_to_server),
+            m(&f.server_to_client),
+            f.points
+                .iter()
+                .map(|p| format!("{}/{}/{:?}", p.node, p.interface, p.hook))
+                .collect::<Vec<_>>(),
+            f.start_unix_nanos,
+            f.end_unix_nanos,
+            f.end_reason,
+            f.translation.map(|t| t.dialled.to_string()),
+        )
     }
 }

@@ -1,0 +1,102 @@
+//! A key's chain of connections as the store keeps it (`(ConnectionKey, StoredTracked)`,
+//! postcard): each connection with the one the key carried before it nested inside, in the
+//! layout states have always been written in.
+
+use std::num::NonZeroU64;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Entry, FlowTable, NO_SLOT, PackedKey, state};
+use crate::stitch::{Connection, StoredConnection, StoredDecisions};
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct StoredTracked {
+    connection: StoredConnection,
+    decisions: StoredDecisions,
+    /// Start of the connection's first interval.
+    start_unix_nanos: Option<NonZeroU64>,
+    /// Index of the current interval.
+    index: u64,
+    /// When the current interval is emitted; `None` while it is empty.
+    due_unix_nanos: Option<NonZeroU64>,
+    /// The current interval holds a final record.
+    closing: bool,
+    /// Closed: kept until this time for late records.
+    closed_until: Option<NonZeroU64>,
+    /// The latest packet of the connection at any point.
+    last_packet_unix_nanos: u64,
+    /// The connection this key carried before this one, while it is remembered.
+    previous: Option<Box<StoredTracked>>,
+}
+
+impl StoredTracked {
+    /// Moves every pending interval of the chain to `latest` if it is due later.
+    pub(super) fn due_no_later_than(&mut self, latest: u64) {
+        if let Some(due) = &mut self.due_unix_nanos {
+            *due = (*due).min(nanos(latest));
+        }
+        if let Some(previous) = &mut self.previous {
+            previous.due_no_later_than(latest);
+        }
+    }
+}
+
+impl FlowTable {
+    /// The chain of connections from `slot` back, as the store keeps it.
+    pub(super) fn stored(&self, slot: u32) -> StoredTracked {
+        let entry = self.entries.get(slot);
+        let (connection, decisions) = entry.connection.to_stored(&entry.key.key(), &self.points);
+        let deadline = |bit| entry.has(bit).then(|| nanos(entry.deadline_unix_nanos));
+        StoredTracked {
+            connection,
+            decisions,
+            start_unix_nanos: NonZeroU64::new(entry.start_unix_nanos),
+            index: u64::from(entry.index),
+            due_unix_nanos: deadline(state::DUE),
+            closing: entry.has(state::CLOSING),
+            closed_until: deadline(state::CLOSED),
+            last_packet_unix_nanos: entry.last_packet_unix_nanos,
+            previous: (entry.previous != NO_SLOT).then(|| Box::new(self.stored(entry.previous))),
+        }
+    }
+
+    /// Puts a stored chain of `key` in the table (not in the index); returns the slot of its
+    /// newest connection. A stored connection both due and closed (never written) is closed.
+    pub(super) fn unstore(&mut self, key: PackedKey, stored: StoredTracked, chained: bool) -> u32 {
+        let previous = match stored.previous {
+            Some(previous) => self.unstore(key, *previous, true),
+            None => NO_SLOT,
+        };
+        let (points, kinds) = (&mut self.points, &self.kinds);
+        let connection = Connection::from_stored(stored.connection, stored.decisions, &mut |p| {
+            points.intern(p, kinds)
+        });
+        let mut entry = Entry {
+            connection,
+            start_unix_nanos: stored.start_unix_nanos.map_or(0, NonZeroU64::get),
+            last_packet_unix_nanos: stored.last_packet_unix_nanos,
+            index: u32::try_from(stored.index).unwrap_or(u32::MAX),
+            previous,
+            ..Entry::new(key)
+        };
+        if chained {
+            entry.set(state::CHAINED);
+        }
+        if stored.closing {
+            entry.set(state::CLOSING);
+        }
+        if let Some(until) = stored.closed_until {
+            entry.set(state::CLOSED);
+            entry.deadline_unix_nanos = until.get();
+        } else if let Some(due) = stored.due_unix_nanos {
+            entry.set(state::DUE);
+            entry.deadline_unix_nanos = due.get();
+        }
+        self.entries.insert(entry)
+    }
+}
+
+/// A time as the stored form keeps it (never 0).
+fn nanos(unix_nanos: u64) -> NonZeroU64 {
+    NonZeroU64::new(unix_nanos).unwrap_or(NonZeroU64::MIN)
+}
