@@ -10,9 +10,9 @@ use super::{Entry, FlowTable, NO_SLOT, PackedKey, state};
 use crate::stitch::{Connection, StoredConnection, StoredDecisions};
 
 #[derive(Debug, Serialize, Deserialize)]
-pub(super) struct StoredTracked {
-    connection: StoredConnection,
-    decisions: StoredDecisions,
+pub(super) struct StoredTracked<'a> {
+    connection: StoredConnection<'a>,
+    decisions: StoredDecisions<'a>,
     /// Start of the connection's first interval.
     start_unix_nanos: Option<NonZeroU64>,
     /// Index of the current interval.
@@ -26,10 +26,10 @@ pub(super) struct StoredTracked {
     /// The latest packet of the connection at any point.
     last_packet_unix_nanos: u64,
     /// The connection this key carried before this one, while it is remembered.
-    previous: Option<Box<StoredTracked>>,
+    previous: Option<Box<StoredTracked<'a>>>,
 }
 
-impl StoredTracked {
+impl StoredTracked<'_> {
     /// Moves every pending interval of the chain to `latest` if it is due later.
     pub(super) fn due_no_later_than(&mut self, latest: u64) {
         if let Some(due) = &mut self.due_unix_nanos {
@@ -43,7 +43,7 @@ impl StoredTracked {
 
 impl FlowTable {
     /// The chain of connections from `slot` back, as the store keeps it.
-    pub(super) fn stored(&self, slot: u32) -> StoredTracked {
+    pub(super) fn stored(&self, slot: u32) -> StoredTracked<'_> {
         let entry = self.entries.get(slot);
         let (connection, decisions) = entry.connection.to_stored(&entry.key.key(), &self.points);
         let deadline = |bit| entry.has(bit).then(|| nanos(entry.deadline_unix_nanos));
@@ -62,7 +62,12 @@ impl FlowTable {
 
     /// Puts a stored chain of `key` in the table (not in the index); returns the slot of its
     /// newest connection. A stored connection both due and closed (never written) is closed.
-    pub(super) fn unstore(&mut self, key: PackedKey, stored: StoredTracked, chained: bool) -> u32 {
+    pub(super) fn unstore(
+        &mut self,
+        key: PackedKey,
+        stored: StoredTracked<'_>,
+        chained: bool,
+    ) -> u32 {
         let previous = match stored.previous {
             Some(previous) => self.unstore(key, *previous, true),
             None => NO_SLOT,

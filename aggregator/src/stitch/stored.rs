@@ -2,6 +2,8 @@
 //! outside its table), in the layout connection states have always been written in, so that a
 //! store written by an earlier release restores.
 
+use std::borrow::Cow;
+
 use mermin_protocol::flow::v1::EndReason;
 use serde::{Deserialize, Serialize};
 
@@ -11,11 +13,11 @@ use crate::{
     observation::{Counts, ObservationPoint, Translation},
 };
 
-/// The current interval of a connection.
+/// The current interval of a connection (points borrowed from the table when written).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StoredConnection {
-    counted: Vec<StoredTally>,
-    points: Vec<ObservationPoint>,
+pub struct StoredConnection<'a> {
+    counted: Vec<StoredTally<'a>>,
+    points: Vec<Cow<'a, ObservationPoint>>,
     finals: u8,
     start_unix_nanos: u64,
     end_unix_nanos: u64,
@@ -25,17 +27,17 @@ pub struct StoredConnection {
 
 /// What a connection decided for its life.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StoredDecisions {
+pub struct StoredDecisions<'a> {
     client: Option<(bool, ClientRule)>,
-    forward_point: Option<ObservationPoint>,
-    reverse_point: Option<ObservationPoint>,
+    forward_point: Option<Cow<'a, ObservationPoint>>,
+    reverse_point: Option<Cow<'a, ObservationPoint>>,
     translation: Option<Translation>,
 }
 
 /// One direction's counts at one point.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct StoredTally {
-    point: ObservationPoint,
+struct StoredTally<'a> {
+    point: Cow<'a, ObservationPoint>,
     orientation: StoredOrientation,
     /// Not read: the rank follows from the point.
     rank: u8,
@@ -72,16 +74,17 @@ impl From<StoredOrientation> for usize {
 
 impl Connection {
     /// This connection as the store keeps it (`key` is its key; `points` the table's).
-    pub fn to_stored(
+    pub fn to_stored<'a>(
         &self,
         key: &ConnectionKey,
-        points: &Points,
-    ) -> (StoredConnection, StoredDecisions) {
-        let name = |id: PointId| (!id.is_none()).then(|| (**points.get(id)).clone());
+        points: &'a Points,
+    ) -> (StoredConnection<'a>, StoredDecisions<'a>) {
+        let named = |id: PointId| Cow::Borrowed(&**points.get(id));
+        let name = |id: PointId| (!id.is_none()).then(|| named(id));
         let counted = (0..2)
             .flat_map(|d| self.tallies(d).map(move |t| (d, t)))
             .map(|(d, t)| StoredTally {
-                point: (**points.get(t.point)).clone(),
+                point: named(t.point),
                 orientation: d.into(),
                 rank: if self.decided_at[d].is_none() {
                     points.rank(t.point)
@@ -105,10 +108,7 @@ impl Connection {
             .collect();
         let connection = StoredConnection {
             counted,
-            points: self
-                .point_ids()
-                .map(|id| (**points.get(id)).clone())
-                .collect(),
+            points: self.point_ids().map(named).collect(),
             finals: self.finals,
             start_unix_nanos: self.start_unix_nanos,
             end_unix_nanos: self.end_unix_nanos,
@@ -125,8 +125,8 @@ impl Connection {
 
     /// The connection the store kept; `intern` gives a point's id in the table it goes to.
     pub fn from_stored(
-        stored: StoredConnection,
-        decisions: StoredDecisions,
+        stored: StoredConnection<'_>,
+        decisions: StoredDecisions<'_>,
         intern: &mut dyn FnMut(&ObservationPoint) -> PointId,
     ) -> Connection {
         let mut connection = Connection {
