@@ -8,7 +8,7 @@
 //!
 //! Data flows through one module per stage: `ingest` (agent sessions: validation, durable append
 //! to `store`, acks) → `shard` (the flow table split by connection key: `observation` →
-//! `connection_key` → `flow_table` → `stitch` → `span`, checkpointed) → `export` (the outbox to
+//! `connection_key` → `flow_table` → `stitch` → `span`, checkpointed through `checkpoints`) → `export` (the outbox to
 //! OTLP). Beside them, `admin` serves the admin API (status, agents, queues, and `observe`, the
 //! feed of emitted flows). `actors` runs the actix actors, `pipeline` wires and recovers them, `replication` replicates
 //! the store across replicas with Raft and `cluster` runs the pipeline on the replica that leads it, `settings` is the one
@@ -17,6 +17,7 @@
 
 pub mod actors;
 pub mod admin;
+pub mod checkpoints;
 pub mod clock;
 pub mod cluster;
 pub mod config;

@@ -18,6 +18,7 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use crate::{
     actors::ActorRuntime,
     admin::{Admin, AdminError, ClusterAdmin},
+    checkpoints::CheckpointWriter,
     clock::unix_now,
     export::{ExportConfig, ExportError, Exporter},
     flow_table::FlowTable,
@@ -240,6 +241,7 @@ impl Aggregator {
             states,
             ShardContext {
                 store: store.clone(),
+                checkpoints: CheckpointWriter::start(store.clone(), usize::from(SHARDS)),
                 metrics: metrics.clone(),
                 exporter: exporter.recipient(),
                 print_flows: config.print_flows,
@@ -566,12 +568,12 @@ mod tests {
         let mut applied = FlowTable::new(InterfaceKinds::default(), settle, grace);
         applied.apply(&Observation::try_from(&first).unwrap(), 0);
         store
-            .checkpoint(Checkpoint {
+            .checkpoint(&[Checkpoint {
                 shard: shard_of_record(&first),
                 positions: &HashMap::from([(boot, 1)]),
                 changes: &applied.take_changes().unwrap(),
                 outbox: &[],
-            })
+            }])
             .unwrap();
 
         let shards = recover(&store, settle, grace).unwrap();

@@ -11,8 +11,9 @@
 //! bounded mailbox — a full mailbox makes the sending agent session wait, which stops that agent's
 //! acks and so its draining. Every [`TICK`] the shard emits the intervals that are due and writes
 //! one checkpoint (its changed connections, its positions in the agents' batch logs, the emitted
-//! spans) in one store transaction; then it tells the exporter ([`OutboxChanged`]). [`Flush`] (shutdown) emits every
-//! pending interval through a last checkpoint.
+//! spans), atomically and together with the other shards' of the same tick (the
+//! [`CheckpointWriter`]); then it tells the exporter ([`OutboxChanged`]). [`Flush`] (shutdown)
+//! emits every pending interval through a last checkpoint.
 //!
 //! Each shard records its own positions, so an agent batch can be applied by some shards and not
 //! yet by others (the session sends each shard its part separately); recovery replays each part
@@ -30,6 +31,7 @@ use mermin_protocol::display::flow_line;
 
 use crate::{
     actors::ActorRuntime,
+    checkpoints::{CheckpointWriter, Part},
     clock::unix_now,
     connection_key::ConnectionKey,
     export::OutboxChanged,
@@ -41,7 +43,7 @@ use crate::{
     observe::{ObserveHub, observed},
     otlp_wire::RequestWriter,
     span::{Enrichment, SPANS_PER_INTERVAL, write_flow_spans},
-    store::{BootId, Change, Checkpoint, Store, StoreError},
+    store::{BootId, Change, Store, StoreError},
 };
 use actix::{
     Actor, ActorContext, ActorFutureExt, Addr, AsyncContext, Context, Handler, Message, Recipient,
@@ -75,7 +77,9 @@ pub struct Flush(pub tokio::sync::oneshot::Sender<()>);
 /// What every shard shares.
 #[derive(Clone)]
 pub struct ShardContext {
+    /// Read for batches a shard missed (checkpoints go through `checkpoints`).
     pub store: Store,
+    pub checkpoints: CheckpointWriter,
     pub metrics: Arc<Metrics>,
     /// Told after a checkpoint that queued spans.
     pub exporter: Recipient<OutboxChanged>,
@@ -282,10 +286,11 @@ impl FlowShard {
     }
 
     /// The checkpoint of everything unsaved, if there is anything: it persists the table's
-    /// changes, the moved positions and the spans of the emitted intervals in one transaction —
-    /// on the blocking pool, not this thread, which other actors share — then wakes the
-    /// exporter. Callers `wait` on it (the shard takes no message until it is done); a failed
-    /// one leaves everything for the next tick.
+    /// changes, the moved positions and the spans of the emitted intervals atomically, with the
+    /// other shards' of this tick — on the checkpoint writer's thread, not this one, which other
+    /// actors share — then wakes the exporter. Callers `wait` on it (the shard takes no message
+    /// until it is done); a failed one leaves everything for the next tick. With nothing to
+    /// write, the writer is told so (it need not wait for this shard).
     fn checkpoint(&mut self) -> Option<LocalBoxActorFuture<Self, ()>> {
         let metrics = &self.context.metrics;
         metrics
@@ -319,49 +324,54 @@ impl FlowShard {
             self.emitted.clear();
         }
         if self.unsaved.is_empty() && self.moved.is_empty() {
+            self.context.checkpoints.skip(self.id);
             return None;
         }
-        let unsaved = std::mem::take(&mut self.unsaved);
-        let moved: HashMap<BootId, u64> = self
-            .moved
-            .iter()
-            .filter_map(|id| Some((*id, *self.positions.get(id)?)))
-            .collect();
-        let store = self.context.store.clone();
-        let shard = self.id;
-        let write = async move {
-            let written = tokio::task::spawn_blocking(move || {
-                let result = store.checkpoint(Checkpoint {
-                    shard,
-                    positions: &moved,
-                    changes: &unsaved.changes,
-                    outbox: &unsaved.outbox,
-                });
-                (unsaved, moved, result)
-            })
-            .await;
-            written.map_err(|e| e.to_string())
+        let mut unsaved = std::mem::take(&mut self.unsaved);
+        let part = Part {
+            positions: self
+                .moved
+                .iter()
+                .filter_map(|id| Some((*id, *self.positions.get(id)?)))
+                .collect(),
+            changes: std::mem::take(&mut unsaved.changes),
+            outbox: std::mem::take(&mut unsaved.outbox),
         };
-        let done = write.into_actor(self).map(|written, shard, _| {
+        let written = self.context.checkpoints.write(self.id, part);
+        let done = written.into_actor(self).map(move |written, shard, _| {
             let metrics = &shard.context.metrics;
-            match written {
-                Ok((unsaved, moved, Ok(()))) => {
-                    for id in moved.keys() {
+            let Ok((part, result)) = written else {
+                // The writer is gone (its thread panicked): what it held is gone from memory,
+                // not from the log (positions did not move), so a restart recovers it.
+                tracing::error!(shard = shard.id, "the checkpoint writer is gone");
+                metrics.checkpoint_failures.inc();
+                return;
+            };
+            let Part {
+                positions,
+                changes,
+                outbox,
+            } = part;
+            unsaved.changes = changes;
+            unsaved.outbox = outbox;
+            match result {
+                Ok(()) => {
+                    for (id, sequence) in &positions {
                         // Moved again while writing? Then it stays for the next checkpoint.
-                        if shard.positions.get(id) == moved.get(id) {
+                        if shard.positions.get(id) == Some(sequence) {
                             shard.moved.remove(id);
                         }
                     }
                     shard.queued(unsaved);
                 }
-                Ok((unsaved, _, Err(StoreError::NotDurable(err)))) => {
+                Err(StoreError::NotDurable(err)) => {
                     // Applied: queued for export, durable with the next write that succeeds
                     // (the positions stay moved, so the next tick makes one).
                     tracing::error!(shard = shard.id, %err, "checkpoint written but not durable; the next one makes it so");
                     metrics.checkpoint_failures.inc();
                     shard.queued(unsaved);
                 }
-                Ok((mut unsaved, _, Err(err))) => {
+                Err(err) => {
                     tracing::error!(shard = shard.id, %err, "cannot write checkpoint; keeping it for the next tick");
                     metrics.checkpoint_failures.inc();
                     // Older first: changes made since then override these when written.
@@ -370,12 +380,6 @@ impl FlowShard {
                     unsaved.observed.append(&mut shard.unsaved.observed);
                     unsaved.intervals += shard.unsaved.intervals;
                     shard.unsaved = unsaved;
-                }
-                Err(err) => {
-                    // The blocking task panicked: its data is gone from memory, not from the
-                    // log (positions did not move), so a restart recovers it.
-                    tracing::error!(shard = shard.id, %err, "checkpoint task failed");
-                    metrics.checkpoint_failures.inc();
                 }
             }
         });
@@ -618,6 +622,7 @@ mod tests {
             unsaved: Unsaved::default(),
             context: ShardContext {
                 store: store.clone(),
+                checkpoints: CheckpointWriter::start(store.clone(), 1),
                 metrics: metrics.clone(),
                 exporter: exporter.recipient(),
                 print_flows: false,

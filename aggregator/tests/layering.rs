@@ -15,6 +15,7 @@ const ORDER: &[&str] = &[
     "placement",
     "stitch",
     "store",
+    "checkpoints",
     "flow_table",
     "metadata",
     "span",

@@ -229,12 +229,12 @@ async fn what_the_store_leader_acknowledged_is_on_the_next_leader() {
         for shard in 0..mermin_aggregator::placement::SHARDS {
             let outbox: &[Vec<u8>] = if shard == 0 { &requests } else { &[] };
             checkpoint_store
-                .checkpoint(Checkpoint {
+                .checkpoint(&[Checkpoint {
                     shard,
                     positions: &positions,
                     changes: &[],
                     outbox,
-                })
+                }])
                 .unwrap();
         }
     })

@@ -69,12 +69,8 @@ pub enum StoreCommand {
         #[serde(with = "serde_bytes")]
         batch: Vec<u8>,
     },
-    Checkpoint {
-        shard: ShardId,
-        positions: Vec<(BootId, u64)>,
-        changes: Vec<Change>,
-        outbox: Vec<ByteBuf>,
-    },
+    /// One shard's checkpoint, as logs written before checkpoints were combined hold it.
+    Checkpoint(ShardCheckpoint),
     Push {
         #[serde(with = "serde_bytes")]
         request: Vec<u8>,
@@ -85,6 +81,17 @@ pub enum StoreCommand {
     Retire {
         open: Vec<BootId>,
     },
+    /// The checkpoints of several shards, written together.
+    Checkpoints(Vec<ShardCheckpoint>),
+}
+
+/// One shard's checkpoint in a log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardCheckpoint {
+    shard: ShardId,
+    positions: Vec<(BootId, u64)>,
+    changes: Vec<Change>,
+    outbox: Vec<ByteBuf>,
 }
 
 /// What applying a command answered.
@@ -123,23 +130,10 @@ fn apply(store: &SledStore, index: u64, command: &StoreCommand) -> Result<StoreA
             }
             Err(err) => return Err(err),
         },
-        StoreCommand::Checkpoint {
-            shard,
-            positions,
-            changes,
-            outbox,
-        } => {
-            let positions: HashMap<BootId, u64> = positions.iter().copied().collect();
-            let outbox: Vec<Vec<u8>> = outbox.iter().map(|r| r.to_vec()).collect();
-            let checkpoint = Checkpoint {
-                shard: *shard,
-                positions: &positions,
-                changes,
-                outbox: &outbox,
-            };
-            store.apply_checkpoint_and_clean_up(checkpoint, index * IDS_PER_ENTRY)?;
-            StoreAnswer::Done
+        StoreCommand::Checkpoint(checkpoint) => {
+            apply_checkpoints(store, index, std::slice::from_ref(checkpoint))?
         }
+        StoreCommand::Checkpoints(checkpoints) => apply_checkpoints(store, index, checkpoints)?,
         StoreCommand::Push { request } => {
             store.apply_push(index * IDS_PER_ENTRY, request)?;
             StoreAnswer::Pushed(index * IDS_PER_ENTRY)
@@ -155,6 +149,36 @@ fn apply(store: &SledStore, index: u64, command: &StoreCommand) -> Result<StoreA
         }
     };
     Ok(answer)
+}
+
+/// Applies the checkpoints of the entry at `index`: its requests take the entry's outbox ids.
+fn apply_checkpoints(
+    store: &SledStore,
+    index: u64,
+    checkpoints: &[ShardCheckpoint],
+) -> Result<StoreAnswer, StoreError> {
+    type Owned = (HashMap<BootId, u64>, Vec<Vec<u8>>);
+    let parts: Vec<Owned> = checkpoints
+        .iter()
+        .map(|c| {
+            (
+                c.positions.iter().copied().collect(),
+                c.outbox.iter().map(|r| r.to_vec()).collect(),
+            )
+        })
+        .collect();
+    let checkpoints: Vec<Checkpoint<'_>> = checkpoints
+        .iter()
+        .zip(&parts)
+        .map(|(c, (positions, outbox))| Checkpoint {
+            shard: c.shard,
+            positions,
+            changes: &c.changes,
+            outbox,
+        })
+        .collect();
+    store.apply_checkpoints_and_clean_up(&checkpoints, index * IDS_PER_ENTRY)?;
+    Ok(StoreAnswer::Done)
 }
 
 /// The store group's state machine on one replica (see the module docs).
@@ -458,24 +482,31 @@ impl Storage for ReplicatedStore {
         Box::new(self.machine.store().stored_batches())
     }
 
-    fn checkpoint(&self, checkpoint: Checkpoint<'_>) -> Result<(), StoreError> {
-        if checkpoint.outbox.len() as u64 >= IDS_PER_ENTRY {
+    fn checkpoint(&self, checkpoints: &[Checkpoint<'_>]) -> Result<(), StoreError> {
+        // Refused here, not when applied: an entry must apply on every replica.
+        Checkpoint::one_per_shard(checkpoints)?;
+        let requests: usize = checkpoints.iter().map(|c| c.outbox.len()).sum();
+        if requests as u64 >= IDS_PER_ENTRY {
             return Err(StoreError::Backend(format!(
-                "a checkpoint of {} export requests; at most {} fit one entry",
-                checkpoint.outbox.len(),
+                "checkpoints of {requests} export requests; at most {} fit one entry",
                 IDS_PER_ENTRY - 1
             )));
         }
-        let command = StoreCommand::Checkpoint {
-            shard: checkpoint.shard,
-            positions: checkpoint.positions.iter().map(|(k, v)| (*k, *v)).collect(),
-            changes: checkpoint.changes.to_vec(),
-            outbox: checkpoint
-                .outbox
+        let command = StoreCommand::Checkpoints(
+            checkpoints
                 .iter()
-                .map(|request| ByteBuf::from(request.clone()))
+                .map(|checkpoint| ShardCheckpoint {
+                    shard: checkpoint.shard,
+                    positions: checkpoint.positions.iter().map(|(k, v)| (*k, *v)).collect(),
+                    changes: checkpoint.changes.to_vec(),
+                    outbox: checkpoint
+                        .outbox
+                        .iter()
+                        .map(|request| ByteBuf::from(request.clone()))
+                        .collect(),
+                })
                 .collect(),
-        };
+        );
         match self.propose_blocking(command)? {
             StoreAnswer::Done => Ok(()),
             other => Err(unexpected(other)),

@@ -43,6 +43,7 @@ pub(crate) async fn run(open: Opener<'_>) {
     states_survive_many_checkpoints_of_updates_and_removals(open).await;
     the_outbox_keeps_order_count_and_size_across_reopening(open).await;
     checkpoints_of_shards_at_once_keep_every_request(open).await;
+    checkpoints_written_together_are_each_recovered(open).await;
     a_boot_id_stays_bound_to_its_first_node(open).await;
     a_superseded_boot_id_is_forgotten_once_every_shard_is_past_it(open).await;
 }
@@ -126,23 +127,23 @@ async fn checkpoints_are_recovered_and_a_batch_goes_once_every_shard_is_past_it(
         ];
         let at = |sequence| HashMap::from([(id, sequence)]);
         store
-            .checkpoint(Checkpoint {
+            .checkpoint(&[Checkpoint {
                 shard: 0,
                 positions: &at(2),
                 changes: &changes,
                 outbox: &[vec![7, 7]],
-            })
+            }])
             .unwrap();
         let left: Vec<u64> = store.batches().map(|b| b.unwrap().1.sequence).collect();
         assert_eq!(left, [1, 2, 3], "the other shards have not checkpointed");
         for shard in 1..SHARDS {
             store
-                .checkpoint(Checkpoint {
+                .checkpoint(&[Checkpoint {
                     shard,
                     positions: &at(if shard == 5 { 1 } else { 3 }),
                     changes: &[],
                     outbox: &[],
-                })
+                }])
                 .unwrap();
         }
     }
@@ -198,12 +199,12 @@ async fn states_survive_many_checkpoints_of_updates_and_removals(open: Opener<'_
                 .cloned()
                 .collect();
             store
-                .checkpoint(Checkpoint {
+                .checkpoint(&[Checkpoint {
                     shard,
                     positions: &HashMap::new(),
                     changes: &changes,
                     outbox: &[],
-                })
+                }])
                 .unwrap();
         }
     }
@@ -224,20 +225,20 @@ async fn a_checkpoint_writes_only_the_positions_it_is_given(open: Opener<'_>) {
         let store = open(dir.path());
         let all: HashMap<_, _> = agents.iter().map(|a| (*a, 7)).collect();
         store
-            .checkpoint(Checkpoint {
+            .checkpoint(&[Checkpoint {
                 shard: 3,
                 positions: &all,
                 changes: &[],
                 outbox: &[],
-            })
+            }])
             .unwrap();
         store
-            .checkpoint(Checkpoint {
+            .checkpoint(&[Checkpoint {
                 shard: 3,
                 positions: &HashMap::from([(agents[4], 9)]),
                 changes: &[],
                 outbox: &[],
-            })
+            }])
             .unwrap();
     }
     let recovered = open(dir.path()).recover().unwrap();
@@ -257,12 +258,12 @@ async fn the_outbox_keeps_order_count_and_size_across_reopening(open: Opener<'_>
         let first = store.outbox_push(&[1; 10]).await.unwrap();
         store.outbox_push(&[2; 20]).await.unwrap();
         store
-            .checkpoint(Checkpoint {
+            .checkpoint(&[Checkpoint {
                 shard: 0,
                 positions: &HashMap::new(),
                 changes: &[],
                 outbox: &[vec![3; 30], vec![4; 40]],
-            })
+            }])
             .unwrap();
         assert_eq!((store.outbox_len(), store.outbox_bytes()), (4, 100));
         store.outbox_remove(first).await.unwrap();
@@ -315,12 +316,12 @@ async fn checkpoints_of_shards_at_once_keep_every_request(open: Opener<'_>) {
                     let outbox: Vec<Vec<u8>> =
                         (0..REQUESTS).map(|i| request(shard, round, i)).collect();
                     store
-                        .checkpoint(Checkpoint {
+                        .checkpoint(&[Checkpoint {
                             shard,
                             positions: &HashMap::new(),
                             changes: &[],
                             outbox: &outbox,
-                        })
+                        }])
                         .unwrap();
                 }
             })
@@ -360,6 +361,64 @@ async fn checkpoints_of_shards_at_once_keep_every_request(open: Opener<'_>) {
     }
 }
 
+/// The checkpoints of several shards in one write: each shard's positions and states
+/// recovered, the requests in the order given, and a shard named twice refused (nothing written).
+async fn checkpoints_written_together_are_each_recovered(open: Opener<'_>) {
+    let dir = tempfile::tempdir().unwrap();
+    let id = [6; BOOT_ID_LEN];
+    let change = |key: u8| Change {
+        key: vec![key],
+        state: Some(vec![key, key]),
+    };
+    {
+        let store = open(dir.path());
+        for sequence in 1..=2 {
+            store.append(&id, &batch(sequence)).await.unwrap();
+        }
+        let at = |sequence| HashMap::from([(id, sequence)]);
+        let (one, two) = (at(1), at(2));
+        let changes = [vec![change(1)], vec![change(2), change(3)], vec![]];
+        let outboxes = [vec![vec![1]], vec![], vec![vec![3], vec![3, 3]]];
+        let checkpoints: Vec<Checkpoint<'_>> = (0..3)
+            .map(|i| Checkpoint {
+                shard: [3, 1, 6][i],
+                positions: if i == 1 { &one } else { &two },
+                changes: &changes[i],
+                outbox: &outboxes[i],
+            })
+            .collect();
+        store.checkpoint(&checkpoints).unwrap();
+        let twice = [checkpoints[0], checkpoints[0]];
+        assert_eq!(
+            store.checkpoint(&twice).unwrap_err().to_string(),
+            "store: two checkpoints of shard 3 in one write"
+        );
+    }
+    let store = open(dir.path());
+    let recovered = store.recover().unwrap();
+    let positions: Vec<((u16, BootId), u64)> = {
+        let mut p: Vec<_> = recovered.positions.into_iter().collect();
+        p.sort();
+        p
+    };
+    assert_eq!(positions, [((1, id), 1), ((3, id), 2), ((6, id), 2)]);
+    let mut states = recovered.connections;
+    states.sort();
+    assert_eq!(states, [vec![1, 1], vec![2, 2], vec![3, 3]]);
+    let requests: Vec<Vec<u8>> = store
+        .outbox_oldest(10)
+        .unwrap()
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect();
+    assert_eq!(
+        requests,
+        [vec![1], vec![3], vec![3, 3]],
+        "in the order given, once"
+    );
+    assert_eq!((store.outbox_len(), store.outbox_bytes()), (3, 4));
+}
+
 async fn a_boot_id_stays_bound_to_its_first_node(open: Opener<'_>) {
     let dir = tempfile::tempdir().unwrap();
     let id = [5; BOOT_ID_LEN];
@@ -383,12 +442,12 @@ async fn a_boot_id_stays_bound_to_its_first_node(open: Opener<'_>) {
 fn every_shard_at(store: &Store, boot_id: BootId, sequence: u64, except: Option<u16>) {
     for shard in (0..SHARDS).filter(|shard| Some(*shard) != except) {
         store
-            .checkpoint(Checkpoint {
+            .checkpoint(&[Checkpoint {
                 shard,
                 positions: &HashMap::from([(boot_id, sequence)]),
                 changes: &[],
                 outbox: &[],
-            })
+            }])
             .unwrap();
     }
 }

@@ -1,6 +1,6 @@
 //! Faults on demand: a [`Storage`] that forwards to another one and, when told, delays or fails
 //! its writes — a slow disk, a full disk — for the tests and chaos runs that need one. Reads
-//! always go through.
+//! always go through. It also counts the checkpoint writes it was asked for.
 
 use std::{
     collections::HashSet,
@@ -21,6 +21,7 @@ use super::{BootId, Checkpoint, Recovered, Retirement, Storage, Store, StoreErro
 pub struct Faults {
     write_delay_ms: Arc<AtomicU64>,
     writes_fail: Arc<AtomicBool>,
+    checkpoint_writes: Arc<AtomicU64>,
 }
 
 impl Faults {
@@ -34,6 +35,11 @@ impl Faults {
     /// Every write fails as on a full disk, until `false`.
     pub fn fail_writes(&self, fail: bool) {
         self.writes_fail.store(fail, Ordering::Relaxed);
+    }
+
+    /// Calls of [`Storage::checkpoint`] so far (each may hold several shards' checkpoints).
+    pub fn checkpoint_writes(&self) -> u64 {
+        self.checkpoint_writes.load(Ordering::Relaxed)
     }
 
     fn delay(&self) -> Duration {
@@ -123,10 +129,13 @@ impl Storage for FaultyStore {
         self.inner.batches()
     }
 
-    fn checkpoint(&self, checkpoint: Checkpoint<'_>) -> Result<(), StoreError> {
+    fn checkpoint(&self, checkpoints: &[Checkpoint<'_>]) -> Result<(), StoreError> {
+        self.faults
+            .checkpoint_writes
+            .fetch_add(1, Ordering::Relaxed);
         std::thread::sleep(self.faults.delay());
         self.injected()?;
-        self.inner.checkpoint(checkpoint)
+        self.inner.checkpoint(checkpoints)
     }
 
     fn recover(&self) -> Result<Recovered, StoreError> {

@@ -8,9 +8,10 @@
 //!   sequence made durable and the batches themselves. [`Storage::append`] returns once the batch
 //!   and the new high-water mark are durable together — the moment the agent may be acknowledged
 //!   — and refuses a sequence that is not the next one.
-//! - **Shard checkpoints.** [`Storage::checkpoint`] writes, for one shard and atomically: the
-//!   connections it changed, its position (boot id → last applied sequence) for the agents that
-//!   moved, and the export requests it emitted. After a crash, each shard's checkpoint plus the
+//! - **Shard checkpoints.** [`Storage::checkpoint`] writes, for each shard given and all of them
+//!   atomically: the connections it changed, its position (boot id → last applied sequence) for
+//!   the agents that moved, and the export requests it emitted (the shards' checkpoints of one
+//!   tick are written together: one write and one flush, not one per shard). After a crash, each shard's checkpoint plus the
 //!   batches after its positions rebuild exactly the table that produced the outbox. A batch
 //!   that every shard's checkpoint is past is deleted. A connection belongs to one shard: the
 //!   checkpoints of different shards never change the same key.
@@ -57,7 +58,7 @@ pub type BootId = [u8; BOOT_ID_LEN];
 /// The store as the aggregator's layers hold it.
 pub type Store = Arc<dyn Storage>;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("opening the store at {path}: {reason}")]
     Open { path: String, reason: String },
@@ -160,6 +161,21 @@ pub struct Checkpoint<'a> {
     pub outbox: &'a [Vec<u8>],
 }
 
+impl Checkpoint<'_> {
+    /// Refuses checkpoints that name a shard twice (one write holds one checkpoint per shard).
+    pub fn one_per_shard(checkpoints: &[Checkpoint<'_>]) -> Result<(), StoreError> {
+        let mut shards: Vec<ShardId> = checkpoints.iter().map(|c| c.shard).collect();
+        shards.sort_unstable();
+        match shards.windows(2).find(|pair| pair[0] == pair[1]) {
+            Some(pair) => Err(StoreError::Backend(format!(
+                "two checkpoints of shard {} in one write",
+                pair[0]
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
 /// What a restart finds.
 pub struct Recovered {
     /// Per shard: how far it had applied each agent's batches.
@@ -209,11 +225,13 @@ pub trait Storage: Send + Sync + 'static {
     /// Every stored batch, in (boot id, sequence) order: what start-up replays.
     fn batches(&self) -> Box<dyn Iterator<Item = Result<(BootId, Batch), StoreError>> + '_>;
 
-    /// Writes one shard's checkpoint atomically and durably (blocking), then drops the batches
-    /// every shard is past. `positions` holds the agents whose position moved. On
-    /// [`StoreError::NotDurable`] the checkpoint is applied: write its positions again later (so
-    /// that a write makes it durable), not its changes and requests.
-    fn checkpoint(&self, checkpoint: Checkpoint<'_>) -> Result<(), StoreError>;
+    /// Writes the checkpoints of several shards (each at most once), all of them atomically
+    /// and durably (blocking), then drops the batches every shard is past. Each checkpoint's
+    /// `positions` holds the agents whose position moved; its requests take outbox ids after
+    /// those of the checkpoints before it. On [`StoreError::NotDurable`] the checkpoints are
+    /// applied: write their positions again later (so that a write makes them durable), not
+    /// their changes and requests.
+    fn checkpoint(&self, checkpoints: &[Checkpoint<'_>]) -> Result<(), StoreError>;
 
     /// Every shard's last checkpoint: positions and connection states.
     fn recover(&self) -> Result<Recovered, StoreError>;

@@ -149,9 +149,9 @@ impl SledStore {
         result
     }
 
-    fn write_checkpoint(&self, checkpoint: Checkpoint<'_>) -> Result<(), StoreError> {
-        let first_id = self.outbox_ids(checkpoint.outbox.len())?;
-        self.apply_checkpoint(checkpoint, first_id)?;
+    fn write_checkpoints(&self, checkpoints: &[Checkpoint<'_>]) -> Result<(), StoreError> {
+        let first_id = self.outbox_ids(checkpoints.iter().map(|c| c.outbox.len()).sum())?;
+        self.apply_checkpoints(checkpoints, first_id)?;
         if let Err(err) = self.group_commit.flush_blocking(&self.db) {
             let why = err.to_string();
             if matches!(err, sled::Error::Io(_)) {
@@ -161,7 +161,7 @@ impl SledStore {
             // `StoreError::NotDurable`).
             return Err(StoreError::NotDurable(why));
         }
-        self.after_checkpoint(checkpoint)
+        self.after_checkpoints(checkpoints)
     }
 
     /// The first of `count` consecutive new outbox ids (one even for `count` 0). sled's ids
@@ -175,15 +175,19 @@ impl SledStore {
         Ok(first)
     }
 
-    /// Drops what a written checkpoint made unneeded: change sets folded into the base, and
+    /// Drops what written checkpoints made unneeded: change sets folded into the base, and
     /// the batches every shard is now past.
-    fn after_checkpoint(&self, checkpoint: Checkpoint<'_>) -> Result<(), StoreError> {
-        if !checkpoint.changes.is_empty() {
+    fn after_checkpoints(&self, checkpoints: &[Checkpoint<'_>]) -> Result<(), StoreError> {
+        for checkpoint in checkpoints.iter().filter(|c| !c.changes.is_empty()) {
             let mut log = self.connections.lock(checkpoint.shard);
             self.connections
                 .compact_if_due(&self.db, checkpoint.shard, &mut log);
         }
-        for boot_id in checkpoint.positions.keys() {
+        let moved: HashSet<&BootId> = checkpoints
+            .iter()
+            .flat_map(|c| c.positions.keys())
+            .collect();
+        for boot_id in moved {
             self.drop_applied_batches(boot_id)?;
         }
         Ok(())
@@ -326,42 +330,59 @@ impl SledStore {
 /// after a crash, changes nothing more (outbox entries are keyed by their id and counted once,
 /// an append of a sequence already there is refused, a bind keeps the first node).
 impl SledStore {
-    /// Writes `checkpoint` with outbox ids `first_id`, `first_id + 1`, ...
-    pub(crate) fn apply_checkpoint(
+    /// Writes `checkpoints` in one transaction, their requests with outbox ids `first_id`,
+    /// `first_id + 1`, ... in order. Each shard at most once (its change log is locked
+    /// throughout, in shard order).
+    pub(crate) fn apply_checkpoints(
         &self,
-        checkpoint: Checkpoint<'_>,
+        checkpoints: &[Checkpoint<'_>],
         first_id: u64,
     ) -> Result<(), StoreError> {
-        let mut log = self.connections.lock(checkpoint.shard);
-        let change_set = (!checkpoint.changes.is_empty()).then(|| {
-            let set = change_log::encode(
-                checkpoint
-                    .changes
-                    .iter()
-                    .map(|c| (c.key.as_slice(), c.state.as_deref())),
-            );
-            (change_log::key(checkpoint.shard, log.take_number()), set)
-        });
+        Checkpoint::one_per_shard(checkpoints)?;
+        let mut shards: Vec<ShardId> = checkpoints.iter().map(|c| c.shard).collect();
+        shards.sort_unstable();
+        let mut logs: HashMap<ShardId, _> = shards
+            .iter()
+            .map(|&shard| (shard, self.connections.lock(shard)))
+            .collect();
+        let change_sets: Vec<_> = checkpoints
+            .iter()
+            .map(|checkpoint| {
+                (!checkpoint.changes.is_empty()).then(|| {
+                    let set = change_log::encode(
+                        checkpoint
+                            .changes
+                            .iter()
+                            .map(|c| (c.key.as_slice(), c.state.as_deref())),
+                    );
+                    let log = logs.get_mut(&checkpoint.shard).expect("locked above");
+                    (change_log::key(checkpoint.shard, log.take_number()), set)
+                })
+            })
+            .collect();
         // Counted before the entries exist, so that the exporter removing one cannot take the
         // count below zero; taken back for entries that were there already (a replica applying
         // an entry again) and if the transaction fails.
-        let outbox_bytes: u64 = checkpoint.outbox.iter().map(|r| r.len() as u64).sum();
-        let outbox_count = checkpoint.outbox.len() as u64;
+        let requests = || checkpoints.iter().flat_map(|c| c.outbox);
+        let outbox_bytes: u64 = requests().map(|r| r.len() as u64).sum();
+        let outbox_count = requests().count() as u64;
         self.count_outbox(outbox_count, outbox_bytes);
         let result: Result<(u64, u64), TransactionError<StoreError>> =
             (self.connections.tree(), &self.positions, &self.outbox).transaction(
                 |(connections, positions, outbox)| {
-                    if let Some((key, set)) = &change_set {
-                        connections.insert(&key[..], set.as_slice())?;
-                    }
-                    for (boot_id, sequence) in checkpoint.positions {
-                        positions.insert(
-                            &position_key(boot_id, checkpoint.shard)[..],
-                            &sequence.to_be_bytes(),
-                        )?;
+                    for (checkpoint, change_set) in checkpoints.iter().zip(&change_sets) {
+                        if let Some((key, set)) = change_set {
+                            connections.insert(&key[..], set.as_slice())?;
+                        }
+                        for (boot_id, sequence) in checkpoint.positions {
+                            positions.insert(
+                                &position_key(boot_id, checkpoint.shard)[..],
+                                &sequence.to_be_bytes(),
+                            )?;
+                        }
                     }
                     let (mut present, mut present_bytes) = (0, 0);
-                    for (id, request) in (first_id..).zip(checkpoint.outbox) {
+                    for (id, request) in (first_id..).zip(requests()) {
                         if let Some(was) = outbox.insert(&id.to_be_bytes(), request.as_slice())? {
                             present += 1;
                             present_bytes += was.len() as u64;
@@ -377,20 +398,23 @@ impl SledStore {
                 return Err(err);
             }
         }
-        if let Some((_, set)) = &change_set {
-            log.written(set.len());
+        for (checkpoint, change_set) in checkpoints.iter().zip(&change_sets) {
+            if let Some((_, set)) = change_set {
+                let log = logs.get_mut(&checkpoint.shard).expect("locked above");
+                log.written(set.len());
+            }
         }
         Ok(())
     }
 
-    /// [`SledStore::apply_checkpoint`], then its clean-up (what a replica does once applied).
-    pub(crate) fn apply_checkpoint_and_clean_up(
+    /// [`SledStore::apply_checkpoints`], then their clean-up (what a replica does once applied).
+    pub(crate) fn apply_checkpoints_and_clean_up(
         &self,
-        checkpoint: Checkpoint<'_>,
+        checkpoints: &[Checkpoint<'_>],
         first_id: u64,
     ) -> Result<(), StoreError> {
-        self.apply_checkpoint(checkpoint, first_id)?;
-        self.after_checkpoint(checkpoint)
+        self.apply_checkpoints(checkpoints, first_id)?;
+        self.after_checkpoints(checkpoints)
     }
 
     /// Queues `request` as outbox entry `id`.
@@ -664,8 +688,8 @@ impl Storage for SledStore {
     /// Writes a shard's checkpoint atomically and durably, then drops the batches every shard
     /// is past. Blocking: callers run it on the blocking pool. `positions` holds only the agents
     /// whose position moved since the shard's last checkpoint.
-    fn checkpoint(&self, checkpoint: Checkpoint<'_>) -> Result<(), StoreError> {
-        let result = self.write_checkpoint(checkpoint);
+    fn checkpoint(&self, checkpoints: &[Checkpoint<'_>]) -> Result<(), StoreError> {
+        let result = self.write_checkpoints(checkpoints);
         self.observe_write(result)
     }
 

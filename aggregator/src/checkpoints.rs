@@ -1,0 +1,230 @@
+//! The checkpoint writer: one thread that writes the flow shards' checkpoints, those of one tick
+//! together — one store write and one flush per tick instead of one per shard.
+//!
+//! Every shard hands the writer its part each tick: what it has to write ([`Part`]), or that it
+//! has nothing ([`CheckpointWriter::skip`]). A round ends when every shard has spoken, or
+//! [`LINGER`] after the first part, whichever comes first (a shard busy with a backlog does not
+//! hold the others for longer); the parts of a round are written in one
+//! [`Storage::checkpoint`](crate::store::Storage::checkpoint) call, atomically, and every shard
+//! of the round gets the outcome and its part back. A shard that speaks twice in one round (it
+//! cannot while it waits for its part, but a skip can precede a part) ends the round first.
+//!
+//! Blocking I/O runs here, on the writer's own thread: never on the arbiters that the shards,
+//! the sessions and the exporter share. The thread ends when every handle is dropped.
+
+use std::{
+    collections::HashMap,
+    sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender},
+    time::{Duration, Instant},
+};
+
+use tokio::sync::oneshot;
+
+use crate::{
+    placement::ShardId,
+    store::{BootId, Change, Checkpoint, Store, StoreError},
+};
+
+/// How long a round waits for the shards that have not spoken, after the first part.
+pub const LINGER: Duration = Duration::from_millis(25);
+
+/// What one shard's checkpoint writes (see [`Checkpoint`]).
+#[derive(Debug, Default)]
+pub struct Part {
+    pub positions: HashMap<BootId, u64>,
+    pub changes: Vec<Change>,
+    pub outbox: Vec<Vec<u8>>,
+}
+
+/// A part, written (or not), handed back to its shard.
+pub type Written = (Part, Result<(), StoreError>);
+
+enum Message {
+    Part {
+        shard: ShardId,
+        part: Part,
+        done: oneshot::Sender<Written>,
+    },
+    Skip {
+        shard: ShardId,
+    },
+}
+
+impl Message {
+    fn shard(&self) -> ShardId {
+        match self {
+            Message::Part { shard, .. } | Message::Skip { shard } => *shard,
+        }
+    }
+}
+
+/// The handle the shards hold.
+#[derive(Clone)]
+pub struct CheckpointWriter {
+    messages: SyncSender<Message>,
+}
+
+impl CheckpointWriter {
+    /// Starts the writer for `shards` shards, writing to `store`. Its thread enters the tokio
+    /// runtime it is started from, if any: a store may drive futures on it (the replicated
+    /// store waits for its quorum there).
+    pub fn start(store: Store, shards: usize) -> Self {
+        // Each shard has at most one part and one skip outstanding.
+        let (messages, received) = mpsc::sync_channel(2 * shards);
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        std::thread::Builder::new()
+            .name("mermin-checkpoints".into())
+            .spawn(move || {
+                let _entered = runtime.as_ref().map(tokio::runtime::Handle::enter);
+                run(&store, shards, &received)
+            })
+            .expect("spawning the checkpoint writer");
+        CheckpointWriter { messages }
+    }
+
+    /// Writes `part` with the other shards' parts of this tick; the answer comes once it is
+    /// written (or failed), with the part.
+    pub fn write(&self, shard: ShardId, part: Part) -> oneshot::Receiver<Written> {
+        let (done, answer) = oneshot::channel();
+        // The writer outlives the shards; if it is gone, the dropped sender answers the shard.
+        let _ = self.messages.send(Message::Part { shard, part, done });
+        answer
+    }
+
+    /// This shard has nothing to write this tick.
+    pub fn skip(&self, shard: ShardId) {
+        let _ = self.messages.send(Message::Skip { shard });
+    }
+}
+
+fn run(store: &Store, shards: usize, messages: &Receiver<Message>) {
+    let mut next = None;
+    loop {
+        let first = match next.take() {
+            Some(first) => first,
+            None => match messages.recv() {
+                Ok(first) => first,
+                Err(_) => return, // every handle dropped
+            },
+        };
+        let mut round = vec![first];
+        let deadline = Instant::now() + LINGER;
+        while round.len() < shards {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            match messages.recv_timeout(wait) {
+                Ok(message) if round.iter().any(|m| m.shard() == message.shard()) => {
+                    next = Some(message);
+                    break;
+                }
+                Ok(message) => round.push(message),
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        write(store, round);
+    }
+}
+
+/// Writes the parts of one round together and answers each.
+fn write(store: &Store, round: Vec<Message>) {
+    let (parts, answers): (Vec<(ShardId, Part)>, Vec<oneshot::Sender<Written>>) = round
+        .into_iter()
+        .filter_map(|message| match message {
+            Message::Part { shard, part, done } => Some(((shard, part), done)),
+            Message::Skip { .. } => None,
+        })
+        .unzip();
+    if parts.is_empty() {
+        return;
+    }
+    let checkpoints: Vec<Checkpoint<'_>> = parts
+        .iter()
+        .map(|(shard, part)| Checkpoint {
+            shard: *shard,
+            positions: &part.positions,
+            changes: &part.changes,
+            outbox: &part.outbox,
+        })
+        .collect();
+    let result = store.checkpoint(&checkpoints);
+    for ((_, part), done) in parts.into_iter().zip(answers) {
+        let _ = done.send((part, result.clone()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{SledStore, faults::FaultyStore};
+
+    fn part(request: u8) -> Part {
+        Part {
+            outbox: vec![vec![request]],
+            ..Part::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_parts_of_one_tick_are_one_write_and_each_shard_gets_its_own_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let sled = SledStore::open(dir.path()).unwrap();
+        let (store, faults) = FaultyStore::wrap(sled);
+        let writer = CheckpointWriter::start(store.clone(), 4);
+        // Shards 0, 2 and 3 have something, shard 1 nothing: the round ends when all four
+        // have spoken, in one write.
+        let answers: Vec<_> = [0u16, 2, 3]
+            .into_iter()
+            .map(|shard| writer.write(shard, part(shard as u8)))
+            .collect();
+        writer.skip(1);
+        for (answer, shard) in answers.into_iter().zip([0u8, 2, 3]) {
+            let (part, result) = answer.await.unwrap();
+            assert!(result.is_ok());
+            assert_eq!(part.outbox, [vec![shard]], "its own part back");
+        }
+        assert_eq!(faults.checkpoint_writes(), 1);
+        let queued: Vec<Vec<u8>> = store
+            .outbox_oldest(10)
+            .unwrap()
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect();
+        assert_eq!(queued, [vec![0], vec![2], vec![3]]);
+
+        // A failed write fails every part of its round, which the shards keep.
+        faults.fail_writes(true);
+        let answers = [writer.write(1, part(7)), writer.write(0, part(8))];
+        writer.skip(2);
+        writer.skip(3);
+        for answer in answers {
+            let (part, result) = answer.await.unwrap();
+            assert_eq!(
+                result.unwrap_err().to_string(),
+                "store: No space left on device (injected)"
+            );
+            assert_eq!(part.outbox.len(), 1);
+        }
+        assert_eq!(faults.checkpoint_writes(), 2);
+        assert_eq!(store.outbox_len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_shard_that_speaks_twice_ends_the_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let sled = SledStore::open(dir.path()).unwrap();
+        let (store, faults) = FaultyStore::wrap(sled);
+        let writer = CheckpointWriter::start(store.clone(), 2);
+        // Shard 0 skips a tick, then has a part before shard 1 spoke: two rounds, and the
+        // second waits for shard 1 only as long as the linger.
+        writer.skip(0);
+        let started = Instant::now();
+        let (_, result) = writer.write(0, part(1)).await.unwrap();
+        assert!(result.is_ok());
+        assert!(started.elapsed() >= LINGER, "the round waited for shard 1");
+        assert_eq!(
+            faults.checkpoint_writes(),
+            1,
+            "the round of a skip writes nothing"
+        );
+        assert_eq!(store.outbox_len(), 1);
+    }
+}
