@@ -5,8 +5,9 @@
 //! has nothing ([`CheckpointWriter::skip`]). A round ends when every shard has spoken, or
 //! [`LINGER`] after the first part, whichever comes first (a shard busy with a backlog does not
 //! hold the others for longer); the parts of a round are written in one
-//! [`Storage::checkpoint`](crate::store::Storage::checkpoint) call, atomically, and every shard
-//! of the round gets the outcome and its part back. A shard that speaks twice in one round (it
+//! [`Storage::checkpoint`](crate::store::Storage::checkpoint) call, atomically, their export
+//! requests joined into as few as fit a request's limits, and every shard of the round gets the
+//! outcome and its part back. A shard that speaks twice in one round (it
 //! cannot while it waits for its part, but a skip can precede a part) ends the round first.
 //!
 //! Blocking I/O runs here, on the writer's own thread: never on the arbiters that the shards,
@@ -21,6 +22,7 @@ use std::{
 use tokio::sync::oneshot;
 
 use crate::{
+    otlp_wire::join_entries,
     placement::ShardId,
     store::{BootId, Change, Checkpoint, Store, StoreError},
 };
@@ -136,13 +138,22 @@ fn write(store: &Store, round: Vec<Message>) {
     if parts.is_empty() {
         return;
     }
+    // The round's export requests, joined into as few as fit, are written with its first part
+    // (the write is one, atomic); each shard's part keeps its own, which it counts.
+    let requests = join_entries(
+        parts
+            .iter()
+            .flat_map(|(_, part)| &part.outbox)
+            .map(Vec::as_slice),
+    );
     let checkpoints: Vec<Checkpoint<'_>> = parts
         .iter()
-        .map(|(shard, part)| Checkpoint {
+        .enumerate()
+        .map(|(i, (shard, part))| Checkpoint {
             shard: *shard,
             positions: &part.positions,
             changes: &part.changes,
-            outbox: &part.outbox,
+            outbox: if i == 0 { &requests } else { &[] },
         })
         .collect();
     let result = store.checkpoint(&checkpoints);
@@ -156,9 +167,16 @@ mod tests {
     use super::*;
     use crate::store::{SledStore, faults::FaultyStore};
 
-    fn part(request: u8) -> Part {
+    /// An outbox entry of `spans` spans whose request is the byte `body`.
+    fn entry(spans: u32, body: u8) -> Vec<u8> {
+        let mut entry = spans.to_be_bytes().to_vec();
+        entry.push(body);
+        entry
+    }
+
+    fn part(body: u8) -> Part {
         Part {
-            outbox: vec![vec![request]],
+            outbox: vec![entry(1, body)],
             ..Part::default()
         }
     }
@@ -179,7 +197,7 @@ mod tests {
         for (answer, shard) in answers.into_iter().zip([0u8, 2, 3]) {
             let (part, result) = answer.await.unwrap();
             assert!(result.is_ok());
-            assert_eq!(part.outbox, [vec![shard]], "its own part back");
+            assert_eq!(part.outbox, [entry(1, shard)], "its own part back");
         }
         assert_eq!(faults.checkpoint_writes(), 1);
         let queued: Vec<Vec<u8>> = store
@@ -188,7 +206,11 @@ mod tests {
             .into_iter()
             .map(|(_, r)| r)
             .collect();
-        assert_eq!(queued, [vec![0], vec![2], vec![3]]);
+        assert_eq!(
+            queued,
+            [vec![0, 0, 0, 3, 0, 2, 3]],
+            "one request of the three"
+        );
 
         // A failed write fails every part of its round, which the shards keep.
         faults.fail_writes(true);
@@ -204,7 +226,7 @@ mod tests {
             assert_eq!(part.outbox.len(), 1);
         }
         assert_eq!(faults.checkpoint_writes(), 2);
-        assert_eq!(store.outbox_len(), 3);
+        assert_eq!(store.outbox_len(), 1);
     }
 
     #[tokio::test]

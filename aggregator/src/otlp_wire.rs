@@ -51,6 +51,44 @@ const ARRAY_VALUES: u32 = 1;
 /// Bytes of the span count in front of an outbox entry's request.
 const COUNT_BYTES: usize = 4;
 
+/// Spans per export request at most (1,000 connection intervals).
+pub const MAX_REQUEST_SPANS: u32 = 2_000;
+
+/// Encoded size of an export request at most (one connection interval more is the exception):
+/// half the 4 MB gRPC message limit that Tempo and collectors apply by default, whatever names
+/// and labels the spans carry.
+pub const MAX_REQUEST_BYTES: usize = 2 << 20;
+
+/// The outbox entries `entries` joined, in order, into as few as fit [`MAX_REQUEST_SPANS`] and
+/// [`MAX_REQUEST_BYTES`]: an export request's one field repeats, so two requests concatenated
+/// are one request with the spans of both. An entry too short to hold a count stays alone.
+pub fn join_entries<'a>(entries: impl IntoIterator<Item = &'a [u8]>) -> Vec<Vec<u8>> {
+    let count = |entry: &[u8]| -> Option<u32> {
+        Some(u32::from_be_bytes(
+            entry.get(..COUNT_BYTES)?.try_into().ok()?,
+        ))
+    };
+    let mut joined: Vec<Vec<u8>> = Vec::new();
+    for entry in entries {
+        let fits = |last: &Vec<u8>| {
+            let (Some(spans), Some(more)) = (count(last), count(entry)) else {
+                return None;
+            };
+            let bytes = last.len() + entry.len() - 2 * COUNT_BYTES;
+            (spans + more <= MAX_REQUEST_SPANS && bytes <= MAX_REQUEST_BYTES)
+                .then_some(spans + more)
+        };
+        match joined.last_mut().and_then(|last| Some((fits(last)?, last))) {
+            Some((spans, last)) => {
+                last[..COUNT_BYTES].copy_from_slice(&spans.to_be_bytes());
+                last.extend_from_slice(&entry[COUNT_BYTES..]);
+            }
+            None => joined.push(entry.to_vec()),
+        }
+    }
+    joined
+}
+
 /// Protobuf fields appended to a buffer.
 struct Fields<'a>(&'a mut Vec<u8>);
 
@@ -418,5 +456,66 @@ mod tests {
             names(next.finish()),
             (2, vec!["two".to_string(), "three".to_string()])
         );
+    }
+
+    /// An entry of `spans` spans named `name` (one resource each).
+    fn entry(name: &str, spans: u32) -> Vec<u8> {
+        let mut request = RequestWriter::default();
+        for _ in 0..spans {
+            request.resource_span("s", ("mermin", "0.1.0"), |span| span.name(name));
+        }
+        request.finish()
+    }
+
+    #[test]
+    fn joined_entries_are_one_request_with_every_span_in_order_within_the_limits() {
+        let entries = [
+            entry("a", 900),
+            entry("b", 900),
+            entry("c", 300),
+            entry("d", 1),
+        ];
+        let joined = join_entries(entries.iter().map(Vec::as_slice));
+        let names: Vec<(u32, Vec<(String, usize)>)> = joined
+            .iter()
+            .map(|e| {
+                let (count, request) = decode(e);
+                let mut runs: Vec<(String, usize)> = Vec::new();
+                for resource in &request.resource_spans {
+                    let name = &resource.scope_spans[0].spans[0].name;
+                    match runs.last_mut() {
+                        Some((last, n)) if last == name => *n += 1,
+                        _ => runs.push((name.clone(), 1)),
+                    }
+                }
+                (count, runs)
+            })
+            .collect();
+        let run = |name: &str, n| (name.to_owned(), n);
+        assert_eq!(
+            names,
+            [
+                (1_800, vec![run("a", 900), run("b", 900)]),
+                (301, vec![run("c", 300), run("d", 1)]),
+            ],
+            "2,000 spans at most, in order"
+        );
+        // The byte limit: two entries of 1.5 MB stay two; a short one stays alone.
+        let big = |byte: u8| {
+            let mut e = 1u32.to_be_bytes().to_vec();
+            e.resize(COUNT_BYTES + (3 << 19), byte);
+            e
+        };
+        let joined = join_entries([&big(1)[..], &big(2)[..], &[9, 9][..], &entry("e", 1)[..]]);
+        let shape: Vec<(usize, u8)> = joined.iter().map(|e| (e.len(), e[e.len() - 1])).collect();
+        assert_eq!(
+            shape[..3],
+            [
+                (COUNT_BYTES + (3 << 19), 1),
+                (COUNT_BYTES + (3 << 19), 2),
+                (2, 9)
+            ]
+        );
+        assert_eq!(joined.len(), 4, "nothing joins an entry without a count");
     }
 }

@@ -41,7 +41,7 @@ use crate::{
     metrics::{Metrics, ShardLabel},
     observation::Observation,
     observe::{ObserveHub, observed},
-    otlp_wire::RequestWriter,
+    otlp_wire::{MAX_REQUEST_BYTES, MAX_REQUEST_SPANS, RequestWriter},
     span::{Enrichment, SPANS_PER_INTERVAL, write_flow_spans},
     store::{BootId, Change, Store, StoreError},
 };
@@ -408,13 +408,8 @@ impl FlowShard {
     }
 }
 
-/// Intervals per export request at most: 2,000 spans.
-pub const INTERVALS_PER_REQUEST: usize = 1_000;
-
-/// Encoded size of an export request at most (one interval more is the exception): half the
-/// 4 MB gRPC message limit that Tempo and collectors apply by default, whatever names and labels
-/// the spans carry.
-pub const MAX_REQUEST_BYTES: usize = 2 << 20;
+/// Intervals per export request at most.
+pub const INTERVALS_PER_REQUEST: usize = (MAX_REQUEST_SPANS / SPANS_PER_INTERVAL) as usize;
 
 /// The outbox entries (encoded OTLP export requests) carrying the spans of `emitted`.
 pub fn encode_requests(emitted: &[Emitted], enrichment: &Enrichment) -> Vec<Vec<u8>> {
