@@ -11,7 +11,9 @@
 //! cannot while it waits for its part, but a skip can precede a part) ends the round first.
 //!
 //! Blocking I/O runs here, on the writer's own thread: never on the arbiters that the shards,
-//! the sessions and the exporter share. The thread ends when every handle is dropped.
+//! the sessions and the exporter share. The thread ends when every handle is dropped, and the
+//! pipeline waits for it ([`WriterThread::finished`]) so that the store it holds is closed (and
+//! flushed) before the process exits.
 
 use std::{
     collections::HashMap,
@@ -70,18 +72,18 @@ impl CheckpointWriter {
     /// Starts the writer for `shards` shards, writing to `store`. Its thread enters the tokio
     /// runtime it is started from, if any: a store may drive futures on it (the replicated
     /// store waits for its quorum there).
-    pub fn start(store: Store, shards: usize) -> Self {
+    pub fn start(store: Store, shards: usize) -> (Self, WriterThread) {
         // Each shard has at most one part and one skip outstanding.
         let (messages, received) = mpsc::sync_channel(2 * shards);
         let runtime = tokio::runtime::Handle::try_current().ok();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("mermin-checkpoints".into())
             .spawn(move || {
                 let _entered = runtime.as_ref().map(tokio::runtime::Handle::enter);
                 run(&store, shards, &received)
             })
             .expect("spawning the checkpoint writer");
-        CheckpointWriter { messages }
+        (CheckpointWriter { messages }, WriterThread(thread))
     }
 
     /// Writes `part` with the other shards' parts of this tick; the answer comes once it is
@@ -96,6 +98,24 @@ impl CheckpointWriter {
     /// This shard has nothing to write this tick.
     pub fn skip(&self, shard: ShardId) {
         let _ = self.messages.send(Message::Skip { shard });
+    }
+}
+
+/// The writer's thread, to wait for at the end.
+pub struct WriterThread(std::thread::JoinHandle<()>);
+
+impl WriterThread {
+    /// Waits until the writer has finished (every handle dropped), at most `bound`; true if it
+    /// has.
+    pub async fn finished(self, bound: Duration) -> bool {
+        let deadline = Instant::now() + bound;
+        while !self.0.is_finished() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.0.join().is_ok()
     }
 }
 
@@ -164,6 +184,8 @@ fn write(store: &Store, round: Vec<Message>) {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
     use crate::store::{SledStore, faults::FaultyStore};
 
@@ -186,7 +208,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sled = SledStore::open(dir.path()).unwrap();
         let (store, faults) = FaultyStore::wrap(sled);
-        let writer = CheckpointWriter::start(store.clone(), 4);
+        let (writer, thread) = CheckpointWriter::start(store.clone(), 4);
         // Shards 0, 2 and 3 have something, shard 1 nothing: the round ends when all four
         // have spoken, in one write.
         let answers: Vec<_> = [0u16, 2, 3]
@@ -227,6 +249,10 @@ mod tests {
         }
         assert_eq!(faults.checkpoint_writes(), 2);
         assert_eq!(store.outbox_len(), 1);
+        // Its store let go once every handle is.
+        drop(writer);
+        assert!(thread.finished(Duration::from_secs(5)).await);
+        assert_eq!(Arc::strong_count(&store), 1);
     }
 
     #[tokio::test]
@@ -234,7 +260,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sled = SledStore::open(dir.path()).unwrap();
         let (store, faults) = FaultyStore::wrap(sled);
-        let writer = CheckpointWriter::start(store.clone(), 2);
+        let (writer, _thread) = CheckpointWriter::start(store.clone(), 2);
         // Shard 0 skips a tick, then has a part before shard 1 spoke: two rounds, and the
         // second waits for shard 1 only as long as the linger.
         writer.skip(0);

@@ -18,7 +18,7 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use crate::{
     actors::ActorRuntime,
     admin::{Admin, AdminError, ClusterAdmin},
-    checkpoints::CheckpointWriter,
+    checkpoints::{CheckpointWriter, WriterThread},
     clock::unix_now,
     export::{ExportConfig, ExportError, Exporter},
     flow_table::FlowTable,
@@ -134,6 +134,8 @@ const AGENT_KEEPALIVE: Duration = Duration::from_secs(5);
 
 /// How long a stop waits for the agent endpoint to close its streams.
 const SERVER_STOP_WAIT: Duration = Duration::from_secs(10);
+/// How long a stop waits for the checkpoint writer to end once the shards are gone.
+const WRITER_STOP_WAIT: Duration = Duration::from_secs(5);
 
 pub struct Aggregator {
     pub local_addr: SocketAddr,
@@ -145,6 +147,7 @@ pub struct Aggregator {
     admin_server: JoinHandle<()>,
     shards: Shards,
     actors: ActorRuntime,
+    checkpoint_writer: WriterThread,
     /// Held so that the watchers run as long as the aggregator.
     _watchers: Option<KubeWatchers>,
 }
@@ -236,12 +239,14 @@ impl Aggregator {
         let actors = ActorRuntime::start(threads).map_err(StartError::Actors)?;
         let exporter = Exporter::start_in_arbiter(actors.arbiters().get(0), move |_| exporter);
         let observe = ObserveHub::new(config.admin.observe_ring, metrics.clone());
+        let (checkpoints, checkpoint_writer) =
+            CheckpointWriter::start(store.clone(), usize::from(SHARDS));
         let shards = shard::start(
             &actors,
             states,
             ShardContext {
                 store: store.clone(),
-                checkpoints: CheckpointWriter::start(store.clone(), usize::from(SHARDS)),
+                checkpoints,
                 metrics: metrics.clone(),
                 exporter: exporter.recipient(),
                 print_flows: config.print_flows,
@@ -334,6 +339,7 @@ impl Aggregator {
             server,
             shards,
             actors,
+            checkpoint_writer,
             _watchers: watchers,
         })
     }
@@ -368,6 +374,12 @@ impl Aggregator {
         }
         self.shards.flush().await;
         self.actors.stop().await;
+        // The shards are gone, and with them the writer's handles: it ends, letting go of the
+        // store (which flushes when the last holder lets go).
+        drop(self.shards);
+        if !self.checkpoint_writer.finished(WRITER_STOP_WAIT).await {
+            tracing::warn!("the checkpoint writer did not end within {WRITER_STOP_WAIT:?}");
+        }
     }
 }
 

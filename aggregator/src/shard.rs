@@ -609,6 +609,7 @@ mod tests {
         .unwrap()
         .start();
         let settle = Duration::from_secs(60);
+        let (checkpoints, _writer) = CheckpointWriter::start(store.clone(), 1);
         let shard = FlowShard {
             id,
             table: FlowTable::new(InterfaceKinds::default(), settle, settle),
@@ -617,7 +618,7 @@ mod tests {
             unsaved: Unsaved::default(),
             context: ShardContext {
                 store: store.clone(),
-                checkpoints: CheckpointWriter::start(store.clone(), 1),
+                checkpoints,
                 metrics: metrics.clone(),
                 exporter: exporter.recipient(),
                 print_flows: false,
