@@ -147,6 +147,7 @@ async fn run_async(config: Config) -> Result<(), AgentError> {
             node_name: config.node_name.clone(),
             names: names.clone(),
         },
+        built: Vec::new(),
         translations,
         metrics: metrics.clone(),
         scan_interval: config.scan_interval,

@@ -22,7 +22,7 @@ use crate::{
     capture::{self, CaptureError, FlowTables, KernelCounters},
     clock::WallClock,
     flows::{FlowTracker, Reason, Report},
-    interfaces::{InterfaceNames, wait_readable},
+    interfaces::{InterfaceNames, NamesNow, wait_readable},
     metrics::Metrics,
     sink::RecordSink,
     translations::Translations,
@@ -35,6 +35,9 @@ pub struct Collector {
     pub tracker: FlowTracker,
     pub sink: Box<dyn RecordSink>,
     pub records: RecordBuilder,
+    /// The records of a scan, built in place: their strings and addresses keep their room from
+    /// one scan to the next, so building a record allocates nothing.
+    pub built: Vec<FlowRecord>,
     /// `None` where conntrack cannot be read (records then carry no translation).
     pub translations: Option<Translations>,
     pub metrics: Arc<Metrics>,
@@ -108,18 +111,22 @@ impl Collector {
         if let Some(translations) = &mut self.translations {
             translations.update(now);
         }
-        let records: Vec<FlowRecord> = reports
-            .iter()
-            .map(|r| {
+        let count = reports.len();
+        if self.built.len() < count {
+            self.built.resize_with(count, FlowRecord::default);
+        }
+        {
+            let names = self.records.names.read();
+            for (report, record) in reports.iter().zip(&mut self.built) {
                 let translation = self
                     .translations
                     .as_mut()
-                    .and_then(|t| t.lookup(&r.key, now));
-                self.records.build(r, &self.clock, translation)
-            })
-            .collect();
-        let count = records.len();
-        match self.sink.send(records) {
+                    .and_then(|t| t.lookup(&report.key, now));
+                self.records
+                    .build_into(report, &names, &self.clock, translation, record);
+            }
+        }
+        match self.sink.send(&self.built[..count]) {
             Ok(()) => self.metrics.records_emitted(reports),
             Err(err) => {
                 tracing::error!(%err, records = count, "sink failed; records dropped");
@@ -142,41 +149,57 @@ pub struct RecordBuilder {
 }
 
 impl RecordBuilder {
-    pub fn build(
+    /// Writes the record of `report` into `record`, reusing its strings' and addresses' room
+    /// (`names`: the interface names as read for this scan).
+    pub fn build_into(
         &self,
         report: &Report,
+        names: &NamesNow<'_>,
         clock: &WallClock,
         translation: Option<Translation>,
-    ) -> FlowRecord {
+        record: &mut FlowRecord,
+    ) {
         let key = &report.key;
         let address_len = if key.ip_version == 4 { 4 } else { 16 };
-        FlowRecord {
-            node_name: self.node_name.clone(),
-            interface_name: self.names.get(key.ifindex).unwrap_or_default(),
-            interface_index: key.ifindex,
-            direction: match key.direction {
-                direction::INGRESS => Direction::Ingress,
-                direction::EGRESS => Direction::Egress,
-                _ => Direction::Unspecified,
-            } as i32,
-            source_address: key.src_addr[..address_len].to_vec(),
-            destination_address: key.dst_addr[..address_len].to_vec(),
-            source_port: u32::from(key.src_port),
-            destination_port: u32::from(key.dst_port),
-            ip_protocol: u32::from(key.protocol),
-            icmp_type: u32::from(key.icmp_type),
-            icmp_code: u32::from(key.icmp_code),
-            delta_packets: report.delta_packets,
-            delta_octets: report.delta_bytes,
-            first_seen_unix_nanos: clock.unix_nanos(report.first_seen_ns),
-            last_seen_unix_nanos: clock.unix_nanos(report.last_seen_ns),
-            flow_start_unix_nanos: clock.unix_nanos(report.flow_start_ns),
-            tcp_flags: report.tcp_flags,
-            first_tcp_flags: report.first_tcp_flags,
-            end_reason: end_reason(report.reason) as i32,
-            record_sequence: report.sequence,
-            translation,
-        }
+        let set = |text: &mut String, value: &str| {
+            text.clear();
+            text.push_str(value);
+        };
+        let set_bytes = |bytes: &mut Vec<u8>, value: &[u8]| {
+            bytes.clear();
+            bytes.extend_from_slice(value);
+        };
+        set(&mut record.node_name, &self.node_name);
+        set(
+            &mut record.interface_name,
+            names.get(key.ifindex).unwrap_or_default(),
+        );
+        set_bytes(&mut record.source_address, &key.src_addr[..address_len]);
+        set_bytes(
+            &mut record.destination_address,
+            &key.dst_addr[..address_len],
+        );
+        record.interface_index = key.ifindex;
+        record.direction = match key.direction {
+            direction::INGRESS => Direction::Ingress,
+            direction::EGRESS => Direction::Egress,
+            _ => Direction::Unspecified,
+        } as i32;
+        record.source_port = u32::from(key.src_port);
+        record.destination_port = u32::from(key.dst_port);
+        record.ip_protocol = u32::from(key.protocol);
+        record.icmp_type = u32::from(key.icmp_type);
+        record.icmp_code = u32::from(key.icmp_code);
+        record.delta_packets = report.delta_packets;
+        record.delta_octets = report.delta_bytes;
+        record.first_seen_unix_nanos = clock.unix_nanos(report.first_seen_ns);
+        record.last_seen_unix_nanos = clock.unix_nanos(report.last_seen_ns);
+        record.flow_start_unix_nanos = clock.unix_nanos(report.flow_start_ns);
+        record.tcp_flags = report.tcp_flags;
+        record.first_tcp_flags = report.first_tcp_flags;
+        record.end_reason = end_reason(report.reason) as i32;
+        record.record_sequence = report.sequence;
+        record.translation = translation;
     }
 }
 
@@ -223,7 +246,16 @@ mod tests {
             node_name: "node-a".into(),
             names: InterfaceNames::default(),
         };
-        let record = builder.build(&report, &WallClock::with_offset(1_000_000), None);
+        // Built over an IPv6 record of another interface: nothing of it stays.
+        let mut record = FlowRecord {
+            interface_name: "eth1".into(),
+            source_address: vec![0xfd; 16],
+            destination_address: vec![0xfd; 16],
+            translation: Some(Translation::default()),
+            ..FlowRecord::default()
+        };
+        let clock = WallClock::with_offset(1_000_000);
+        builder.build_into(&report, &builder.names.read(), &clock, None, &mut record);
         assert_eq!(record.source_address, [192, 0, 2, 1]);
         assert_eq!(record.destination_address, [192, 0, 2, 2]);
         assert_eq!(record.direction, Direction::Ingress as i32);
@@ -234,5 +266,6 @@ mod tests {
         assert_eq!(record.record_sequence, 4);
         assert_eq!(record.node_name, "node-a");
         assert_eq!(record.interface_name, "");
+        assert_eq!(record.translation, None);
     }
 }

@@ -2,10 +2,13 @@
 //! a bounded replay buffer and backpressure.
 //!
 //! The collector thread hands records to [`GrpcSink::send`], which cuts them into batches with
-//! consecutive sequence numbers and appends them to the buffer. A task on the agent's runtime
-//! keeps one stream to the aggregator: Hello; on Welcome it drops what the aggregator already
-//! holds and (re)sends the rest in order, at most `max_in_flight_batches` unacknowledged; every
-//! Ack frees the buffer up to that sequence. On any error it reconnects with backoff and replays.
+//! consecutive sequence numbers, encodes them (the buffer holds each batch's records as the
+//! protobuf bytes they are sent as: sending or resending one copies bytes, never records) and
+//! appends them to the buffer. A task on the agent's runtime keeps one stream to the aggregator
+//! (`AgentCodec` writes a buffered batch into its `AgentMessage` without decoding it): Hello; on
+//! Welcome it drops what the aggregator already holds and (re)sends the rest in order, at most
+//! `max_in_flight_batches` unacknowledged; every Ack frees the buffer up to that sequence. On any
+//! error it reconnects with backoff and replays.
 //!
 //! Nothing is dropped: when the buffer holds `capacity` unacknowledged batches, `send` waits. The
 //! collector then stops swapping kernel tables, the kernel's overflow path takes over, and what
@@ -18,12 +21,14 @@ use std::{
 };
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use bytes::{BufMut, Bytes, BytesMut};
 use mermin_protocol::{
-    agent::v1::{
-        AgentMessage, Batch, Hello, agent_message, agent_service_client::AgentServiceClient,
-        aggregator_message,
-    },
+    agent::v1::{AgentMessage, AggregatorMessage, Hello, agent_message, aggregator_message},
     flow::v1::FlowRecord,
+};
+use prost::{
+    Message as _,
+    encoding::{WireType, encode_key, encode_varint, encoded_len_varint},
 };
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -57,10 +62,50 @@ pub struct GrpcSinkConfig {
     pub tls: Option<crate::config::ClientTls>,
 }
 
+/// A batch as the buffer holds it: its sequence, and its records encoded as the `records`
+/// fields of a `Batch` message.
+#[derive(Debug, Clone)]
+struct EncodedBatch {
+    sequence: u64,
+    records: Bytes,
+}
+
+/// `Batch.records`, `AgentMessage.batch`, `Batch.sequence`.
+const BATCH_RECORDS_FIELD: u32 = 2;
+const AGENT_MESSAGE_BATCH_FIELD: u32 = 2;
+const BATCH_SEQUENCE_FIELD: u32 = 1;
+
+impl EncodedBatch {
+    fn encode(sequence: u64, records: &[FlowRecord]) -> Self {
+        let len: usize = records
+            .iter()
+            .map(|r| prost::encoding::message::encoded_len(BATCH_RECORDS_FIELD, r))
+            .sum();
+        let mut buffer = BytesMut::with_capacity(len);
+        for record in records {
+            prost::encoding::message::encode(BATCH_RECORDS_FIELD, record, &mut buffer);
+        }
+        EncodedBatch {
+            sequence,
+            records: buffer.freeze(),
+        }
+    }
+
+    /// Writes the `AgentMessage` carrying this batch.
+    fn write_message(&self, out: &mut impl BufMut) {
+        let sequence_len = 1 + encoded_len_varint(self.sequence);
+        encode_key(AGENT_MESSAGE_BATCH_FIELD, WireType::LengthDelimited, out);
+        encode_varint((sequence_len + self.records.len()) as u64, out);
+        encode_key(BATCH_SEQUENCE_FIELD, WireType::Varint, out);
+        encode_varint(self.sequence, out);
+        out.put_slice(&self.records);
+    }
+}
+
 struct Buffer {
     next_sequence: u64,
     /// Unacknowledged batches, in sequence order.
-    unacked: VecDeque<Batch>,
+    unacked: VecDeque<EncodedBatch>,
 }
 
 struct Shared {
@@ -185,10 +230,10 @@ impl GrpcSinkHandle {
 }
 
 impl RecordSink for GrpcSink {
-    fn send(&mut self, mut records: Vec<FlowRecord>) -> Result<(), SinkError> {
-        while !records.is_empty() {
-            let rest = records.split_off(records.len().min(BATCH_RECORDS));
-            let chunk = std::mem::replace(&mut records, rest);
+    fn send(&mut self, records: &[FlowRecord]) -> Result<(), SinkError> {
+        for chunk in records.chunks(BATCH_RECORDS) {
+            // Encoded outside the lock; numbered inside it.
+            let mut batch = EncodedBatch::encode(0, chunk);
             let mut buffer = self.shared.lock();
             if buffer.unacked.len() >= self.shared.capacity {
                 self.metrics.sink_backpressure.inc();
@@ -200,12 +245,9 @@ impl RecordSink for GrpcSink {
                         .unwrap_or_else(|e| e.into_inner());
                 }
             }
-            let sequence = buffer.next_sequence;
+            batch.sequence = buffer.next_sequence;
             buffer.next_sequence += 1;
-            buffer.unacked.push_back(Batch {
-                sequence,
-                records: chunk,
-            });
+            buffer.unacked.push_back(batch);
             drop(buffer);
             self.shared.appended.notify_one();
         }
@@ -299,24 +341,32 @@ async fn stream_until_error(
         let cause = std::error::Error::source(&e).map_or(String::new(), |c| format!(": {c}"));
         format!("connecting: {e}{cause}")
     })?;
-    let mut client = AgentServiceClient::new(channel);
-    let (out, rx) = mpsc::channel::<AgentMessage>(4);
+    let mut client = tonic::client::Grpc::new(channel);
+    let (out, rx) = mpsc::channel::<Outgoing>(4);
+    client
+        .ready()
+        .await
+        .map_err(|e| format!("connecting: {e}"))?;
     let mut answers = client
-        .stream(ReceiverStream::new(rx))
+        .streaming(
+            tonic::Request::new(ReceiverStream::new(rx)),
+            tonic::codegen::http::uri::PathAndQuery::from_static(
+                "/mermin.agent.v1.AgentService/Stream",
+            ),
+            AgentCodec,
+        )
         .await
         .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
         .into_inner();
     let send = |message| {
         let out = out.clone();
         async move {
-            out.send(AgentMessage {
-                message: Some(message),
-            })
-            .await
-            .map_err(|_| "stream closed".to_owned())
+            out.send(message)
+                .await
+                .map_err(|_| "stream closed".to_owned())
         }
     };
-    send(agent_message::Message::Hello(Hello {
+    send(Outgoing::Hello(Hello {
         protocol_version: PROTOCOL_VERSION,
         node_name: config.node_name.clone(),
         agent_version: env!("CARGO_PKG_VERSION").into(),
@@ -344,7 +394,7 @@ async fn stream_until_error(
     let mut acked_through = welcome.last_durable_sequence;
     loop {
         // Send what the window allows, oldest first (this replays after a reconnect).
-        let to_send: Vec<Batch> = {
+        let to_send: Vec<EncodedBatch> = {
             let buffer = shared.lock();
             buffer
                 .unacked
@@ -356,7 +406,7 @@ async fn stream_until_error(
         };
         for batch in to_send {
             sent_through = batch.sequence;
-            send(agent_message::Message::Batch(batch)).await?;
+            send(Outgoing::Batch(batch)).await?;
         }
         tokio::select! {
             answer = next(&mut answers) => match answer? {
@@ -371,8 +421,56 @@ async fn stream_until_error(
     }
 }
 
+/// What the stream sends: the Hello, then buffered batches.
+enum Outgoing {
+    Hello(Hello),
+    Batch(EncodedBatch),
+}
+
+/// The agent stream's codec: writes a buffered batch into its `AgentMessage` as it is (see
+/// [`EncodedBatch`]); decodes the aggregator's answers with prost.
+struct AgentCodec;
+
+impl tonic::codec::Codec for AgentCodec {
+    type Encode = Outgoing;
+    type Decode = AggregatorMessage;
+    type Encoder = AgentCodec;
+    type Decoder = tonic_prost::ProstDecoder<AggregatorMessage>;
+
+    fn encoder(&mut self) -> AgentCodec {
+        AgentCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::new(tonic::codec::BufferSettings::default())
+    }
+}
+
+impl tonic::codec::Encoder for AgentCodec {
+    type Item = Outgoing;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Outgoing,
+        out: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        match item {
+            Outgoing::Hello(hello) => AgentMessage {
+                message: Some(agent_message::Message::Hello(hello)),
+            }
+            .encode(out)
+            .map_err(|e| tonic::Status::internal(format!("encoding the Hello: {e}"))),
+            Outgoing::Batch(batch) => {
+                batch.write_message(out);
+                Ok(())
+            }
+        }
+    }
+}
+
 async fn next(
-    answers: &mut tonic::Streaming<mermin_protocol::agent::v1::AggregatorMessage>,
+    answers: &mut tonic::Streaming<AggregatorMessage>,
 ) -> Result<aggregator_message::Message, String> {
     match answers.message().await {
         Ok(Some(message)) => message
@@ -404,10 +502,7 @@ mod tests {
             buffer: Mutex::new(Buffer {
                 next_sequence,
                 unacked: unacked
-                    .map(|sequence| Batch {
-                        sequence,
-                        records: Vec::new(),
-                    })
+                    .map(|sequence| EncodedBatch::encode(sequence, &[]))
                     .collect(),
             }),
             space: Condvar::new(),
@@ -422,6 +517,41 @@ mod tests {
             buffer.unacked.iter().map(|b| b.sequence).collect(),
             buffer.next_sequence,
         )
+    }
+
+    /// A buffered batch goes out as the message prost would write for it, under the sequence it
+    /// has when sent (a Welcome may have renumbered it).
+    #[test]
+    fn a_buffered_batch_is_sent_as_the_message_of_its_records() {
+        let record = |port: u32, interface: &str| FlowRecord {
+            node_name: "node-a".into(),
+            interface_name: interface.into(),
+            source_address: vec![10, 0, 0, 1],
+            destination_address: vec![0xfd; 16],
+            source_port: port,
+            delta_packets: u64::MAX,
+            translation: Some(mermin_protocol::flow::v1::Translation::default()),
+            ..FlowRecord::default()
+        };
+        let records = [
+            record(40_000, "veth1"),
+            record(1, ""),
+            FlowRecord::default(),
+        ];
+        let mut batch = EncodedBatch::encode(7, &records);
+        batch.sequence = 300; // renumbered: two bytes of varint
+        let mut wire = Vec::new();
+        batch.write_message(&mut wire);
+        let expected = AgentMessage {
+            message: Some(agent_message::Message::Batch(
+                mermin_protocol::agent::v1::Batch {
+                    sequence: 300,
+                    records: records.to_vec(),
+                },
+            )),
+        };
+        assert_eq!(wire, expected.encode_to_vec());
+        assert_eq!(AgentMessage::decode(&wire[..]).unwrap(), expected);
     }
 
     #[test]

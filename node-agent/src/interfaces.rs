@@ -73,10 +73,20 @@ struct NameEntry {
     vanished: Option<Instant>,
 }
 
+/// [`InterfaceNames`] read.
+pub struct NamesNow<'a>(std::sync::RwLockReadGuard<'a, HashMap<u32, NameEntry>>);
+
+impl NamesNow<'_> {
+    pub fn get(&self, index: u32) -> Option<&str> {
+        self.0.get(&index).map(|e| e.name.as_str())
+    }
+}
+
 impl InterfaceNames {
-    pub fn get(&self, index: u32) -> Option<String> {
-        let names = self.0.read().unwrap_or_else(|e| e.into_inner());
-        names.get(&index).map(|e| e.name.clone())
+    /// The names as they are now, read without a copy while the guard lives (the watcher
+    /// waits to update them meanwhile).
+    pub fn read(&self) -> NamesNow<'_> {
+        NamesNow(self.0.read().unwrap_or_else(|e| e.into_inner()))
     }
 
     fn update(&self, present: &HashMap<u32, String>, now: Instant) {

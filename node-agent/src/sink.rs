@@ -1,5 +1,6 @@
-//! Where flow records go. For now one sink, JSON lines (a file or standard output); the gRPC
-//! stream to the aggregator will be a second implementation of [`RecordSink`].
+//! Where flow records go: JSON lines (a file or standard output) here, the gRPC stream to the
+//! aggregator in `grpc_sink`. The collector builds each scan's records into buffers it reuses and
+//! lends them to the sink, which copies what it keeps (the gRPC sink: their encoding).
 
 use std::{
     fs::{File, OpenOptions},
@@ -18,9 +19,8 @@ pub enum SinkError {
 }
 
 pub trait RecordSink: Send {
-    /// Delivers a batch (taking it, so a sink can keep it without copying); on error none of the
-    /// batch may be assumed delivered.
-    fn send(&mut self, records: Vec<FlowRecord>) -> Result<(), SinkError>;
+    /// Delivers `records`; on error none of them may be assumed delivered.
+    fn send(&mut self, records: &[FlowRecord]) -> Result<(), SinkError>;
 }
 
 /// One JSON object per line; flushed after every batch, so readers see whole records promptly.
@@ -52,8 +52,8 @@ impl<W: Write + Send> JsonLines<W> {
 }
 
 impl<W: Write + Send> RecordSink for JsonLines<W> {
-    fn send(&mut self, records: Vec<FlowRecord>) -> Result<(), SinkError> {
-        for record in &records {
+    fn send(&mut self, records: &[FlowRecord]) -> Result<(), SinkError> {
+        for record in records {
             serde_json::to_writer(&mut self.out, record).map_err(io::Error::from)?;
             self.out.write_all(b"\n")?;
         }
@@ -81,7 +81,7 @@ mod tests {
                     ..FlowRecord::default()
                 },
             ];
-            sink.send(records.to_vec()).unwrap();
+            sink.send(&records).unwrap();
         }
         let text = String::from_utf8(buf).unwrap();
         let lines: Vec<serde_json::Value> = text

@@ -48,7 +48,7 @@ async fn unacknowledged(
     )
     .unwrap();
     let handle = sink.handle();
-    sink.send(vec![mermin_test_support::record("node-a", 1)])
+    sink.send(&[mermin_test_support::record("node-a", 1)])
         .unwrap();
     tokio::task::spawn_blocking(move || handle.wait_acknowledged(wait))
         .await
