@@ -21,7 +21,7 @@
 //! everything absorbed for it. Counts only leave the tracker inside a report.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, VecDeque, hash_map::Entry},
     time::Duration,
 };
 
@@ -177,13 +177,32 @@ impl Pending {
     }
 }
 
+/// A key's entry: its flow, or what remains of the finished TCP flow it carried (a key has
+/// one or the other, never both, so they share one map: a flow that finishes becomes its
+/// tombstone in place, and a late packet turns the tombstone back into a flow).
+#[derive(Debug, Clone)]
+enum Tracked {
+    Flow(FlowState),
+    Ended(Tombstone),
+}
+
+impl Tracked {
+    fn flow(&self) -> Option<&FlowState> {
+        match self {
+            Tracked::Flow(state) => Some(state),
+            Tracked::Ended(_) => None,
+        }
+    }
+}
+
 /// Per-observation-point flows the agent has seen and not yet finally reported.
 pub struct FlowTracker {
     /// Keyed by traffic the network controls: a per-process random seed keeps collisions from
     /// being chosen by senders (foldhash, a fraction of SipHash's cost on 48-byte keys).
-    flows: HashMap<FlowKey, FlowState, RandomState>,
-    /// Finished TCP flows, and the same keys in the order their tombstones expire.
-    tombstones: HashMap<FlowKey, Tombstone, RandomState>,
+    flows: HashMap<FlowKey, Tracked, RandomState>,
+    /// Entries that are flows (the rest are tombstones).
+    live: usize,
+    /// The keys of tombstones, in the order they expire.
     expiring: VecDeque<(u64, FlowKey)>,
     timeouts: Timeouts,
     capacity: usize,
@@ -193,7 +212,7 @@ impl FlowTracker {
     pub fn new(timeouts: Timeouts, capacity: usize) -> Self {
         Self {
             flows: HashMap::with_hasher(RandomState::default()),
-            tombstones: HashMap::with_hasher(RandomState::default()),
+            live: 0,
             expiring: VecDeque::new(),
             timeouts,
             capacity,
@@ -201,16 +220,21 @@ impl FlowTracker {
     }
 
     pub fn len(&self) -> usize {
-        self.flows.len()
+        self.live
     }
 
     pub fn is_empty(&self) -> bool {
-        self.flows.is_empty()
+        self.live == 0
     }
 
     /// Finished TCP flows remembered for late packets.
     pub fn tombstones(&self) -> usize {
-        self.tombstones.len()
+        self.flows.len() - self.live
+    }
+
+    /// The flows, without the tombstones.
+    fn live_flows(&self) -> impl Iterator<Item = (&FlowKey, &FlowState)> {
+        self.flows.iter().filter_map(|(k, t)| Some((k, t.flow()?)))
     }
 
     /// Adds everything one kernel table interval counted. The connections the kernel split off a
@@ -281,26 +305,37 @@ impl FlowTracker {
             && self
                 .flows
                 .get(key)
+                .and_then(Tracked::flow)
                 .is_some_and(|f| starts_new_connection(first_flags, f.seen_flags))
         {
             self.finish(key, Reason::TcpClose, out);
         }
         // A SYN or SYN+ACK after a finished connection belongs to a new one.
         let opens = tcp && first_flags & tcp_flags::SYN != 0;
-        let tombstones = &mut self.tombstones;
-        let state = self.flows.entry(*key).or_insert_with(|| {
-            match tombstones.remove(key).filter(|_| !opens) {
-                // A late packet of a finished connection: one more record of that flow.
-                Some(t) => {
-                    let mut state =
-                        FlowState::new(t.flow_start, t.first_tcp_flags, last, t.next_sequence);
-                    state.closing = true;
-                    state.late = true;
-                    state
-                }
-                None => FlowState::new(first, first_flags, last, 0),
+        let tracked = match self.flows.entry(*key) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => {
+                self.live += 1;
+                entry.insert(Tracked::Flow(FlowState::new(first, first_flags, last, 0)))
             }
-        });
+        };
+        if let Tracked::Ended(t) = tracked {
+            let state = if opens {
+                FlowState::new(first, first_flags, last, 0)
+            } else {
+                // A late packet of a finished connection: one more record of that flow.
+                let mut state =
+                    FlowState::new(t.flow_start, t.first_tcp_flags, last, t.next_sequence);
+                state.closing = true;
+                state.late = true;
+                state
+            };
+            *tracked = Tracked::Flow(state);
+            self.live += 1;
+        }
+        let Tracked::Flow(state) = tracked else {
+            unreachable!("a flow now");
+        };
         state.pending.add(packets, bytes, first, last, flags);
         state.last_seen = state.last_seen.max(last);
         state.seen_flags |= flags;
@@ -315,12 +350,12 @@ impl FlowTracker {
     fn complete_closes(&self) -> Vec<FlowKey> {
         let has = |state: &FlowState, flag: u32| state.seen_flags & flag != 0;
         let mut done = Vec::new();
-        for (key, state) in &self.flows {
+        for (key, state) in self.live_flows() {
             if !state.closing || key.protocol != IPPROTO_TCP {
                 continue;
             }
             let back_key = reverse(key);
-            let back = self.flows.get(&back_key);
+            let back = self.flows.get(&back_key).and_then(Tracked::flow);
             if has(state, tcp_flags::RST)
                 || back.is_some_and(|b| has(b, tcp_flags::RST))
                 || (has(state, tcp_flags::FIN) && back.is_some_and(|b| has(b, tcp_flags::FIN)))
@@ -345,7 +380,10 @@ impl FlowTracker {
             self.finish(&key, Reason::TcpClose, out);
         }
         let mut finished = Vec::new();
-        for (key, state) in &mut self.flows {
+        for (key, tracked) in &mut self.flows {
+            let Tracked::Flow(state) = tracked else {
+                continue;
+            };
             let quiet = Duration::from_nanos(now.saturating_sub(state.last_seen));
             let idle_limit = if state.closing {
                 self.timeouts.tcp_close
@@ -370,14 +408,14 @@ impl FlowTracker {
         for (key, reason) in finished {
             self.finish(&key, reason, out);
         }
-        if self.flows.len() > self.capacity {
+        if self.live > self.capacity {
             self.relieve_pressure(out);
         }
     }
 
     /// Final reports for every flow (agent shutdown).
     pub fn flush(&mut self, out: &mut Vec<Report>) {
-        let keys: Vec<FlowKey> = self.flows.keys().copied().collect();
+        let keys: Vec<FlowKey> = self.live_flows().map(|(key, _)| *key).collect();
         for key in keys {
             self.finish(&key, Reason::AgentShutdown, out);
         }
@@ -387,8 +425,7 @@ impl FlowTracker {
     fn relieve_pressure(&mut self, out: &mut Vec<Report>) {
         let target = self.capacity - self.capacity / 10;
         let mut by_age: Vec<(u64, FlowKey)> = self
-            .flows
-            .iter()
+            .live_flows()
             .map(|(key, state)| (state.last_seen, *key))
             .collect();
         let excess = by_age.len().saturating_sub(target);
@@ -398,23 +435,27 @@ impl FlowTracker {
         }
     }
 
+    /// The final report of `key`'s flow; a TCP flow leaves its tombstone in its place.
     fn finish(&mut self, key: &FlowKey, reason: Reason, out: &mut Vec<Report>) {
-        let Some(mut state) = self.flows.remove(key) else {
+        let Some(tracked) = self.flows.get_mut(key) else {
             return;
         };
-        let report = report(key, &mut state, reason);
+        let Tracked::Flow(state) = tracked else {
+            return;
+        };
+        let report = report(key, state, reason);
+        self.live -= 1;
         if key.protocol == IPPROTO_TCP && reason != Reason::AgentShutdown {
             let until = report.last_seen_ns + self.timeouts.tcp_close.as_nanos() as u64;
-            self.tombstones.insert(
-                *key,
-                Tombstone {
-                    flow_start: state.flow_start,
-                    first_tcp_flags: state.first_tcp_flags,
-                    next_sequence: state.sequence,
-                    until,
-                },
-            );
+            *tracked = Tracked::Ended(Tombstone {
+                flow_start: state.flow_start,
+                first_tcp_flags: state.first_tcp_flags,
+                next_sequence: state.sequence,
+                until,
+            });
             self.expiring.push_back((until, *key));
+        } else {
+            self.flows.remove(key);
         }
         out.push(report);
     }
@@ -426,9 +467,9 @@ impl FlowTracker {
                 break;
             }
             self.expiring.pop_front();
-            // The key may have a newer tombstone (a later connection on it) with its own entry.
-            if self.tombstones.get(&key).is_some_and(|t| t.until <= now) {
-                self.tombstones.remove(&key);
+            // The key may carry a flow again, or a newer tombstone with its own entry.
+            if matches!(self.flows.get(&key), Some(Tracked::Ended(t)) if t.until <= now) {
+                self.flows.remove(&key);
             }
         }
     }
@@ -779,6 +820,11 @@ mod tests {
         );
         tracker.evict(S, &mut out);
         assert_eq!(out.len(), 2);
+        assert_eq!(
+            (tracker.len(), tracker.tombstones()),
+            (0, 2),
+            "flows became tombstones"
+        );
         // The final ACK arrives after the scan: one more record of the same flow, at once.
         tracker.absorb_interval(
             &[(out_key, stats(1, 52, S + 5, S + 5, tcp_flags::ACK))],
@@ -792,6 +838,11 @@ mod tests {
             (out_key, 0, 1)
         );
         assert_eq!((late.delta_packets, late.reason), (1, Reason::TcpClose));
+        assert_eq!(
+            (tracker.len(), tracker.tombstones()),
+            (0, 2),
+            "and back again"
+        );
         // A new connection's SYN+ACK on the reverse key starts a flow of its own.
         tracker.absorb_interval(
             &[(
