@@ -286,15 +286,22 @@ fn link_notifications() -> io::Result<OwnedFd> {
 }
 
 /// Waits up to `timeout` for `fd` to become readable.
+///
+/// The timeout is kept to the nanosecond (`ppoll`): `poll`'s whole milliseconds would turn the
+/// last fraction of a millisecond before a deadline into a zero timeout, and a loop waiting for
+/// that deadline into a busy spin.
 pub(crate) fn wait_readable(fd: &impl AsRawFd, timeout: Duration) -> io::Result<bool> {
     let mut pollfd = libc::pollfd {
         fd: fd.as_raw_fd(),
         events: libc::POLLIN,
         revents: 0,
     };
-    let millis = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-    // SAFETY: one valid pollfd.
-    match unsafe { libc::poll(&mut pollfd, 1, millis) } {
+    let timeout = libc::timespec {
+        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos()),
+    };
+    // SAFETY: one valid pollfd, a valid timespec, no signal mask.
+    match unsafe { libc::ppoll(&mut pollfd, 1, &timeout, std::ptr::null()) } {
         -1 => {
             let err = io::Error::last_os_error();
             if err.kind() == io::ErrorKind::Interrupted {
@@ -312,4 +319,31 @@ pub(crate) fn wait_readable(fd: &impl AsRawFd, timeout: Duration) -> io::Result<
 fn drain(fd: &OwnedFd) {
     let mut buf = [0u8; 16 * 1024];
     while netlink::receive(fd, &mut buf).is_ok_and(|len| len > 0) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    #[test]
+    fn a_wait_shorter_than_a_millisecond_lasts_its_whole_timeout() {
+        let (reader, _writer) = std::io::pipe().unwrap();
+        let timeout = Duration::from_micros(700);
+        let start = Instant::now();
+        assert!(!wait_readable(&reader, timeout).unwrap());
+        let waited = start.elapsed();
+        assert!(
+            waited >= timeout,
+            "returned after {waited:?}, asked {timeout:?}"
+        );
+    }
+
+    #[test]
+    fn a_readable_descriptor_is_reported_at_once() {
+        let (reader, mut writer) = std::io::pipe().unwrap();
+        writer.write_all(b"x").unwrap();
+        assert!(wait_readable(&reader, Duration::from_secs(3600)).unwrap());
+    }
 }
