@@ -394,12 +394,20 @@ fn throughput() {
     std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0").unwrap();
 }
 
-/// utime + stime of a process, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = after_comm.split(' ').collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+/// CPU time of a process so far (every thread, ended ones too), to the nanosecond: its CPU-time
+/// clock, where /proc's utime + stime count whole clock ticks (10 ms).
+fn cpu_ns(pid: u32) -> u64 {
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: valid out-pointers; the pid is a child of this process.
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    unsafe {
+        assert_eq!(libc::clock_getcpuclockid(pid as libc::pid_t, &mut clock), 0);
+        assert_eq!(libc::clock_gettime(clock, &mut now), 0);
+    }
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 fn status_kib(pid: u32, field: &str) -> u64 {
@@ -477,7 +485,6 @@ fn agent_load_with(sink: &[&str]) -> Load {
     args.extend_from_slice(sink);
     let agent = Agent::start(&client, "c0", &args);
     let pid = agent.pid();
-    let ticks_per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let generator = client.spawn(move || {
         // One datagram per flow to an address that resolves but is not owned: no replies.
         let s = UdpSocket::bind("10.77.0.1:0").unwrap();
@@ -496,9 +503,9 @@ fn agent_load_with(sink: &[&str]) -> Load {
     });
     thread::sleep(WARMUP);
     let emitted = || agent.metric("mermin_agent_records_emitted_total{reason=\"idle_timeout\"}");
-    let (t0, c0, r0) = (Instant::now(), cpu_ticks(pid), emitted());
+    let (t0, c0, r0) = (Instant::now(), cpu_ns(pid), emitted());
     thread::sleep(MEASURE);
-    let (t1, c1, r1) = (Instant::now(), cpu_ticks(pid), emitted());
+    let (t1, c1, r1) = (Instant::now(), cpu_ns(pid), emitted());
     let rss = status_kib(pid, "VmRSS:");
     let hwm = status_kib(pid, "VmHWM:");
     let sent = generator.join().unwrap();
@@ -510,7 +517,7 @@ fn agent_load_with(sink: &[&str]) -> Load {
     Load {
         generated: sent as f64 / (WARMUP + MEASURE).as_secs_f64(),
         records: (r1.unwrap_or(0) - r0.unwrap_or(0)) as f64 / secs,
-        cpu: (c1 - c0) as f64 / ticks_per_sec / secs * 100.0,
+        cpu: (c1 - c0) as f64 / 1e9 / secs * 100.0,
         rss_mb: rss as f64 / 1024.0,
         peak_mb: hwm as f64 / 1024.0,
         lost,
@@ -570,12 +577,16 @@ fn connections_at(rate: u64, duration: Duration) {
         .unwrap();
     let aggregator = AggregatorProcess::start(listen, otlp, data.path());
     let endpoint = format!("http://{listen}");
+    // The agents scan at the default interval, as deployed (the harness's agents scan every
+    // 200 ms, for quick tests).
     let agent_args = |name: &'static str| {
         [
             "--aggregator".to_owned(),
             endpoint.clone(),
             "--node-name".to_owned(),
             name.to_owned(),
+            "--scan-interval".to_owned(),
+            "1s".to_owned(),
         ]
     };
     let args_a = agent_args("node-a");
@@ -607,8 +618,7 @@ fn connections_at(rate: u64, duration: Duration) {
         })
     };
     listening.recv_timeout(Duration::from_secs(5)).unwrap();
-    let ticks_per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let before: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p)).collect();
+    let before: Vec<u64> = pids.iter().map(|p| cpu_ns(*p)).collect();
     let started = Instant::now();
     // One client thread per 5k connections/s, each paced on its own.
     let threads = rate.div_ceil(5_000);
@@ -657,7 +667,7 @@ fn connections_at(rate: u64, duration: Duration) {
     while (spans().len() as u64) < made && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(200));
     }
-    let after: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p)).collect();
+    let after: Vec<u64> = pids.iter().map(|p| cpu_ns(*p)).collect();
     let peaks: Vec<u64> = pids.iter().map(|p| status_kib(*p, "VmHWM:")).collect();
     let spans = spans();
     for span in &spans {
@@ -676,8 +686,7 @@ fn connections_at(rate: u64, duration: Duration) {
             .metric("mermin_agent_kernel_connections_merged_total")
             .unwrap_or(0)
     };
-    let per_conn =
-        |i: usize| (after[i] - before[i]) as f64 / ticks_per_sec * 1e6 / made.max(1) as f64;
+    let per_conn = |i: usize| (after[i] - before[i]) as f64 / 1e3 / made.max(1) as f64;
     println!(
         "| {rate} / {:.0} | {made} | {} | {} | {} | {sent_packets} / {} | {} / {} | {:.1} | {:.1} | {:.1} | {:.1} / {:.1} / {:.1} MB |",
         made as f64 / elapsed.as_secs_f64(),

@@ -12,6 +12,13 @@
 //! the close timeout: packets that arrive after it (a retransmitted FIN or final ACK) are reported
 //! as one more record of that flow (same start, next sequence), never as a new flow.
 //!
+//! **Work per scan follows what changed, not what is tracked.** Each flow has a deadline (its idle
+//! or close timeout, or its active timeout while it has unreported counts) in a queue ordered by
+//! time; a scan looks only at the flows whose deadline passed, and the fast-close test only at
+//! the closing flows absorbed since the previous scan and their reverse directions. Tombstones
+//! expire from a queue of their own. Deadlines only move later while a flow is quiet, so a queued
+//! deadline is never later than the flow's real one: a flow found early is queued again.
+//!
 //! It is fed the counts the kernel accumulated in one interval ([`FlowTracker::absorb`]) or single
 //! overflow packets ([`FlowTracker::absorb_packet`]) and hands out [`Report`]s: the deltas since
 //! the previous report of the same flow. It never reads the clock — callers pass kernel-clock (`CLOCK_MONOTONIC`) `now` —
@@ -21,7 +28,8 @@
 //! everything absorbed for it. Counts only leave the tracker inside a report.
 
 use std::{
-    collections::{HashMap, VecDeque, hash_map::Entry},
+    cmp::Ordering,
+    collections::{BinaryHeap, HashMap, VecDeque, hash_map::Entry},
     time::Duration,
 };
 
@@ -126,6 +134,8 @@ struct FlowState {
     seen_flags: u32,
     /// Late packets of a flow already reported as finished (from its tombstone).
     late: bool,
+    /// The deadline this flow is queued with in `FlowTracker::deadlines` (the newest, if several).
+    queued: Option<u64>,
 }
 
 impl FlowState {
@@ -140,8 +150,58 @@ impl FlowState {
             closing: false,
             seen_flags: 0,
             late: false,
+            queued: None,
         }
     }
+
+    /// When this flow is next due: the end of its idle (or, closing, its close) timeout, or
+    /// earlier the end of its active timeout while it has counts to report.
+    fn due(&self, protocol: u8, timeouts: &Timeouts) -> u64 {
+        let idle = if self.closing {
+            timeouts.tcp_close
+        } else {
+            timeouts.idle(protocol)
+        };
+        let quiet_end = self.last_seen.saturating_add(nanos(idle));
+        if self.pending.packets > 0 {
+            quiet_end.min(self.last_report.saturating_add(nanos(timeouts.active)))
+        } else {
+            quiet_end
+        }
+    }
+}
+
+/// Stale queued deadlines tolerated beyond the flows before they are dropped in one pass.
+const STALE_DEADLINES_SLACK: usize = 1024;
+
+/// A flow queued for when it is next due; the heap's greatest is the earliest.
+struct Deadline {
+    due: u64,
+    key: FlowKey,
+}
+
+impl Ord for Deadline {
+    fn cmp(&self, other: &Self) -> Ordering {
+        other.due.cmp(&self.due)
+    }
+}
+
+impl PartialOrd for Deadline {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Deadline {
+    fn eq(&self, other: &Self) -> bool {
+        self.due == other.due
+    }
+}
+
+impl Eq for Deadline {}
+
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// What remains of a finished TCP flow for the close timeout (see the module docs).
@@ -204,6 +264,11 @@ pub struct FlowTracker {
     live: usize,
     /// The keys of tombstones, in the order they expire.
     expiring: VecDeque<(u64, FlowKey)>,
+    /// Flows by deadline, earliest first (see the module docs); entries whose flow ended or was
+    /// queued again with an earlier deadline are skipped when they come up.
+    deadlines: BinaryHeap<Deadline>,
+    /// Closing TCP flows absorbed since the last scan: the candidates for a fast close.
+    closing: Vec<FlowKey>,
     timeouts: Timeouts,
     capacity: usize,
 }
@@ -214,6 +279,8 @@ impl FlowTracker {
             flows: HashMap::with_hasher(RandomState::default()),
             live: 0,
             expiring: VecDeque::new(),
+            deadlines: BinaryHeap::new(),
+            closing: Vec::new(),
             timeouts,
             capacity,
         }
@@ -342,30 +409,43 @@ impl FlowTracker {
         if flags & (tcp_flags::FIN | tcp_flags::RST) != 0 {
             state.closing = true;
         }
+        if tcp && state.closing {
+            self.closing.push(*key);
+        }
+        let due = state.due(key.protocol, &self.timeouts);
+        if state.queued.is_none_or(|queued| due < queued) {
+            state.queued = Some(due);
+            self.deadlines.push(Deadline { due, key: *key });
+        }
     }
 
     /// TCP flows that are final now: either direction at this point was reset, or both carry a
-    /// FIN (a resurrected flow of late packets counts as closed). Only closing flows (a FIN or
-    /// RST seen) are visited; a reset also ends its reverse direction, closing or not.
-    fn complete_closes(&self) -> Vec<FlowKey> {
+    /// FIN (a resurrected flow of late packets counts as closed). Only the closing flows absorbed
+    /// since the last scan and their reverse directions can have become final (flags change only
+    /// when packets are absorbed); a reset also ends its reverse direction, closing or not.
+    fn complete_closes(&mut self) -> Vec<FlowKey> {
         let has = |state: &FlowState, flag: u32| state.seen_flags & flag != 0;
         let mut done = Vec::new();
-        for (key, state) in self.live_flows() {
-            if !state.closing || key.protocol != IPPROTO_TCP {
-                continue;
-            }
-            let back_key = reverse(key);
-            let back = self.flows.get(&back_key).and_then(Tracked::flow);
-            if has(state, tcp_flags::RST)
-                || back.is_some_and(|b| has(b, tcp_flags::RST))
-                || (has(state, tcp_flags::FIN) && back.is_some_and(|b| has(b, tcp_flags::FIN)))
-                || state.late
-            {
-                done.push(*key);
-            }
-            // A reverse that is closing itself is visited on its own.
-            if has(state, tcp_flags::RST) && back.is_some_and(|b| !b.closing) {
-                done.push(back_key);
+        for touched in std::mem::take(&mut self.closing) {
+            for key in [touched, reverse(&touched)] {
+                let Some(state) = self.flows.get(&key).and_then(Tracked::flow) else {
+                    continue;
+                };
+                if !state.closing {
+                    continue;
+                }
+                let back_key = reverse(&key);
+                let back = self.flows.get(&back_key).and_then(Tracked::flow);
+                if has(state, tcp_flags::RST)
+                    || back.is_some_and(|b| has(b, tcp_flags::RST))
+                    || (has(state, tcp_flags::FIN) && back.is_some_and(|b| has(b, tcp_flags::FIN)))
+                    || state.late
+                {
+                    done.push(key);
+                }
+                if has(state, tcp_flags::RST) && back.is_some_and(|b| !b.closing) {
+                    done.push(back_key);
+                }
             }
         }
         done
@@ -376,41 +456,61 @@ impl FlowTracker {
     /// than the capacity — final reports for the least recently seen.
     pub fn evict(&mut self, now: u64, out: &mut Vec<Report>) {
         self.expire_tombstones(now);
+        // A key may be listed twice (touched in both directions): the second finish is a no-op.
         for key in self.complete_closes() {
             self.finish(&key, Reason::TcpClose, out);
         }
-        let mut finished = Vec::new();
-        for (key, tracked) in &mut self.flows {
-            let Tracked::Flow(state) = tracked else {
-                continue;
+        while self.deadlines.peek().is_some_and(|next| next.due <= now) {
+            let Some(Deadline { due, key }) = self.deadlines.pop() else {
+                break;
             };
-            let quiet = Duration::from_nanos(now.saturating_sub(state.last_seen));
+            let Some(Tracked::Flow(state)) = self.flows.get_mut(&key) else {
+                continue; // ended since it was queued
+            };
+            if state.queued != Some(due) {
+                continue; // queued again, earlier; that entry stands for it
+            }
             let idle_limit = if state.closing {
                 self.timeouts.tcp_close
             } else {
                 self.timeouts.idle(key.protocol)
             };
-            if quiet >= idle_limit {
+            if now.saturating_sub(state.last_seen) >= nanos(idle_limit) {
                 let reason = if state.closing {
                     Reason::TcpClose
                 } else {
                     Reason::IdleTimeout
                 };
-                finished.push((*key, reason));
-            } else if state.pending.packets > 0
-                && Duration::from_nanos(now.saturating_sub(state.last_report))
-                    >= self.timeouts.active
+                self.finish(&key, reason, out);
+                continue;
+            }
+            if state.pending.packets > 0
+                && now.saturating_sub(state.last_report) >= nanos(self.timeouts.active)
             {
-                out.push(report(key, state, Reason::ActiveTimeout));
+                out.push(report(&key, state, Reason::ActiveTimeout));
                 state.last_report = now;
             }
+            let due = state.due(key.protocol, &self.timeouts);
+            state.queued = Some(due);
+            self.deadlines.push(Deadline { due, key });
         }
-        for (key, reason) in finished {
-            self.finish(&key, reason, out);
-        }
+        self.forget_stale_deadlines();
         if self.live > self.capacity {
             self.relieve_pressure(out);
         }
+    }
+
+    /// Drops the queued deadlines that no longer stand for a flow (it ended, or was queued again
+    /// earlier) once they outnumber the flows: each live flow has exactly one that stands, so the
+    /// queue stays within twice the flows, and each stale entry is visited about once.
+    fn forget_stale_deadlines(&mut self) {
+        if self.deadlines.len() <= 2 * self.live + STALE_DEADLINES_SLACK {
+            return;
+        }
+        let flows = &self.flows;
+        self.deadlines.retain(|d| {
+            matches!(flows.get(&d.key), Some(Tracked::Flow(state)) if state.queued == Some(d.due))
+        });
     }
 
     /// Final reports for every flow (agent shutdown).
@@ -657,6 +757,72 @@ mod tests {
         tracker.evict(30 * S, &mut out);
         assert_eq!(out.len(), 2);
         assert_eq!(out[1].key.protocol, IPPROTO_UDP);
+    }
+
+    #[test]
+    fn a_flow_found_before_its_deadline_moved_is_due_at_the_later_one() {
+        // ICMP: idle 5 s, active 10 s. Queued at 0 + 5 s; a packet at 4 s moves the end to 9 s.
+        let mut tracker = FlowTracker::new(timeouts(), 100);
+        let mut out = Vec::new();
+        let k = key(IPPROTO_ICMP, 0);
+        tracker.absorb(&k, &stats(1, 84, 0, 0, 0), &mut out);
+        tracker.absorb(&k, &stats(1, 84, 4 * S, 4 * S, 0), &mut out);
+        tracker.evict(5 * S, &mut out);
+        tracker.evict(9 * S - 1, &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        tracker.evict(9 * S, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].reason, Reason::IdleTimeout);
+        assert_eq!((out[0].delta_packets, out[0].delta_bytes), (2, 168));
+        assert!(tracker.is_empty());
+    }
+
+    #[test]
+    fn a_deadline_brought_forward_replaces_the_queued_one() {
+        // UDP: idle 30 s, active 10 s.
+        let mut tracker = FlowTracker::new(timeouts(), 100);
+        let mut out = Vec::new();
+        let k = key(IPPROTO_UDP, 53);
+        tracker.absorb(&k, &stats(1, 70, 0, 0, 0), &mut out);
+        tracker.evict(10 * S, &mut out); // active timeout; next due at the idle end, 30 s
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].reason, Reason::ActiveTimeout);
+        // New counts at 25 s: due at the active timeout, 10 s after the last report.
+        tracker.absorb(&k, &stats(1, 70, 25 * S, 25 * S, 0), &mut out);
+        tracker.evict(20 * S, &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[1].reason, Reason::ActiveTimeout);
+        assert_eq!(out[1].delta_packets, 1);
+        // The entry queued for 30 s is stale: the flow is idle only from 25 + 30 s.
+        tracker.evict(30 * S, &mut out);
+        tracker.evict(55 * S - 1, &mut out);
+        assert_eq!(out.len(), 2, "{out:?}");
+        tracker.evict(55 * S, &mut out);
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[2].reason, Reason::IdleTimeout);
+        assert_eq!(out[2].delta_packets, 0);
+    }
+
+    #[test]
+    fn deadlines_of_flows_closed_early_do_not_pile_up() {
+        // 10,000 connections, each reset at once: final at the next scan, long before the
+        // deadlines they were queued with.
+        let mut tracker = FlowTracker::new(timeouts(), 100_000);
+        let mut out = Vec::new();
+        for port in 0..10_000u16 {
+            let k = key(IPPROTO_TCP, port);
+            let flags = tcp_flags::SYN | tcp_flags::RST;
+            tracker.absorb(&k, &stats(2, 80, 0, 0, flags), &mut out);
+            tracker.evict(S, &mut out);
+        }
+        assert_eq!(out.len(), 10_000);
+        assert!(out.iter().all(|r| r.reason == Reason::TcpClose));
+        assert_eq!(tracker.len(), 0);
+        assert!(
+            tracker.deadlines.len() <= STALE_DEADLINES_SLACK,
+            "{} deadlines queued for no flow",
+            tracker.deadlines.len()
+        );
     }
 
     #[test]
