@@ -7,8 +7,11 @@
 //! start and sequence numbers.
 //!
 //! **Fast close.** A TCP flow is final at the first scan where it or its reverse direction at the
-//! same point was reset, or where both carry a FIN; the close timeout is only the bound for
-//! flows whose other direction this point never sees. A finished TCP flow leaves a tombstone for
+//! same point was reset, or where both carry a FIN and the close was acknowledged (an ACK after
+//! its own FIN in one direction — `tcp_flags::ACK_AFTER_FIN`, set by the kernel within an
+//! interval and here across intervals — so that the final ACK is not left for a later report);
+//! the close timeout is only the bound for flows whose other direction this point never sees,
+//! or whose last ACK never comes. A finished TCP flow leaves a tombstone for
 //! the close timeout: packets that arrive after it (a retransmitted FIN or final ACK) are reported
 //! as one more record of that flow (same start, next sequence), never as a new flow.
 //!
@@ -233,7 +236,7 @@ impl Pending {
         }
         self.packets += packets;
         self.bytes += bytes;
-        self.tcp_flags |= flags;
+        self.tcp_flags |= flags & tcp_flags::HEADER;
     }
 }
 
@@ -405,6 +408,12 @@ impl FlowTracker {
         };
         state.pending.add(packets, bytes, first, last, flags);
         state.last_seen = state.last_seen.max(last);
+        // Packets of a later interval came after the FINs of the earlier ones.
+        if flags & (tcp_flags::ACK | tcp_flags::FIN) == tcp_flags::ACK
+            && state.seen_flags & tcp_flags::FIN != 0
+        {
+            state.seen_flags |= tcp_flags::ACK_AFTER_FIN;
+        }
         state.seen_flags |= flags;
         if flags & (tcp_flags::FIN | tcp_flags::RST) != 0 {
             state.closing = true;
@@ -420,7 +429,9 @@ impl FlowTracker {
     }
 
     /// TCP flows that are final now: either direction at this point was reset, or both carry a
-    /// FIN (a resurrected flow of late packets counts as closed). Only the closing flows absorbed
+    /// FIN and the last one was acknowledged (an ACK after its own FIN in either direction: the
+    /// final ACK of the close; a resurrected flow of late packets counts as closed). Without that
+    /// ACK the close timeout decides: the final ACK would otherwise come after the report. Only the closing flows absorbed
     /// since the last scan and their reverse directions can have become final (flags change only
     /// when packets are absorbed); a reset also ends its reverse direction, closing or not.
     fn complete_closes(&mut self) -> Vec<FlowKey> {
@@ -438,7 +449,10 @@ impl FlowTracker {
                 let back = self.flows.get(&back_key).and_then(Tracked::flow);
                 if has(state, tcp_flags::RST)
                     || back.is_some_and(|b| has(b, tcp_flags::RST))
-                    || (has(state, tcp_flags::FIN) && back.is_some_and(|b| has(b, tcp_flags::FIN)))
+                    || (has(state, tcp_flags::FIN)
+                        && back.is_some_and(|b| has(b, tcp_flags::FIN))
+                        && (has(state, tcp_flags::ACK_AFTER_FIN)
+                            || back.is_some_and(|b| has(b, tcp_flags::ACK_AFTER_FIN))))
                     || state.late
                 {
                     done.push(key);
@@ -961,11 +975,18 @@ mod tests {
             &[(in_key, stats(1, 52, S + 1, S + 1, ack | tcp_flags::FIN))],
             &mut out,
         );
-        // Well within the close timeout (2 s of silence).
+        // Both FINs, the second not acknowledged yet: the final ACK would come after a report.
         tracker.evict(S + S / 10, &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        tracker.absorb_interval(&[(out_key, stats(1, 52, S + 2, S + 2, ack))], &mut out);
+        // Well within the close timeout (2 s of silence).
+        tracker.evict(S + S / 5, &mut out);
         let closed: Vec<(FlowKey, u64)> = out.iter().map(|r| (r.key, r.delta_packets)).collect();
         assert_eq!(closed.len(), 2);
-        assert!(closed.contains(&(out_key, 6)) && closed.contains(&(in_key, 6)));
+        assert!(closed.contains(&(out_key, 7)) && closed.contains(&(in_key, 6)));
+        // The tracker's own bit never reaches a record.
+        let out_flags = out.iter().find(|r| r.key == out_key).unwrap().tcp_flags;
+        assert_eq!(out_flags, tcp_flags::SYN | ack | tcp_flags::FIN);
         assert!(tracker.is_empty());
         assert_eq!(tracker.tombstones(), 4);
     }
@@ -977,9 +998,14 @@ mod tests {
         let in_key = reverse(&out_key);
         let mut out = Vec::new();
         let fin_ack = tcp_flags::FIN | tcp_flags::ACK;
+        // The kernel saw the final ACK within the interval.
+        let acked = tcp_flags::ACK_AFTER_FIN;
         tracker.absorb_interval(
             &[
-                (out_key, stats(3, 200, 0, S / 2, tcp_flags::SYN | fin_ack)),
+                (
+                    out_key,
+                    stats(3, 200, 0, S / 2, tcp_flags::SYN | fin_ack | acked),
+                ),
                 (in_key, stats(3, 200, 1, S / 2, tcp_flags::SYN | fin_ack)),
             ],
             &mut out,
@@ -991,7 +1017,9 @@ mod tests {
             (0, 2),
             "flows became tombstones"
         );
-        // The final ACK arrives after the scan: one more record of the same flow, at once.
+        assert_eq!(out[0].tcp_flags & !tcp_flags::HEADER, 0);
+        // A retransmitted final ACK arrives after the scan: one more record of the same flow, at
+        // once.
         tracker.absorb_interval(
             &[(out_key, stats(1, 52, S + 5, S + 5, tcp_flags::ACK))],
             &mut out,

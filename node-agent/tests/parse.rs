@@ -214,3 +214,35 @@ fn a_full_table_overflows_to_the_ring_without_losing_a_packet() {
     assert_eq!(counters[Counter::OverflowEvents as usize], 18);
     assert_eq!(counters[Counter::OverflowLost as usize], 0);
 }
+
+#[test]
+fn an_ack_after_a_fin_in_the_same_direction_marks_the_close_acknowledged() {
+    const FIN_ACK: u8 = 0x11;
+    const ACK: u8 = 0x10;
+    let frame = |flags| {
+        ethernet(
+            &[],
+            ETH_P_IP,
+            &ipv4(6, V4_A, V4_B, &[], 0, &tcp(40000, 80, flags, 0)),
+        )
+    };
+    let flags_after = |sequence: &[u8]| {
+        let mut capture = capture::load(64).unwrap();
+        for flags in sequence {
+            capture
+                .programs
+                .test_run(Hook::Egress, &frame(*flags), 1)
+                .unwrap();
+        }
+        let mut flows = Vec::new();
+        capture.tables.swap_and_drain(&mut flows).unwrap();
+        assert_eq!(flows.len(), 1, "{flows:?}");
+        flows[0].1.tcp_flags as u32
+    };
+    let acked = node_common::tcp_flags::ACK_AFTER_FIN;
+    // The first closer's final ACK, after its FIN.
+    assert_eq!(flags_after(&[FIN_ACK, ACK]), 0x11 | acked);
+    // An ACK before the FIN, or a retransmitted FIN, acknowledges nothing after it.
+    assert_eq!(flags_after(&[ACK, FIN_ACK]), 0x11);
+    assert_eq!(flags_after(&[FIN_ACK, FIN_ACK]), 0x11);
+}

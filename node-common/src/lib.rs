@@ -54,6 +54,13 @@ pub mod tcp_flags {
     pub const URG: u32 = 0x20;
     pub const ECE: u32 = 0x40;
     pub const CWR: u32 = 0x80;
+    /// The bits above are the header's; flow entries and the tracker keep one more.
+    pub const HEADER: u32 = 0xff;
+    /// Not a header bit: a packet with ACK and without FIN followed a FIN in the same direction
+    /// (the first closer acknowledging the other side's FIN completes the close). Set by the
+    /// kernel within one table interval, by the agent's tracker across intervals; records to
+    /// the aggregator carry [`HEADER`] bits only.
+    pub const ACK_AFTER_FIN: u32 = 0x100;
 }
 
 /// Whether a TCP packet with `flags` starts a new connection on a key whose packets so far carried
@@ -111,8 +118,8 @@ pub struct FlowStats {
     pub bytes: u64,
     pub first_seen_ns: u64,
     pub last_seen_ns: u64,
-    /// OR of the TCP flags of every packet. 64 bits wide because BPF's atomic OR is 64-bit only
-    /// on the baseline CPU; only the low 8 bits are used.
+    /// OR of the TCP flags of every packet, and [`tcp_flags::ACK_AFTER_FIN`]. 64 bits wide
+    /// because BPF's atomic OR is 64-bit only on the baseline CPU; only the low 9 bits are used.
     pub tcp_flags: u64,
     /// TCP flags of the first packet of this table interval.
     pub first_tcp_flags: u32,

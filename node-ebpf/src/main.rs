@@ -187,10 +187,14 @@ fn add(stats: *mut FlowStats, packet: &Packet, now: u64) {
             last.write_volatile(now);
         }
         if packet.tcp_flags != 0 {
-            atomic_or::<u64, u64, { Relaxed }>(
-                &raw mut (*stats).tcp_flags,
-                u64::from(packet.tcp_flags),
-            );
+            let seen = &raw mut (*stats).tcp_flags;
+            let mut flags = packet.tcp_flags;
+            if flags & (tcp_flags::ACK | tcp_flags::FIN) == tcp_flags::ACK
+                && seen.read_volatile() & u64::from(tcp_flags::FIN) != 0
+            {
+                flags |= tcp_flags::ACK_AFTER_FIN;
+            }
+            atomic_or::<u64, u64, { Relaxed }>(seen, u64::from(flags));
         }
     }
 }
