@@ -187,7 +187,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::store::{SledStore, faults::FaultyStore};
+    use crate::store::{SledStore, conformance::queued_requests, faults::FaultyStore};
 
     /// An outbox entry of `spans` spans whose request is the byte `body`.
     fn entry(spans: u32, body: u8) -> Vec<u8> {
@@ -222,14 +222,8 @@ mod tests {
             assert_eq!(part.outbox, [entry(1, shard)], "its own part back");
         }
         assert_eq!(faults.checkpoint_writes(), 1);
-        let queued: Vec<Vec<u8>> = store
-            .outbox_oldest(10)
-            .unwrap()
-            .into_iter()
-            .map(|(_, r)| r)
-            .collect();
         assert_eq!(
-            queued,
+            queued_requests(&*store),
             [vec![0, 0, 0, 3, 0, 2, 3]],
             "one request of the three"
         );

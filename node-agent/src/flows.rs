@@ -160,17 +160,22 @@ impl FlowState {
     /// When this flow is next due: the end of its idle (or, closing, its close) timeout, or
     /// earlier the end of its active timeout while it has counts to report.
     fn due(&self, protocol: u8, timeouts: &Timeouts) -> u64 {
-        let idle = if self.closing {
-            timeouts.tcp_close
-        } else {
-            timeouts.idle(protocol)
-        };
-        let quiet_end = self.last_seen.saturating_add(nanos(idle));
+        let quiet_end = self.quiet_end(protocol, timeouts);
         if self.pending.packets > 0 {
             quiet_end.min(self.last_report.saturating_add(nanos(timeouts.active)))
         } else {
             quiet_end
         }
+    }
+
+    /// When this flow has been quiet for its idle timeout (its close timeout once closing).
+    fn quiet_end(&self, protocol: u8, timeouts: &Timeouts) -> u64 {
+        let idle = if self.closing {
+            timeouts.tcp_close
+        } else {
+            timeouts.idle(protocol)
+        };
+        self.last_seen.saturating_add(nanos(idle))
     }
 }
 
@@ -484,12 +489,7 @@ impl FlowTracker {
             if state.queued != Some(due) {
                 continue; // queued again, earlier; that entry stands for it
             }
-            let idle_limit = if state.closing {
-                self.timeouts.tcp_close
-            } else {
-                self.timeouts.idle(key.protocol)
-            };
-            if now.saturating_sub(state.last_seen) >= nanos(idle_limit) {
+            if now >= state.quiet_end(key.protocol, &self.timeouts) {
                 let reason = if state.closing {
                     Reason::TcpClose
                 } else {

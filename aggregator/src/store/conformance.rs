@@ -405,14 +405,8 @@ async fn checkpoints_written_together_are_each_recovered(open: Opener<'_>) {
     let mut states = recovered.connections;
     states.sort();
     assert_eq!(states, [vec![1, 1], vec![2, 2], vec![3, 3]]);
-    let requests: Vec<Vec<u8>> = store
-        .outbox_oldest(10)
-        .unwrap()
-        .into_iter()
-        .map(|(_, r)| r)
-        .collect();
     assert_eq!(
-        requests,
+        queued_requests(&*store),
         [vec![1], vec![3], vec![3, 3]],
         "in the order given, once"
     );
@@ -509,4 +503,10 @@ async fn a_superseded_boot_id_is_forgotten_once_every_shard_is_past_it(open: Ope
         None,
         "a forgotten boot id is a new one"
     );
+}
+
+/// The requests in `store`'s outbox, oldest first (at most 100), without their ids.
+pub(crate) fn queued_requests(store: &dyn super::Storage) -> Vec<Vec<u8>> {
+    let queued = store.outbox_oldest(100).unwrap();
+    queued.into_iter().map(|(_, request)| request).collect()
 }
