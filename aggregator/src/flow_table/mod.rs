@@ -494,11 +494,13 @@ impl FlowTable {
                     self.entries.get_mut(slot).clear(state::CHANGED);
                 }
                 Err(err) => {
-                    // Every change stays pending for the next checkpoint (and states taken
-                    // already are written again with it, which changes nothing).
-                    for slot in std::mem::take(&mut self.changed) {
-                        if self.entries.get(slot).is_head() {
-                            self.mark_changed(slot);
+                    // Every change stays pending for the next checkpoint: the list keeps
+                    // every key, and those taken already are flagged again (written again
+                    // with it, which changes nothing).
+                    for &taken in &self.changed[..index] {
+                        let entry = self.entries.get_mut(taken);
+                        if entry.is_head() {
+                            entry.set(state::CHANGED);
                         }
                     }
                     return Err(err);
