@@ -114,6 +114,26 @@ fn build_aggregator(profile_dir: &Path) {
     if profile_dir.ends_with("release") {
         build.arg("--release");
     }
+    // Without the variables cargo set for this test binary: build scripts that read them (ring
+    // reads CARGO_MANIFEST_DIR and OUT_DIR) would see them change between this build and one from a shell,
+    // and each would rebuild half the dependency tree after the other.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_BIN_EXE_")
+            || matches!(
+                &*name,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "OUT_DIR"
+            )
+        {
+            build.env_remove(&*name);
+        }
+    }
     let status = build.status().unwrap();
     assert!(status.success(), "building the aggregator binary failed");
 }
