@@ -115,8 +115,8 @@ fn build_aggregator(profile_dir: &Path) {
         build.arg("--release");
     }
     // Without the variables cargo set for this test binary: build scripts that read them (ring
-    // reads CARGO_MANIFEST_DIR and OUT_DIR) would see them change between this build and one from a shell,
-    // and each would rebuild half the dependency tree after the other.
+    // reads CARGO_MANIFEST_DIR and OUT_DIR) would see them change between this build and one
+    // from a shell, and each would rebuild half the dependency tree after the other.
     for (name, _) in std::env::vars_os() {
         let name = name.to_string_lossy();
         if name.starts_with("CARGO_PKG_")
