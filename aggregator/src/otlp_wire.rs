@@ -10,7 +10,7 @@
 //!
 //! Field numbers are those of `opentelemetry/proto/{collector/trace,trace,resource,common}/v1`.
 
-use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+use prost::encoding::{WireType, encode_varint, encoded_len_varint};
 
 /// `ExportTraceServiceRequest.resource_spans`.
 const REQUEST_RESOURCE_SPANS: u32 = 1;
@@ -89,21 +89,38 @@ pub fn join_entries<'a>(entries: impl IntoIterator<Item = &'a [u8]>) -> Vec<Vec<
     joined
 }
 
+/// Appends `value` as a LEB128 varint: protobuf's, and postcard's for every unsigned integer
+/// wider than a byte (the stored form of connection states is written with it too). prost's
+/// `encode_varint`, generic over `BufMut` and not inlined here, made that form slower to write
+/// by hand than through serde (BENCHMARKS.md).
+#[inline]
+pub fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push(value as u8 | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
 /// Protobuf fields appended to a buffer.
 struct Fields<'a>(&'a mut Vec<u8>);
 
 impl Fields<'_> {
+    fn key(&mut self, tag: u32, wire_type: WireType) {
+        put_varint(self.0, u64::from(tag << 3 | wire_type as u32));
+    }
+
     fn bytes(&mut self, tag: u32, value: &[u8]) {
-        encode_key(tag, WireType::LengthDelimited, self.0);
-        encode_varint(value.len() as u64, self.0);
+        self.key(tag, WireType::LengthDelimited);
+        put_varint(self.0, value.len() as u64);
         self.0.extend_from_slice(value);
     }
 
     /// A string field whose value is `parts` joined by dots, written without building it.
     fn dotted(&mut self, tag: u32, parts: &[&str]) {
         let len = parts.iter().map(|p| p.len()).sum::<usize>() + parts.len().saturating_sub(1);
-        encode_key(tag, WireType::LengthDelimited, self.0);
-        encode_varint(len as u64, self.0);
+        self.key(tag, WireType::LengthDelimited);
+        put_varint(self.0, len as u64);
         for (i, part) in parts.iter().enumerate() {
             if i > 0 {
                 self.0.push(b'.');
@@ -113,12 +130,12 @@ impl Fields<'_> {
     }
 
     fn varint(&mut self, tag: u32, value: u64) {
-        encode_key(tag, WireType::Varint, self.0);
-        encode_varint(value, self.0);
+        self.key(tag, WireType::Varint);
+        put_varint(self.0, value);
     }
 
     fn fixed64(&mut self, tag: u32, value: u64) {
-        encode_key(tag, WireType::SixtyFourBit, self.0);
+        self.key(tag, WireType::SixtyFourBit);
         self.0.extend_from_slice(&value.to_le_bytes());
     }
 
@@ -133,7 +150,7 @@ impl Fields<'_> {
 
     /// A nested message written by `body`, its length put in front of it afterwards.
     fn message(&mut self, tag: u32, body: impl FnOnce(&mut Fields)) {
-        encode_key(tag, WireType::LengthDelimited, self.0);
+        self.key(tag, WireType::LengthDelimited);
         let at = self.0.len();
         self.0.push(0);
         body(&mut Fields(&mut *self.0));

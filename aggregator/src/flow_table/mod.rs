@@ -55,7 +55,7 @@ use mermin_protocol::flow::v1::EndReason;
 use crate::{
     connection_key::ConnectionKey,
     observation::{Observation, ObservationPoint},
-    stitch::{Connection, Flow, InterfaceKinds, PointId, Points},
+    stitch::{Connection, Flow, InterfaceKinds, PointId, Points, StoredWriter},
     store::Change,
 };
 use deadlines::Deadlines;
@@ -482,9 +482,13 @@ impl FlowTable {
             if !entry.is_head() || !entry.has(state::CHANGED) {
                 continue;
             }
-            let key = entry.key.key();
-            let serialized = postcard::to_allocvec(&key)
-                .and_then(|k| Ok((k, postcard::to_allocvec(&(key, self.stored(slot)))?)));
+            let serialized = self.write_change(slot);
+            #[cfg(debug_assertions)]
+            assert_eq!(
+                serialized.as_ref().ok(),
+                self.serde_change(slot).as_ref().ok(),
+                "the hand-written stored form is serde's"
+            );
             match serialized {
                 Ok((key, state)) => {
                     changes.push(Change {
@@ -510,6 +514,27 @@ impl FlowTable {
         self.changed.clear();
         self.forgotten.clear();
         Ok(changes)
+    }
+
+    /// The key of the chain at `slot` and the chain (`(ConnectionKey, StoredTracked)`), in the
+    /// stored form: the key is the state's first bytes.
+    fn write_change(&self, slot: u32) -> Result<(Vec<u8>, Vec<u8>), postcard::Error> {
+        let key = self.entries.get(slot).key.key();
+        let mut state = Vec::with_capacity(256);
+        let mut out = StoredWriter(&mut state);
+        out.serde(&key)?;
+        let key_len = out.0.len();
+        self.write_stored(slot, &key, &mut out)?;
+        Ok((state[..key_len].to_vec(), state))
+    }
+
+    /// What [`FlowTable::write_change`] writes, written by serde from the stored form's types
+    /// (their definition): debug builds check every change against it.
+    #[cfg(debug_assertions)]
+    fn serde_change(&self, slot: u32) -> Result<(Vec<u8>, Vec<u8>), postcard::Error> {
+        let key = self.entries.get(slot).key.key();
+        let state = postcard::to_allocvec(&(key, self.stored(slot)))?;
+        Ok((postcard::to_allocvec(&key)?, state))
     }
 
     /// Divides the table into `parts` tables by `part_of(key)` (each keeps its connections'

@@ -7,7 +7,10 @@ use std::num::NonZeroU64;
 use serde::{Deserialize, Serialize};
 
 use super::{Entry, FlowTable, NO_SLOT, PackedKey, state};
-use crate::stitch::{Connection, StoredConnection, StoredDecisions};
+use crate::{
+    connection_key::ConnectionKey,
+    stitch::{Connection, StoredConnection, StoredDecisions, StoredWriter},
+};
 
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct StoredTracked<'a> {
@@ -42,7 +45,31 @@ impl StoredTracked<'_> {
 }
 
 impl FlowTable {
+    /// Writes what [`FlowTable::stored`] gives for `slot`, in postcard, as serde would.
+    pub(super) fn write_stored(
+        &self,
+        slot: u32,
+        key: &ConnectionKey,
+        out: &mut StoredWriter<'_>,
+    ) -> Result<(), postcard::Error> {
+        let entry = self.entries.get(slot);
+        entry.connection.write_stored(key, &self.points, out)?;
+        let deadline = |bit| entry.has(bit).then(|| nanos(entry.deadline_unix_nanos));
+        out.optional_nanos(NonZeroU64::new(entry.start_unix_nanos));
+        out.varint(u64::from(entry.index));
+        out.optional_nanos(deadline(state::DUE));
+        out.bool(entry.has(state::CLOSING));
+        out.optional_nanos(deadline(state::CLOSED));
+        out.varint(entry.last_packet_unix_nanos);
+        let previous = (entry.previous != NO_SLOT).then_some(entry.previous);
+        match out.option(previous) {
+            Some(previous) => self.write_stored(previous, key, out),
+            None => Ok(()),
+        }
+    }
+
     /// The chain of connections from `slot` back, as the store keeps it.
+    #[cfg(debug_assertions)]
     pub(super) fn stored(&self, slot: u32) -> StoredTracked<'_> {
         let entry = self.entries.get(slot);
         let (connection, decisions) = entry.connection.to_stored(&entry.key.key(), &self.points);

@@ -37,6 +37,7 @@ use crate::{
 };
 
 pub use points::{Point, PointId, Points};
+pub(crate) use stored::StoredWriter;
 pub use stored::{StoredConnection, StoredDecisions};
 
 const IPPROTO_ICMP: u8 = 1;

@@ -1,8 +1,14 @@
 //! A [`Connection`] as the store keeps it: points by their names (a [`PointId`] means nothing
 //! outside its table), in the layout connection states have always been written in, so that a
 //! store written by an earlier release restores.
+//!
+//! The layout is postcard's encoding of [`StoredConnection`] and [`StoredDecisions`]. A
+//! checkpoint writes every changed connection, so the write is done by hand
+//! ([`Connection::write_stored`], [`StoredWriter`]) from the table's own form, without building
+//! the stored one: that was most of a shard's tick (BENCHMARKS.md). Reading goes through serde;
+//! debug builds check every write against serde's output.
 
-use std::borrow::Cow;
+use std::{borrow::Cow, num::NonZeroU64};
 
 use mermin_protocol::flow::v1::EndReason;
 use serde::{Deserialize, Serialize};
@@ -72,8 +78,124 @@ impl From<StoredOrientation> for usize {
     }
 }
 
+/// Appends postcard's encoding of the primitives of the stored forms to a buffer.
+pub(crate) struct StoredWriter<'a>(pub(crate) &'a mut Vec<u8>);
+
+impl StoredWriter<'_> {
+    /// Any unsigned integer but `u8` (postcard writes them all as the same varint).
+    pub(crate) fn varint(&mut self, value: u64) {
+        crate::otlp_wire::put_varint(self.0, value);
+    }
+
+    /// A `u8`, written as it is.
+    pub(crate) fn byte(&mut self, value: u8) {
+        self.0.push(value);
+    }
+
+    /// A string: its length, then its bytes.
+    fn str(&mut self, value: &str) {
+        self.varint(value.len() as u64);
+        self.0.extend_from_slice(value.as_bytes());
+    }
+
+    pub(crate) fn bool(&mut self, value: bool) {
+        self.0.push(u8::from(value));
+    }
+
+    /// An `i32` (zigzag varint).
+    fn signed(&mut self, value: i32) {
+        self.varint(u64::from(((value << 1) ^ (value >> 31)) as u32));
+    }
+
+    /// The tag of an `Option` (the value follows a `Some`); returns whether it is one.
+    pub(crate) fn option<T>(&mut self, value: Option<T>) -> Option<T> {
+        self.bool(value.is_some());
+        value
+    }
+
+    pub(crate) fn optional_nanos(&mut self, value: Option<NonZeroU64>) {
+        if let Some(nanos) = self.option(value) {
+            self.varint(nanos.get());
+        }
+    }
+
+    /// A value through serde (what is rare, or has no hand-written form).
+    pub(crate) fn serde<T: Serialize>(&mut self, value: &T) -> Result<(), postcard::Error> {
+        *self.0 = postcard::to_extend(value, std::mem::take(self.0))?;
+        Ok(())
+    }
+
+    /// An observation point, as serde writes one.
+    fn point(&mut self, point: &ObservationPoint) {
+        self.str(&point.node);
+        self.str(&point.interface);
+        self.varint(point.hook as u64);
+    }
+}
+
 impl Connection {
-    /// This connection as the store keeps it (`key` is its key; `points` the table's).
+    /// Writes what [`Connection::to_stored`] gives — its [`StoredConnection`], then its
+    /// [`StoredDecisions`] — in postcard, as serde would write them.
+    pub(crate) fn write_stored(
+        &self,
+        key: &ConnectionKey,
+        points: &Points,
+        out: &mut StoredWriter<'_>,
+    ) -> Result<(), postcard::Error> {
+        let tallies = |d| self.tallies(d).map(move |t| (d, t));
+        out.varint((0..2).map(|d| self.tallies(d).count() as u64).sum());
+        for (d, t) in tallies(0).chain(tallies(1)) {
+            out.point(points.get(t.point));
+            out.varint(StoredOrientation::from(d) as u64);
+            out.byte(if self.decided_at[d].is_none() {
+                points.rank(t.point)
+            } else {
+                0
+            });
+            for count in [
+                t.packets,
+                t.bytes,
+                t.first_seen_unix_nanos,
+                self.end_unix_nanos,
+                u64::from(t.tcp_flags),
+                u64::from(t.first_tcp_flags),
+            ] {
+                out.varint(count);
+            }
+            out.byte(if d == direction(Orientation::Forward) {
+                key.first.port as u8
+            } else {
+                key.second.port as u8
+            });
+        }
+        out.varint(self.point_ids().count() as u64);
+        for id in self.point_ids() {
+            out.point(points.get(id));
+        }
+        out.byte(self.finals);
+        out.varint(self.start_unix_nanos);
+        out.varint(self.end_unix_nanos);
+        out.signed(self.end_reason() as i32);
+        if let Some((is_first, rule)) = out.option(self.client.get()) {
+            out.bool(is_first);
+            out.varint(rule as u64);
+        }
+        for orientation in [Orientation::Forward, Orientation::Reverse] {
+            let point = self.decided_at[direction(orientation)];
+            if out.option((!point.is_none()).then_some(point)).is_some() {
+                out.point(points.get(point));
+            }
+        }
+        let translation = self.rare.as_ref().and_then(|r| r.translation);
+        if let Some(translation) = out.option(translation) {
+            out.serde(&translation)?;
+        }
+        Ok(())
+    }
+
+    /// This connection as the store keeps it (`key` is its key; `points` the table's): what
+    /// [`Connection::write_stored`] writes, built for debug builds to check it against.
+    #[cfg(debug_assertions)]
     pub fn to_stored<'a>(
         &self,
         key: &ConnectionKey,
