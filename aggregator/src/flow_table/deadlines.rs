@@ -3,44 +3,63 @@
 //! what is due, not how many connections the table remembers (at 5k new connections/s and a
 //! 60 s grace period that is 300k entries, most of them waiting for nothing but their end).
 //!
-//! The queue may be early, never late: a slot is queued no later than its chain's earliest
-//! deadline, and the table checks what is really due when the slot comes up. A deadline that
-//! moved later, a slot emptied or given to another key, and a slot queued twice only cost a
-//! look; a look that finds the slot's deadline still ahead queues it again.
+//! The queue may be early, never late: a slot is queued in the bucket of its deadline (2^26 ns,
+//! ~67 ms, wide), and a bucket is taken as soon as it begins; the table checks what is really
+//! due and queues again what is not. A deadline that moved later, a slot emptied or given to
+//! another key, and a slot queued twice only cost a look. An item is a slot alone (4 bytes: the
+//! queue is part of what a live flow costs, see BENCHMARKS.md).
 
-use std::{cmp::Reverse, collections::BinaryHeap};
+use std::collections::BTreeMap;
+
+/// log2 of a bucket's width in nanoseconds.
+const BUCKET_SHIFT: u32 = 26;
 
 #[derive(Default)]
 pub(super) struct Deadlines {
-    queue: BinaryHeap<Reverse<(u64, u32)>>,
+    /// Slots by the bucket their deadline falls in.
+    buckets: BTreeMap<u64, Vec<u32>>,
+    len: usize,
 }
 
 impl Deadlines {
     /// Looks at `slot` again no later than `at_unix_nanos`.
     pub fn push(&mut self, at_unix_nanos: u64, slot: u32) {
-        self.queue.push(Reverse((at_unix_nanos, slot)));
+        self.buckets
+            .entry(at_unix_nanos >> BUCKET_SHIFT)
+            .or_default()
+            .push(slot);
+        self.len += 1;
     }
 
-    /// The next slot queued for `now` or earlier, taken out of the queue.
-    pub fn pop_due(&mut self, now_unix_nanos: u64) -> Option<u32> {
-        let &Reverse((at, _)) = self.queue.peek()?;
-        (at <= now_unix_nanos).then(|| self.queue.pop().expect("peeked").0.1)
+    /// Takes out every slot whose bucket has begun by `now_unix_nanos` (what is due, and what
+    /// may be due within a bucket's width): slots queued while these are looked at wait for
+    /// the next call.
+    pub fn take_due(&mut self, now_unix_nanos: u64) -> impl Iterator<Item = u32> + use<> {
+        let later = self
+            .buckets
+            .split_off(&((now_unix_nanos >> BUCKET_SHIFT) + 1));
+        let due = std::mem::replace(&mut self.buckets, later);
+        self.len -= due.values().map(Vec::len).sum::<usize>();
+        due.into_values().flatten()
     }
 
     /// Whether the queue holds so many stale items (see the module docs) that it should be
     /// built again from the `live` slots that have a deadline.
     pub fn outgrew(&self, live: usize) -> bool {
-        self.queue.len() > 2 * live + 1024
+        self.len > 2 * live + 1024
     }
 
     /// Replaces the queue by `items`: every slot with a deadline, at that deadline.
     pub fn rebuild(&mut self, items: impl IntoIterator<Item = (u64, u32)>) {
-        self.queue = items.into_iter().map(Reverse).collect();
+        *self = Deadlines::default();
+        for (at, slot) in items {
+            self.push(at, slot);
+        }
     }
 
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.queue.len()
+        self.len
     }
 }
 
@@ -48,31 +67,44 @@ impl Deadlines {
 mod tests {
     use super::*;
 
+    const BUCKET: u64 = 1 << BUCKET_SHIFT;
+
+    fn due(deadlines: &mut Deadlines, now: u64) -> Vec<u32> {
+        deadlines.take_due(now).collect()
+    }
+
     #[test]
-    fn slots_come_up_in_deadline_order_and_not_before() {
+    fn slots_come_up_by_deadline_never_after_it() {
         let mut deadlines = Deadlines::default();
-        deadlines.push(30, 1);
-        deadlines.push(10, 2);
-        deadlines.push(20, 3);
-        assert_eq!(deadlines.pop_due(9), None);
-        assert_eq!(deadlines.pop_due(25), Some(2));
-        assert_eq!(deadlines.pop_due(25), Some(3));
-        assert_eq!(deadlines.pop_due(25), None);
-        assert_eq!(deadlines.pop_due(30), Some(1));
-        assert_eq!(deadlines.pop_due(u64::MAX), None);
+        deadlines.push(10 * BUCKET + 5, 1);
+        deadlines.push(3 * BUCKET + 7, 2);
+        deadlines.push(3 * BUCKET + 9, 3);
+        deadlines.push(7 * BUCKET, 4);
+        assert_eq!(due(&mut deadlines, 3 * BUCKET - 1), Vec::<u32>::new());
+        assert_eq!(
+            due(&mut deadlines, 3 * BUCKET),
+            [2, 3],
+            "early: the bucket has begun"
+        );
+        assert_eq!(deadlines.len(), 2);
+        // Queued again while not due: it waits for the next call.
+        deadlines.push(3 * BUCKET + 9, 3);
+        assert_eq!(due(&mut deadlines, 7 * BUCKET), [3, 4]);
+        assert_eq!(due(&mut deadlines, 10 * BUCKET + 4), [1]);
+        assert_eq!(due(&mut deadlines, u64::MAX), Vec::<u32>::new());
+        assert_eq!(deadlines.len(), 0);
     }
 
     #[test]
     fn a_queue_of_stale_items_is_rebuilt_from_the_live_ones() {
         let mut deadlines = Deadlines::default();
         for slot in 0..1030 {
-            deadlines.push(u64::from(slot), slot);
+            deadlines.push(u64::from(slot) * BUCKET, slot);
         }
         assert!(deadlines.outgrew(2));
         assert!(!deadlines.outgrew(3));
-        deadlines.rebuild([(7, 40), (5, 41)]);
+        deadlines.rebuild([(7 * BUCKET, 40), (5 * BUCKET, 41)]);
         assert_eq!(deadlines.len(), 2);
-        assert_eq!(deadlines.pop_due(100), Some(41));
-        assert_eq!(deadlines.pop_due(100), Some(40));
+        assert_eq!(due(&mut deadlines, 100 * BUCKET), [41, 40]);
     }
 }

@@ -14,7 +14,8 @@
 //! **Persistence.** The table records which connections changed ([`FlowTable::take_changes`]);
 //! the pipeline writes those, serialized, in the same store transaction as the spans they
 //! produced, and [`FlowTable::restore`] rebuilds the table after a restart. What is written is
-//! the stored form (`stored`), whose layout has not changed since the first release.
+//! the stored form (`stored`), whose layout has not changed since the first release, written
+//! by hand (`FlowTable::write_stored`) and checked against serde in debug builds.
 //!
 //! **Layout.** A live connection costs its entry, so entries are compact (a [`Connection`] of
 //! 112 bytes, the key packed in 38, times and links: 184 bytes) and sit in a slab of fixed-size
@@ -24,8 +25,9 @@
 //!
 //! **Work per tick.** A table remembers every connection of the grace period, most of them
 //! waiting for nothing but their end, so nothing walks all of them: `emit_due` takes the keys
-//! whose chain has a deadline that has come from a queue (`deadlines`), and `take_changes` the
-//! keys flagged as changed from a list.
+//! whose chain has a deadline that has come from a queue of slots (`deadlines`), and
+//! `take_changes` the keys flagged as changed from a set of one bit per slot (`slot_set`). With
+//! them a live connection costs ~196 bytes (BENCHMARKS.md).
 //!
 //! **Connections on a reused 5-tuple.** A key can carry one connection after another (busy
 //! clients reuse ports). A record that starts a new flow at its point ([`Observation::starts_flow`];
@@ -44,6 +46,7 @@
 mod deadlines;
 mod packed_key;
 mod slab;
+mod slot_set;
 mod stored;
 
 use std::{hash::BuildHasher, time::Duration};
@@ -61,6 +64,7 @@ use crate::{
 use deadlines::Deadlines;
 use packed_key::PackedKey;
 use slab::{NO_SLOT, Slab};
+use slot_set::SlotSet;
 use stored::StoredTracked;
 
 const IPPROTO_TCP: u8 = 6;
@@ -298,9 +302,9 @@ pub struct FlowTable {
     hasher: RandomState,
     /// Head slots by their chain's earliest deadline: what `emit_due` looks at.
     deadlines: Deadlines,
-    /// Head slots flagged `CHANGED` since the last `take_changes` (a slot may be listed twice,
-    /// or hold another key or none by then: the flag decides).
-    changed: Vec<u32>,
+    /// Head slots flagged `CHANGED` since the last `take_changes` (a slot may hold another key
+    /// or none by then: the flag decides).
+    changed: SlotSet,
     /// Keys whose connections were forgotten since the last `take_changes`, in that order
     /// (changed connections are flagged in their entries).
     forgotten: Vec<ConnectionKey>,
@@ -322,7 +326,7 @@ impl FlowTable {
             heads: HashTable::new(),
             hasher: RandomState::default(),
             deadlines: Deadlines::default(),
-            changed: Vec::new(),
+            changed: SlotSet::default(),
             forgotten: Vec::new(),
             points: Points::default(),
             kinds,
@@ -404,7 +408,7 @@ impl FlowTable {
     /// Emits every interval whose settle time has come, and forgets connections whose grace
     /// period is over.
     pub fn emit_due(&mut self, now: u64, out: &mut Vec<Emitted>) {
-        while let Some(slot) = self.deadlines.pop_due(now) {
+        for slot in self.deadlines.take_due(now) {
             if !self.entries.get(slot).is_head() {
                 continue; // emptied, or holding an earlier connection of another key
             }
@@ -476,39 +480,23 @@ impl FlowTable {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        for index in 0..self.changed.len() {
-            let slot = self.changed[index];
+        // Nothing is marked taken before every change is written: after a failure, every
+        // change is still pending for the next checkpoint.
+        for slot in self.changed.iter() {
             let entry = self.entries.get(slot);
             if !entry.is_head() || !entry.has(state::CHANGED) {
                 continue;
             }
-            let serialized = self.write_change(slot);
-            #[cfg(debug_assertions)]
-            assert_eq!(
-                serialized.as_ref().ok(),
-                self.serde_change(slot).as_ref().ok(),
-                "the hand-written stored form is serde's"
-            );
-            match serialized {
-                Ok((key, state)) => {
-                    changes.push(Change {
-                        key,
-                        state: Some(state),
-                    });
-                    self.entries.get_mut(slot).clear(state::CHANGED);
-                }
-                Err(err) => {
-                    // Every change stays pending for the next checkpoint: the list keeps
-                    // every key, and those taken already are flagged again (written again
-                    // with it, which changes nothing).
-                    for &taken in &self.changed[..index] {
-                        let entry = self.entries.get_mut(taken);
-                        if entry.is_head() {
-                            entry.set(state::CHANGED);
-                        }
-                    }
-                    return Err(err);
-                }
+            let (key, state) = self.write_change(slot)?;
+            changes.push(Change {
+                key,
+                state: Some(state),
+            });
+        }
+        for slot in self.changed.iter() {
+            let entry = self.entries.get_mut(slot);
+            if entry.is_head() {
+                entry.clear(state::CHANGED);
             }
         }
         self.changed.clear();
@@ -525,7 +513,14 @@ impl FlowTable {
         out.serde(&key)?;
         let key_len = out.0.len();
         self.write_stored(slot, &key, &mut out)?;
-        Ok((state[..key_len].to_vec(), state))
+        let written = (state[..key_len].to_vec(), state);
+        #[cfg(debug_assertions)]
+        assert_eq!(
+            Some(&written),
+            self.serde_change(slot).as_ref().ok(),
+            "the hand-written stored form is serde's"
+        );
+        Ok(written)
     }
 
     /// What [`FlowTable::write_change`] writes, written by serde from the stored form's types
@@ -630,7 +625,7 @@ impl FlowTable {
             }
         }
         if self.entries.get(slot).has(state::CHANGED) {
-            self.changed.push(slot);
+            self.changed.insert(slot);
         }
         self.schedule(slot);
     }
@@ -638,10 +633,8 @@ impl FlowTable {
     /// Flags `head`'s chain as changed for the next `take_changes`.
     fn mark_changed(&mut self, head: u32) {
         let entry = self.entries.get_mut(head);
-        if !entry.has(state::CHANGED) {
-            entry.set(state::CHANGED);
-            self.changed.push(head);
-        }
+        entry.set(state::CHANGED);
+        self.changed.insert(head);
     }
 
     /// The earliest deadline of `head`'s chain, if any.
