@@ -12,7 +12,7 @@ use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind};
 use support::{
     closed_connection as connection, connect,
     otlp::{Receiver, int, serve},
-    process::{Process, free_port},
+    process::{Process, free_port, listening},
 };
 use tokio::net::TcpListener;
 
@@ -35,16 +35,20 @@ async fn aggregator(listen: SocketAddr, otlp: SocketAddr, data: &Path, settle: &
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let mut child = Process(child);
     // Ready when it accepts connections (bounded).
     let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(listen).await.is_err() {
+    while !listening(listen) {
         assert!(
             Instant::now() < deadline,
             "aggregator not listening within 10 s"
         );
+        if let Some(status) = child.0.try_wait().unwrap() {
+            panic!("the aggregator exited before listening on {listen}: {status}");
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Process(child)
+    child
 }
 
 async fn client_spans(receiver: &Receiver, want: usize, within: Duration) -> Vec<Span> {

@@ -38,6 +38,13 @@ impl Drop for Process {
     }
 }
 
+/// Whether something listens at `addr` (on loopback). A connection to a port nobody listens on
+/// can succeed by meeting itself (TCP simultaneous open, when the kernel picks that very port as
+/// the source of the attempt): that is no listener.
+pub fn listening(addr: SocketAddr) -> bool {
+    std::net::TcpStream::connect(addr).is_ok_and(|s| s.local_addr().ok() != Some(addr))
+}
+
 /// A loopback address nothing listens on (free when asked; the caller binds it soon after).
 pub async fn free_port() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0")

@@ -35,7 +35,7 @@ impl AggregatorProcess {
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(listen).is_err() {
+        while !mermin_test_support::process::listening(listen) {
             assert!(
                 Instant::now() < deadline,
                 "aggregator not listening within 10 s"
