@@ -5,8 +5,8 @@
 //! The layout is postcard's encoding of [`StoredConnection`] and [`StoredDecisions`]. A
 //! checkpoint writes every changed connection, so the write is done by hand
 //! ([`Connection::write_stored`], [`StoredWriter`]) from the table's own form, without building
-//! the stored one: that was most of a shard's tick (BENCHMARKS.md). Reading goes through serde;
-//! debug builds check every write against serde's output.
+//! the stored one: that was a third of a shard's tick (BENCHMARKS.md). Reading goes through
+//! serde; debug builds check every write against serde's output.
 
 use std::{borrow::Cow, num::NonZeroU64};
 
