@@ -3,14 +3,14 @@
 //!
 //! Building the `opentelemetry-proto` structures first cost two owned strings per attribute and
 //! computed every nested message's length once per enclosing level; with the spans written here
-//! directly a span costs no allocation and each length is computed once (a nested message's
-//! length is written in front of it when it is complete: one byte is reserved, and the body is
-//! moved right in the rare case its length needs more). The output decodes with the
-//! `opentelemetry-proto` types (the span tests decode every request they check).
+//! directly (with `mermin_protocol::wire::Fields`) a span costs no allocation and each length is
+//! computed once. The output decodes with the `opentelemetry-proto` types (the span tests
+//! decode every request they check).
 //!
 //! Field numbers are those of `opentelemetry/proto/{collector/trace,trace,resource,common}/v1`.
 
-use prost::encoding::{WireType, encode_varint, encoded_len_varint};
+use mermin_protocol::wire::{Fields, put_varint};
+use prost::encoding::WireType;
 
 /// `ExportTraceServiceRequest.resource_spans`.
 const REQUEST_RESOURCE_SPANS: u32 = 1;
@@ -89,34 +89,16 @@ pub fn join_entries<'a>(entries: impl IntoIterator<Item = &'a [u8]>) -> Vec<Vec<
     joined
 }
 
-/// Appends `value` as a LEB128 varint: protobuf's, and postcard's for every unsigned integer
-/// wider than a byte (the stored form of connection states is written with it too). prost's
-/// `encode_varint`, generic over `BufMut` and not inlined here, made that form slower to write
-/// by hand than through serde (BENCHMARKS.md).
-#[inline]
-pub fn put_varint(out: &mut Vec<u8>, mut value: u64) {
-    while value >= 0x80 {
-        out.push(value as u8 | 0x80);
-        value >>= 7;
-    }
-    out.push(value as u8);
+/// The OTLP writer's string fields beyond the protobuf basics.
+trait TextFields {
+    /// A string field whose value is `parts` joined by dots, written without building it.
+    fn dotted(&mut self, tag: u32, parts: &[&str]);
+
+    /// A string field holding `value` formatted, written without building the string.
+    fn formatted(&mut self, tag: u32, value: impl std::fmt::Display);
 }
 
-/// Protobuf fields appended to a buffer.
-struct Fields<'a>(&'a mut Vec<u8>);
-
-impl Fields<'_> {
-    fn key(&mut self, tag: u32, wire_type: WireType) {
-        put_varint(self.0, u64::from(tag << 3 | wire_type as u32));
-    }
-
-    fn bytes(&mut self, tag: u32, value: &[u8]) {
-        self.key(tag, WireType::LengthDelimited);
-        put_varint(self.0, value.len() as u64);
-        self.0.extend_from_slice(value);
-    }
-
-    /// A string field whose value is `parts` joined by dots, written without building it.
+impl TextFields for Fields<'_> {
     fn dotted(&mut self, tag: u32, parts: &[&str]) {
         let len = parts.iter().map(|p| p.len()).sum::<usize>() + parts.len().saturating_sub(1);
         self.key(tag, WireType::LengthDelimited);
@@ -129,42 +111,12 @@ impl Fields<'_> {
         }
     }
 
-    fn varint(&mut self, tag: u32, value: u64) {
-        self.key(tag, WireType::Varint);
-        put_varint(self.0, value);
-    }
-
-    fn fixed64(&mut self, tag: u32, value: u64) {
-        self.key(tag, WireType::SixtyFourBit);
-        self.0.extend_from_slice(&value.to_le_bytes());
-    }
-
-    /// A string field holding `value` formatted, written without building the string.
     fn formatted(&mut self, tag: u32, value: impl std::fmt::Display) {
         self.message(tag, |text| {
             use std::io::Write;
             // Writing into a Vec cannot fail.
             let _ = write!(text.0, "{value}");
         });
-    }
-
-    /// A nested message written by `body`, its length put in front of it afterwards.
-    fn message(&mut self, tag: u32, body: impl FnOnce(&mut Fields)) {
-        self.key(tag, WireType::LengthDelimited);
-        let at = self.0.len();
-        self.0.push(0);
-        body(&mut Fields(&mut *self.0));
-        let len = self.0.len() - at - 1;
-        let width = encoded_len_varint(len as u64);
-        if width > 1 {
-            let end = self.0.len();
-            self.0.resize(end + width - 1, 0);
-            self.0.copy_within(at + 1..end, at + width);
-        }
-        let mut prefix = [0u8; 10];
-        let mut slot = &mut prefix[..];
-        encode_varint(len as u64, &mut slot);
-        self.0[at..at + width].copy_from_slice(&prefix[..width]);
     }
 }
 

@@ -21,10 +21,11 @@ use std::{
 };
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 use mermin_protocol::{
     agent::v1::{AgentMessage, AggregatorMessage, Hello, agent_message, aggregator_message},
     flow::v1::FlowRecord,
+    wire::Fields,
 };
 use prost::{
     Message as _,
@@ -74,20 +75,21 @@ struct EncodedBatch {
 const BATCH_RECORDS_FIELD: u32 = 2;
 const AGENT_MESSAGE_BATCH_FIELD: u32 = 2;
 const BATCH_SEQUENCE_FIELD: u32 = 1;
+/// About what one encoded record takes (IPv4, a veth's name, a node name): the buffer's first
+/// size, so that a batch is rarely copied while it is written.
+const RECORD_BYTES_GUESS: usize = 112;
 
 impl EncodedBatch {
     fn encode(sequence: u64, records: &[FlowRecord]) -> Self {
-        let len: usize = records
-            .iter()
-            .map(|r| prost::encoding::message::encoded_len(BATCH_RECORDS_FIELD, r))
-            .sum();
-        let mut buffer = BytesMut::with_capacity(len);
+        // Written by hand: prost's encoder took twice as long (BENCHMARKS.md).
+        let mut buffer = Vec::with_capacity(records.len() * RECORD_BYTES_GUESS);
+        let mut fields = Fields(&mut buffer);
         for record in records {
-            prost::encoding::message::encode(BATCH_RECORDS_FIELD, record, &mut buffer);
+            fields.flow_record(BATCH_RECORDS_FIELD, record);
         }
         EncodedBatch {
             sequence,
-            records: buffer.freeze(),
+            records: Bytes::from(buffer),
         }
     }
 

@@ -5,6 +5,7 @@
 //! - [`admin::v1`]: the aggregator's admin API (status, agents, queues, the observe stream).
 //! - [`replica::v1`]: replica to replica, the Raft transport of the aggregator cluster.
 //! - [`display`]: the one-line human form of an observed flow (the CLI and `--print-flows`).
+//! - [`wire`]: protobuf written by hand on the hot paths (flow records, OTLP spans).
 //!
 //! Protobuf hygiene: every enum starts with `*_UNSPECIFIED = 0`; fields are never renumbered
 //! (removed ones become `reserved`); units are in field names.
@@ -38,3 +39,4 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "
 
 pub mod display;
 pub mod json;
+pub mod wire;

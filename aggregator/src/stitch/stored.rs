@@ -84,7 +84,7 @@ pub(crate) struct StoredWriter<'a>(pub(crate) &'a mut Vec<u8>);
 impl StoredWriter<'_> {
     /// Any unsigned integer but `u8` (postcard writes them all as the same varint).
     pub(crate) fn varint(&mut self, value: u64) {
-        crate::otlp_wire::put_varint(self.0, value);
+        mermin_protocol::wire::put_varint(self.0, value);
     }
 
     /// A `u8`, written as it is.
