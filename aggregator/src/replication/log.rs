@@ -16,12 +16,16 @@ use openraft::{
 };
 use serde::{Serialize, de::DeserializeOwned};
 
+use crate::store::DurableDb;
+
 const VOTE: &[u8] = b"vote";
 const COMMITTED: &[u8] = b"committed";
 const LAST_PURGED: &[u8] = b"last_purged";
 
 /// One group's Raft log (see the module docs). Cloning shares the trees.
 pub struct SledLog<C: RaftTypeConfig> {
+    /// Flushes the trees (every flush of the database is one of all its trees).
+    db: DurableDb,
     entries: sled::Tree,
     meta: sled::Tree,
     config: PhantomData<C>,
@@ -30,6 +34,7 @@ pub struct SledLog<C: RaftTypeConfig> {
 impl<C: RaftTypeConfig> Clone for SledLog<C> {
     fn clone(&self) -> Self {
         Self {
+            db: self.db.clone(),
             entries: self.entries.clone(),
             meta: self.meta.clone(),
             config: PhantomData,
@@ -43,8 +48,9 @@ where
     C::Entry: Serialize + DeserializeOwned,
 {
     /// The log of `group` in `db` (created empty if the group has none yet).
-    pub fn open(db: &sled::Db, group: &str) -> Result<Self, sled::Error> {
+    pub fn open(db: &DurableDb, group: &str) -> Result<Self, sled::Error> {
         Ok(Self {
+            db: db.clone(),
             entries: db.open_tree(format!("raft/{group}/log"))?,
             meta: db.open_tree(format!("raft/{group}/meta"))?,
             config: PhantomData,
@@ -77,7 +83,7 @@ where
         self.meta
             .insert(key, bytes)
             .map_err(|e| failed(openraft::AnyError::from(&e)))?;
-        self.meta
+        self.db
             .flush_async()
             .await
             .map_err(|e| failed(openraft::AnyError::from(&e)))?;
@@ -191,7 +197,7 @@ where
         self.entries
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_logs(&e))?;
-        let flushed = self.entries.flush_async().await;
+        let flushed = self.db.flush_async().await;
         callback.log_io_completed(flushed.map(drop).map_err(std::io::Error::other));
         Ok(())
     }
@@ -227,7 +233,7 @@ where
         self.entries
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_logs(&e))?;
-        self.entries
+        self.db
             .flush_async()
             .await
             .map_err(|e| StorageIOError::write_logs(&e))?;

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::{ReplicaId, ReplicationError};
-use crate::placement::ShardId;
+use crate::{placement::ShardId, store::DurableDb};
 
 openraft::declare_raft_types!(
     /// The membership and placement group: its entries are [`PlacementCommand`]s.
@@ -176,6 +176,8 @@ const SNAPSHOT: &[u8] = b"snapshot";
 /// The placement group's state machine on one replica (see the module docs).
 #[derive(Clone)]
 pub struct PlacementMachine {
+    /// Flushes the tree.
+    db: DurableDb,
     tree: sled::Tree,
     state: watch::Sender<Applied>,
 }
@@ -184,7 +186,7 @@ type Error = StorageError<ReplicaId>;
 
 impl PlacementMachine {
     /// The machine stored in `db` (empty if none was).
-    pub fn open(db: &sled::Db) -> Result<Self, ReplicationError> {
+    pub fn open(db: &DurableDb) -> Result<Self, ReplicationError> {
         let tree = db.open_tree("raft/placement/machine")?;
         let applied = match tree.get(APPLIED)? {
             Some(bytes) => postcard::from_bytes(&bytes).map_err(|e| ReplicationError::Corrupt {
@@ -194,6 +196,7 @@ impl PlacementMachine {
             None => Applied::default(),
         };
         Ok(Self {
+            db: db.clone(),
             tree,
             state: watch::channel(applied).0,
         })
@@ -223,7 +226,7 @@ impl PlacementMachine {
         self.tree
             .insert(key, bytes)
             .map_err(|e| StorageIOError::write_state_machine(&e))?;
-        self.tree
+        self.db
             .flush_async()
             .await
             .map_err(|e| StorageIOError::write_state_machine(&e))?;
@@ -473,7 +476,7 @@ mod tests {
             Error,
         > {
             let dir = tempfile::tempdir().expect("a temporary directory");
-            let db = sled::open(dir.path()).expect("a sled database");
+            let db = DurableDb::open(sled::Config::new(), dir.path()).expect("a sled database");
             let log =
                 crate::replication::log::SledLog::open(&db, "placement").expect("the log's trees");
             let machine = PlacementMachine::open(&db).expect("the machine's tree");

@@ -34,7 +34,7 @@ use super::{
 use crate::{
     metrics::EndpointReasonLabel,
     placement::SHARDS,
-    store::Store,
+    store::{DurableDb, Store},
     tls::{ServerTls, TlsFiles},
 };
 
@@ -439,7 +439,7 @@ impl Replica {
             .local_addr()
             .map_err(|e| ReplicationError::Start(format!("the replica's listener: {e}")))?;
         let address = advertise.unwrap_or_else(|| local.to_string());
-        let db = sled::open(data_dir.join("replica"))?;
+        let db = DurableDb::open(sled::Config::new(), &data_dir.join("replica"))?;
         let config = Arc::new(
             Config {
                 cluster_name: "mermin".to_owned(),
@@ -467,9 +467,9 @@ impl Replica {
         .await
         .map_err(|e| ReplicationError::Start(e.to_string()))?;
         // The store's own database: a snapshot of the store group carries all its trees.
-        let store_machine =
-            StoreMachine::open(sled::open(data_dir.join("store"))?, data_dir.to_owned())
-                .map_err(|e| ReplicationError::Start(e.to_string()))?;
+        let store_db = DurableDb::open(sled::Config::new(), &data_dir.join("store"))?;
+        let store_machine = StoreMachine::open(store_db, data_dir.to_owned())
+            .map_err(|e| ReplicationError::Start(e.to_string()))?;
         let store_group = Raft::new(
             id,
             config,

@@ -40,7 +40,10 @@ use tokio::sync::watch;
 use super::{ReplicaId, snapshot};
 use crate::{
     placement::ShardId,
-    store::{BootId, Change, Checkpoint, Recovered, Retirement, SledStore, Storage, StoreError},
+    store::{
+        BootId, Change, Checkpoint, DurableDb, Recovered, Retirement, SledStore, Storage,
+        StoreError,
+    },
 };
 
 openraft::declare_raft_types!(
@@ -184,7 +187,7 @@ fn apply_checkpoints(
 /// The store group's state machine on one replica (see the module docs).
 #[derive(Clone)]
 pub struct StoreMachine {
-    db: sled::Db,
+    db: DurableDb,
     meta: sled::Tree,
     current: Arc<RwLock<Arc<SledStore>>>,
     /// Where snapshot files are made (anonymous: see `snapshot`).
@@ -198,7 +201,7 @@ fn io_error(e: impl std::fmt::Display) -> Error {
 impl StoreMachine {
     /// The machine kept in `db` (a database of its own: a snapshot carries all its trees),
     /// making its snapshot files in `snapshots`.
-    pub fn open(db: sled::Db, snapshots: PathBuf) -> Result<Self, StoreError> {
+    pub fn open(db: DurableDb, snapshots: PathBuf) -> Result<Self, StoreError> {
         let meta = db.open_tree(MACHINE_TREE)?;
         let store = SledStore::on_db(db.clone())?;
         Ok(Self {
@@ -626,7 +629,9 @@ mod tests {
         };
         let (from_dir, to_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let open = |dir: &Path| {
-            StoreMachine::open(sled::open(dir.join("store")).unwrap(), dir.to_owned()).unwrap()
+            let db =
+                crate::store::DurableDb::open(sled::Config::new(), &dir.join("store")).unwrap();
+            StoreMachine::open(db, dir.to_owned()).unwrap()
         };
         let mut from = open(from_dir.path());
         let boot_id = [3; 16];

@@ -45,7 +45,7 @@ use crate::placement::ShardId;
 
 mod sled;
 
-pub use self::sled::SledStore;
+pub use self::sled::{DurableDb, SledStore};
 
 #[cfg(test)]
 pub(crate) mod conformance;

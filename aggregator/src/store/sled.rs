@@ -25,8 +25,10 @@ use sled::{
 };
 
 mod change_log;
+mod durable;
 mod group_commit;
 
+pub use self::durable::DurableDb;
 use self::{change_log::ChangeLogs, group_commit::GroupCommit};
 use super::{BOOT_ID_LEN, BootId, Checkpoint, Recovered, Retirement, Storage, Store, StoreError};
 use crate::placement::{SHARDS, ShardId};
@@ -47,7 +49,7 @@ const CACHE_BYTES: u64 = 64 << 20;
 
 #[derive(Clone)]
 pub struct SledStore {
-    db: sled::Db,
+    db: DurableDb,
     agents: sled::Tree,
     /// Boot id → the node name its first Hello gave (an agent process belongs to one node).
     agent_nodes: sled::Tree,
@@ -84,19 +86,17 @@ impl SledStore {
     }
 
     fn open_concrete(path: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(CACHE_BYTES)
-            .open()
-            .map_err(|source| StoreError::Open {
+        let db = DurableDb::open(sled::Config::new().cache_capacity(CACHE_BYTES), path).map_err(
+            |source| StoreError::Open {
                 path: path.display().to_string(),
                 reason: source.to_string(),
-            })?;
+            },
+        )?;
         Self::on_db(db)
     }
 
     /// The store kept in `db` (which may hold other trees too).
-    pub(crate) fn on_db(db: sled::Db) -> Result<Self, StoreError> {
+    pub(crate) fn on_db(db: DurableDb) -> Result<Self, StoreError> {
         let outbox = db.open_tree("outbox")?;
         let (mut outbox_bytes, mut outbox_count) = (0, 0);
         for value in outbox.iter().values() {

@@ -12,7 +12,7 @@ use std::{collections::HashMap, sync::Mutex};
 
 use sled::Transactional;
 
-use super::committed;
+use super::{DurableDb, committed};
 use crate::{
     connection_key::ConnectionKey,
     placement::{SHARDS, ShardId, shard_of},
@@ -67,7 +67,7 @@ pub(super) struct ChangeLogs {
 
 impl ChangeLogs {
     /// Opens the logs, first moving states stored by an earlier version into them.
-    pub(super) fn open(db: &sled::Db) -> Result<Self, StoreError> {
+    pub(super) fn open(db: &DurableDb) -> Result<Self, StoreError> {
         let tree = db.open_tree(TREE)?;
         if db
             .tree_names()
@@ -115,7 +115,7 @@ impl ChangeLogs {
     /// Compacts `shard`'s log into one change set if the changes since its base outgrew it.
     /// An optimisation: a failure leaves the log as it was, and is retried after the next
     /// checkpoint.
-    pub(super) fn compact_if_due(&self, db: &sled::Db, shard: ShardId, log: &mut ShardLog) {
+    pub(super) fn compact_if_due(&self, db: &DurableDb, shard: ShardId, log: &mut ShardLog) {
         if !log.needs_compaction() {
             return;
         }
@@ -124,7 +124,12 @@ impl ChangeLogs {
         }
     }
 
-    fn compact(&self, db: &sled::Db, shard: ShardId, log: &mut ShardLog) -> Result<(), StoreError> {
+    fn compact(
+        &self,
+        db: &DurableDb,
+        shard: ShardId,
+        log: &mut ShardLog,
+    ) -> Result<(), StoreError> {
         let mut states = HashMap::new();
         let mut keys = Vec::new();
         for entry in self.tree.scan_prefix(shard.to_be_bytes()) {
@@ -223,7 +228,7 @@ fn apply(mut set: &[u8], states: &mut HashMap<Vec<u8>, Vec<u8>>) -> Result<(), S
 }
 
 /// Moves the states an earlier version kept one per connection into one change set per shard.
-fn migrate(db: &sled::Db, tree: &sled::Tree) -> Result<(), StoreError> {
+fn migrate(db: &DurableDb, tree: &sled::Tree) -> Result<(), StoreError> {
     let legacy = db.open_tree(LEGACY_TREE)?;
     let mut by_shard: HashMap<ShardId, Vec<(sled::IVec, sled::IVec)>> = HashMap::new();
     for entry in legacy.iter() {
@@ -267,12 +272,12 @@ mod tests {
     use super::*;
     use crate::connection_key::Endpoint;
 
-    fn temporary() -> sled::Db {
-        sled::Config::new().temporary(true).open().unwrap()
+    fn temporary() -> DurableDb {
+        DurableDb::temporary().unwrap()
     }
 
     /// Writes one change set of `shard` as a checkpoint does.
-    fn write(db: &sled::Db, logs: &ChangeLogs, shard: ShardId, changes: &[(Vec<u8>, Vec<u8>)]) {
+    fn write(db: &DurableDb, logs: &ChangeLogs, shard: ShardId, changes: &[(Vec<u8>, Vec<u8>)]) {
         let mut log = logs.lock(shard);
         let set = encode(
             changes

@@ -16,6 +16,8 @@ use std::sync::{
     atomic::{AtomicU64, Ordering},
 };
 
+use super::DurableDb;
+
 #[derive(Default)]
 pub(super) struct GroupCommit {
     /// Tickets taken: writes applied and waiting to be durable.
@@ -34,7 +36,7 @@ pub(super) struct GroupCommit {
 impl GroupCommit {
     /// Makes the write the caller just applied durable, blocking the thread (the checkpoints,
     /// which run on the blocking pool).
-    pub(super) fn flush_blocking(&self, db: &sled::Db) -> sled::Result<()> {
+    pub(super) fn flush_blocking(&self, db: &DurableDb) -> sled::Result<()> {
         let ticket = self.ticket();
         let _one = self.blocking.lock().unwrap_or_else(|e| e.into_inner());
         if self.covered(ticket) {
@@ -49,7 +51,7 @@ impl GroupCommit {
     }
 
     /// [`Self::flush_blocking`] for async writers: waits without holding a thread.
-    pub(super) async fn flush(&self, db: &sled::Db) -> sled::Result<()> {
+    pub(super) async fn flush(&self, db: &DurableDb) -> sled::Result<()> {
         let ticket = self.ticket();
         let _one = self.asynchronous.lock().await;
         if self.covered(ticket) {
@@ -82,7 +84,7 @@ mod tests {
     #[test]
     fn writers_waiting_behind_a_flush_are_covered_by_one() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = DurableDb::open(sled::Config::new(), dir.path()).unwrap();
         let group = Arc::new(GroupCommit::default());
         // A flush "running": the writers queue behind it.
         let running = group.blocking.lock().unwrap();
