@@ -46,15 +46,25 @@ fn frame(out: &mut impl Write, kind: u8, bytes: &[u8]) -> io::Result<()> {
     out.write_all(bytes)
 }
 
-/// Writes the `trees` of `db` to a new file in `dir`; returns it (at its start) and its size.
-pub fn write(db: &sled::Db, trees: &[sled::IVec], dir: &Path) -> io::Result<(File, u64)> {
+/// What a snapshot carries for an entry of a tree (named first) whose stored value is given:
+/// the value itself where the tree holds only a pointer to it.
+pub type Resolve<'a> = &'a dyn Fn(&[u8], sled::IVec) -> io::Result<sled::IVec>;
+
+/// Writes the `trees` of `db` to a new file in `dir`, each value as `resolve` gives it;
+/// returns the file (at its start) and its size.
+pub fn write(
+    db: &sled::Db,
+    trees: &[sled::IVec],
+    dir: &Path,
+    resolve: Resolve<'_>,
+) -> io::Result<(File, u64)> {
     let mut out = BufWriter::new(anonymous(dir)?);
     for name in trees {
         frame(&mut out, TREE, name)?;
         for entry in db.open_tree(name).map_err(io::Error::other)?.iter() {
             let (key, value) = entry.map_err(io::Error::other)?;
             frame(&mut out, KEY, &key)?;
-            frame(&mut out, VALUE, &value)?;
+            frame(&mut out, VALUE, &resolve(name, value)?)?;
         }
     }
     frame(&mut out, END, &[])?;
@@ -124,6 +134,10 @@ pub fn read(mut file: File, db: &sled::Db) -> io::Result<()> {
 mod tests {
     use super::*;
 
+    fn as_stored(_tree: &[u8], value: sled::IVec) -> io::Result<sled::IVec> {
+        Ok(value)
+    }
+
     fn db_with(entries: &[(&str, &[u8], &[u8])]) -> sled::Db {
         let db = sled::Config::new().temporary(true).open().unwrap();
         for (tree, key, value) in entries {
@@ -144,7 +158,7 @@ mod tests {
                 .unwrap();
         }
         let trees: Vec<sled::IVec> = ["a", "b", "c"].map(|n| n.as_bytes().into()).to_vec();
-        let (file, size) = write(&from, &trees, dir.path()).unwrap();
+        let (file, size) = write(&from, &trees, dir.path(), &as_stored).unwrap();
         // Frames: 3 tree names, 2 + 1 + 1029 entries of two frames each, and the end.
         let expected = (3 * 5 + 3)
             + (2 * 5 + 2 + 2)
@@ -172,7 +186,7 @@ mod tests {
     fn a_snapshot_cut_short_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let from = db_with(&[("a", b"k", b"v")]);
-        let (file, size) = write(&from, &["a".as_bytes().into()], dir.path()).unwrap();
+        let (file, size) = write(&from, &["a".as_bytes().into()], dir.path(), &as_stored).unwrap();
         file.set_len(size - 5).unwrap();
         let err = read(file, &db_with(&[])).unwrap_err();
         assert_eq!(err.to_string(), "snapshot: cut short (no end)");

@@ -243,13 +243,21 @@ impl StoreMachine {
 impl RaftSnapshotBuilder<StoreGroup> for StoreMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<StoreGroup>, Error> {
         // What the snapshot says is applied must be on disk before the log below it goes.
-        self.db.flush_async().await.map_err(io_error)?;
+        // (And the value segments freed before it go.)
+        let store = self.store();
+        store.flush_and_free().await.map_err(io_error)?;
         let (last_log_id, last_membership) = self.applied()?;
         let (db, trees, dir) = (self.db.clone(), self.store_trees(), self.snapshots.clone());
-        let (file, size) = tokio::task::spawn_blocking(move || snapshot::write(&db, &trees, &dir))
-            .await
-            .map_err(io_error)?
-            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        let resolve = move |tree: &[u8], value| {
+            store
+                .snapshot_value(tree, value)
+                .map_err(std::io::Error::other)
+        };
+        let (file, size) =
+            tokio::task::spawn_blocking(move || snapshot::write(&db, &trees, &dir, &resolve))
+                .await
+                .map_err(io_error)?
+                .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
         let snapshot_id = super::snapshot_id(last_log_id.as_ref(), size);
         Ok(Snapshot {
             meta: SnapshotMeta {

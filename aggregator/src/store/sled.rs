@@ -27,9 +27,14 @@ use sled::{
 mod change_log;
 mod durable;
 mod group_commit;
+mod value_log;
 
 pub use self::durable::DurableDb;
-use self::{change_log::ChangeLogs, group_commit::GroupCommit};
+use self::{
+    change_log::ChangeLogs,
+    group_commit::GroupCommit,
+    value_log::{Pointer, ValueLog},
+};
 use super::{BOOT_ID_LEN, BootId, Checkpoint, Recovered, Retirement, Storage, Store, StoreError};
 use crate::placement::{SHARDS, ShardId};
 
@@ -55,8 +60,13 @@ pub struct SledStore {
     agent_nodes: sled::Tree,
     /// (node, bind order) → boot id: a node's agent processes, the newest last.
     node_agents: sled::Tree,
+    /// (boot id, sequence) → a pointer into `values` (or, written by an earlier version, the
+    /// batch itself).
     batches: sled::Tree,
+    /// Outbox id → a pointer into `values` (or the request itself).
     outbox: sled::Tree,
+    /// The batches and export requests themselves (see [`value_log`]).
+    values: Arc<ValueLog>,
     connections: Arc<ChangeLogs>,
     positions: sled::Tree,
     /// Sum of the outbox's request sizes (what its quota limits), and their number: kept as
@@ -98,17 +108,30 @@ impl SledStore {
     /// The store kept in `db` (which may hold other trees too).
     pub(crate) fn on_db(db: DurableDb) -> Result<Self, StoreError> {
         let outbox = db.open_tree("outbox")?;
+        let batches = db.open_tree("batches")?;
         let (mut outbox_bytes, mut outbox_count) = (0, 0);
+        let mut pointers = Vec::new();
         for value in outbox.iter().values() {
-            outbox_bytes += value?.len() as u64;
+            let value = value?;
+            outbox_bytes += Pointer::value_len(&value);
             outbox_count += 1;
+            pointers.extend(Pointer::decode(&value));
         }
+        for value in batches.iter().values() {
+            pointers.extend(Pointer::decode(&value?));
+        }
+        let directory = db.path().ok_or_else(|| StoreError::Open {
+            path: "(temporary)".into(),
+            reason: "the store needs a directory for its value log".into(),
+        })?;
+        let values = ValueLog::open(&directory.join("values"), pointers)?;
         let store = Self {
             agents: db.open_tree("agents")?,
             agent_nodes: db.open_tree("agent_nodes")?,
             node_agents: db.open_tree("node_agents")?,
-            batches: db.open_tree("batches")?,
+            batches,
             outbox,
+            values: Arc::new(values),
             outbox_bytes: Arc::new(AtomicU64::new(outbox_bytes)),
             outbox_count: Arc::new(AtomicU64::new(outbox_count)),
             write_failure: Arc::default(),
@@ -152,7 +175,10 @@ impl SledStore {
     fn write_checkpoints(&self, checkpoints: &[Checkpoint<'_>]) -> Result<(), StoreError> {
         let first_id = self.outbox_ids(checkpoints.iter().map(|c| c.outbox.len()).sum())?;
         self.apply_checkpoints(checkpoints, first_id)?;
+        // Segments freed before this flush: it makes the removals that freed them durable.
+        let free = self.values.take_dead();
         if let Err(err) = self.group_commit.flush_blocking(&self.db) {
+            self.values.undelete(free);
             let why = err.to_string();
             if matches!(err, sled::Error::Io(_)) {
                 self.broken.get_or_init(|| why.clone());
@@ -161,7 +187,34 @@ impl SledStore {
             // `StoreError::NotDurable`).
             return Err(StoreError::NotDurable(why));
         }
+        self.values.delete(free);
         self.after_checkpoints(checkpoints)
+    }
+
+    /// Flushes the database durably, then deletes the value segments freed before the flush
+    /// (what a replica's state machine does when it builds a snapshot).
+    pub(crate) async fn flush_and_free(&self) -> Result<(), StoreError> {
+        let free = self.values.take_dead();
+        if let Err(err) = self.db.flush_async().await {
+            self.values.undelete(free);
+            return Err(err.into());
+        }
+        self.values.delete(free);
+        Ok(())
+    }
+
+    /// `value` of the entry of `tree` as a snapshot carries it: the batch or request itself
+    /// where the tree holds a pointer to it (a pointer means nothing on another replica).
+    pub(crate) fn snapshot_value(
+        &self,
+        tree: &[u8],
+        value: sled::IVec,
+    ) -> Result<sled::IVec, StoreError> {
+        let holds_pointers = *tree == *self.batches.name() || *tree == *self.outbox.name();
+        match Pointer::decode(&value) {
+            Some(_) if holds_pointers => Ok(self.values.resolve(&value)?.as_ref().into()),
+            _ => Ok(value),
+        }
     }
 
     /// The first of `count` consecutive new outbox ids (one even for `count` 0). sled's ids
@@ -201,7 +254,9 @@ impl SledStore {
                 .agents
                 .contains_key(&key[..BOOT_ID_LEN.min(key.len())])?
             {
-                tree.remove(key)?;
+                if let Some(removed) = tree.remove(key)? {
+                    self.values.release_stored(&removed);
+                }
             }
         }
         Ok(())
@@ -223,7 +278,9 @@ impl SledStore {
             .range(batch_key(boot_id, 0)..=batch_key(boot_id, covered))
             .keys();
         for key in applied {
-            self.batches.remove(key?)?;
+            if let Some(removed) = self.batches.remove(key?)? {
+                self.values.release_stored(&removed);
+            }
         }
         Ok(())
     }
@@ -283,7 +340,7 @@ impl SledStore {
             .range(batch_key(&boot_id, 0)..=batch_key(&boot_id, last))
             .keys()
             .collect::<Result<Vec<_>, _>>()?;
-        let result: Result<(), TransactionError<StoreError>> = (
+        let result: Result<Vec<sled::IVec>, TransactionError<StoreError>> = (
             &self.agents,
             &self.agent_nodes,
             &self.node_agents,
@@ -312,13 +369,19 @@ impl SledStore {
                 for shard in 0..SHARDS {
                     positions.remove(&position_key(&boot_id, shard)[..])?;
                 }
+                let mut removed = Vec::with_capacity(batches.len());
                 for key in &batches {
-                    log.remove(key)?;
+                    removed.extend(log.remove(key)?);
                 }
-                Ok(())
+                Ok(removed)
             });
         match committed(result) {
-            Ok(()) => Ok(true),
+            Ok(removed) => {
+                for value in removed {
+                    self.values.release_stored(&value);
+                }
+                Ok(true)
+            }
             Err(StoreError::OutOfOrder { .. }) => Ok(false),
             Err(err) => Err(err),
         }
@@ -364,10 +427,23 @@ impl SledStore {
         // count below zero; taken back for entries that were there already (a replica applying
         // an entry again) and if the transaction fails.
         let requests = || checkpoints.iter().flat_map(|c| c.outbox);
+        let mut pointers = Vec::with_capacity(requests().count());
+        for request in requests() {
+            match self.values.append(request) {
+                Ok(pointer) => pointers.push(pointer),
+                Err(err) => {
+                    // The values written before the failure are referenced by nothing.
+                    for pointer in pointers {
+                        self.values.release(pointer);
+                    }
+                    return Err(err);
+                }
+            }
+        }
         let outbox_bytes: u64 = requests().map(|r| r.len() as u64).sum();
         let outbox_count = requests().count() as u64;
         self.count_outbox(outbox_count, outbox_bytes);
-        let result: Result<(u64, u64), TransactionError<StoreError>> =
+        let result: Result<(u64, u64, Vec<sled::IVec>), TransactionError<StoreError>> =
             (self.connections.tree(), &self.positions, &self.outbox).transaction(
                 |(connections, positions, outbox)| {
                     for (checkpoint, change_set) in checkpoints.iter().zip(&change_sets) {
@@ -381,20 +457,29 @@ impl SledStore {
                             )?;
                         }
                     }
-                    let (mut present, mut present_bytes) = (0, 0);
-                    for (id, request) in (first_id..).zip(requests()) {
-                        if let Some(was) = outbox.insert(&id.to_be_bytes(), request.as_slice())? {
+                    let (mut present, mut present_bytes, mut replaced) = (0, 0, Vec::new());
+                    for (id, pointer) in (first_id..).zip(&pointers) {
+                        if let Some(was) = outbox.insert(&id.to_be_bytes(), &pointer.encode())? {
                             present += 1;
-                            present_bytes += was.len() as u64;
+                            present_bytes += Pointer::value_len(&was);
+                            replaced.push(was);
                         }
                     }
-                    Ok((present, present_bytes))
+                    Ok((present, present_bytes, replaced))
                 },
             );
         match committed(result) {
-            Ok((present, present_bytes)) => self.uncount_outbox(present, present_bytes),
+            Ok((present, present_bytes, replaced)) => {
+                self.uncount_outbox(present, present_bytes);
+                for was in replaced {
+                    self.values.release_stored(&was);
+                }
+            }
             Err(err) => {
                 self.uncount_outbox(outbox_count, outbox_bytes);
+                for pointer in pointers {
+                    self.values.release(pointer);
+                }
                 return Err(err);
             }
         }
@@ -419,16 +504,19 @@ impl SledStore {
 
     /// Queues `request` as outbox entry `id`.
     pub(crate) fn apply_push(&self, id: u64, request: &[u8]) -> Result<(), StoreError> {
+        let pointer = self.values.append(request)?;
         // Counted first, as in `apply_checkpoint`.
         self.count_outbox(1, request.len() as u64);
-        match self.outbox.insert(id.to_be_bytes(), request) {
+        match self.outbox.insert(id.to_be_bytes(), &pointer.encode()) {
             Ok(None) => Ok(()),
             Ok(Some(was)) => {
-                self.uncount_outbox(1, was.len() as u64);
+                self.uncount_outbox(1, Pointer::value_len(&was));
+                self.values.release_stored(&was);
                 Ok(())
             }
             Err(err) => {
                 self.uncount_outbox(1, request.len() as u64);
+                self.values.release(pointer);
                 Err(err.into())
             }
         }
@@ -437,7 +525,8 @@ impl SledStore {
     /// Removes outbox entry `id`, if it is there.
     pub(crate) fn apply_remove(&self, id: u64) -> Result<(), StoreError> {
         if let Some(removed) = self.outbox.remove(id.to_be_bytes())? {
-            self.uncount_outbox(1, removed.len() as u64);
+            self.uncount_outbox(1, Pointer::value_len(&removed));
+            self.values.release_stored(&removed);
         }
         Ok(())
     }
@@ -460,6 +549,7 @@ impl SledStore {
         encoded: &[u8],
         not_durable_from: Option<u64>,
     ) -> Result<(), StoreError> {
+        let pointer = self.values.append(encoded)?;
         let result = (&self.agents, &self.batches).transaction(|(agents, batches)| {
             let stored = match agents.get(boot_id)? {
                 None => 0,
@@ -474,10 +564,20 @@ impl SledStore {
                 ));
             }
             agents.insert(&boot_id[..], &sequence.to_be_bytes())?;
-            batches.insert(batch_key(boot_id, sequence).as_slice(), encoded)?;
-            Ok(())
+            Ok(batches.insert(batch_key(boot_id, sequence).as_slice(), &pointer.encode())?)
         });
-        committed(result)
+        match committed(result) {
+            Ok(replaced) => {
+                if let Some(was) = replaced {
+                    self.values.release_stored(&was);
+                }
+                Ok(())
+            }
+            Err(err) => {
+                self.values.release(pointer);
+                Err(err)
+            }
+        }
     }
 
     /// Ties `boot_id` to `node` as the node's agent process of bind order `order`, if it is new;
@@ -550,13 +650,22 @@ fn node_prefix(node: &str) -> Vec<u8> {
 }
 
 /// The first `max` entries of an outbox scan, with their ids.
-fn outbox_entries(scan: sled::Iter, max: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+fn outbox_entries(
+    scan: sled::Iter,
+    max: usize,
+    values: &ValueLog,
+) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
     scan.take(max)
         .map(|entry| {
             let (key, value) = entry?;
-            Ok((decode_u64(&key)?, value.to_vec()))
+            Ok((decode_u64(&key)?, values.resolve(&value)?.into_owned()))
         })
         .collect()
+}
+
+/// The batch `stored` holds or points to.
+fn decode_batch(stored: &[u8], values: &ValueLog) -> Result<Batch, StoreError> {
+    Batch::decode(values.resolve(stored)?.as_ref()).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 fn decode_u64(bytes: &[u8]) -> Result<u64, StoreError> {
@@ -628,14 +737,13 @@ impl SledStore {
     pub(crate) fn stored_batches(
         &self,
     ) -> impl Iterator<Item = Result<(BootId, Batch), StoreError>> + 'static {
-        self.batches.iter().map(|entry| {
+        let values = self.values.clone();
+        self.batches.iter().map(move |entry| {
             let (key, value) = entry?;
             let boot_id: BootId = key[..BOOT_ID_LEN]
                 .try_into()
                 .map_err(|_| StoreError::Corrupt("short batch key".into()))?;
-            let batch =
-                Batch::decode(value.as_ref()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            Ok((boot_id, batch))
+            Ok((boot_id, decode_batch(&value, &values)?))
         })
     }
 }
@@ -679,9 +787,7 @@ impl Storage for SledStore {
     fn batch(&self, boot_id: &BootId, sequence: u64) -> Result<Option<Batch>, StoreError> {
         self.batches
             .get(batch_key(boot_id, sequence))?
-            .map(|value| {
-                Batch::decode(value.as_ref()).map_err(|e| StoreError::Corrupt(e.to_string()))
-            })
+            .map(|value| decode_batch(&value, &self.values))
             .transpose()
     }
 
@@ -712,13 +818,14 @@ impl Storage for SledStore {
 
     /// Up to `max` queued requests, oldest first.
     fn outbox_oldest(&self, max: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        outbox_entries(self.outbox.iter(), max)
+        outbox_entries(self.outbox.iter(), max, &self.values)
     }
 
     fn outbox_after(&self, after: u64, max: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         outbox_entries(
             self.outbox.range(after.saturating_add(1).to_be_bytes()..),
             max,
+            &self.values,
         )
     }
 

@@ -16,16 +16,21 @@
 //! Every flush of the aggregator's sled databases goes through this type: the store's group
 //! commit, its change-log compaction, and the replicas' Raft logs, placement and state machine.
 
-use std::{fs::File, ops::Deref, path::Path, sync::Arc};
+use std::{
+    fs::File,
+    ops::Deref,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 /// A sled database whose [`DurableDb::flush`] makes what was written before it survive a power
 /// loss. Derefs to the database for everything else.
 #[derive(Clone)]
 pub struct DurableDb {
     db: sled::Db,
-    /// The database's directory, opened for `syncfs`; `None` for a temporary database (tests),
-    /// which no power loss can outlive anyway.
-    directory: Option<Arc<File>>,
+    /// The database's directory, and opened for `syncfs`; `None` for a temporary database
+    /// (tests), which no power loss can outlive anyway.
+    directory: Option<(PathBuf, Arc<File>)>,
 }
 
 impl DurableDb {
@@ -36,7 +41,7 @@ impl DurableDb {
         let directory = File::open(path)?;
         Ok(Self {
             db,
-            directory: Some(Arc::new(directory)),
+            directory: Some((path.to_owned(), Arc::new(directory))),
         })
     }
 
@@ -46,6 +51,11 @@ impl DurableDb {
             db: sled::Config::new().temporary(true).open()?,
             directory: None,
         })
+    }
+
+    /// The database's directory (`None` if it is temporary).
+    pub fn path(&self) -> Option<&Path> {
+        self.directory.as_ref().map(|(path, _)| path.as_path())
     }
 
     /// Writes everything written so far to stable storage (blocking the thread).
@@ -58,7 +68,7 @@ impl DurableDb {
     /// filesystem's sync on the blocking pool.
     pub async fn flush_async(&self) -> sled::Result<()> {
         self.db.flush_async().await?;
-        let Some(directory) = self.directory.clone() else {
+        let Some((_, directory)) = self.directory.clone() else {
             return Ok(());
         };
         tokio::task::spawn_blocking(move || sync(&directory))
@@ -68,7 +78,7 @@ impl DurableDb {
 
     fn sync_filesystem(&self) -> sled::Result<()> {
         match &self.directory {
-            Some(directory) => sync(directory),
+            Some((_, directory)) => sync(directory),
             None => Ok(()),
         }
     }
