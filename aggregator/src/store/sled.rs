@@ -250,13 +250,11 @@ impl SledStore {
     fn drop_entries_of_unknown_agents(&self, tree: &sled::Tree) -> Result<(), StoreError> {
         for key in tree.iter().keys() {
             let key = key?;
-            if !self
+            let known = self
                 .agents
-                .contains_key(&key[..BOOT_ID_LEN.min(key.len())])?
-            {
-                if let Some(removed) = tree.remove(key)? {
-                    self.values.release_stored(&removed);
-                }
+                .contains_key(&key[..BOOT_ID_LEN.min(key.len())])?;
+            if !known && let Some(removed) = tree.remove(key)? {
+                self.values.release_stored(&removed);
             }
         }
         Ok(())
