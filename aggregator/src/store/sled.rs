@@ -502,9 +502,13 @@ impl SledStore {
 
     /// Queues `request` as outbox entry `id`.
     pub(crate) fn apply_push(&self, id: u64, request: &[u8]) -> Result<(), StoreError> {
-        let pointer = self.values.append(request)?;
+        self.insert_push(id, self.values.append(request)?)
+    }
+
+    /// Queues the request at `pointer` as outbox entry `id`.
+    fn insert_push(&self, id: u64, pointer: Pointer) -> Result<(), StoreError> {
         // Counted first, as in `apply_checkpoint`.
-        self.count_outbox(1, request.len() as u64);
+        self.count_outbox(1, pointer.len());
         match self.outbox.insert(id.to_be_bytes(), &pointer.encode()) {
             Ok(None) => Ok(()),
             Ok(Some(was)) => {
@@ -513,7 +517,7 @@ impl SledStore {
                 Ok(())
             }
             Err(err) => {
-                self.uncount_outbox(1, request.len() as u64);
+                self.uncount_outbox(1, pointer.len());
                 self.values.release(pointer);
                 Err(err.into())
             }
@@ -548,6 +552,17 @@ impl SledStore {
         not_durable_from: Option<u64>,
     ) -> Result<(), StoreError> {
         let pointer = self.values.append(encoded)?;
+        self.insert_append(boot_id, sequence, pointer, not_durable_from)
+    }
+
+    /// [`SledStore::apply_append`] of a batch already in the value log, at `pointer`.
+    fn insert_append(
+        &self,
+        boot_id: &BootId,
+        sequence: u64,
+        pointer: Pointer,
+        not_durable_from: Option<u64>,
+    ) -> Result<(), StoreError> {
         let result = (&self.agents, &self.batches).transaction(|(agents, batches)| {
             let stored = match agents.get(boot_id)? {
                 None => 0,
@@ -675,9 +690,17 @@ fn decode_u64(bytes: &[u8]) -> Result<u64, StoreError> {
 impl SledStore {
     /// Makes `batch` durable as the next batch of `boot_id` (its sequence must be the last + 1).
     async fn append_batch(&self, boot_id: &BootId, batch: &Batch) -> Result<(), StoreError> {
-        let encoded = batch.encode_to_vec();
         let sequence = batch.sequence;
-        let result = self.apply_append(boot_id, sequence, &encoded, self.not_durable_from(boot_id));
+        // Not the next one (an agent sending again what is stored): refused before it is written.
+        let last = self.last_sequence(boot_id)?;
+        if sequence != last + 1 {
+            return Err(StoreError::OutOfOrder { sequence, last });
+        }
+        let pointer = match self.append_value(batch.encode_to_vec()).await {
+            Ok(pointer) => pointer,
+            Err(err) => return self.observe_write(Err(err)),
+        };
+        let result = self.insert_append(boot_id, sequence, pointer, self.not_durable_from(boot_id));
         let written = match result {
             Ok(()) => self
                 .group_commit
@@ -702,6 +725,14 @@ impl SledStore {
         self.observe_write(written)
     }
 
+    /// Writes `value` to the value log on the blocking pool (a `pwrite` and an `fdatasync`).
+    async fn append_value(&self, value: Vec<u8>) -> Result<Pointer, StoreError> {
+        let values = self.values.clone();
+        tokio::task::spawn_blocking(move || values.append(&value))
+            .await
+            .map_err(|joined| StoreError::Backend(format!("value log: {joined}")))?
+    }
+
     /// The first sequence of `boot_id` whose write failed (in memory, not durable), if any.
     fn not_durable_from(&self, boot_id: &BootId) -> Option<u64> {
         self.not_durable
@@ -714,7 +745,11 @@ impl SledStore {
     /// Queues an encoded export request durably; returns its outbox id.
     async fn push_request(&self, request: &[u8]) -> Result<u64, StoreError> {
         let id = self.outbox_ids(1)?;
-        if let Err(err) = self.apply_push(id, request) {
+        let pushed = match self.append_value(request.to_vec()).await {
+            Ok(pointer) => self.insert_push(id, pointer),
+            Err(err) => Err(err),
+        };
+        if let Err(err) = pushed {
             return self.observe_write(Err(err));
         }
         if let Err(err) = self.group_commit.flush(&self.db).await {

@@ -59,6 +59,11 @@ impl Pointer {
         bytes
     }
 
+    /// The length of the value pointed to.
+    pub(super) fn len(&self) -> u64 {
+        u64::from(self.len)
+    }
+
     /// The pointer `stored` is, or `None` if it is a value stored inline.
     pub(super) fn decode(stored: &[u8]) -> Option<Pointer> {
         let bytes: &[u8; POINTER_LEN] = stored.try_into().ok()?;
