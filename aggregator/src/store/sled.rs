@@ -120,18 +120,22 @@ impl SledStore {
         for value in batches.iter().values() {
             pointers.extend(Pointer::decode(&value?));
         }
+        for value in db.open_tree(change_log::TREE)?.iter().values() {
+            pointers.extend(Pointer::decode(&value?));
+        }
         let directory = db.path().ok_or_else(|| StoreError::Open {
             path: "(temporary)".into(),
             reason: "the store needs a directory for its value log".into(),
         })?;
-        let values = ValueLog::open(&directory.join("values"), pointers)?;
+        let values = Arc::new(ValueLog::open(&directory.join("values"), pointers)?);
         let store = Self {
             agents: db.open_tree("agents")?,
             agent_nodes: db.open_tree("agent_nodes")?,
             node_agents: db.open_tree("node_agents")?,
             batches,
             outbox,
-            values: Arc::new(values),
+            connections: Arc::new(ChangeLogs::open(&db, values.clone())?),
+            values,
             outbox_bytes: Arc::new(AtomicU64::new(outbox_bytes)),
             outbox_count: Arc::new(AtomicU64::new(outbox_count)),
             write_failure: Arc::default(),
@@ -139,7 +143,6 @@ impl SledStore {
             not_durable: Arc::default(),
             outbox_ids: Arc::default(),
             group_commit: Arc::default(),
-            connections: Arc::new(ChangeLogs::open(&db)?),
             positions: db.open_tree("positions")?,
             db,
         };
@@ -210,7 +213,9 @@ impl SledStore {
         tree: &[u8],
         value: sled::IVec,
     ) -> Result<sled::IVec, StoreError> {
-        let holds_pointers = *tree == *self.batches.name() || *tree == *self.outbox.name();
+        let holds_pointers = [&self.batches, &self.outbox, self.connections.tree()]
+            .iter()
+            .any(|held| *tree == *held.name());
         match Pointer::decode(&value) {
             Some(_) if holds_pointers => Ok(self.values.resolve(&value)?.as_ref().into()),
             _ => Ok(value),
@@ -406,48 +411,47 @@ impl SledStore {
             .iter()
             .map(|&shard| (shard, self.connections.lock(shard)))
             .collect();
+        // (shard, key in the change tree, set)
         let change_sets: Vec<_> = checkpoints
             .iter()
+            .filter(|checkpoint| !checkpoint.changes.is_empty())
             .map(|checkpoint| {
-                (!checkpoint.changes.is_empty()).then(|| {
-                    let set = change_log::encode(
-                        checkpoint
-                            .changes
-                            .iter()
-                            .map(|c| (c.key.as_slice(), c.state.as_deref())),
-                    );
-                    let log = logs.get_mut(&checkpoint.shard).expect("locked above");
-                    (change_log::key(checkpoint.shard, log.take_number()), set)
-                })
+                let set = change_log::encode(
+                    checkpoint
+                        .changes
+                        .iter()
+                        .map(|c| (c.key.as_slice(), c.state.as_deref())),
+                );
+                let log = logs.get_mut(&checkpoint.shard).expect("locked above");
+                let key = change_log::key(checkpoint.shard, log.take_number());
+                (checkpoint.shard, key, set)
             })
             .collect();
+        let requests = || checkpoints.iter().flat_map(|c| c.outbox);
+        // The sets and the requests in the value log first: what sled points to is durable.
+        let set_pointers = self
+            .values
+            .append_all(change_sets.iter().map(|(_, _, set)| set.as_slice()))?;
+        let pointers = match self.values.append_all(requests().map(Vec::as_slice)) {
+            Ok(pointers) => pointers,
+            Err(err) => {
+                self.values.release_all(set_pointers);
+                return Err(err);
+            }
+        };
         // Counted before the entries exist, so that the exporter removing one cannot take the
         // count below zero; taken back for entries that were there already (a replica applying
         // an entry again) and if the transaction fails.
-        let requests = || checkpoints.iter().flat_map(|c| c.outbox);
-        let mut pointers = Vec::with_capacity(requests().count());
-        for request in requests() {
-            match self.values.append(request) {
-                Ok(pointer) => pointers.push(pointer),
-                Err(err) => {
-                    // The values written before the failure are referenced by nothing.
-                    for pointer in pointers {
-                        self.values.release(pointer);
-                    }
-                    return Err(err);
-                }
-            }
-        }
         let outbox_bytes: u64 = requests().map(|r| r.len() as u64).sum();
         let outbox_count = requests().count() as u64;
         self.count_outbox(outbox_count, outbox_bytes);
         let result: Result<(u64, u64, Vec<sled::IVec>), TransactionError<StoreError>> =
             (self.connections.tree(), &self.positions, &self.outbox).transaction(
                 |(connections, positions, outbox)| {
-                    for (checkpoint, change_set) in checkpoints.iter().zip(&change_sets) {
-                        if let Some((key, set)) = change_set {
-                            connections.insert(&key[..], set.as_slice())?;
-                        }
+                    for ((_, key, _), pointer) in change_sets.iter().zip(&set_pointers) {
+                        connections.insert(&key[..], &pointer.encode())?;
+                    }
+                    for checkpoint in checkpoints {
                         for (boot_id, sequence) in checkpoint.positions {
                             positions.insert(
                                 &position_key(boot_id, checkpoint.shard)[..],
@@ -475,17 +479,14 @@ impl SledStore {
             }
             Err(err) => {
                 self.uncount_outbox(outbox_count, outbox_bytes);
-                for pointer in pointers {
-                    self.values.release(pointer);
-                }
+                self.values
+                    .release_all(set_pointers.into_iter().chain(pointers));
                 return Err(err);
             }
         }
-        for (checkpoint, change_set) in checkpoints.iter().zip(&change_sets) {
-            if let Some((_, set)) = change_set {
-                let log = logs.get_mut(&checkpoint.shard).expect("locked above");
-                log.written(set.len());
-            }
+        for (shard, _, set) in &change_sets {
+            let log = logs.get_mut(shard).expect("locked above");
+            log.written(set.len());
         }
         Ok(())
     }

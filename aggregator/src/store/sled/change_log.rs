@@ -4,15 +4,25 @@
 //! changed; one B-tree insert per connection cost a third of the aggregator's CPU (sled copies
 //! a node on every insert and reads the old value back to return it).
 //!
+//! The sets themselves are in the value log (`value_log`), the tree holds pointers to them
+//! (sets written by earlier versions are inline: a pointer is 25 bytes beginning with 0, and an
+//! inline set that short begins with a key length below 256, never 0).
+//!
 //! A change set is a sequence of `key length (u32 LE), key, state length (u32 LE; u32::MAX:
 //! removed), state`. Keys of different shards never meet (a key belongs to one shard), so
 //! replaying every shard's log in order rebuilds the states whatever the shards' order.
 
-use std::{collections::HashMap, sync::Mutex};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 
 use sled::Transactional;
 
-use super::{DurableDb, committed};
+use super::{
+    DurableDb, committed,
+    value_log::{Pointer, ValueLog},
+};
 use crate::{
     connection_key::ConnectionKey,
     placement::{SHARDS, ShardId, shard_of},
@@ -20,7 +30,7 @@ use crate::{
 };
 
 /// The tree of change sets, keyed by shard and number.
-const TREE: &str = "shard_changes";
+pub(super) const TREE: &str = "shard_changes";
 /// Where connection states lived before (one entry per connection), migrated at open.
 const LEGACY_TREE: &str = "connections";
 /// A shard's log is compacted once its changes since the base exceed the base and this.
@@ -62,12 +72,13 @@ impl ShardLog {
 /// Every shard's log of change sets.
 pub(super) struct ChangeLogs {
     tree: sled::Tree,
+    values: Arc<ValueLog>,
     shards: Vec<Mutex<ShardLog>>,
 }
 
 impl ChangeLogs {
     /// Opens the logs, first moving states stored by an earlier version into them.
-    pub(super) fn open(db: &DurableDb) -> Result<Self, StoreError> {
+    pub(super) fn open(db: &DurableDb, values: Arc<ValueLog>) -> Result<Self, StoreError> {
         let tree = db.open_tree(TREE)?;
         if db
             .tree_names()
@@ -84,10 +95,11 @@ impl ChangeLogs {
                 .get_mut(usize::from(shard))
                 .ok_or_else(|| StoreError::Corrupt(format!("change set of shard {shard}")))?;
             log.next = number + 1;
-            log.written(value.len());
+            log.written(Pointer::value_len(&value) as usize);
         }
         Ok(Self {
             tree,
+            values,
             shards: shards.into_iter().map(Mutex::new).collect(),
         })
     }
@@ -107,7 +119,7 @@ impl ChangeLogs {
     pub(super) fn replay(&self) -> Result<Vec<Vec<u8>>, StoreError> {
         let mut states = HashMap::new();
         for value in self.tree.iter().values() {
-            apply(&value?, &mut states)?;
+            apply(&self.values.resolve(&value?)?, &mut states)?;
         }
         Ok(states.into_values().collect())
     }
@@ -131,11 +143,12 @@ impl ChangeLogs {
         log: &mut ShardLog,
     ) -> Result<(), StoreError> {
         let mut states = HashMap::new();
-        let mut keys = Vec::new();
+        let (mut keys, mut replaced) = (Vec::new(), Vec::new());
         for entry in self.tree.scan_prefix(shard.to_be_bytes()) {
             let (key, value) = entry?;
-            apply(&value, &mut states)?;
+            apply(&self.values.resolve(&value)?, &mut states)?;
             keys.push(key);
+            replaced.push(value);
         }
         // The base takes the newest set's key: sets written later sort after it.
         let Some(newest) = keys.pop() else {
@@ -146,13 +159,21 @@ impl ChangeLogs {
                 .iter()
                 .map(|(k, v)| (k.as_slice(), Some(v.as_slice()))),
         );
-        committed(self.tree.transaction(|tree| {
+        let pointer = self.values.append(&base)?;
+        let written = committed(self.tree.transaction(|tree| {
             for key in &keys {
                 tree.remove(key)?;
             }
-            tree.insert(&newest, base.as_slice())?;
+            tree.insert(&newest, &pointer.encode())?;
             Ok(())
-        }))?;
+        }));
+        if let Err(err) = written {
+            self.values.release(pointer);
+            return Err(err);
+        }
+        for value in replaced {
+            self.values.release_stored(&value);
+        }
         db.flush()?;
         *log = ShardLog {
             next: log.next,
@@ -276,6 +297,10 @@ mod tests {
         DurableDb::temporary().unwrap()
     }
 
+    fn value_log(dir: &tempfile::TempDir) -> Arc<ValueLog> {
+        Arc::new(ValueLog::open(dir.path(), []).unwrap())
+    }
+
     /// Writes one change set of `shard` as a checkpoint does.
     fn write(db: &DurableDb, logs: &ChangeLogs, shard: ShardId, changes: &[(Vec<u8>, Vec<u8>)]) {
         let mut log = logs.lock(shard);
@@ -294,7 +319,9 @@ mod tests {
     #[test]
     fn compaction_keeps_a_shards_log_short_and_its_states_exact() {
         let db = temporary();
-        let logs = ChangeLogs::open(&db).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let values = value_log(&dir);
+        let logs = ChangeLogs::open(&db, values.clone()).unwrap();
         // 40 sets of 100 states of 10 kB (40 MB), over 20 keys of shard 2 and one of shard 5.
         for round in 0..40u8 {
             let changes: Vec<(Vec<u8>, Vec<u8>)> = (0..100u8)
@@ -312,8 +339,14 @@ mod tests {
         expected.sort();
         assert!(states == expected, "the states after compaction differ");
         // Reopened, numbering goes on after the newest set.
+        let base = logs.tree.scan_prefix(2u16.to_be_bytes()).values().next();
+        let base = base.unwrap().unwrap();
+        assert!(
+            Pointer::decode(&base).is_some(),
+            "the base is in the value log"
+        );
         drop(logs);
-        let logs = ChangeLogs::open(&db).unwrap();
+        let logs = ChangeLogs::open(&db, values).unwrap();
         let newest = logs.tree.scan_prefix(2u16.to_be_bytes()).keys().last();
         let (_, number) = parse_key(&newest.unwrap().unwrap()).unwrap();
         assert_eq!(logs.lock(2).next, number + 1);
@@ -338,7 +371,8 @@ mod tests {
             let key = postcard::to_allocvec(&connection(port)).unwrap();
             legacy.insert(key, &port.to_be_bytes()).unwrap();
         }
-        let logs = ChangeLogs::open(&db).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let logs = ChangeLogs::open(&db, value_log(&dir)).unwrap();
         let mut states = logs.replay().unwrap();
         states.sort();
         assert_eq!(states, [[156, 64], [156, 65], [156, 66]]);

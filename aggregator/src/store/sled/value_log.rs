@@ -190,6 +190,31 @@ impl ValueLog {
         Ok(pointer)
     }
 
+    /// [`ValueLog::append`] of each of `values`, in order; none of them if one fails.
+    pub(super) fn append_all<'a>(
+        &self,
+        values: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<Vec<Pointer>, StoreError> {
+        let mut pointers = Vec::new();
+        for value in values {
+            match self.append(value) {
+                Ok(pointer) => pointers.push(pointer),
+                Err(err) => {
+                    self.release_all(pointers);
+                    return Err(err);
+                }
+            }
+        }
+        Ok(pointers)
+    }
+
+    /// [`ValueLog::release`] of each of `pointers`.
+    pub(super) fn release_all(&self, pointers: impl IntoIterator<Item = Pointer>) {
+        for pointer in pointers {
+            self.release(pointer);
+        }
+    }
+
     fn rotate(&self, state: &mut State) -> Result<(), StoreError> {
         let id = state.active_id + 1;
         let file = Arc::new(create_segment(&self.dir, id)?);
