@@ -156,6 +156,12 @@ fn write(store: &Store, round: Vec<Message>) {
         })
         .unzip();
     if parts.is_empty() {
+        if store.write_failure().is_some() {
+            // Idle while the store cannot write: an empty checkpoint tells it whether it can
+            // again, so that readiness returns without traffic (which a not-ready replica gets
+            // none of).
+            let _ = store.checkpoint(&[]);
+        }
         return;
     }
     // The round's export requests, joined into as few as fit, are written with its first part

@@ -228,7 +228,9 @@ pub trait Storage: Send + Sync + 'static {
     /// Writes the checkpoints of several shards (each at most once), all of them atomically
     /// and durably (blocking), then drops the batches every shard is past. Each checkpoint's
     /// `positions` holds the agents whose position moved; its requests take outbox ids after
-    /// those of the checkpoints before it. On [`StoreError::NotDurable`] the checkpoints are
+    /// those of the checkpoints before it. An empty `checkpoints` writes nothing but answers
+    /// whether the store can write (what the checkpoint writer asks, idle, while
+    /// [`Storage::write_failure`] reports one). On [`StoreError::NotDurable`] the checkpoints are
     /// applied: write their positions again later (so that a write makes them durable), not
     /// their changes and requests.
     fn checkpoint(&self, checkpoints: &[Checkpoint<'_>]) -> Result<(), StoreError>;

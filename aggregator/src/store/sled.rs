@@ -829,6 +829,17 @@ impl Storage for SledStore {
     /// is past. Blocking: callers run it on the blocking pool. `positions` holds only the agents
     /// whose position moved since the shard's last checkpoint.
     fn checkpoint(&self, checkpoints: &[Checkpoint<'_>]) -> Result<(), StoreError> {
+        let writes_values = checkpoints
+            .iter()
+            .any(|c| !c.changes.is_empty() || !c.outbox.is_empty());
+        if !writes_values
+            && self.write_failure().is_some()
+            && let Err(err) = self.values.probe()
+        {
+            // Written, it would clear the failure without showing that the disk takes values
+            // (batches) again.
+            return self.observe_write(Err(err));
+        }
         let result = self.write_checkpoints(checkpoints);
         self.observe_write(result)
     }

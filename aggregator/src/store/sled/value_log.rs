@@ -37,6 +37,9 @@ use super::StoreError;
 /// A segment is sealed, and a new one begun, once it holds this many bytes.
 pub(super) const SEGMENT_BYTES: u64 = 64 << 20;
 
+/// What [`ValueLog::probe`] writes: a page.
+const PROBE_BYTES: usize = 4096;
+
 const TAG: u8 = 0;
 const POINTER_LEN: usize = 1 + 8 + 8 + 4 + 4;
 
@@ -188,6 +191,13 @@ impl ValueLog {
             return Err(backend("writing a value", err));
         }
         Ok(pointer)
+    }
+
+    /// Whether the log can take a value now: appends (and lets go of) a block of
+    /// [`PROBE_BYTES`], which a full disk refuses.
+    pub(super) fn probe(&self) -> Result<(), StoreError> {
+        self.append(&[0; PROBE_BYTES])
+            .map(|pointer| self.release(pointer))
     }
 
     /// [`ValueLog::append`] of each of `values`, in order; none of them if one fails.
