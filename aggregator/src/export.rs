@@ -423,6 +423,7 @@ impl Exporter {
             if let Attempt::Done = attempt
                 && let Err(err) = store.outbox_remove(id).await
             {
+                metrics.store_write_failed("outbox_remove");
                 tracing::warn!(%err, "cannot remove a delivered request from the outbox; skipping it until it can be");
                 lock(&delivered).insert(id);
             }

@@ -678,7 +678,10 @@ impl<S: BatchSink> Worker<S> {
                     "another stream of this agent (same boot id) is active",
                 ));
             }
-            Err(err) => return Err(internal(err)),
+            Err(err) => {
+                self.ingest.metrics.store_write_failed("append");
+                return Err(internal(err));
+            }
         }
         agent.last = sequence;
         self.ingest.metrics.batches_accepted.inc();

@@ -72,6 +72,15 @@ pub struct ShardLabel {
 pub const STUCK_AFTER_SECONDS: u64 = 30;
 
 impl Metrics {
+    /// Counts a write the store refused, by the operation that asked (`append`, `outbox_remove`).
+    pub fn store_write_failed(&self, operation: &str) {
+        self.store_write_failures
+            .get_or_create(&ReasonLabel {
+                reason: operation.to_owned(),
+            })
+            .inc();
+    }
+
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("mermin_aggregator");
         let batches_accepted = Counter::default();

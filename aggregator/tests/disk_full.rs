@@ -164,6 +164,15 @@ async fn a_real_full_disk_refuses_batches_and_recovers_when_space_returns() {
             && why.contains("No space left"),
         "{why}"
     );
+    assert_eq!(
+        metric(
+            metrics_addr,
+            "mermin_aggregator_store_write_failures_total{reason=\"append\"}"
+        )
+        .await,
+        1,
+        "the one refused batch"
+    );
     // Not broken: nothing a restart would fix.
     assert_eq!(get(metrics_addr, "/livez").await, (200, "ok\n".to_owned()));
 
