@@ -20,7 +20,10 @@
 //!   sled's pointers at open). A sealed segment without live values is deleted, but only after a
 //!   durable flush of sled that made the removals durable ([`ValueLog::take_dead`], then
 //!   [`ValueLog::delete`]): a crash never brings back a pointer into a deleted file. A value that
-//!   stays (an export request waiting out an outage) keeps its whole segment on disk.
+//!   stays (an export request waiting out an outage) keeps its whole segment on disk. The
+//!   standalone store frees segments at each checkpoint's flush; a replica's state machine,
+//!   which does not flush per entry, when it builds a snapshot (as its Raft log is purged then
+//!   too).
 
 use std::{
     borrow::Cow,
