@@ -428,17 +428,15 @@ impl SledStore {
             })
             .collect();
         let requests = || checkpoints.iter().flat_map(|c| c.outbox);
-        // The sets and the requests in the value log first: what sled points to is durable.
-        let set_pointers = self
-            .values
-            .append_all(change_sets.iter().map(|(_, _, set)| set.as_slice()))?;
-        let pointers = match self.values.append_all(requests().map(Vec::as_slice)) {
-            Ok(pointers) => pointers,
-            Err(err) => {
-                self.values.release_all(set_pointers);
-                return Err(err);
-            }
-        };
+        // The sets and the requests in the value log first (one sync for all): what sled
+        // points to is durable.
+        let mut set_pointers = self.values.append_all(
+            change_sets
+                .iter()
+                .map(|(_, _, set)| set.as_slice())
+                .chain(requests().map(Vec::as_slice)),
+        )?;
+        let pointers = set_pointers.split_off(change_sets.len());
         // Counted before the entries exist, so that the exporter removing one cannot take the
         // count below zero; taken back for entries that were there already (a replica applying
         // an entry again) and if the transaction fails.

@@ -167,8 +167,47 @@ impl ValueLog {
 
     /// Writes `value` durably; returns where it is. Blocking (one `pwrite`, one `fdatasync`).
     pub(super) fn append(&self, value: &[u8]) -> Result<Pointer, StoreError> {
+        let mut pointers = self.append_all([value])?;
+        Ok(pointers.pop().expect("one value appended"))
+    }
+
+    /// Writes each of `values` durably, in order — one `pwrite` each, one `fdatasync` per
+    /// segment for all of them; none of them if one fails.
+    pub(super) fn append_all<'a>(
+        &self,
+        values: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<Vec<Pointer>, StoreError> {
+        let mut pointers = Vec::new();
+        // The segments written to, each once, in order.
+        let mut written: Vec<(u64, Arc<File>)> = Vec::new();
+        for value in values {
+            match self.write(value) {
+                Ok((file, pointer)) => {
+                    if written.last().is_none_or(|(id, _)| *id != pointer.segment) {
+                        written.push((pointer.segment, file));
+                    }
+                    pointers.push(pointer);
+                }
+                Err(err) => {
+                    self.release_all(pointers);
+                    return Err(err);
+                }
+            }
+        }
+        for (_, file) in written {
+            if let Err(err) = file.sync_data() {
+                self.release_all(pointers);
+                return Err(backend("syncing values", err));
+            }
+        }
+        Ok(pointers)
+    }
+
+    /// Reserves room for `value` in the active segment and writes it there (not yet durable).
+    fn write(&self, value: &[u8]) -> Result<(Arc<File>, Pointer), StoreError> {
         let len = u32::try_from(value.len())
             .map_err(|_| StoreError::Backend("value log: a value over 4 GiB".into()))?;
+        let crc = crc32fast::hash(value);
         let (file, pointer) = {
             let mut state = self.state();
             if state.active_len >= SEGMENT_BYTES {
@@ -178,7 +217,7 @@ impl ValueLog {
                 segment: state.active_id,
                 offset: state.active_len,
                 len,
-                crc: crc32fast::hash(value),
+                crc,
             };
             // Reserved under the lock, written outside it: appends of different values run
             // at once.
@@ -186,14 +225,11 @@ impl ValueLog {
             *state.live.entry(pointer.segment).or_default() += 1;
             (state.active.clone(), pointer)
         };
-        let written = file
-            .write_all_at(value, pointer.offset)
-            .and_then(|()| file.sync_data());
-        if let Err(err) = written {
+        if let Err(err) = file.write_all_at(value, pointer.offset) {
             self.release(pointer);
             return Err(backend("writing a value", err));
         }
-        Ok(pointer)
+        Ok((file, pointer))
     }
 
     /// Whether the log can take a value now: appends (and lets go of) a block of
@@ -201,24 +237,6 @@ impl ValueLog {
     pub(super) fn probe(&self) -> Result<(), StoreError> {
         self.append(&[0; PROBE_BYTES])
             .map(|pointer| self.release(pointer))
-    }
-
-    /// [`ValueLog::append`] of each of `values`, in order; none of them if one fails.
-    pub(super) fn append_all<'a>(
-        &self,
-        values: impl IntoIterator<Item = &'a [u8]>,
-    ) -> Result<Vec<Pointer>, StoreError> {
-        let mut pointers = Vec::new();
-        for value in values {
-            match self.append(value) {
-                Ok(pointer) => pointers.push(pointer),
-                Err(err) => {
-                    self.release_all(pointers);
-                    return Err(err);
-                }
-            }
-        }
-        Ok(pointers)
     }
 
     /// [`ValueLog::release`] of each of `pointers`.
@@ -376,8 +394,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = ValueLog::open(dir.path(), []).unwrap();
         let (a, b) = (vec![7u8; 1000], b"second".to_vec());
-        let (pa, pb) = (log.append(&a).unwrap(), log.append(&b).unwrap());
+        let pa = log.append(&a).unwrap();
+        let written = log.append_all([b.as_slice(), b"third"]).unwrap();
+        let (pb, pc) = (written[0], written[1]);
         assert_eq!((pb.segment, pb.offset), (pa.segment, 1000));
+        assert_eq!((pc.segment, pc.offset, pc.len()), (pa.segment, 1006, 5));
+        assert_eq!(log.resolve(&pc.encode()).unwrap().as_ref(), b"third");
         assert_eq!(log.resolve(&pa.encode()).unwrap().as_ref(), &a[..]);
         assert_eq!(log.resolve(&pb.encode()).unwrap().as_ref(), &b[..]);
         assert_eq!(log.resolve(b"\x0ainline").unwrap().as_ref(), b"\x0ainline");
