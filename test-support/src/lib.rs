@@ -3,7 +3,8 @@
 //! connections, bounded waits, the store reopened after a restart; `otlp`, an in-process OTLP
 //! receiver; `http`, plain requests to the metrics endpoints; `certs`, test certificates;
 //! `process`, a child process under test (killed on drop) and free ports; `netns`, network
-//! namespaces and veth pairs the test creates and deletes.
+//! namespaces and veth pairs the test creates and deletes; `page_cache`, whether written bytes
+//! are on the device yet.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -22,6 +23,7 @@ pub mod certs;
 pub mod http;
 pub mod netns;
 pub mod otlp;
+pub mod page_cache;
 pub mod process;
 
 pub struct Stream {

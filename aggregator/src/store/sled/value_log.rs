@@ -396,6 +396,12 @@ mod tests {
         let (a, b) = (vec![7u8; 1000], b"second".to_vec());
         let pa = log.append(&a).unwrap();
         let written = log.append_all([b.as_slice(), b"third"]).unwrap();
+        // On the device when `append` returns (where the kernel can tell: cachestat(2)).
+        let unsynced = mermin_test_support::page_cache::unsynced_pages_under(dir.path());
+        assert!(
+            matches!(unsynced, None | Some(0)),
+            "{unsynced:?} pages unsynced"
+        );
         let (pb, pc) = (written[0], written[1]);
         assert_eq!((pb.segment, pb.offset), (pa.segment, 1000));
         assert_eq!((pc.segment, pc.offset, pc.len()), (pa.segment, 1006, 5));
