@@ -48,6 +48,12 @@ impl From<sled::Error> for StoreError {
     }
 }
 
+const BATCHES_TREE: &str = "batches";
+const OUTBOX_TREE: &str = "outbox";
+/// The trees whose values point into the value log (or are values stored inline by earlier
+/// versions): what opening counts as live, and what a snapshot resolves.
+const VALUE_TREES: [&str; 3] = [BATCHES_TREE, OUTBOX_TREE, change_log::TREE];
+
 /// sled's page cache. Its default (1 GiB) only grows the process: what the aggregator reads back
 /// (a batch replayed to a shard, the outbox's oldest requests) was written moments before.
 const CACHE_BYTES: u64 = 64 << 20;
@@ -107,21 +113,17 @@ impl SledStore {
 
     /// The store kept in `db` (which may hold other trees too).
     pub(crate) fn on_db(db: DurableDb) -> Result<Self, StoreError> {
-        let outbox = db.open_tree("outbox")?;
-        let batches = db.open_tree("batches")?;
         let (mut outbox_bytes, mut outbox_count) = (0, 0);
         let mut pointers = Vec::new();
-        for value in outbox.iter().values() {
-            let value = value?;
-            outbox_bytes += Pointer::value_len(&value);
-            outbox_count += 1;
-            pointers.extend(Pointer::decode(&value));
-        }
-        for value in batches.iter().values() {
-            pointers.extend(Pointer::decode(&value?));
-        }
-        for value in db.open_tree(change_log::TREE)?.iter().values() {
-            pointers.extend(Pointer::decode(&value?));
+        for name in VALUE_TREES {
+            for value in db.open_tree(name)?.iter().values() {
+                let value = value?;
+                if name == OUTBOX_TREE {
+                    outbox_bytes += Pointer::value_len(&value);
+                    outbox_count += 1;
+                }
+                pointers.extend(Pointer::decode(&value));
+            }
         }
         let directory = db.path().ok_or_else(|| StoreError::Open {
             path: "(temporary)".into(),
@@ -132,8 +134,8 @@ impl SledStore {
             agents: db.open_tree("agents")?,
             agent_nodes: db.open_tree("agent_nodes")?,
             node_agents: db.open_tree("node_agents")?,
-            batches,
-            outbox,
+            batches: db.open_tree(BATCHES_TREE)?,
+            outbox: db.open_tree(OUTBOX_TREE)?,
             connections: Arc::new(ChangeLogs::open(&db, values.clone())?),
             values,
             outbox_bytes: Arc::new(AtomicU64::new(outbox_bytes)),
@@ -213,9 +215,7 @@ impl SledStore {
         tree: &[u8],
         value: sled::IVec,
     ) -> Result<sled::IVec, StoreError> {
-        let holds_pointers = [&self.batches, &self.outbox, self.connections.tree()]
-            .iter()
-            .any(|held| *tree == *held.name());
+        let holds_pointers = VALUE_TREES.iter().any(|name| tree == name.as_bytes());
         match Pointer::decode(&value) {
             Some(_) if holds_pointers => Ok(self.values.resolve(&value)?.as_ref().into()),
             _ => Ok(value),
