@@ -7,14 +7,7 @@
 //! log takes the disk's refusal before sled writes anything: sled, which keeps its first I/O
 //! error for good, is not broken by it.) Needs root (mount); skipped otherwise.
 
-use std::{
-    collections::HashSet,
-    fs,
-    io::Write,
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::{collections::HashSet, fs, time::Duration};
 
 use mermin_aggregator::{
     export::ExportConfig,
@@ -24,61 +17,13 @@ use support::{
     closed_connection, connect,
     http::{get, metric},
     otlp::{Receiver, serve},
-    reopen, until,
+    reopen,
+    tmpfs::{Tmpfs, fill},
+    until,
 };
 use tokio::net::TcpListener;
 
 use mermin_test_support as support;
-
-/// A tmpfs of `size` mounted on a fresh directory; unmounted when dropped.
-struct Tmpfs {
-    mountpoint: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> Option<Tmpfs> {
-        let dir = tempfile::tempdir().unwrap();
-        let mountpoint = dir.path().join("disk");
-        fs::create_dir(&mountpoint).unwrap();
-        let mounted = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&mountpoint)
-            .status()
-            .is_ok_and(|s| s.success());
-        mounted.then_some(Tmpfs {
-            mountpoint,
-            _dir: dir,
-        })
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(&self.mountpoint)
-            .status();
-    }
-}
-
-/// Writes `path` until the file system is full (bounded by `max` bytes); what it wrote.
-fn fill(path: &Path, max: u64) -> u64 {
-    let mut file = fs::File::create(path).unwrap();
-    let chunk = vec![0xa5u8; 64 * 1024];
-    let mut written = 0;
-    while written < max {
-        match file.write(&chunk) {
-            Ok(0) => break,
-            Ok(n) => written += n as u64,
-            Err(err) => {
-                assert_eq!(err.kind(), std::io::ErrorKind::StorageFull, "{err}");
-                break;
-            }
-        }
-    }
-    written
-}
 
 const CONNECTIONS_PER_BATCH: usize = 100;
 

@@ -4,7 +4,7 @@
 //! receiver; `http`, plain requests to the metrics endpoints; `certs`, test certificates;
 //! `process`, a child process under test (killed on drop) and free ports; `netns`, network
 //! namespaces and veth pairs the test creates and deletes; `page_cache`, whether written bytes
-//! are on the device yet.
+//! are on the device yet; `tmpfs`, a small disk the test mounts and fills.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -25,6 +25,7 @@ pub mod netns;
 pub mod otlp;
 pub mod page_cache;
 pub mod process;
+pub mod tmpfs;
 
 pub struct Stream {
     out: mpsc::Sender<AgentMessage>,

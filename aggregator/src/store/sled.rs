@@ -827,16 +827,20 @@ impl Storage for SledStore {
     /// is past. Blocking: callers run it on the blocking pool. `positions` holds only the agents
     /// whose position moved since the shard's last checkpoint.
     fn checkpoint(&self, checkpoints: &[Checkpoint<'_>]) -> Result<(), StoreError> {
-        let writes_values = checkpoints
-            .iter()
-            .any(|c| !c.changes.is_empty() || !c.outbox.is_empty());
-        if !writes_values
-            && self.write_failure().is_some()
-            && let Err(err) = self.values.probe()
-        {
-            // Written, it would clear the failure without showing that the disk takes values
-            // (batches) again.
-            return self.observe_write(Err(err));
+        if let Some(failure) = self.write_failure() {
+            // While the disk refuses writes, nothing is written until a probe shows room for a
+            // batch: a small change set fitting in a page the value log already holds would
+            // clear the failure (and readiness) without the disk taking batches again, and sled,
+            // which keeps its first I/O error for good, must not meet ENOSPC.
+            match self.values.probe() {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(StoreError::Backend(format!(
+                        "waiting for room on the data filesystem since: {failure}"
+                    )));
+                }
+                Err(err) => return self.observe_write(Err(err)),
+            }
         }
         let result = self.write_checkpoints(checkpoints);
         self.observe_write(result)
