@@ -9,7 +9,9 @@
 //! Here a value is written once, with one `pwrite`, and dropped with its whole segment.
 //!
 //! - **Layout.** `values/<id>.seg`, ids rising; a segment is only appended to by the process
-//!   that created it (a restart starts a new one), and sealed at [`SEGMENT_BYTES`].
+//!   that created it (a restart starts a new one), and sealed at [`SEGMENT_BYTES`]. Beside
+//!   them `values/reserve`: space held back for getting out of a full disk
+//!   ([`ValueLog::release_reserve`]).
 //! - **Pointers.** `[TAG][segment u64][offset u64][length u32][crc32 u32]`, big-endian. The tag
 //!   (0) never starts a value stored inline by earlier versions (a protobuf message's first byte
 //!   is a field key, never 0), so both read back: [`ValueLog::resolve`].
@@ -47,6 +49,12 @@ const PROBE_BYTES: usize = 4096;
 /// (10,000 records encode to well under 1 MiB). A value that fits in the last page a segment
 /// already holds is written even on a full disk, so that one went through shows nothing.
 const PROBE_ROOM_BYTES: u64 = 1 << 20;
+
+/// Space the log holds back in a file of its own ([`ValueLog::release_reserve`]): a disk that
+/// filled up gets it back, so that a checkpoint can make removals durable and delete the
+/// segments they freed — recovering from a full disk never needs space the disk does not have.
+const RESERVE_BYTES: u64 = 1 << 20;
+const RESERVE_FILE: &str = "reserve";
 
 const TAG: u8 = 0;
 const POINTER_LEN: usize = 1 + 8 + 8 + 4 + 4;
@@ -153,7 +161,7 @@ impl ValueLog {
         let active_id = newest + 1;
         let active = Arc::new(create_segment(dir, active_id)?);
         let files = HashMap::from([(active_id, active.clone())]);
-        Ok(Self {
+        let log = Self {
             dir: dir.to_owned(),
             state: Mutex::new(State {
                 active,
@@ -163,7 +171,9 @@ impl ValueLog {
                 files,
                 dead: Vec::new(),
             }),
-        })
+        };
+        log.keep_reserve();
+        Ok(log)
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -244,13 +254,44 @@ impl ValueLog {
             .map(|pointer| self.release(pointer))
     }
 
-    /// Whether the data filesystem has room for a batch ([`PROBE_ROOM_BYTES`] free); `true`
-    /// if it cannot tell (then the writes that succeed are all there is to go by).
+    /// Whether the data filesystem has room for a batch ([`PROBE_ROOM_BYTES`] free, and the
+    /// reserve's [`RESERVE_BYTES`] besides while it is given back); `true` if it cannot tell
+    /// (then the writes that succeed are all there is to go by).
     pub(super) fn has_room(&self) -> bool {
+        let needed = if self.reserve_path().exists() {
+            PROBE_ROOM_BYTES
+        } else {
+            PROBE_ROOM_BYTES + RESERVE_BYTES
+        };
         match rustix::fs::statvfs(&self.dir) {
-            Ok(room) => room.f_bavail.saturating_mul(room.f_frsize) >= PROBE_ROOM_BYTES,
+            Ok(room) => room.f_bavail.saturating_mul(room.f_frsize) >= needed,
             Err(_) => true,
         }
+    }
+
+    pub(super) fn reserve_path(&self) -> PathBuf {
+        self.dir.join(RESERVE_FILE)
+    }
+
+    /// Holds [`RESERVE_BYTES`] back, if they are not already: best effort (a disk without the
+    /// room goes without, until a later call).
+    pub(super) fn keep_reserve(&self) {
+        let path = self.reserve_path();
+        if path.exists() {
+            return;
+        }
+        let written = File::create(&path).and_then(|file| {
+            file.write_all_at(&vec![0; RESERVE_BYTES as usize], 0)?;
+            file.sync_data()
+        });
+        if written.is_err() {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+
+    /// Gives the reserve back to the filesystem; whether there was one.
+    pub(super) fn release_reserve(&self) -> bool {
+        std::fs::remove_file(self.reserve_path()).is_ok()
     }
 
     /// [`ValueLog::release`] of each of `pointers`.
@@ -446,7 +487,9 @@ mod tests {
             eprintln!("skipped: cannot mount a tmpfs (needs root)");
             return;
         };
-        let log = ValueLog::open(&disk.mountpoint.join("values"), []).unwrap();
+        let dir = disk.mountpoint.join("values");
+        let log = ValueLog::open(&dir, []).unwrap();
+        assert_eq!(fs_len(&dir.join(RESERVE_FILE)), Some(RESERVE_BYTES));
         log.append(&[1; 100]).unwrap();
         assert!(log.has_room());
         let filler = disk.mountpoint.join("filler");
@@ -454,17 +497,28 @@ mod tests {
         // The disk is full, yet a small value goes into the page the segment already holds...
         let small = log.append(&[2; 100]).unwrap();
         assert_eq!(log.resolve(&small.encode()).unwrap().as_ref(), &[2; 100]);
-        // ...where a batch is refused.
+        // ...where a batch is refused, and so is a page.
         let err = log.append(&vec![3; 64 << 10]).unwrap_err();
         assert_eq!(
             err.to_string(),
             "store: value log: writing a value: No space left on device (os error 28)"
         );
         assert!(!log.has_room(), "no room for a batch");
+        assert!(log.probe().is_err());
+        // The reserve given back makes room for a flush, not for batches.
+        assert!(log.release_reserve());
+        assert!(!log.release_reserve(), "given back once");
+        log.probe().unwrap();
+        assert!(!log.has_room(), "the reserve is owed");
         std::fs::remove_file(&filler).unwrap();
         assert!(log.has_room());
-        log.probe().unwrap();
+        log.keep_reserve();
+        assert_eq!(fs_len(&dir.join(RESERVE_FILE)), Some(RESERVE_BYTES));
         log.append(&vec![3; 64 << 10]).unwrap();
+    }
+
+    fn fs_len(path: &Path) -> Option<u64> {
+        std::fs::metadata(path).ok().map(|m| m.len())
     }
 
     #[test]
