@@ -228,9 +228,9 @@ pub trait Storage: Send + Sync + 'static {
     /// Writes the checkpoints of several shards (each at most once), all of them atomically
     /// and durably (blocking), then drops the batches every shard is past. Each checkpoint's
     /// `positions` holds the agents whose position moved; its requests take outbox ids after
-    /// those of the checkpoints before it. An empty `checkpoints` writes nothing but answers
-    /// whether the store can write (what the checkpoint writer asks, idle, while
-    /// [`Storage::write_failure`] reports one). On [`StoreError::NotDurable`] the checkpoints are
+    /// those of the checkpoints before it. An empty `checkpoints` changes nothing but lets the
+    /// store find out whether it can write again (what the checkpoint writer asks, idle, while
+    /// [`Storage::write_failure`] reports one: the sled store probes its disk and flushes). On [`StoreError::NotDurable`] the checkpoints are
     /// applied: write their positions again later (so that a write makes them durable), not
     /// their changes and requests.
     fn checkpoint(&self, checkpoints: &[Checkpoint<'_>]) -> Result<(), StoreError>;
@@ -259,7 +259,9 @@ pub trait Storage: Send + Sync + 'static {
     /// Bytes of the requests waiting in the outbox (O(1); what its quota limits).
     fn outbox_bytes(&self) -> u64;
 
-    /// Why the last write failed, while no write has succeeded since (a full or failing disk).
+    /// Why the last write failed, while none has shown since that the store takes batches
+    /// again (a full or failing disk; the sled store asks a write that succeeds for room for a
+    /// batch too).
     fn write_failure(&self) -> Option<String>;
 
     /// Why no write can succeed again before the process restarts, once that is so.

@@ -79,7 +79,8 @@ pub struct SledStore {
     /// the outbox changes, never counted by a scan.
     outbox_bytes: Arc<AtomicU64>,
     outbox_count: Arc<AtomicU64>,
-    /// Why the last write failed, until a write succeeds (for `/readyz`).
+    /// Why the last write failed, until a write succeeds with room for a batch (for
+    /// `/readyz`; see `observe_write`).
     write_failure: Arc<std::sync::Mutex<Option<String>>>,
     /// The first I/O error sled reported: it lasts until a restart (for `/livez`).
     broken: Arc<std::sync::OnceLock<String>>,
@@ -108,7 +109,9 @@ impl SledStore {
                 reason: source.to_string(),
             },
         )?;
-        Self::on_db(db)
+        let store = Self::on_db(db)?;
+        store.values.hold_reserve();
+        Ok(store)
     }
 
     /// The store kept in `db` (which may hold other trees too).
@@ -160,11 +163,20 @@ impl SledStore {
         Ok(store)
     }
 
-    /// Notes the outcome of a write for [`Store::write_failure`]; passes it on.
+    /// Notes the outcome of a write for [`Store::write_failure`]; passes it on. A write that
+    /// succeeds clears a failure only with room for a batch on the data filesystem: on a full
+    /// disk a small value still fits in a page the value log already holds, or in its reserve
+    /// given back, and must not make the store look writable (ready).
     fn observe_write<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
         let mut failure = self.write_failure.lock().unwrap_or_else(|e| e.into_inner());
         match &result {
-            Ok(_) => *failure = None,
+            Ok(_) if failure.is_none() => {}
+            Ok(_) => {
+                if self.values.has_room() {
+                    *failure = None;
+                    self.values.keep_reserve();
+                }
+            }
             // Ordering conflicts are the caller's mistake, not the disk's.
             Err(StoreError::OutOfOrder { .. }) => {}
             Err(err) => {
@@ -193,7 +205,12 @@ impl SledStore {
             return Err(StoreError::NotDurable(why));
         }
         self.values.delete(free);
-        self.after_checkpoints(checkpoints)
+        // The checkpoints are durable now: an error of the clean-up must not make the caller
+        // write them again (their requests would be queued twice).
+        if let Err(err) = self.after_checkpoints(checkpoints) {
+            tracing::warn!(%err, "cleaning up after a checkpoint failed; the batches it would have dropped go with a later checkpoint of their agent, or at the next start");
+        }
+        Ok(())
     }
 
     /// Flushes the database durably, then deletes the value segments freed before the flush
@@ -762,7 +779,10 @@ impl SledStore {
     /// Removes a delivered (or permanently rejected) request; durable with the next durable
     /// write (see [`Storage::outbox_remove`]).
     fn remove_request(&self, id: u64) -> Result<(), StoreError> {
-        self.observe_write(self.apply_remove(id))
+        // A removal in memory says nothing of whether the disk takes writes: only its failure
+        // is noted.
+        self.apply_remove(id)
+            .or_else(|err| self.observe_write(Err(err)))
     }
 
     /// Every stored batch, in (boot id, sequence) order: what start-up replays.
@@ -827,37 +847,29 @@ impl Storage for SledStore {
     /// is past. Blocking: callers run it on the blocking pool. `positions` holds only the agents
     /// whose position moved since the shard's last checkpoint.
     fn checkpoint(&self, checkpoints: &[Checkpoint<'_>]) -> Result<(), StoreError> {
-        let failing = self.write_failure().is_some();
+        if self.write_failure().is_none() {
+            let result = self.write_checkpoints(checkpoints);
+            return self.observe_write(result);
+        }
+        // The disk refused a write. sled keeps its first I/O error for good, so it is written
+        // only with room: room for a batch, or the value log's reserve given back (once) for
+        // this checkpoint, whose flush makes removals durable and deletes the segments they
+        // freed. Without either nothing is written (nor any space taken) until there is room.
+        if !self.values.has_room() && !self.values.release_reserve() {
+            return Err(StoreError::Backend(
+                "no room on the data filesystem: nothing is written until there is".into(),
+            ));
+        }
         let writes_values = checkpoints
             .iter()
             .any(|c| !c.changes.is_empty() || !c.outbox.is_empty());
-        if failing && !writes_values {
-            // sled keeps its first I/O error for good: while the disk refuses writes, a write
-            // that puts nothing in the value log first (which takes the refusal) is let through
-            // to sled only once a page written there shows room. A full disk gets the log's
-            // reserve back for it: this checkpoint's flush makes removals durable and deletes
-            // the segments they freed.
-            let probed = self.values.probe().or_else(|err| {
-                if self.values.release_reserve() {
-                    self.values.probe()
-                } else {
-                    Err(err)
-                }
-            });
-            if let Err(err) = probed {
-                return self.observe_write(Err(err));
-            }
+        if !writes_values && let Err(err) = self.values.probe() {
+            // A write that puts nothing in the value log first (which would take a failing
+            // device's refusal) goes to sled only once a page written there shows it takes
+            // writes again.
+            return self.observe_write(Err(err));
         }
         let result = self.write_checkpoints(checkpoints);
-        if failing && result.is_ok() {
-            if !self.values.has_room() {
-                // Written, yet no sign that a batch would be: a small change set fits in a page
-                // the value log already holds, or in its reserve given back. The failure, and
-                // readiness with it, stays until there is room for a batch.
-                return Ok(());
-            }
-            self.values.keep_reserve();
-        }
         self.observe_write(result)
     }
 
@@ -901,7 +913,8 @@ impl Storage for SledStore {
         self.outbox_bytes.load(Ordering::Relaxed)
     }
 
-    /// Why the last write failed, while no write has succeeded since (a full or failing disk).
+    /// Why the last write failed, while no write has succeeded since with room for a batch (a
+    /// full or failing disk).
     fn write_failure(&self) -> Option<String> {
         self.write_failure
             .lock()
@@ -990,7 +1003,8 @@ mod tests {
     /// What a CI run found: a disk full but for a little space (here the value log's reserve,
     /// given back; in CI sled freed some, or a page the log already held) takes a small change
     /// set, so its checkpoint went through — and made the store look writable (ready) though no
-    /// batch could be stored.
+    /// batch could be stored. And the reserve: a full disk still takes one checkpoint (its
+    /// flush deletes the segments freed), then nothing until there is room.
     #[tokio::test]
     async fn on_a_full_disk_checkpoints_go_on_but_only_room_for_a_batch_clears_the_failure() {
         use mermin_test_support::tmpfs::{Tmpfs, fill};
@@ -1017,8 +1031,6 @@ mod tests {
             "store: value log: writing a value: No space left on device (os error 28)"
         );
         assert_eq!(store.write_failure(), Some(refused.to_string()));
-        // The idle round's empty checkpoint flushes, on the reserve given back.
-        store.checkpoint(&[]).unwrap();
         let changes = [crate::store::Change {
             key: vec![1],
             state: Some(vec![10, 11]),
@@ -1030,12 +1042,22 @@ mod tests {
             changes: &changes,
             outbox: &[],
         };
+        // Written, on the reserve given back, and flushed...
+        assert!(store.values.reserve_path().exists());
         store.checkpoint(&[small]).unwrap();
+        assert!(!store.values.reserve_path().exists(), "given back");
         assert_eq!(
             store.write_failure(),
             Some(refused.to_string()),
             "written, but a batch would not be"
         );
+        // ...and then nothing, not even a probe, until there is room.
+        let waiting = store.checkpoint(&[]).unwrap_err();
+        assert_eq!(
+            waiting.to_string(),
+            "store: no room on the data filesystem: nothing is written until there is"
+        );
+        assert_eq!(store.write_failure(), Some(refused.to_string()));
         std::fs::remove_file(&filler).unwrap();
         store.checkpoint(&[]).unwrap();
         assert_eq!(store.write_failure(), None);

@@ -34,7 +34,10 @@ use std::{
     io,
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use super::StoreError;
@@ -107,6 +110,8 @@ impl Pointer {
 
 pub(super) struct ValueLog {
     dir: PathBuf,
+    /// Whether this log holds a reserve ([`ValueLog::hold_reserve`]).
+    holds_reserve: AtomicBool,
     state: Mutex<State>,
 }
 
@@ -161,8 +166,9 @@ impl ValueLog {
         let active_id = newest + 1;
         let active = Arc::new(create_segment(dir, active_id)?);
         let files = HashMap::from([(active_id, active.clone())]);
-        let log = Self {
+        Ok(Self {
             dir: dir.to_owned(),
+            holds_reserve: AtomicBool::new(false),
             state: Mutex::new(State {
                 active,
                 active_id,
@@ -171,9 +177,7 @@ impl ValueLog {
                 files,
                 dead: Vec::new(),
             }),
-        };
-        log.keep_reserve();
-        Ok(log)
+        })
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -256,15 +260,20 @@ impl ValueLog {
 
     /// Whether the data filesystem has room for a batch ([`PROBE_ROOM_BYTES`] free, and the
     /// reserve's [`RESERVE_BYTES`] besides while it is given back); `true` if it cannot tell
-    /// (then the writes that succeed are all there is to go by).
+    /// (then the writes that succeed are all there is to go by). Free space as this process
+    /// may use it: root's too (ext4 keeps 5% for root by default) when it runs as root.
     pub(super) fn has_room(&self) -> bool {
-        let needed = if self.reserve_path().exists() {
-            PROBE_ROOM_BYTES
-        } else {
-            PROBE_ROOM_BYTES + RESERVE_BYTES
-        };
+        let owed = self.holds_reserve.load(Ordering::Relaxed) && !self.reserve_held();
+        let needed = PROBE_ROOM_BYTES + if owed { RESERVE_BYTES } else { 0 };
         match rustix::fs::statvfs(&self.dir) {
-            Ok(room) => room.f_bavail.saturating_mul(room.f_frsize) >= needed,
+            Ok(room) => {
+                let blocks = if rustix::process::geteuid().is_root() {
+                    room.f_bfree
+                } else {
+                    room.f_bavail
+                };
+                blocks.saturating_mul(room.f_frsize) >= needed
+            }
             Err(_) => true,
         }
     }
@@ -273,19 +282,36 @@ impl ValueLog {
         self.dir.join(RESERVE_FILE)
     }
 
-    /// Holds [`RESERVE_BYTES`] back, if they are not already: best effort (a disk without the
-    /// room goes without, until a later call).
+    fn reserve_held(&self) -> bool {
+        std::fs::metadata(self.reserve_path()).is_ok_and(|m| m.len() == RESERVE_BYTES)
+    }
+
+    /// Holds [`RESERVE_BYTES`] back from now on (the standalone store's log; a replica's, which
+    /// never writes checkpoints through [`ValueLog::release_reserve`]'s caller, does not).
+    pub(super) fn hold_reserve(&self) {
+        self.holds_reserve.store(true, Ordering::Relaxed);
+        self.keep_reserve();
+    }
+
+    /// Holds the reserve back again if it was given: best effort (a disk without the room goes
+    /// without, until a later call). Allocated, not merely written (a compressing filesystem
+    /// would store zeros in nothing), and whole or not at all: written aside, then renamed.
     pub(super) fn keep_reserve(&self) {
-        let path = self.reserve_path();
-        if path.exists() {
+        if !self.holds_reserve.load(Ordering::Relaxed) || self.reserve_held() {
             return;
         }
-        let written = File::create(&path).and_then(|file| {
-            file.write_all_at(&vec![0; RESERVE_BYTES as usize], 0)?;
-            file.sync_data()
+        let aside = self.dir.join(format!("{RESERVE_FILE}.new"));
+        let written = File::create(&aside).and_then(|file| {
+            if rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, RESERVE_BYTES)
+                .is_err()
+            {
+                file.write_all_at(&vec![0; RESERVE_BYTES as usize], 0)?;
+            }
+            file.sync_data()?;
+            std::fs::rename(&aside, self.reserve_path())
         });
         if written.is_err() {
-            let _ = std::fs::remove_file(&path);
+            let _ = std::fs::remove_file(&aside);
         }
     }
 
@@ -489,6 +515,12 @@ mod tests {
         };
         let dir = disk.mountpoint.join("values");
         let log = ValueLog::open(&dir, []).unwrap();
+        assert_eq!(
+            fs_len(&dir.join(RESERVE_FILE)),
+            None,
+            "held only when asked"
+        );
+        log.hold_reserve();
         assert_eq!(fs_len(&dir.join(RESERVE_FILE)), Some(RESERVE_BYTES));
         log.append(&[1; 100]).unwrap();
         assert!(log.has_room());
