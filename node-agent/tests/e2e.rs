@@ -174,6 +174,40 @@ fn every_connection_becomes_one_exact_span() {
     assert_eq!(reuse.len(), reuse_sizes.len());
     let traces: HashSet<&[u8]> = reuse.iter().map(|s| s.trace_id.as_slice()).collect();
     assert_eq!(traces.len(), reuse_sizes.len(), "one trace per connection");
+    // What a failure needs to be understood: every span of the tuple and every exchange.
+    let seen = || {
+        let spans: Vec<String> = reuse
+            .iter()
+            .map(|s| {
+                let attributes: Vec<String> = s
+                    .attributes
+                    .iter()
+                    .map(|a| {
+                        format!(
+                            "{}={:?}",
+                            a.key,
+                            a.value.as_ref().and_then(|v| v.value.as_ref())
+                        )
+                    })
+                    .collect();
+                format!(
+                    "start {} end {}: {}",
+                    s.start_time_unix_nano,
+                    s.end_time_unix_nano,
+                    attributes.join(", ")
+                )
+            })
+            .collect();
+        let exchanges: Vec<String> = reused
+            .iter()
+            .map(|e| format!("client {:?} server {:?}", e.client_side, e.server_side))
+            .collect();
+        format!(
+            "spans:\n{}\nexchanges:\n{}",
+            spans.join("\n"),
+            exchanges.join("\n")
+        )
+    };
     for ((span, (upload, download)), exchange) in reuse.iter().zip(reuse_sizes).zip(&reused) {
         assert_eq!(int(span, "source.port"), 41000);
         assert_eq!(text(span, "flow.end_reason"), "tcp_close");
@@ -185,7 +219,9 @@ fn every_connection_becomes_one_exact_span() {
             (
                 exchange.client_side.segments,
                 wire(&exchange.client_side, upload)
-            )
+            ),
+            "{}",
+            seen()
         );
         assert_eq!(
             (
@@ -195,7 +231,9 @@ fn every_connection_becomes_one_exact_span() {
             (
                 exchange.server_side.segments,
                 wire(&exchange.server_side, download)
-            )
+            ),
+            "{}",
+            seen()
         );
     }
 
