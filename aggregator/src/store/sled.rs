@@ -174,7 +174,6 @@ impl SledStore {
             Ok(_) => {
                 if self.values.has_room() {
                     *failure = None;
-                    self.values.keep_reserve();
                 }
             }
             // Ordering conflicts are the caller's mistake, not the disk's.
@@ -847,30 +846,35 @@ impl Storage for SledStore {
     /// is past. Blocking: callers run it on the blocking pool. `positions` holds only the agents
     /// whose position moved since the shard's last checkpoint.
     fn checkpoint(&self, checkpoints: &[Checkpoint<'_>]) -> Result<(), StoreError> {
-        if self.write_failure().is_none() {
-            let result = self.write_checkpoints(checkpoints);
-            return self.observe_write(result);
-        }
-        // The disk refused a write. sled keeps its first I/O error for good, so it is written
-        // only with room: room for a batch, or the value log's reserve given back (once) for
-        // this checkpoint, whose flush makes removals durable and deletes the segments they
-        // freed. Without either nothing is written (nor any space taken) until there is room.
-        if !self.values.has_room() && !self.values.release_reserve() {
-            return Err(StoreError::Backend(
-                "no room on the data filesystem: nothing is written until there is".into(),
-            ));
-        }
-        let writes_values = checkpoints
-            .iter()
-            .any(|c| !c.changes.is_empty() || !c.outbox.is_empty());
-        if !writes_values && let Err(err) = self.values.probe() {
-            // A write that puts nothing in the value log first (which would take a failing
-            // device's refusal) goes to sled only once a page written there shows it takes
-            // writes again.
-            return self.observe_write(Err(err));
+        if self.write_failure().is_some() {
+            // The disk refused a write. sled keeps its first I/O error for good, so it is
+            // written only with room: room for a batch, or the value log's reserve given back
+            // (once) for this checkpoint, whose flush makes removals durable and deletes the
+            // segments they freed. Without either nothing is written (nor any space taken)
+            // until there is room.
+            if !self.values.has_room() && !self.values.release_reserve() {
+                return Err(StoreError::Backend(
+                    "no room on the data filesystem: nothing is written until there is".into(),
+                ));
+            }
+            let writes_values = checkpoints
+                .iter()
+                .any(|c| !c.changes.is_empty() || !c.outbox.is_empty());
+            if !writes_values && let Err(err) = self.values.probe() {
+                // A write that puts nothing in the value log first (which would take a
+                // failing device's refusal) goes to sled only once a page written there shows
+                // it takes writes again.
+                return self.observe_write(Err(err));
+            }
         }
         let result = self.write_checkpoints(checkpoints);
-        self.observe_write(result)
+        let result = self.observe_write(result);
+        if self.write_failure().is_none() {
+            // A reserve a full disk took is put back once there is room: here, on the blocking
+            // pool (one atomic load while it is in place).
+            self.values.keep_reserve();
+        }
+        result
     }
 
     /// The last checkpoint: agent positions and connection states.

@@ -110,8 +110,9 @@ impl Pointer {
 
 pub(super) struct ValueLog {
     dir: PathBuf,
-    /// Whether this log holds a reserve ([`ValueLog::hold_reserve`]).
-    holds_reserve: AtomicBool,
+    /// Whether this log holds a reserve ([`ValueLog::hold_reserve`]) that is not in place now
+    /// (given back, or not yet written).
+    reserve_owed: AtomicBool,
     state: Mutex<State>,
 }
 
@@ -168,7 +169,7 @@ impl ValueLog {
         let files = HashMap::from([(active_id, active.clone())]);
         Ok(Self {
             dir: dir.to_owned(),
-            holds_reserve: AtomicBool::new(false),
+            reserve_owed: AtomicBool::new(false),
             state: Mutex::new(State {
                 active,
                 active_id,
@@ -263,7 +264,7 @@ impl ValueLog {
     /// (then the writes that succeed are all there is to go by). Free space as this process
     /// may use it: root's too (ext4 keeps 5% for root by default) when it runs as root.
     pub(super) fn has_room(&self) -> bool {
-        let owed = self.holds_reserve.load(Ordering::Relaxed) && !self.reserve_held();
+        let owed = self.reserve_owed.load(Ordering::Relaxed);
         let needed = PROBE_ROOM_BYTES + if owed { RESERVE_BYTES } else { 0 };
         match rustix::fs::statvfs(&self.dir) {
             Ok(room) => {
@@ -282,42 +283,55 @@ impl ValueLog {
         self.dir.join(RESERVE_FILE)
     }
 
-    fn reserve_held(&self) -> bool {
-        std::fs::metadata(self.reserve_path()).is_ok_and(|m| m.len() == RESERVE_BYTES)
-    }
-
     /// Holds [`RESERVE_BYTES`] back from now on (the standalone store's log; a replica's, which
     /// never writes checkpoints through [`ValueLog::release_reserve`]'s caller, does not).
     pub(super) fn hold_reserve(&self) {
-        self.holds_reserve.store(true, Ordering::Relaxed);
+        self.reserve_owed.store(true, Ordering::Relaxed);
         self.keep_reserve();
     }
 
-    /// Holds the reserve back again if it was given: best effort (a disk without the room goes
-    /// without, until a later call). Allocated, not merely written (a compressing filesystem
-    /// would store zeros in nothing), and whole or not at all: written aside, then renamed.
+    /// Puts the reserve in place if it is owed: best effort (a disk without the room goes
+    /// without, until a later call); otherwise one atomic load. Allocated, not merely written
+    /// (a compressing filesystem would store zeros in nothing), and whole or not at all:
+    /// written aside, then renamed. Blocking.
     pub(super) fn keep_reserve(&self) {
-        if !self.holds_reserve.load(Ordering::Relaxed) || self.reserve_held() {
+        if !self.reserve_owed.load(Ordering::Relaxed) {
             return;
         }
+        let in_place =
+            std::fs::metadata(self.reserve_path()).is_ok_and(|m| m.len() == RESERVE_BYTES);
         let aside = self.dir.join(format!("{RESERVE_FILE}.new"));
-        let written = File::create(&aside).and_then(|file| {
-            if rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, RESERVE_BYTES)
-                .is_err()
-            {
-                file.write_all_at(&vec![0; RESERVE_BYTES as usize], 0)?;
-            }
-            file.sync_data()?;
-            std::fs::rename(&aside, self.reserve_path())
-        });
-        if written.is_err() {
+        let written = in_place
+            || File::create(&aside)
+                .and_then(|file| {
+                    if rustix::fs::fallocate(
+                        &file,
+                        rustix::fs::FallocateFlags::empty(),
+                        0,
+                        RESERVE_BYTES,
+                    )
+                    .is_err()
+                    {
+                        file.write_all_at(&vec![0; RESERVE_BYTES as usize], 0)?;
+                    }
+                    file.sync_data()?;
+                    std::fs::rename(&aside, self.reserve_path())
+                })
+                .is_ok();
+        if written {
+            self.reserve_owed.store(false, Ordering::Relaxed);
+        } else {
             let _ = std::fs::remove_file(&aside);
         }
     }
 
     /// Gives the reserve back to the filesystem; whether there was one.
     pub(super) fn release_reserve(&self) -> bool {
-        std::fs::remove_file(self.reserve_path()).is_ok()
+        let released = std::fs::remove_file(self.reserve_path()).is_ok();
+        if released {
+            self.reserve_owed.store(true, Ordering::Relaxed);
+        }
+        released
     }
 
     /// [`ValueLog::release`] of each of `pointers`.
