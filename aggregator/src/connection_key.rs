@@ -80,8 +80,8 @@ impl ConnectionKey {
             port: destination_port,
         };
         let in_order = one_way
-            || (octets(&source.address), source.port)
-                <= (octets(&destination.address), destination.port);
+            || (octets(&source.address).as_slice(), source.port)
+                <= (octets(&destination.address).as_slice(), destination.port);
         let (first, second, orientation) = if in_order {
             (source, destination, Orientation::Forward)
         } else {
@@ -101,8 +101,8 @@ impl ConnectionKey {
     pub fn community_id(&self, seed: u16) -> String {
         let mut hash = Sha1::new();
         hash.update(seed.to_be_bytes());
-        hash.update(octets(&self.first.address));
-        hash.update(octets(&self.second.address));
+        hash.update(octets(&self.first.address).as_slice());
+        hash.update(octets(&self.second.address).as_slice());
         hash.update([self.protocol, 0]);
         if matches!(
             self.protocol,
@@ -115,11 +115,31 @@ impl ConnectionKey {
     }
 }
 
-fn octets(address: &IpAddr) -> Vec<u8> {
-    match address {
-        IpAddr::V4(v4) => v4.octets().to_vec(),
-        IpAddr::V6(v6) => v6.octets().to_vec(),
+/// An address's bytes in network order, on the stack (this runs for every record).
+struct Octets {
+    bytes: [u8; 16],
+    len: usize,
+}
+
+impl Octets {
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len]
     }
+}
+
+fn octets(address: &IpAddr) -> Octets {
+    let mut bytes = [0; 16];
+    let len = match address {
+        IpAddr::V4(v4) => {
+            bytes[..4].copy_from_slice(&v4.octets());
+            4
+        }
+        IpAddr::V6(v6) => {
+            bytes = v6.octets();
+            16
+        }
+    };
+    Octets { bytes, len }
 }
 
 /// ICMP request/reply types and their counterparts (both ways), per the specification.

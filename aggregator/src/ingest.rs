@@ -20,14 +20,18 @@ use std::{collections::HashSet, future::Future, sync::Arc, time::Duration};
 use actix::{
     Actor, ActorContext, ActorFutureExt, AsyncContext, Context, StreamHandler, WrapFuture,
 };
-use mermin_protocol::agent::v1::{
-    AgentMessage, AggregatorMessage, Batch, Hello, Welcome, agent_message,
-    agent_service_server::{AgentService, AgentServiceServer},
-    aggregator_message,
+use mermin_protocol::{
+    agent::v1::{AggregatorMessage, Hello, Welcome, aggregator_message},
+    wire::read::{AgentMessageRead, BatchBytes},
 };
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Status, Streaming};
+
+mod server;
+
+pub use server::AgentStreamServer;
+use server::{AgentStreams, Answers, Inbound};
 
 use crate::{
     actors::Arbiters,
@@ -350,21 +354,14 @@ impl<S: BatchSink> Ingest<S> {
     }
 
     /// The tonic service, with the message size limit applied.
-    pub fn into_service(self) -> AgentServiceServer<Self> {
+    pub fn into_service(self) -> AgentStreamServer<Self> {
         let max = self.limits.max_message_bytes;
-        AgentServiceServer::new(self).max_decoding_message_size(max)
+        AgentStreamServer::new(self, max)
     }
 }
 
-#[tonic::async_trait]
-impl<S: BatchSink> AgentService for Ingest<S> {
-    type StreamStream = ReceiverStream<Result<AggregatorMessage, Status>>;
-
-    async fn stream(
-        &self,
-        request: Request<Streaming<AgentMessage>>,
-    ) -> Result<Response<Self::StreamStream>, Status> {
-        let inbound = request.into_inner();
+impl<S: BatchSink> AgentStreams for Ingest<S> {
+    fn stream(&self, inbound: Streaming<Inbound>) -> Answers {
         let (answers, receiver) = mpsc::channel(self.limits.max_in_flight_batches as usize + 1);
         let worker = Worker {
             ingest: self.clone(),
@@ -380,7 +377,7 @@ impl<S: BatchSink> AgentService for Ingest<S> {
                 busy: false,
             }
         });
-        Ok(Response::new(ReceiverStream::new(receiver)))
+        ReceiverStream::new(receiver)
     }
 }
 
@@ -448,8 +445,8 @@ async fn stopped(mut stopping: watch::Receiver<bool>) {
     }
 }
 
-impl<S: BatchSink> StreamHandler<Result<AgentMessage, Status>> for Session<S> {
-    fn handle(&mut self, message: Result<AgentMessage, Status>, ctx: &mut Context<Self>) {
+impl<S: BatchSink> StreamHandler<Result<Inbound, Status>> for Session<S> {
+    fn handle(&mut self, message: Result<Inbound, Status>, ctx: &mut Context<Self>) {
         let worker = self.worker.clone();
         let mut agent = self.agent.take();
         self.busy = true;
@@ -511,20 +508,18 @@ impl<S: BatchSink> Worker<S> {
     async fn handle(
         &self,
         agent: &mut Option<Agent>,
-        message: Result<AgentMessage, Status>,
+        message: Result<Inbound, Status>,
     ) -> Result<(), Status> {
-        match (agent.as_mut(), message?.message) {
-            (None, Some(agent_message::Message::Hello(hello))) => {
+        match (agent.as_mut(), message?) {
+            (None, Some(AgentMessageRead::Hello(hello))) => {
                 *agent = Some(self.welcome(hello).await?);
                 Ok(())
             }
             (None, Some(_)) => Err(Status::invalid_argument(
                 "the first message of a stream must be a Hello",
             )),
-            (Some(agent), Some(agent_message::Message::Batch(batch))) => {
-                self.batch(agent, batch).await
-            }
-            (Some(_), Some(agent_message::Message::Hello(_))) => Err(Status::invalid_argument(
+            (Some(agent), Some(AgentMessageRead::Batch(batch))) => self.batch(agent, batch).await,
+            (Some(_), Some(AgentMessageRead::Hello(_))) => Err(Status::invalid_argument(
                 "a stream carries exactly one Hello",
             )),
             (_, None) => Err(Status::invalid_argument("empty AgentMessage")),
@@ -620,8 +615,8 @@ impl<S: BatchSink> Worker<S> {
         })
     }
 
-    async fn batch(&self, agent: &mut Agent, batch: Batch) -> Result<(), Status> {
-        let sequence = batch.sequence;
+    async fn batch(&self, agent: &mut Agent, batch: BatchBytes) -> Result<(), Status> {
+        let sequence = batch.sequence();
         if sequence != 0 && sequence <= agent.last {
             // Already durable (a replay after reconnect): acknowledge again, apply nothing —
             // if it is the same batch. The log may have dropped it already (every shard applied
@@ -631,7 +626,7 @@ impl<S: BatchSink> Worker<S> {
                 .store
                 .batch(&agent.boot_id, sequence)
                 .map_err(internal)?
-                && stored != batch
+                && !stored.same_content(&batch)
             {
                 self.ingest.metrics.batches_conflicting.inc();
                 return Err(Status::already_exists(format!(
@@ -647,16 +642,19 @@ impl<S: BatchSink> Worker<S> {
                 agent.last
             )));
         }
+        let records = batch
+            .records()
+            .map_err(|err| Status::invalid_argument(format!("batch {sequence}, {err}")))?;
         let limit = self.ingest.limits.max_batch_records as usize;
-        if batch.records.len() > limit {
+        if records.len() > limit {
             return Err(Status::invalid_argument(format!(
                 "batch {sequence} has {} records; the limit is {limit}",
-                batch.records.len()
+                records.len()
             )));
         }
-        let mut observations = Vec::with_capacity(batch.records.len());
+        let mut observations = Vec::with_capacity(records.len());
         let now = crate::clock::unix_now();
-        for (index, record) in batch.records.iter().enumerate() {
+        for (index, record) in records.iter().enumerate() {
             if record.node_name != agent.node {
                 return Err(Status::invalid_argument(format!(
                     "batch {sequence}, record {index}: node_name {:?} is not the stream's node {:?}",
@@ -698,8 +696,7 @@ impl<S: BatchSink> Worker<S> {
             })
             .await
             .map_err(|_| Status::unavailable("the aggregator is shutting down"))?;
-        let newest_end = batch
-            .records
+        let newest_end = records
             .iter()
             .map(|r| r.last_seen_unix_nanos)
             .max()
@@ -707,7 +704,7 @@ impl<S: BatchSink> Worker<S> {
         self.ingest.agents.acked(
             &agent.boot_id,
             sequence,
-            batch.records.len() as u64,
+            records.len() as u64,
             newest_end,
             crate::clock::unix_now(),
         );

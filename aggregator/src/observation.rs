@@ -10,7 +10,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use mermin_protocol::flow::v1::{self as proto, Direction, EndReason, FlowRecord};
+use mermin_protocol::flow::v1::{Direction, EndReason, FlowRecord};
+use mermin_protocol::wire::read::{EndpointView, FlowRecordView, TranslationView};
 use serde::{Deserialize, Serialize};
 
 use crate::connection_key::{ConnectionKey, Endpoint, Orientation, Tuple};
@@ -101,10 +102,10 @@ impl Translation {
         self.client != self.translated_client
     }
 
-    fn checked(t: &proto::Translation, family_v4: bool) -> Result<Self, InvalidRecord> {
-        let endpoint = |field: &'static str, e: &Option<proto::ConnectionEndpoint>| {
+    fn checked(t: &TranslationView<'_>, family_v4: bool) -> Result<Self, InvalidRecord> {
+        let endpoint = |field: &'static str, e: &Option<EndpointView<'_>>| {
             let e = e.as_ref().ok_or(InvalidRecord::Empty(field))?;
-            let address = address(field, &e.address)?;
+            let address = address(field, e.address)?;
             if address.is_ipv4() != family_v4 {
                 return Err(InvalidRecord::MixedFamilies);
             }
@@ -208,8 +209,16 @@ impl TryFrom<&FlowRecord> for Observation {
     type Error = InvalidRecord;
 
     fn try_from(r: &FlowRecord) -> Result<Self, InvalidRecord> {
-        let source = address("source_address", &r.source_address)?;
-        let destination = address("destination_address", &r.destination_address)?;
+        Observation::try_from(&FlowRecordView::from(r))
+    }
+}
+
+impl TryFrom<&FlowRecordView<'_>> for Observation {
+    type Error = InvalidRecord;
+
+    fn try_from(r: &FlowRecordView<'_>) -> Result<Self, InvalidRecord> {
+        let source = address("source_address", r.source_address)?;
+        let destination = address("destination_address", r.destination_address)?;
         if source.is_ipv4() != destination.is_ipv4() {
             return Err(InvalidRecord::MixedFamilies);
         }
@@ -274,8 +283,8 @@ impl TryFrom<&FlowRecord> for Observation {
             orientation,
             tuple,
             point: ObservationPoint {
-                node: r.node_name.clone(),
-                interface: r.interface_name.clone(),
+                node: r.node_name.to_owned(),
+                interface: r.interface_name.to_owned(),
                 hook,
             },
             counts: Counts {
@@ -347,6 +356,7 @@ fn narrow(field: &'static str, value: u32, bits: u32) -> Result<u32, InvalidReco
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mermin_protocol::flow::v1 as proto;
 
     fn record() -> FlowRecord {
         FlowRecord {

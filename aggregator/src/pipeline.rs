@@ -507,22 +507,23 @@ fn recover(
     let mut replayed = 0;
     for entry in store.batches() {
         let (boot_id, batch) = entry?;
-        for record in &batch.records {
+        let corrupt = |e: &dyn std::fmt::Display| {
+            StartError::Recover(format!("stored batch {}: {e}", batch.sequence()))
+        };
+        for record in &batch.records().map_err(|e| corrupt(&e))? {
             // Validated before it was stored; a record that no longer validates is corrupt.
-            let observation = Observation::try_from(record).map_err(|e| {
-                StartError::Recover(format!("stored batch {}: {e}", batch.sequence))
-            })?;
+            let observation = Observation::try_from(record).map_err(|e| corrupt(&e))?;
             let applied = positions[usize::from(shard_of(&observation.key))]
                 .get(&boot_id)
                 .copied()
                 .unwrap_or(0);
-            if batch.sequence > applied {
+            if batch.sequence() > applied {
                 table.apply(&observation, now);
             }
         }
         for shard in &mut positions {
             let position = shard.entry(boot_id).or_insert(0);
-            *position = (*position).max(batch.sequence);
+            *position = (*position).max(batch.sequence());
         }
         replayed += 1;
     }
@@ -544,6 +545,7 @@ mod tests {
     use mermin_protocol::{
         agent::v1::Batch,
         flow::v1::{EndReason, FlowRecord},
+        wire::read::BatchBytes,
     };
 
     use crate::{shard::ShardId, store::Checkpoint, test_records::tcp_record};
@@ -570,10 +572,10 @@ mod tests {
             .map(|port| record(port, 5))
             .find(|r| shard_of_record(r) != shard_of_record(&first))
             .unwrap();
-        let batch = Batch {
+        let batch = BatchBytes::encode(&Batch {
             sequence: 1,
             records: vec![first.clone(), second.clone()],
-        };
+        });
         store.append(&boot, &batch).await.unwrap();
         let settle = Duration::from_secs(3);
         let grace = Duration::from_secs(30);

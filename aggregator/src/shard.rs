@@ -274,7 +274,15 @@ impl FlowShard {
                 return;
             }
         };
-        for record in &batch.records {
+        let records = match batch.records() {
+            Ok(records) => records,
+            Err(err) => {
+                tracing::error!(shard = self.id, sequence, %err, "a batch this shard missed is corrupt in the log");
+                self.context.metrics.lost("batch_unreadable", 1);
+                return;
+            }
+        };
+        for record in &records {
             // Validated before it was stored.
             if let Ok(observation) = Observation::try_from(record)
                 && shard_of(&observation.key) == self.id
@@ -562,7 +570,7 @@ mod tests {
     /// each batch counts once.
     #[actix::test]
     async fn a_missed_part_is_read_back_from_the_log_and_a_stale_one_is_ignored() {
-        use mermin_protocol::{agent::v1::Batch, flow::v1::EndReason};
+        use mermin_protocol::{agent::v1::Batch, flow::v1::EndReason, wire::read::BatchBytes};
         use opentelemetry_proto::tonic::common::v1::any_value::Value;
 
         use crate::{
@@ -588,7 +596,10 @@ mod tests {
         })
         .collect::<Vec<_>>();
         for batch in &batches {
-            store.append(&boot, batch).await.unwrap();
+            store
+                .append(&boot, &BatchBytes::encode(batch))
+                .await
+                .unwrap();
         }
         let part = |batch: &Batch| AppliedBatch {
             boot_id: boot,

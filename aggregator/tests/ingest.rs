@@ -11,7 +11,7 @@ use mermin_aggregator::{
     metrics::Metrics,
     store::Store,
 };
-use mermin_protocol::agent::v1::{Batch, Hello, agent_message};
+use mermin_protocol::agent::v1::{AgentMessage, Batch, Hello, agent_message};
 use support::{connect, metric_value, recent_nanos, record, reopen, until};
 use tokio::{
     net::TcpListener,
@@ -172,6 +172,34 @@ async fn bad_input_is_refused_with_a_clear_status_and_other_streams_go_on() {
         assert_eq!((status.code(), status.message()), (code, text));
     }
 
+    // Bytes that are not an AgentMessage, and a batch whose second record is not a record.
+    let garbage = support::send_raw(agg.addr, vec![vec![0x12, 0x05, 0x08]]).await;
+    assert_eq!(
+        (garbage.code(), garbage.message()),
+        (Code::InvalidArgument, "AgentMessage: truncated message")
+    );
+    let encode = |message| {
+        prost::Message::encode_to_vec(&AgentMessage {
+            message: Some(message),
+        })
+    };
+    let mut not_a_record = encode(agent_message::Message::Batch(Batch {
+        sequence: 1,
+        records: vec![record("node-r", 1)],
+    }));
+    // A second part of the same batch (protobuf merges them), holding a record whose
+    // `source_port` is a string.
+    not_a_record.extend([0x12, 0x04, 0x12, 0x02, 0x3a, 0x00]);
+    let status =
+        support::send_raw(agg.addr, vec![encode(hello(1, vec![9; 16])), not_a_record]).await;
+    assert_eq!(
+        (status.code(), status.message()),
+        (
+            Code::InvalidArgument,
+            "batch 1, record 1: field 7: wire type 2, expected 0"
+        )
+    );
+
     let mut bad = connect(agg.addr).await;
     bad.hello("node-x", [3; 16]).await;
     assert_eq!(bad.welcome().await, 0);
@@ -234,7 +262,7 @@ async fn bad_input_is_refused_with_a_clear_status_and_other_streams_go_on() {
     assert!(agg.flows.try_recv().is_err(), "no bad batch was applied");
     let text = agg.metrics.render();
     for line in [
-        "mermin_aggregator_streams_rejected_total{reason=\"invalid_argument\"} 6",
+        "mermin_aggregator_streams_rejected_total{reason=\"invalid_argument\"} 8",
         "mermin_aggregator_streams_rejected_total{reason=\"failed_precondition\"} 1",
         "mermin_aggregator_streams_rejected_total{reason=\"out_of_range\"} 1",
         "mermin_aggregator_batches_accepted_total 1",

@@ -19,7 +19,7 @@ use mermin_aggregator::{
     },
     store::{Checkpoint, StoreError},
 };
-use mermin_protocol::{agent::v1::Batch, flow::v1::FlowRecord};
+use mermin_protocol::{agent::v1::Batch, flow::v1::FlowRecord, wire::read::BatchBytes};
 use tokio::net::TcpListener;
 
 const WITHIN: Duration = Duration::from_secs(20);
@@ -181,15 +181,15 @@ async fn three_replicas_agree_on_the_shard_map_through_a_leader_change_and_a_rej
     }
 }
 
-fn batch(sequence: u64) -> Batch {
-    Batch {
+fn batch(sequence: u64) -> BatchBytes {
+    BatchBytes::encode(&Batch {
         sequence,
         records: vec![FlowRecord {
             delta_packets: sequence,
             delta_octets: sequence * 100,
             ..Default::default()
         }],
-    }
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -264,7 +264,7 @@ async fn what_the_store_leader_acknowledged_is_on_the_next_leader() {
     assert_eq!(store.last_sequence(&boot_id).unwrap(), 40);
     let kept: Vec<u64> = store
         .batches()
-        .map(|entry| entry.unwrap().1.sequence)
+        .map(|entry| entry.unwrap().1.sequence())
         .collect();
     assert_eq!(
         kept,
@@ -333,7 +333,7 @@ async fn a_member_joining_after_the_log_was_dropped_gets_the_store_from_a_snapsh
     }
     // Batch 1's entry is not in any log any more: only a snapshot can have brought it.
     let copy = one.store();
-    let sequences: Vec<u64> = copy.batches().map(|b| b.unwrap().1.sequence).collect();
+    let sequences: Vec<u64> = copy.batches().map(|b| b.unwrap().1.sequence()).collect();
     assert_eq!(sequences, (1..=100).collect::<Vec<u64>>());
     assert_eq!(copy.batch(&boot_id, 1).unwrap(), Some(batch(1)));
     assert_eq!(

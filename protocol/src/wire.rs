@@ -7,7 +7,9 @@
 //! varint is a loop of pushes, and a nested message's length is written in front of it when it
 //! is complete (one byte is reserved, and the body is moved right in the rare case its length
 //! needs more). What is written decodes with the generated types; the tests compare bytes with
-//! prost's output.
+//! prost's output. [`read`] is the other way: the agents' batches, read by the aggregator.
+
+pub mod read;
 
 use prost::encoding::{WireType, encoded_len_varint};
 

@@ -111,6 +111,67 @@ impl Stream {
     }
 }
 
+/// Opens a stream to `addr`, sends `messages` as they are (encoded `AgentMessage`s, or bytes
+/// that are not one), and returns how the aggregator ended the stream (within 5 s).
+pub async fn send_raw(addr: SocketAddr, messages: Vec<Vec<u8>>) -> tonic::Status {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/mermin.agent.v1.AgentService/Stream",
+    );
+    let request = tonic::Request::new(tokio_stream::iter(messages));
+    let ended = async {
+        let mut answers = grpc.streaming(request, path, RawCodec).await?.into_inner();
+        while answers.message().await?.is_some() {}
+        Ok::<_, tonic::Status>(())
+    };
+    match timeout(Duration::from_secs(5), ended)
+        .await
+        .expect("ended within 5 s")
+    {
+        Err(status) => status,
+        Ok(()) => panic!("the stream ended without a status"),
+    }
+}
+
+/// Writes bytes as they are; reads answers with prost.
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = AggregatorMessage;
+    type Encoder = RawCodec;
+    type Decoder = tonic_prost::ProstDecoder<AggregatorMessage>;
+
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::default()
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        out: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use prost::bytes::BufMut;
+        out.put_slice(&item);
+        Ok(())
+    }
+}
+
 /// Waits until `done` (checked every 20 ms; at most 20 s, then fails naming `what`).
 pub async fn until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);

@@ -25,14 +25,13 @@ use std::{
 };
 
 use futures_util::{FutureExt, future::BoxFuture};
-use mermin_protocol::agent::v1::Batch;
+use mermin_protocol::wire::read::BatchBytes;
 use openraft::{
     BasicNode, EntryPayload, LogId, Raft, RaftLogId, RaftSnapshotBuilder, RaftTypeConfig, Snapshot,
     SnapshotMeta, StorageError, StorageIOError, StoredMembership,
     error::{ClientWriteError, RaftError},
     storage::RaftStateMachine,
 };
-use prost::Message;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 use tokio::sync::watch;
@@ -466,13 +465,13 @@ impl Storage for ReplicatedStore {
     fn append<'a>(
         &'a self,
         boot_id: &'a BootId,
-        batch: &'a Batch,
+        batch: &'a BatchBytes,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         async move {
             let command = StoreCommand::Append {
                 boot_id: *boot_id,
-                sequence: batch.sequence,
-                batch: batch.encode_to_vec(),
+                sequence: batch.sequence(),
+                batch: batch.bytes().to_vec(),
             };
             match self.propose(command).await? {
                 StoreAnswer::Done => Ok(()),
@@ -485,11 +484,11 @@ impl Storage for ReplicatedStore {
         .boxed()
     }
 
-    fn batch(&self, boot_id: &BootId, sequence: u64) -> Result<Option<Batch>, StoreError> {
+    fn batch(&self, boot_id: &BootId, sequence: u64) -> Result<Option<BatchBytes>, StoreError> {
         self.machine.store().batch(boot_id, sequence)
     }
 
-    fn batches(&self) -> Box<dyn Iterator<Item = Result<(BootId, Batch), StoreError>> + '_> {
+    fn batches(&self) -> Box<dyn Iterator<Item = Result<(BootId, BatchBytes), StoreError>> + '_> {
         Box::new(self.machine.store().stored_batches())
     }
 
@@ -586,6 +585,7 @@ impl Storage for ReplicatedStore {
 mod tests {
     use std::{path::Path, time::Duration};
 
+    use mermin_protocol::wire::read::BatchBytes;
     use tokio::net::TcpListener;
 
     use crate::{
@@ -643,13 +643,13 @@ mod tests {
         };
         let mut from = open(from_dir.path());
         let boot_id = [3; 16];
-        let batch = mermin_protocol::agent::v1::Batch {
+        let batch = BatchBytes::encode(&mermin_protocol::agent::v1::Batch {
             sequence: 1,
             records: vec![mermin_protocol::flow::v1::FlowRecord {
                 delta_packets: 7,
                 ..Default::default()
             }],
-        };
+        });
         from.apply([
             entry(
                 1,
@@ -663,7 +663,7 @@ mod tests {
                 StoreCommand::Append {
                     boot_id,
                     sequence: 1,
-                    batch: prost::Message::encode_to_vec(&batch),
+                    batch: batch.bytes().to_vec(),
                 },
             ),
             entry(
@@ -722,9 +722,11 @@ mod tests {
         let replica = leading(dir.path()).await;
         let store = replica.store();
         let boot_id: BootId = [7; 16];
-        let batch = |sequence| mermin_protocol::agent::v1::Batch {
-            sequence,
-            records: Vec::new(),
+        let batch = |sequence| {
+            BatchBytes::encode(&mermin_protocol::agent::v1::Batch {
+                sequence,
+                records: Vec::new(),
+            })
         };
         store.bind_agent(&boot_id, "node-a").await.unwrap();
         store.append(&boot_id, &batch(1)).await.unwrap();

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use mermin_protocol::agent::v1::Batch;
+use mermin_protocol::{agent::v1::Batch, wire::read::BatchBytes};
 
 use super::{BOOT_ID_LEN, BootId, Change, Checkpoint, Retirement, SledStore, Store, StoreError};
 use crate::placement::SHARDS;
@@ -48,14 +48,14 @@ pub(crate) async fn run(open: Opener<'_>) {
     a_superseded_boot_id_is_forgotten_once_every_shard_is_past_it(open).await;
 }
 
-fn batch(sequence: u64) -> Batch {
-    Batch {
+fn batch(sequence: u64) -> BatchBytes {
+    BatchBytes::encode(&Batch {
         sequence,
         records: vec![mermin_protocol::flow::v1::FlowRecord {
             delta_packets: sequence,
             ..Default::default()
         }],
-    }
+    })
 }
 
 async fn batches_survive_reopening_in_order(open: Opener<'_>) {
@@ -75,7 +75,7 @@ async fn batches_survive_reopening_in_order(open: Opener<'_>) {
     let replayed: Vec<(u8, u64)> = store
         .batches()
         .map(|r| r.unwrap())
-        .map(|(id, batch)| (id[0], batch.records[0].delta_packets))
+        .map(|(id, batch)| (id[0], batch.records().unwrap()[0].delta_packets))
         .collect();
     assert_eq!(replayed, [(1, 1), (1, 2), (2, 1)]);
     assert_eq!(store.batch(&a, 2).unwrap(), Some(batch(2)));
@@ -134,7 +134,7 @@ async fn checkpoints_are_recovered_and_a_batch_goes_once_every_shard_is_past_it(
                 outbox: &[vec![7, 7]],
             }])
             .unwrap();
-        let left: Vec<u64> = store.batches().map(|b| b.unwrap().1.sequence).collect();
+        let left: Vec<u64> = store.batches().map(|b| b.unwrap().1.sequence()).collect();
         assert_eq!(left, [1, 2, 3], "the other shards have not checkpointed");
         for shard in 1..SHARDS {
             store
@@ -154,7 +154,7 @@ async fn checkpoints_are_recovered_and_a_batch_goes_once_every_shard_is_past_it(
     assert_eq!(recovered.positions[&(5, id)], 1);
     assert_eq!(recovered.positions[&(7, id)], 3);
     assert_eq!(recovered.connections, [vec![10, 11]]);
-    let left: Vec<u64> = store.batches().map(|b| b.unwrap().1.sequence).collect();
+    let left: Vec<u64> = store.batches().map(|b| b.unwrap().1.sequence()).collect();
     assert_eq!(left, [2, 3], "shard 5 still needs batch 2, shard 0 batch 3");
     assert_eq!(store.outbox_oldest(10).unwrap()[0].1, [7, 7]);
     assert_eq!(store.last_sequence(&id).unwrap(), 3);

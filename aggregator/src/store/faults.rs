@@ -12,7 +12,7 @@ use std::{
 };
 
 use futures_util::{FutureExt, future::BoxFuture};
-use mermin_protocol::agent::v1::Batch;
+use mermin_protocol::wire::read::BatchBytes;
 
 use super::{BootId, Checkpoint, Recovered, Retirement, Storage, Store, StoreError};
 
@@ -112,7 +112,7 @@ impl Storage for FaultyStore {
     fn append<'a>(
         &'a self,
         boot_id: &'a BootId,
-        batch: &'a Batch,
+        batch: &'a BatchBytes,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         async move {
             self.before_write().await?;
@@ -121,11 +121,11 @@ impl Storage for FaultyStore {
         .boxed()
     }
 
-    fn batch(&self, boot_id: &BootId, sequence: u64) -> Result<Option<Batch>, StoreError> {
+    fn batch(&self, boot_id: &BootId, sequence: u64) -> Result<Option<BatchBytes>, StoreError> {
         self.inner.batch(boot_id, sequence)
     }
 
-    fn batches(&self) -> Box<dyn Iterator<Item = Result<(BootId, Batch), StoreError>> + '_> {
+    fn batches(&self) -> Box<dyn Iterator<Item = Result<(BootId, BatchBytes), StoreError>> + '_> {
         self.inner.batches()
     }
 

@@ -39,7 +39,7 @@ use std::{
 };
 
 use futures_util::future::BoxFuture;
-use mermin_protocol::agent::v1::Batch;
+use mermin_protocol::wire::read::BatchBytes;
 
 use crate::placement::ShardId;
 
@@ -213,17 +213,18 @@ pub trait Storage: Send + Sync + 'static {
     fn retire_superseded(&self, open: &HashSet<BootId>) -> Result<Retirement, StoreError>;
 
     /// Makes `batch` durable as the next batch of `boot_id` (its sequence must be the last + 1).
+    /// The log keeps the batch's bytes as they are.
     fn append<'a>(
         &'a self,
         boot_id: &'a BootId,
-        batch: &'a Batch,
+        batch: &'a BatchBytes,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
 
     /// One stored batch, if the log still holds it.
-    fn batch(&self, boot_id: &BootId, sequence: u64) -> Result<Option<Batch>, StoreError>;
+    fn batch(&self, boot_id: &BootId, sequence: u64) -> Result<Option<BatchBytes>, StoreError>;
 
     /// Every stored batch, in (boot id, sequence) order: what start-up replays.
-    fn batches(&self) -> Box<dyn Iterator<Item = Result<(BootId, Batch), StoreError>> + '_>;
+    fn batches(&self) -> Box<dyn Iterator<Item = Result<(BootId, BatchBytes), StoreError>> + '_>;
 
     /// Writes the checkpoints of several shards (each at most once), all of them atomically
     /// and durably (blocking), then drops the batches every shard is past. Each checkpoint's

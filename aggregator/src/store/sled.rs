@@ -17,8 +17,8 @@ use std::{
 };
 
 use futures_util::{FutureExt, future::BoxFuture};
-use mermin_protocol::agent::v1::Batch;
-use prost::Message;
+use mermin_protocol::wire::read::BatchBytes;
+use prost::bytes::Bytes;
 use sled::{
     Transactional,
     transaction::{ConflictableTransactionError, TransactionError},
@@ -692,8 +692,9 @@ fn outbox_entries(
 }
 
 /// The batch `stored` holds or points to.
-fn decode_batch(stored: &[u8], values: &ValueLog) -> Result<Batch, StoreError> {
-    Batch::decode(values.resolve(stored)?.as_ref()).map_err(|e| StoreError::Corrupt(e.to_string()))
+fn decode_batch(stored: &[u8], values: &ValueLog) -> Result<BatchBytes, StoreError> {
+    BatchBytes::new(values.resolve(stored)?.into_owned().into())
+        .map_err(|e| StoreError::Corrupt(format!("stored batch: {e}")))
 }
 
 fn decode_u64(bytes: &[u8]) -> Result<u64, StoreError> {
@@ -704,14 +705,14 @@ fn decode_u64(bytes: &[u8]) -> Result<u64, StoreError> {
 
 impl SledStore {
     /// Makes `batch` durable as the next batch of `boot_id` (its sequence must be the last + 1).
-    async fn append_batch(&self, boot_id: &BootId, batch: &Batch) -> Result<(), StoreError> {
-        let sequence = batch.sequence;
+    async fn append_batch(&self, boot_id: &BootId, batch: &BatchBytes) -> Result<(), StoreError> {
+        let sequence = batch.sequence();
         // Not the next one (an agent sending again what is stored): refused before it is written.
         let last = self.last_sequence(boot_id)?;
         if sequence != last + 1 {
             return Err(StoreError::OutOfOrder { sequence, last });
         }
-        let pointer = match self.append_value(batch.encode_to_vec()).await {
+        let pointer = match self.append_value(batch.bytes().clone()).await {
             Ok(pointer) => pointer,
             Err(err) => return self.observe_write(Err(err)),
         };
@@ -741,7 +742,7 @@ impl SledStore {
     }
 
     /// Writes `value` to the value log on the blocking pool (a `pwrite` and an `fdatasync`).
-    async fn append_value(&self, value: Vec<u8>) -> Result<Pointer, StoreError> {
+    async fn append_value(&self, value: Bytes) -> Result<Pointer, StoreError> {
         let values = self.values.clone();
         tokio::task::spawn_blocking(move || values.append(&value))
             .await
@@ -760,7 +761,7 @@ impl SledStore {
     /// Queues an encoded export request durably; returns its outbox id.
     async fn push_request(&self, request: &[u8]) -> Result<u64, StoreError> {
         let id = self.outbox_ids(1)?;
-        let pushed = match self.append_value(request.to_vec()).await {
+        let pushed = match self.append_value(Bytes::copy_from_slice(request)).await {
             Ok(pointer) => self.insert_push(id, pointer),
             Err(err) => Err(err),
         };
@@ -787,7 +788,7 @@ impl SledStore {
     /// Every stored batch, in (boot id, sequence) order: what start-up replays.
     pub(crate) fn stored_batches(
         &self,
-    ) -> impl Iterator<Item = Result<(BootId, Batch), StoreError>> + 'static {
+    ) -> impl Iterator<Item = Result<(BootId, BatchBytes), StoreError>> + 'static {
         let values = self.values.clone();
         self.batches.iter().map(move |entry| {
             let (key, value) = entry?;
@@ -835,7 +836,7 @@ impl Storage for SledStore {
     }
 
     /// One stored batch, if the log still holds it.
-    fn batch(&self, boot_id: &BootId, sequence: u64) -> Result<Option<Batch>, StoreError> {
+    fn batch(&self, boot_id: &BootId, sequence: u64) -> Result<Option<BatchBytes>, StoreError> {
         self.batches
             .get(batch_key(boot_id, sequence))?
             .map(|value| decode_batch(&value, &self.values))
@@ -933,12 +934,12 @@ impl Storage for SledStore {
     fn append<'a>(
         &'a self,
         boot_id: &'a BootId,
-        batch: &'a Batch,
+        batch: &'a BatchBytes,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         self.append_batch(boot_id, batch).boxed()
     }
 
-    fn batches(&self) -> Box<dyn Iterator<Item = Result<(BootId, Batch), StoreError>> + '_> {
+    fn batches(&self) -> Box<dyn Iterator<Item = Result<(BootId, BatchBytes), StoreError>> + '_> {
         Box::new(self.stored_batches())
     }
 
@@ -955,11 +956,11 @@ impl Storage for SledStore {
 mod tests {
     use super::*;
 
-    fn batch(sequence: u64) -> Batch {
-        Batch {
+    fn batch(sequence: u64) -> BatchBytes {
+        BatchBytes::encode(&mermin_protocol::agent::v1::Batch {
             sequence,
             records: vec![mermin_protocol::flow::v1::FlowRecord::default()],
-        }
+        })
     }
 
     fn batch_ids(store: &SledStore) -> Vec<(u8, u64)> {
@@ -967,7 +968,7 @@ mod tests {
             .stored_batches()
             .map(|b| {
                 let (id, batch) = b.unwrap();
-                (id[0], batch.sequence)
+                (id[0], batch.sequence())
             })
             .collect()
     }
@@ -996,7 +997,7 @@ mod tests {
             // A store written before retirements did this: an unknown boot id's batch.
             store
                 .batches
-                .insert(batch_key(&old, 2), batch(2).encode_to_vec())
+                .insert(batch_key(&old, 2), batch(2).bytes().to_vec())
                 .unwrap();
             store.db.flush().unwrap();
         }
@@ -1022,13 +1023,13 @@ mod tests {
         store.append_batch(&id, &batch(1)).await.unwrap();
         let filler = disk.mountpoint.join("filler");
         assert!(fill(&filler, 8 << 20) > 0);
-        let large = Batch {
+        let large = BatchBytes::encode(&mermin_protocol::agent::v1::Batch {
             sequence: 2,
             records: vec![mermin_protocol::flow::v1::FlowRecord {
                 node_name: "n".repeat(100_000),
                 ..Default::default()
             }],
-        };
+        });
         let refused = store.append_batch(&id, &large).await.unwrap_err();
         assert_eq!(
             refused.to_string(),

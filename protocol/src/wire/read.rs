@@ -1,0 +1,714 @@
+//! Protobuf read by hand where prost's generated decoders cost too much: the agents' batches,
+//! every record of which the aggregator reads.
+//!
+//! prost decodes a `FlowRecord` into owned values: two strings, two byte vectors and a boxed
+//! translation per record, each allocated and freed again once the record is validated
+//! (about a tenth of the aggregator's CPU at 5k connections/s, BENCHMARKS.md). Here a record is
+//! a [`FlowRecordView`] borrowing the batch's bytes, and a batch stays the bytes its agent sent
+//! ([`BatchBytes`]), which is also what the aggregator's log keeps. What prost decodes, this
+//! reads the same: the same fields, the last of a repeated scalar, nested messages merged,
+//! unknown fields skipped, an integer narrowed as prost narrows it (the tests compare).
+
+use prost::Message as _;
+use prost::bytes::Bytes;
+
+use crate::agent::v1::{Batch, Hello};
+use crate::flow::v1::{ConnectionEndpoint, FlowRecord, Translation};
+
+/// Bytes that are not the message they should be.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    #[error("truncated message")]
+    Truncated,
+    #[error("varint longer than ten bytes")]
+    Varint,
+    #[error("field {tag}: wire type {wire_type} is not one this reader knows")]
+    WireType { tag: u32, wire_type: u8 },
+    #[error("field {tag}: wire type {found}, expected {expected}")]
+    UnexpectedWireType { tag: u32, found: u8, expected: u8 },
+    #[error("field {0}: not UTF-8")]
+    Utf8(u32),
+    #[error("field tag 0")]
+    TagZero,
+    #[error("hello: {0}")]
+    Hello(prost::DecodeError),
+    #[error("record {index}: {error}")]
+    Record { index: usize, error: Box<ReadError> },
+}
+
+/// One field's value as it is on the wire (no field read here is fixed-width: those are
+/// skipped, or refused where a field of another type is expected).
+#[derive(Debug, Clone, Copy)]
+enum Value<'a> {
+    Varint(u64),
+    Fixed64,
+    Fixed32,
+    Delimited(&'a [u8]),
+}
+
+impl<'a> Value<'a> {
+    fn wire_type(&self) -> u8 {
+        match self {
+            Value::Varint(_) => 0,
+            Value::Fixed64 => 1,
+            Value::Delimited(_) => 2,
+            Value::Fixed32 => 5,
+        }
+    }
+
+    fn unexpected(&self, tag: u32, expected: u8) -> ReadError {
+        ReadError::UnexpectedWireType {
+            tag,
+            found: self.wire_type(),
+            expected,
+        }
+    }
+
+    fn varint(self, tag: u32) -> Result<u64, ReadError> {
+        match self {
+            Value::Varint(value) => Ok(value),
+            other => Err(other.unexpected(tag, 0)),
+        }
+    }
+
+    /// A `uint32` (prost keeps the low 32 bits of the varint).
+    fn uint32(self, tag: u32) -> Result<u32, ReadError> {
+        self.varint(tag).map(|value| value as u32)
+    }
+
+    /// An `int32` or enum (the low 32 bits, as a signed number).
+    fn int32(self, tag: u32) -> Result<i32, ReadError> {
+        self.varint(tag).map(|value| value as i32)
+    }
+
+    fn delimited(self, tag: u32) -> Result<&'a [u8], ReadError> {
+        match self {
+            Value::Delimited(bytes) => Ok(bytes),
+            other => Err(other.unexpected(tag, 2)),
+        }
+    }
+
+    fn string(self, tag: u32) -> Result<&'a str, ReadError> {
+        std::str::from_utf8(self.delimited(tag)?).map_err(|_| ReadError::Utf8(tag))
+    }
+}
+
+/// The fields of one message, in order.
+struct Fields<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Fields<'a> {
+    fn of(message: &'a [u8]) -> Self {
+        Fields { rest: message }
+    }
+
+    fn varint(&mut self) -> Result<u64, ReadError> {
+        let mut value = 0u64;
+        for (i, &byte) in self.rest.iter().enumerate().take(10) {
+            // The tenth byte holds the 64th bit only.
+            if i == 9 && byte > 1 {
+                return Err(ReadError::Varint);
+            }
+            value |= u64::from(byte & 0x7f) << (7 * i);
+            if byte < 0x80 {
+                self.rest = &self.rest[i + 1..];
+                return Ok(value);
+            }
+        }
+        Err(if self.rest.len() < 10 {
+            ReadError::Truncated
+        } else {
+            ReadError::Varint
+        })
+    }
+
+    fn take(&mut self, len: usize) -> Result<&'a [u8], ReadError> {
+        if self.rest.len() < len {
+            return Err(ReadError::Truncated);
+        }
+        let (taken, rest) = self.rest.split_at(len);
+        self.rest = rest;
+        Ok(taken)
+    }
+
+    /// The next field, or `None` at the end of the message.
+    fn next_field(&mut self) -> Result<Option<(u32, Value<'a>)>, ReadError> {
+        if self.rest.is_empty() {
+            return Ok(None);
+        }
+        let key = self.varint()?;
+        let tag = u32::try_from(key >> 3).map_err(|_| ReadError::Varint)?;
+        if tag == 0 {
+            return Err(ReadError::TagZero);
+        }
+        let value = match (key & 7) as u8 {
+            0 => Value::Varint(self.varint()?),
+            1 => {
+                self.take(8)?;
+                Value::Fixed64
+            }
+            2 => {
+                let len = usize::try_from(self.varint()?).map_err(|_| ReadError::Truncated)?;
+                Value::Delimited(self.take(len)?)
+            }
+            5 => {
+                self.take(4)?;
+                Value::Fixed32
+            }
+            wire_type => return Err(ReadError::WireType { tag, wire_type }),
+        };
+        Ok(Some((tag, value)))
+    }
+}
+
+/// A `ConnectionEndpoint`, borrowed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EndpointView<'a> {
+    pub address: &'a [u8],
+    pub port: u32,
+}
+
+impl<'a> EndpointView<'a> {
+    fn merge(&mut self, message: &'a [u8]) -> Result<(), ReadError> {
+        let mut fields = Fields::of(message);
+        while let Some((tag, value)) = fields.next_field()? {
+            match tag {
+                1 => self.address = value.delimited(tag)?,
+                2 => self.port = value.uint32(tag)?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A `Translation`, borrowed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TranslationView<'a> {
+    pub client: Option<EndpointView<'a>>,
+    pub dialled: Option<EndpointView<'a>>,
+    pub translated_client: Option<EndpointView<'a>>,
+    pub server: Option<EndpointView<'a>>,
+}
+
+impl<'a> TranslationView<'a> {
+    fn merge(&mut self, message: &'a [u8]) -> Result<(), ReadError> {
+        let mut fields = Fields::of(message);
+        while let Some((tag, value)) = fields.next_field()? {
+            let endpoint = match tag {
+                1 => &mut self.client,
+                2 => &mut self.dialled,
+                3 => &mut self.translated_client,
+                4 => &mut self.server,
+                _ => continue,
+            };
+            endpoint
+                .get_or_insert_default()
+                .merge(value.delimited(tag)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// A `FlowRecord` borrowing the bytes it was read from (or a decoded record's fields).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlowRecordView<'a> {
+    pub node_name: &'a str,
+    pub interface_name: &'a str,
+    pub interface_index: u32,
+    pub direction: i32,
+    pub source_address: &'a [u8],
+    pub destination_address: &'a [u8],
+    pub source_port: u32,
+    pub destination_port: u32,
+    pub ip_protocol: u32,
+    pub icmp_type: u32,
+    pub icmp_code: u32,
+    pub delta_packets: u64,
+    pub delta_octets: u64,
+    pub first_seen_unix_nanos: u64,
+    pub last_seen_unix_nanos: u64,
+    pub flow_start_unix_nanos: u64,
+    pub tcp_flags: u32,
+    pub first_tcp_flags: u32,
+    pub end_reason: i32,
+    pub record_sequence: u64,
+    pub translation: Option<TranslationView<'a>>,
+}
+
+impl<'a> FlowRecordView<'a> {
+    /// Reads one encoded `FlowRecord`.
+    pub fn read(message: &'a [u8]) -> Result<Self, ReadError> {
+        let mut record = FlowRecordView::default();
+        let mut fields = Fields::of(message);
+        while let Some((tag, value)) = fields.next_field()? {
+            match tag {
+                1 => record.node_name = value.string(tag)?,
+                2 => record.interface_name = value.string(tag)?,
+                3 => record.interface_index = value.uint32(tag)?,
+                4 => record.direction = value.int32(tag)?,
+                5 => record.source_address = value.delimited(tag)?,
+                6 => record.destination_address = value.delimited(tag)?,
+                7 => record.source_port = value.uint32(tag)?,
+                8 => record.destination_port = value.uint32(tag)?,
+                9 => record.ip_protocol = value.uint32(tag)?,
+                10 => record.icmp_type = value.uint32(tag)?,
+                11 => record.icmp_code = value.uint32(tag)?,
+                12 => record.delta_packets = value.varint(tag)?,
+                13 => record.delta_octets = value.varint(tag)?,
+                14 => record.first_seen_unix_nanos = value.varint(tag)?,
+                15 => record.last_seen_unix_nanos = value.varint(tag)?,
+                16 => record.flow_start_unix_nanos = value.varint(tag)?,
+                17 => record.tcp_flags = value.uint32(tag)?,
+                18 => record.first_tcp_flags = value.uint32(tag)?,
+                19 => record.end_reason = value.int32(tag)?,
+                20 => record.record_sequence = value.varint(tag)?,
+                21 => record
+                    .translation
+                    .get_or_insert_default()
+                    .merge(value.delimited(tag)?)?,
+                _ => {}
+            }
+        }
+        Ok(record)
+    }
+}
+
+impl<'a> From<&'a ConnectionEndpoint> for EndpointView<'a> {
+    fn from(endpoint: &'a ConnectionEndpoint) -> Self {
+        EndpointView {
+            address: &endpoint.address,
+            port: endpoint.port,
+        }
+    }
+}
+
+impl<'a> From<&'a Translation> for TranslationView<'a> {
+    fn from(t: &'a Translation) -> Self {
+        TranslationView {
+            client: t.client.as_ref().map(Into::into),
+            dialled: t.dialled.as_ref().map(Into::into),
+            translated_client: t.translated_client.as_ref().map(Into::into),
+            server: t.server.as_ref().map(Into::into),
+        }
+    }
+}
+
+impl<'a> From<&'a FlowRecord> for FlowRecordView<'a> {
+    fn from(r: &'a FlowRecord) -> Self {
+        FlowRecordView {
+            node_name: &r.node_name,
+            interface_name: &r.interface_name,
+            interface_index: r.interface_index,
+            direction: r.direction,
+            source_address: &r.source_address,
+            destination_address: &r.destination_address,
+            source_port: r.source_port,
+            destination_port: r.destination_port,
+            ip_protocol: r.ip_protocol,
+            icmp_type: r.icmp_type,
+            icmp_code: r.icmp_code,
+            delta_packets: r.delta_packets,
+            delta_octets: r.delta_octets,
+            first_seen_unix_nanos: r.first_seen_unix_nanos,
+            last_seen_unix_nanos: r.last_seen_unix_nanos,
+            flow_start_unix_nanos: r.flow_start_unix_nanos,
+            tcp_flags: r.tcp_flags,
+            first_tcp_flags: r.first_tcp_flags,
+            end_reason: r.end_reason,
+            record_sequence: r.record_sequence,
+            translation: r.translation.as_ref().map(Into::into),
+        }
+    }
+}
+
+/// An encoded `Batch` message as its agent sent it, its sequence read: what the aggregator
+/// validates, logs (these bytes) and replays. Two batches are the same batch when their bytes
+/// are; see [`BatchBytes::same_content`] for batches encoded differently.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchBytes {
+    sequence: u64,
+    bytes: Bytes,
+}
+
+impl BatchBytes {
+    /// Reads the sequence of the encoded `Batch` in `bytes` (its records are read by
+    /// [`BatchBytes::records`]).
+    pub fn new(bytes: Bytes) -> Result<Self, ReadError> {
+        let mut sequence = 0;
+        let mut fields = Fields::of(&bytes);
+        while let Some((tag, value)) = fields.next_field()? {
+            match tag {
+                1 => sequence = value.varint(tag)?,
+                2 => {
+                    value.delimited(tag)?;
+                }
+                _ => {}
+            }
+        }
+        Ok(BatchBytes { sequence, bytes })
+    }
+
+    /// `batch`, encoded by prost.
+    pub fn encode(batch: &Batch) -> Self {
+        BatchBytes {
+            sequence: batch.sequence,
+            bytes: batch.encode_to_vec().into(),
+        }
+    }
+
+    pub fn sequence(&self) -> u64 {
+        self.sequence
+    }
+
+    /// The encoded `Batch`.
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    /// Every record of the batch, read (the first error ends it).
+    pub fn records(&self) -> Result<Vec<FlowRecordView<'_>>, ReadError> {
+        let mut records = Vec::new();
+        let mut fields = Fields::of(&self.bytes);
+        while let Some((tag, value)) = fields.next_field()? {
+            if tag == 2 {
+                let record = value.delimited(tag).and_then(FlowRecordView::read);
+                records.push(record.map_err(|error| ReadError::Record {
+                    index: records.len(),
+                    error: Box::new(error),
+                })?);
+            }
+        }
+        Ok(records)
+    }
+
+    /// Decoded by prost.
+    pub fn decode(&self) -> Result<Batch, prost::DecodeError> {
+        Batch::decode(self.bytes.as_ref())
+    }
+
+    /// Whether the two hold the same sequence and records, however each was encoded.
+    pub fn same_content(&self, other: &BatchBytes) -> bool {
+        self == other
+            || self.sequence == other.sequence
+                && matches!((self.records(), other.records()), (Ok(a), Ok(b)) if a == b)
+    }
+}
+
+/// An `AgentMessage`, its batch kept as bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AgentMessageRead {
+    Hello(Hello),
+    Batch(BatchBytes),
+}
+
+impl AgentMessageRead {
+    /// Reads an encoded `AgentMessage`; `None` if it holds neither message. As prost does, the
+    /// last of the oneof's fields wins, and one field given twice is merged (a batch's encoded
+    /// parts concatenated: that is how protobuf merges messages).
+    pub fn read(bytes: Bytes) -> Result<Option<Self>, ReadError> {
+        let mut message = None;
+        let mut fields = Fields::of(&bytes);
+        while let Some((tag, value)) = fields.next_field()? {
+            let part =
+                || -> Result<Bytes, ReadError> { Ok(bytes.slice_ref(value.delimited(tag)?)) };
+            message = match (tag, message) {
+                (1, Some(AgentMessageRead::Hello(mut hello))) => {
+                    hello.merge(part()?).map_err(ReadError::Hello)?;
+                    Some(AgentMessageRead::Hello(hello))
+                }
+                (1, _) => Some(AgentMessageRead::Hello(
+                    Hello::decode(part()?).map_err(ReadError::Hello)?,
+                )),
+                (2, Some(AgentMessageRead::Batch(first))) => {
+                    let merged = [first.bytes.as_ref(), part()?.as_ref()].concat();
+                    Some(AgentMessageRead::Batch(BatchBytes::new(merged.into())?))
+                }
+                (2, _) => Some(AgentMessageRead::Batch(BatchBytes::new(part()?)?)),
+                (_, kept) => kept,
+            };
+        }
+        Ok(message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::Fields as Writer;
+
+    fn full_record() -> FlowRecord {
+        let endpoint = |address: Vec<u8>, port| Some(ConnectionEndpoint { address, port });
+        FlowRecord {
+            node_name: "node-a".into(),
+            interface_name: "veth0123456789".into(),
+            interface_index: 7,
+            direction: 2,
+            source_address: vec![10, 0, 0, 1],
+            destination_address: vec![0xfd; 16],
+            source_port: 40_000,
+            destination_port: 443,
+            ip_protocol: 6,
+            icmp_type: 8,
+            icmp_code: 1,
+            delta_packets: u64::MAX,
+            delta_octets: 1 << 40,
+            first_seen_unix_nanos: 1_765_000_000_000_000_000,
+            last_seen_unix_nanos: 1_765_000_000_100_000_000,
+            flow_start_unix_nanos: 1_764_999_000_000_000_000,
+            tcp_flags: 0x1b,
+            first_tcp_flags: 0x02,
+            end_reason: 3,
+            record_sequence: 300,
+            translation: Some(Translation {
+                client: endpoint(vec![10, 0, 0, 1], 40_000),
+                dialled: endpoint(vec![10, 96, 0, 10], 443),
+                translated_client: endpoint(vec![], 0),
+                server: None,
+            }),
+        }
+    }
+
+    /// What prost decodes from `bytes`, and what this reader reads, as views to compare.
+    fn both(
+        bytes: &[u8],
+    ) -> (
+        Result<FlowRecord, prost::DecodeError>,
+        Result<FlowRecordView<'_>, ReadError>,
+    ) {
+        (FlowRecord::decode(bytes), FlowRecordView::read(bytes))
+    }
+
+    #[test]
+    fn records_read_as_prost_decodes_them() {
+        let records = [
+            full_record(),
+            FlowRecord::default(),
+            FlowRecord {
+                direction: -1,
+                end_reason: i32::MIN,
+                translation: Some(Translation::default()),
+                ..FlowRecord::default()
+            },
+            FlowRecord {
+                interface_name: "i".repeat(300),
+                ..full_record()
+            },
+        ];
+        for record in &records {
+            let bytes = record.encode_to_vec();
+            let (decoded, read) = both(&bytes);
+            assert_eq!(read.unwrap(), FlowRecordView::from(&decoded.unwrap()));
+            assert_eq!(
+                FlowRecordView::read(&bytes).unwrap(),
+                FlowRecordView::from(record)
+            );
+        }
+    }
+
+    #[test]
+    fn prost_decoding_rules_are_kept() {
+        let mut bytes = Vec::new();
+        let mut w = Writer(&mut bytes);
+        // A scalar twice: the last wins.
+        w.varint(7, 1);
+        w.varint(7, 2);
+        // A uint32 given a 64-bit value: its low 32 bits; an enum too (as i32).
+        w.varint(8, (1 << 32) | 443);
+        w.varint(4, u64::MAX);
+        // Unknown fields of every wire type are skipped.
+        w.varint(99, 5);
+        w.fixed64(98, 5);
+        w.bytes(97, b"unknown");
+        w.key(96, prost::encoding::WireType::ThirtyTwoBit);
+        w.0.extend_from_slice(&[1, 2, 3, 4]);
+        // A nested message twice: merged field by field.
+        w.message(21, |t| t.message(1, |e| e.bytes(1, &[10, 0, 0, 1])));
+        w.message(21, |t| t.message(1, |e| e.varint(2, 80)));
+        w.message(21, |t| t.message(4, |e| e.varint(2, 8080)));
+        let (decoded, read) = both(&bytes);
+        let decoded = decoded.unwrap();
+        assert_eq!(read.unwrap(), FlowRecordView::from(&decoded));
+        assert_eq!((decoded.source_port, decoded.destination_port), (2, 443));
+        assert_eq!(decoded.direction, -1);
+        let client = decoded
+            .translation
+            .as_ref()
+            .unwrap()
+            .client
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            (client.address.as_slice(), client.port),
+            (&[10, 0, 0, 1][..], 80)
+        );
+    }
+
+    #[test]
+    fn malformed_records_are_refused_where_prost_refuses_them() {
+        let good = full_record().encode_to_vec();
+        // Cut anywhere: refused by both inside a field, read the same at a field's end.
+        for len in 1..good.len() {
+            match both(&good[..len]) {
+                (Ok(decoded), Ok(read)) => assert_eq!(read, FlowRecordView::from(&decoded)),
+                (Err(_), Err(_)) => {}
+                (decoded, read) => panic!("cut at {len}: prost {decoded:?}, read {read:?}"),
+            }
+        }
+        let cases: [(&[u8], ReadError); 5] = [
+            // node_name (1) as a varint.
+            (
+                &[0x08, 0x01],
+                ReadError::UnexpectedWireType {
+                    tag: 1,
+                    found: 0,
+                    expected: 2,
+                },
+            ),
+            // source_port (7) as bytes.
+            (
+                &[0x3a, 0x00],
+                ReadError::UnexpectedWireType {
+                    tag: 7,
+                    found: 2,
+                    expected: 0,
+                },
+            ),
+            // interface_name (2) not UTF-8.
+            (&[0x12, 0x01, 0xff], ReadError::Utf8(2)),
+            // A group (wire type 3).
+            (
+                &[0x0b],
+                ReadError::WireType {
+                    tag: 1,
+                    wire_type: 3,
+                },
+            ),
+            // A varint past 64 bits.
+            (
+                &[
+                    0x18, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02,
+                ],
+                ReadError::Varint,
+            ),
+        ];
+        for (bytes, error) in cases {
+            let (decoded, read) = both(bytes);
+            assert!(decoded.is_err(), "prost takes {bytes:?}");
+            assert_eq!(read.unwrap_err(), error, "{bytes:?}");
+        }
+        assert_eq!(
+            ReadError::UnexpectedWireType {
+                tag: 7,
+                found: 2,
+                expected: 0
+            }
+            .to_string(),
+            "field 7: wire type 2, expected 0"
+        );
+    }
+
+    #[test]
+    fn a_batch_keeps_its_bytes_and_reads_its_records() {
+        let records = vec![full_record(), FlowRecord::default()];
+        let batch = Batch {
+            sequence: 41,
+            records: records.clone(),
+        };
+        let encoded = BatchBytes::encode(&batch);
+        let received = BatchBytes::new(Bytes::from(batch.encode_to_vec())).unwrap();
+        assert_eq!(received, encoded);
+        assert_eq!(received.sequence(), 41);
+        let read = received.records().unwrap();
+        let expected: Vec<_> = records.iter().map(FlowRecordView::from).collect();
+        assert_eq!(read, expected);
+        assert_eq!(received.decode().unwrap(), batch);
+        // The same records encoded another way (the sequence after them) are the same batch;
+        // another record is not.
+        let mut reordered = Vec::new();
+        for record in &records {
+            Writer(&mut reordered).flow_record(2, record);
+        }
+        Writer(&mut reordered).varint(1, 41);
+        let reordered = BatchBytes::new(Bytes::from(reordered)).unwrap();
+        assert_ne!(reordered, received);
+        assert!(reordered.same_content(&received));
+        let other = BatchBytes::encode(&Batch {
+            sequence: 41,
+            records: vec![FlowRecord::default()],
+        });
+        assert!(!other.same_content(&received));
+        // A record that is not one is refused, by its index, when the records are read.
+        let mut bad = received.bytes().to_vec();
+        Writer(&mut bad).bytes(2, &[0x08, 0x01]);
+        assert_eq!(
+            BatchBytes::new(Bytes::from(bad))
+                .unwrap()
+                .records()
+                .unwrap_err()
+                .to_string(),
+            "record 2: field 1: wire type 0, expected 2"
+        );
+        // A batch whose record is cut short is refused.
+        let mut cut = batch.encode_to_vec();
+        cut.truncate(cut.len() - 1);
+        assert_eq!(
+            BatchBytes::new(Bytes::from(cut)).unwrap_err(),
+            ReadError::Truncated
+        );
+    }
+
+    #[test]
+    fn agent_messages_read_as_prost_decodes_them() {
+        use crate::agent::v1::{AgentMessage, agent_message::Message};
+        let hello = Hello {
+            protocol_version: 1,
+            node_name: "node-a".into(),
+            agent_version: "0.1.0".into(),
+            boot_id: vec![7; 16],
+        };
+        let batch = |sequence, records: Vec<FlowRecord>| Batch { sequence, records };
+        let encode = |message: Message| {
+            AgentMessage {
+                message: Some(message),
+            }
+            .encode_to_vec()
+        };
+        let read = |bytes: Vec<u8>| AgentMessageRead::read(Bytes::from(bytes)).unwrap();
+        assert_eq!(
+            read(encode(Message::Hello(hello.clone()))),
+            Some(AgentMessageRead::Hello(hello.clone()))
+        );
+        let one = batch(3, vec![full_record()]);
+        assert_eq!(
+            read(encode(Message::Batch(one.clone()))),
+            Some(AgentMessageRead::Batch(BatchBytes::encode(&one)))
+        );
+        assert_eq!(read(Vec::new()), None);
+        // Two parts of one batch are merged as prost merges them; the last oneof field wins.
+        let two = batch(4, vec![FlowRecord::default()]);
+        let mut both = encode(Message::Batch(one.clone()));
+        both.extend(encode(Message::Batch(two.clone())));
+        let decoded = AgentMessage::decode(both.as_slice()).unwrap();
+        let Some(AgentMessageRead::Batch(merged)) = read(both.clone()) else {
+            panic!("not a batch");
+        };
+        assert_eq!(
+            Some(Message::Batch(merged.decode().unwrap())),
+            decoded.message
+        );
+        assert_eq!(merged.sequence(), 4);
+        assert_eq!(merged.records().unwrap().len(), 2);
+        let mut last = encode(Message::Batch(one));
+        last.extend(encode(Message::Hello(hello.clone())));
+        assert_eq!(read(last), Some(AgentMessageRead::Hello(hello)));
+        // A malformed Hello is refused with prost's reason.
+        assert_eq!(
+            AgentMessageRead::read(Bytes::from_static(&[0x0a, 0x02, 0x08, 0x80]))
+                .unwrap_err()
+                .to_string(),
+            "hello: failed to decode Protobuf message: Hello.protocol_version: invalid varint"
+        );
+    }
+}
