@@ -642,16 +642,17 @@ impl<S: BatchSink> Worker<S> {
                 agent.last
             )));
         }
+        // Counted before they are read: a message of tiny records takes no memory beyond it.
+        let limit = self.ingest.limits.max_batch_records as usize;
+        let count = batch.record_count();
+        if count > limit {
+            return Err(Status::invalid_argument(format!(
+                "batch {sequence} has {count} records; the limit is {limit}"
+            )));
+        }
         let records = batch
             .records()
             .map_err(|err| Status::invalid_argument(format!("batch {sequence}, {err}")))?;
-        let limit = self.ingest.limits.max_batch_records as usize;
-        if records.len() > limit {
-            return Err(Status::invalid_argument(format!(
-                "batch {sequence} has {} records; the limit is {limit}",
-                records.len()
-            )));
-        }
         let mut observations = Vec::with_capacity(records.len());
         let now = crate::clock::unix_now();
         for (index, record) in records.iter().enumerate() {

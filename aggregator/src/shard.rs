@@ -277,7 +277,12 @@ impl FlowShard {
         let records = match batch.records() {
             Ok(records) => records,
             Err(err) => {
-                tracing::error!(shard = self.id, sequence, %err, "a batch this shard missed is corrupt in the log");
+                tracing::error!(
+                    shard = self.id,
+                    sequence,
+                    %err,
+                    "a batch this shard missed is corrupt in the log"
+                );
                 self.context.metrics.lost("batch_unreadable", 1);
                 return;
             }

@@ -1,8 +1,11 @@
 //! The agent stream's gRPC service, written by hand rather than generated: its codec keeps each
-//! batch as the bytes the agent sent ([`BatchBytes`](mermin_protocol::wire::read::BatchBytes)), which the session reads in place and the
-//! store logs as they are, instead of prost decoding every record into owned values that the
-//! log then encodes again. Answers are encoded by prost. The path, the status of an unknown
-//! method and the message size limit are those of the generated `AgentServiceServer`.
+//! batch as the bytes the agent sent
+//! ([`BatchBytes`](mermin_protocol::wire::read::BatchBytes)), which the session reads in place
+//! and the store logs as they are, instead of prost decoding every record into owned values
+//! that the log then encodes again. Answers are encoded by prost. The path, the status of an
+//! unknown method and the message size limit are those of the generated `AgentServiceServer`
+//! (no compression either); a message that is not an `AgentMessage` ends the stream with
+//! INVALID_ARGUMENT naming what is wrong (prost's decoder said INTERNAL).
 
 use std::{
     convert::Infallible,

@@ -5,9 +5,11 @@
 //! translation per record, each allocated and freed again once the record is validated
 //! (about a tenth of the aggregator's CPU at 5k connections/s, BENCHMARKS.md). Here a record is
 //! a [`FlowRecordView`] borrowing the batch's bytes, and a batch stays the bytes its agent sent
-//! ([`BatchBytes`]), which is also what the aggregator's log keeps. What prost decodes, this
-//! reads the same: the same fields, the last of a repeated scalar, nested messages merged,
-//! unknown fields skipped, an integer narrowed as prost narrows it (the tests compare).
+//! ([`BatchBytes`]), which is also what the aggregator's log keeps — unknown fields included,
+//! within the message size limit like everything else. What prost decodes, this reads the same:
+//! the same fields, the last of a repeated scalar, nested messages merged, unknown fields
+//! skipped, an integer narrowed as prost narrows it (the tests compare). One exception: groups
+//! (wire types 3 and 4, proto2's, which no proto3 sender writes) are refused, not skipped.
 
 use prost::Message as _;
 use prost::bytes::Bytes;
@@ -30,6 +32,8 @@ pub enum ReadError {
     Utf8(u32),
     #[error("field tag 0")]
     TagZero,
+    #[error("field key {0} does not fit in 32 bits")]
+    Key(u64),
     #[error("hello: {0}")]
     Hello(prost::DecodeError),
     #[error("record {index}: {error}")]
@@ -138,7 +142,9 @@ impl<'a> Fields<'a> {
             return Ok(None);
         }
         let key = self.varint()?;
-        let tag = u32::try_from(key >> 3).map_err(|_| ReadError::Varint)?;
+        // As prost: a key is a 32-bit varint (so a tag is below 2^29).
+        let key = u32::try_from(key).map_err(|_| ReadError::Key(key))?;
+        let tag = key >> 3;
         if tag == 0 {
             return Err(ReadError::TagZero);
         }
@@ -336,17 +342,7 @@ impl BatchBytes {
     /// Reads the sequence of the encoded `Batch` in `bytes` (its records are read by
     /// [`BatchBytes::records`]).
     pub fn new(bytes: Bytes) -> Result<Self, ReadError> {
-        let mut sequence = 0;
-        let mut fields = Fields::of(&bytes);
-        while let Some((tag, value)) = fields.next_field()? {
-            match tag {
-                1 => sequence = value.varint(tag)?,
-                2 => {
-                    value.delimited(tag)?;
-                }
-                _ => {}
-            }
-        }
+        let sequence = read_batch(&bytes)?.unwrap_or(0);
         Ok(BatchBytes { sequence, bytes })
     }
 
@@ -367,33 +363,71 @@ impl BatchBytes {
         &self.bytes
     }
 
+    /// How many records the batch holds (counted without reading them: what a limit on
+    /// records is checked against before they take memory).
+    pub fn record_count(&self) -> usize {
+        let mut fields = Fields::of(&self.bytes);
+        let mut count = 0;
+        // `new` read every field once already.
+        while let Ok(Some((tag, _))) = fields.next_field() {
+            count += usize::from(tag == 2);
+        }
+        count
+    }
+
     /// Every record of the batch, read (the first error ends it).
     pub fn records(&self) -> Result<Vec<FlowRecordView<'_>>, ReadError> {
-        let mut records = Vec::new();
+        self.each_record().collect()
+    }
+
+    fn each_record(&self) -> impl Iterator<Item = Result<FlowRecordView<'_>, ReadError>> {
         let mut fields = Fields::of(&self.bytes);
-        while let Some((tag, value)) = fields.next_field()? {
-            if tag == 2 {
-                let record = value.delimited(tag).and_then(FlowRecordView::read);
-                records.push(record.map_err(|error| ReadError::Record {
-                    index: records.len(),
-                    error: Box::new(error),
-                })?);
+        let mut index = 0;
+        std::iter::from_fn(move || {
+            loop {
+                let (tag, value) = fields.next_field().ok()??;
+                if tag == 2 {
+                    let record = value.delimited(tag).and_then(FlowRecordView::read);
+                    index += 1;
+                    return Some(record.map_err(|error| ReadError::Record {
+                        index: index - 1,
+                        error: Box::new(error),
+                    }));
+                }
             }
-        }
-        Ok(records)
+        })
     }
 
-    /// Decoded by prost.
-    pub fn decode(&self) -> Result<Batch, prost::DecodeError> {
-        Batch::decode(self.bytes.as_ref())
-    }
-
-    /// Whether the two hold the same sequence and records, however each was encoded.
+    /// Whether the two hold the same sequence and records, however each was encoded (compared
+    /// record by record: nothing is held but the pair compared).
     pub fn same_content(&self, other: &BatchBytes) -> bool {
-        self == other
-            || self.sequence == other.sequence
-                && matches!((self.records(), other.records()), (Ok(a), Ok(b)) if a == b)
+        if self == other {
+            return true;
+        }
+        self.sequence == other.sequence
+            && self.record_count() == other.record_count()
+            && self
+                .each_record()
+                .zip(other.each_record())
+                .all(|(a, b)| matches!((a, b), (Ok(a), Ok(b)) if a == b))
     }
+}
+
+/// Reads every field of an encoded `Batch` once, checking that each is well-formed; returns
+/// the last `sequence` it holds, if any.
+fn read_batch(bytes: &[u8]) -> Result<Option<u64>, ReadError> {
+    let mut sequence = None;
+    let mut fields = Fields::of(bytes);
+    while let Some((tag, value)) = fields.next_field()? {
+        match tag {
+            1 => sequence = Some(value.varint(tag)?),
+            2 => {
+                value.delimited(tag)?;
+            }
+            _ => {}
+        }
+    }
+    Ok(sequence)
 }
 
 /// An `AgentMessage`, its batch kept as bytes.
@@ -408,28 +442,61 @@ impl AgentMessageRead {
     /// last of the oneof's fields wins, and one field given twice is merged (a batch's encoded
     /// parts concatenated: that is how protobuf merges messages).
     pub fn read(bytes: Bytes) -> Result<Option<Self>, ReadError> {
-        let mut message = None;
+        /// A batch's parts, each read once and joined once at the end (joining and reading
+        /// again at each part would be quadratic in their number).
+        enum Reading {
+            Nothing,
+            Hello(Hello),
+            Batch { parts: Vec<Bytes>, sequence: u64 },
+        }
+        let mut reading = Reading::Nothing;
         let mut fields = Fields::of(&bytes);
         while let Some((tag, value)) = fields.next_field()? {
             let part =
                 || -> Result<Bytes, ReadError> { Ok(bytes.slice_ref(value.delimited(tag)?)) };
-            message = match (tag, message) {
-                (1, Some(AgentMessageRead::Hello(mut hello))) => {
+            reading = match (tag, reading) {
+                (1, Reading::Hello(mut hello)) => {
                     hello.merge(part()?).map_err(ReadError::Hello)?;
-                    Some(AgentMessageRead::Hello(hello))
+                    Reading::Hello(hello)
                 }
-                (1, _) => Some(AgentMessageRead::Hello(
-                    Hello::decode(part()?).map_err(ReadError::Hello)?,
-                )),
-                (2, Some(AgentMessageRead::Batch(first))) => {
-                    let merged = [first.bytes.as_ref(), part()?.as_ref()].concat();
-                    Some(AgentMessageRead::Batch(BatchBytes::new(merged.into())?))
+                (1, _) => Reading::Hello(Hello::decode(part()?).map_err(ReadError::Hello)?),
+                (
+                    2,
+                    Reading::Batch {
+                        mut parts,
+                        sequence,
+                    },
+                ) => {
+                    let part = part()?;
+                    let sequence = read_batch(&part)?.unwrap_or(sequence);
+                    parts.push(part);
+                    Reading::Batch { parts, sequence }
                 }
-                (2, _) => Some(AgentMessageRead::Batch(BatchBytes::new(part()?)?)),
+                (2, _) => {
+                    let part = part()?;
+                    let sequence = read_batch(&part)?.unwrap_or(0);
+                    Reading::Batch {
+                        parts: vec![part],
+                        sequence,
+                    }
+                }
                 (_, kept) => kept,
             };
         }
-        Ok(message)
+        Ok(match reading {
+            Reading::Nothing => None,
+            Reading::Hello(hello) => Some(AgentMessageRead::Hello(hello)),
+            Reading::Batch {
+                mut parts,
+                sequence,
+            } => {
+                let bytes = match parts.len() {
+                    1 => parts.pop().expect("one part"),
+                    _ => parts.concat().into(),
+                };
+                Some(AgentMessageRead::Batch(BatchBytes { sequence, bytes }))
+            }
+        })
     }
 }
 
@@ -556,7 +623,7 @@ mod tests {
                 (decoded, read) => panic!("cut at {len}: prost {decoded:?}, read {read:?}"),
             }
         }
-        let cases: [(&[u8], ReadError); 5] = [
+        let cases: [(&[u8], ReadError); 6] = [
             // node_name (1) as a varint.
             (
                 &[0x08, 0x01],
@@ -584,6 +651,11 @@ mod tests {
                     tag: 1,
                     wire_type: 3,
                 },
+            ),
+            // A key past 32 bits (tag 2^29), which prost refuses too.
+            (
+                &[0x80, 0x80, 0x80, 0x80, 0x10, 0x00],
+                ReadError::Key(1 << 32),
             ),
             // A varint past 64 bits.
             (
@@ -623,7 +695,8 @@ mod tests {
         let read = received.records().unwrap();
         let expected: Vec<_> = records.iter().map(FlowRecordView::from).collect();
         assert_eq!(read, expected);
-        assert_eq!(received.decode().unwrap(), batch);
+        assert_eq!(Batch::decode(received.bytes().as_ref()).unwrap(), batch);
+        assert_eq!(received.record_count(), 2);
         // The same records encoded another way (the sequence after them) are the same batch;
         // another record is not.
         let mut reordered = Vec::new();
@@ -695,7 +768,9 @@ mod tests {
             panic!("not a batch");
         };
         assert_eq!(
-            Some(Message::Batch(merged.decode().unwrap())),
+            Some(Message::Batch(
+                Batch::decode(merged.bytes().as_ref()).unwrap()
+            )),
             decoded.message
         );
         assert_eq!(merged.sequence(), 4);
@@ -709,6 +784,39 @@ mod tests {
                 .unwrap_err()
                 .to_string(),
             "hello: failed to decode Protobuf message: Hello.protocol_version: invalid varint"
+        );
+    }
+
+    #[test]
+    fn a_batch_in_many_parts_is_read_in_one_pass() {
+        use crate::agent::v1::{AgentMessage, agent_message::Message};
+        // 200,000 parts: joined and read again at each part, this would copy ~40 GB.
+        let parts = 200_000;
+        let mut bytes = Vec::new();
+        for sequence in 1..=parts {
+            let part = Batch {
+                sequence,
+                records: vec![FlowRecord::default()],
+            };
+            bytes.extend(
+                AgentMessage {
+                    message: Some(Message::Batch(part)),
+                }
+                .encode_to_vec(),
+            );
+        }
+        let decoded = AgentMessage::decode(bytes.as_slice()).unwrap();
+        let Some(AgentMessageRead::Batch(batch)) = AgentMessageRead::read(bytes.into()).unwrap()
+        else {
+            panic!("not a batch");
+        };
+        assert_eq!(batch.sequence(), parts);
+        assert_eq!(batch.record_count(), parts as usize);
+        assert_eq!(
+            Some(Message::Batch(
+                Batch::decode(batch.bytes().as_ref()).unwrap()
+            )),
+            decoded.message
         );
     }
 }
