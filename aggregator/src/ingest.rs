@@ -650,19 +650,19 @@ impl<S: BatchSink> Worker<S> {
                 "batch {sequence} has {count} records; the limit is {limit}"
             )));
         }
-        let records = batch
-            .records()
-            .map_err(|err| Status::invalid_argument(format!("batch {sequence}, {err}")))?;
-        let mut observations = Vec::with_capacity(records.len());
+        // Each record read, checked and turned into an observation in one pass.
+        let mut observations = Vec::with_capacity(count);
         let now = crate::clock::unix_now();
-        for (index, record) in records.iter().enumerate() {
+        for (index, record) in batch.records().enumerate() {
+            let record = record
+                .map_err(|err| Status::invalid_argument(format!("batch {sequence}, {err}")))?;
             if record.node_name != agent.node {
                 return Err(Status::invalid_argument(format!(
                     "batch {sequence}, record {index}: node_name {:?} is not the stream's node {:?}",
                     record.node_name, agent.node
                 )));
             }
-            let observation = Observation::try_from(record)
+            let observation = Observation::try_from(&record)
                 .and_then(|o| o.check_time(now).map(|()| o))
                 .map_err(|err| {
                     Status::invalid_argument(format!("batch {sequence}, record {index}: {err}"))
@@ -688,6 +688,11 @@ impl<S: BatchSink> Worker<S> {
             .metrics
             .records_accepted
             .inc_by(observations.len() as u64);
+        let newest_end = observations
+            .iter()
+            .map(|o| o.counts.last_seen_unix_nanos)
+            .max()
+            .unwrap_or(0);
         self.ingest
             .flows
             .apply(AppliedBatch {
@@ -697,15 +702,10 @@ impl<S: BatchSink> Worker<S> {
             })
             .await
             .map_err(|_| Status::unavailable("the aggregator is shutting down"))?;
-        let newest_end = records
-            .iter()
-            .map(|r| r.last_seen_unix_nanos)
-            .max()
-            .unwrap_or(0);
         self.ingest.agents.acked(
             &agent.boot_id,
             sequence,
-            records.len() as u64,
+            count as u64,
             newest_end,
             crate::clock::unix_now(),
         );

@@ -510,7 +510,8 @@ fn recover(
         let corrupt = |e: &dyn std::fmt::Display| {
             StartError::Recover(format!("stored batch {}: {e}", batch.sequence()))
         };
-        for record in &batch.records().map_err(|e| corrupt(&e))? {
+        let records: Result<Vec<_>, _> = batch.records().collect();
+        for record in &records.map_err(|e| corrupt(&e))? {
             // Validated before it was stored; a record that no longer validates is corrupt.
             let observation = Observation::try_from(record).map_err(|e| corrupt(&e))?;
             let applied = positions[usize::from(shard_of(&observation.key))]

@@ -274,7 +274,8 @@ impl FlowShard {
                 return;
             }
         };
-        let records = match batch.records() {
+        // All read before any is applied: a batch is applied whole or not at all.
+        let records = match batch.records().collect::<Result<Vec<_>, _>>() {
             Ok(records) => records,
             Err(err) => {
                 tracing::error!(

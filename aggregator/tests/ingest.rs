@@ -185,7 +185,7 @@ async fn bad_input_is_refused_with_a_clear_status_and_other_streams_go_on() {
     };
     let mut not_a_record = encode(agent_message::Message::Batch(Batch {
         sequence: 1,
-        records: vec![record("node-r", 1)],
+        records: vec![record("node-bad", 1)],
     }));
     // A second part of the same batch (protobuf merges them), holding a record whose
     // `source_port` is a string.

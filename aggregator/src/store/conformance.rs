@@ -75,7 +75,12 @@ async fn batches_survive_reopening_in_order(open: Opener<'_>) {
     let replayed: Vec<(u8, u64)> = store
         .batches()
         .map(|r| r.unwrap())
-        .map(|(id, batch)| (id[0], batch.records().unwrap()[0].delta_packets))
+        .map(|(id, batch)| {
+            (
+                id[0],
+                batch.records().next().unwrap().unwrap().delta_packets,
+            )
+        })
         .collect();
     assert_eq!(replayed, [(1, 1), (1, 2), (2, 1)]);
     assert_eq!(store.batch(&a, 2).unwrap(), Some(batch(2)));

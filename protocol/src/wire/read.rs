@@ -107,7 +107,15 @@ impl<'a> Fields<'a> {
         Fields { rest: message }
     }
 
+    #[inline(always)]
     fn varint(&mut self) -> Result<u64, ReadError> {
+        // Most keys and many values take one byte.
+        if let Some((&byte, rest)) = self.rest.split_first()
+            && byte < 0x80
+        {
+            self.rest = rest;
+            return Ok(u64::from(byte));
+        }
         let mut value = 0u64;
         for (i, &byte) in self.rest.iter().enumerate().take(10) {
             // The tenth byte holds the 64th bit only.
@@ -137,6 +145,7 @@ impl<'a> Fields<'a> {
     }
 
     /// The next field, or `None` at the end of the message.
+    #[inline(always)]
     fn next_field(&mut self) -> Result<Option<(u32, Value<'a>)>, ReadError> {
         if self.rest.is_empty() {
             return Ok(None);
@@ -375,12 +384,8 @@ impl BatchBytes {
         count
     }
 
-    /// Every record of the batch, read (the first error ends it).
-    pub fn records(&self) -> Result<Vec<FlowRecordView<'_>>, ReadError> {
-        self.each_record().collect()
-    }
-
-    fn each_record(&self) -> impl Iterator<Item = Result<FlowRecordView<'_>, ReadError>> {
+    /// The batch's records, each read when it is reached (an error ends them).
+    pub fn records(&self) -> impl Iterator<Item = Result<FlowRecordView<'_>, ReadError>> {
         let mut fields = Fields::of(&self.bytes);
         let mut index = 0;
         std::iter::from_fn(move || {
@@ -407,8 +412,8 @@ impl BatchBytes {
         self.sequence == other.sequence
             && self.record_count() == other.record_count()
             && self
-                .each_record()
-                .zip(other.each_record())
+                .records()
+                .zip(other.records())
                 .all(|(a, b)| matches!((a, b), (Ok(a), Ok(b)) if a == b))
     }
 }
@@ -692,7 +697,7 @@ mod tests {
         let received = BatchBytes::new(Bytes::from(batch.encode_to_vec())).unwrap();
         assert_eq!(received, encoded);
         assert_eq!(received.sequence(), 41);
-        let read = received.records().unwrap();
+        let read = received.records().collect::<Result<Vec<_>, _>>().unwrap();
         let expected: Vec<_> = records.iter().map(FlowRecordView::from).collect();
         assert_eq!(read, expected);
         assert_eq!(Batch::decode(received.bytes().as_ref()).unwrap(), batch);
@@ -719,6 +724,7 @@ mod tests {
             BatchBytes::new(Bytes::from(bad))
                 .unwrap()
                 .records()
+                .collect::<Result<Vec<_>, _>>()
                 .unwrap_err()
                 .to_string(),
             "record 2: field 1: wire type 0, expected 2"
@@ -774,7 +780,14 @@ mod tests {
             decoded.message
         );
         assert_eq!(merged.sequence(), 4);
-        assert_eq!(merged.records().unwrap().len(), 2);
+        assert_eq!(
+            merged
+                .records()
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap()
+                .len(),
+            2
+        );
         let mut last = encode(Message::Batch(one));
         last.extend(encode(Message::Hello(hello.clone())));
         assert_eq!(read(last), Some(AgentMessageRead::Hello(hello)));
