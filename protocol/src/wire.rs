@@ -157,10 +157,10 @@ mod tests {
         out
     }
 
-    #[test]
-    fn flow_records_are_written_as_prost_writes_them() {
+    /// A record with every field set (the reader's tests use it too).
+    pub(super) fn full_record() -> FlowRecord {
         let endpoint = |address: Vec<u8>, port| Some(ConnectionEndpoint { address, port });
-        let full = FlowRecord {
+        FlowRecord {
             node_name: "node-a".into(),
             interface_name: "veth0123456789".into(),
             interface_index: 7,
@@ -187,7 +187,12 @@ mod tests {
                 translated_client: endpoint(vec![], 0),
                 server: None,
             }),
-        };
+        }
+    }
+
+    #[test]
+    fn flow_records_are_written_as_prost_writes_them() {
+        let full = full_record();
         let records = [
             full.clone(),
             FlowRecord::default(),

@@ -508,39 +508,7 @@ impl AgentMessageRead {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::Fields as Writer;
-
-    fn full_record() -> FlowRecord {
-        let endpoint = |address: Vec<u8>, port| Some(ConnectionEndpoint { address, port });
-        FlowRecord {
-            node_name: "node-a".into(),
-            interface_name: "veth0123456789".into(),
-            interface_index: 7,
-            direction: 2,
-            source_address: vec![10, 0, 0, 1],
-            destination_address: vec![0xfd; 16],
-            source_port: 40_000,
-            destination_port: 443,
-            ip_protocol: 6,
-            icmp_type: 8,
-            icmp_code: 1,
-            delta_packets: u64::MAX,
-            delta_octets: 1 << 40,
-            first_seen_unix_nanos: 1_765_000_000_000_000_000,
-            last_seen_unix_nanos: 1_765_000_000_100_000_000,
-            flow_start_unix_nanos: 1_764_999_000_000_000_000,
-            tcp_flags: 0x1b,
-            first_tcp_flags: 0x02,
-            end_reason: 3,
-            record_sequence: 300,
-            translation: Some(Translation {
-                client: endpoint(vec![10, 0, 0, 1], 40_000),
-                dialled: endpoint(vec![10, 96, 0, 10], 443),
-                translated_client: endpoint(vec![], 0),
-                server: None,
-            }),
-        }
-    }
+    use crate::wire::{Fields as Writer, tests::full_record};
 
     /// What prost decodes from `bytes`, and what this reader reads, as views to compare.
     fn both(
