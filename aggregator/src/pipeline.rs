@@ -510,10 +510,11 @@ fn recover(
         let corrupt = |e: &dyn std::fmt::Display| {
             StartError::Recover(format!("stored batch {}: {e}", batch.sequence()))
         };
-        let records: Result<Vec<_>, _> = batch.records().collect();
-        for record in &records.map_err(|e| corrupt(&e))? {
-            // Validated before it was stored; a record that no longer validates is corrupt.
-            let observation = Observation::try_from(record).map_err(|e| corrupt(&e))?;
+        for record in batch.records() {
+            // Validated before it was stored; a record that no longer reads or validates is
+            // corrupt (and the start fails: nothing half-applied outlives it).
+            let record = record.map_err(|e| corrupt(&e))?;
+            let observation = Observation::try_from(&record).map_err(|e| corrupt(&e))?;
             let applied = positions[usize::from(shard_of(&observation.key))]
                 .get(&boot_id)
                 .copied()

@@ -231,9 +231,9 @@ pub trait Storage: Send + Sync + 'static {
     /// `positions` holds the agents whose position moved; its requests take outbox ids after
     /// those of the checkpoints before it. An empty `checkpoints` changes nothing but lets the
     /// store find out whether it can write again (what the checkpoint writer asks, idle, while
-    /// [`Storage::write_failure`] reports one: the sled store probes its disk and flushes). On [`StoreError::NotDurable`] the checkpoints are
-    /// applied: write their positions again later (so that a write makes them durable), not
-    /// their changes and requests.
+    /// [`Storage::write_failure`] reports one: the sled store probes its disk and flushes). On
+    /// [`StoreError::NotDurable`] the checkpoints are applied: write their positions again
+    /// later (so that a write makes them durable), not their changes and requests.
     fn checkpoint(&self, checkpoints: &[Checkpoint<'_>]) -> Result<(), StoreError>;
 
     /// Every shard's last checkpoint: positions and connection states.
