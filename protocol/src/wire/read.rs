@@ -384,7 +384,8 @@ impl BatchBytes {
         count
     }
 
-    /// The batch's records, each read when it is reached (an error ends them).
+    /// The batch's records, each read when it is reached (a record that does not read is an
+    /// error naming its index; callers stop there). The fields around them were read by `new`.
     pub fn records(&self) -> impl Iterator<Item = Result<FlowRecordView<'_>, ReadError>> {
         let mut fields = Fields::of(&self.bytes);
         let mut index = 0;
