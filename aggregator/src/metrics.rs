@@ -53,6 +53,7 @@ pub struct Metrics {
     pub batches_read_back: Counter,
     pub late_records_ignored: Counter,
     pub reused_tuples: Counter,
+    pub connections_forgotten_early: Counter,
     pub intervals_complete_early: Counter,
     pub checkpoint_failures: Counter,
     pub store_write_failures: Family<ReasonLabel, Counter>,
@@ -197,6 +198,12 @@ impl Metrics {
             "Connections that began on the 5-tuple of an earlier, ended connection (each its own trace)",
             reused_tuples.clone(),
         );
+        let connections_forgotten_early = Counter::default();
+        registry.register(
+            "connections_forgotten_early",
+            "Closed connections forgotten before their grace period because their 5-tuple carried 128 later connections within it (a late record of one is counted into a later connection)",
+            connections_forgotten_early.clone(),
+        );
         let intervals_complete_early = Counter::default();
         registry.register(
             "intervals_complete_early",
@@ -274,6 +281,7 @@ impl Metrics {
             batches_read_back,
             late_records_ignored,
             reused_tuples,
+            connections_forgotten_early,
             intervals_complete_early,
         }
     }

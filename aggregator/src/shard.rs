@@ -192,10 +192,11 @@ impl Handler<Apply> for FlowShard {
             return;
         }
         let now = unix_now();
-        let (late_before, reused_before, early_before) = (
+        let (late_before, reused_before, early_before, forgotten_before) = (
             self.table.late_ignored(),
             self.table.reused_keys(),
             self.table.complete_early(),
+            self.table.forgotten_early(),
         );
         for missing in applied + 1..batch.sequence {
             self.apply_from_log(&batch.boot_id, missing, now);
@@ -219,6 +220,10 @@ impl Handler<Apply> for FlowShard {
             .metrics
             .reused_tuples
             .inc_by(self.table.reused_keys() - reused_before);
+        self.context
+            .metrics
+            .connections_forgotten_early
+            .inc_by(self.table.forgotten_early() - forgotten_before);
         self.positions.insert(batch.boot_id, batch.sequence);
         self.moved.insert(batch.boot_id);
     }

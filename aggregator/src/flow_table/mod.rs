@@ -13,12 +13,14 @@
 //!
 //! **Persistence.** The table records which connections changed ([`FlowTable::take_changes`]);
 //! the pipeline writes those, serialized, in the same store transaction as the spans they
-//! produced, and [`FlowTable::restore`] rebuilds the table after a restart. What is written is
-//! the stored form (`stored`), whose layout has not changed since the first release, written
-//! by hand (`FlowTable::write_stored`) and checked against serde in debug builds.
+//! produced, and [`FlowTable::restore`] rebuilds the table after a restart. Each connection is
+//! a row of its own, named by its key and its generation (`stored`): a change writes the one
+//! connection that changed, however many earlier ones its key remembers. A connection's stored
+//! form has not changed since the first release; it is written by hand
+//! (`FlowTable::write_stored`) and checked against serde in debug builds.
 //!
 //! **Layout.** A live connection costs its entry, so entries are compact (a [`Connection`] of
-//! 112 bytes, the key packed in 38, times and links: 184 bytes) and sit in a slab of fixed-size
+//! 112 bytes, the key packed in 38, times, links and generation: 184 bytes) and sit in a slab of fixed-size
 //! chunks (`slab`); the index from key to entry is a hash table of 4-byte slots, so that its load
 //! factor costs bytes, not entries. Connections that ended on a key stay chained behind the
 //! key's newest one (`Entry::previous`), in the slab but not in the index.
@@ -35,7 +37,9 @@
 //! connection's last packet begins a new connection: it gets its own state, start and so trace
 //! id. The earlier connection stays (`Tracked::previous`) until its grace period is over: its
 //! own records that arrive later go to it by their flow start, which lies before its last
-//! packet. That needs node clocks to agree within `TCP_REUSE_GAP_NANOS`
+//! packet. Each connection of a key has a generation, one more than the one before it
+//! (wrapping); a chain spans fewer than [`MAX_CHAIN`] generations: the oldest closed connections
+//! of a key reused faster than that within the grace period are forgotten early, and counted. That needs node clocks to agree within `TCP_REUSE_GAP_NANOS`
 //! (10 ms; NTP and chrony do far better), and a tuple reused no sooner than that.
 //!
 //! **Late records.** A closed connection is remembered for a grace period. A late record from a
@@ -49,7 +53,7 @@ mod slab;
 mod slot_set;
 mod stored;
 
-use std::{hash::BuildHasher, time::Duration};
+use std::{collections::HashMap, hash::BuildHasher, time::Duration};
 
 use foldhash::fast::RandomState;
 use hashbrown::HashTable;
@@ -65,7 +69,7 @@ use deadlines::Deadlines;
 use packed_key::PackedKey;
 use slab::{NO_SLOT, Slab};
 use slot_set::SlotSet;
-use stored::StoredTracked;
+use stored::{Row, StoredTracked};
 
 const IPPROTO_TCP: u8 = 6;
 const SYN: u32 = 0x02;
@@ -77,6 +81,9 @@ const TCP_REUSE_GAP_NANOS: u64 = 10_000_000;
 /// The same for other protocols, which have no SYN: an agent starts a new flow on their key only
 /// after its idle timeout (seconds), so the gap can be long.
 const REUSE_GAP_NANOS: u64 = 1_000_000_000;
+/// How many generations a key's chain of connections may span (so that the one-byte
+/// generations of its rows never meet, and restore orders them).
+const MAX_CHAIN: u8 = 128;
 
 /// Where the ends of connections live, for emitting complete intervals at once (see the module
 /// docs): implemented over the metadata index by the shards.
@@ -89,6 +96,18 @@ pub trait EndNodes {
         at_unix_nanos: u64,
         reporting: &mut dyn Iterator<Item = &str>,
     ) -> bool;
+}
+
+/// Orders a key's stored connections oldest first by their generations, which wrap: the oldest
+/// is the one after the widest gap between generations (a chain spans fewer than [`MAX_CHAIN`]).
+fn oldest_first<T>(rows: &mut [(u8, T)]) {
+    rows.sort_unstable_by_key(|(generation, _)| *generation);
+    let gap_before = |i: usize| {
+        let previous = rows[(i + rows.len() - 1) % rows.len()].0;
+        rows[i].0.wrapping_sub(previous)
+    };
+    let oldest = (0..rows.len()).max_by_key(|&i| gap_before(i)).unwrap_or(0);
+    rows.rotate_left(oldest);
 }
 
 /// Knows no end's node: every interval waits for its settle time.
@@ -124,8 +143,7 @@ mod state {
     pub const CHAINED: u8 = 1 << 1;
     /// The current interval holds a final record.
     pub const CLOSING: u8 = 1 << 2;
-    /// Changed since the table last handed out its changes (kept by the head of a key's chain,
-    /// which stands for the chain).
+    /// Changed since the table last handed out its changes.
     pub const CHANGED: u8 = 1 << 3;
     /// The current interval holds records and is emitted at the deadline.
     pub const DUE: u8 = 1 << 4;
@@ -151,6 +169,9 @@ struct Entry {
     previous: u32,
     /// [`state`] bits.
     state: u8,
+    /// Which connection of its key this is: one more than the one before it, wrapping (its
+    /// stored row's name).
+    generation: u8,
 }
 
 impl Default for Entry {
@@ -165,6 +186,7 @@ impl Default for Entry {
             index: 0,
             previous: NO_SLOT,
             state: 0,
+            generation: 0,
         }
     }
 }
@@ -302,12 +324,13 @@ pub struct FlowTable {
     hasher: RandomState,
     /// Head slots by their chain's earliest deadline: what `emit_due` looks at.
     deadlines: Deadlines,
-    /// Head slots flagged `CHANGED` since the last `take_changes` (a slot may hold another key
-    /// or none by then: the flag decides).
+    /// Slots of connections flagged `CHANGED` since the last `take_changes` (a slot may hold
+    /// another connection or none by then: the flag decides; a flagged connection's slot is
+    /// always here).
     changed: SlotSet,
-    /// Keys whose connections were forgotten since the last `take_changes`, in that order
-    /// (changed connections are flagged in their entries).
-    forgotten: Vec<ConnectionKey>,
+    /// Rows of connections forgotten since the last `take_changes`, in that order (changed
+    /// connections are flagged in their entries).
+    forgotten: Vec<Row>,
     /// The observation points the connections refer to, one copy each.
     points: Points,
     kinds: InterfaceKinds,
@@ -317,6 +340,7 @@ pub struct FlowTable {
     late_ignored: u64,
     reused_keys: u64,
     complete_early: u64,
+    forgotten_early: u64,
 }
 
 impl FlowTable {
@@ -335,6 +359,7 @@ impl FlowTable {
             late_ignored: 0,
             reused_keys: 0,
             complete_early: 0,
+            forgotten_early: 0,
         }
     }
 
@@ -362,6 +387,12 @@ impl FlowTable {
         self.complete_early
     }
 
+    /// Closed connections forgotten before their grace period because their key carried
+    /// [`MAX_CHAIN`] later ones within it.
+    pub fn forgotten_early(&self) -> u64 {
+        self.forgotten_early
+    }
+
     /// Adds `observation`; its interval waits for the settle time.
     pub fn apply(&mut self, observation: &Observation, now: u64) {
         self.apply_knowing(observation, now, &NoEndNodes);
@@ -376,9 +407,13 @@ impl FlowTable {
         if self.entries.get(head).is_followed_by(observation) {
             let mut earlier = std::mem::replace(self.entries.get_mut(head), Entry::new(key));
             earlier.set(state::CHAINED);
-            let earlier = self.entries.insert(earlier);
-            self.entries.get_mut(head).previous = earlier;
+            let generation = earlier.generation.wrapping_add(1);
+            let moved = self.move_in(earlier);
+            let newest = self.entries.get_mut(head);
+            newest.previous = moved;
+            newest.generation = generation;
             self.mark_changed(head);
+            self.trim_chain(head);
             self.reused_keys += 1;
         }
         let owner = self.owner_of(head, observation);
@@ -399,7 +434,7 @@ impl FlowTable {
             if let Some(moved) = entry.deadline().filter(|&d| Some(d) != deadline) {
                 self.deadlines.push(moved, head);
             }
-            self.mark_changed(head);
+            self.mark_changed(owner);
         } else {
             self.late_ignored += 1;
         }
@@ -420,11 +455,11 @@ impl FlowTable {
                 }
                 Some(_) => {}
             }
-            if self.emit_chain(slot, now, out) {
-                self.mark_changed(slot);
-            }
+            self.emit_chain(slot, now, out);
             let head = self.entries.get(slot);
             if head.is_forgotten(now) {
+                self.forgotten
+                    .push(Row::Connection(head.key.key(), head.generation));
                 match head.previous {
                     NO_SLOT => {
                         let head = self.entries.remove(slot);
@@ -433,15 +468,17 @@ impl FlowTable {
                             .find_entry(hash, |&s| s == slot)
                             .expect("a head is in the index")
                             .remove();
-                        self.forgotten.push(head.key.key());
                         continue;
                     }
                     previous => {
                         // The earlier connection becomes the key's newest, in the head's slot.
                         let mut earlier = self.entries.remove(previous);
-                        earlier.clear(state::CHAINED | state::CHANGED);
+                        earlier.clear(state::CHAINED);
+                        let changed = earlier.has(state::CHANGED);
                         *self.entries.get_mut(slot) = earlier;
-                        self.mark_changed(slot);
+                        if changed {
+                            self.changed.insert(slot);
+                        }
                     }
                 }
             }
@@ -461,21 +498,20 @@ impl FlowTable {
     pub fn flush(&mut self, now: u64, out: &mut Vec<Emitted>) {
         for slot in 0..self.entries.slots() {
             if self.entries.get(slot).is_head() && self.flush_chain(slot, now, out) {
-                self.mark_changed(slot);
                 self.schedule(slot);
             }
         }
     }
 
     /// The connections changed since the last call, serialized for the store: the forgotten
-    /// ones first (a key forgotten and then taken by a new connection ends with its state).
+    /// ones first (a row forgotten and then taken by a new connection ends with its state).
     pub fn take_changes(&mut self) -> Result<Vec<Change>, postcard::Error> {
         let mut changes = self
             .forgotten
             .iter()
-            .map(|key| {
+            .map(|row| {
                 Ok(Change {
-                    key: postcard::to_allocvec(key)?,
+                    key: row.name()?,
                     state: None,
                 })
             })
@@ -484,7 +520,7 @@ impl FlowTable {
         // change is still pending for the next checkpoint.
         for slot in self.changed.iter() {
             let entry = self.entries.get(slot);
-            if !entry.is_head() || !entry.has(state::CHANGED) {
+            if !entry.has(state::OCCUPIED) || !entry.has(state::CHANGED) {
                 continue;
             }
             let (key, state) = self.write_change(slot)?;
@@ -494,26 +530,28 @@ impl FlowTable {
             });
         }
         for slot in self.changed.iter() {
-            let entry = self.entries.get_mut(slot);
-            if entry.is_head() {
-                entry.clear(state::CHANGED);
-            }
+            self.entries.get_mut(slot).clear(state::CHANGED);
         }
         self.changed.clear();
         self.forgotten.clear();
         Ok(changes)
     }
 
-    /// The key of the chain at `slot` and the chain (`(ConnectionKey, StoredTracked)`), in the
-    /// stored form: the key is the state's first bytes.
+    /// The row name of the connection at `slot` and its row (`(ConnectionKey, StoredTracked)`
+    /// and the generation), in the stored form: the name is the key's bytes and the generation.
     fn write_change(&self, slot: u32) -> Result<(Vec<u8>, Vec<u8>), postcard::Error> {
-        let key = self.entries.get(slot).key.key();
-        let mut state = Vec::with_capacity(256);
+        let entry = self.entries.get(slot);
+        let key = entry.key.key();
+        let mut state = Vec::with_capacity(160);
         let mut out = StoredWriter(&mut state);
         out.serde(&key)?;
         let key_len = out.0.len();
         self.write_stored(slot, &key, &mut out)?;
-        let written = (state[..key_len].to_vec(), state);
+        out.byte(entry.generation);
+        let mut name = Vec::with_capacity(key_len + 1);
+        name.extend_from_slice(&state[..key_len]);
+        name.push(entry.generation);
+        let written = (name, state);
         #[cfg(debug_assertions)]
         assert_eq!(
             Some(&written),
@@ -527,9 +565,11 @@ impl FlowTable {
     /// (their definition): debug builds check every change against it.
     #[cfg(debug_assertions)]
     fn serde_change(&self, slot: u32) -> Result<(Vec<u8>, Vec<u8>), postcard::Error> {
-        let key = self.entries.get(slot).key.key();
-        let state = postcard::to_allocvec(&(key, self.stored(slot)))?;
-        Ok((postcard::to_allocvec(&key)?, state))
+        let entry = self.entries.get(slot);
+        let key = entry.key.key();
+        let mut state = postcard::to_allocvec(&(key, self.stored(slot)))?;
+        state.push(entry.generation);
+        Ok((Row::Connection(key, entry.generation).name()?, state))
     }
 
     /// Divides the table into `parts` tables by `part_of(key)` (each keeps its connections'
@@ -555,8 +595,8 @@ impl FlowTable {
             let moved = table.adopt(&mut self, slot);
             table.index(key, moved);
         }
-        for key in self.forgotten {
-            tables[part_of(&key)].forgotten.push(key);
+        for row in self.forgotten {
+            tables[part_of(row.key())].forgotten.push(row);
         }
         tables
     }
@@ -564,19 +604,57 @@ impl FlowTable {
     /// Rebuilds the table from stored states; returns how many keys it holds. Pending
     /// intervals are due no later than this table's settle time from `now` (the settle time may
     /// have been shortened since they were stored).
+    ///
+    /// A key's rows may come in any order; an earlier release's chain row is taken apart into
+    /// rows of their own, written at the next checkpoint in its place.
     pub fn restore(
         &mut self,
         states: impl IntoIterator<Item = Vec<u8>>,
         now: u64,
     ) -> Result<usize, postcard::Error> {
-        for bytes in states {
-            let (key, mut stored): (ConnectionKey, StoredTracked) = postcard::from_bytes(&bytes)?;
+        let states: Vec<Vec<u8>> = states.into_iter().collect();
+        let mut keys: HashMap<PackedKey, Vec<(u8, StoredTracked)>> = HashMap::new();
+        for bytes in &states {
+            let (key, mut stored, generation) = stored::read_row(bytes)?;
             stored.due_no_later_than(now + self.settle_ns);
-            let key = PackedKey::of(&key);
-            let slot = self.unstore(key, stored, false);
-            self.index(key, slot);
+            let packed = PackedKey::of(&key);
+            match generation {
+                Some(generation) => keys.entry(packed).or_default().push((generation, stored)),
+                None => {
+                    self.forgotten.push(Row::Chain(key));
+                    let rows = (0..=u8::MAX).cycle().zip(stored.into_chain());
+                    let head = self.unstore_chain(packed, rows, true);
+                    self.index(packed, head);
+                    self.trim_chain(head);
+                }
+            }
+        }
+        for (key, mut rows) in keys {
+            oldest_first(&mut rows);
+            let head = self.unstore_chain(key, rows.into_iter(), false);
+            self.index(key, head);
         }
         Ok(self.heads.len())
+    }
+
+    /// Puts a key's stored connections, oldest first, in the table as one chain (not in the
+    /// index); returns its head. `changed`: flag each (to be written).
+    fn unstore_chain<'a>(
+        &mut self,
+        key: PackedKey,
+        rows: impl Iterator<Item = (u8, StoredTracked<'a>)>,
+        changed: bool,
+    ) -> u32 {
+        let mut rows = rows.peekable();
+        let mut previous = NO_SLOT;
+        while let Some((generation, stored)) = rows.next() {
+            let chained = rows.peek().is_some();
+            previous = self.unstore(key, stored, previous, generation, chained);
+            if changed {
+                self.mark_changed(previous);
+            }
+        }
+        previous
     }
 
     /// The id of `point`, after forgetting the points nothing refers to if it is time to.
@@ -624,17 +702,48 @@ impl FlowTable {
                     .insert_unique(hash, slot, |&s| hasher.hash_one(entries.get(s).key));
             }
         }
-        if self.entries.get(slot).has(state::CHANGED) {
-            self.changed.insert(slot);
-        }
         self.schedule(slot);
     }
 
-    /// Flags `head`'s chain as changed for the next `take_changes`.
-    fn mark_changed(&mut self, head: u32) {
-        let entry = self.entries.get_mut(head);
-        entry.set(state::CHANGED);
-        self.changed.insert(head);
+    /// Flags the connection at `slot` as changed for the next `take_changes`.
+    fn mark_changed(&mut self, slot: u32) {
+        self.entries.get_mut(slot).set(state::CHANGED);
+        self.changed.insert(slot);
+    }
+
+    /// Puts `entry` in a slot of its own; a changed one stays flagged there.
+    fn move_in(&mut self, entry: Entry) -> u32 {
+        let changed = entry.has(state::CHANGED);
+        let slot = self.entries.insert(entry);
+        if changed {
+            self.changed.insert(slot);
+        }
+        slot
+    }
+
+    /// Forgets the oldest closed connections of `head`'s chain while it spans [`MAX_CHAIN`]
+    /// generations or more (one whose interval is still pending stays: a key is not reused
+    /// that fast within a settle time).
+    fn trim_chain(&mut self, head: u32) {
+        let newest = self.entries.get(head).generation;
+        loop {
+            let (mut later, mut oldest) = (head, self.entries.get(head).previous);
+            if oldest == NO_SLOT {
+                return;
+            }
+            while self.entries.get(oldest).previous != NO_SLOT {
+                (later, oldest) = (oldest, self.entries.get(oldest).previous);
+            }
+            let entry = self.entries.get(oldest);
+            if newest.wrapping_sub(entry.generation) < MAX_CHAIN || entry.has(state::DUE) {
+                return;
+            }
+            let forgotten = self.entries.remove(oldest);
+            self.entries.get_mut(later).previous = NO_SLOT;
+            self.forgotten
+                .push(Row::Connection(forgotten.key.key(), forgotten.generation));
+            self.forgotten_early += 1;
+        }
     }
 
     /// The earliest deadline of `head`'s chain, if any.
@@ -678,25 +787,23 @@ impl FlowTable {
     }
 
     /// Emits the due intervals of `slot`'s connection and of the earlier ones it remembers,
-    /// earliest first, and forgets the earlier ones whose grace period is over. True if anything
-    /// changed.
-    fn emit_chain(&mut self, slot: u32, now: u64, out: &mut Vec<Emitted>) -> bool {
-        let mut changed = false;
+    /// earliest first, and forgets the earlier ones whose grace period is over.
+    fn emit_chain(&mut self, slot: u32, now: u64, out: &mut Vec<Emitted>) {
         let previous = self.entries.get(slot).previous;
         if previous != NO_SLOT {
-            changed |= self.emit_chain(previous, now, out);
+            self.emit_chain(previous, now, out);
             if self.entries.get(previous).is_forgotten(now) {
                 let forgotten = self.entries.remove(previous);
                 self.entries.get_mut(slot).previous = forgotten.previous;
-                changed = true;
+                self.forgotten
+                    .push(Row::Connection(forgotten.key.key(), forgotten.generation));
             }
         }
         let entry = self.entries.get_mut(slot);
         if entry.due().is_some_and(|due| due <= now) {
             entry.emit(now, self.grace_ns, &self.points, out);
-            changed = true;
+            self.mark_changed(slot);
         }
-        changed
     }
 
     /// Emits every interval of `slot`'s chain that holds anything (shutdown). True if any did.
@@ -709,6 +816,7 @@ impl FlowTable {
         let entry = self.entries.get_mut(slot);
         if entry.due().is_some() {
             entry.emit(now, self.grace_ns, &self.points, out);
+            self.mark_changed(slot);
             changed = true;
         }
         changed
@@ -724,7 +832,7 @@ impl FlowTable {
         entry
             .connection
             .map_points(&mut |id| points.intern(from.points.get(id), kinds));
-        self.entries.insert(entry)
+        self.move_in(entry)
     }
 }
 
@@ -1247,15 +1355,106 @@ mod tests {
             3,
             "a egress, b ingress, a ingress"
         );
-        // Both are remembered for the grace period, then the key is forgotten.
+        // Each connection is a row of its own, named by the key and its generation.
         let changes = t.take_changes().unwrap();
-        assert_eq!(changes.len(), 1);
+        let names: Vec<Vec<u8>> = changes.iter().map(|c| c.key.clone()).collect();
+        let key = postcard::to_allocvec(&out[0].flow.key).unwrap();
+        assert_eq!(names.len(), 2);
+        for (name, generation) in names.iter().zip([1, 0]) {
+            assert_eq!(**name, [key.as_slice(), &[generation]].concat());
+        }
+        // Restored in any order, both are remembered for the grace period, then forgotten.
         let mut restored = table();
-        restored
-            .restore(changes.into_iter().filter_map(|c| c.state), 104 * S)
-            .unwrap();
+        let states = changes.into_iter().rev().filter_map(|c| c.state);
+        assert_eq!(restored.restore(states, 104 * S).unwrap(), 1);
         restored.emit_due(200 * S, &mut out);
         assert!(restored.is_empty());
+        let forgotten = restored.take_changes().unwrap();
+        assert_eq!(
+            forgotten
+                .into_iter()
+                .map(|c| (c.key, c.state.is_none()))
+                .collect::<Vec<_>>(),
+            [(names[1].clone(), true), (names[0].clone(), true)],
+            "the earlier connection's row first"
+        );
+    }
+
+    /// A key reused again and again: a change writes the connection that changed, whatever
+    /// the key remembers; the chain spans fewer than `MAX_CHAIN` generations (the oldest
+    /// forgotten early), and a restore from rows whose generations wrapped keeps each
+    /// connection's own counts.
+    #[test]
+    fn each_connection_of_a_busy_tuple_is_a_row_of_its_own() {
+        let mut t = FlowTable::new(
+            InterfaceKinds::default(),
+            Duration::from_secs(3),
+            Duration::from_secs(600),
+        );
+        let mut out = Vec::new();
+        let mut now = 100 * S;
+        for i in 0..300u64 {
+            // Connection i: 1 + i % 7 packets from the client, 50 ms long, 100 ms apart.
+            let first = 10 * S + i * 100_000_000;
+            t.apply(&timed("a", true, 1 + i % 7, first, first + 50_000_000), now);
+            now += S;
+            t.emit_due(now, &mut out);
+            // Written: the new connection's row and that of the one emitted (due 3 s after its
+            // record, two connections ago); once the chain spans 128 generations, the oldest
+            // connection's removal too. Nothing else of the chain.
+            let mut written: Vec<(u8, bool)> = t
+                .take_changes()
+                .unwrap()
+                .iter()
+                .map(|c| (*c.key.last().unwrap(), c.state.is_some()))
+                .collect();
+            written.sort_unstable();
+            let mut expected = vec![(i as u8, true)];
+            if i >= 2 {
+                expected.push(((i - 2) as u8, true));
+            }
+            if i >= 128 {
+                expected.push(((i - 128) as u8, false));
+            }
+            expected.sort_unstable();
+            assert_eq!(written, expected, "connection {i}");
+        }
+        assert_eq!(t.reused_keys(), 299);
+        assert_eq!(t.forgotten_early(), 300 - 128);
+        t.emit_due(now + 5 * S, &mut out);
+        assert_eq!(out.len(), 300);
+        t.take_changes().unwrap();
+        // Every connection's row, generations 172..=255 and 0..=43, restored in a shuffled
+        // order: late records of three connections go each to its own.
+        let mut rows = Vec::new();
+        for slot in 0..t.entries.slots() {
+            if t.entries.get(slot).has(state::OCCUPIED) {
+                rows.push(t.write_change(slot).unwrap().1);
+            }
+        }
+        assert_eq!(rows.len(), 128);
+        rows.sort_by_key(|r| (r[r.len() / 2], r.len()));
+        let mut restored = FlowTable::new(
+            InterfaceKinds::default(),
+            Duration::from_secs(3),
+            Duration::from_secs(600),
+        );
+        assert_eq!(restored.restore(rows, now).unwrap(), 1);
+        let mut late = Vec::new();
+        for i in [172u64, 255, 299] {
+            let first = 10 * S + i * 100_000_000;
+            // A retransmission seen by the point that counted the connection.
+            restored.apply(&timed("a", true, 2, first, first + 40_000_000), now);
+        }
+        restored.emit_due(now + 10 * S, &mut late);
+        let starts: Vec<(u64, u64)> = late
+            .iter()
+            .map(|e| {
+                let start = (e.interval.connection_start_unix_nanos - 10 * S) / 100_000_000;
+                (start, e.flow.client_to_server.as_ref().unwrap().packets)
+            })
+            .collect();
+        assert_eq!(starts, [(172, 2), (255, 2), (299, 2)]);
     }
 
     /// An ICMP echo request (outbound) or reply of echo id 7 from 10.0.0.1 to 10.0.0.2.
@@ -1339,11 +1538,39 @@ mod tests {
             "06000a000001c0b802000a000205903f01016105766574686100000002cf0180c0fc82aa0280d4e7dfad02120200010161057665746861000080c0fc82aa0280d4e7dfad020200000001000a000001c0b802000a60000a50000a000001c0b802000a000205903f0000018084eabc8405000080d4e7dfad020100000000000001010001016105626f6e64300101016204657468300001000a000001c0b802000a60000a50000a000001c0b802000a000205903f01c0cceca025020000018094c9fdce0580f8cce2840200",
             "06000a000001c1b802000a000205903f030161046574683101000103b3028388aca3cf02809c9780d302120200016105626f6e64300100010497038288aca3cf02809c9780d3021202000162046574683001010106df049488aca3cf0280b082ddd602121200060161046574683101016105626f6e643001016204657468300001620576657468620101620465746839000162046574683001208288aca3cf0280b082ddd60206000000000000018084eabc8405010080b082ddd60200",
         ];
-        let mut t = table();
+        let mut old = table();
         assert_eq!(
-            t.restore(states.iter().map(|h| hex(h)), 170 * S).unwrap(),
+            old.restore(states.iter().map(|h| hex(h)), 170 * S).unwrap(),
             2
         );
+        // The next checkpoint removes the two chain rows and writes each connection's row.
+        let changes = old.take_changes().unwrap();
+        let names = |deleted: bool| {
+            let mut names: Vec<Vec<u8>> = changes
+                .iter()
+                .filter(|c| c.state.is_none() == deleted)
+                .map(|c| c.key.clone())
+                .collect();
+            names.sort();
+            names
+        };
+        // A chain row is named by its key, which its state begins with.
+        let key = |state: usize| {
+            let (key, _) = postcard::take_from_bytes::<ConnectionKey>(&hex(states[state])).unwrap();
+            postcard::to_allocvec(&key).unwrap()
+        };
+        assert_eq!(names(true), [key(0), key(1)]);
+        let row = |state, generation| [key(state), vec![generation]].concat();
+        assert_eq!(names(false), [row(0, 0), row(0, 1), row(1, 0)]);
+        let mut rewritten = table();
+        let rows = changes.into_iter().filter_map(|c| c.state);
+        assert_eq!(rewritten.restore(rows, 170 * S).unwrap(), 2);
+        for t in [old, rewritten] {
+            emits_what_the_earlier_release_emitted(t);
+        }
+    }
+
+    fn emits_what_the_earlier_release_emitted(mut t: FlowTable) {
         let mut out = Vec::new();
         t.emit_due(173 * S, &mut out);
         let client = |reason, forward, packets, first, last, flags| {

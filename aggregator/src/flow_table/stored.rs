@@ -1,12 +1,18 @@
-//! A key's chain of connections as the store keeps it (`(ConnectionKey, StoredTracked)`,
-//! postcard): each connection with the one the key carried before it nested inside, in the
-//! layout states have always been written in.
+//! Connections as the store keeps them: a row per connection, named by its key and its
+//! generation ([`Row`]), holding `(ConnectionKey, StoredTracked)` in postcard followed by the
+//! generation byte. A change writes one connection, however many earlier ones its key
+//! remembers.
+//!
+//! Earlier releases kept a key's whole chain in one row (named by the key alone, each
+//! connection with the one before it nested in `previous`, nothing after it); such rows are
+//! still read, and rewritten as rows of their own at the next checkpoint. A row of its own
+//! always has `previous: None`.
 
 use std::num::NonZeroU64;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Entry, FlowTable, NO_SLOT, PackedKey, state};
+use super::{Entry, FlowTable, PackedKey, state};
 use crate::{
     connection_key::ConnectionKey,
     stitch::{Connection, StoredConnection, StoredDecisions, StoredWriter},
@@ -44,6 +50,59 @@ impl StoredTracked<'_> {
     }
 }
 
+/// The name of a stored row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Row {
+    /// One connection of a key: `postcard(key)` and the generation byte.
+    Connection(ConnectionKey, u8),
+    /// A key's whole chain, as earlier releases wrote it: `postcard(key)`.
+    Chain(ConnectionKey),
+}
+
+impl Row {
+    pub(super) fn key(&self) -> &ConnectionKey {
+        match self {
+            Row::Connection(key, _) | Row::Chain(key) => key,
+        }
+    }
+
+    pub(super) fn name(&self) -> Result<Vec<u8>, postcard::Error> {
+        let mut name = postcard::to_allocvec(self.key())?;
+        if let Row::Connection(_, generation) = self {
+            name.push(*generation);
+        }
+        Ok(name)
+    }
+}
+
+/// A stored row read back: a connection of its own with its generation, or an earlier
+/// release's chain.
+pub(super) fn read_row(
+    bytes: &[u8],
+) -> Result<(ConnectionKey, StoredTracked<'_>, Option<u8>), postcard::Error> {
+    let ((key, stored), rest): ((ConnectionKey, StoredTracked), _) =
+        postcard::take_from_bytes(bytes)?;
+    match rest {
+        [] => Ok((key, stored, None)),
+        [generation] if stored.previous.is_none() => Ok((key, stored, Some(*generation))),
+        _ => Err(postcard::Error::DeserializeBadEncoding),
+    }
+}
+
+impl StoredTracked<'_> {
+    /// The chain of an earlier release's row, oldest connection first.
+    pub(super) fn into_chain(self) -> Vec<Self> {
+        let mut chain = Vec::new();
+        let mut next = Some(self);
+        while let Some(mut stored) = next {
+            next = stored.previous.take().map(|previous| *previous);
+            chain.push(stored);
+        }
+        chain.reverse();
+        chain
+    }
+}
+
 impl FlowTable {
     /// Writes what [`FlowTable::stored`] gives for `slot`, in postcard, as serde would.
     pub(super) fn write_stored(
@@ -61,14 +120,11 @@ impl FlowTable {
         out.bool(entry.has(state::CLOSING));
         out.optional_nanos(deadline(state::CLOSED));
         out.varint(entry.last_packet_unix_nanos);
-        let previous = (entry.previous != NO_SLOT).then_some(entry.previous);
-        match out.option(previous) {
-            Some(previous) => self.write_stored(previous, key, out),
-            None => Ok(()),
-        }
+        out.option(None::<()>);
+        Ok(())
     }
 
-    /// The chain of connections from `slot` back, as the store keeps it.
+    /// The connection at `slot`, as the store keeps it.
     #[cfg(debug_assertions)]
     pub(super) fn stored(&self, slot: u32) -> StoredTracked<'_> {
         let entry = self.entries.get(slot);
@@ -83,22 +139,20 @@ impl FlowTable {
             closing: entry.has(state::CLOSING),
             closed_until: deadline(state::CLOSED),
             last_packet_unix_nanos: entry.last_packet_unix_nanos,
-            previous: (entry.previous != NO_SLOT).then(|| Box::new(self.stored(entry.previous))),
+            previous: None,
         }
     }
 
-    /// Puts a stored chain of `key` in the table (not in the index); returns the slot of its
-    /// newest connection. A stored connection both due and closed (never written) is closed.
+    /// Puts one stored connection of `key` in the table (not in the index), behind `previous`;
+    /// returns its slot. A stored connection both due and closed (never written) is closed.
     pub(super) fn unstore(
         &mut self,
         key: PackedKey,
         stored: StoredTracked<'_>,
+        previous: u32,
+        generation: u8,
         chained: bool,
     ) -> u32 {
-        let previous = match stored.previous {
-            Some(previous) => self.unstore(key, *previous, true),
-            None => NO_SLOT,
-        };
         let (points, kinds) = (&mut self.points, &self.kinds);
         let connection = Connection::from_stored(stored.connection, stored.decisions, &mut |p| {
             points.intern(p, kinds)
@@ -109,6 +163,7 @@ impl FlowTable {
             last_packet_unix_nanos: stored.last_packet_unix_nanos,
             index: u32::try_from(stored.index).unwrap_or(u32::MAX),
             previous,
+            generation,
             ..Entry::new(key)
         };
         if chained {
