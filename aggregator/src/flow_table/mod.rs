@@ -38,8 +38,9 @@
 //! id. The earlier connection stays (`Tracked::previous`) until its grace period is over: its
 //! own records that arrive later go to it by their flow start, which lies before its last
 //! packet. Each connection of a key has a generation, one more than the one before it
-//! (wrapping); a chain spans fewer than [`MAX_CHAIN`] generations: the oldest closed connections
-//! of a key reused faster than that within the grace period are forgotten early, and counted. That needs node clocks to agree within `TCP_REUSE_GAP_NANOS`
+//! (wrapping); a chain spans fewer than 128 generations (it is trimmed to [`MAX_CHAIN`] every
+//! [`TRIM_EVERY`]): the oldest closed connections of a key reused faster than that within the
+//! grace period are forgotten early, and counted. That needs node clocks to agree within `TCP_REUSE_GAP_NANOS`
 //! (10 ms; NTP and chrony do far better), and a tuple reused no sooner than that.
 //!
 //! **Late records.** A closed connection is remembered for a grace period. A late record from a
@@ -81,9 +82,11 @@ const TCP_REUSE_GAP_NANOS: u64 = 10_000_000;
 /// The same for other protocols, which have no SYN: an agent starts a new flow on their key only
 /// after its idle timeout (seconds), so the gap can be long.
 const REUSE_GAP_NANOS: u64 = 1_000_000_000;
-/// How many generations a key's chain of connections may span (so that the one-byte
-/// generations of its rows never meet, and restore orders them).
-const MAX_CHAIN: u8 = 128;
+/// How many generations a key's chain of connections may span when it is trimmed, every
+/// [`TRIM_EVERY`] generations: between trims it spans fewer than 128, so that the one-byte
+/// generations of its rows never meet and a restore can order them.
+const MAX_CHAIN: u8 = 96;
+const TRIM_EVERY: u8 = 32;
 
 /// Where the ends of connections live, for emitting complete intervals at once (see the module
 /// docs): implemented over the metadata index by the shards.
@@ -99,7 +102,7 @@ pub trait EndNodes {
 }
 
 /// Orders a key's stored connections oldest first by their generations, which wrap: the oldest
-/// is the one after the widest gap between generations (a chain spans fewer than [`MAX_CHAIN`]).
+/// is the one after the widest gap between generations (a chain spans fewer than 128).
 fn oldest_first<T>(rows: &mut [(u8, T)]) {
     rows.sort_unstable_by_key(|(generation, _)| *generation);
     let gap_before = |i: usize| {
@@ -388,7 +391,7 @@ impl FlowTable {
     }
 
     /// Closed connections forgotten before their grace period because their key carried
-    /// [`MAX_CHAIN`] later ones within it.
+    /// too many later ones within it (see the module docs).
     pub fn forgotten_early(&self) -> u64 {
         self.forgotten_early
     }
@@ -413,7 +416,9 @@ impl FlowTable {
             newest.previous = moved;
             newest.generation = generation;
             self.mark_changed(head);
-            self.trim_chain(head);
+            if generation % TRIM_EVERY == 0 {
+                self.trim_chain(head);
+            }
             self.reused_keys += 1;
         }
         let owner = self.owner_of(head, observation);
@@ -1381,8 +1386,8 @@ mod tests {
     }
 
     /// A key reused again and again: a change writes the connection that changed, whatever
-    /// the key remembers; the chain spans fewer than `MAX_CHAIN` generations (the oldest
-    /// forgotten early), and a restore from rows whose generations wrapped keeps each
+    /// the key remembers; the chain spans fewer than 128 generations (the oldest forgotten
+    /// early), and a restore from rows whose generations wrapped keeps each
     /// connection's own counts.
     #[test]
     fn each_connection_of_a_busy_tuple_is_a_row_of_its_own() {
@@ -1393,6 +1398,8 @@ mod tests {
         );
         let mut out = Vec::new();
         let mut now = 100 * S;
+        // The oldest connection the key remembers.
+        let mut oldest = 0;
         for i in 0..300u64 {
             // Connection i: 1 + i % 7 packets from the client, 50 ms long, 100 ms apart.
             let first = 10 * S + i * 100_000_000;
@@ -1400,8 +1407,8 @@ mod tests {
             now += S;
             t.emit_due(now, &mut out);
             // Written: the new connection's row and that of the one emitted (due 3 s after its
-            // record, two connections ago); once the chain spans 128 generations, the oldest
-            // connection's removal too. Nothing else of the chain.
+            // record, two connections ago); every 32 generations, the removal of those more
+            // than 95 generations older. Nothing else of the chain.
             let mut written: Vec<(u8, bool)> = t
                 .take_changes()
                 .unwrap()
@@ -1413,18 +1420,20 @@ mod tests {
             if i >= 2 {
                 expected.push(((i - 2) as u8, true));
             }
-            if i >= 128 {
-                expected.push(((i - 128) as u8, false));
+            if i % 32 == 0 && i - oldest >= 96 {
+                expected.extend((oldest..=i - 96).map(|gone| (gone as u8, false)));
+                oldest = i - 95;
             }
             expected.sort_unstable();
             assert_eq!(written, expected, "connection {i}");
         }
         assert_eq!(t.reused_keys(), 299);
-        assert_eq!(t.forgotten_early(), 300 - 128);
+        assert_eq!(oldest, 193);
+        assert_eq!(t.forgotten_early(), 193);
         t.emit_due(now + 5 * S, &mut out);
         assert_eq!(out.len(), 300);
         t.take_changes().unwrap();
-        // Every connection's row, generations 172..=255 and 0..=43, restored in a shuffled
+        // Every connection's row, generations 193..=255 and 0..=43, restored in a shuffled
         // order: late records of three connections go each to its own.
         let mut rows = Vec::new();
         for slot in 0..t.entries.slots() {
@@ -1432,7 +1441,7 @@ mod tests {
                 rows.push(t.write_change(slot).unwrap().1);
             }
         }
-        assert_eq!(rows.len(), 128);
+        assert_eq!(rows.len(), 107);
         rows.sort_by_key(|r| (r[r.len() / 2], r.len()));
         let mut restored = FlowTable::new(
             InterfaceKinds::default(),
@@ -1441,7 +1450,7 @@ mod tests {
         );
         assert_eq!(restored.restore(rows, now).unwrap(), 1);
         let mut late = Vec::new();
-        for i in [172u64, 255, 299] {
+        for i in [193u64, 255, 299] {
             let first = 10 * S + i * 100_000_000;
             // A retransmission seen by the point that counted the connection.
             restored.apply(&timed("a", true, 2, first, first + 40_000_000), now);
@@ -1454,7 +1463,7 @@ mod tests {
                 (start, e.flow.client_to_server.as_ref().unwrap().packets)
             })
             .collect();
-        assert_eq!(starts, [(172, 2), (255, 2), (299, 2)]);
+        assert_eq!(starts, [(193, 2), (255, 2), (299, 2)]);
     }
 
     /// An ICMP echo request (outbound) or reply of echo id 7 from 10.0.0.1 to 10.0.0.2.
