@@ -452,15 +452,8 @@ impl FlowTable {
             if !self.entries.get(slot).is_head() {
                 continue; // emptied, or holding an earlier connection of another key
             }
-            match self.chain_deadline(slot) {
-                None => continue,
-                Some(later) if later > now => {
-                    self.deadlines.push(later, slot);
-                    continue;
-                }
-                Some(_) => {}
-            }
-            self.emit_chain(slot, now, out);
+            // One walk of the chain emits and forgets what is due and finds what is next.
+            let next = self.emit_chain(slot, now, out);
             let head = self.entries.get(slot);
             if head.is_forgotten(now) {
                 self.forgotten
@@ -487,7 +480,9 @@ impl FlowTable {
                     }
                 }
             }
-            self.schedule(slot);
+            if let Some(next) = next {
+                self.deadlines.push(next, slot);
+            }
         }
         if self.deadlines.outgrew(self.heads.len()) {
             let queued: Vec<_> = self
@@ -792,11 +787,14 @@ impl FlowTable {
     }
 
     /// Emits the due intervals of `slot`'s connection and of the earlier ones it remembers,
-    /// earliest first, and forgets the earlier ones whose grace period is over.
-    fn emit_chain(&mut self, slot: u32, now: u64, out: &mut Vec<Emitted>) {
+    /// earliest first, and forgets the earlier ones whose grace period is over. Returns the
+    /// earliest deadline after `now` left in the chain: afterwards only a connection to forget
+    /// (`slot`'s, which the caller forgets) has one that is not.
+    fn emit_chain(&mut self, slot: u32, now: u64, out: &mut Vec<Emitted>) -> Option<u64> {
         let previous = self.entries.get(slot).previous;
+        let mut next = None;
         if previous != NO_SLOT {
-            self.emit_chain(previous, now, out);
+            next = self.emit_chain(previous, now, out);
             if self.entries.get(previous).is_forgotten(now) {
                 let forgotten = self.entries.remove(previous);
                 self.entries.get_mut(slot).previous = forgotten.previous;
@@ -809,6 +807,8 @@ impl FlowTable {
             entry.emit(now, self.grace_ns, &self.points, out);
             self.mark_changed(slot);
         }
+        let own = self.entries.get(slot).deadline().filter(|&d| d > now);
+        next.into_iter().chain(own).min()
     }
 
     /// Emits every interval of `slot`'s chain that holds anything (shutdown). True if any did.
