@@ -416,7 +416,7 @@ impl FlowTable {
             newest.previous = moved;
             newest.generation = generation;
             self.mark_changed(head);
-            if generation % TRIM_EVERY == 0 {
+            if generation.is_multiple_of(TRIM_EVERY) {
                 self.trim_chain(head);
             }
             self.reused_keys += 1;
