@@ -20,15 +20,16 @@
 //! (`FlowTable::write_stored`) and checked against serde in debug builds.
 //!
 //! **Layout.** A live connection costs its entry, so entries are compact (a [`Connection`] of
-//! 112 bytes, the key packed in 38, times, links and generation: 184 bytes) and sit in a slab of fixed-size
-//! chunks (`slab`); the index from key to entry is a hash table of 4-byte slots, so that its load
+//! 112 bytes, the key packed in 38, times, links and generation: 184 bytes) and sit in a slab
+//! of fixed-size chunks (`slab`); the index from key to entry is a hash table of 4-byte slots, so that its load
 //! factor costs bytes, not entries. Connections that ended on a key stay chained behind the
 //! key's newest one (`Entry::previous`), in the slab but not in the index.
 //!
 //! **Work per tick.** A table remembers every connection of the grace period, most of them
 //! waiting for nothing but their end, so nothing walks all of them: `emit_due` takes the keys
-//! whose chain has a deadline that has come from a queue of slots (`deadlines`), and
-//! `take_changes` the keys flagged as changed from a set of one bit per slot (`slot_set`). With
+//! whose chain has a deadline that has come from a queue of slots (`deadlines`; one walk of a
+//! due chain emits, forgets and finds its next deadline), and `take_changes` the connections
+//! flagged as changed from a set of one bit per slot (`slot_set`). With
 //! them a live connection costs ~196 bytes (BENCHMARKS.md).
 //!
 //! **Connections on a reused 5-tuple.** A key can carry one connection after another (busy
@@ -37,11 +38,12 @@
 //! connection's last packet begins a new connection: it gets its own state, start and so trace
 //! id. The earlier connection stays (`Tracked::previous`) until its grace period is over: its
 //! own records that arrive later go to it by their flow start, which lies before its last
-//! packet. Each connection of a key has a generation, one more than the one before it
-//! (wrapping); a chain spans fewer than 128 generations (it is trimmed to [`MAX_CHAIN`] every
-//! [`TRIM_EVERY`]): the oldest closed connections of a key reused faster than that within the
-//! grace period are forgotten early, and counted. That needs node clocks to agree within `TCP_REUSE_GAP_NANOS`
-//! (10 ms; NTP and chrony do far better), and a tuple reused no sooner than that.
+//! packet. That needs node clocks to agree within `TCP_REUSE_GAP_NANOS` (10 ms; NTP and chrony
+//! do far better), and a tuple reused no sooner than that. Each connection of a key has a
+//! generation, one more than the one before it (wrapping); a chain spans fewer than 128
+//! generations (it is trimmed to [`MAX_CHAIN`] every [`TRIM_EVERY`]): the oldest closed
+//! connections of a key reused faster than that within the grace period are forgotten early,
+//! and counted.
 //!
 //! **Late records.** A closed connection is remembered for a grace period. A late record from a
 //! point that counts one of its directions opens one more interval (so totals stay exact); a late
