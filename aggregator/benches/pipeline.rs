@@ -5,7 +5,8 @@
 //! - `read`: an agent's batch from its bytes to validated observations, prost's decoding against
 //!   the aggregator's (`mermin_protocol::wire::read`) — one core, no I/O.
 //! - `tick`: one shard's work per 250 ms tick (due intervals emitted, changed connections
-//!   serialized for the checkpoint) while it remembers a grace period's worth of connections.
+//!   serialized for the checkpoint) while it remembers a grace period's worth of connections,
+//!   each on a 5-tuple of its own, then with each 5-tuple reused every 2 s.
 //! - `ingest`: the whole aggregator (ingest with durable sled appends, flow shards, outbox,
 //!   exporter) fed by agent streams over loopback gRPC (two, then four: pairs of nodes),
 //!   exporting to an OTLP receiver in this process: records acknowledged per second, and last

@@ -550,10 +550,10 @@ impl FlowTable {
         let key_len = out.0.len();
         self.write_stored(slot, &key, &mut out)?;
         out.byte(entry.generation);
-        let mut name = Vec::with_capacity(key_len + 1);
-        name.extend_from_slice(&state[..key_len]);
-        name.push(entry.generation);
-        let written = (name, state);
+        let written = (
+            stored::connection_row_name(&state[..key_len], entry.generation),
+            state,
+        );
         #[cfg(debug_assertions)]
         assert_eq!(
             Some(&written),
@@ -728,14 +728,14 @@ impl FlowTable {
     /// that fast within a settle time).
     fn trim_chain(&mut self, head: u32) {
         let newest = self.entries.get(head).generation;
-        loop {
-            let (mut later, mut oldest) = (head, self.entries.get(head).previous);
-            if oldest == NO_SLOT {
-                return;
-            }
-            while self.entries.get(oldest).previous != NO_SLOT {
-                (later, oldest) = (oldest, self.entries.get(oldest).previous);
-            }
+        // The chain newest first, walked once; it is cut from its end.
+        let mut chain = Vec::new();
+        let mut slot = head;
+        while slot != NO_SLOT {
+            chain.push(slot);
+            slot = self.entries.get(slot).previous;
+        }
+        while let [.., later, oldest] = chain[..] {
             let entry = self.entries.get(oldest);
             if newest.wrapping_sub(entry.generation) < MAX_CHAIN || entry.has(state::DUE) {
                 return;
@@ -745,6 +745,7 @@ impl FlowTable {
             self.forgotten
                 .push(Row::Connection(forgotten.key.key(), forgotten.generation));
             self.forgotten_early += 1;
+            chain.pop();
         }
     }
 

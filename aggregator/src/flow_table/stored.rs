@@ -48,6 +48,18 @@ impl StoredTracked<'_> {
             previous.due_no_later_than(latest);
         }
     }
+
+    /// The chain of an earlier release's row, oldest connection first.
+    pub(super) fn into_chain(self) -> Vec<Self> {
+        let mut chain = Vec::new();
+        let mut next = Some(self);
+        while let Some(mut stored) = next {
+            next = stored.previous.take().map(|previous| *previous);
+            chain.push(stored);
+        }
+        chain.reverse();
+        chain
+    }
 }
 
 /// The name of a stored row.
@@ -67,12 +79,20 @@ impl Row {
     }
 
     pub(super) fn name(&self) -> Result<Vec<u8>, postcard::Error> {
-        let mut name = postcard::to_allocvec(self.key())?;
-        if let Row::Connection(_, generation) = self {
-            name.push(*generation);
-        }
-        Ok(name)
+        let key = postcard::to_allocvec(self.key())?;
+        Ok(match self {
+            Row::Connection(_, generation) => connection_row_name(&key, *generation),
+            Row::Chain(_) => key,
+        })
     }
+}
+
+/// The name of a connection's row, from its key's bytes (`postcard(key)`).
+pub(super) fn connection_row_name(key: &[u8], generation: u8) -> Vec<u8> {
+    let mut name = Vec::with_capacity(key.len() + 1);
+    name.extend_from_slice(key);
+    name.push(generation);
+    name
 }
 
 /// A stored row read back: a connection of its own with its generation, or an earlier
@@ -86,20 +106,6 @@ pub(super) fn read_row(
         [] => Ok((key, stored, None)),
         [generation] if stored.previous.is_none() => Ok((key, stored, Some(*generation))),
         _ => Err(postcard::Error::DeserializeBadEncoding),
-    }
-}
-
-impl StoredTracked<'_> {
-    /// The chain of an earlier release's row, oldest connection first.
-    pub(super) fn into_chain(self) -> Vec<Self> {
-        let mut chain = Vec::new();
-        let mut next = Some(self);
-        while let Some(mut stored) = next {
-            next = stored.previous.take().map(|previous| *previous);
-            chain.push(stored);
-        }
-        chain.reverse();
-        chain
     }
 }
 
@@ -120,6 +126,7 @@ impl FlowTable {
         out.bool(entry.has(state::CLOSING));
         out.optional_nanos(deadline(state::CLOSED));
         out.varint(entry.last_packet_unix_nanos);
+        // `previous`: none nested, each connection is a row of its own.
         out.option(None::<()>);
         Ok(())
     }
