@@ -291,6 +291,8 @@ endpoint "10.90.2.2" { pod = "server-0" namespace = "b" node = "node-b" }
 
 fn per_packet() {
     const REPEAT: u32 = 1_000_000;
+    // The least of several rounds: this shared VM's steal time only ever adds.
+    const ROUNDS: usize = 5;
     let shapes: Vec<(&str, Vec<u8>)> = vec![
         (
             "IPv4 TCP, 64 B payload",
@@ -354,11 +356,16 @@ fn per_packet() {
         let mut cost = |hook| {
             // Warm up (creates the flow entry), then measure the established-flow path.
             capture.programs.test_run(hook, frame, 1000).unwrap();
-            capture
-                .programs
-                .test_run(hook, frame, REPEAT)
+            (0..ROUNDS)
+                .map(|_| {
+                    capture
+                        .programs
+                        .test_run(hook, frame, REPEAT)
+                        .unwrap()
+                        .as_nanos()
+                })
+                .min()
                 .unwrap()
-                .as_nanos()
         };
         let egress = cost(Hook::Egress);
         let ingress = cost(Hook::Ingress);

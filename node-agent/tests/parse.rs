@@ -78,6 +78,29 @@ fn short_datagrams_are_flows_not_malformed() {
     assert_eq!((key.src_port, key.dst_port, stats.bytes), (5, 6, 28));
 }
 
+/// The program loads headers from the packet a 64-bit word at a time; a header whose last word
+/// would run past the frame is copied by `bpf_skb_load_bytes` instead, byte-exact.
+#[test]
+fn headers_in_the_last_bytes_of_a_frame_are_read_exactly() {
+    // A TCP header cut after its flags byte (the 14 bytes the parser reads), and an ICMP header
+    // of its type and code only: the frame ends inside the word that holds them.
+    let cut_tcp = &tcp(40000, 443, 0x11, 0)[..14];
+    let (key, stats) = only_flow(
+        Hook::Egress,
+        &ethernet(&[], ETH_P_IP, &ipv4(6, V4_A, V4_B, &[], 0, cut_tcp)),
+    );
+    assert_eq!((key.src_port, key.dst_port, key.protocol), (40000, 443, 6));
+    assert_eq!((stats.packets, stats.bytes, stats.tcp_flags), (1, 34, 0x11));
+    let cut_icmp = &icmp(8, 0, 0)[..2];
+    let (key, stats) = only_flow(
+        Hook::Ingress,
+        &ethernet(&[], ETH_P_IP, &ipv4(1, V4_A, V4_B, &[], 0, cut_icmp)),
+    );
+    assert_eq!((key.icmp_type, key.icmp_code, key.protocol), (8, 0, 1));
+    assert_eq!((key.src_addr, key.dst_addr), (addr4(V4_A), addr4(V4_B)));
+    assert_eq!((stats.packets, stats.bytes), (1, 22));
+}
+
 #[test]
 fn ethernet_padding_is_not_counted() {
     let mut frame = ethernet(&[], ETH_P_IP, &ipv4(17, V4_A, V4_B, &[], 0, &udp(1, 2, 0)));

@@ -86,7 +86,9 @@ pub const fn starts_new_connection(flags: u32, seen: u32) -> bool {
 /// Addresses are in network byte order; IPv4 addresses occupy the first 4 bytes and the rest is
 /// zero. Ports are in host byte order and zero for protocols without ports. ICMP and ICMPv6 flows
 /// carry the message type and code instead (ports zero).
-#[repr(C)]
+///
+/// Aligned to 8 bytes so that the kernel program writes its addresses a 64-bit word at a time.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
     pub src_addr: [u8; 16],
@@ -108,7 +110,7 @@ pub struct FlowKey {
     pub segment: u8,
     pub _pad: [u8; 2],
 }
-const _: () = assert!(size_of::<FlowKey>() == 48);
+const _: () = assert!(size_of::<FlowKey>() == 48 && align_of::<FlowKey>() == 8);
 
 /// Counters of one [`FlowKey`] since the flow table it lives in became active.
 #[repr(C)]

@@ -19,6 +19,8 @@
 // The BPF target has no compare-and-swap, so core's atomic types lack fetch_add/fetch_or; the
 // intrinsics lower to the BPF atomic add/or instructions directly.
 #![feature(core_intrinsics)]
+// Misaligned packet loads are written as BPF instructions (`parse::load_word`).
+#![feature(asm_experimental_arch)]
 #![allow(internal_features)]
 #![expect(
     clippy::needless_borrows_for_generic_args,
@@ -188,13 +190,18 @@ fn add(stats: *mut FlowStats, packet: &Packet, now: u64) {
         }
         if packet.tcp_flags != 0 {
             let seen = &raw mut (*stats).tcp_flags;
-            let mut flags = packet.tcp_flags;
-            if flags & (tcp_flags::ACK | tcp_flags::FIN) == tcp_flags::ACK
-                && seen.read_volatile() & u64::from(tcp_flags::FIN) != 0
+            let already = seen.read_volatile();
+            let mut flags = u64::from(packet.tcp_flags);
+            if flags & u64::from(tcp_flags::ACK | tcp_flags::FIN) == u64::from(tcp_flags::ACK)
+                && already & u64::from(tcp_flags::FIN) != 0
             {
-                flags |= tcp_flags::ACK_AFTER_FIN;
+                flags |= u64::from(tcp_flags::ACK_AFTER_FIN);
             }
-            atomic_or::<u64, u64, { Relaxed }>(seen, u64::from(flags));
+            // Bits are only ever added, so a packet whose flags the entry already has (nearly
+            // every packet of an established flow) skips the locked instruction.
+            if already & flags != flags {
+                atomic_or::<u64, u64, { Relaxed }>(seen, flags);
+            }
         }
     }
 }

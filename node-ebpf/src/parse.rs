@@ -1,10 +1,13 @@
 //! Header parsing: turns one skb into a [`Packet`] (flow key + what to add), or says why not.
 //!
-//! Headers are read with direct packet access (bounds-checked pointer reads, no helper call) when
-//! they lie in the skb's linear data, which is nearly always; otherwise with `bpf_skb_load_bytes`,
-//! which also reaches paged data. Both paths are in [`read`], so parsing has one code path.
+//! Headers are read with direct packet access (bounds-checked loads of whole 64-bit words, no
+//! helper call) when they lie in the skb's linear data, which is nearly always; otherwise with
+//! `bpf_skb_load_bytes`, which also reaches paged data. Both paths are in [`read`], so parsing
+//! has one code path.
 
-use aya_ebpf::programs::TcContext;
+use core::mem::MaybeUninit;
+
+use aya_ebpf::{helpers::bpf_skb_load_bytes, programs::TcContext};
 use node_common::FlowKey;
 
 /// What one skb contributes to its flow.
@@ -92,19 +95,73 @@ fn be16(b: [u8; 2]) -> u16 {
 /// verifier and rejects absurd chains.
 const MAX_HEADER_OFFSET: usize = 512;
 
+/// The widest header read whole: IPv6's 40 bytes, in 64-bit words.
+const MAX_HEADER_WORDS: usize = 5;
+
+/// A header's bytes as 64-bit words, so that its fields are read with loads of their width
+/// (the code generator reads a byte array at an unknown alignment byte by byte).
+#[repr(C)]
+struct Words([u64; MAX_HEADER_WORDS]);
+
 /// Reads a `T` at `offset` from the start of the frame.
+///
+/// In the linear data (nearly always) the header's words are loaded straight from the packet,
+/// which needs `T` rounded up to whole words to lie inside it; otherwise (paged data, or the
+/// last few bytes of a frame) `bpf_skb_load_bytes` copies exactly `T`.
 #[inline(always)]
 fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, ParseError> {
+    const { assert!(size_of::<T>() <= size_of::<Words>() && align_of::<T>() <= 8) };
     if offset > MAX_HEADER_OFFSET {
         return Err(ParseError::Malformed);
     }
-    let start = ctx.data();
-    if start + offset + size_of::<T>() <= ctx.data_end() {
-        // SAFETY: the range was just checked to lie inside the linear packet data.
-        Ok(unsafe { ((start + offset) as *const T).read_unaligned() })
+    let words = size_of::<T>().div_ceil(8);
+    let mut buffer = MaybeUninit::<Words>::uninit();
+    let start = ctx.data() + offset;
+    if start + words * 8 <= ctx.data_end() {
+        let buffer = buffer.as_mut_ptr().cast::<u64>();
+        for i in 0..words {
+            // SAFETY: the word lies inside the linear packet data (checked above), and inside
+            // the buffer (`T` fits in it).
+            unsafe { buffer.add(i).write(load_word((start + i * 8) as *const u8)) };
+        }
     } else {
-        ctx.load(offset).map_err(|_| ParseError::Malformed)
+        // SAFETY: the helper writes at most `size_of::<T>()` bytes into the buffer.
+        let ret = unsafe {
+            bpf_skb_load_bytes(
+                ctx.skb.skb.cast(),
+                offset as u32,
+                buffer.as_mut_ptr().cast(),
+                size_of::<T>() as u32,
+            )
+        };
+        if ret != 0 {
+            return Err(ParseError::Malformed);
+        }
     }
+    // SAFETY: either path initialised `T`'s bytes; `Words` is larger and at least as aligned as
+    // `T`, and `T` is plain bytes.
+    Ok(unsafe { buffer.as_ptr().cast::<T>().read() })
+}
+
+/// One 64-bit load at any alignment: the kernel allows misaligned packet access wherever
+/// memory access is misaligned efficiently (x86-64, arm64). Written as the instruction because
+/// the code generator splits an unaligned load into eight byte loads.
+///
+/// # Safety
+/// The eight bytes at `at` must lie inside the packet's linear data.
+#[inline(always)]
+unsafe fn load_word(at: *const u8) -> u64 {
+    let word: u64;
+    // SAFETY: the caller's bounds check is what the verifier tracks for the packet pointer.
+    unsafe {
+        core::arch::asm!(
+            "{word} = *(u64 *)({at} + 0)",
+            word = lateout(reg) word,
+            at = in(reg) at,
+            options(pure, readonly, nostack, preserves_flags),
+        );
+    }
+    word
 }
 
 #[inline(always)]
