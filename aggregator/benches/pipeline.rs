@@ -18,6 +18,7 @@
 //! `cargo bench -p mermin-aggregator --bench pipeline -- [stitch|read|tick|ingest|replicated]`
 
 use std::{
+    cell::RefCell,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -27,7 +28,7 @@ use mermin_aggregator::{
     export::ExportConfig,
     flow_table::FlowTable,
     metadata::{AttributeNaming, IndexSettings, MetadataIndex},
-    observation::Observation,
+    observation::{Observation, PointCache},
     pipeline::{Aggregator, AggregatorConfig},
     replication::{RaftTuning, Replica},
     shard::encode_requests,
@@ -271,6 +272,8 @@ fn read() {
             .collect();
         observations.len()
     });
+    // A stream's points, made once each, as the session keeps them.
+    let points = RefCell::new(PointCache::default());
     let in_place = best(&|message| {
         let Some(AgentMessageRead::Batch(batch)) = AgentMessageRead::read(message.clone()).unwrap()
         else {
@@ -278,8 +281,9 @@ fn read() {
         };
         // As the session does: counted, then each record read and validated in one pass.
         let mut observations = Vec::with_capacity(batch.record_count());
+        let points = &mut *points.borrow_mut();
         for record in batch.records() {
-            observations.push(Observation::try_from(&record.unwrap()).unwrap());
+            observations.push(Observation::read(&record.unwrap(), points).unwrap());
         }
         observations.len()
     });

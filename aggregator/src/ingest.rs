@@ -37,7 +37,7 @@ use crate::{
     actors::Arbiters,
     defaults,
     metrics::{Metrics, ReasonLabel},
-    observation::Observation,
+    observation::{Observation, PointCache},
     store::{BOOT_ID_LEN, BootId, Store, StoreError},
 };
 
@@ -501,6 +501,8 @@ struct Agent {
     node: String,
     boot_id: BootId,
     last: u64,
+    /// The points its records name, made once each.
+    points: PointCache,
 }
 
 impl<S: BatchSink> Worker<S> {
@@ -612,6 +614,7 @@ impl<S: BatchSink> Worker<S> {
             node: hello.node_name,
             boot_id,
             last,
+            points: PointCache::default(),
         })
     }
 
@@ -662,7 +665,7 @@ impl<S: BatchSink> Worker<S> {
                     record.node_name, agent.node
                 )));
             }
-            let observation = Observation::try_from(&record)
+            let observation = Observation::read(&record, &mut agent.points)
                 .and_then(|o| o.check_time(now).map(|()| o))
                 .map_err(|err| {
                     Status::invalid_argument(format!("batch {sequence}, record {index}: {err}"))

@@ -8,7 +8,9 @@
 //! endpoint that served it), the view every other node sees without knowing of the NAT. So the
 //! points before and after the translation stitch into one connection, counted once.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
 use mermin_protocol::flow::v1::{Direction, EndReason, FlowRecord};
 use mermin_protocol::wire::read::{EndpointView, FlowRecordView, TranslationView};
@@ -70,7 +72,8 @@ pub struct Observation {
     /// How the observed packets run relative to `key`.
     pub orientation: Orientation,
     pub tuple: Tuple,
-    pub point: ObservationPoint,
+    /// Shared by every observation of the point that one [`PointCache`] made.
+    pub point: Arc<ObservationPoint>,
     pub counts: Counts,
     pub end_reason: EndReason,
     /// The first packet of the point's flow (the agent's flow, across its records); the first
@@ -216,7 +219,67 @@ impl TryFrom<&FlowRecord> for Observation {
 impl TryFrom<&FlowRecordView<'_>> for Observation {
     type Error = InvalidRecord;
 
+    /// The record checked, with a point of its own (see [`Observation::read`] for a stream).
     fn try_from(r: &FlowRecordView<'_>) -> Result<Self, InvalidRecord> {
+        Observation::checked(r, |hook| {
+            Arc::new(ObservationPoint {
+                node: r.node_name.to_owned(),
+                interface: r.interface_name.to_owned(),
+                hook,
+            })
+        })
+    }
+}
+
+/// The observation points of one agent's records, each made once: a stream names the same few
+/// points record after record, so its observations share them instead of copying two names
+/// each.
+#[derive(Debug, Default)]
+pub struct PointCache {
+    /// By interface name, then hook (ingress, egress).
+    by_interface: HashMap<String, [Option<Arc<ObservationPoint>>; 2]>,
+}
+
+impl PointCache {
+    /// Interfaces remembered at most; past this the cache starts over (an agent naming ever new
+    /// interfaces costs an allocation per record, as without a cache, and no more memory).
+    const MAX_INTERFACES: usize = 4096;
+
+    /// The point `(node, interface, hook)`.
+    pub fn point(&mut self, node: &str, interface: &str, hook: Hook) -> Arc<ObservationPoint> {
+        let slot = hook as usize;
+        if let Some(point) = self
+            .by_interface
+            .get(interface)
+            .and_then(|hooks| hooks[slot].as_ref())
+            .filter(|point| point.node == node)
+        {
+            return point.clone();
+        }
+        if self.by_interface.len() >= Self::MAX_INTERFACES {
+            self.by_interface.clear();
+        }
+        let point = Arc::new(ObservationPoint {
+            node: node.to_owned(),
+            interface: interface.to_owned(),
+            hook,
+        });
+        self.by_interface.entry(interface.to_owned()).or_default()[slot] = Some(point.clone());
+        point
+    }
+}
+
+impl Observation {
+    /// The record checked, its point from `points` (the records of one stream).
+    pub fn read(r: &FlowRecordView<'_>, points: &mut PointCache) -> Result<Self, InvalidRecord> {
+        Observation::checked(r, |hook| points.point(r.node_name, r.interface_name, hook))
+    }
+
+    /// Every check of a record; `point` makes its observation point.
+    fn checked(
+        r: &FlowRecordView<'_>,
+        point: impl FnOnce(Hook) -> Arc<ObservationPoint>,
+    ) -> Result<Self, InvalidRecord> {
         let source = address("source_address", r.source_address)?;
         let destination = address("destination_address", r.destination_address)?;
         if source.is_ipv4() != destination.is_ipv4() {
@@ -282,11 +345,7 @@ impl TryFrom<&FlowRecordView<'_>> for Observation {
             key,
             orientation,
             tuple,
-            point: ObservationPoint {
-                node: r.node_name.to_owned(),
-                interface: r.interface_name.to_owned(),
-                hook,
-            },
+            point: point(hook),
             counts: Counts {
                 packets: r.delta_packets,
                 bytes: r.delta_octets,
@@ -304,11 +363,9 @@ impl TryFrom<&FlowRecordView<'_>> for Observation {
             translation,
         })
     }
-}
 
-impl Observation {
     /// Refuses times no node clock can produce now: zero, or more than a day from `now` (the
-    /// aggregator's Unix time in ns). Kept apart from `try_from`, which is clock-free.
+    /// aggregator's Unix time in ns). Kept apart from the record's checks, which are clock-free.
     pub fn check_time(&self, now: u64) -> Result<(), InvalidRecord> {
         for (field, value) in [
             ("first_seen_unix_nanos", self.counts.first_seen_unix_nanos),
@@ -383,6 +440,68 @@ mod tests {
         let mut r = record();
         change(&mut r);
         Observation::try_from(&r).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_streams_records_share_their_points() {
+        let mut points = PointCache::default();
+        let mut read = |change: &dyn Fn(&mut FlowRecord)| {
+            let mut r = record();
+            change(&mut r);
+            Observation::read(&FlowRecordView::from(&r), &mut points).unwrap()
+        };
+        let first = read(&|_| {});
+        let again = read(&|r| r.delta_packets = 1);
+        assert!(Arc::ptr_eq(&first.point, &again.point));
+        assert_eq!(
+            *first.point,
+            ObservationPoint {
+                node: "node-a".into(),
+                interface: "eth0".into(),
+                hook: Hook::Egress,
+            }
+        );
+        let ingress = read(&|r| r.direction = Direction::Ingress as i32);
+        assert_eq!(
+            (&*ingress.point.interface, ingress.point.hook),
+            ("eth0", Hook::Ingress)
+        );
+        assert!(!Arc::ptr_eq(&first.point, &ingress.point));
+        // Another node's record on an interface of the same name is not given this node's point.
+        let other = read(&|r| r.node_name = "node-b".into());
+        assert_eq!(
+            (&*other.point.node, &*other.point.interface),
+            ("node-b", "eth0")
+        );
+        // The same points as without a cache.
+        for o in [&first, &ingress, &other] {
+            let mut r = record();
+            r.node_name = o.point.node.clone();
+            r.direction = match o.point.hook {
+                Hook::Ingress => Direction::Ingress as i32,
+                Hook::Egress => Direction::Egress as i32,
+            };
+            assert_eq!(Observation::try_from(&r).unwrap().point, o.point);
+        }
+    }
+
+    #[test]
+    fn the_point_cache_starts_over_past_its_limit() {
+        let mut points = PointCache::default();
+        let first = points.point("node-a", "veth0", Hook::Egress);
+        for i in 1..PointCache::MAX_INTERFACES {
+            points.point("node-a", &format!("veth{i}"), Hook::Egress);
+        }
+        assert!(Arc::ptr_eq(
+            &first,
+            &points.point("node-a", "veth0", Hook::Egress)
+        ));
+        assert_eq!(points.by_interface.len(), PointCache::MAX_INTERFACES);
+        points.point("node-a", "one-more", Hook::Egress);
+        assert_eq!(points.by_interface.len(), 1);
+        let made_again = points.point("node-a", "veth0", Hook::Egress);
+        assert!(!Arc::ptr_eq(&first, &made_again));
+        assert_eq!(*first, *made_again);
     }
 
     #[test]
