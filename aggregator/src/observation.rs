@@ -247,7 +247,10 @@ impl PointCache {
 
     /// The point `(node, interface, hook)`.
     pub fn point(&mut self, node: &str, interface: &str, hook: Hook) -> Arc<ObservationPoint> {
-        let slot = hook as usize;
+        let slot = match hook {
+            Hook::Ingress => 0,
+            Hook::Egress => 1,
+        };
         if let Some(point) = self
             .by_interface
             .get(interface)
@@ -256,7 +259,9 @@ impl PointCache {
         {
             return point.clone();
         }
-        if self.by_interface.len() >= Self::MAX_INTERFACES {
+        if self.by_interface.len() >= Self::MAX_INTERFACES
+            && !self.by_interface.contains_key(interface)
+        {
             self.by_interface.clear();
         }
         let point = Arc::new(ObservationPoint {

@@ -1,7 +1,8 @@
 //! Capture benchmarks (BENCHMARKS.md has the figures and the commands):
 //!
 //! - `per-packet`: mean cost of the programs per packet for several shapes, measured by the kernel
-//!   with BPF_PROG_TEST_RUN (established-flow path: lookup + atomic adds).
+//!   with BPF_PROG_TEST_RUN (established-flow path: lookup + atomic adds), the least of five
+//!   rounds.
 //! - `throughput`: TCP bulk and small-UDP packet rates over a veth pair, without and with the
 //!   agent attached, alternating runs.
 //! - `agent-load`: the agent's CPU and memory while it evicts 10k new flows per second.

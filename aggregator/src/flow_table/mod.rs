@@ -21,16 +21,16 @@
 //!
 //! **Layout.** A live connection costs its entry, so entries are compact (a [`Connection`] of
 //! 112 bytes, the key packed in 38, times, links and generation: 184 bytes) and sit in a slab
-//! of fixed-size chunks (`slab`); the index from key to entry is a hash table of 4-byte slots, so that its load
-//! factor costs bytes, not entries. Connections that ended on a key stay chained behind the
-//! key's newest one (`Entry::previous`), in the slab but not in the index.
+//! of fixed-size chunks (`slab`); the index from key to entry is a hash table of 4-byte slots,
+//! so that its load factor costs bytes, not entries. Connections that ended on a key stay
+//! chained behind the key's newest one (`Entry::previous`), in the slab but not in the index.
 //!
 //! **Work per tick.** A table remembers every connection of the grace period, most of them
 //! waiting for nothing but their end, so nothing walks all of them: `emit_due` takes the keys
 //! whose chain has a deadline that has come from a queue of slots (`deadlines`; one walk of a
 //! due chain emits, forgets and finds its next deadline), and `take_changes` the connections
-//! flagged as changed from a set of one bit per slot (`slot_set`). With
-//! them a live connection costs ~196 bytes (BENCHMARKS.md).
+//! flagged as changed from a set of one bit per slot (`slot_set`). With them a live connection
+//! costs ~196 bytes (BENCHMARKS.md).
 //!
 //! **Connections on a reused 5-tuple.** A key can carry one connection after another (busy
 //! clients reuse ports). A record that starts a new flow at its point ([`Observation::starts_flow`];
