@@ -61,7 +61,8 @@ pub struct Args {
     #[arg(long)]
     pub aggregator_server_name: Option<String>,
 
-    /// Batches held for the aggregator until it acknowledges them; when full, the agent waits.
+    /// Batches (of up to 4,096 records) held for the aggregator until it acknowledges them; when
+    /// full, the agent waits.
     #[arg(long, default_value_t = 64)]
     pub aggregator_buffer_batches: usize,
 

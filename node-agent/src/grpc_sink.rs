@@ -2,7 +2,8 @@
 //! a bounded replay buffer and backpressure.
 //!
 //! The collector thread hands records to [`GrpcSink::send`], which cuts them into batches with
-//! consecutive sequence numbers, encodes them (the buffer holds each batch's records as the
+//! consecutive sequence numbers (at most [`BATCH_RECORDS`] records, fewer if the aggregator's
+//! Welcome says it takes fewer), encodes them (the buffer holds each batch's records as the
 //! protobuf bytes they are sent as: sending or resending one copies bytes, never records) and
 //! appends them to the buffer. A task on the agent's runtime keeps one stream to the aggregator
 //! (`AgentCodec` writes a buffered batch into its `AgentMessage` without decoding it): Hello; on
@@ -16,7 +17,10 @@
 
 use std::{
     collections::VecDeque,
-    sync::{Arc, Condvar, Mutex},
+    sync::{
+        Arc, Condvar, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -42,7 +46,7 @@ use crate::{
 /// The protocol revision this agent speaks.
 const PROTOCOL_VERSION: u32 = 1;
 /// Records per batch (the aggregator's limit is larger).
-const BATCH_RECORDS: usize = 1000;
+const BATCH_RECORDS: usize = 4096;
 /// How long a connection attempt waits, and how often a stream pings the aggregator and how
 /// long it waits for the answer: a path that went silent (a node gone without a reset, a
 /// replica forwarding to a leader it can no longer reach) ends the stream within
@@ -69,6 +73,8 @@ pub struct GrpcSinkConfig {
 struct EncodedBatch {
     sequence: u64,
     records: Bytes,
+    /// How many records `records` holds.
+    count: usize,
 }
 
 /// `Batch.records`, `AgentMessage.batch`, `Batch.sequence`.
@@ -90,7 +96,28 @@ impl EncodedBatch {
         EncodedBatch {
             sequence,
             records: Bytes::from(buffer),
+            count: records.len(),
         }
+    }
+
+    /// This batch's records in batches of at most `limit` (numbered later), cut between the
+    /// encoded records without decoding them.
+    fn split(self, limit: usize) -> impl Iterator<Item = EncodedBatch> {
+        let mut rest = self.records;
+        let mut left = self.count;
+        std::iter::from_fn(move || {
+            if left == 0 {
+                return None;
+            }
+            let count = left.min(limit);
+            let end = (0..count).fold(0, |at, _| at + encoded_field_len(&rest[at..]));
+            left -= count;
+            Some(EncodedBatch {
+                sequence: 0,
+                records: rest.split_to(end),
+                count,
+            })
+        })
     }
 
     /// Writes the `AgentMessage` carrying this batch.
@@ -102,6 +129,15 @@ impl EncodedBatch {
         encode_varint(self.sequence, out);
         out.put_slice(&self.records);
     }
+}
+
+/// The length of the length-delimited field at the start of `bytes` (a record as
+/// [`EncodedBatch::encode`] wrote it: a one-byte key, the length, the record).
+fn encoded_field_len(mut bytes: &[u8]) -> usize {
+    let all = bytes.len();
+    bytes = &bytes[1..];
+    let len = prost::encoding::decode_varint(&mut bytes).expect("a batch this agent encoded");
+    all - bytes.len() + len as usize
 }
 
 struct Buffer {
@@ -117,6 +153,8 @@ struct Shared {
     /// Signalled when a batch is appended (for the stream task).
     appended: Notify,
     capacity: usize,
+    /// Records per batch: [`BATCH_RECORDS`], or the aggregator's limit if that is smaller.
+    batch_records: AtomicUsize,
 }
 
 impl Shared {
@@ -146,9 +184,16 @@ impl Shared {
     /// the next batch it expects is not the next one this agent would send — it lost batches it
     /// had acknowledged (its disk was wiped), or it knows sequences this process never sent —
     /// the unacknowledged batches are renumbered to follow `last`, so the stream goes on instead
-    /// of being refused forever. Returns how many acknowledged batches the aggregator no longer
-    /// has (counted by the caller: they are lost).
-    fn welcome(&self, last: u64) -> u64 {
+    /// of being refused forever. Batches larger than the aggregator's `max_batch_records` (0: not
+    /// given) are cut to it and renumbered the same way (none of them is durable there), and
+    /// later batches are cut to it from the start. Returns how many acknowledged batches the
+    /// aggregator no longer has (counted by the caller: they are lost).
+    fn welcome(&self, last: u64, max_batch_records: u32) -> u64 {
+        let limit = match max_batch_records as usize {
+            0 => BATCH_RECORDS,
+            given => given.min(BATCH_RECORDS),
+        };
+        self.batch_records.store(limit, Ordering::Relaxed);
         let mut buffer = self.lock();
         // Durable there — unless the aggregator speaks of sequences this process never sent
         // (then none of ours is durable, and all are renumbered).
@@ -161,8 +206,13 @@ impl Shared {
             .unacked
             .front()
             .map_or(buffer.next_sequence, |b| b.sequence);
-        if first == last + 1 {
+        let oversized = buffer.unacked.iter().any(|b| b.count > limit);
+        if first == last + 1 && !oversized {
             return 0;
+        }
+        if oversized {
+            let batches = std::mem::take(&mut buffer.unacked);
+            buffer.unacked = batches.into_iter().flat_map(|b| b.split(limit)).collect();
         }
         let lost = first.saturating_sub(last + 1);
         for (batch, sequence) in buffer.unacked.iter_mut().zip(last + 1..) {
@@ -205,6 +255,7 @@ pub fn start(config: GrpcSinkConfig, metrics: Arc<Metrics>) -> Result<GrpcSink, 
         space: Condvar::new(),
         appended: Notify::new(),
         capacity: config.capacity.max(1),
+        batch_records: AtomicUsize::new(BATCH_RECORDS),
     });
     tokio::spawn(stream_forever(
         config,
@@ -233,7 +284,8 @@ impl GrpcSinkHandle {
 
 impl RecordSink for GrpcSink {
     fn send(&mut self, records: &[FlowRecord]) -> Result<(), SinkError> {
-        for chunk in records.chunks(BATCH_RECORDS) {
+        let batch_records = self.shared.batch_records.load(Ordering::Relaxed);
+        for chunk in records.chunks(batch_records) {
             // Encoded outside the lock; numbered inside it.
             let mut batch = EncodedBatch::encode(0, chunk);
             let mut buffer = self.shared.lock();
@@ -380,7 +432,7 @@ async fn stream_until_error(
         other => return Err(format!("expected Welcome, got {other:?}")),
     };
     *welcomed = true;
-    let lost = shared.welcome(welcome.last_durable_sequence);
+    let lost = shared.welcome(welcome.last_durable_sequence, welcome.max_batch_records);
     if lost > 0 {
         metrics.sink_batches_lost.inc_by(lost);
         tracing::error!(
@@ -500,17 +552,55 @@ mod tests {
     use super::*;
 
     fn shared(next_sequence: u64, unacked: std::ops::Range<u64>) -> Shared {
+        shared_with(
+            next_sequence,
+            unacked
+                .map(|sequence| EncodedBatch::encode(sequence, &[]))
+                .collect(),
+        )
+    }
+
+    fn shared_with(next_sequence: u64, unacked: VecDeque<EncodedBatch>) -> Shared {
         Shared {
             buffer: Mutex::new(Buffer {
                 next_sequence,
-                unacked: unacked
-                    .map(|sequence| EncodedBatch::encode(sequence, &[]))
-                    .collect(),
+                unacked,
             }),
             space: Condvar::new(),
             appended: Notify::new(),
             capacity: 64,
+            batch_records: AtomicUsize::new(BATCH_RECORDS),
         }
+    }
+
+    /// Each buffered batch: its sequence and its records' source ports.
+    fn batches(shared: &Shared) -> Vec<(u64, Vec<u32>)> {
+        let buffer = shared.lock();
+        buffer
+            .unacked
+            .iter()
+            .map(|b| {
+                let records = mermin_protocol::agent::v1::Batch::decode(&b.records[..])
+                    .unwrap()
+                    .records;
+                assert_eq!(records.len(), b.count);
+                (b.sequence, records.iter().map(|r| r.source_port).collect())
+            })
+            .collect()
+    }
+
+    fn records(ports: std::ops::RangeInclusive<u32>) -> Vec<FlowRecord> {
+        ports
+            .map(|port| FlowRecord {
+                node_name: "node-a".into(),
+                interface_name: "veth-with-a-long-name".into(),
+                source_address: vec![10, 0, 0, 1],
+                source_port: port,
+                // Records of more than 127 bytes: two-byte lengths.
+                destination_address: vec![0xfd; 100],
+                ..FlowRecord::default()
+            })
+            .collect()
     }
 
     fn sequences(shared: &Shared) -> (Vec<u64>, u64) {
@@ -559,7 +649,7 @@ mod tests {
     #[test]
     fn a_welcome_after_a_reconnect_drops_what_is_durable_and_keeps_the_rest() {
         let s = shared(111, 108..111);
-        assert_eq!(s.welcome(108), 0);
+        assert_eq!(s.welcome(108, 0), 0);
         assert_eq!(sequences(&s), (vec![109, 110], 111));
     }
 
@@ -567,18 +657,57 @@ mod tests {
     fn an_aggregator_that_lost_its_store_gets_the_rest_renumbered_and_the_loss_is_counted() {
         // Batches 1..=107 were acknowledged; the aggregator's data dir was wiped.
         let s = shared(111, 108..111);
-        assert_eq!(s.welcome(0), 107);
+        assert_eq!(s.welcome(0, 0), 107);
         assert_eq!(sequences(&s), (vec![1, 2, 3], 4));
         // Nothing unacknowledged: the next batch simply follows the aggregator's last.
         let s = shared(51, 51..51);
-        assert_eq!(s.welcome(20), 30);
+        assert_eq!(s.welcome(20, 0), 30);
         assert_eq!(sequences(&s), (vec![], 21));
+    }
+
+    /// An aggregator that takes fewer records per batch than this agent buffered: the batches it
+    /// has not acknowledged are cut to its limit between records, in order, renumbered after its
+    /// last; the next ones are cut to it from the start.
+    #[test]
+    fn a_welcome_with_a_smaller_batch_limit_cuts_the_buffered_batches_to_it() {
+        let buffered = [
+            EncodedBatch::encode(4, &records(100..=101)),
+            EncodedBatch::encode(5, &records(1..=5)),
+            EncodedBatch::encode(6, &records(6..=7)),
+        ];
+        let s = shared_with(7, buffered.into());
+        assert_eq!(s.welcome(4, 2), 0);
+        assert_eq!(
+            batches(&s),
+            [
+                (5, vec![1, 2]),
+                (6, vec![3, 4]),
+                (7, vec![5]),
+                (8, vec![6, 7])
+            ]
+        );
+        assert_eq!(sequences(&s).1, 9);
+        let mut sink = GrpcSink {
+            shared: Arc::new(s),
+            metrics: Arc::new(Metrics::new()),
+        };
+        sink.send(&records(8..=10)).unwrap();
+        assert_eq!(
+            batches(&sink.shared)[4..],
+            [(9, vec![8, 9]), (10, vec![10])]
+        );
+        // A Welcome without a limit (0) or with a larger one: batches of BATCH_RECORDS again.
+        assert_eq!(sink.shared.welcome(10, 0), 0);
+        let many = records(1..=BATCH_RECORDS as u32 + 1);
+        sink.send(&many).unwrap();
+        let counts: Vec<usize> = sink.shared.lock().unacked.iter().map(|b| b.count).collect();
+        assert_eq!(counts, [BATCH_RECORDS, 1]);
     }
 
     #[test]
     fn sequences_the_aggregator_knows_but_this_process_never_sent_are_skipped() {
         let s = shared(4, 2..4);
-        assert_eq!(s.welcome(9), 0);
+        assert_eq!(s.welcome(9, 0), 0);
         assert_eq!(sequences(&s), (vec![10, 11], 12));
     }
 

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use mermin_aggregator::{
     export::ExportConfig,
+    ingest::IngestLimits,
     pipeline::{Aggregator, AggregatorConfig, MetadataConfig},
 };
 use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind};
@@ -16,6 +17,9 @@ use super::{
     otlp::{Receiver, serve},
 };
 
+/// Records per agent batch the aggregator takes here (agents send up to 4,096 by default).
+pub const MAX_BATCH_RECORDS: u32 = 3;
+
 pub struct System {
     pub runtime: tokio::runtime::Runtime,
     pub receiver: Receiver,
@@ -24,7 +28,9 @@ pub struct System {
 }
 
 impl System {
-    /// Starts the aggregator (settle 1 s) with `endpoints` as its static metadata file.
+    /// Starts the aggregator (settle 1 s) with `endpoints` as its static metadata file. It takes
+    /// at most [`MAX_BATCH_RECORDS`] records per batch (its Welcome says so), so the agents cut
+    /// each scan into several batches and a connection's records arrive in different ones.
     pub fn start(endpoints: &str) -> Self {
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let receiver = Receiver::default();
@@ -36,6 +42,10 @@ impl System {
             Aggregator::start(AggregatorConfig {
                 settle: Duration::from_secs(1),
                 grace: Duration::from_secs(10),
+                limits: IngestLimits {
+                    max_batch_records: MAX_BATCH_RECORDS,
+                    ..IngestLimits::default()
+                },
                 metadata: MetadataConfig {
                     static_file: Some(file),
                     ..MetadataConfig::default()
