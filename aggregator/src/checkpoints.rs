@@ -166,12 +166,12 @@ fn write(store: &Store, round: Vec<Message>) {
     }
     // The round's export requests, joined into as few as fit, are written with its first part
     // (the write is one, atomic); each shard's part keeps its own, which it counts.
-    let requests = join_entries(
-        parts
-            .iter()
-            .flat_map(|(_, part)| &part.outbox)
-            .map(Vec::as_slice),
-    );
+    let entries: Vec<&[u8]> = parts
+        .iter()
+        .flat_map(|(_, part)| &part.outbox)
+        .map(Vec::as_slice)
+        .collect();
+    let requests = join_entries(&entries);
     let checkpoints: Vec<Checkpoint<'_>> = parts
         .iter()
         .enumerate()

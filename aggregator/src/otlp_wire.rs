@@ -62,13 +62,14 @@ pub const MAX_REQUEST_BYTES: usize = 2 << 20;
 /// The outbox entries `entries` joined, in order, into as few as fit [`MAX_REQUEST_SPANS`] and
 /// [`MAX_REQUEST_BYTES`]: an export request's one field repeats, so two requests concatenated
 /// are one request with the spans of both. An entry too short to hold a count stays alone.
-pub fn join_entries<'a>(entries: impl IntoIterator<Item = &'a [u8]>) -> Vec<Vec<u8>> {
+pub fn join_entries(entries: &[&[u8]]) -> Vec<Vec<u8>> {
     let count = |entry: &[u8]| -> Option<u32> {
         Some(u32::from_be_bytes(
             entry.get(..COUNT_BYTES)?.try_into().ok()?,
         ))
     };
     let mut joined: Vec<Vec<u8>> = Vec::new();
+    let mut left: usize = entries.iter().map(|entry| entry.len()).sum();
     for entry in entries {
         let fits = |last: &Vec<u8>| {
             let (Some(spans), Some(more)) = (count(last), count(entry)) else {
@@ -83,8 +84,15 @@ pub fn join_entries<'a>(entries: impl IntoIterator<Item = &'a [u8]>) -> Vec<Vec<
                 last[..COUNT_BYTES].copy_from_slice(&spans.to_be_bytes());
                 last.extend_from_slice(&entry[COUNT_BYTES..]);
             }
-            None => joined.push(entry.to_vec()),
+            None => {
+                // Sized for what may still join it: never grown by doubling (a copy of
+                // megabytes, and fresh pages to fault in, every tick).
+                let mut first = Vec::with_capacity(left.min(COUNT_BYTES + MAX_REQUEST_BYTES));
+                first.extend_from_slice(entry);
+                joined.push(first);
+            }
         }
+        left -= entry.len();
     }
     joined
 }
@@ -233,14 +241,18 @@ pub struct RequestWriter {
 
 impl Default for RequestWriter {
     fn default() -> Self {
-        Self {
-            entry: vec![0; COUNT_BYTES],
-            spans: 0,
-        }
+        Self::with_capacity(0)
     }
 }
 
 impl RequestWriter {
+    /// A request expected to take about `bytes` (it grows past them if need be).
+    pub fn with_capacity(bytes: usize) -> Self {
+        let mut entry = Vec::with_capacity(COUNT_BYTES + bytes);
+        entry.resize(COUNT_BYTES, 0);
+        Self { entry, spans: 0 }
+    }
+
     /// Encoded size of the request so far.
     pub fn request_len(&self) -> usize {
         self.entry.len() - COUNT_BYTES
@@ -282,10 +294,11 @@ impl RequestWriter {
 
     /// Everything written since the request was `request_len` bytes long moves to a new request
     /// (`spans` of them), which is returned; this one keeps what came before.
-    pub fn split_off(&mut self, request_len: usize, spans: u32) -> RequestWriter {
+    /// `capacity` as in [`RequestWriter::with_capacity`].
+    pub fn split_off(&mut self, request_len: usize, spans: u32, capacity: usize) -> RequestWriter {
         let tail = self.entry.split_off(COUNT_BYTES + request_len);
         self.spans -= spans;
-        let mut next = RequestWriter::default();
+        let mut next = RequestWriter::with_capacity(capacity.max(tail.len()));
         next.entry.extend_from_slice(&tail);
         next.spans = spans;
         next
@@ -410,7 +423,7 @@ mod tests {
         let mark = request.request_len();
         request.resource_span("b", ("mermin", "0"), span("two"));
         request.resource_span("c", ("mermin", "0"), span("three"));
-        let next = request.split_off(mark, 2);
+        let next = request.split_off(mark, 2, 0);
         let names = |entry: Vec<u8>| {
             let (count, decoded) = decode(&entry);
             let names: Vec<String> = decoded
@@ -444,7 +457,7 @@ mod tests {
             entry("c", 300),
             entry("d", 1),
         ];
-        let joined = join_entries(entries.iter().map(Vec::as_slice));
+        let joined = join_entries(&entries.iter().map(Vec::as_slice).collect::<Vec<_>>());
         let names: Vec<(u32, Vec<(String, usize)>)> = joined
             .iter()
             .map(|e| {
@@ -475,7 +488,7 @@ mod tests {
             e.resize(COUNT_BYTES + (3 << 19), byte);
             e
         };
-        let joined = join_entries([&big(1)[..], &big(2)[..], &[9, 9][..], &entry("e", 1)[..]]);
+        let joined = join_entries(&[&big(1)[..], &big(2)[..], &[9, 9][..], &entry("e", 1)[..]]);
         let shape: Vec<(usize, u8)> = joined.iter().map(|e| (e.len(), e[e.len() - 1])).collect();
         assert_eq!(
             shape[..3],

@@ -430,19 +430,29 @@ impl FlowShard {
 /// Intervals per export request at most.
 pub const INTERVALS_PER_REQUEST: usize = (MAX_REQUEST_SPANS / SPANS_PER_INTERVAL) as usize;
 
+/// About what an interval's two spans take in a request, Kubernetes names aside (1,070 bytes in
+/// the `stitch` bench); a first size, not a limit.
+const INTERVAL_BYTES_GUESS: usize = 1_100;
+
 /// The outbox entries (encoded OTLP export requests) carrying the spans of `emitted`.
 pub fn encode_requests(emitted: &[Emitted], enrichment: &Enrichment) -> Vec<Vec<u8>> {
+    // Sized up front: growing a tick's request by doubling copied it and faulted in fresh
+    // pages several times over (~5% of the aggregator's CPU at 5k connections/s).
+    let capacity = |intervals: usize| {
+        (intervals.min(INTERVALS_PER_REQUEST) * INTERVAL_BYTES_GUESS).min(MAX_REQUEST_BYTES)
+    };
     let mut requests = Vec::new();
-    let mut request = RequestWriter::default();
+    let mut request = RequestWriter::with_capacity(capacity(emitted.len()));
     let mut intervals = 0;
-    for e in emitted {
+    for (index, e) in emitted.iter().enumerate() {
         let before = request.request_len();
         write_flow_spans(&e.flow, &e.interval, enrichment, &mut request);
         // Over the limits with this interval: it starts the next request.
         if intervals > 0
             && (intervals == INTERVALS_PER_REQUEST || request.request_len() > MAX_REQUEST_BYTES)
         {
-            let next = request.split_off(before, SPANS_PER_INTERVAL);
+            let next =
+                request.split_off(before, SPANS_PER_INTERVAL, capacity(emitted.len() - index));
             requests.push(std::mem::replace(&mut request, next).finish());
             intervals = 0;
         }
