@@ -1388,6 +1388,44 @@ mod tests {
         );
     }
 
+    /// A late record that gives an earlier connection of a key an interval: the interval is
+    /// emitted at its settle time, not when the connection is forgotten.
+    #[test]
+    fn a_late_interval_of_an_earlier_connection_is_emitted_on_time() {
+        let mut t = table();
+        let mut out = Vec::new();
+        t.apply(&timed("a", true, 5, 10 * S, 11 * S), 100 * S);
+        t.apply(&timed("b", false, 4, 10 * S, 11 * S), 100 * S);
+        t.emit_due(103 * S, &mut out);
+        assert_eq!(out.len(), 1, "connection 1 at its settle time");
+        // Connection 2 on the key; connection 1 is remembered until 133 s.
+        let second = 11 * S + 50_000_000;
+        t.apply(&timed("a", true, 7, second, second + S), 104 * S);
+        t.emit_due(107 * S, &mut out);
+        assert_eq!(out.len(), 2, "connection 2 at its settle time");
+        // Two more packets of connection 1 from the point that counts its client's direction.
+        t.apply(&timed("a", true, 2, 10 * S, 11 * S + 10_000_000), 110 * S);
+        t.emit_due(112 * S, &mut out);
+        assert_eq!(out.len(), 2, "not before its settle time");
+        t.emit_due(113 * S, &mut out);
+        assert_eq!(
+            out.len(),
+            3,
+            "the late interval at its settle time: {out:#?}"
+        );
+        let late = &out[2];
+        assert_eq!(late.interval.connection_start_unix_nanos, 10 * S);
+        assert_eq!(late.interval.index, 1);
+        assert_eq!(
+            late.flow.client_to_server.as_ref().map(|m| m.packets),
+            Some(2)
+        );
+        // Both forgotten after their grace periods, nothing else emitted.
+        t.emit_due(1_000 * S, &mut out);
+        assert_eq!(out.len(), 3);
+        assert!(t.is_empty());
+    }
+
     /// A key reused again and again: a change writes the connection that changed, whatever
     /// the key remembers; the chain spans fewer than 128 generations (the oldest forgotten
     /// early), and a restore from rows whose generations wrapped keeps each
