@@ -121,10 +121,21 @@ impl TextFields for Fields<'_> {
 
     fn formatted(&mut self, tag: u32, value: impl std::fmt::Display) {
         self.message(tag, |text| {
-            use std::io::Write;
+            use std::fmt::Write;
             // Writing into a Vec cannot fail.
-            let _ = write!(text.0, "{value}");
+            let _ = write!(Utf8(text.0), "{value}");
         });
+    }
+}
+
+/// Formatted text appended to a buffer: `fmt::Write` straight onto the vector (`io::Write`'s
+/// adapter costs an error slot and a `write_all` loop per piece).
+struct Utf8<'a>(&'a mut Vec<u8>);
+
+impl std::fmt::Write for Utf8<'_> {
+    fn write_str(&mut self, text: &str) -> std::fmt::Result {
+        self.0.extend_from_slice(text.as_bytes());
+        Ok(())
     }
 }
 
