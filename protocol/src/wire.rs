@@ -26,25 +26,30 @@ pub fn put_varint(out: &mut Vec<u8>, mut value: u64) {
     out.push(value as u8);
 }
 
-/// Protobuf fields appended to a buffer.
+/// Protobuf fields appended to a buffer. The small writers are `#[inline]`: the aggregator's
+/// span writer calls them across the crate boundary for every field.
 pub struct Fields<'a>(pub &'a mut Vec<u8>);
 
 impl Fields<'_> {
+    #[inline]
     pub fn key(&mut self, tag: u32, wire_type: WireType) {
         put_varint(self.0, u64::from(tag << 3 | wire_type as u32));
     }
 
+    #[inline]
     pub fn bytes(&mut self, tag: u32, value: &[u8]) {
         self.key(tag, WireType::LengthDelimited);
         put_varint(self.0, value.len() as u64);
         self.0.extend_from_slice(value);
     }
 
+    #[inline]
     pub fn varint(&mut self, tag: u32, value: u64) {
         self.key(tag, WireType::Varint);
         put_varint(self.0, value);
     }
 
+    #[inline]
     pub fn fixed64(&mut self, tag: u32, value: u64) {
         self.key(tag, WireType::SixtyFourBit);
         self.0.extend_from_slice(&value.to_le_bytes());
