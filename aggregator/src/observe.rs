@@ -157,8 +157,8 @@ pub fn observed(emitted: &Emitted, index: &MetadataIndex) -> ObservedFlow {
     };
     let (sent_bytes, sent_packets) = counts(&flow.client_to_server);
     let (received_bytes, received_packets) = counts(&flow.server_to_client);
-    let mut nodes: Vec<String> = flow.points.iter().map(|p| p.node.clone()).collect();
-    nodes.sort();
+    let mut nodes: Vec<&str> = flow.points.iter().map(|p| p.node.as_str()).collect();
+    nodes.sort_unstable();
     nodes.dedup();
     ObservedFlow {
         client: Some(end(&flow.client)),
@@ -174,7 +174,7 @@ pub fn observed(emitted: &Emitted, index: &MetadataIndex) -> ObservedFlow {
         end_reason: flow.end_reason as i32,
         community_id: flow.key.community_id(0),
         client_rule: flow.client_rule.as_str().to_owned(),
-        observed_at_nodes: nodes,
+        observed_at_nodes: nodes.into_iter().map(str::to_owned).collect(),
         observation_points: flow.points.len() as u32,
     }
 }
