@@ -45,7 +45,12 @@ use crate::{
 
 /// The protocol revision this agent speaks.
 const PROTOCOL_VERSION: u32 = 1;
-/// Records per batch (the aggregator's limit is larger).
+/// Records per batch at most (the aggregator's default limit is larger; a Welcome with a smaller
+/// one lowers it). The aggregator makes each batch durable on its own before it acknowledges it,
+/// so a busy node's scan goes in a few large batches rather than many small ones
+/// (BENCHMARKS.md: batches of 1,000 cost the aggregator ~15% more CPU per connection at 5k
+/// connections/s). A batch taken by `send` just before a Welcome lowered the limit may still be
+/// larger: the aggregator refuses it, and the Welcome of the next stream cuts it.
 const BATCH_RECORDS: usize = 4096;
 /// How long a connection attempt waits, and how often a stream pings the aggregator and how
 /// long it waits for the answer: a path that went silent (a node gone without a reset, a
