@@ -183,7 +183,7 @@ impl FlowState {
 /// Stale queued deadlines tolerated beyond the flows before they are dropped in one pass.
 const STALE_DEADLINES_SLACK: usize = 1024;
 
-/// A flow queued for when it is next due; the heap's greatest is the earliest.
+/// A flow queued for when it is next due.
 struct Deadline {
     due: u64,
     key: FlowKey,
@@ -503,50 +503,39 @@ impl FlowTracker {
         for key in self.complete_closes() {
             self.finish(&key, Reason::TcpClose, out);
         }
-        // Queued again after this scan's look: flows found early, and new deadlines.
-        let mut later = Vec::new();
-        let mut taken = self.deadlines.take_due(now);
-        while !taken.is_empty() {
-            let mut again = Vec::new();
-            for Deadline { due, key } in taken {
-                let Some(Tracked::Flow(state)) = self.flows.get_mut(&key) else {
-                    continue; // ended since it was queued
-                };
-                if state.queued != Some(due) {
-                    continue; // queued again, earlier; that entry stands for it
-                }
-                if due > now {
-                    later.push(Deadline { due, key });
-                    continue;
-                }
-                if now >= state.quiet_end(key.protocol, &self.timeouts) {
-                    let reason = if state.closing {
-                        Reason::TcpClose
-                    } else {
-                        Reason::IdleTimeout
-                    };
-                    self.finish(&key, reason, out);
-                    continue;
-                }
-                if state.pending.packets > 0
-                    && now.saturating_sub(state.last_report) >= nanos(self.timeouts.active)
-                {
-                    out.push(report(&key, state, Reason::ActiveTimeout));
-                    state.last_report = now;
-                }
-                let due = state.due(key.protocol, &self.timeouts);
-                state.queued = Some(due);
-                let next = Deadline { due, key };
-                if due <= now {
-                    again.push(next);
-                } else {
-                    later.push(next);
-                }
+        // `take_due` hands over what it took, so what is queued meanwhile waits for a later scan:
+        // a flow found early, and a flow's next deadline, which is always after `now` (its quiet
+        // end, or its active timeout counted from a report made now).
+        for Deadline { due, key } in self.deadlines.take_due(now) {
+            let Some(Tracked::Flow(state)) = self.flows.get_mut(&key) else {
+                continue; // ended since it was queued
+            };
+            if state.queued != Some(due) {
+                continue; // queued again, earlier; that entry stands for it
             }
-            taken = again;
-        }
-        for deadline in later {
-            self.deadlines.push(deadline);
+            if due > now {
+                self.deadlines.push(Deadline { due, key });
+                continue;
+            }
+            if now >= state.quiet_end(key.protocol, &self.timeouts) {
+                let reason = if state.closing {
+                    Reason::TcpClose
+                } else {
+                    Reason::IdleTimeout
+                };
+                self.finish(&key, reason, out);
+                continue;
+            }
+            if state.pending.packets > 0
+                && now.saturating_sub(state.last_report) >= nanos(self.timeouts.active)
+            {
+                out.push(report(&key, state, Reason::ActiveTimeout));
+                state.last_report = now;
+            }
+            let due = state.due(key.protocol, &self.timeouts);
+            debug_assert!(due > now, "a flow looked at now is next due later");
+            state.queued = Some(due);
+            self.deadlines.push(Deadline { due, key });
         }
         self.forget_stale_deadlines();
         if self.live > self.capacity {
