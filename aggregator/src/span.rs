@@ -399,37 +399,6 @@ impl std::fmt::Display for ServiceName<'_> {
 mod tests {
     use std::collections::HashMap;
 
-    #[test]
-    fn addresses_show_as_the_standard_library_shows_them() {
-        let addresses = [
-            "0.0.0.0",
-            "255.255.255.255",
-            "10.0.0.1",
-            "192.168.100.9",
-            "1.20.3.45",
-            "100.99.10.109",
-            "fd00::1",
-            "::ffff:10.0.0.1",
-            "2001:db8:0:0:1:0:0:1",
-        ];
-        for text in addresses {
-            let address: IpAddr = text.parse().unwrap();
-            assert_eq!(Address(address).to_string(), address.to_string());
-        }
-        let side = Side {
-            address: "10.96.0.10".parse().unwrap(),
-            port: 53,
-        };
-        assert_eq!(
-            ServiceName::of(&side, true, None).to_string(),
-            "10.96.0.10:53"
-        );
-        assert_eq!(
-            ServiceName::of(&side, false, None).to_string(),
-            "10.96.0.10"
-        );
-    }
-
     use mermin_protocol::flow::v1::EndReason;
     use opentelemetry_proto::tonic::{
         collector::trace::v1::ExportTraceServiceRequest,
@@ -539,6 +508,37 @@ mod tests {
         connection_start_unix_nanos: 1_000,
         index: 0,
     };
+
+    #[test]
+    fn addresses_show_as_the_standard_library_shows_them() {
+        let addresses = [
+            "0.0.0.0",
+            "255.255.255.255",
+            "10.0.0.1",
+            "192.168.100.9",
+            "1.20.3.45",
+            "100.99.10.109",
+            "fd00::1",
+            "::ffff:10.0.0.1",
+            "2001:db8:0:0:1:0:0:1",
+        ];
+        for text in addresses {
+            let address: IpAddr = text.parse().unwrap();
+            assert_eq!(Address(address).to_string(), address.to_string());
+        }
+        let side = Side {
+            address: "10.96.0.10".parse().unwrap(),
+            port: 53,
+        };
+        assert_eq!(
+            ServiceName::of(&side, true, None).to_string(),
+            "10.96.0.10:53"
+        );
+        assert_eq!(
+            ServiceName::of(&side, false, None).to_string(),
+            "10.96.0.10"
+        );
+    }
 
     #[test]
     fn client_span_carries_the_seed_attributes_with_their_types() {
