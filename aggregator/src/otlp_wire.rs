@@ -62,7 +62,11 @@ pub const MAX_REQUEST_BYTES: usize = 2 << 20;
 /// The outbox entries `entries` joined, in order, into as few as fit [`MAX_REQUEST_SPANS`] and
 /// [`MAX_REQUEST_BYTES`]: an export request's one field repeats, so two requests concatenated
 /// are one request with the spans of both. An entry too short to hold a count stays alone.
-pub fn join_entries(entries: &[&[u8]]) -> Vec<Vec<u8>> {
+///
+/// The requests are written into buffers taken from `spare` (emptied first) where it has any:
+/// a caller that joins every tick and hands the buffers back reuses the same memory, where
+/// fresh megabytes every tick were pages to fault in again (~2% of the aggregator's CPU).
+pub fn join_entries(entries: &[&[u8]], spare: &mut Vec<Vec<u8>>) -> Vec<Vec<u8>> {
     let count = |entry: &[u8]| -> Option<u32> {
         Some(u32::from_be_bytes(
             entry.get(..COUNT_BYTES)?.try_into().ok()?,
@@ -87,7 +91,9 @@ pub fn join_entries(entries: &[&[u8]]) -> Vec<Vec<u8>> {
             None => {
                 // Sized for what may still join it: never grown by doubling (a copy of
                 // megabytes, and fresh pages to fault in, every tick).
-                let mut first = Vec::with_capacity(left.min(COUNT_BYTES + MAX_REQUEST_BYTES));
+                let mut first = spare.pop().unwrap_or_default();
+                first.clear();
+                first.reserve(left.min(COUNT_BYTES + MAX_REQUEST_BYTES));
                 first.extend_from_slice(entry);
                 joined.push(first);
             }
@@ -468,7 +474,10 @@ mod tests {
             entry("c", 300),
             entry("d", 1),
         ];
-        let joined = join_entries(&entries.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        let joined = join_entries(
+            &entries.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+            &mut Vec::new(),
+        );
         let names: Vec<(u32, Vec<(String, usize)>)> = joined
             .iter()
             .map(|e| {
@@ -499,7 +508,13 @@ mod tests {
             e.resize(COUNT_BYTES + (3 << 19), byte);
             e
         };
-        let joined = join_entries(&[&big(1)[..], &big(2)[..], &[9, 9][..], &entry("e", 1)[..]]);
+        // Spare buffers are emptied and used; what they held is gone.
+        let mut spare = vec![vec![7; 10], Vec::with_capacity(1 << 20)];
+        let joined = join_entries(
+            &[&big(1)[..], &big(2)[..], &[9, 9][..], &entry("e", 1)[..]],
+            &mut spare,
+        );
+        assert!(spare.is_empty(), "both spare buffers taken");
         let shape: Vec<(usize, u8)> = joined.iter().map(|e| (e.len(), e[e.len() - 1])).collect();
         assert_eq!(
             shape[..3],

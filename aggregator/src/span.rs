@@ -26,7 +26,7 @@
 //! intervals; the first span of the next window links to the last CLIENT span of the previous
 //! one, which keeps a connection that lives for days far below Tempo's 5 MB per-trace limit.
 
-use std::net::IpAddr;
+use std::{net::IpAddr, sync::OnceLock};
 
 use mermin_protocol::display::{end_reason_name, protocol_name};
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
@@ -103,8 +103,9 @@ pub fn write_flow_spans(
     let trace = trace_id(&community_id, interval);
     let client_id = span_id(&trace, interval.index, Role::Client);
     let server_id = span_id(&trace, interval.index, Role::Server);
-    let protocol = protocol_name(flow.key.protocol.into());
-    let name = span_name(flow, &protocol);
+    let names = ProtocolNames::of(flow.key.protocol);
+    let protocol = names.protocol.as_str();
+    let name = names.span_name(flow.client.address.is_ipv4());
     let client = shown_client(flow);
     let lookup = |side: &Side| {
         enrichment
@@ -133,7 +134,7 @@ pub fn write_flow_spans(
         scope,
         |span| {
             span.ids(&trace, &client_id, None);
-            span.name(&name);
+            span.name(name);
             span.kind(SpanKind::Client as i32);
             span.times(flow.start_unix_nanos, flow.end_unix_nanos);
             if interval.index > 0 && interval.index.is_multiple_of(INTERVALS_PER_TRACE) {
@@ -151,7 +152,7 @@ pub fn write_flow_spans(
             write_flow_attributes(
                 flow,
                 &client,
-                &protocol,
+                names,
                 &community_id,
                 interval,
                 &mut attributes,
@@ -172,12 +173,12 @@ pub fn write_flow_spans(
         scope,
         |span| {
             span.ids(&trace, &server_id, Some(&client_id));
-            span.name(&name);
+            span.name(name);
             span.kind(SpanKind::Server as i32);
             span.times(flow.start_unix_nanos, flow.end_unix_nanos);
             let mut attributes = span.attributes();
             attributes.string("flow.community_id", &community_id);
-            attributes.string("network.protocol", &protocol);
+            attributes.string("network.protocol", protocol);
         },
     );
 }
@@ -198,16 +199,48 @@ fn shown_client(flow: &Flow) -> Side {
     }
 }
 
-/// Low-cardinality span name in the style Mermin users know: `flow_ipv4_tcp`.
-fn span_name(flow: &Flow, protocol: &str) -> String {
-    format!("flow_{}_{}", network_type(flow), protocol.to_lowercase())
+/// The names spans give an IP protocol, made once per protocol number rather than per span.
+struct ProtocolNames {
+    /// `network.protocol`: "TCP", "UDP", ... or the number.
+    protocol: String,
+    /// `network.transport`: the same in lower case.
+    transport: String,
+    /// Low-cardinality span names in the style Mermin users know, IPv4 then IPv6:
+    /// `flow_ipv4_tcp`.
+    span_names: [String; 2],
 }
+
+impl ProtocolNames {
+    fn of(protocol: u8) -> &'static ProtocolNames {
+        static NAMES: OnceLock<Vec<ProtocolNames>> = OnceLock::new();
+        let names = NAMES.get_or_init(|| (0..=u8::MAX).map(ProtocolNames::new).collect());
+        &names[usize::from(protocol)]
+    }
+
+    fn new(protocol: u8) -> Self {
+        let name = protocol_name(protocol.into());
+        let transport = name.to_lowercase();
+        let span_names = [IPV4, IPV6].map(|family| format!("flow_{family}_{transport}"));
+        Self {
+            protocol: name,
+            transport,
+            span_names,
+        }
+    }
+
+    fn span_name(&self, ipv4: bool) -> &str {
+        &self.span_names[usize::from(!ipv4)]
+    }
+}
+
+const IPV4: &str = "ipv4";
+const IPV6: &str = "ipv6";
 
 fn network_type(flow: &Flow) -> &'static str {
     if flow.client.address.is_ipv4() {
-        "ipv4"
+        IPV4
     } else {
-        "ipv6"
+        IPV6
     }
 }
 
@@ -230,13 +263,13 @@ const TCP_FLAG_NAMES: [(u32, &str); 8] = [
 fn write_flow_attributes(
     flow: &Flow,
     client: &Side,
-    protocol: &str,
+    names: &ProtocolNames,
     community_id: &str,
     interval: &Interval,
     attributes: &mut Attributes,
 ) {
-    attributes.string("network.protocol", protocol);
-    attributes.string("network.transport", &protocol.to_lowercase());
+    attributes.string("network.protocol", &names.protocol);
+    attributes.string("network.transport", &names.transport);
     attributes.string("network.type", network_type(flow));
     attributes.display("source.address", Address(client.address));
     attributes.int("source.port", i64::from(client.port));
@@ -508,6 +541,23 @@ mod tests {
         connection_start_unix_nanos: 1_000,
         index: 0,
     };
+
+    #[test]
+    fn protocols_are_named_per_family_and_by_number_when_unknown() {
+        let named = |protocol, ipv4| {
+            let names = ProtocolNames::of(protocol);
+            (
+                names.protocol.as_str(),
+                names.transport.as_str(),
+                names.span_name(ipv4),
+            )
+        };
+        assert_eq!(named(6, true), ("TCP", "tcp", "flow_ipv4_tcp"));
+        assert_eq!(named(17, false), ("UDP", "udp", "flow_ipv6_udp"));
+        assert_eq!(named(58, false), ("ICMPv6", "icmpv6", "flow_ipv6_icmpv6"));
+        assert_eq!(named(47, true), ("47", "47", "flow_ipv4_47"));
+        assert_eq!(named(255, false), ("255", "255", "flow_ipv6_255"));
+    }
 
     #[test]
     fn addresses_show_as_the_standard_library_shows_them() {

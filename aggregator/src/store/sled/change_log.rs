@@ -201,9 +201,16 @@ fn parse_key(key: &[u8]) -> Result<(ShardId, u64), StoreError> {
     ))
 }
 
-/// Encodes a change set (see the module docs).
-pub(super) fn encode<'a>(changes: impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)>) -> Vec<u8> {
-    let mut out = Vec::new();
+/// Encodes a change set (see the module docs), in a buffer sized up front: sets of a busy
+/// tick are megabytes, and growing by doubling copied them and faulted in fresh pages.
+pub(super) fn encode<'a>(
+    changes: impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)> + Clone,
+) -> Vec<u8> {
+    let len = changes
+        .clone()
+        .map(|(key, state)| 8 + key.len() + state.map_or(0, <[u8]>::len))
+        .sum();
+    let mut out = Vec::with_capacity(len);
     for (key, state) in changes {
         out.extend_from_slice(&(key.len() as u32).to_le_bytes());
         out.extend_from_slice(key);
