@@ -400,17 +400,7 @@ impl FlowTracker {
         out: &mut Vec<Report>,
     ) {
         let tcp = key.protocol == IPPROTO_TCP;
-        if tcp
-            && self
-                .flows
-                .get(key)
-                .and_then(Tracked::flow)
-                .is_some_and(|f| starts_new_connection(first_flags, f.seen_flags))
-        {
-            self.finish(key, Reason::TcpClose, out);
-        }
-        // A SYN or SYN+ACK after a finished connection belongs to a new one.
-        let opens = tcp && first_flags & tcp_flags::SYN != 0;
+        // One lookup: the entry is ended, turned back into a flow and updated in place.
         let tracked = match self.flows.entry(*key) {
             Entry::Occupied(entry) => entry.into_mut(),
             Entry::Vacant(entry) => {
@@ -418,6 +408,21 @@ impl FlowTracker {
                 entry.insert(Tracked::Flow(FlowState::new(first, first_flags, last, 0)))
             }
         };
+        if tcp
+            && let Tracked::Flow(state) = tracked
+            && starts_new_connection(first_flags, state.seen_flags)
+        {
+            out.push(end(
+                key,
+                tracked,
+                Reason::TcpClose,
+                &self.timeouts,
+                &mut self.expiring,
+            ));
+            self.live -= 1;
+        }
+        // A SYN or SYN+ACK after a finished connection belongs to a new one.
+        let opens = tcp && first_flags & tcp_flags::SYN != 0;
         if let Tracked::Ended(t) = tracked {
             let state = if opens {
                 FlowState::new(first, first_flags, last, 0)
@@ -465,17 +470,32 @@ impl FlowTracker {
     /// when packets are absorbed); a reset also ends its reverse direction, closing or not.
     fn complete_closes(&mut self) -> Vec<FlowKey> {
         let has = |state: &FlowState, flag: u32| state.seen_flags & flag != 0;
+        // Each connection's two directions once (both are usually listed, often more than once):
+        // two lookups per connection where every listing took four.
+        let mut pairs: Vec<FlowKey> = std::mem::take(&mut self.closing)
+            .iter()
+            .map(|key| {
+                if key.direction == direction::INGRESS {
+                    *key
+                } else {
+                    reverse(key)
+                }
+            })
+            .collect();
+        pairs.sort_unstable_by_key(key_order);
+        pairs.dedup();
         let mut done = Vec::new();
-        for touched in std::mem::take(&mut self.closing) {
-            for key in [touched, reverse(&touched)] {
-                let Some(state) = self.flows.get(&key).and_then(Tracked::flow) else {
+        for ingress in pairs {
+            let egress = reverse(&ingress);
+            let flow = |key| self.flows.get(key).and_then(Tracked::flow);
+            let (ingress_state, egress_state) = (flow(&ingress), flow(&egress));
+            for (key, state, back_key, back) in [
+                (ingress, ingress_state, egress, egress_state),
+                (egress, egress_state, ingress, ingress_state),
+            ] {
+                let Some(state) = state.filter(|state| state.closing) else {
                     continue;
                 };
-                if !state.closing {
-                    continue;
-                }
-                let back_key = reverse(&key);
-                let back = self.flows.get(&back_key).and_then(Tracked::flow);
                 if has(state, tcp_flags::RST)
                     || back.is_some_and(|b| has(b, tcp_flags::RST))
                     || (has(state, tcp_flags::FIN)
@@ -583,24 +603,20 @@ impl FlowTracker {
         let Some(tracked) = self.flows.get_mut(key) else {
             return;
         };
-        let Tracked::Flow(state) = tracked else {
+        if !matches!(tracked, Tracked::Flow(_)) {
             return;
-        };
-        let report = report(key, state, reason);
+        }
+        out.push(end(
+            key,
+            tracked,
+            reason,
+            &self.timeouts,
+            &mut self.expiring,
+        ));
         self.live -= 1;
-        if key.protocol == IPPROTO_TCP && reason != Reason::AgentShutdown {
-            let until = report.last_seen_ns + self.timeouts.tcp_close.as_nanos() as u64;
-            *tracked = Tracked::Ended(Tombstone {
-                flow_start: state.flow_start,
-                first_tcp_flags: state.first_tcp_flags,
-                next_sequence: state.sequence,
-                until,
-            });
-            self.expiring.push_back((until, *key));
-        } else {
+        if !matches!(tracked, Tracked::Ended(_)) {
             self.flows.remove(key);
         }
-        out.push(report);
     }
 
     /// Forgets the tombstones whose close timeout is over.
@@ -611,11 +627,56 @@ impl FlowTracker {
             }
             self.expiring.pop_front();
             // The key may carry a flow again, or a newer tombstone with its own entry.
-            if matches!(self.flows.get(&key), Some(Tracked::Ended(t)) if t.until <= now) {
-                self.flows.remove(&key);
+            if let Entry::Occupied(entry) = self.flows.entry(key)
+                && matches!(entry.get(), Tracked::Ended(t) if t.until <= now)
+            {
+                entry.remove();
             }
         }
     }
+}
+
+/// The final report of the flow in `tracked` (a flow); a TCP flow becomes its tombstone in
+/// place, queued in `expiring`, and any other is left for the caller to remove.
+fn end(
+    key: &FlowKey,
+    tracked: &mut Tracked,
+    reason: Reason,
+    timeouts: &Timeouts,
+    expiring: &mut VecDeque<(u64, FlowKey)>,
+) -> Report {
+    let Tracked::Flow(state) = tracked else {
+        unreachable!("only a flow ends");
+    };
+    let report = report(key, state, reason);
+    if key.protocol == IPPROTO_TCP && reason != Reason::AgentShutdown {
+        let until = report.last_seen_ns + timeouts.tcp_close.as_nanos() as u64;
+        *tracked = Tracked::Ended(Tombstone {
+            flow_start: state.flow_start,
+            first_tcp_flags: state.first_tcp_flags,
+            next_sequence: state.sequence,
+            until,
+        });
+        expiring.push_back((until, *key));
+    }
+    report
+}
+
+/// An order of keys, to find the same key listed twice.
+#[expect(clippy::type_complexity, reason = "every field of the key, in order")]
+fn key_order(key: &FlowKey) -> ([u8; 16], [u8; 16], u16, u16, u32, u8, u8, u8, u8, u8) {
+    (
+        key.src_addr,
+        key.dst_addr,
+        key.src_port,
+        key.dst_port,
+        key.ifindex,
+        key.protocol,
+        key.ip_version,
+        key.icmp_type,
+        key.icmp_code,
+        key.segment,
+    )
 }
 
 /// The key of the other direction of `key`'s flow at the same point.
