@@ -82,7 +82,8 @@ pub struct Observation {
     /// The first record of the point's flow: the agent saw a new flow begin.
     pub starts_flow: bool,
     /// How the node translated the connection, if it did (then `tuple` is the server's view).
-    pub translation: Option<Translation>,
+    /// Boxed: most observations have none, and the 80 bytes were copied with every one.
+    pub translation: Option<Box<Translation>>,
 }
 
 /// How a node translated a connection: its endpoints as the client sent them and as the server
@@ -342,7 +343,7 @@ impl Observation {
                     return Err(InvalidRecord::TranslationProtocol(tuple.protocol));
                 }
                 let translation = Translation::checked(t, source.is_ipv4())?;
-                (translation.server_view(&tuple)?, Some(translation))
+                (translation.server_view(&tuple)?, Some(Box::new(translation)))
             }
         };
         let (key, orientation) = ConnectionKey::of(&tuple);

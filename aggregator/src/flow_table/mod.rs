@@ -282,7 +282,7 @@ impl Entry {
             self.set(state::CLOSING);
         }
         self.connection
-            .note_translation(observation.translation.as_ref());
+            .note_translation(observation.translation.as_deref());
         self.connection.add(observation, point, points);
         if observation.end_reason != EndReason::ActiveTimeout {
             self.set(state::CLOSING);
