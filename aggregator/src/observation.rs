@@ -343,7 +343,10 @@ impl Observation {
                     return Err(InvalidRecord::TranslationProtocol(tuple.protocol));
                 }
                 let translation = Translation::checked(t, source.is_ipv4())?;
-                (translation.server_view(&tuple)?, Some(Box::new(translation)))
+                (
+                    translation.server_view(&tuple)?,
+                    Some(Box::new(translation)),
+                )
             }
         };
         let (key, orientation) = ConnectionKey::of(&tuple);
