@@ -400,7 +400,8 @@ impl FlowTracker {
         out: &mut Vec<Report>,
     ) {
         let tcp = key.protocol == IPPROTO_TCP;
-        // One lookup: the entry is ended, turned back into a flow and updated in place.
+        // One lookup for all of it: the connection a SYN replaces is ended in place, a
+        // tombstone turned back into a flow, and the flow updated.
         let tracked = match self.flows.entry(*key) {
             Entry::Occupied(entry) => entry.into_mut(),
             Entry::Vacant(entry) => {
