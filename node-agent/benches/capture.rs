@@ -10,8 +10,10 @@
 //!   CPU per connection of each process, peak RSS.
 //! - `latency`: with default settings, from a cleanly closed connection's last packet to its
 //!   span's acceptance by the OTLP endpoint.
-//! - `tracker`: the flow tracker alone (one core, no I/O): a node with 100k long-lived
-//!   connections and 1,000 short ones per second, the CPU time of each 1 s scan.
+//! - `tracker`: the flow tracker alone (one core, no I/O), the CPU time of each 1 s scan: a node
+//!   with 100k long-lived connections and 1,000 short ones per second; and a node with 5,000
+//!   short connections per second, each closed with a full FIN exchange (the `connections`
+//!   bench's agent work at 5k/s without the kernel and the stream).
 //!
 //! Run as root: `cargo bench -p mermin-node-agent --bench capture -- [per-packet|throughput|agent-load|connections|latency|tracker]`.
 //! Every loop is bounded in time; every namespace is removed on exit.
@@ -62,19 +64,37 @@ fn main() {
         latency();
     }
     if wants("tracker") {
-        tracker();
+        tracker(TrackerLoad {
+            long: 100_000,
+            short_per_scan: 1_000,
+            fast_close: false,
+        });
+        tracker(TrackerLoad {
+            long: 0,
+            short_per_scan: 5_000,
+            fast_close: true,
+        });
     }
 }
 
-/// The tracker's cost per scan on a busy node: 100k long-lived TCP connections (both directions
-/// tracked; each sends every 10 s, so a tenth of them are absorbed per scan), and 1,000 short
-/// connections per 1 s scan, each seen on two interfaces in both directions, opened and closed
-/// within the scan (final at the next). Default timeouts; 60 scans measured after 30 of warm-up.
-fn tracker() {
+/// What the `tracker` bench feeds the tracker each 1 s scan.
+struct TrackerLoad {
+    /// Long-lived TCP connections (both directions tracked; each sends every 10 s, so a tenth
+    /// of them are absorbed per scan).
+    long: u32,
+    /// Short connections per scan, each seen on two interfaces in both directions, opened and
+    /// closed within the scan.
+    short_per_scan: u32,
+    /// Whether their close completes within the scan (the final ACK seen: reported at the next
+    /// scan) or is left to the close timeout.
+    fast_close: bool,
+}
+
+/// The tracker's cost per scan under `load`: default timeouts; 60 scans measured after 30 of
+/// warm-up.
+fn tracker(load: TrackerLoad) {
     use mermin_node_agent::flows::{FlowTracker, Timeouts};
     use node_common::{FlowKey, FlowStats, direction, tcp_flags};
-    const LONG: u32 = 100_000;
-    const SHORT_PER_SCAN: u32 = 1_000;
     const WARMUP: u64 = 30;
     const MEASURED: u64 = 60;
     const S: u64 = 1_000_000_000;
@@ -126,11 +146,18 @@ fn tracker() {
     let mut reports = 0;
     let ack = tcp_flags::ACK | tcp_flags::PSH;
     let (syn, syn_ack) = (tcp_flags::SYN, tcp_flags::SYN | tcp_flags::ACK);
-    let closed = tcp_flags::SYN | tcp_flags::ACK | tcp_flags::FIN;
+    let closed = tcp_flags::SYN
+        | tcp_flags::ACK
+        | tcp_flags::FIN
+        | if load.fast_close {
+            tcp_flags::ACK_AFTER_FIN
+        } else {
+            0
+        };
     for scan in 0..WARMUP + MEASURED {
         let now = (scan + 1) * S;
         entries.clear();
-        for c in (0..LONG).filter(|c| u64::from(*c) % 10 == scan % 10) {
+        for c in (0..load.long).filter(|c| u64::from(*c) % 10 == scan % 10) {
             let client = 0x0a01_0000 + c / 60_000;
             let port = 1024 + (c % 60_000) as u16;
             let (first_out, first_in) = if scan < 10 {
@@ -147,7 +174,7 @@ fn tracker() {
                 stats(now - S / 2, first_in, ack | first_in),
             ));
         }
-        for j in 0..SHORT_PER_SCAN {
+        for j in 0..load.short_per_scan {
             // A new client address every scan: no 5-tuple is reused within the close timeout.
             let client = 0x0a02_0000 + scan as u32;
             let port = 1024 + j as u16;
@@ -171,7 +198,16 @@ fn tracker() {
             reports += out.len();
         }
     }
-    println!("| measure | value |\n|---|---:|");
+    println!(
+        "| {} long-lived connections, {} short per scan{} | value |\n|---|---:|",
+        load.long,
+        load.short_per_scan,
+        if load.fast_close {
+            " (closed within it)"
+        } else {
+            ""
+        }
+    );
     println!(
         "| flows tracked at the end (live / tombstones) | {} / {} |",
         tracker.len(),

@@ -33,6 +33,7 @@
 //! everything absorbed for it. Counts only leave the tracker inside a report.
 
 use std::{
+    cmp::Ordering,
     collections::{BTreeMap, HashMap, VecDeque, hash_map::Entry},
     time::Duration,
 };
@@ -463,17 +464,18 @@ impl FlowTracker {
         }
     }
 
-    /// TCP flows that are final now: either direction at this point was reset, or both carry a
-    /// FIN and the last one was acknowledged (an ACK after its own FIN in either direction: the
-    /// final ACK of the close; a resurrected flow of late packets counts as closed). Without that
-    /// ACK the close timeout decides: the final ACK would otherwise come after the report. Only the closing flows absorbed
-    /// since the last scan and their reverse directions can have become final (flags change only
-    /// when packets are absorbed); a reset also ends its reverse direction, closing or not.
-    fn complete_closes(&mut self) -> Vec<FlowKey> {
-        let has = |state: &FlowState, flag: u32| state.seen_flags & flag != 0;
-        // Each connection's two directions once (both are usually listed, often more than once):
-        // two lookups per connection where every listing took four.
-        let mut pairs: Vec<FlowKey> = std::mem::take(&mut self.closing)
+    /// Ends the TCP flows that are final now: either direction at this point was reset, or both
+    /// carry a FIN and the last one was acknowledged (an ACK after its own FIN in either
+    /// direction: the final ACK of the close; a resurrected flow of late packets counts as
+    /// closed). Without that ACK the close timeout decides: the final ACK would otherwise come
+    /// after the report. Only the connections with a closing flow absorbed since the last scan
+    /// can have become final (flags change only when packets are absorbed); a reset also ends
+    /// its reverse direction, closing or not.
+    fn complete_closes(&mut self, out: &mut Vec<Report>) {
+        // Each connection once, by its ingress key (both directions are usually listed), its two
+        // directions taken together: two lookups per connection, where a look at each listed
+        // key and its reverse, and then the finish of each, took ten.
+        let mut connections: Vec<FlowKey> = std::mem::take(&mut self.closing)
             .iter()
             .map(|key| {
                 if key.direction == direction::INGRESS {
@@ -483,36 +485,35 @@ impl FlowTracker {
                 }
             })
             .collect();
-        pairs.sort_unstable_by_key(key_order);
-        pairs.dedup();
-        let mut done = Vec::new();
-        for ingress in pairs {
+        connections.sort_unstable_by(key_order);
+        connections.dedup();
+        for ingress in connections {
             let egress = reverse(&ingress);
-            let flow = |key| self.flows.get(key).and_then(Tracked::flow);
-            let (ingress_state, egress_state) = (flow(&ingress), flow(&egress));
-            for (key, state, back_key, back) in [
-                (ingress, ingress_state, egress, egress_state),
-                (egress, egress_state, ingress, ingress_state),
-            ] {
-                let Some(state) = state.filter(|state| state.closing) else {
-                    continue;
-                };
-                if has(state, tcp_flags::RST)
-                    || back.is_some_and(|b| has(b, tcp_flags::RST))
-                    || (has(state, tcp_flags::FIN)
-                        && back.is_some_and(|b| has(b, tcp_flags::FIN))
-                        && (has(state, tcp_flags::ACK_AFTER_FIN)
-                            || back.is_some_and(|b| has(b, tcp_flags::ACK_AFTER_FIN))))
-                    || state.late
-                {
-                    done.push(key);
-                }
-                if has(state, tcp_flags::RST) && back.is_some_and(|b| !b.closing) {
-                    done.push(back_key);
+            let [at_ingress, at_egress] = self.flows.get_disjoint_mut([&ingress, &egress]);
+            let (ingress_flow, egress_flow) = (
+                at_ingress.as_deref().and_then(Tracked::flow),
+                at_egress.as_deref().and_then(Tracked::flow),
+            );
+            let ends = [
+                closes_now(ingress_flow, egress_flow),
+                closes_now(egress_flow, ingress_flow),
+            ];
+            for ((key, tracked), ends) in [(ingress, at_ingress), (egress, at_egress)]
+                .into_iter()
+                .zip(ends)
+            {
+                if let Some(tracked) = tracked.filter(|_| ends) {
+                    out.push(end(
+                        &key,
+                        tracked,
+                        Reason::TcpClose,
+                        &self.timeouts,
+                        &mut self.expiring,
+                    ));
+                    self.live -= 1;
                 }
             }
         }
-        done
     }
 
     /// Reports every flow that is due at `now`: interim reports for flows active longer than the
@@ -520,10 +521,7 @@ impl FlowTracker {
     /// than the capacity — final reports for the least recently seen.
     pub fn evict(&mut self, now: u64, out: &mut Vec<Report>) {
         self.expire_tombstones(now);
-        // A key may be listed twice (touched in both directions): the second finish is a no-op.
-        for key in self.complete_closes() {
-            self.finish(&key, Reason::TcpClose, out);
-        }
+        self.complete_closes(out);
         // `take_due` hands over what it took, so what is queued meanwhile waits for a later scan:
         // a flow found early, and a flow's next deadline, which is always after `now` (its quiet
         // end, or its active timeout counted from a report made now).
@@ -663,21 +661,45 @@ fn end(
     report
 }
 
-/// An order of keys, to find the same key listed twice.
-#[expect(clippy::type_complexity, reason = "every field of the key, in order")]
-fn key_order(key: &FlowKey) -> ([u8; 16], [u8; 16], u16, u16, u32, u8, u8, u8, u8, u8) {
-    (
-        key.src_addr,
-        key.dst_addr,
-        key.src_port,
-        key.dst_port,
-        key.ifindex,
-        key.protocol,
-        key.ip_version,
-        key.icmp_type,
-        key.icmp_code,
-        key.segment,
-    )
+/// Whether the flow `this` (of a connection with a closing flow absorbed) ends now, its reverse
+/// direction at the same point being `back` (see [`FlowTracker::complete_closes`]).
+fn closes_now(this: Option<&FlowState>, back: Option<&FlowState>) -> bool {
+    let has = |flow: Option<&FlowState>, flag: u32| flow.is_some_and(|f| f.seen_flags & flag != 0);
+    let Some(state) = this else {
+        return false;
+    };
+    if !state.closing {
+        // A reset ends its reverse direction, closing or not.
+        return back.is_some_and(|b| b.closing) && has(back, tcp_flags::RST);
+    }
+    has(this, tcp_flags::RST)
+        || has(back, tcp_flags::RST)
+        || (has(this, tcp_flags::FIN)
+            && has(back, tcp_flags::FIN)
+            && (has(this, tcp_flags::ACK_AFTER_FIN) || has(back, tcp_flags::ACK_AFTER_FIN)))
+        || state.late
+}
+
+/// An order of keys, to find the same key listed twice: the ports first, which tell most keys
+/// apart without comparing addresses.
+fn key_order(a: &FlowKey, b: &FlowKey) -> Ordering {
+    (a.src_port, a.dst_port, a.ifindex)
+        .cmp(&(b.src_port, b.dst_port, b.ifindex))
+        .then_with(|| a.src_addr.cmp(&b.src_addr))
+        .then_with(|| a.dst_addr.cmp(&b.dst_addr))
+        .then_with(|| {
+            let rest = |k: &FlowKey| {
+                (
+                    k.protocol,
+                    k.ip_version,
+                    k.direction,
+                    k.icmp_type,
+                    k.icmp_code,
+                    k.segment,
+                )
+            };
+            rest(a).cmp(&rest(b))
+        })
 }
 
 /// The key of the other direction of `key`'s flow at the same point.
