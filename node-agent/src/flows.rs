@@ -20,9 +20,11 @@
 //! buckets ([`DeadlineQueue`]: constant work per push and per flow taken, where a binary heap of
 //! ~100k 56-byte entries sifted ~17 levels per push and per pop); a scan looks only at the flows
 //! whose deadline's bucket has begun, and the fast-close test only at
-//! the closing flows absorbed since the previous scan and their reverse directions. Tombstones
-//! expire from a queue of their own. Deadlines only move later while a flow is quiet, so a queued
-//! deadline is never later than the flow's real one: a flow found early is queued again.
+//! the closing flows absorbed since the previous scan and their reverse directions. A tombstone's
+//! expiry is a deadline in the same queue (usually the one its flow was queued with: a closing
+//! flow is due at its close timeout, when its tombstone expires). Deadlines only move later while
+//! a flow is quiet, so a queued deadline is never later than the flow's real one: a flow found
+//! early is queued again.
 //!
 //! It is fed the counts the kernel accumulated in one interval ([`FlowTracker::absorb`]) or single
 //! overflow packets ([`FlowTracker::absorb_packet`]) and hands out [`Report`]s: the deltas since
@@ -34,7 +36,7 @@
 
 use std::{
     cmp::Ordering,
-    collections::{BTreeMap, HashMap, VecDeque, hash_map::Entry},
+    collections::{BTreeMap, HashMap, hash_map::Entry},
     time::Duration,
 };
 
@@ -295,9 +297,7 @@ pub struct FlowTracker {
     flows: HashMap<FlowKey, Tracked, RandomState>,
     /// Entries that are flows (the rest are tombstones).
     live: usize,
-    /// The keys of tombstones, in the order they expire.
-    expiring: VecDeque<(u64, FlowKey)>,
-    /// Flows by deadline (see the module docs); entries whose flow ended or was queued again
+    /// Flows and tombstones by deadline (see the module docs); entries whose flow ended or was queued again
     /// with an earlier deadline are skipped when they come up.
     deadlines: DeadlineQueue,
     /// Closing TCP flows absorbed since the last scan: the candidates for a fast close.
@@ -311,7 +311,6 @@ impl FlowTracker {
         Self {
             flows: HashMap::with_hasher(RandomState::default()),
             live: 0,
-            expiring: VecDeque::new(),
             deadlines: DeadlineQueue::default(),
             closing: Vec::new(),
             timeouts,
@@ -419,7 +418,7 @@ impl FlowTracker {
                 tracked,
                 Reason::TcpClose,
                 &self.timeouts,
-                &mut self.expiring,
+                &mut self.deadlines,
             ));
             self.live -= 1;
         }
@@ -508,7 +507,7 @@ impl FlowTracker {
                         tracked,
                         Reason::TcpClose,
                         &self.timeouts,
-                        &mut self.expiring,
+                        &mut self.deadlines,
                     ));
                     self.live -= 1;
                 }
@@ -520,14 +519,29 @@ impl FlowTracker {
     /// active timeout, final reports for closed and idle flows, and — when more flows are tracked
     /// than the capacity — final reports for the least recently seen.
     pub fn evict(&mut self, now: u64, out: &mut Vec<Report>) {
-        self.expire_tombstones(now);
         self.complete_closes(out);
         // `take_due` hands over what it took, so what is queued meanwhile waits for a later scan:
         // a flow found early, and a flow's next deadline, which is always after `now` (its quiet
         // end, or its active timeout counted from a report made now).
         for Deadline { due, key } in self.deadlines.take_due(now) {
-            let Some(Tracked::Flow(state)) = self.flows.get_mut(&key) else {
-                continue; // ended since it was queued
+            // One lookup per deadline, whatever it finds.
+            let Entry::Occupied(mut entry) = self.flows.entry(key) else {
+                continue; // ended and removed since it was queued
+            };
+            let state = match entry.get_mut() {
+                Tracked::Ended(tombstone) => {
+                    // The entry standing for the tombstone's expiry, or one it left behind (the
+                    // key carries a newer tombstone).
+                    if tombstone.until == due {
+                        if due > now {
+                            self.deadlines.push(Deadline { due, key });
+                        } else {
+                            entry.remove();
+                        }
+                    }
+                    continue;
+                }
+                Tracked::Flow(state) => state,
             };
             if state.queued != Some(due) {
                 continue; // queued again, earlier; that entry stands for it
@@ -542,7 +556,19 @@ impl FlowTracker {
                 } else {
                     Reason::IdleTimeout
                 };
-                self.finish(&key, reason, out);
+                // This entry is taken: the tombstone's expiry needs one of its own.
+                state.queued = None;
+                out.push(end(
+                    &key,
+                    entry.get_mut(),
+                    reason,
+                    &self.timeouts,
+                    &mut self.deadlines,
+                ));
+                self.live -= 1;
+                if matches!(entry.get(), Tracked::Flow(_)) {
+                    entry.remove();
+                }
                 continue;
             }
             if state.pending.packets > 0
@@ -573,8 +599,10 @@ impl FlowTracker {
             return;
         }
         let flows = &self.flows;
-        self.deadlines.retain(|d| {
-            matches!(flows.get(&d.key), Some(Tracked::Flow(state)) if state.queued == Some(d.due))
+        self.deadlines.retain(|d| match flows.get(&d.key) {
+            Some(Tracked::Flow(state)) => state.queued == Some(d.due),
+            Some(Tracked::Ended(tombstone)) => tombstone.until == d.due,
+            None => false,
         });
     }
 
@@ -613,39 +641,24 @@ impl FlowTracker {
             tracked,
             reason,
             &self.timeouts,
-            &mut self.expiring,
+            &mut self.deadlines,
         ));
         self.live -= 1;
         if !matches!(tracked, Tracked::Ended(_)) {
             self.flows.remove(key);
         }
     }
-
-    /// Forgets the tombstones whose close timeout is over.
-    fn expire_tombstones(&mut self, now: u64) {
-        while let Some(&(until, key)) = self.expiring.front() {
-            if until > now {
-                break;
-            }
-            self.expiring.pop_front();
-            // The key may carry a flow again, or a newer tombstone with its own entry.
-            if let Entry::Occupied(entry) = self.flows.entry(key)
-                && matches!(entry.get(), Tracked::Ended(t) if t.until <= now)
-            {
-                entry.remove();
-            }
-        }
-    }
 }
 
 /// The final report of the flow in `tracked` (a flow); a TCP flow becomes its tombstone in
-/// place, queued in `expiring`, and any other is left for the caller to remove.
+/// place, its expiry in `deadlines` (the flow's own queued deadline where that is when it
+/// expires), and any other is left for the caller to remove.
 fn end(
     key: &FlowKey,
     tracked: &mut Tracked,
     reason: Reason,
     timeouts: &Timeouts,
-    expiring: &mut VecDeque<(u64, FlowKey)>,
+    deadlines: &mut DeadlineQueue,
 ) -> Report {
     let Tracked::Flow(state) = tracked else {
         unreachable!("only a flow ends");
@@ -653,13 +666,19 @@ fn end(
     let report = report(key, state, reason);
     if key.protocol == IPPROTO_TCP && reason != Reason::AgentShutdown {
         let until = report.last_seen_ns + timeouts.tcp_close.as_nanos() as u64;
+        let queued = state.queued;
         *tracked = Tracked::Ended(Tombstone {
             flow_start: state.flow_start,
             first_tcp_flags: state.first_tcp_flags,
             next_sequence: state.sequence,
             until,
         });
-        expiring.push_back((until, *key));
+        if queued != Some(until) {
+            deadlines.push(Deadline {
+                due: until,
+                key: *key,
+            });
+        }
     }
     report
 }
