@@ -24,7 +24,7 @@ use std::{
 use tokio::sync::oneshot;
 
 use crate::{
-    otlp_wire::join_entries,
+    otlp_wire::{JOINED_REQUEST_BYTES, join_entries},
     placement::ShardId,
     store::{BootId, Change, Checkpoint, Store, StoreError},
 };
@@ -32,8 +32,9 @@ use crate::{
 /// How long a round waits for the shards that have not spoken, after the first part.
 pub const LINGER: Duration = Duration::from_millis(25);
 
-/// Joined-request buffers kept between rounds (each up to ~2 MB): a tick's spans at 5k
-/// connections/s fill one; a round after a backlog may fill many, which are let go.
+/// Joined-request buffers kept between rounds: a tick's spans at 5k connections/s fill one; a
+/// round after a backlog may fill many, which are let go, as is a buffer grown past a request's
+/// limit (an interval larger than a whole request).
 const SPARE_BUFFERS: usize = 4;
 
 /// What one shard's checkpoint writes (see [`Checkpoint`]).
@@ -191,7 +192,11 @@ fn write(store: &Store, round: Vec<Message>, spare: &mut Vec<Vec<u8>>) {
         .collect();
     let result = store.checkpoint(&checkpoints);
     drop(checkpoints);
-    spare.extend(requests);
+    spare.extend(
+        requests
+            .into_iter()
+            .filter(|buffer| buffer.capacity() <= JOINED_REQUEST_BYTES),
+    );
     spare.truncate(SPARE_BUFFERS);
     for ((_, part), done) in parts.into_iter().zip(answers) {
         let _ = done.send((part, result.clone()));

@@ -59,6 +59,10 @@ pub const MAX_REQUEST_SPANS: u32 = 2_000;
 /// and labels the spans carry.
 pub const MAX_REQUEST_BYTES: usize = 2 << 20;
 
+/// The most a joined request's buffer is sized for (its count and [`MAX_REQUEST_BYTES`]); only
+/// an entry larger than that on its own makes a larger one.
+pub const JOINED_REQUEST_BYTES: usize = COUNT_BYTES + MAX_REQUEST_BYTES;
+
 /// The outbox entries `entries` joined, in order, into as few as fit [`MAX_REQUEST_SPANS`] and
 /// [`MAX_REQUEST_BYTES`]: an export request's one field repeats, so two requests concatenated
 /// are one request with the spans of both. An entry too short to hold a count stays alone.
@@ -93,7 +97,7 @@ pub fn join_entries(entries: &[&[u8]], spare: &mut Vec<Vec<u8>>) -> Vec<Vec<u8>>
                 // megabytes, and fresh pages to fault in, every tick).
                 let mut first = spare.pop().unwrap_or_default();
                 first.clear();
-                first.reserve(left.min(COUNT_BYTES + MAX_REQUEST_BYTES));
+                first.reserve_exact(left.min(JOINED_REQUEST_BYTES));
                 first.extend_from_slice(entry);
                 joined.push(first);
             }

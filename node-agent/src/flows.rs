@@ -183,10 +183,11 @@ impl FlowState {
     }
 }
 
-/// Stale queued deadlines tolerated beyond the flows before they are dropped in one pass.
+/// Stale queued deadlines tolerated beyond twice the keys tracked before they are dropped in
+/// one pass.
 const STALE_DEADLINES_SLACK: usize = 1024;
 
-/// A flow queued for when it is next due.
+/// A flow queued for when it is next due, or a tombstone for when it expires.
 struct Deadline {
     due: u64,
     key: FlowKey,
@@ -297,8 +298,9 @@ pub struct FlowTracker {
     flows: HashMap<FlowKey, Tracked, RandomState>,
     /// Entries that are flows (the rest are tombstones).
     live: usize,
-    /// Flows and tombstones by deadline (see the module docs); entries whose flow ended or was queued again
-    /// with an earlier deadline are skipped when they come up.
+    /// Flows and tombstones by deadline (see the module docs): an entry stands for a flow whose
+    /// `queued` it is, or for a tombstone whose `until` it is; the others (the flow ended and
+    /// was removed, or was queued again earlier) are skipped when they come up.
     deadlines: DeadlineQueue,
     /// Closing TCP flows absorbed since the last scan: the candidates for a fast close.
     closing: Vec<FlowKey>,
@@ -477,6 +479,10 @@ impl FlowTracker {
         let mut connections: Vec<FlowKey> = std::mem::take(&mut self.closing)
             .iter()
             .map(|key| {
+                debug_assert!(
+                    matches!(key.direction, direction::INGRESS | direction::EGRESS),
+                    "the kernel writes ingress or egress"
+                );
                 if key.direction == direction::INGRESS {
                     *key
                 } else {
@@ -521,8 +527,9 @@ impl FlowTracker {
     pub fn evict(&mut self, now: u64, out: &mut Vec<Report>) {
         self.complete_closes(out);
         // `take_due` hands over what it took, so what is queued meanwhile waits for a later scan:
-        // a flow found early, and a flow's next deadline, which is always after `now` (its quiet
-        // end, or its active timeout counted from a report made now).
+        // a flow found early, a flow's next deadline, which is always after `now` (its quiet
+        // end, or its active timeout counted from a report made now), and the expiry of a
+        // tombstone left now (usually due already: the next scan removes it).
         for Deadline { due, key } in self.deadlines.take_due(now) {
             // One lookup per deadline, whatever it finds.
             let Entry::Occupied(mut entry) = self.flows.entry(key) else {
@@ -588,12 +595,11 @@ impl FlowTracker {
         }
     }
 
-    /// Drops the queued deadlines that no longer stand for a flow (it ended, or was queued again
-    /// earlier) once they outnumber the keys tracked: each live flow has exactly one that
-    /// stands, so the queue stays within twice the keys. Tombstones count: a TCP flow that
-    /// ended leaves its deadline (due about when its tombstone expires) for `take_due` to drop,
-    /// and counted against the live flows alone, a node of short connections had this pass
-    /// look every live flow up again every scan or two.
+    /// Drops the queued deadlines that no longer stand for a flow or a tombstone (the flow
+    /// ended and was removed, or was queued again earlier) once they outnumber twice the keys
+    /// tracked: each key has exactly one that stands. Tombstones count: each has its expiry
+    /// queued, and counted against the live flows alone, a node of short connections had this
+    /// pass look every live flow up again every scan or two.
     fn forget_stale_deadlines(&mut self) {
         if self.deadlines.len() <= 2 * self.flows.len() + STALE_DEADLINES_SLACK {
             return;
@@ -652,7 +658,8 @@ impl FlowTracker {
 
 /// The final report of the flow in `tracked` (a flow); a TCP flow becomes its tombstone in
 /// place, its expiry in `deadlines` (the flow's own queued deadline where that is when it
-/// expires), and any other is left for the caller to remove.
+/// expires), and any other is left for the caller to remove. A caller that has taken the flow's
+/// queued deadline out of the queue clears `queued` first.
 fn end(
     key: &FlowKey,
     tracked: &mut Tracked,
