@@ -10,6 +10,11 @@
 //! outcome and its part back. A shard that speaks twice in one round (it
 //! cannot while it waits for its part, but a skip can precede a part) ends the round first.
 //!
+//! The shards' messages gather under a lock, and only the first of a round and the one that
+//! completes it wake the writer: a thread woken costs tens of µs of CPU on a busy VM, and the
+//! shards of one tick speak one after another, so waking for each message made most of the
+//! writer's wake-ups (BENCHMARKS.md).
+//!
 //! Blocking I/O runs here, on the writer's own thread: never on the arbiters that the shards,
 //! the sessions and the exporter share. The thread ends when every handle is dropped, and the
 //! pipeline waits for it ([`WriterThread::finished`]) so that the store it holds is closed (and
@@ -17,7 +22,7 @@
 
 use std::{
     collections::HashMap,
-    sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender},
+    sync::{Arc, Condvar, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
@@ -68,9 +73,33 @@ impl Message {
 }
 
 /// The handle the shards hold.
-#[derive(Clone)]
 pub struct CheckpointWriter {
-    messages: SyncSender<Message>,
+    shared: Arc<Shared>,
+}
+
+/// What the handles and the writer share.
+struct Shared {
+    gathering: Mutex<Gathering>,
+    /// Signalled by the first message of a round, by the one that completes it, and when the
+    /// last handle goes.
+    wake: Condvar,
+    shards: usize,
+}
+
+/// The messages not taken by the writer yet, in the order they came.
+struct Gathering {
+    messages: Vec<Message>,
+    /// Live handles: the writer ends once there are none and it has written every message.
+    handles: usize,
+    /// The writer's thread has ended (a panic): a message is dropped as it comes, so that its
+    /// shard's answer fails instead of never coming.
+    writer_gone: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Gathering> {
+        self.gathering.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl CheckpointWriter {
@@ -78,32 +107,100 @@ impl CheckpointWriter {
     /// runtime it is started from, if any: a store may drive futures on it (the replicated
     /// store waits for its quorum there).
     pub fn start(store: Store, shards: usize) -> (Self, WriterThread) {
-        // Each shard has at most one part and one skip outstanding.
-        let (messages, received) = mpsc::sync_channel(2 * shards);
+        let shared = Arc::new(Shared {
+            gathering: Mutex::new(Gathering {
+                messages: Vec::with_capacity(2 * shards),
+                handles: 1,
+                writer_gone: false,
+            }),
+            wake: Condvar::new(),
+            shards,
+        });
         let runtime = tokio::runtime::Handle::try_current().ok();
-        let thread = std::thread::Builder::new()
-            .name("mermin-checkpoints".into())
-            .spawn(move || {
-                let _entered = runtime.as_ref().map(tokio::runtime::Handle::enter);
-                run(&store, shards, &received)
-            })
-            .expect("spawning the checkpoint writer");
-        (CheckpointWriter { messages }, WriterThread(thread))
+        let thread = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("mermin-checkpoints".into())
+                .spawn(move || {
+                    let _entered = runtime.as_ref().map(tokio::runtime::Handle::enter);
+                    let _gone = WriterGone(&shared);
+                    run(&store, &shared)
+                })
+                .expect("spawning the checkpoint writer")
+        };
+        (CheckpointWriter { shared }, WriterThread(thread))
     }
 
     /// Writes `part` with the other shards' parts of this tick; the answer comes once it is
     /// written (or failed), with the part.
     pub fn write(&self, shard: ShardId, part: Part) -> oneshot::Receiver<Written> {
         let (done, answer) = oneshot::channel();
-        // The writer outlives the shards; if it is gone, the dropped sender answers the shard.
-        let _ = self.messages.send(Message::Part { shard, part, done });
+        // The writer outlives the handles; if its thread died, the dropped sender answers.
+        self.send(Message::Part { shard, part, done });
         answer
     }
 
     /// This shard has nothing to write this tick.
     pub fn skip(&self, shard: ShardId) {
-        let _ = self.messages.send(Message::Skip { shard });
+        self.send(Message::Skip { shard });
     }
+
+    fn send(&self, message: Message) {
+        let mut gathering = self.shared.lock();
+        if gathering.writer_gone {
+            return;
+        }
+        gathering.messages.push(message);
+        let wake = gathering.messages.len() == 1
+            || round_length(&gathering.messages, self.shared.shards).is_some();
+        drop(gathering);
+        if wake {
+            self.shared.wake.notify_one();
+        }
+    }
+}
+
+impl Clone for CheckpointWriter {
+    fn clone(&self) -> Self {
+        self.shared.lock().handles += 1;
+        CheckpointWriter {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for CheckpointWriter {
+    fn drop(&mut self) {
+        let mut gathering = self.shared.lock();
+        gathering.handles -= 1;
+        let last = gathering.handles == 0;
+        drop(gathering);
+        if last {
+            self.shared.wake.notify_one();
+        }
+    }
+}
+
+/// Marks the writer gone when its thread ends, however it ends, and drops what it left.
+struct WriterGone<'a>(&'a Shared);
+
+impl Drop for WriterGone<'_> {
+    fn drop(&mut self) {
+        let mut gathering = self.0.lock();
+        gathering.writer_gone = true;
+        gathering.messages.clear();
+    }
+}
+
+/// How many of `messages`, from the first, make a complete round: `shards` of them, or those
+/// before the first shard that speaks twice; `None` while the round may still grow.
+fn round_length(messages: &[Message], shards: usize) -> Option<usize> {
+    for (i, message) in messages.iter().enumerate() {
+        if i == shards || messages[..i].iter().any(|m| m.shard() == message.shard()) {
+            return Some(i);
+        }
+    }
+    (messages.len() == shards).then_some(shards)
 }
 
 /// The writer's thread, to wait for at the end.
@@ -124,33 +221,43 @@ impl WriterThread {
     }
 }
 
-fn run(store: &Store, shards: usize, messages: &Receiver<Message>) {
-    let mut next = None;
+fn run(store: &Store, shared: &Shared) {
     // The buffers of the last round's joined requests, reused by the next.
     let mut spare = Vec::new();
-    loop {
-        let first = match next.take() {
-            Some(first) => first,
-            None => match messages.recv() {
-                Ok(first) => first,
-                Err(_) => return, // every handle dropped
-            },
-        };
-        let mut round = vec![first];
-        let deadline = Instant::now() + LINGER;
-        while round.len() < shards {
-            let wait = deadline.saturating_duration_since(Instant::now());
-            match messages.recv_timeout(wait) {
-                Ok(message) if round.iter().any(|m| m.shard() == message.shard()) => {
-                    next = Some(message);
-                    break;
-                }
-                Ok(message) => round.push(message),
-                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
-            }
-        }
+    while let Some(round) = next_round(shared) {
         write(store, round, &mut spare);
     }
+}
+
+/// Waits for the next round: a first message, then every shard or [`LINGER`]. `None` once
+/// every handle is gone and every message taken.
+fn next_round(shared: &Shared) -> Option<Vec<Message>> {
+    let mut gathering = shared.lock();
+    while gathering.messages.is_empty() {
+        if gathering.handles == 0 {
+            return None;
+        }
+        gathering = shared
+            .wake
+            .wait(gathering)
+            .unwrap_or_else(|e| e.into_inner());
+    }
+    let deadline = Instant::now() + LINGER;
+    let length = loop {
+        if let Some(length) = round_length(&gathering.messages, shared.shards) {
+            break length;
+        }
+        let wait = deadline.saturating_duration_since(Instant::now());
+        if wait.is_zero() || gathering.handles == 0 {
+            break gathering.messages.len();
+        }
+        gathering = shared
+            .wake
+            .wait_timeout(gathering, wait)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    };
+    Some(gathering.messages.drain(..length).collect())
 }
 
 /// Writes the parts of one round together and answers each; the joined requests' buffers are
@@ -208,13 +315,25 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::store::{SledStore, conformance::queued_requests, faults::FaultyStore};
+    use crate::store::{
+        SledStore,
+        conformance::queued_requests,
+        faults::{Faults, FaultyStore},
+    };
 
     /// An outbox entry of `spans` spans whose request is the byte `body`.
     fn entry(spans: u32, body: u8) -> Vec<u8> {
         let mut entry = spans.to_be_bytes().to_vec();
         entry.push(body);
         entry
+    }
+
+    /// A sled store in a fresh directory (kept while the test runs), with faults to inject.
+    fn faulty_store() -> (tempfile::TempDir, Store, Faults) {
+        let dir = tempfile::tempdir().unwrap();
+        let sled = SledStore::open(dir.path()).unwrap();
+        let (store, faults) = FaultyStore::wrap(sled);
+        (dir, store, faults)
     }
 
     fn part(body: u8) -> Part {
@@ -226,9 +345,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_parts_of_one_tick_are_one_write_and_each_shard_gets_its_own_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let sled = SledStore::open(dir.path()).unwrap();
-        let (store, faults) = FaultyStore::wrap(sled);
+        let (_dir, store, faults) = faulty_store();
         let (writer, thread) = CheckpointWriter::start(store.clone(), 4);
         // Shards 0, 2 and 3 have something, shard 1 nothing: the round ends when all four
         // have spoken, in one write.
@@ -271,10 +388,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn parts_given_as_the_last_handle_goes_are_written_before_the_writer_ends() {
+        let (_dir, store, faults) = faulty_store();
+        let (writer, thread) = CheckpointWriter::start(store.clone(), 3);
+        let other = writer.clone();
+        // Two of three shards speak, and every handle goes: the writer does not wait for the
+        // third, writes the two, and ends.
+        let answers = [writer.write(0, part(1)), other.write(2, part(2))];
+        drop(other);
+        drop(writer);
+        assert!(thread.finished(Duration::from_secs(5)).await);
+        for answer in answers {
+            let (_, result) = answer.await.unwrap();
+            assert!(result.is_ok());
+        }
+        assert_eq!(faults.checkpoint_writes(), 1);
+        assert_eq!(queued_requests(&*store), [vec![0, 0, 0, 2, 1, 2]]);
+    }
+
+    #[tokio::test]
     async fn a_shard_that_speaks_twice_ends_the_round() {
-        let dir = tempfile::tempdir().unwrap();
-        let sled = SledStore::open(dir.path()).unwrap();
-        let (store, faults) = FaultyStore::wrap(sled);
+        let (_dir, store, faults) = faulty_store();
         let (writer, _thread) = CheckpointWriter::start(store.clone(), 2);
         // Shard 0 skips a tick, then has a part before shard 1 spoke: two rounds, and the
         // second waits for shard 1 only as long as the linger.
