@@ -407,6 +407,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_writer_that_died_answers_every_part_with_an_error_at_once() {
+        let (_dir, store, faults) = faulty_store();
+        let (writer, thread) = CheckpointWriter::start(store.clone(), 1);
+        faults.panic_on_checkpoint(true);
+        // The round's write panics on the writer's thread: its part's answer fails, and so does
+        // every later one, without waiting for a writer that is not there.
+        assert!(writer.write(0, part(1)).await.is_err());
+        assert!(
+            !thread.finished(Duration::from_secs(5)).await,
+            "it panicked"
+        );
+        assert!(writer.write(0, part(2)).await.is_err());
+        writer.skip(0);
+        assert_eq!(faults.checkpoint_writes(), 1);
+        assert_eq!(store.outbox_len(), 0);
+    }
+
+    #[tokio::test]
     async fn a_shard_that_speaks_twice_ends_the_round() {
         let (_dir, store, faults) = faulty_store();
         let (writer, _thread) = CheckpointWriter::start(store.clone(), 2);

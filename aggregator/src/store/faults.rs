@@ -21,6 +21,7 @@ use super::{BootId, Checkpoint, Recovered, Retirement, Storage, Store, StoreErro
 pub struct Faults {
     write_delay_ms: Arc<AtomicU64>,
     writes_fail: Arc<AtomicBool>,
+    checkpoints_panic: Arc<AtomicBool>,
     checkpoint_writes: Arc<AtomicU64>,
 }
 
@@ -35,6 +36,11 @@ impl Faults {
     /// Every write fails as on a full disk, until `false`.
     pub fn fail_writes(&self, fail: bool) {
         self.writes_fail.store(fail, Ordering::Relaxed);
+    }
+
+    /// Every checkpoint panics (a bug in the store, on its caller's thread), until `false`.
+    pub fn panic_on_checkpoint(&self, panic: bool) {
+        self.checkpoints_panic.store(panic, Ordering::Relaxed);
     }
 
     /// Calls of [`Storage::checkpoint`] so far (each may hold several shards' checkpoints).
@@ -134,6 +140,10 @@ impl Storage for FaultyStore {
             .checkpoint_writes
             .fetch_add(1, Ordering::Relaxed);
         std::thread::sleep(self.faults.delay());
+        assert!(
+            !self.faults.checkpoints_panic.load(Ordering::Relaxed),
+            "checkpoint panics (injected)"
+        );
         self.injected()?;
         self.inner.checkpoint(checkpoints)
     }
