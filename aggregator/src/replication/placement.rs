@@ -455,7 +455,11 @@ mod tests {
         assert_eq!(state.shards, map(&[(0, 1, 4), (1, 2, 3), (2, 2, 1)]));
     }
 
-    struct SledBuilder;
+    /// Builds the sled log (keeping entries of up to `inline_max` bytes in its tree) and this
+    /// machine.
+    struct SledBuilder {
+        inline_max: usize,
+    }
 
     impl
         openraft::testing::StoreBuilder<
@@ -478,13 +482,13 @@ mod tests {
             let dir = tempfile::tempdir().expect("a temporary directory");
             let db = DurableDb::open(sled::Config::new(), dir.path()).expect("a sled database");
             let log =
-                crate::replication::log::SledLog::open(&db, "placement").expect("the log's trees");
+                crate::replication::log::SledLog::open_inlining(&db, "placement", self.inline_max)
+                    .expect("the log's trees");
             let machine = PlacementMachine::open(&db).expect("the machine's tree");
             Ok((dir, log, machine))
         }
     }
 
-    /// openraft's own storage suite, against the sled log and this machine.
     #[test]
     fn every_shard_onto_one_replica_moves_only_those_it_does_not_lead() {
         let map = ShardMap::from([
@@ -532,8 +536,19 @@ mod tests {
         assert_eq!(onto(&all, 7, 3), []);
     }
 
+    /// openraft's own storage suite, against the sled log and this machine.
     #[test]
     fn the_log_and_the_machine_pass_openraft_s_storage_suite() {
-        openraft::testing::Suite::test_all(SledBuilder).expect("every storage check passes");
+        openraft::testing::Suite::test_all(SledBuilder {
+            inline_max: crate::replication::log::INLINE_MAX,
+        })
+        .expect("every storage check passes");
+    }
+
+    /// The same with every entry in the log's value log.
+    #[test]
+    fn the_log_with_every_entry_in_its_value_log_passes_openraft_s_storage_suite() {
+        openraft::testing::Suite::test_all(SledBuilder { inline_max: 0 })
+            .expect("every storage check passes");
     }
 }

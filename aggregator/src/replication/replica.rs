@@ -461,7 +461,8 @@ impl Replica {
             id,
             config.clone(),
             GrpcNetwork::new(PLACEMENT_GROUP, transport.clone()),
-            SledLog::<PlacementGroup>::open(&db, PLACEMENT_GROUP)?,
+            SledLog::<PlacementGroup>::open(&db, PLACEMENT_GROUP)
+                .map_err(|e| ReplicationError::Start(format!("the placement group's log: {e}")))?,
             machine.clone(),
         )
         .await
@@ -474,7 +475,8 @@ impl Replica {
             id,
             config,
             GrpcNetwork::new(STORE_GROUP, transport.clone()),
-            SledLog::<StoreGroup>::open(&db, STORE_GROUP)?,
+            SledLog::<StoreGroup>::open(&db, STORE_GROUP)
+                .map_err(|e| ReplicationError::Start(format!("the store group's log: {e}")))?,
             store_machine.clone(),
         )
         .await

@@ -45,6 +45,7 @@ use crate::placement::ShardId;
 
 mod sled;
 
+pub(crate) use self::sled::value_log;
 pub use self::sled::{DurableDb, SledStore};
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ use sled::{
 mod change_log;
 mod durable;
 mod group_commit;
-mod value_log;
+pub(crate) mod value_log;
 
 pub use self::durable::DurableDb;
 use self::{

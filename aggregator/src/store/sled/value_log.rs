@@ -1,5 +1,6 @@
-//! Large values kept out of sled: agent batches and export requests are appended to segment
-//! files of our own, and sled holds a 25-byte pointer to each.
+//! Large values kept out of sled: agent batches and export requests (and the replicas' Raft log
+//! entries, `replication::log`) are appended to segment files of our own, and sled holds a
+//! 25-byte pointer to each.
 //!
 //! Why: sled 0.34 keeps values inside its tree nodes, and every time a node is rewritten (a
 //! split, a consolidation, a removal next to it) it writes the whole node again — each large
@@ -64,7 +65,7 @@ const POINTER_LEN: usize = 1 + 8 + 8 + 4 + 4;
 
 /// Where a value is, and its checksum.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Pointer {
+pub(crate) struct Pointer {
     segment: u64,
     offset: u64,
     len: u32,
@@ -72,7 +73,7 @@ pub(super) struct Pointer {
 }
 
 impl Pointer {
-    pub(super) fn encode(&self) -> [u8; POINTER_LEN] {
+    pub(crate) fn encode(&self) -> [u8; POINTER_LEN] {
         let mut bytes = [TAG; POINTER_LEN];
         bytes[1..9].copy_from_slice(&self.segment.to_be_bytes());
         bytes[9..17].copy_from_slice(&self.offset.to_be_bytes());
@@ -87,7 +88,7 @@ impl Pointer {
     }
 
     /// The pointer `stored` is, or `None` if it is a value stored inline.
-    pub(super) fn decode(stored: &[u8]) -> Option<Pointer> {
+    pub(crate) fn decode(stored: &[u8]) -> Option<Pointer> {
         let bytes: &[u8; POINTER_LEN] = stored.try_into().ok()?;
         if bytes[0] != TAG {
             return None;
@@ -108,7 +109,7 @@ impl Pointer {
     }
 }
 
-pub(super) struct ValueLog {
+pub(crate) struct ValueLog {
     dir: PathBuf,
     /// Whether this log holds a reserve ([`ValueLog::hold_reserve`]) that is not in place now
     /// (given back, or not yet written).
@@ -139,7 +140,7 @@ fn backend(what: &str, err: io::Error) -> StoreError {
 impl ValueLog {
     /// Opens the log in `dir` (created if missing), counting as live the values `pointers`
     /// name, deleting the segments none of them names, and beginning a new segment.
-    pub(super) fn open(
+    pub(crate) fn open(
         dir: &Path,
         pointers: impl IntoIterator<Item = Pointer>,
     ) -> Result<Self, StoreError> {
@@ -193,7 +194,7 @@ impl ValueLog {
 
     /// Writes each of `values` durably, in order — one `pwrite` each, one `fdatasync` per
     /// segment for all of them; none of them if one fails.
-    pub(super) fn append_all<'a>(
+    pub(crate) fn append_all<'a>(
         &self,
         values: impl IntoIterator<Item = &'a [u8]>,
     ) -> Result<Vec<Pointer>, StoreError> {
@@ -335,7 +336,7 @@ impl ValueLog {
     }
 
     /// [`ValueLog::release`] of each of `pointers`.
-    pub(super) fn release_all(&self, pointers: impl IntoIterator<Item = Pointer>) {
+    pub(crate) fn release_all(&self, pointers: impl IntoIterator<Item = Pointer>) {
         for pointer in pointers {
             self.release(pointer);
         }
@@ -363,7 +364,7 @@ impl ValueLog {
         }
     }
 
-    fn read(&self, pointer: Pointer) -> Result<Vec<u8>, StoreError> {
+    pub(crate) fn read(&self, pointer: Pointer) -> Result<Vec<u8>, StoreError> {
         let file = self.file(pointer.segment)?;
         let mut value = vec![0; pointer.len as usize];
         file.read_exact_at(&mut value, pointer.offset)
@@ -399,7 +400,7 @@ impl ValueLog {
         }
     }
 
-    pub(super) fn release(&self, pointer: Pointer) {
+    pub(crate) fn release(&self, pointer: Pointer) {
         let mut state = self.state();
         let Some(live) = state.live.get_mut(&pointer.segment) else {
             return;
@@ -413,12 +414,12 @@ impl ValueLog {
 
     /// The sealed segments no value lives in any more: to be deleted ([`ValueLog::delete`])
     /// once a durable flush covers the removals that freed them.
-    pub(super) fn take_dead(&self) -> Vec<u64> {
+    pub(crate) fn take_dead(&self) -> Vec<u64> {
         std::mem::take(&mut self.state().dead)
     }
 
     /// Deletes `segments` (taken from [`ValueLog::take_dead`] before a flush that succeeded).
-    pub(super) fn delete(&self, segments: Vec<u64>) {
+    pub(crate) fn delete(&self, segments: Vec<u64>) {
         for segment in segments {
             self.state().files.remove(&segment);
             let path = segment_path(&self.dir, segment);
@@ -429,13 +430,13 @@ impl ValueLog {
     }
 
     /// Puts back segments taken for a flush that failed.
-    pub(super) fn undelete(&self, segments: Vec<u64>) {
+    pub(crate) fn undelete(&self, segments: Vec<u64>) {
         self.state().dead.extend(segments);
     }
 
     /// Segment files on disk that hold live values or are being written (for tests).
     #[cfg(test)]
-    pub(super) fn segments(&self) -> Vec<u64> {
+    pub(crate) fn segments(&self) -> Vec<u64> {
         let mut ids: Vec<u64> = std::fs::read_dir(&self.dir)
             .unwrap()
             .filter_map(|e| {
