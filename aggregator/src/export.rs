@@ -23,6 +23,13 @@
 //! OTLP/HTTP endpoints follow the OTLP exporter convention: an endpoint without a path
 //! (`http://tempo:4318`) gets `/v1/traces`; one with a path is used as given.
 //!
+//! **TLS.** An `https://` endpoint is reached over TLS with either transport, its certificate
+//! checked against the system's CA certificates, or only against the CA of
+//! [`ExportTls::ca_pem`] when one is given (as the OTLP exporters' `ca_file`); a client
+//! certificate is presented when the endpoint asks for one and [`ExportTls::identity_pem`] is
+//! set (mutual TLS). A refused handshake is a failed attempt like any other: retried, counted,
+//! logged with the reason.
+//!
 //! Span ids are deterministic, so a request delivered twice (an answer lost after the endpoint
 //! stored it) is deduplicated by Tempo.
 
@@ -34,6 +41,7 @@ use actix::{
 use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
@@ -42,7 +50,11 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use prost::Message;
-use tonic::{Code, transport::Channel};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+use tonic::{
+    Code,
+    transport::{Certificate, Channel, ClientTlsConfig, Identity},
+};
 
 use crate::{
     metrics::{Metrics, ReasonLabel},
@@ -99,6 +111,77 @@ pub struct ExportConfig {
     pub max_backoff: Duration,
     /// The `drop_oldest` outbox policy's quota; `None` under the backpressure policy.
     pub drop_oldest_above_bytes: Option<u64>,
+    /// How an `https://` endpoint is trusted.
+    pub tls: ExportTls,
+}
+
+/// The PEM files of the exporter's TLS, read (see the module docs). Default: the system's CA
+/// certificates, no client certificate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExportTls {
+    /// The CA certificates the endpoint's certificate must chain to, instead of the system's.
+    pub ca_pem: Option<Vec<u8>>,
+    /// A client certificate chain and its key.
+    pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl ExportTls {
+    /// Whether anything is set that only an `https://` endpoint uses.
+    pub fn is_set(&self) -> bool {
+        self.ca_pem.is_some() || self.identity_pem.is_some()
+    }
+
+    /// The client configuration of the OTLP/HTTP transport.
+    fn rustls_config(&self) -> Result<rustls::ClientConfig, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        match &self.ca_pem {
+            Some(pem) => {
+                for cert in CertificateDer::pem_slice_iter(pem) {
+                    let cert = cert.map_err(|e| format!("the CA certificates: {e}"))?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| format!("the CA certificates: {e}"))?;
+                }
+            }
+            None => {
+                let system = rustls_native_certs::load_native_certs();
+                // Certificates the platform holds that rustls cannot use are skipped.
+                let _ = roots.add_parsable_certificates(system.certs);
+            }
+        }
+        if roots.is_empty() {
+            return Err(
+                "no CA certificate to check the endpoint's certificate against (give a CA file)"
+                    .into(),
+            );
+        }
+        let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+        match &self.identity_pem {
+            None => Ok(builder.with_no_client_auth()),
+            Some((chain, key)) => {
+                let chain = CertificateDer::pem_slice_iter(chain)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| format!("the client certificate: {e}"))?;
+                let key = PrivateKeyDer::from_pem_slice(key)
+                    .map_err(|e| format!("the client key: {e}"))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| format!("the client certificate: {e}"))
+            }
+        }
+    }
+
+    /// The same for tonic's gRPC channel.
+    fn tonic_config(&self) -> ClientTlsConfig {
+        let config = match &self.ca_pem {
+            Some(pem) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
+            None => ClientTlsConfig::new().with_native_roots(),
+        };
+        match &self.identity_pem {
+            Some((chain, key)) => config.identity(Identity::from_pem(chain, key)),
+            None => config,
+        }
+    }
 }
 
 impl ExportConfig {
@@ -110,6 +193,7 @@ impl ExportConfig {
             min_backoff: crate::defaults::EXPORT_MIN_BACKOFF,
             max_backoff: crate::defaults::EXPORT_MAX_BACKOFF,
             drop_oldest_above_bytes: None,
+            tls: ExportTls::default(),
         }
     }
 }
@@ -261,7 +345,7 @@ impl tonic::codec::Decoder for RawCodec {
 
 /// OTLP/HTTP with protobuf bodies.
 struct HttpTransport {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     /// The traces path included.
     uri: http::Uri,
     timeout: Duration,
@@ -271,27 +355,44 @@ impl Transport {
     fn new(config: &ExportConfig) -> Result<Self, String> {
         match config.protocol {
             OtlpProtocol::Grpc => {
-                let channel = Channel::from_shared(config.endpoint.clone())
+                let mut endpoint = Channel::from_shared(config.endpoint.clone())
                     .map_err(|e| e.to_string())?
                     .connect_timeout(config.timeout)
-                    .timeout(config.timeout)
-                    .connect_lazy();
+                    .timeout(config.timeout);
+                if config.endpoint.starts_with("https://") {
+                    endpoint = endpoint
+                        .tls_config(config.tls.tonic_config())
+                        .map_err(|e| {
+                            with_sources(format!("TLS: {e}"), std::error::Error::source(&e))
+                        })?;
+                }
+                let channel = endpoint.connect_lazy();
                 Ok(Transport::Grpc(RawTraceClient(tonic::client::Grpc::new(
                     channel,
                 ))))
             }
             OtlpProtocol::HttpProtobuf => {
-                if config.endpoint.starts_with("https://") {
-                    return Err("https is not supported for OTLP/HTTP yet; use http:// (for example through a collector)".into());
-                }
                 let mut uri: http::Uri = config.endpoint.parse().map_err(|e| format!("{e}"))?;
                 if uri.path() == "/" {
                     uri = format!("{}/v1/traces", config.endpoint.trim_end_matches('/'))
                         .parse()
                         .map_err(|e| format!("{e}"))?;
                 }
-                let mut connector = HttpConnector::new();
-                connector.set_connect_timeout(Some(config.timeout));
+                let mut plain = HttpConnector::new();
+                plain.set_connect_timeout(Some(config.timeout));
+                plain.enforce_http(false);
+                let tls = match config.endpoint.starts_with("https://") {
+                    true => config.tls.rustls_config()?,
+                    // Not used: the endpoint is plain http.
+                    false => rustls::ClientConfig::builder()
+                        .with_root_certificates(rustls::RootCertStore::empty())
+                        .with_no_client_auth(),
+                };
+                let connector = HttpsConnectorBuilder::new()
+                    .with_tls_config(tls)
+                    .https_or_http()
+                    .enable_http1()
+                    .wrap_connector(plain);
                 Ok(Transport::Http(Arc::new(HttpTransport {
                     client: Client::builder(TokioExecutor::new()).build(connector),
                     uri,
@@ -308,9 +409,10 @@ impl Transport {
                 Err(status) if status.code() == Code::InvalidArgument => {
                     Delivery::Refused(status.message().to_owned())
                 }
-                Err(status) => {
-                    Delivery::Failed(format!("{:?}: {}", status.code(), status.message()))
-                }
+                Err(status) => Delivery::Failed(with_sources(
+                    format!("{:?}: {}", status.code(), status.message()),
+                    std::error::Error::source(&status),
+                )),
             },
             Transport::Http(http) => http.send(request).await,
         }
@@ -327,7 +429,11 @@ impl HttpTransport {
             Err(err) => return Delivery::Failed(err.to_string()),
         };
         let exchange = async {
-            let response = self.client.request(post).await.map_err(|e| e.to_string())?;
+            let response = self
+                .client
+                .request(post)
+                .await
+                .map_err(|e| with_sources(e.to_string(), std::error::Error::source(&e)))?;
             let status = response.status();
             let body = response
                 .into_body()
@@ -359,6 +465,22 @@ impl HttpTransport {
             Ok(Ok((status, _))) => Delivery::Failed(format!("HTTP {status}")),
         }
     }
+}
+
+/// `head`, then the errors from `source` down, as one line (a TLS failure's reason is a few
+/// levels under the transport's error).
+fn with_sources(head: String, mut source: Option<&dyn std::error::Error>) -> String {
+    let mut text = head;
+    while let Some(cause) = source {
+        // tonic repeats a cause in the status's message.
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 fn accepted(response: ExportTraceServiceResponse) -> Delivery {

@@ -15,7 +15,7 @@ use crate::{
     cluster::ClusterConfig,
     config::{self, ConfigError, FileSetting},
     defaults,
-    export::{ExportConfig, OtlpProtocol},
+    export::{ExportConfig, ExportTls, OtlpProtocol},
     ingest::IngestLimits,
     metadata::{AttributeNaming, IndexSettings},
     pipeline::{AdminConfig, AggregatorConfig, MetadataConfig, ServerTlsConfig},
@@ -128,6 +128,17 @@ pub struct Settings {
     /// How long one export request may take [export "traces" { otlp = { timeout } }].
     #[arg(long, default_value_t = defaults::OTLP_TIMEOUT.into())]
     pub otlp_timeout: humantime::Duration,
+    /// The CA (PEM) an https:// endpoint's certificate must chain to, instead of the system's CA
+    /// certificates [export "traces" { otlp = { tls = { ca_file } } }].
+    #[arg(long)]
+    pub otlp_ca_file: Option<PathBuf>,
+    /// A client certificate chain (PEM) for an https:// endpoint that asks for one (mutual TLS;
+    /// with --otlp-key-file) [export "traces" { otlp = { tls = { cert_file } } }].
+    #[arg(long)]
+    pub otlp_cert_file: Option<PathBuf>,
+    /// The client certificate's key (PEM) [export "traces" { otlp = { tls = { key_file } } }].
+    #[arg(long)]
+    pub otlp_key_file: Option<PathBuf>,
     /// Largest size of the durable export queue, in bytes [outbox_max_bytes].
     #[arg(long, default_value_t = defaults::OUTBOX_MAX_BYTES, value_parser = clap::value_parser!(u64).range(1..))]
     pub outbox_max_bytes: u64,
@@ -231,6 +242,9 @@ const FILE_KEYS: &[(&str, &str)] = &[
     ("otlp_endpoint", "export.traces.otlp.endpoint"),
     ("otlp_protocol", "export.traces.otlp.protocol"),
     ("otlp_timeout", "export.traces.otlp.timeout"),
+    ("otlp_ca_file", "export.traces.otlp.tls.ca_file"),
+    ("otlp_cert_file", "export.traces.otlp.tls.cert_file"),
+    ("otlp_key_file", "export.traces.otlp.tls.key_file"),
     ("attribute_names", "metadata.attribute_names"),
     ("metadata_file", "metadata.static_file"),
     ("metadata_labels", "metadata.labels"),
@@ -324,6 +338,41 @@ impl Settings {
         )?)
     }
 
+    /// The exporter's TLS files, read; only an https:// endpoint takes them.
+    fn export_tls(&self) -> Result<ExportTls, SettingsError> {
+        let read = |path: &PathBuf, key: &str| {
+            std::fs::read(path).map_err(|err| {
+                SettingsError::Tls(format!(
+                    "reading {} (export \"traces\" {{ otlp = {{ tls = {{ {key} }} }} }}): {err}",
+                    path.display()
+                ))
+            })
+        };
+        let tls = ExportTls {
+            ca_pem: self
+                .otlp_ca_file
+                .as_ref()
+                .map(|path| read(path, "ca_file"))
+                .transpose()?,
+            identity_pem: match (&self.otlp_cert_file, &self.otlp_key_file) {
+                (Some(cert), Some(key)) => Some((read(cert, "cert_file")?, read(key, "key_file")?)),
+                (None, None) => None,
+                _ => {
+                    return Err(SettingsError::Tls(
+                        "a client certificate for the OTLP endpoint needs both --otlp-cert-file and --otlp-key-file (export \"traces\" { otlp = { tls = { cert_file key_file } } })".into(),
+                    ));
+                }
+            },
+        };
+        if tls.is_set() && !self.otlp_endpoint.starts_with("https://") {
+            return Err(SettingsError::Tls(format!(
+                "the OTLP endpoint {} is not https://, so its TLS files (--otlp-ca-file, --otlp-cert-file, --otlp-key-file) would not be used; use https:// or leave them out",
+                self.otlp_endpoint
+            )));
+        }
+        Ok(tls)
+    }
+
     /// The typed configuration the pipeline runs on.
     pub fn aggregator_config(&self) -> Result<AggregatorConfig, SettingsError> {
         let tls = match self.tls_mode {
@@ -357,6 +406,7 @@ impl Settings {
                 min_backoff: defaults::EXPORT_MIN_BACKOFF,
                 max_backoff: defaults::EXPORT_MAX_BACKOFF,
                 drop_oldest_above_bytes: None,
+                tls: self.export_tls()?,
             },
             limits: IngestLimits {
                 max_in_flight_batches: self.agents_max_in_flight_batches,
@@ -408,6 +458,11 @@ impl Settings {
                 "endpoint": self.otlp_endpoint,
                 "protocol": self.otlp_protocol.as_str(),
                 "timeout": duration(&self.otlp_timeout),
+                "tls": {
+                    "ca_file": self.otlp_ca_file.as_ref().map(|p| p.display().to_string()),
+                    "cert_file": self.otlp_cert_file.as_ref().map(|p| p.display().to_string()),
+                    "key_file": self.otlp_key_file.as_ref().map(|p| p.display().to_string()),
+                },
             } } },
             "metadata": {
                 "attribute_names": self.attribute_names.as_str(),
@@ -603,6 +658,79 @@ mod tests {
         let help = Settings::command().render_long_help().to_string();
         assert!(help.contains("[default: 3s]"), "{help}");
         assert!(help.contains("[default: 0.0.0.0:4600]"), "{help}");
+    }
+
+    #[test]
+    fn an_https_endpoint_s_tls_files_are_read_from_the_otlp_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, cert, key) = (
+            dir.path().join("ca.pem"),
+            dir.path().join("c.pem"),
+            dir.path().join("k.pem"),
+        );
+        for (path, content) in [(&ca, "the CA"), (&cert, "the chain"), (&key, "the key")] {
+            std::fs::write(path, content).unwrap();
+        }
+        let text = format!(
+            r#"export "traces" {{
+  otlp = {{
+    endpoint = "https://otlp.example.com:443"
+    protocol = "http/protobuf"
+    tls = {{ ca_file = "{}" cert_file = "{}" key_file = "{}" }}
+  }}
+}}
+tls {{ mode = "disabled" }}
+"#,
+            ca.display(),
+            cert.display(),
+            key.display()
+        );
+        let settings = load_file(&text, &[]).unwrap();
+        let tls = settings.aggregator_config().unwrap().export.tls;
+        assert_eq!(tls.ca_pem.as_deref(), Some(b"the CA".as_slice()));
+        assert_eq!(
+            tls.identity_pem,
+            Some((b"the chain".to_vec(), b"the key".to_vec()))
+        );
+        assert_eq!(
+            settings.effective_json()["export"]["traces"]["otlp"]["tls"]["ca_file"],
+            ca.display().to_string()
+        );
+
+        // TLS files for a plaintext endpoint, a file that is not there, half a client identity.
+        let plaintext = Settings::load([
+            "mermin-aggregator",
+            "--tls-mode=disabled",
+            "--otlp-endpoint=http://tempo:4317",
+            &format!("--otlp-ca-file={}", ca.display()),
+        ])
+        .unwrap();
+        assert_eq!(
+            plaintext.aggregator_config().unwrap_err().to_string(),
+            "the OTLP endpoint http://tempo:4317 is not https://, so its TLS files (--otlp-ca-file, --otlp-cert-file, --otlp-key-file) would not be used; use https:// or leave them out"
+        );
+        let missing = Settings::load([
+            "mermin-aggregator",
+            "--tls-mode=disabled",
+            "--otlp-endpoint=https://tempo:4317",
+            "--otlp-ca-file=/nonexistent/ca.pem",
+        ])
+        .unwrap();
+        assert_eq!(
+            missing.aggregator_config().unwrap_err().to_string(),
+            "reading /nonexistent/ca.pem (export \"traces\" { otlp = { tls = { ca_file } } }): No such file or directory (os error 2)"
+        );
+        let half = Settings::load([
+            "mermin-aggregator",
+            "--tls-mode=disabled",
+            "--otlp-endpoint=https://tempo:4317",
+            &format!("--otlp-cert-file={}", cert.display()),
+        ])
+        .unwrap();
+        assert_eq!(
+            half.aggregator_config().unwrap_err().to_string(),
+            "a client certificate for the OTLP endpoint needs both --otlp-cert-file and --otlp-key-file (export \"traces\" { otlp = { tls = { cert_file key_file } } })"
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The exporter against a real OTLP receiver on loopback, over gRPC (opentelemetry-proto's
 //! generated TraceService) and over OTLP/HTTP, each case run with both: delivery in order, an
 //! endpoint that is down and comes back, permanent rejects, an outbox that survives a restart,
-//! and the drop-oldest quota policy.
+//! the drop-oldest quota policy, and https endpoints (the CA given trusted and no other; a
+//! client certificate for an endpoint that asks for one).
 
 use std::{
     net::SocketAddr,
@@ -11,7 +12,7 @@ use std::{
 
 use actix::Actor;
 use mermin_aggregator::{
-    export::{ExportConfig, Exporter, OtlpProtocol, OutboxChanged, outbox_entry},
+    export::{ExportConfig, ExportTls, Exporter, OtlpProtocol, OutboxChanged, outbox_entry},
     metrics::Metrics,
     store::{SledStore, Store},
 };
@@ -323,4 +324,140 @@ async fn an_idle_exporter_delivers_when_told_the_outbox_changed() {
         1
     );
     server.abort();
+}
+
+/// A receiver behind a TLS front on loopback, its certificate for `localhost` signed by `ca`,
+/// asking for a client certificate of `client_ca` if given; the https:// endpoint to reach it.
+async fn serve_over_tls(
+    receiver: Receiver,
+    protocol: OtlpProtocol,
+    ca: &support::certs::Ca,
+    client_ca: Option<&support::certs::Ca>,
+) -> (String, [tokio::task::JoinHandle<()>; 2]) {
+    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    let server = serve(receiver, backend, protocol).await;
+    let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = front.local_addr().unwrap().port();
+    let (cert, key) = ca.issue(false);
+    let client_ca = client_ca.map(support::certs::Ca::pem);
+    let tls =
+        support::otlp::serve_tls_front(front, backend_addr, &cert, &key, client_ca.as_deref())
+            .await;
+    (format!("https://localhost:{port}"), [server, tls])
+}
+
+fn tls_exporter(
+    store: &Store,
+    endpoint: String,
+    protocol: OtlpProtocol,
+    tls: ExportTls,
+) -> Running {
+    start_exporter_with(
+        store,
+        ExportConfig {
+            protocol,
+            tls,
+            ..ExportConfig::new(endpoint)
+        },
+    )
+}
+
+/// Waits (at most 10 s) until `exporter` retried three times, then checks that its one request
+/// is still queued and that `receiver` got nothing.
+async fn refused_every_time(exporter: &Running, store: &Store, receiver: &Receiver) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&exporter.metrics, "mermin_aggregator_export_retries_total") < 3 {
+        assert!(Instant::now() < deadline, "no retries within 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(store.outbox_len(), 1);
+    assert_eq!(receiver.names(), Vec::<String>::new());
+}
+
+over_both_protocols!(an_https_endpoint_is_trusted_through_the_ca_given_and_no_other);
+async fn an_https_endpoint_is_trusted_through_the_ca_given_and_no_other(protocol: OtlpProtocol) {
+    let ca = support::certs::Ca::new("endpoint CA");
+    let receiver = Receiver::default();
+    let (endpoint, tasks) = serve_over_tls(receiver.clone(), protocol, &ca, None).await;
+
+    // Another CA: every handshake is refused, retried, and nothing leaves the outbox.
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    store.outbox_push(&request(&["a1", "a2"])).await.unwrap();
+    let other = support::certs::Ca::new("some other CA");
+    let refused = tls_exporter(
+        &store,
+        endpoint.clone(),
+        protocol,
+        ExportTls {
+            ca_pem: Some(other.pem().into_bytes()),
+            identity_pem: None,
+        },
+    );
+    refused_every_time(&refused, &store, &receiver).await;
+    drop(store);
+
+    // The endpoint's CA: delivered.
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    store.outbox_push(&request(&["a1", "a2"])).await.unwrap();
+    store.outbox_push(&request(&["b1"])).await.unwrap();
+    let trusted = tls_exporter(
+        &store,
+        endpoint,
+        protocol,
+        ExportTls {
+            ca_pem: Some(ca.pem().into_bytes()),
+            identity_pem: None,
+        },
+    );
+    drained(&store).await;
+    assert_eq!(receiver.names(), ["a1", "a2", "b1"]);
+    assert_eq!(
+        metric(&trusted.metrics, "mermin_aggregator_spans_exported_total"),
+        3
+    );
+    tasks.iter().for_each(|task| task.abort());
+}
+
+over_both_protocols!(an_endpoint_that_asks_for_a_client_certificate_gets_the_one_given);
+async fn an_endpoint_that_asks_for_a_client_certificate_gets_the_one_given(protocol: OtlpProtocol) {
+    let ca = support::certs::Ca::new("endpoint CA");
+    let clients = support::certs::Ca::new("client CA");
+    let receiver = Receiver::default();
+    let (endpoint, tasks) = serve_over_tls(receiver.clone(), protocol, &ca, Some(&clients)).await;
+    let trusting = || ExportTls {
+        ca_pem: Some(ca.pem().into_bytes()),
+        identity_pem: None,
+    };
+
+    // No client certificate: refused, retried, nothing delivered.
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    store.outbox_push(&request(&["m1"])).await.unwrap();
+    let refused = tls_exporter(&store, endpoint.clone(), protocol, trusting());
+    refused_every_time(&refused, &store, &receiver).await;
+    drop(store);
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    store.outbox_push(&request(&["m1"])).await.unwrap();
+    let (cert, key) = clients.issue_for(&["mermin-aggregator"], false);
+    let exporter = tls_exporter(
+        &store,
+        endpoint,
+        protocol,
+        ExportTls {
+            identity_pem: Some((cert.into_bytes(), key.into_bytes())),
+            ..trusting()
+        },
+    );
+    drained(&store).await;
+    assert_eq!(receiver.names(), ["m1"]);
+    assert_eq!(
+        metric(&exporter.metrics, "mermin_aggregator_spans_exported_total"),
+        1
+    );
+    tasks.iter().for_each(|task| task.abort());
 }

@@ -1,7 +1,7 @@
 //! An OTLP trace receiver on loopback for the tests, over gRPC (opentelemetry-proto's generated
 //! service) or OTLP/HTTP (protobuf bodies on `/v1/traces`): records what it accepts, answers from
 //! a script first. A scripted gRPC status becomes the HTTP status the OTLP specification pairs
-//! with it.
+//! with it. [`serve_tls_front`] puts TLS (mutual, if asked) in front of either.
 
 use std::{
     collections::VecDeque,
@@ -160,4 +160,57 @@ pub fn int(span: &Span, key: &str) -> i64 {
         Value::IntValue(i) => i,
         other => panic!("{key} is not an int: {other:?}"),
     }
+}
+
+/// Terminates TLS for the plaintext receiver at `backend`: every connection accepted on
+/// `listener` is handshaken with `cert_pem` / `key_pem` (ALPN `h2` and `http/1.1`, so gRPC and
+/// OTLP/HTTP clients both get on), asking for a client certificate that chains to
+/// `client_ca_pem` if one is given, then relayed byte for byte. A refused handshake closes the
+/// connection.
+pub async fn serve_tls_front(
+    listener: TcpListener,
+    backend: std::net::SocketAddr,
+    cert_pem: &str,
+    key_pem: &str,
+    client_ca_pem: Option<&str>,
+) -> tokio::task::JoinHandle<()> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+    let builder = rustls::ServerConfig::builder();
+    let builder = match client_ca_pem {
+        None => builder.with_no_client_auth(),
+        Some(pem) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                roots.add(cert.unwrap()).unwrap();
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+                .build()
+                .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_single_cert(certs, key).unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut plain) = tokio::net::TcpStream::connect(backend).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    })
 }
