@@ -48,7 +48,7 @@ pub struct FileSetting {
     /// Dotted path: `listen`, `metadata.labels`, `export.traces.otlp.endpoint`.
     pub path: String,
     /// The value as text: strings as written, numbers and booleans as HCL writes them, lists of
-    /// strings joined with commas.
+    /// strings joined with commas, maps of strings as `name=value`s joined with commas.
     pub value: String,
     /// Whether the value was a string in the file (for messages: `settle = "soon"`).
     pub quoted: bool,
@@ -211,10 +211,29 @@ impl Walk<'_> {
                 })?;
                 (items.join(","), false)
             }
+            // A map of strings (`headers = { "X-Scope-OrgID" = "dev" }`): `name=value`s.
+            Expression::Object(object) => {
+                let entries: Option<Vec<String>> = object
+                    .iter()
+                    .map(|(name, value)| {
+                        let name = match name {
+                            ObjectKey::Ident(ident) => ident.as_str(),
+                            ObjectKey::Expression(expr) => crate::hcl::string(expr)?,
+                        };
+                        Some(format!("{name}={}", crate::hcl::string(value.expr())?))
+                    })
+                    .collect();
+                let entries = entries.ok_or_else(|| {
+                    self.error(offset, format!("{key} must map names to strings"))
+                })?;
+                (entries.join(","), false)
+            }
             _ => {
                 return Err(self.error(
                     offset,
-                    format!("{key} must be a string, a number, true/false or a list of strings"),
+                    format!(
+                        "{key} must be a string, a number, true/false, a list of strings or a map of strings"
+                    ),
                 ));
             }
         };

@@ -53,6 +53,7 @@ use prost::Message;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
 use tonic::{
     Code,
+    metadata::MetadataMap,
     transport::{Certificate, Channel, ClientTlsConfig, Identity},
 };
 
@@ -113,6 +114,47 @@ pub struct ExportConfig {
     pub drop_oldest_above_bytes: Option<u64>,
     /// How an `https://` endpoint is trusted.
     pub tls: ExportTls,
+    /// Sent with every request (a tenant, an API key): gRPC metadata, or HTTP headers.
+    pub headers: Vec<OtlpHeader>,
+}
+
+/// One header of every export request, `name=value` as the command line and the file give it
+/// (`X-Scope-OrgID=dev`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtlpHeader {
+    pub name: http::HeaderName,
+    pub value: http::HeaderValue,
+}
+
+impl OtlpHeader {
+    fn map(headers: &[OtlpHeader]) -> http::HeaderMap {
+        headers
+            .iter()
+            .map(|header| (header.name.clone(), header.value.clone()))
+            .collect()
+    }
+}
+
+impl std::str::FromStr for OtlpHeader {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (name, value) = text
+            .split_once('=')
+            .ok_or_else(|| format!("{text:?} is not name=value"))?;
+        let name = http::HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|_| format!("{name:?} is not a header name"))?;
+        // gRPC metadata: names ending in -bin carry binary values, and these are text.
+        if name.as_str().ends_with("-bin") {
+            return Err(format!("{name:?}: binary (-bin) headers are not supported"));
+        }
+        let mut value = http::HeaderValue::from_str(value.trim())
+            .map_err(|_| format!("the value of {name:?} is not a header value"))?;
+        // Often a credential: never shown by `Debug`, never indexed by HTTP/2's header
+        // compression.
+        value.set_sensitive(true);
+        Ok(Self { name, value })
+    }
 }
 
 /// The PEM files of the exporter's TLS, read (see the module docs). Default: the system's CA
@@ -194,6 +236,7 @@ impl ExportConfig {
             max_backoff: crate::defaults::EXPORT_MAX_BACKOFF,
             drop_oldest_above_bytes: None,
             tls: ExportTls::default(),
+            headers: Vec::new(),
         }
     }
 }
@@ -272,26 +315,29 @@ pub fn split_entry(entry: Vec<u8>) -> Option<(u64, Bytes)> {
     Some((u64::from(spans), Bytes::from(entry).slice(4..)))
 }
 
-/// `TraceService/Export` over gRPC with the request already encoded.
+/// `TraceService/Export` over gRPC with the request already encoded, and the configured
+/// headers as metadata.
 #[derive(Clone)]
-struct RawTraceClient(tonic::client::Grpc<Channel>);
+struct RawTraceClient {
+    grpc: tonic::client::Grpc<Channel>,
+    headers: Arc<http::HeaderMap>,
+}
 
 impl RawTraceClient {
     async fn export(
         &mut self,
         request: Bytes,
     ) -> Result<ExportTraceServiceResponse, tonic::Status> {
-        self.0
+        self.grpc
             .ready()
             .await
             .map_err(|e| tonic::Status::unavailable(format!("not ready: {e}")))?;
         let path = http::uri::PathAndQuery::from_static(
             "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
         );
-        let response = self
-            .0
-            .unary(tonic::Request::new(request), path, RawCodec)
-            .await?;
+        let mut request = tonic::Request::new(request);
+        *request.metadata_mut() = MetadataMap::from_headers(http::HeaderMap::clone(&self.headers));
+        let response = self.grpc.unary(request, path, RawCodec).await?;
         Ok(response.into_inner())
     }
 }
@@ -346,6 +392,7 @@ impl tonic::codec::Decoder for RawCodec {
 /// OTLP/HTTP with protobuf bodies.
 struct HttpTransport {
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    headers: http::HeaderMap,
     /// The traces path included.
     uri: http::Uri,
     timeout: Duration,
@@ -367,9 +414,10 @@ impl Transport {
                         })?;
                 }
                 let channel = endpoint.connect_lazy();
-                Ok(Transport::Grpc(RawTraceClient(tonic::client::Grpc::new(
-                    channel,
-                ))))
+                Ok(Transport::Grpc(RawTraceClient {
+                    grpc: tonic::client::Grpc::new(channel),
+                    headers: Arc::new(OtlpHeader::map(&config.headers)),
+                }))
             }
             OtlpProtocol::HttpProtobuf => {
                 let mut uri: http::Uri = config.endpoint.parse().map_err(|e| format!("{e}"))?;
@@ -394,6 +442,7 @@ impl Transport {
                     .enable_http1()
                     .wrap_connector(plain);
                 Ok(Transport::Http(Arc::new(HttpTransport {
+                    headers: OtlpHeader::map(&config.headers),
                     client: Client::builder(TokioExecutor::new()).build(connector),
                     uri,
                     timeout: config.timeout,
@@ -421,7 +470,11 @@ impl Transport {
 
 impl HttpTransport {
     async fn send(&self, request: Bytes) -> Delivery {
-        let post = http::Request::post(self.uri.clone())
+        let mut post = http::Request::post(self.uri.clone());
+        if let Some(headers) = post.headers_mut() {
+            headers.extend(self.headers.clone());
+        }
+        let post = post
             .header(http::header::CONTENT_TYPE, "application/x-protobuf")
             .body(Full::new(request));
         let post = match post {

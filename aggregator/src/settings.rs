@@ -15,7 +15,7 @@ use crate::{
     cluster::ClusterConfig,
     config::{self, ConfigError, FileSetting},
     defaults,
-    export::{ExportConfig, ExportTls, OtlpProtocol},
+    export::{ExportConfig, ExportTls, OtlpHeader, OtlpProtocol},
     ingest::IngestLimits,
     metadata::{AttributeNaming, IndexSettings},
     pipeline::{AdminConfig, AggregatorConfig, MetadataConfig, ServerTlsConfig},
@@ -128,6 +128,10 @@ pub struct Settings {
     /// How long one export request may take [export "traces" { otlp = { timeout } }].
     #[arg(long, default_value_t = defaults::OTLP_TIMEOUT.into())]
     pub otlp_timeout: humantime::Duration,
+    /// A header sent with every export request, name=value, comma-separated (a tenant:
+    /// X-Scope-OrgID=dev; an API key) [export "traces" { otlp = { headers = { name = value } } }].
+    #[arg(long = "otlp-header", value_delimiter = ',')]
+    pub otlp_headers: Vec<OtlpHeader>,
     /// The CA (PEM) an https:// endpoint's certificate must chain to, instead of the system's CA
     /// certificates [export "traces" { otlp = { tls = { ca_file } } }].
     #[arg(long)]
@@ -242,6 +246,7 @@ const FILE_KEYS: &[(&str, &str)] = &[
     ("otlp_endpoint", "export.traces.otlp.endpoint"),
     ("otlp_protocol", "export.traces.otlp.protocol"),
     ("otlp_timeout", "export.traces.otlp.timeout"),
+    ("otlp_headers", "export.traces.otlp.headers"),
     ("otlp_ca_file", "export.traces.otlp.tls.ca_file"),
     ("otlp_cert_file", "export.traces.otlp.tls.cert_file"),
     ("otlp_key_file", "export.traces.otlp.tls.key_file"),
@@ -407,6 +412,7 @@ impl Settings {
                 max_backoff: defaults::EXPORT_MAX_BACKOFF,
                 drop_oldest_above_bytes: None,
                 tls: self.export_tls()?,
+                headers: self.otlp_headers.clone(),
             },
             limits: IngestLimits {
                 max_in_flight_batches: self.agents_max_in_flight_batches,
@@ -458,6 +464,8 @@ impl Settings {
                 "endpoint": self.otlp_endpoint,
                 "protocol": self.otlp_protocol.as_str(),
                 "timeout": duration(&self.otlp_timeout),
+                // Names only: the values are often credentials.
+                "headers": self.otlp_headers.iter().map(|h| h.name.as_str()).collect::<Vec<_>>(),
                 "tls": {
                     "ca_file": self.otlp_ca_file.as_ref().map(|p| p.display().to_string()),
                     "cert_file": self.otlp_cert_file.as_ref().map(|p| p.display().to_string()),
@@ -658,6 +666,55 @@ mod tests {
         let help = Settings::command().render_long_help().to_string();
         assert!(help.contains("[default: 3s]"), "{help}");
         assert!(help.contains("[default: 0.0.0.0:4600]"), "{help}");
+    }
+
+    #[test]
+    fn headers_are_a_map_in_the_otlp_block_and_their_values_are_not_shown() {
+        let text = r#"export "traces" {
+  otlp = {
+    endpoint = "http://tempo:4317"
+    headers  = { "X-Scope-OrgID" = "tenant-a", Authorization = "Bearer s3cr3t" }
+  }
+}
+"#;
+        let settings = load_file(text, &[]).unwrap();
+        let headers: Vec<(&str, &[u8])> = settings
+            .otlp_headers
+            .iter()
+            .map(|h| (h.name.as_str(), h.value.as_bytes()))
+            .collect();
+        assert_eq!(
+            headers,
+            [
+                ("x-scope-orgid", b"tenant-a".as_slice()),
+                ("authorization", b"Bearer s3cr3t".as_slice())
+            ]
+        );
+        let json = settings.effective_json().to_string();
+        assert!(
+            json.contains(r#""headers":["x-scope-orgid","authorization"]"#),
+            "{json}"
+        );
+        assert!(!json.contains("s3cr3t"), "{json}");
+
+        assert_eq!(
+            load_file(
+                "export \"traces\" {\n  otlp = {\n    headers = { tenant = 1 }\n  }\n}\n",
+                &[]
+            )
+            .unwrap_err(),
+            "mermin.hcl:3: headers must map names to strings"
+        );
+        let bad = load_file(
+            "export \"traces\" {\n  otlp = {\n    headers = { \"bad name\" = \"x\" }\n  }\n}\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            bad.starts_with("mermin.hcl:3: headers = bad name=x: ")
+                && bad.contains("\"bad name\" is not a header name"),
+            "{bad}"
+        );
     }
 
     #[test]

@@ -12,7 +12,9 @@ use std::{
 
 use actix::Actor;
 use mermin_aggregator::{
-    export::{ExportConfig, ExportTls, Exporter, OtlpProtocol, OutboxChanged, outbox_entry},
+    export::{
+        ExportConfig, ExportTls, Exporter, OtlpHeader, OtlpProtocol, OutboxChanged, outbox_entry,
+    },
     metrics::Metrics,
     store::{SledStore, Store},
 };
@@ -460,4 +462,66 @@ async fn an_endpoint_that_asks_for_a_client_certificate_gets_the_one_given(proto
         1
     );
     tasks.iter().for_each(|task| task.abort());
+}
+
+over_both_protocols!(every_request_carries_the_headers_configured);
+async fn every_request_carries_the_headers_configured(protocol: OtlpProtocol) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let receiver = Receiver::default();
+    let server = serve(receiver.clone(), listener, protocol).await;
+    for names in [&["h1"][..], &["h2"]] {
+        store.outbox_push(&request(names)).await.unwrap();
+    }
+    let headers: Vec<OtlpHeader> = ["X-Scope-OrgID=tenant-a", "Authorization=Bearer s3cr3t"]
+        .iter()
+        .map(|text| text.parse().unwrap())
+        .collect();
+    let _exporter = start_exporter_with(
+        &store,
+        ExportConfig {
+            protocol,
+            headers,
+            ..ExportConfig::new(format!("http://{addr}"))
+        },
+    );
+    drained(&store).await;
+    assert_eq!(receiver.names(), ["h1", "h2"]);
+    let seen: Vec<(String, String)> = receiver
+        .headers
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|headers| {
+            let get = |name: &str| headers.get(name).unwrap().to_str().unwrap().to_owned();
+            (get("x-scope-orgid"), get("authorization"))
+        })
+        .collect();
+    let expected = ("tenant-a".to_owned(), "Bearer s3cr3t".to_owned());
+    assert_eq!(seen, [expected.clone(), expected]);
+    server.abort();
+}
+
+#[test]
+fn a_header_is_name_equals_value_and_its_value_is_not_shown() {
+    let header: OtlpHeader = "X-Scope-OrgID = dev".parse().unwrap();
+    assert_eq!(header.name.as_str(), "x-scope-orgid");
+    assert_eq!(header.value, "dev");
+    assert!(!format!("{header:?}").contains("dev"), "{header:?}");
+    let refused = |text: &str| text.parse::<OtlpHeader>().unwrap_err();
+    assert_eq!(
+        refused("X-Scope-OrgID"),
+        "\"X-Scope-OrgID\" is not name=value"
+    );
+    assert_eq!(refused("bad name=1"), "\"bad name\" is not a header name");
+    assert_eq!(
+        refused("x-trace-bin=AAAA"),
+        "\"x-trace-bin\": binary (-bin) headers are not supported"
+    );
+    assert_eq!(
+        refused("x-key=line\nbreak"),
+        "the value of \"x-key\" is not a header value"
+    );
 }

@@ -29,6 +29,8 @@ pub struct Receiver {
     /// When each accepted request arrived (Unix ns), in the order of `accepted`.
     pub accepted_at: Arc<Mutex<Vec<u64>>>,
     pub script: Arc<Mutex<VecDeque<Answer>>>,
+    /// The headers (gRPC metadata) of each accepted request, in the order of `accepted`.
+    pub headers: Arc<Mutex<Vec<axum::http::HeaderMap>>>,
 }
 
 #[tonic::async_trait]
@@ -42,6 +44,10 @@ impl TraceService for Receiver {
             Some(Err(status)) => Err(status),
             other => {
                 let mut accepted = self.accepted.lock().unwrap();
+                self.headers
+                    .lock()
+                    .unwrap()
+                    .push(request.metadata().clone().into_headers());
                 accepted.push(request.into_inner());
                 self.accepted_at.lock().unwrap().push(
                     std::time::SystemTime::now()
@@ -70,7 +76,7 @@ pub async fn serve(receiver: Receiver, listener: TcpListener) -> tokio::task::Jo
 pub async fn serve_http(receiver: Receiver, listener: TcpListener) -> tokio::task::JoinHandle<()> {
     use axum::{body::Bytes, http::StatusCode, routing::post};
     use prost::Message;
-    let route = post(|body: Bytes| async move {
+    let route = post(|headers: axum::http::HeaderMap, body: Bytes| async move {
         let Ok(request) = ExportTraceServiceRequest::decode(body) else {
             return (
                 StatusCode::BAD_REQUEST,
@@ -88,6 +94,7 @@ pub async fn serve_http(receiver: Receiver, listener: TcpListener) -> tokio::tas
             }
             answer => {
                 receiver.accepted.lock().unwrap().push(request);
+                receiver.headers.lock().unwrap().push(headers);
                 let response = answer.map_or_else(Default::default, Result::unwrap);
                 (StatusCode::OK, response.encode_to_vec())
             }
