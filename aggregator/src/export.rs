@@ -25,15 +25,16 @@
 //!
 //! **TLS.** An `https://` endpoint is reached over TLS with either transport, its certificate
 //! checked against the system's CA certificates, or only against the CA of
-//! [`ExportTls::ca_pem`] when one is given (as the OTLP exporters' `ca_file`); a client
-//! certificate is presented when the endpoint asks for one and [`ExportTls::identity_pem`] is
-//! set (mutual TLS). A refused handshake is a failed attempt like any other: retried, counted,
+//! [`ExportTls::ca_file`] when one is given (as the OTLP exporters' `ca_file`); a client
+//! certificate is presented when the endpoint asks for one and
+//! [`ExportTls::client_cert_and_key`] is set (mutual TLS). The files are read when the exporter
+//! starts; one that cannot be read or parsed stops it with the file named. A refused handshake is a failed attempt like any other: retried, counted,
 //! logged with the reason.
 //!
 //! Span ids are deterministic, so a request delivered twice (an answer lost after the endpoint
 //! stored it) is deduplicated by Tempo.
 
-use std::{sync::Arc, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use actix::{
     Actor, ActorFutureExt, AsyncContext, Context, Handler, Message as ActixMessage, WrapFuture,
@@ -157,26 +158,74 @@ impl std::str::FromStr for OtlpHeader {
     }
 }
 
-/// The PEM files of the exporter's TLS, read (see the module docs). Default: the system's CA
-/// certificates, no client certificate.
+/// The PEM files of the exporter's TLS (see the module docs), read when the exporter starts.
+/// Default: the system's CA certificates, no client certificate.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExportTls {
     /// The CA certificates the endpoint's certificate must chain to, instead of the system's.
-    pub ca_pem: Option<Vec<u8>>,
+    pub ca_file: Option<PathBuf>,
     /// A client certificate chain and its key.
-    pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+    pub client_cert_and_key: Option<(PathBuf, PathBuf)>,
 }
 
 impl ExportTls {
     /// Whether anything is set that only an `https://` endpoint uses.
     pub fn is_set(&self) -> bool {
-        self.ca_pem.is_some() || self.identity_pem.is_some()
+        self.ca_file.is_some() || self.client_cert_and_key.is_some()
     }
 
+    /// Reads the files, checking that each holds what it should (errors name the file).
+    fn read(&self) -> Result<TlsPems, ExportError> {
+        let read = |path: &PathBuf| {
+            std::fs::read(path)
+                .map_err(|e| ExportError::Tls(format!("reading {}: {e}", path.display())))
+        };
+        let certificates = |path: &PathBuf| {
+            let pem = read(path)?;
+            let parsed: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&pem).collect();
+            match parsed {
+                Ok(certs) if !certs.is_empty() => Ok(pem),
+                _ => Err(ExportError::Tls(format!(
+                    "{}: no PEM certificate in it",
+                    path.display()
+                ))),
+            }
+        };
+        let key = |path: &PathBuf| {
+            let pem = read(path)?;
+            match PrivateKeyDer::from_pem_slice(&pem) {
+                Ok(_) => Ok(pem),
+                Err(err) => Err(ExportError::Tls(format!(
+                    "{}: no PEM private key in it ({err})",
+                    path.display()
+                ))),
+            }
+        };
+        Ok(TlsPems {
+            ca: self.ca_file.as_ref().map(certificates).transpose()?,
+            identity: match &self.client_cert_and_key {
+                Some((cert, key_file)) => Some((certificates(cert)?, key(key_file)?)),
+                None => None,
+            },
+        })
+    }
+}
+
+/// [`ExportTls`]'s files, read.
+struct TlsPems {
+    ca: Option<Vec<u8>>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl TlsPems {
     /// The client configuration of the OTLP/HTTP transport.
-    fn rustls_config(&self) -> Result<rustls::ClientConfig, String> {
+    fn rustls_config(&self) -> Result<rustls::ClientConfig, ExportError> {
+        self.build_rustls_config().map_err(ExportError::Tls)
+    }
+
+    fn build_rustls_config(&self) -> Result<rustls::ClientConfig, String> {
         let mut roots = rustls::RootCertStore::empty();
-        match &self.ca_pem {
+        match &self.ca {
             Some(pem) => {
                 for cert in CertificateDer::pem_slice_iter(pem) {
                     let cert = cert.map_err(|e| format!("the CA certificates: {e}"))?;
@@ -198,7 +247,7 @@ impl ExportTls {
             );
         }
         let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
-        match &self.identity_pem {
+        match &self.identity {
             None => Ok(builder.with_no_client_auth()),
             Some((chain, key)) => {
                 let chain = CertificateDer::pem_slice_iter(chain)
@@ -215,11 +264,11 @@ impl ExportTls {
 
     /// The same for tonic's gRPC channel.
     fn tonic_config(&self) -> ClientTlsConfig {
-        let config = match &self.ca_pem {
+        let config = match &self.ca {
             Some(pem) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
             None => ClientTlsConfig::new().with_native_roots(),
         };
-        match &self.identity_pem {
+        match &self.identity {
             Some((chain, key)) => config.identity(Identity::from_pem(chain, key)),
             None => config,
         }
@@ -245,6 +294,9 @@ impl ExportConfig {
 pub enum ExportError {
     #[error("invalid OTLP endpoint {endpoint:?}: {reason}")]
     Endpoint { endpoint: String, reason: String },
+    /// The TLS files of an `https://` endpoint: unreadable, or not what they should hold.
+    #[error("OTLP endpoint TLS: {0}")]
+    Tls(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -399,18 +451,26 @@ struct HttpTransport {
 }
 
 impl Transport {
-    fn new(config: &ExportConfig) -> Result<Self, String> {
+    fn new(config: &ExportConfig) -> Result<Self, ExportError> {
+        let endpoint_error = |reason: String| ExportError::Endpoint {
+            endpoint: config.endpoint.clone(),
+            reason,
+        };
+        let https = config.endpoint.starts_with("https://");
         match config.protocol {
             OtlpProtocol::Grpc => {
                 let mut endpoint = Channel::from_shared(config.endpoint.clone())
-                    .map_err(|e| e.to_string())?
+                    .map_err(|e| endpoint_error(e.to_string()))?
                     .connect_timeout(config.timeout)
                     .timeout(config.timeout);
-                if config.endpoint.starts_with("https://") {
+                if https {
                     endpoint = endpoint
-                        .tls_config(config.tls.tonic_config())
+                        .tls_config(config.tls.read()?.tonic_config())
                         .map_err(|e| {
-                            with_sources(format!("TLS: {e}"), std::error::Error::source(&e))
+                            ExportError::Tls(with_sources(
+                                e.to_string(),
+                                std::error::Error::source(&e),
+                            ))
                         })?;
                 }
                 let channel = endpoint.connect_lazy();
@@ -420,17 +480,20 @@ impl Transport {
                 }))
             }
             OtlpProtocol::HttpProtobuf => {
-                let mut uri: http::Uri = config.endpoint.parse().map_err(|e| format!("{e}"))?;
+                let mut uri: http::Uri = config
+                    .endpoint
+                    .parse()
+                    .map_err(|e| endpoint_error(format!("{e}")))?;
                 if uri.path() == "/" {
                     uri = format!("{}/v1/traces", config.endpoint.trim_end_matches('/'))
                         .parse()
-                        .map_err(|e| format!("{e}"))?;
+                        .map_err(|e| endpoint_error(format!("{e}")))?;
                 }
                 let mut plain = HttpConnector::new();
                 plain.set_connect_timeout(Some(config.timeout));
                 plain.enforce_http(false);
-                let tls = match config.endpoint.starts_with("https://") {
-                    true => config.tls.rustls_config()?,
+                let tls = match https {
+                    true => config.tls.read()?.rustls_config()?,
                     // Not used: the endpoint is plain http.
                     false => rustls::ClientConfig::builder()
                         .with_root_certificates(rustls::RootCertStore::empty())
@@ -559,7 +622,7 @@ impl Exporter {
         }
         Ok(Self {
             store,
-            transport: Transport::new(&config).map_err(endpoint_error)?,
+            transport: Transport::new(&config)?,
             backoff: backoff(&config),
             config,
             metrics,

@@ -129,8 +129,13 @@ pub struct Settings {
     #[arg(long, default_value_t = defaults::OTLP_TIMEOUT.into())]
     pub otlp_timeout: humantime::Duration,
     /// A header sent with every export request, name=value, comma-separated (a tenant:
-    /// X-Scope-OrgID=dev; an API key) [export "traces" { otlp = { headers = { name = value } } }].
-    #[arg(long = "otlp-header", value_delimiter = ',')]
+    /// X-Scope-OrgID=dev; an API key, best from a Secret through the environment): replaces the
+    /// file's [export "traces" { otlp = { headers = { name = value } } }].
+    #[arg(
+        long = "otlp-header",
+        env = "MERMIN_OTLP_HEADERS",
+        value_delimiter = ','
+    )]
     pub otlp_headers: Vec<OtlpHeader>,
     /// The CA (PEM) an https:// endpoint's certificate must chain to, instead of the system's CA
     /// certificates [export "traces" { otlp = { tls = { ca_file } } }].
@@ -343,24 +348,12 @@ impl Settings {
         )?)
     }
 
-    /// The exporter's TLS files, read; only an https:// endpoint takes them.
+    /// The exporter's TLS files; only an https:// endpoint takes them.
     fn export_tls(&self) -> Result<ExportTls, SettingsError> {
-        let read = |path: &PathBuf, key: &str| {
-            std::fs::read(path).map_err(|err| {
-                SettingsError::Tls(format!(
-                    "reading {} (export \"traces\" {{ otlp = {{ tls = {{ {key} }} }} }}): {err}",
-                    path.display()
-                ))
-            })
-        };
         let tls = ExportTls {
-            ca_pem: self
-                .otlp_ca_file
-                .as_ref()
-                .map(|path| read(path, "ca_file"))
-                .transpose()?,
-            identity_pem: match (&self.otlp_cert_file, &self.otlp_key_file) {
-                (Some(cert), Some(key)) => Some((read(cert, "cert_file")?, read(key, "key_file")?)),
+            ca_file: self.otlp_ca_file.clone(),
+            client_cert_and_key: match (&self.otlp_cert_file, &self.otlp_key_file) {
+                (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
                 (None, None) => None,
                 _ => {
                     return Err(SettingsError::Tls(
@@ -718,16 +711,12 @@ mod tests {
     }
 
     #[test]
-    fn an_https_endpoint_s_tls_files_are_read_from_the_otlp_block() {
-        let dir = tempfile::tempdir().unwrap();
+    fn an_https_endpoint_s_tls_files_are_given_in_the_otlp_block() {
         let (ca, cert, key) = (
-            dir.path().join("ca.pem"),
-            dir.path().join("c.pem"),
-            dir.path().join("k.pem"),
+            PathBuf::from("/etc/otlp/ca.pem"),
+            PathBuf::from("/etc/otlp/c.pem"),
+            PathBuf::from("/etc/otlp/k.pem"),
         );
-        for (path, content) in [(&ca, "the CA"), (&cert, "the chain"), (&key, "the key")] {
-            std::fs::write(path, content).unwrap();
-        }
         let text = format!(
             r#"export "traces" {{
   otlp = {{
@@ -744,17 +733,14 @@ tls {{ mode = "disabled" }}
         );
         let settings = load_file(&text, &[]).unwrap();
         let tls = settings.aggregator_config().unwrap().export.tls;
-        assert_eq!(tls.ca_pem.as_deref(), Some(b"the CA".as_slice()));
-        assert_eq!(
-            tls.identity_pem,
-            Some((b"the chain".to_vec(), b"the key".to_vec()))
-        );
+        assert_eq!(tls.ca_file, Some(ca.clone()));
+        assert_eq!(tls.client_cert_and_key, Some((cert.clone(), key)));
         assert_eq!(
             settings.effective_json()["export"]["traces"]["otlp"]["tls"]["ca_file"],
             ca.display().to_string()
         );
 
-        // TLS files for a plaintext endpoint, a file that is not there, half a client identity.
+        // TLS files for a plaintext endpoint, half a client identity.
         let plaintext = Settings::load([
             "mermin-aggregator",
             "--tls-mode=disabled",
@@ -765,17 +751,6 @@ tls {{ mode = "disabled" }}
         assert_eq!(
             plaintext.aggregator_config().unwrap_err().to_string(),
             "the OTLP endpoint http://tempo:4317 is not https://, so its TLS files (--otlp-ca-file, --otlp-cert-file, --otlp-key-file) would not be used; use https:// or leave them out"
-        );
-        let missing = Settings::load([
-            "mermin-aggregator",
-            "--tls-mode=disabled",
-            "--otlp-endpoint=https://tempo:4317",
-            "--otlp-ca-file=/nonexistent/ca.pem",
-        ])
-        .unwrap();
-        assert_eq!(
-            missing.aggregator_config().unwrap_err().to_string(),
-            "reading /nonexistent/ca.pem (export \"traces\" { otlp = { tls = { ca_file } } }): No such file or directory (os error 2)"
         );
         let half = Settings::load([
             "mermin-aggregator",

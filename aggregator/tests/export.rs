@@ -349,6 +349,21 @@ async fn serve_over_tls(
     (format!("https://localhost:{port}"), [server, tls])
 }
 
+/// `pem` written to `name` in `dir`.
+fn pem_file(dir: &tempfile::TempDir, name: &str, pem: String) -> std::path::PathBuf {
+    let path = dir.path().join(name);
+    std::fs::write(&path, pem).unwrap();
+    path
+}
+
+/// Trusting only the CA `ca`, its certificate written in `dir`.
+fn trusting(dir: &tempfile::TempDir, ca: &support::certs::Ca) -> ExportTls {
+    ExportTls {
+        ca_file: Some(pem_file(dir, "ca.pem", ca.pem())),
+        client_cert_and_key: None,
+    }
+}
+
 fn tls_exporter(
     store: &Store,
     endpoint: String,
@@ -388,15 +403,8 @@ async fn an_https_endpoint_is_trusted_through_the_ca_given_and_no_other(protocol
     let store = SledStore::open(dir.path()).unwrap();
     store.outbox_push(&request(&["a1", "a2"])).await.unwrap();
     let other = support::certs::Ca::new("some other CA");
-    let refused = tls_exporter(
-        &store,
-        endpoint.clone(),
-        protocol,
-        ExportTls {
-            ca_pem: Some(other.pem().into_bytes()),
-            identity_pem: None,
-        },
-    );
+    let files = tempfile::tempdir().unwrap();
+    let refused = tls_exporter(&store, endpoint.clone(), protocol, trusting(&files, &other));
     refused_every_time(&refused, &store, &receiver).await;
     drop(store);
 
@@ -405,15 +413,7 @@ async fn an_https_endpoint_is_trusted_through_the_ca_given_and_no_other(protocol
     let store = SledStore::open(dir.path()).unwrap();
     store.outbox_push(&request(&["a1", "a2"])).await.unwrap();
     store.outbox_push(&request(&["b1"])).await.unwrap();
-    let trusted = tls_exporter(
-        &store,
-        endpoint,
-        protocol,
-        ExportTls {
-            ca_pem: Some(ca.pem().into_bytes()),
-            identity_pem: None,
-        },
-    );
+    let trusted = tls_exporter(&store, endpoint, protocol, trusting(&files, &ca));
     drained(&store).await;
     assert_eq!(receiver.names(), ["a1", "a2", "b1"]);
     assert_eq!(
@@ -429,16 +429,13 @@ async fn an_endpoint_that_asks_for_a_client_certificate_gets_the_one_given(proto
     let clients = support::certs::Ca::new("client CA");
     let receiver = Receiver::default();
     let (endpoint, tasks) = serve_over_tls(receiver.clone(), protocol, &ca, Some(&clients)).await;
-    let trusting = || ExportTls {
-        ca_pem: Some(ca.pem().into_bytes()),
-        identity_pem: None,
-    };
+    let files = tempfile::tempdir().unwrap();
 
     // No client certificate: refused, retried, nothing delivered.
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(dir.path()).unwrap();
     store.outbox_push(&request(&["m1"])).await.unwrap();
-    let refused = tls_exporter(&store, endpoint.clone(), protocol, trusting());
+    let refused = tls_exporter(&store, endpoint.clone(), protocol, trusting(&files, &ca));
     refused_every_time(&refused, &store, &receiver).await;
     drop(store);
 
@@ -451,8 +448,11 @@ async fn an_endpoint_that_asks_for_a_client_certificate_gets_the_one_given(proto
         endpoint,
         protocol,
         ExportTls {
-            identity_pem: Some((cert.into_bytes(), key.into_bytes())),
-            ..trusting()
+            client_cert_and_key: Some((
+                pem_file(&files, "client.pem", cert),
+                pem_file(&files, "client.key", key),
+            )),
+            ..trusting(&files, &ca)
         },
     );
     drained(&store).await;
@@ -502,6 +502,58 @@ async fn every_request_carries_the_headers_configured(protocol: OtlpProtocol) {
     let expected = ("tenant-a".to_owned(), "Bearer s3cr3t".to_owned());
     assert_eq!(seen, [expected.clone(), expected]);
     server.abort();
+}
+
+#[actix::test]
+async fn tls_files_that_cannot_be_read_or_parsed_stop_the_exporter_with_the_file_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let not_pem = pem_file(&dir, "not.pem", "not a certificate".into());
+    for protocol in [OtlpProtocol::Grpc, OtlpProtocol::HttpProtobuf] {
+        let start = |tls: ExportTls| {
+            let config = ExportConfig {
+                protocol,
+                tls,
+                ..ExportConfig::new("https://localhost:4317")
+            };
+            Exporter::new(store.clone(), config, Arc::new(Metrics::new()))
+                .err()
+                .unwrap()
+                .to_string()
+        };
+        let missing = start(ExportTls {
+            ca_file: Some("/nonexistent/ca.pem".into()),
+            client_cert_and_key: None,
+        });
+        assert_eq!(
+            missing,
+            "OTLP endpoint TLS: reading /nonexistent/ca.pem: No such file or directory (os error 2)"
+        );
+        let not_a_certificate = start(ExportTls {
+            ca_file: None,
+            client_cert_and_key: Some((not_pem.clone(), not_pem.clone())),
+        });
+        assert_eq!(
+            not_a_certificate,
+            format!(
+                "OTLP endpoint TLS: {}: no PEM certificate in it",
+                not_pem.display()
+            )
+        );
+        let (cert, _) = support::certs::Ca::new("client CA").issue(false);
+        let cert = pem_file(&dir, "client.pem", cert);
+        let not_a_key = start(ExportTls {
+            ca_file: None,
+            client_cert_and_key: Some((cert, not_pem.clone())),
+        });
+        assert_eq!(
+            not_a_key,
+            format!(
+                "OTLP endpoint TLS: {}: no PEM private key in it (no items found)",
+                not_pem.display()
+            )
+        );
+    }
 }
 
 #[test]

@@ -125,6 +125,24 @@ def test_every_config_value_reaches_the_aggregator(tmp_path):
     assert subset(settings, expected) == expected
 
 
+def test_export_headers_and_tls_files_reach_the_aggregator(tmp_path):
+    values = {"aggregator": {"config": {"export": {"otlp": {
+        "endpoint": "https://otlp.example.com:443",
+        "headers": {"X-Scope-OrgID": "tenant-a"},
+        "tls": {"secretName": "otlp-ca", "clientCertificate": True},
+    }}}}}
+    otlp = effective(Rendered(values).hcl(), tmp_path)["export"]["traces"]["otlp"]
+    assert otlp["headers"] == ["x-scope-orgid"]
+    assert otlp["tls"] == {
+        "ca_file": "/etc/mermin/tls/otlp/ca.crt",
+        "cert_file": "/etc/mermin/tls/otlp/tls.crt",
+        "key_file": "/etc/mermin/tls/otlp/tls.key",
+    }
+    # The Secret's headers, in the environment, replace the file's.
+    secret = effective(Rendered(values).hcl(), tmp_path, {"MERMIN_OTLP_HEADERS": "Authorization=Bearer x,X-Scope-OrgID=b"})
+    assert secret["export"]["traces"]["otlp"]["headers"] == ["authorization", "x-scope-orgid"]
+
+
 def test_the_checker_refuses_an_unknown_key_with_file_and_line(rendered, tmp_path):
     path = tmp_path / "mermin.hcl"
     path.write_text(rendered["defaults"].hcl() + 'peers = "a,b"\n')

@@ -34,6 +34,8 @@ def test_lint_strict_has_no_errors_or_warnings(case):
         ({"aggregator": {"config": {"settle": "3 seconds"}}}, "settle"),
         ({"tempo": {"storage": {"backend": "minio"}}}, "backend"),
         ({"agent": {"capabilities": ["SYS_ADMIN"]}}, "additional properties 'capabilities'"),
+        ({"aggregator": {"config": {"export": {"otlp": {"headers": {"X-Tenant": 7}}}}}}, "headers"),
+        ({"aggregator": {"config": {"export": {"otlp": {"tls": {"caFile": "/ca.pem"}}}}}}, "additional properties 'caFile'"),
     ],
 )
 def test_schema_rejects_unknown_keys_and_bad_values(values, where):
@@ -225,15 +227,36 @@ def test_tls_without_cert_manager_uses_given_secrets():
 
 
 def test_otlp_endpoint_defaults_to_the_charts_tempo_and_is_required_without_it(rendered):
-    assert 'endpoint = "http://mermin-tempo.observability.svc:4317" protocol = "grpc"' in rendered["defaults"].hcl()
+    hcl = rendered["defaults"].hcl()
+    assert 'endpoint = "http://mermin-tempo.observability.svc:4317"\n    protocol = "grpc"\n' in hcl
+    assert "headers" not in hcl and "/etc/mermin/tls/otlp" not in hcl
     http = Rendered({"aggregator": {"config": {"export": {"otlp": {"protocol": "http/protobuf"}}}}})
-    assert 'endpoint = "http://mermin-tempo.observability.svc:4318" protocol = "http/protobuf"' in http.hcl()
+    assert 'endpoint = "http://mermin-tempo.observability.svc:4318"\n    protocol = "http/protobuf"\n' in http.hcl()
     with pytest.raises(helm.HelmError) as err:
         render_raw({"tempo": {"enabled": False}})
     assert "aggregator.config.export.otlp.endpoint is required" in str(err.value)
     own = Rendered({"tempo": {"enabled": False}, "aggregator": {"config": {"export": {"otlp": {"endpoint": "http://collector:4317"}}}}})
     assert 'endpoint = "http://collector:4317"' in own.hcl()
     assert ("StatefulSet", "mermin-tempo") not in own.names()
+
+
+def test_export_tls_and_headers_keep_secrets_out_of_the_configmap(rendered):
+    r = Rendered({"aggregator": {"config": {"export": {"otlp": {
+        "endpoint": "https://otlp.example.com:443",
+        "headers": {"X-Scope-OrgID": "tenant-a", "X-Team": "net"},
+        "headersSecret": "otlp-auth",
+        "tls": {"secretName": "otlp-ca", "clientCertificate": True},
+    }}}}})
+    assert 'headers  = { "X-Scope-OrgID" = "tenant-a", "X-Team" = "net" }' in r.hcl()
+    assert 'ca_file   = "/etc/mermin/tls/otlp/ca.crt"' in r.hcl()
+    sts = r.get("StatefulSet", "mermin-aggregator")
+    c = container(sts, "aggregator")
+    assert {"name": "tls-otlp", "mountPath": "/etc/mermin/tls/otlp", "readOnly": True} in c["volumeMounts"]
+    assert {"name": "tls-otlp", "secret": {"secretName": "otlp-ca"}} in sts["spec"]["template"]["spec"]["volumes"]
+    assert env(c)["MERMIN_OTLP_HEADERS"] == {"secretKeyRef": {"name": "otlp-auth", "key": "headers"}}
+    default = container(rendered["defaults"].get("StatefulSet", "mermin-aggregator"), "aggregator")
+    assert "MERMIN_OTLP_HEADERS" not in env(default)
+    assert all(m["name"] != "tls-otlp" for m in default["volumeMounts"])
 
 
 def test_notes_print_the_working_first_query(rendered):
