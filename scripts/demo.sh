@@ -6,8 +6,9 @@
 #
 # Spans go to MERMIN_OTLP_ENDPOINT (e.g. http://tempo:4317, or an https:// endpoint) if set;
 # otherwise to a small OTLP receiver started here that prints them. MERMIN_OTLP_PROTOCOL and
-# MERMIN_OTLP_HEADERS (name=value,...: a tenant, an API key) reach the aggregator as they are. The pods get names from scripts/demo-endpoints.hcl (a
-# static metadata file standing in for the Kubernetes API). Everything the demo creates is removed
+# MERMIN_OTLP_HEADERS (name=value,...: a tenant, an API key) reach the aggregator as they are.
+# The pods get names from scripts/demo-endpoints.hcl (a static metadata file standing in for
+# the Kubernetes API). Everything the demo creates is removed
 # on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."

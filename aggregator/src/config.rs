@@ -213,19 +213,32 @@ impl Walk<'_> {
             }
             // A map of strings (`headers = { "X-Scope-OrgID" = "dev" }`): `name=value`s.
             Expression::Object(object) => {
-                let entries: Option<Vec<String>> = object
+                let entries: Option<Vec<(&str, &str)>> = object
                     .iter()
                     .map(|(name, value)| {
                         let name = match name {
                             ObjectKey::Ident(ident) => ident.as_str(),
                             ObjectKey::Expression(expr) => crate::hcl::string(expr)?,
                         };
-                        Some(format!("{name}={}", crate::hcl::string(value.expr())?))
+                        Some((name, crate::hcl::string(value.expr())?))
                     })
                     .collect();
                 let entries = entries.ok_or_else(|| {
                     self.error(offset, format!("{key} must map names to strings"))
                 })?;
+                // The entries travel joined by commas (as a list does).
+                if let Some((name, _)) = entries.iter().find(|(_, value)| value.contains(',')) {
+                    return Err(self.error(
+                        offset,
+                        format!(
+                            "{key}: the value of {name:?} holds a comma, which a map value cannot"
+                        ),
+                    ));
+                }
+                let entries: Vec<String> = entries
+                    .iter()
+                    .map(|(name, value)| format!("{name}={value}"))
+                    .collect();
                 (entries.join(","), false)
             }
             _ => {

@@ -28,8 +28,12 @@
 //! [`ExportTls::ca_file`] when one is given (as the OTLP exporters' `ca_file`); a client
 //! certificate is presented when the endpoint asks for one and
 //! [`ExportTls::client_cert_and_key`] is set (mutual TLS). The files are read when the exporter
-//! starts; one that cannot be read or parsed stops it with the file named. A refused handshake is a failed attempt like any other: retried, counted,
-//! logged with the reason.
+//! starts; one that cannot be read or parsed stops it with the file named (they are not read
+//! again: a renewed client certificate takes a restart). A refused handshake is a failed
+//! attempt like any other: retried, counted, logged with the reason.
+//!
+//! **Headers** ([`OtlpHeader`]) go with every request, as gRPC metadata or HTTP headers; their
+//! values are marked sensitive and never shown.
 //!
 //! Span ids are deterministic, so a request delivered twice (an answer lost after the endpoint
 //! stored it) is deduplicated by Tempo.
@@ -119,6 +123,9 @@ pub struct ExportConfig {
     pub headers: Vec<OtlpHeader>,
 }
 
+/// Headers the transports set themselves.
+const RESERVED_HEADERS: &[&str] = &["content-type", "content-length", "te", "host", "user-agent"];
+
 /// One header of every export request, `name=value` as the command line and the file give it
 /// (`X-Scope-OrgID=dev`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,15 +146,21 @@ impl OtlpHeader {
 impl std::str::FromStr for OtlpHeader {
     type Err = String;
 
+    /// Errors never repeat the value (often a credential), nor the text when it has no `=`.
     fn from_str(text: &str) -> Result<Self, String> {
-        let (name, value) = text
-            .split_once('=')
-            .ok_or_else(|| format!("{text:?} is not name=value"))?;
+        let (name, value) = text.split_once('=').ok_or_else(|| {
+            "a header is name=value, and one given has no `=` (not shown: it may hold a credential)"
+                .to_owned()
+        })?;
         let name = http::HeaderName::from_bytes(name.trim().as_bytes())
             .map_err(|_| format!("{name:?} is not a header name"))?;
         // gRPC metadata: names ending in -bin carry binary values, and these are text.
         if name.as_str().ends_with("-bin") {
             return Err(format!("{name:?}: binary (-bin) headers are not supported"));
+        }
+        // What the transports set themselves (tonic would drop them silently).
+        if RESERVED_HEADERS.contains(&name.as_str()) || name.as_str().starts_with("grpc-") {
+            return Err(format!("{name:?} is set by the exporter itself"));
         }
         let mut value = http::HeaderValue::from_str(value.trim())
             .map_err(|_| format!("the value of {name:?} is not a header value"))?;

@@ -115,13 +115,13 @@ pub enum StartError {
 }
 
 impl StartError {
-    /// The process exit code for this failure: 2 for configuration (a bad endpoint, a bad
-    /// metadata file), 3 for the environment (a port taken or not permitted, a data directory
+    /// The process exit code for this failure: 2 for configuration (a bad endpoint or its TLS
+    /// files, a bad metadata file), 3 for the environment (a port taken or not permitted, a data directory
     /// that cannot be opened), 1 for anything else.
     pub fn exit_code(&self) -> u8 {
         match self {
             StartError::MetadataFile(_)
-            | StartError::Export(ExportError::Endpoint { .. })
+            | StartError::Export(ExportError::Endpoint { .. } | ExportError::Tls(_))
             | StartError::Tls(_) => 2,
             StartError::Bind { .. } | StartError::Store(StoreError::Open { .. }) => 3,
             _ => 1,

@@ -134,9 +134,10 @@ pub struct Settings {
     #[arg(
         long = "otlp-header",
         env = "MERMIN_OTLP_HEADERS",
-        value_delimiter = ','
+        value_delimiter = ',',
+        hide_env_values = true
     )]
-    pub otlp_headers: Vec<OtlpHeader>,
+    pub otlp_headers: Vec<String>,
     /// The CA (PEM) an https:// endpoint's certificate must chain to, instead of the system's CA
     /// certificates [export "traces" { otlp = { tls = { ca_file } } }].
     #[arg(long)]
@@ -298,6 +299,8 @@ pub enum SettingsError {
     File(#[from] ConfigError),
     #[error("{0}")]
     Tls(String),
+    #[error("{0}")]
+    Export(String),
 }
 
 impl Settings {
@@ -346,6 +349,21 @@ impl Settings {
         Ok(Self::from_arg_matches(
             &Self::command().try_get_matches_from(merged)?,
         )?)
+    }
+
+    /// The export headers, checked here rather than by the argument parser, whose errors would
+    /// repeat the value (often a credential).
+    fn export_headers(&self) -> Result<Vec<OtlpHeader>, SettingsError> {
+        self.otlp_headers
+            .iter()
+            .map(|text| {
+                text.parse().map_err(|why| {
+                    SettingsError::Export(format!(
+                        "an OTLP header (--otlp-header, MERMIN_OTLP_HEADERS, export \"traces\" {{ otlp = {{ headers }} }}): {why}"
+                    ))
+                })
+            })
+            .collect()
     }
 
     /// The exporter's TLS files; only an https:// endpoint takes them.
@@ -405,7 +423,7 @@ impl Settings {
                 max_backoff: defaults::EXPORT_MAX_BACKOFF,
                 drop_oldest_above_bytes: None,
                 tls: self.export_tls()?,
-                headers: self.otlp_headers.clone(),
+                headers: self.export_headers()?,
             },
             limits: IngestLimits {
                 max_in_flight_batches: self.agents_max_in_flight_batches,
@@ -458,7 +476,7 @@ impl Settings {
                 "protocol": self.otlp_protocol.as_str(),
                 "timeout": duration(&self.otlp_timeout),
                 // Names only: the values are often credentials.
-                "headers": self.otlp_headers.iter().map(|h| h.name.as_str()).collect::<Vec<_>>(),
+                "headers": self.otlp_headers.iter().map(|h| header_name(h)).collect::<Vec<_>>(),
                 "tls": {
                     "ca_file": self.otlp_ca_file.as_ref().map(|p| p.display().to_string()),
                     "cert_file": self.otlp_cert_file.as_ref().map(|p| p.display().to_string()),
@@ -589,6 +607,14 @@ fn clap_reason(err: &clap::Error) -> String {
     first.trim_start_matches("error: ").to_owned()
 }
 
+/// The name of the export header `text` (`name=value`), as sent: lower case.
+fn header_name(text: &str) -> String {
+    text.split_once('=')
+        .map_or("", |(name, _)| name)
+        .trim()
+        .to_ascii_lowercase()
+}
+
 /// `--otlp-endpoint`: an http:// or https:// URL.
 /// A replica's ordinal: a number, or a StatefulSet pod name ending in `-<ordinal>`.
 fn replica_ordinal(text: &str) -> Result<u32, String> {
@@ -669,10 +695,12 @@ mod tests {
     headers  = { "X-Scope-OrgID" = "tenant-a", Authorization = "Bearer s3cr3t" }
   }
 }
+tls { mode = "disabled" }
 "#;
         let settings = load_file(text, &[]).unwrap();
-        let headers: Vec<(&str, &[u8])> = settings
-            .otlp_headers
+        let export = settings.aggregator_config().unwrap().export;
+        let headers: Vec<(&str, &[u8])> = export
+            .headers
             .iter()
             .map(|h| (h.name.as_str(), h.value.as_bytes()))
             .collect();
@@ -698,15 +726,22 @@ mod tests {
             .unwrap_err(),
             "mermin.hcl:3: headers must map names to strings"
         );
+        assert_eq!(
+            load_file(
+                "export \"traces\" {\n  otlp = {\n    headers = { a = \"b,c\" }\n  }\n}\n",
+                &[]
+            )
+            .unwrap_err(),
+            "mermin.hcl:3: headers: the value of \"a\" holds a comma, which a map value cannot"
+        );
         let bad = load_file(
-            "export \"traces\" {\n  otlp = {\n    headers = { \"bad name\" = \"x\" }\n  }\n}\n",
+            "export \"traces\" {\n  otlp = {\n    headers = { \"bad name\" = \"s3cr3t\" }\n  }\n}\ntls { mode = \"disabled\" }\n",
             &[],
         )
-        .unwrap_err();
-        assert!(
-            bad.starts_with("mermin.hcl:3: headers = bad name=x: ")
-                && bad.contains("\"bad name\" is not a header name"),
-            "{bad}"
+        .unwrap();
+        assert_eq!(
+            bad.aggregator_config().unwrap_err().to_string(),
+            "an OTLP header (--otlp-header, MERMIN_OTLP_HEADERS, export \"traces\" { otlp = { headers } }): \"bad name\" is not a header name"
         );
     }
 

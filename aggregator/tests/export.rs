@@ -564,8 +564,16 @@ fn a_header_is_name_equals_value_and_its_value_is_not_shown() {
     assert!(!format!("{header:?}").contains("dev"), "{header:?}");
     let refused = |text: &str| text.parse::<OtlpHeader>().unwrap_err();
     assert_eq!(
-        refused("X-Scope-OrgID"),
-        "\"X-Scope-OrgID\" is not name=value"
+        refused("Authorization: Bearer s3cr3t"),
+        "a header is name=value, and one given has no `=` (not shown: it may hold a credential)"
+    );
+    assert_eq!(
+        refused("Content-Type=text/plain"),
+        "\"content-type\" is set by the exporter itself"
+    );
+    assert_eq!(
+        refused("grpc-timeout=1S"),
+        "\"grpc-timeout\" is set by the exporter itself"
     );
     assert_eq!(refused("bad name=1"), "\"bad name\" is not a header name");
     assert_eq!(

@@ -139,8 +139,12 @@ def test_export_headers_and_tls_files_reach_the_aggregator(tmp_path):
         "key_file": "/etc/mermin/tls/otlp/tls.key",
     }
     # The Secret's headers, in the environment, replace the file's.
-    secret = effective(Rendered(values).hcl(), tmp_path, {"MERMIN_OTLP_HEADERS": "Authorization=Bearer x,X-Scope-OrgID=b"})
+    secret = effective(Rendered(values).hcl(), tmp_path, {"MERMIN_OTLP_HEADERS": "Authorization=Bearer s3cr3t,X-Scope-OrgID=b"})
     assert secret["export"]["traces"]["otlp"]["headers"] == ["authorization", "x-scope-orgid"]
+    assert "s3cr3t" not in json.dumps(secret)
+    # A value HCL would read as a template reaches the aggregator as written.
+    template = {"aggregator": {"config": {"export": {"otlp": {"headers": {"X-Note": "${x}"}}}}}}
+    assert effective(Rendered(template).hcl(), tmp_path)["export"]["traces"]["otlp"]["headers"] == ["x-note"]
 
 
 def test_the_checker_refuses_an_unknown_key_with_file_and_line(rendered, tmp_path):

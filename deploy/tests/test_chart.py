@@ -254,6 +254,18 @@ def test_export_tls_and_headers_keep_secrets_out_of_the_configmap(rendered):
     assert {"name": "tls-otlp", "mountPath": "/etc/mermin/tls/otlp", "readOnly": True} in c["volumeMounts"]
     assert {"name": "tls-otlp", "secret": {"secretName": "otlp-ca"}} in sts["spec"]["template"]["spec"]["volumes"]
     assert env(c)["MERMIN_OTLP_HEADERS"] == {"secretKeyRef": {"name": "otlp-auth", "key": "headers"}}
+    # A client certificate with the system's CA certificates; a value HCL would read as a template.
+    system = Rendered({"aggregator": {"config": {"export": {"otlp": {
+        "endpoint": "https://otlp.example.com:443",
+        "headers": {"X-Note": "${not} %{a template}"},
+        "tls": {"secretName": "otlp-client", "caCertificate": False, "clientCertificate": True},
+    }}}}})
+    assert "ca_file" not in system.hcl().split("replication {")[0]
+    assert 'cert_file = "/etc/mermin/tls/otlp/tls.crt"' in system.hcl()
+    assert '"X-Note" = "$${not} %%{a template}"' in system.hcl()
+    with pytest.raises(helm.HelmError) as err:
+        render_raw({"aggregator": {"config": {"export": {"otlp": {"tls": {"secretName": "otlp-ca"}}}}}})
+    assert "tls.secretName is set but the endpoint is not https://" in str(err.value)
     default = container(rendered["defaults"].get("StatefulSet", "mermin-aggregator"), "aggregator")
     assert "MERMIN_OTLP_HEADERS" not in env(default)
     assert all(m["name"] != "tls-otlp" for m in default["volumeMounts"])

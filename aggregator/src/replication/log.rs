@@ -39,8 +39,8 @@ const LAST_PURGED: &[u8] = b"last_purged";
 /// The tag of an entry kept in the tree; a pointer into the value log starts with 0.
 const INLINE: u8 = 1;
 
-/// Entries up to this size (encoded) stay in the tree: votes, membership changes, placement
-/// moves, outbox removals.
+/// Entries up to this size (encoded) stay in the tree: blank and membership entries, placement
+/// moves, agent binds, outbox removals.
 pub(super) const INLINE_MAX: usize = 1024;
 
 /// One group's Raft log (see the module docs). Cloning shares the trees and the value log.

@@ -6,7 +6,8 @@
 //! (every replica a voter; its state machine is the shard map: which replica leads which shard,
 //! with an epoch per shard) and one store group whose log carries every write of the storage
 //! seam (a group per shard is the next step; ARCHITECTURE.md says why not yet).
-//! - `log`: the Raft log of any group, in sled ([`log::SledLog`]).
+//! - `log`: the Raft log of any group, in sled, large entries in a value log
+//!   ([`log::SledLog`]).
 //! - `placement`: the membership and placement state machine and how shards are spread.
 //! - `store`: the store group's state machine, and the storage seam on it
 //!   ([`store::ReplicatedStore`]: writes committed on a quorum, reads local); `snapshot`, its

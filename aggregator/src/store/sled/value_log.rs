@@ -9,7 +9,7 @@
 //! checkpoints (export requests), from appends (batches), and from *removing* applied batches.
 //! Here a value is written once, with one `pwrite`, and dropped with its whole segment.
 //!
-//! - **Layout.** `values/<id>.seg`, ids rising; a segment is only appended to by the process
+//! - **Layout.** `values/<id>.seg` (a Raft log's: `log-values/<group>/<id>.seg`), ids rising; a segment is only appended to by the process
 //!   that created it (a restart starts a new one), and sealed at [`SEGMENT_BYTES`]. Beside
 //!   them `values/reserve`: space held back for getting out of a full disk
 //!   ([`ValueLog::release_reserve`]).

@@ -94,7 +94,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
 {{/* A string as an HCL string literal (JSON's escaping is a subset HCL accepts). */}}
-{{- define "mermin.hclString" -}}{{ toJson (toString .) }}{{- end -}}
+{{- define "mermin.hclString" -}}{{ toJson (toString . | replace "${" "$${" | replace "%{" "%%{") }}{{- end -}}
 
 {{/* The TLS Secret of one kind (admin, agent, peer): the value, or <fullname>-<kind>-tls. */}}
 {{- define "mermin.tls.secretName" -}}
