@@ -328,14 +328,42 @@ async fn an_idle_exporter_delivers_when_told_the_outbox_changed() {
     server.abort();
 }
 
+/// A receiver behind a TLS front on loopback (see [`serve_over_tls`]).
+struct TlsEndpoint {
+    /// The https:// endpoint to reach it.
+    url: String,
+    /// What each connection's TLS handshake agreed on (ALPN).
+    negotiated: support::otlp::Negotiated,
+    tasks: [tokio::task::JoinHandle<()>; 2],
+}
+
+impl TlsEndpoint {
+    /// Checks that every connection agreed on the application protocol of `protocol` (gRPC
+    /// needs HTTP/2; OTLP/HTTP speaks HTTP/1.1, for which hyper-rustls offers no ALPN), then
+    /// stops the receiver and the front.
+    fn check_alpn_and_stop(self, protocol: OtlpProtocol) {
+        let expected: &[u8] = match protocol {
+            OtlpProtocol::Grpc => b"h2",
+            OtlpProtocol::HttpProtobuf => b"",
+        };
+        let negotiated = self.negotiated.lock().unwrap().clone();
+        assert!(!negotiated.is_empty(), "no connection got through");
+        assert!(
+            negotiated.iter().all(|alpn| alpn == expected),
+            "{negotiated:?}"
+        );
+        self.tasks.iter().for_each(|task| task.abort());
+    }
+}
+
 /// A receiver behind a TLS front on loopback, its certificate for `localhost` signed by `ca`,
-/// asking for a client certificate of `client_ca` if given; the https:// endpoint to reach it.
+/// asking for a client certificate of `client_ca` if given.
 async fn serve_over_tls(
     receiver: Receiver,
     protocol: OtlpProtocol,
     ca: &support::certs::Ca,
     client_ca: Option<&support::certs::Ca>,
-) -> (String, [tokio::task::JoinHandle<()>; 2]) {
+) -> TlsEndpoint {
     let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let backend_addr = backend.local_addr().unwrap();
     let server = serve(receiver, backend, protocol).await;
@@ -343,10 +371,21 @@ async fn serve_over_tls(
     let port = front.local_addr().unwrap().port();
     let (cert, key) = ca.issue(false);
     let client_ca = client_ca.map(support::certs::Ca::pem);
-    let tls =
-        support::otlp::serve_tls_front(front, backend_addr, &cert, &key, client_ca.as_deref())
-            .await;
-    (format!("https://localhost:{port}"), [server, tls])
+    let negotiated = support::otlp::Negotiated::default();
+    let tls = support::otlp::serve_tls_front(
+        front,
+        backend_addr,
+        &cert,
+        &key,
+        client_ca.as_deref(),
+        negotiated.clone(),
+    )
+    .await;
+    TlsEndpoint {
+        url: format!("https://localhost:{port}"),
+        negotiated,
+        tasks: [server, tls],
+    }
 }
 
 /// `pem` written to `name` in `dir`.
@@ -396,7 +435,7 @@ over_both_protocols!(an_https_endpoint_is_trusted_through_the_ca_given_and_no_ot
 async fn an_https_endpoint_is_trusted_through_the_ca_given_and_no_other(protocol: OtlpProtocol) {
     let ca = support::certs::Ca::new("endpoint CA");
     let receiver = Receiver::default();
-    let (endpoint, tasks) = serve_over_tls(receiver.clone(), protocol, &ca, None).await;
+    let endpoint = serve_over_tls(receiver.clone(), protocol, &ca, None).await;
 
     // Another CA: every handshake is refused, retried, and nothing leaves the outbox.
     let dir = tempfile::tempdir().unwrap();
@@ -404,7 +443,12 @@ async fn an_https_endpoint_is_trusted_through_the_ca_given_and_no_other(protocol
     store.outbox_push(&request(&["a1", "a2"])).await.unwrap();
     let other = support::certs::Ca::new("some other CA");
     let files = tempfile::tempdir().unwrap();
-    let refused = tls_exporter(&store, endpoint.clone(), protocol, trusting(&files, &other));
+    let refused = tls_exporter(
+        &store,
+        endpoint.url.clone(),
+        protocol,
+        trusting(&files, &other),
+    );
     refused_every_time(&refused, &store, &receiver).await;
     drop(store);
 
@@ -413,14 +457,19 @@ async fn an_https_endpoint_is_trusted_through_the_ca_given_and_no_other(protocol
     let store = SledStore::open(dir.path()).unwrap();
     store.outbox_push(&request(&["a1", "a2"])).await.unwrap();
     store.outbox_push(&request(&["b1"])).await.unwrap();
-    let trusted = tls_exporter(&store, endpoint, protocol, trusting(&files, &ca));
+    let trusted = tls_exporter(
+        &store,
+        endpoint.url.clone(),
+        protocol,
+        trusting(&files, &ca),
+    );
     drained(&store).await;
     assert_eq!(receiver.names(), ["a1", "a2", "b1"]);
     assert_eq!(
         metric(&trusted.metrics, "mermin_aggregator_spans_exported_total"),
         3
     );
-    tasks.iter().for_each(|task| task.abort());
+    endpoint.check_alpn_and_stop(protocol);
 }
 
 over_both_protocols!(an_endpoint_that_asks_for_a_client_certificate_gets_the_one_given);
@@ -428,14 +477,19 @@ async fn an_endpoint_that_asks_for_a_client_certificate_gets_the_one_given(proto
     let ca = support::certs::Ca::new("endpoint CA");
     let clients = support::certs::Ca::new("client CA");
     let receiver = Receiver::default();
-    let (endpoint, tasks) = serve_over_tls(receiver.clone(), protocol, &ca, Some(&clients)).await;
+    let endpoint = serve_over_tls(receiver.clone(), protocol, &ca, Some(&clients)).await;
     let files = tempfile::tempdir().unwrap();
 
     // No client certificate: refused, retried, nothing delivered.
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(dir.path()).unwrap();
     store.outbox_push(&request(&["m1"])).await.unwrap();
-    let refused = tls_exporter(&store, endpoint.clone(), protocol, trusting(&files, &ca));
+    let refused = tls_exporter(
+        &store,
+        endpoint.url.clone(),
+        protocol,
+        trusting(&files, &ca),
+    );
     refused_every_time(&refused, &store, &receiver).await;
     drop(store);
 
@@ -445,7 +499,7 @@ async fn an_endpoint_that_asks_for_a_client_certificate_gets_the_one_given(proto
     let (cert, key) = clients.issue_for(&["mermin-aggregator"], false);
     let exporter = tls_exporter(
         &store,
-        endpoint,
+        endpoint.url.clone(),
         protocol,
         ExportTls {
             client_cert_and_key: Some((
@@ -461,7 +515,7 @@ async fn an_endpoint_that_asks_for_a_client_certificate_gets_the_one_given(proto
         metric(&exporter.metrics, "mermin_aggregator_spans_exported_total"),
         1
     );
-    tasks.iter().for_each(|task| task.abort());
+    endpoint.check_alpn_and_stop(protocol);
 }
 
 over_both_protocols!(every_request_carries_the_headers_configured);

@@ -169,17 +169,22 @@ pub fn int(span: &Span, key: &str) -> i64 {
     }
 }
 
+/// The application protocols (ALPN) that connections through a TLS front agreed on, in order
+/// (empty: none).
+pub type Negotiated = Arc<Mutex<Vec<Vec<u8>>>>;
+
 /// Terminates TLS for the plaintext receiver at `backend`: every connection accepted on
 /// `listener` is handshaken with `cert_pem` / `key_pem` (ALPN `h2` and `http/1.1`, so gRPC and
-/// OTLP/HTTP clients both get on), asking for a client certificate that chains to
-/// `client_ca_pem` if one is given, then relayed byte for byte. A refused handshake closes the
-/// connection.
+/// OTLP/HTTP clients both get on; what each agreed goes to `negotiated`), asking for a client
+/// certificate that chains to `client_ca_pem` if one is given, then relayed byte for byte. A
+/// refused handshake closes the connection.
 pub async fn serve_tls_front(
     listener: TcpListener,
     backend: std::net::SocketAddr,
     cert_pem: &str,
     key_pem: &str,
     client_ca_pem: Option<&str>,
+    negotiated: Negotiated,
 ) -> tokio::task::JoinHandle<()> {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
@@ -209,10 +214,13 @@ pub async fn serve_tls_front(
                 return;
             };
             let acceptor = acceptor.clone();
+            let negotiated = negotiated.clone();
             tokio::spawn(async move {
                 let Ok(mut tls) = acceptor.accept(tcp).await else {
                     return;
                 };
+                let alpn = tls.get_ref().1.alpn_protocol().unwrap_or_default().to_vec();
+                negotiated.lock().unwrap().push(alpn);
                 let Ok(mut plain) = tokio::net::TcpStream::connect(backend).await else {
                     return;
                 };

@@ -519,6 +519,10 @@ mod tests {
         drop(old);
         let mut log = SledLog::<StoreGroup>::open(&db, "store").unwrap();
         assert_eq!(read_all(&mut log).await, written);
+        let tags: Vec<u8> = (1..=2u64)
+            .map(|index| log.entries.get(index.to_be_bytes()).unwrap().unwrap()[0])
+            .collect();
+        assert_eq!(tags, [INLINE, 0], "the large entry moved to the value log");
         assert!(
             !db.tree_names()
                 .iter()
