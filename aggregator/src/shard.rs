@@ -35,7 +35,7 @@ use crate::{
     clock::unix_now,
     connection_key::ConnectionKey,
     export::OutboxChanged,
-    flow_table::{Emitted, EndNodes, FlowTable},
+    flow_table::{Emitted, EndNodes, EndPlace, FlowTable, ends_reported},
     ingest::{AppliedBatch, BatchSink, SinkClosed},
     metadata::{AttributeNaming, MetadataIndex, SharedIndex},
     metrics::{Metrics, ShardLabel},
@@ -43,13 +43,13 @@ use crate::{
     observe::{ObserveHub, observed},
     otlp_wire::{MAX_REQUEST_BYTES, MAX_REQUEST_SPANS, RequestWriter},
     span::{Enrichment, SPANS_PER_INTERVAL, write_flow_spans},
+    stitch::Reporter,
     store::{BootId, Change, Store, StoreError},
 };
 use actix::{
     Actor, ActorContext, ActorFutureExt, Addr, AsyncContext, Context, Handler, Message, Recipient,
     WrapFuture, fut::LocalBoxActorFuture,
 };
-use smallvec::SmallVec;
 
 pub use crate::placement::{SHARDS, ShardId, shard_of};
 
@@ -100,18 +100,17 @@ impl EndNodes for IndexedEnds<'_> {
         &self,
         key: &ConnectionKey,
         at_unix_nanos: u64,
-        reporting: &mut dyn Iterator<Item = &str>,
+        reporting: &mut dyn Iterator<Item = Reporter<'_>>,
     ) -> bool {
-        let nodes = [key.first, key.second].map(|end| {
-            self.0
-                .lookup(end.address, end.port, at_unix_nanos)
-                .and_then(|m| m.node_name)
+        let ends = [key.first, key.second].map(|end| {
+            let found = self.0.lookup(end.address, end.port, at_unix_nanos)?;
+            Some(EndPlace {
+                node: found.node_name?,
+                // A hostNetwork pod too: it has no interface of its own, and waits for settle.
+                pod: found.pod_name.is_some(),
+            })
         });
-        if nodes.iter().all(Option::is_none) {
-            return false;
-        }
-        let reporting: SmallVec<[&str; 8]> = reporting.collect();
-        nodes.iter().flatten().all(|node| reporting.contains(node))
+        ends_reported(ends, reporting)
     }
 }
 

@@ -65,7 +65,7 @@ use mermin_protocol::flow::v1::EndReason;
 use crate::{
     connection_key::ConnectionKey,
     observation::{Observation, ObservationPoint},
-    stitch::{Connection, Flow, InterfaceKinds, PointId, Points, StoredWriter},
+    stitch::{Connection, Flow, InterfaceKinds, PointId, Points, Reporter, StoredWriter},
     store::Change,
 };
 use deadlines::Deadlines;
@@ -93,14 +93,44 @@ const TRIM_EVERY: u8 = 32;
 /// Where the ends of connections live, for emitting complete intervals at once (see the module
 /// docs): implemented over the metadata index by the shards.
 pub trait EndNodes {
-    /// Whether at least one end of `key` has a known node at `at_unix_nanos`, and every known
-    /// end's node is among `reporting`.
+    /// Whether at least one end of `key` has a known place at `at_unix_nanos`, and every known
+    /// end has reported among `reporting` ([`ends_reported`]).
     fn all_reported(
         &self,
         key: &ConnectionKey,
         at_unix_nanos: u64,
-        reporting: &mut dyn Iterator<Item = &str>,
+        reporting: &mut dyn Iterator<Item = Reporter<'_>>,
     ) -> bool;
+}
+
+/// Where one end of a connection lives, as far as early completion needs to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndPlace<'a> {
+    pub node: &'a str,
+    /// A pod: its node's agent reports it at the pod's own interface (a hostNetwork pod has
+    /// none, and waits for its settle time).
+    pub pod: bool,
+}
+
+/// Whether the known ends among `ends` (at least one) have all reported among `reporting`: the
+/// end's node has, and at a pod-side point if the end is a pod. A pod's own interface counts
+/// the direction the pod sends (the point nearest the sender wins), and its node's agent may
+/// report it a batch or a scan after the uplink (a Service's translation is learned per point,
+/// scans cut batches by key): emitted on the uplink's records alone, the interval would name
+/// the wrong point and drop the pod's records as late.
+pub fn ends_reported(
+    ends: [Option<EndPlace<'_>>; 2],
+    reporting: &mut dyn Iterator<Item = Reporter<'_>>,
+) -> bool {
+    if ends.iter().all(Option::is_none) {
+        return false;
+    }
+    let reporting: smallvec::SmallVec<[Reporter<'_>; 8]> = reporting.collect();
+    ends.iter().flatten().all(|end| {
+        reporting
+            .iter()
+            .any(|point| point.node == end.node && (point.pod_side || !end.pod))
+    })
 }
 
 /// Orders a key's stored connections oldest first by their generations, which wrap: the oldest
@@ -119,7 +149,12 @@ fn oldest_first<T>(rows: &mut [(u8, T)]) {
 pub struct NoEndNodes;
 
 impl EndNodes for NoEndNodes {
-    fn all_reported(&self, _: &ConnectionKey, _: u64, _: &mut dyn Iterator<Item = &str>) -> bool {
+    fn all_reported(
+        &self,
+        _: &ConnectionKey,
+        _: u64,
+        _: &mut dyn Iterator<Item = Reporter<'_>>,
+    ) -> bool {
         false
     }
 }
@@ -432,7 +467,7 @@ impl FlowTable {
                 && ends.all_reported(
                     &observation.key,
                     observation.flow_start_unix_nanos,
-                    &mut entry.connection.reporting_nodes(&self.points),
+                    &mut entry.connection.reporters(&self.points),
                 )
             {
                 entry.due_no_later_than(now);
@@ -859,10 +894,28 @@ mod tests {
         packets: u64,
         reason: EndReason,
     ) -> Observation {
-        let (src, dst, sport, dport, direction) = if outbound {
-            ([10, 0, 0, 1], [10, 0, 0, 2], 40000, 443, Direction::Egress)
+        let direction = if outbound {
+            Direction::Egress
         } else {
-            ([10, 0, 0, 2], [10, 0, 0, 1], 443, 40000, Direction::Ingress)
+            Direction::Ingress
+        };
+        observation_at(node, interface, direction, outbound, packets, reason)
+    }
+
+    /// [`observation`] at the hook `direction` of `interface` (a pod's veth sees what the pod
+    /// sends at its ingress).
+    fn observation_at(
+        node: &str,
+        interface: &str,
+        direction: Direction,
+        outbound: bool,
+        packets: u64,
+        reason: EndReason,
+    ) -> Observation {
+        let (src, dst, sport, dport) = if outbound {
+            ([10, 0, 0, 1], [10, 0, 0, 2], 40000, 443)
+        } else {
+            ([10, 0, 0, 2], [10, 0, 0, 1], 443, 40000)
         };
         Observation::try_from(&FlowRecord {
             node_name: node.into(),
@@ -924,9 +977,9 @@ mod tests {
         assert_eq!(out[0].interval.connection_start_unix_nanos, 10 * S);
     }
 
-    /// 10.0.0.1 lives on node "a", 10.0.0.2 on `server_node` (if known).
+    /// 10.0.0.1 is a pod on node "a", 10.0.0.2 is `server` (if known).
     struct Ends {
-        server_node: Option<&'static str>,
+        server: Option<EndPlace<'static>>,
     }
 
     impl EndNodes for Ends {
@@ -934,17 +987,29 @@ mod tests {
             &self,
             key: &ConnectionKey,
             _: u64,
-            reporting: &mut dyn Iterator<Item = &str>,
+            reporting: &mut dyn Iterator<Item = Reporter<'_>>,
         ) -> bool {
-            let node = |address: std::net::IpAddr| match address.to_string().as_str() {
-                "10.0.0.1" => Some("a"),
-                _ => self.server_node,
+            let place = |address: std::net::IpAddr| match address.to_string().as_str() {
+                "10.0.0.1" => Some(EndPlace {
+                    node: "a",
+                    pod: true,
+                }),
+                _ => self.server,
             };
-            let reporting: Vec<&str> = reporting.collect();
-            [node(key.first.address), node(key.second.address)]
-                .iter()
-                .flatten()
-                .all(|n| reporting.contains(n))
+            ends_reported(
+                [place(key.first.address), place(key.second.address)],
+                reporting,
+            )
+        }
+    }
+
+    /// The server: node "b" itself.
+    fn node_b() -> Ends {
+        Ends {
+            server: Some(EndPlace {
+                node: "b",
+                pod: false,
+            }),
         }
     }
 
@@ -952,9 +1017,7 @@ mod tests {
     fn a_final_interval_is_due_at_once_when_every_point_and_both_ends_have_reported() {
         let mut t = table();
         let mut out = Vec::new();
-        let ends = Ends {
-            server_node: Some("b"),
-        };
+        let ends = node_b();
         // Node a's two points are final, node b has not reported: wait.
         t.apply_knowing(
             &observation("a", "veth1", true, 5, EndReason::TcpClose),
@@ -992,9 +1055,9 @@ mod tests {
         let mut t = table();
         out.clear();
         t.apply_knowing(
-            &observation("a", "eth0", true, 5, EndReason::TcpClose),
+            &observation("a", "veth1", true, 5, EndReason::TcpClose),
             100 * S,
-            &Ends { server_node: None },
+            &Ends { server: None },
         );
         t.emit_due(100 * S, &mut out);
         assert_eq!(out.len(), 1);
@@ -1010,6 +1073,48 @@ mod tests {
         assert!(out.is_empty());
         t.emit_due(103 * S, &mut out);
         assert_eq!(out.len(), 1);
+    }
+
+    /// The client pod's node reports its uplink first and its veth a batch later (a Service's
+    /// connection: the scan's records sorted by key put the uplink's first).
+    #[test]
+    fn a_pod_end_is_complete_only_once_its_own_interface_reported() {
+        let mut t = table();
+        let mut out = Vec::new();
+        let ends = node_b();
+        t.apply_knowing(
+            &observation("a", "eth0", true, 5, EndReason::TcpClose),
+            100 * S,
+            &ends,
+        );
+        t.apply_knowing(
+            &observation("b", "eth0", false, 4, EndReason::TcpClose),
+            100 * S,
+            &ends,
+        );
+        t.emit_due(100 * S, &mut out);
+        assert!(out.is_empty(), "the client pod's veth has not reported");
+        let from_the_pod = observation_at(
+            "a",
+            "veth1",
+            Direction::Ingress,
+            true,
+            5,
+            EndReason::TcpClose,
+        );
+        t.apply_knowing(&from_the_pod, 100 * S + 1, &ends);
+        t.emit_due(100 * S + 1, &mut out);
+        assert_eq!(out.len(), 1, "complete: emitted without the settle time");
+        let sent = out[0].flow.client_to_server.as_ref().unwrap();
+        assert_eq!(
+            (
+                sent.point.node.as_str(),
+                sent.point.interface.as_str(),
+                sent.packets
+            ),
+            ("a", "veth1", 5)
+        );
+        assert_eq!(t.late_ignored(), 0);
     }
 
     #[test]

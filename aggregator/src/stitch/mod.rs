@@ -113,6 +113,13 @@ impl InterfaceKinds {
     }
 }
 
+/// A point that saw a connection: its node, and whether it is a pod's own interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reporter<'a> {
+    pub node: &'a str,
+    pub pod_side: bool,
+}
+
 impl Default for InterfaceKinds {
     /// The host ends of pod veths of the common CNIs.
     fn default() -> Self {
@@ -303,9 +310,12 @@ impl Connection {
         seen > 0 && seen <= 8 && u32::from(self.finals) == (1u32 << seen) - 1
     }
 
-    /// The nodes whose points saw the connection in this interval (with repeats).
-    pub fn reporting_nodes<'a>(&'a self, points: &'a Points) -> impl Iterator<Item = &'a str> {
-        self.point_ids().map(|id| points.get(id).node.as_str())
+    /// The points that saw the connection in this interval, as early completion asks of them.
+    pub fn reporters<'a>(&'a self, points: &'a Points) -> impl Iterator<Item = Reporter<'a>> {
+        self.point_ids().map(|id| Reporter {
+            node: points.get(id).node.as_str(),
+            pod_side: points.is_pod_side(id),
+        })
     }
 
     /// Whether `point` counts the direction `orientation` of this connection.

@@ -39,6 +39,8 @@ struct Slot {
     /// `None` while the slot is free.
     point: Option<Point>,
     rank: u8,
+    /// A pod's own interface (see [`InterfaceKinds::is_pod_side`]).
+    pod_side: bool,
 }
 
 pub struct Points {
@@ -71,6 +73,7 @@ impl Points {
         let slot = Slot {
             point: Some(shared.clone()),
             rank: kinds.rank(point),
+            pod_side: kinds.is_pod_side(&point.interface),
         };
         let id = match self.free.pop() {
             Some(id) => {
@@ -98,6 +101,11 @@ impl Points {
     /// The rank of `id` for the direction it sees (lower is nearer the sender).
     pub fn rank(&self, id: PointId) -> u8 {
         self.slots[id.index()].rank
+    }
+
+    /// Whether `id` is a pod's own interface (the host end of its veth), not a node's.
+    pub fn is_pod_side(&self, id: PointId) -> bool {
+        self.slots[id.index()].pod_side
     }
 
     /// Whether the points have doubled since the last collection.
