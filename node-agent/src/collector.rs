@@ -194,7 +194,7 @@ impl RecordBuilder {
         record.delta_octets = report.delta_bytes;
         record.first_seen_unix_nanos = clock.unix_nanos(report.first_seen_ns);
         record.last_seen_unix_nanos = clock.unix_nanos(report.last_seen_ns);
-        record.flow_start_unix_nanos = clock.unix_nanos(report.flow_start_ns);
+        record.flow_start_unix_nanos = clock.unix_nanos_as_of(report.flow_start_ns);
         record.tcp_flags = report.tcp_flags;
         record.first_tcp_flags = report.first_tcp_flags;
         record.end_reason = end_reason(report.reason) as i32;
