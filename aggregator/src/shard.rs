@@ -106,8 +106,8 @@ impl EndNodes for IndexedEnds<'_> {
             let found = self.0.lookup(end.address, end.port, at_unix_nanos)?;
             Some(EndPlace {
                 node: found.node_name?,
-                // A hostNetwork pod too: it has no interface of its own, and waits for settle.
-                pod: found.pod_name.is_some(),
+                // A hostNetwork pod has no interface of its own: its node's report is its own.
+                pod: found.pod_name.is_some() && !found.host_network,
             })
         });
         ends_reported(ends, reporting)

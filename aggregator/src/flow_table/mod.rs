@@ -107,8 +107,8 @@ pub trait EndNodes {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EndPlace<'a> {
     pub node: &'a str,
-    /// A pod: its node's agent reports it at the pod's own interface (a hostNetwork pod has
-    /// none, and waits for its settle time).
+    /// A pod with an interface of its own: its node's agent reports it there (not a
+    /// hostNetwork pod, whose node's report is its own).
     pub pod: bool,
 }
 

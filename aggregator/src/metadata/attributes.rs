@@ -176,6 +176,7 @@ mod tests {
     fn everything<'a>(labels: &'a [Label], namespace_labels: &'a [Label]) -> EndpointMetadata<'a> {
         EndpointMetadata {
             pod_name: Some("web-7d9f-abcde"),
+            host_network: false,
             namespace: Some("frontend"),
             node_name: Some("node-a"),
             workload_kind: Some("Deployment"),

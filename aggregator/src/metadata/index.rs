@@ -71,6 +71,8 @@ type Labels = Arc<[Label]>;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct EndpointMetadata<'a> {
     pub pod_name: Option<&'a str>,
+    /// The pod shares its node's network (no interface of its own).
+    pub host_network: bool,
     pub namespace: Option<&'a str>,
     pub node_name: Option<&'a str>,
     /// `Deployment`, `StatefulSet`, `DaemonSet`, `ReplicaSet`, `Job`, `CronJob`, or another
@@ -524,6 +526,7 @@ impl MetadataIndex {
                 let workload = pod.workload.as_ref();
                 EndpointMetadata {
                     pod_name: Some(&pod.name),
+                    host_network: matches!(holder, Holder::HostNetworkPod(_)),
                     namespace: Some(&pod.namespace),
                     node_name: pod.node_name.as_deref(),
                     workload_kind: workload.map(|w| &*w.kind),

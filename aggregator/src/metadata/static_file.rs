@@ -63,6 +63,8 @@ impl StaticEntry {
     fn metadata(&self) -> EndpointMetadata<'_> {
         EndpointMetadata {
             pod_name: self.pod_name.as_deref(),
+            // The file does not say; a pod named there is taken to have its own interface.
+            host_network: false,
             namespace: self.namespace.as_deref(),
             node_name: self.node_name.as_deref(),
             workload_kind: self.workload_kind.as_deref(),

@@ -272,6 +272,7 @@ fn host_network_pods_are_told_apart_by_port_else_the_node() {
         scraped,
         EndpointMetadata {
             pod_name: Some("node-exporter-x"),
+            host_network: true,
             namespace: Some("shop"),
             node_name: Some("node-a"),
             workload_kind: Some("DaemonSet"),
