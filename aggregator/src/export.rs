@@ -233,18 +233,16 @@ struct TlsPems {
 impl TlsPems {
     /// The client configuration of the OTLP/HTTP transport.
     fn rustls_config(&self) -> Result<rustls::ClientConfig, ExportError> {
-        self.build_rustls_config().map_err(ExportError::Tls)
-    }
-
-    fn build_rustls_config(&self) -> Result<rustls::ClientConfig, String> {
+        let error =
+            |what: &str, e: &dyn std::fmt::Display| ExportError::Tls(format!("{what}: {e}"));
         let mut roots = rustls::RootCertStore::empty();
         match &self.ca {
             Some(pem) => {
                 for cert in CertificateDer::pem_slice_iter(pem) {
-                    let cert = cert.map_err(|e| format!("the CA certificates: {e}"))?;
+                    let cert = cert.map_err(|e| error("the CA certificates", &e))?;
                     roots
                         .add(cert)
-                        .map_err(|e| format!("the CA certificates: {e}"))?;
+                        .map_err(|e| error("the CA certificates", &e))?;
                 }
             }
             None => {
@@ -254,10 +252,10 @@ impl TlsPems {
             }
         }
         if roots.is_empty() {
-            return Err(
+            return Err(ExportError::Tls(
                 "no CA certificate to check the endpoint's certificate against (give a CA file)"
                     .into(),
-            );
+            ));
         }
         let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
         match &self.identity {
@@ -265,12 +263,12 @@ impl TlsPems {
             Some((chain, key)) => {
                 let chain = CertificateDer::pem_slice_iter(chain)
                     .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| format!("the client certificate: {e}"))?;
-                let key = PrivateKeyDer::from_pem_slice(key)
-                    .map_err(|e| format!("the client key: {e}"))?;
+                    .map_err(|e| error("the client certificate", &e))?;
+                let key =
+                    PrivateKeyDer::from_pem_slice(key).map_err(|e| error("the client key", &e))?;
                 builder
                     .with_client_auth_cert(chain, key)
-                    .map_err(|e| format!("the client certificate: {e}"))
+                    .map_err(|e| error("the client certificate", &e))
             }
         }
     }
