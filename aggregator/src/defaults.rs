@@ -38,5 +38,3 @@ pub const MAX_BATCH_RECORDS: u32 = 10_000;
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 pub const OUTBOX_FULL_WAIT: Duration = Duration::from_secs(5);
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// A TCP connection to the agent endpoint that has not started HTTP/2 within this is closed.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -11,7 +11,8 @@
 //!   refuses it: removed, counted as `spans_rejected{reason="invalid_argument"}`, logged with the
 //!   endpoint's message;
 //! - **anything else** (endpoint down, overloaded, 429/5xx, timeouts, auth, TLS or path
-//!   misconfiguration) — kept and retried with exponential backoff and full jitter, forever:
+//!   misconfiguration) — kept and retried with exponential backoff and jitter (each wait
+//!   between half and all of the next delay, never over the maximum), forever:
 //!   acknowledged data is never dropped because an endpoint is unreachable or misconfigured.
 //!   Retries are counted.
 //!
@@ -20,8 +21,9 @@
 //! as `spans_dropped{reason="outbox_full"}`; it checks before every attempt, so the outbox exceeds
 //! its quota for at most one backoff period. (The default policy, backpressure, is ingest's.)
 //!
-//! OTLP/HTTP endpoints follow the OTLP exporter convention: an endpoint without a path
-//! (`http://tempo:4318`) gets `/v1/traces`; one with a path is used as given.
+//! OTLP/HTTP endpoints follow the OTLP exporters' convention for a base endpoint: the path
+//! gets `/v1/traces` (`http://tempo:4318` → `/v1/traces`, `https://gateway/otlp` →
+//! `/otlp/v1/traces`), unless it already ends with it.
 //!
 //! **TLS.** An `https://` endpoint is reached over TLS with either transport, its certificate
 //! checked against the system's CA certificates, or only against the CA of
@@ -123,8 +125,22 @@ pub struct ExportConfig {
     pub headers: Vec<OtlpHeader>,
 }
 
-/// Headers the transports set themselves.
-const RESERVED_HEADERS: &[&str] = &["content-type", "content-length", "te", "host", "user-agent"];
+/// Headers the transports set themselves, and those that would change how a body is read or
+/// the connection is used (HTTP/2 refuses connection-specific headers; a `content-encoding`
+/// would make the endpoint decode a plain body).
+const RESERVED_HEADERS: &[&str] = &[
+    "content-type",
+    "content-length",
+    "content-encoding",
+    "te",
+    "host",
+    "user-agent",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+];
 
 /// One header of every export request, `name=value` as the command line and the file give it
 /// (`X-Scope-OrgID=dev`).
@@ -446,9 +462,11 @@ impl tonic::codec::Decoder for RawCodec {
         &mut self,
         src: &mut tonic::codec::DecodeBuf<'_>,
     ) -> Result<Option<ExportTraceServiceResponse>, tonic::Status> {
-        ExportTraceServiceResponse::decode(src)
-            .map(Some)
-            .map_err(|e| tonic::Status::internal(format!("undecodable answer: {e}")))
+        // An OK whose body is not OTLP still took the request (as OTLP/HTTP's 2xx does):
+        // nothing to count as rejected, and nothing to send again.
+        Ok(Some(
+            ExportTraceServiceResponse::decode(src).unwrap_or_default(),
+        ))
     }
 }
 
@@ -491,15 +509,7 @@ impl Transport {
                 }))
             }
             OtlpProtocol::HttpProtobuf => {
-                let mut uri: http::Uri = config
-                    .endpoint
-                    .parse()
-                    .map_err(|e| endpoint_error(format!("{e}")))?;
-                if uri.path() == "/" {
-                    uri = format!("{}/v1/traces", config.endpoint.trim_end_matches('/'))
-                        .parse()
-                        .map_err(|e| endpoint_error(format!("{e}")))?;
-                }
+                let uri = traces_uri(&config.endpoint).map_err(endpoint_error)?;
                 let mut plain = HttpConnector::new();
                 plain.set_connect_timeout(Some(config.timeout));
                 plain.enforce_http(false);
@@ -587,10 +597,49 @@ impl HttpTransport {
                 if status == http::StatusCode::BAD_REQUEST
                     || status == http::StatusCode::PAYLOAD_TOO_LARGE =>
             {
-                Delivery::Refused(String::from_utf8_lossy(&body).into_owned())
+                Delivery::Refused(refusal_message(&body))
             }
             Ok(Ok((status, _))) => Delivery::Failed(format!("HTTP {status}")),
         }
+    }
+}
+
+/// Where OTLP/HTTP posts traces: `endpoint`'s path with `/v1/traces` (see the module docs).
+fn traces_uri(endpoint: &str) -> Result<http::Uri, String> {
+    let uri: http::Uri = endpoint.parse().map_err(|e| format!("{e}"))?;
+    let path = uri.path().trim_end_matches('/').to_owned();
+    if path.ends_with(TRACES_PATH) {
+        return Ok(uri);
+    }
+    let mut parts = uri.into_parts();
+    let query = parts
+        .path_and_query
+        .as_ref()
+        .and_then(|p| p.query())
+        .map_or(String::new(), |q| format!("?{q}"));
+    parts.path_and_query = Some(
+        format!("{path}{TRACES_PATH}{query}")
+            .parse()
+            .map_err(|e| format!("{e}"))?,
+    );
+    http::Uri::from_parts(parts).map_err(|e| format!("{e}"))
+}
+
+const TRACES_PATH: &str = "/v1/traces";
+
+/// The `google.rpc.Status` an OTLP/HTTP endpoint answers a refusal with (its message is all
+/// this reads).
+#[derive(Clone, PartialEq, prost::Message)]
+struct RpcStatus {
+    #[prost(string, tag = "2")]
+    message: String,
+}
+
+/// What a refusal's body says: a `google.rpc.Status`'s message, or the body as text.
+fn refusal_message(body: &[u8]) -> String {
+    match RpcStatus::decode(body) {
+        Ok(status) if !status.message.is_empty() => status.message,
+        _ => String::from_utf8_lossy(body).into_owned(),
     }
 }
 
@@ -752,14 +801,16 @@ async fn remove_delivered(
     }
 }
 
+/// Exponential from the minimum to the maximum, each wait jittered between half and all of it
+/// (backon's own jitter adds up to the whole delay again, past the maximum).
 fn backoff(config: &ExportConfig) -> Backoff {
     Box::new(
         ExponentialBuilder::default()
             .with_min_delay(config.min_backoff)
             .with_max_delay(config.max_backoff)
-            .with_jitter()
             .without_max_times()
-            .build(),
+            .build()
+            .map(|delay| delay.mul_f64(0.5 + fastrand::f64() / 2.0)),
     )
 }
 
@@ -806,6 +857,9 @@ async fn attempt(transport: &mut Transport, entry: Vec<u8>, metrics: &Metrics) -
             if rejected > 0 {
                 tracing::error!(spans = rejected, %message, "endpoint rejected part of a request");
                 metrics.rejected("partial_success", rejected);
+            } else if !message.is_empty() {
+                // A partial success rejecting nothing is a warning (OTLP specification).
+                tracing::warn!(%message, "endpoint took a request with a warning");
             }
             metrics
                 .spans_exported
@@ -828,4 +882,56 @@ fn span_count(request: &ExportTraceServiceRequest) -> u64 {
         .flat_map(|r| &r.scope_spans)
         .map(|s| s.spans.len() as u64)
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn otlp_http_posts_to_the_base_path_with_v1_traces() {
+        let posted = |endpoint: &str| traces_uri(endpoint).unwrap().to_string();
+        assert_eq!(posted("http://tempo:4318"), "http://tempo:4318/v1/traces");
+        assert_eq!(posted("http://tempo:4318/"), "http://tempo:4318/v1/traces");
+        assert_eq!(
+            posted("https://otlp-gateway.example.net/otlp"),
+            "https://otlp-gateway.example.net/otlp/v1/traces"
+        );
+        assert_eq!(
+            posted("https://gateway.example.net/otlp/?tenant=a"),
+            "https://gateway.example.net/otlp/v1/traces?tenant=a"
+        );
+        assert_eq!(
+            posted("http://collector:4318/v1/traces"),
+            "http://collector:4318/v1/traces"
+        );
+    }
+
+    #[test]
+    fn a_refusal_s_message_is_read_from_its_rpc_status() {
+        let status = RpcStatus {
+            message: "span too large".into(),
+        };
+        assert_eq!(refusal_message(&status.encode_to_vec()), "span too large");
+        assert_eq!(refusal_message(b"bad request"), "bad request");
+    }
+
+    #[test]
+    fn connection_and_encoding_headers_are_refused() {
+        for name in [
+            "Content-Encoding",
+            "connection",
+            "Transfer-Encoding",
+            "upgrade",
+        ] {
+            let refused = format!("{name}=x").parse::<OtlpHeader>().unwrap_err();
+            assert_eq!(
+                refused,
+                format!(
+                    "{:?} is set by the exporter itself",
+                    name.to_ascii_lowercase()
+                )
+            );
+        }
+    }
 }

@@ -107,7 +107,7 @@ pub struct Settings {
     pub tls_client_ca: Option<PathBuf>,
     /// How often the three files are checked for changes (new connections get a new
     /// certificate without a restart) [tls { reload_interval }].
-    #[arg(long, default_value_t = defaults::TLS_RELOAD_INTERVAL.into())]
+    #[arg(long, default_value_t = defaults::TLS_RELOAD_INTERVAL.into(), value_parser = positive_duration)]
     pub tls_reload_interval: humantime::Duration,
     /// Directory of the durable store [data_dir].
     #[arg(long, default_value = defaults::DATA_DIR)]
@@ -126,7 +126,7 @@ pub struct Settings {
     #[arg(long, env = "MERMIN_OTLP_PROTOCOL", default_value_t = OtlpProtocol::Grpc)]
     pub otlp_protocol: OtlpProtocol,
     /// How long one export request may take [export "traces" { otlp = { timeout } }].
-    #[arg(long, default_value_t = defaults::OTLP_TIMEOUT.into())]
+    #[arg(long, default_value_t = defaults::OTLP_TIMEOUT.into(), value_parser = positive_duration)]
     pub otlp_timeout: humantime::Duration,
     /// A header sent with every export request, name=value, comma-separated (a tenant:
     /// X-Scope-OrgID=dev; an API key, best from a Secret through the environment): replaces the
@@ -197,7 +197,7 @@ pub struct Settings {
     pub agents_max_message_bytes: usize,
     /// A stream without a Hello within this is ended; so is a TCP connection that has not
     /// started HTTP/2 [agents { hello_timeout }].
-    #[arg(long, default_value_t = defaults::HELLO_TIMEOUT.into())]
+    #[arg(long, default_value_t = defaults::HELLO_TIMEOUT.into(), value_parser = positive_duration)]
     pub agents_hello_timeout: humantime::Duration,
     /// How long a batch waits for room in a full outbox before the stream is refused
     /// (backpressure policy) [agents { outbox_full_wait }].
@@ -343,6 +343,9 @@ impl Settings {
             }
             let option = file_option(id, &setting);
             check_file_value(&option, &setting, &file)?;
+            if id == "otlp_headers" {
+                check_file_headers(&setting, &file)?;
+            }
             merged.push(option);
         }
         merged.extend(args.into_iter().skip(1));
@@ -600,11 +603,34 @@ fn check_file_value(
     })
 }
 
+/// The export headers of the file, each `name=value` checked as the exporter will take it; an
+/// error names the line, never a value (often a credential).
+fn check_file_headers(setting: &FileSetting, file: &str) -> Result<(), ConfigError> {
+    for header in setting.value.split(',') {
+        header.parse::<OtlpHeader>().map_err(|why| ConfigError {
+            file: file.to_owned(),
+            line: setting.line,
+            message: format!("headers: {why}"),
+        })?;
+    }
+    Ok(())
+}
+
 /// clap's message without its `error: ` prefix and usage lines.
 fn clap_reason(err: &clap::Error) -> String {
     let rendered = err.render().to_string();
     let first = rendered.lines().next().unwrap_or_default();
     first.trim_start_matches("error: ").to_owned()
+}
+
+/// A duration that must not be zero (a period, a timeout: zero would panic a timer or fail
+/// every attempt at once).
+fn positive_duration(text: &str) -> Result<humantime::Duration, String> {
+    let duration: humantime::Duration = text.parse().map_err(|e| format!("{e}"))?;
+    if duration.is_zero() {
+        return Err("must be longer than zero".to_owned());
+    }
+    Ok(duration)
 }
 
 /// The name of the export header `text` (`name=value`), as sent: lower case.
@@ -615,7 +641,6 @@ fn header_name(text: &str) -> String {
         .to_ascii_lowercase()
 }
 
-/// `--otlp-endpoint`: an http:// or https:// URL.
 /// A replica's ordinal: a number, or a StatefulSet pod name ending in `-<ordinal>`.
 fn replica_ordinal(text: &str) -> Result<u32, String> {
     let number = text.rsplit('-').next().unwrap_or(text);
@@ -624,12 +649,16 @@ fn replica_ordinal(text: &str) -> Result<u32, String> {
     })
 }
 
+/// `--otlp-endpoint`: an http:// or https:// URL with a host.
 fn endpoint(text: &str) -> Result<String, String> {
-    if text.starts_with("http://") || text.starts_with("https://") {
-        Ok(text.to_owned())
-    } else {
-        Err("must start with http:// or https://".into())
+    if !(text.starts_with("http://") || text.starts_with("https://")) {
+        return Err("must start with http:// or https://".into());
     }
+    let uri: http::Uri = text.parse().map_err(|e| format!("not a valid URL ({e})"))?;
+    if uri.host().is_none_or(str::is_empty) {
+        return Err("names no host".into());
+    }
+    Ok(text.to_owned())
 }
 
 impl AggregatorConfig {
@@ -734,10 +763,28 @@ tls { mode = "disabled" }
             .unwrap_err(),
             "mermin.hcl:3: headers: the value of \"a\" holds a comma, which a map value cannot"
         );
-        let bad = load_file(
-            "export \"traces\" {\n  otlp = {\n    headers = { \"bad name\" = \"s3cr3t\" }\n  }\n}\ntls { mode = \"disabled\" }\n",
-            &[],
-        )
+        assert_eq!(
+            load_file(
+                "export \"traces\" {\n  otlp = {\n    headers = { \"bad name\" = \"s3cr3t\" }\n  }\n}\n",
+                &[]
+            )
+            .unwrap_err(),
+            "mermin.hcl:3: headers: \"bad name\" is not a header name"
+        );
+        assert_eq!(
+            load_file(
+                "export \"traces\" {\n  otlp = {\n    headers = { a = \"1\", Host = \"x\" }\n  }\n}\n",
+                &[]
+            )
+            .unwrap_err(),
+            "mermin.hcl:3: headers: \"host\" is set by the exporter itself"
+        );
+        let bad = Settings::load([
+            "mermin-aggregator",
+            "--tls-mode=disabled",
+            "--otlp-header",
+            "bad name=s3cr3t",
+        ])
         .unwrap();
         assert_eq!(
             bad.aggregator_config().unwrap_err().to_string(),
@@ -942,6 +989,22 @@ admin { listen = "0.0.0.0:9093" observe_ring = 50 }
             )
             .unwrap_err(),
             "mermin.hcl:3: endpoint = \"tempo:4317\": must start with http:// or https://"
+        );
+        assert_eq!(
+            load_file(
+                "export \"traces\" {\n  otlp = {\n    endpoint = \"http://\"\n  }\n}\n",
+                &[]
+            )
+            .unwrap_err(),
+            "mermin.hcl:3: endpoint = \"http://\": not a valid URL (empty string)"
+        );
+        assert_eq!(
+            load_file("tls {\n  reload_interval = \"0s\"\n}\n", &[]).unwrap_err(),
+            "mermin.hcl:2: reload_interval = \"0s\": must be longer than zero"
+        );
+        assert_eq!(
+            load_file("", &["--otlp-timeout", "0s"]).unwrap_err(),
+            "error: invalid value '0s' for '--otlp-timeout <OTLP_TIMEOUT>': must be longer than zero\n\nFor more information, try '--help'.\n"
         );
         assert_eq!(
             load_file("outbox_max_bytes = \"1GB\"\n", &[]).unwrap_err(),

@@ -9,8 +9,8 @@
 //! each accepted connection on its own task (a slow client holds up nobody) and counts every
 //! refused one in `tls_handshake_failures{endpoint, reason}`.
 //!
-//! The agent endpoint and the admin API use it today; it is meant for the replica ↔ replica
-//! endpoint of the replication issue as well (it knows nothing of what is served over it).
+//! The agent endpoint, the admin API and the replicas' replication endpoint use it (it knows
+//! nothing of what is served over it).
 
 use std::{
     path::{Path, PathBuf},

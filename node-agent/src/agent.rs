@@ -204,10 +204,18 @@ async fn run_async(config: Config) -> Result<(), AgentError> {
     stop_watcher.store(true, Ordering::Relaxed);
     let _ = tokio::task::spawn_blocking(move || watcher.join()).await;
     stop_collector.store(true, Ordering::Relaxed);
-    match tokio::task::spawn_blocking(move || collector_thread.join()).await {
-        Ok(Ok(result)) => result.map_err(AgentError::Collector)?,
-        _ => tracing::error!("collector thread panicked"),
+    if let Some(acknowledgements) = &acknowledgements {
+        // The last flush waits for room in a full buffer only this long.
+        acknowledgements.stop_waiting_after(SHUTDOWN_ACK_TIMEOUT);
     }
+    // A failed last scan is returned once what was flushed had its chance to be acknowledged.
+    let collected = match tokio::task::spawn_blocking(move || collector_thread.join()).await {
+        Ok(Ok(result)) => result.map_err(AgentError::Collector),
+        _ => {
+            tracing::error!("collector thread panicked");
+            Ok(())
+        }
+    };
     if let Some(acknowledgements) = acknowledgements {
         // The stream task runs on this runtime: wait for it off the runtime's thread.
         let left = tokio::task::spawn_blocking(move || {
@@ -222,6 +230,7 @@ async fn run_async(config: Config) -> Result<(), AgentError> {
             );
         }
     }
+    collected?;
     tracing::info!("stopped");
     Ok(())
 }

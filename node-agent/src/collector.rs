@@ -24,7 +24,7 @@ use crate::{
     flows::{FlowTracker, Reason, Report},
     interfaces::{InterfaceNames, NamesNow, wait_readable},
     metrics::Metrics,
-    sink::RecordSink,
+    sink::{RecordSink, SinkError},
     translations::Translations,
 };
 
@@ -65,16 +65,23 @@ impl Collector {
             if next_scan < now {
                 next_scan = now + self.scan_interval;
             }
-            self.scan(&mut drained, &mut reports)?;
+            if let Err(err) = self.scan(&mut drained, &mut reports) {
+                // Tried again at the next scan. One that keeps failing records no scan, so the
+                // liveness probe fails and the agent is restarted; what the tracker holds is
+                // reported meanwhile all the same.
+                tracing::error!(%err, "scan failed; trying again at the next one");
+            }
             self.tracker.evict(WallClock::kernel_now(), &mut reports);
             self.emit(&mut reports);
         }
         // The programs are detached: one swap retires the active table, a second one the other.
-        self.scan(&mut drained, &mut reports)?;
-        self.scan(&mut drained, &mut reports)?;
+        // Every flow still held is reported even if a last scan fails.
+        let last_scans = self
+            .scan(&mut drained, &mut reports)
+            .and_then(|()| self.scan(&mut drained, &mut reports));
         self.tracker.flush(&mut reports);
         self.emit(&mut reports);
-        Ok(())
+        last_scans
     }
 
     fn scan(
@@ -83,9 +90,11 @@ impl Collector {
         reports: &mut Vec<Report>,
     ) -> Result<(), CaptureError> {
         drained.clear();
-        let entries = self.tables.swap_and_drain(drained)?;
+        let swapped = self.tables.swap_and_drain(drained);
+        // What was drained before a failure is taken all the same (it is out of the kernel).
         self.tracker.absorb_interval(drained, reports);
         self.read_overflow(reports);
+        let entries = swapped?;
         self.metrics.observe_kernel_counters(&self.counters.read()?);
         self.metrics.kernel_table_entries.set(entries as i64);
         self.metrics.tracked_flows.set(self.tracker.len() as i64);
@@ -129,13 +138,16 @@ impl Collector {
         match self.sink.send(&self.built[..count]) {
             Ok(()) => self.metrics.records_emitted(reports),
             Err(err) => {
-                tracing::error!(%err, records = count, "sink failed; records dropped");
+                let lost = err.lost(count);
+                tracing::error!(%err, records = lost, "sink failed; records dropped");
+                let reason = match err {
+                    SinkError::GaveUp { .. } => "sink_full_at_stop",
+                    _ => "sink_error",
+                };
                 self.metrics
                     .records_dropped
-                    .get_or_create(&crate::metrics::ReasonLabel {
-                        reason: "sink_error",
-                    })
-                    .inc_by(count as u64);
+                    .get_or_create(&crate::metrics::ReasonLabel { reason })
+                    .inc_by(lost as u64);
             }
         }
         reports.clear();

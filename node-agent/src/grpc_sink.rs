@@ -39,6 +39,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{
+    clock::WallClock,
     metrics::Metrics,
     sink::{RecordSink, SinkError},
 };
@@ -149,6 +150,8 @@ struct Buffer {
     next_sequence: u64,
     /// Unacknowledged batches, in sequence order.
     unacked: VecDeque<EncodedBatch>,
+    /// Set when the agent stops: a `send` waiting for room gives up at this instant.
+    give_up_at: Option<Instant>,
 }
 
 struct Shared {
@@ -256,6 +259,7 @@ pub fn start(config: GrpcSinkConfig, metrics: Arc<Metrics>) -> Result<GrpcSink, 
         buffer: Mutex::new(Buffer {
             next_sequence: 1,
             unacked: VecDeque::new(),
+            give_up_at: None,
         }),
         space: Condvar::new(),
         appended: Notify::new(),
@@ -285,23 +289,49 @@ impl GrpcSinkHandle {
     pub fn wait_acknowledged(&self, timeout: Duration) -> usize {
         self.0.wait_acknowledged(timeout)
     }
+
+    /// The agent is stopping: a `send` that waits for room in the full buffer gives up after
+    /// `bound` from now (its records counted as dropped), so that a stop never waits on an
+    /// aggregator out of reach for longer.
+    pub fn stop_waiting_after(&self, bound: Duration) {
+        self.0.lock().give_up_at = Some(Instant::now() + bound);
+        self.0.space.notify_all();
+    }
 }
+
+/// How often a `send` waiting for room tells the liveness probe that it is alive.
+const WAIT_HEARTBEAT: Duration = Duration::from_secs(1);
 
 impl RecordSink for GrpcSink {
     fn send(&mut self, records: &[FlowRecord]) -> Result<(), SinkError> {
         let batch_records = self.shared.batch_records.load(Ordering::Relaxed);
-        for chunk in records.chunks(batch_records) {
+        for (index, chunk) in records.chunks(batch_records).enumerate() {
             // Encoded outside the lock; numbered inside it.
             let mut batch = EncodedBatch::encode(0, chunk);
             let mut buffer = self.shared.lock();
             if buffer.unacked.len() >= self.shared.capacity {
                 self.metrics.sink_backpressure.inc();
+                // Waiting on the aggregator is not a stall: the liveness probe hears from this
+                // loop, so that an outage does not get the agent (and its buffer) restarted.
                 while buffer.unacked.len() >= self.shared.capacity {
+                    self.metrics.waiting_on_sink(WallClock::kernel_now());
+                    let wait = match buffer.give_up_at {
+                        Some(at) => match at.checked_duration_since(Instant::now()) {
+                            Some(left) if !left.is_zero() => left.min(WAIT_HEARTBEAT),
+                            _ => {
+                                return Err(SinkError::GaveUp {
+                                    unsent: records.len() - index * batch_records,
+                                });
+                            }
+                        },
+                        None => WAIT_HEARTBEAT,
+                    };
                     buffer = self
                         .shared
                         .space
-                        .wait(buffer)
-                        .unwrap_or_else(|e| e.into_inner());
+                        .wait_timeout(buffer, wait)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
                 }
             }
             batch.sequence = buffer.next_sequence;
@@ -314,16 +344,17 @@ impl RecordSink for GrpcSink {
     }
 }
 
-/// Reconnect delays: exponential from 100 ms to 10 s with full jitter (so that the agents of a
-/// cluster do not reconnect in lockstep after an aggregator restart), from the start again after
-/// every stream that got as far as a Welcome.
+/// Reconnect delays: exponential from 100 ms to 10 s, each jittered between half and all of it
+/// (so that the agents of a cluster do not reconnect in lockstep after an aggregator restart;
+/// backon's own jitter would add up to the whole delay again, past the maximum), from the start
+/// again after every stream that got as far as a Welcome.
 fn reconnect_delays() -> impl Iterator<Item = Duration> {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
         .with_max_delay(Duration::from_secs(10))
-        .with_jitter()
         .without_max_times()
         .build()
+        .map(|delay| delay.mul_f64(0.5 + fastrand::f64() / 2.0))
 }
 
 async fn stream_forever(
@@ -570,6 +601,7 @@ mod tests {
             buffer: Mutex::new(Buffer {
                 next_sequence,
                 unacked,
+                give_up_at: None,
             }),
             space: Condvar::new(),
             appended: Notify::new(),
@@ -709,6 +741,40 @@ mod tests {
         assert_eq!(counts, [BATCH_RECORDS, 1]);
     }
 
+    /// A stop while the buffer is full (the aggregator out of reach): the waiting `send` gives
+    /// up at the bound, saying how many records it could not buffer, and until then it keeps
+    /// the liveness probe answered.
+    #[test]
+    fn a_stop_ends_the_wait_for_room_and_says_what_was_not_sent() {
+        let mut s = shared(2, 1..2);
+        s.capacity = 2;
+        s.batch_records.store(2, Ordering::Relaxed);
+        let metrics = Arc::new(Metrics::new());
+        let mut sink = GrpcSink {
+            shared: Arc::new(s),
+            metrics: metrics.clone(),
+        };
+        let handle = sink.handle();
+        let stopper = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            handle.stop_waiting_after(Duration::from_millis(50));
+        });
+        let started = Instant::now();
+        let refused = sink.send(&records(1..=5)).unwrap_err();
+        stopper.join().unwrap();
+        // [1, 2] took the last room; [3, 4] and [5] did not get any.
+        assert!(
+            matches!(refused, SinkError::GaveUp { unsent: 3 }),
+            "{refused}"
+        );
+        assert_eq!(refused.lost(5), 3);
+        assert_eq!(batches(&sink.shared), [(1, vec![]), (2, vec![1, 2])]);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(metrics.sink_backpressure.get(), 1);
+        // No scan since the metrics were made (≥ 150 ms ago): alive by the wait's heartbeat.
+        assert!(metrics.is_alive(WallClock::kernel_now(), 100_000_000));
+    }
+
     #[test]
     fn sequences_the_aggregator_knows_but_this_process_never_sent_are_skipped() {
         let s = shared(4, 2..4);
@@ -751,8 +817,9 @@ mod tests {
     #[test]
     fn reconnect_delays_grow_with_jitter_and_stay_bounded() {
         let delays: Vec<Duration> = reconnect_delays().take(40).collect();
-        assert!(delays.iter().all(|d| *d <= Duration::from_secs(20)));
-        assert!(delays[30..].iter().any(|d| *d >= Duration::from_secs(5)));
+        assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= Duration::from_millis(100));
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(10)));
+        assert!(delays[30..].iter().all(|d| *d >= Duration::from_secs(5)));
         let again: Vec<Duration> = reconnect_delays().take(40).collect();
         assert_ne!(delays, again, "jittered: two agents do not wait alike");
     }

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub conntrack_resyncs: Counter,
     kernel_totals: [AtomicU64; KernelCounter::COUNT as usize],
     last_scan_ns: AtomicU64,
+    /// When the collector last waited for room in the sink (see [`Metrics::waiting_on_sink`]).
+    sink_wait_ns: AtomicU64,
     ready: AtomicBool,
 }
 
@@ -179,6 +181,7 @@ impl Metrics {
             conntrack_resyncs,
             kernel_totals: Default::default(),
             last_scan_ns: AtomicU64::new(WallClock::kernel_now()),
+            sink_wait_ns: AtomicU64::new(0),
             ready: AtomicBool::new(false),
         }
     }
@@ -236,6 +239,21 @@ impl Metrics {
             .inc_by(delta);
     }
 
+    /// The collector waits for room in the sink's buffer (the aggregator is slow or out of
+    /// reach): alive, though not scanning.
+    pub fn waiting_on_sink(&self, now_ns: u64) {
+        self.sink_wait_ns.store(now_ns, Ordering::Relaxed);
+    }
+
+    /// Whether the collector scanned, or waited for the sink, within `stall_ns` of `now_ns`.
+    pub fn is_alive(&self, now_ns: u64, stall_ns: u64) -> bool {
+        let last = self
+            .last_scan_ns
+            .load(Ordering::Relaxed)
+            .max(self.sink_wait_ns.load(Ordering::Relaxed));
+        now_ns.saturating_sub(last) <= stall_ns
+    }
+
     pub fn scanned(&self, now_ns: u64) {
         self.scans.inc();
         self.last_scan_ns.store(now_ns, Ordering::Relaxed);
@@ -287,8 +305,7 @@ pub fn router(metrics: Arc<Metrics>, stall_ns: u64) -> Router {
         .route(
             "/livez",
             get(|State((m, stall)): State<(Arc<Metrics>, u64)>| async move {
-                let last = m.last_scan_ns.load(Ordering::Relaxed);
-                if WallClock::kernel_now().saturating_sub(last) > stall {
+                if !m.is_alive(WallClock::kernel_now(), stall) {
                     (StatusCode::SERVICE_UNAVAILABLE, "collector stalled\n").into_response()
                 } else {
                     (StatusCode::OK, "ok\n").into_response()

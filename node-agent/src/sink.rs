@@ -16,10 +16,25 @@ pub enum SinkError {
     Open { path: String, source: io::Error },
     #[error("writing records: {0}")]
     Write(#[from] io::Error),
+    /// The agent is stopping and the buffer stayed full: the last `unsent` records were not
+    /// taken (those before them were).
+    #[error("stopping with the buffer full: {unsent} records not sent")]
+    GaveUp { unsent: usize },
+}
+
+impl SinkError {
+    /// How many of the `sent` records given to the failed `send` were lost.
+    pub fn lost(&self, sent: usize) -> usize {
+        match self {
+            SinkError::GaveUp { unsent } => *unsent,
+            _ => sent,
+        }
+    }
 }
 
 pub trait RecordSink: Send {
-    /// Delivers `records`; on error none of them may be assumed delivered.
+    /// Delivers `records`; on error none of them may be assumed delivered, but for
+    /// [`SinkError::GaveUp`], which says how many were not.
     fn send(&mut self, records: &[FlowRecord]) -> Result<(), SinkError>;
 }
 

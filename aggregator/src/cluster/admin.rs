@@ -60,10 +60,12 @@ impl ClusterAdmin for ReplicaAdmin {
             })
             .collect();
         let last = store.last_log_index.unwrap_or(0);
+        // The followers' lag, as `/metrics` shows it: the leader's own entry is its disk.
         let commit_lag = store.replication.as_ref().map_or(0, |followers| {
             followers
-                .values()
-                .map(|matched| last.saturating_sub(matched.map_or(0, |m| m.index)))
+                .iter()
+                .filter(|(follower, _)| **follower != self.view.id)
+                .map(|(_, matched)| last.saturating_sub(matched.map_or(0, |m| m.index)))
                 .max()
                 .unwrap_or(0)
         });

@@ -13,6 +13,7 @@ use std::{
     collections::HashMap,
     error::Error,
     sync::{Arc, RwLock},
+    time::Duration,
 };
 
 use futures_util::future::BoxFuture;
@@ -269,13 +270,23 @@ pub async fn ask_to_leave(
     id: ReplicaId,
 ) -> Result<(), MembershipRefused> {
     let mut client = transport.client(peer).await?;
-    let asked = client.leave(LeaveRequest { replica_id: id }).await;
-    answered(peer, asked.map(drop))
+    let mut request = tonic::Request::new(LeaveRequest { replica_id: id });
+    // A quick change on the leader; a peer cut off must not hold an admin call for minutes.
+    request.set_timeout(LEAVE_BOUND);
+    answered(peer, client.leave(request).await.map(drop))
 }
 
+/// How long connecting to a peer may take (TCP and TLS): a peer cut off (a blackhole, not a
+/// refusal) fails a call in this time instead of the kernel's SYN retries (minutes).
+const CONNECT_BOUND: Duration = Duration::from_secs(3);
+
+/// How long a `Leave` may take, answer included.
+const LEAVE_BOUND: Duration = Duration::from_secs(10);
+
 /// How this replica reaches its peers: plaintext, or mutual TLS (it presents its certificate,
-/// and checks the peer's against the CA and the peer's host name; the files are read at every
-/// connection, so a renewed certificate is used without a restart).
+/// and checks the peer's against the CA and the peer's host name). The files are read for every
+/// membership call and every Raft stream openraft opens (each new term or membership), and
+/// again after a failed connection, so a renewed certificate is used without a restart.
 #[derive(Clone, Default)]
 pub struct Transport {
     tls: Option<TlsFiles>,
@@ -290,7 +301,8 @@ impl Transport {
     fn endpoint(&self, peer: &str) -> Result<Endpoint, String> {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let endpoint = Channel::from_shared(format!("{scheme}://{peer}"))
-            .map_err(|e| format!("bad peer address {peer:?}: {e}"))?;
+            .map_err(|e| format!("bad peer address {peer:?}: {e}"))?
+            .connect_timeout(CONNECT_BOUND);
         let Some(files) = &self.tls else {
             return Ok(endpoint);
         };
@@ -351,6 +363,8 @@ impl GrpcNetwork {
 pub struct GrpcPeer {
     group: String,
     target: ReplicaId,
+    address: String,
+    transport: Transport,
     client: Result<RaftClient<Channel>, String>,
 }
 
@@ -363,19 +377,15 @@ where
     type Network = GrpcPeer;
 
     async fn new_client(&mut self, target: ReplicaId, node: &BasicNode) -> GrpcPeer {
-        let client = self
-            .transport
-            .endpoint(&node.addr)
-            .map(|endpoint| {
-                RaftClient::new(endpoint.connect_lazy())
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            })
-            .map_err(|e| format!("replica {target}: {e}"));
-        GrpcPeer {
+        let mut peer = GrpcPeer {
             group: self.group.clone(),
             target,
-            client,
-        }
+            address: node.addr.clone(),
+            transport: self.transport.clone(),
+            client: Err(String::new()),
+        };
+        peer.reconnect();
+        peer
     }
 }
 
@@ -387,6 +397,19 @@ struct TransportError(String);
 type PeerError<E> = RPCError<ReplicaId, BasicNode, RaftError<ReplicaId, E>>;
 
 impl GrpcPeer {
+    /// A new lazily connecting channel to the peer, the TLS files read again (a renewed
+    /// certificate is used from here on).
+    fn reconnect(&mut self) {
+        self.client = self
+            .transport
+            .endpoint(&self.address)
+            .map(|endpoint| {
+                RaftClient::new(endpoint.connect_lazy())
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            })
+            .map_err(|e| format!("replica {}: {e}", self.target));
+    }
+
     async fn call<Req, Resp, E>(
         &mut self,
         rpc: Rpc,
@@ -401,6 +424,10 @@ impl GrpcPeer {
         let network =
             |reason: String| RPCError::Network(NetworkError::new(&TransportError(reason)));
         let payload = postcard::to_allocvec(message).map_err(|e| network(e.to_string()))?;
+        if self.client.is_err() {
+            // The files could not be read or used: perhaps they can now.
+            self.reconnect();
+        }
         let client = self.client.as_mut().map_err(|reason| {
             RPCError::Unreachable(Unreachable::new(&TransportError(reason.clone())))
         })?;
@@ -415,15 +442,25 @@ impl GrpcPeer {
             Rpc::Vote => client.vote(request).await,
             Rpc::InstallSnapshot => client.install_snapshot(request).await,
         };
-        let answer = answer.map_err(|status| {
-            let error = TransportError(format!("replica {}: {status}", self.target));
-            match status.code() {
-                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
-                    RPCError::Unreachable(Unreachable::new(&error))
-                }
-                _ => RPCError::Network(NetworkError::new(&error)),
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(status) => {
+                let error = TransportError(format!("replica {}: {status}", self.target));
+                return Err(match status.code() {
+                    tonic::Code::Unavailable => {
+                        // The connection failed (a handshake refused, say, for an expired
+                        // certificate): the next attempt connects anew with the files as
+                        // they are then. tonic's own reconnects reuse what it was given.
+                        self.reconnect();
+                        RPCError::Unreachable(Unreachable::new(&error))
+                    }
+                    tonic::Code::DeadlineExceeded => {
+                        RPCError::Unreachable(Unreachable::new(&error))
+                    }
+                    _ => RPCError::Network(NetworkError::new(&error)),
+                });
             }
-        })?;
+        };
         let result: Result<Resp, RaftError<ReplicaId, E>> =
             postcard::from_bytes(&answer.into_inner().payload).map_err(|e| {
                 network(format!("replica {}: undecodable answer: {e}", self.target))

@@ -129,20 +129,32 @@ where
         .map_err(|e| ReplicationError::Raft(e.to_string()))
 }
 
-/// Adds replica `id` at `address` to `raft`'s group (on its leader): first as a learner that
-/// catches up, then as a voter.
-async fn add_voter<C>(
-    raft: &Raft<C>,
-    id: ReplicaId,
-    node: BasicNode,
-) -> Result<(), ReplicationError>
-where
+/// Either group, as membership changes see it.
+trait Group:
+    openraft::RaftTypeConfig<
+        NodeId = ReplicaId,
+        Node = BasicNode,
+        Responder = openraft::impls::OneshotResponder<Self>,
+    >
+{
+}
+
+impl<C> Group for C where
     C: openraft::RaftTypeConfig<
             NodeId = ReplicaId,
             Node = BasicNode,
             Responder = openraft::impls::OneshotResponder<C>,
-        >,
+        >
 {
+}
+
+/// Adds replica `id` at `address` to `raft`'s group (on its leader): first as a learner that
+/// catches up, then as a voter.
+async fn add_voter<C: Group>(
+    raft: &Raft<C>,
+    id: ReplicaId,
+    node: BasicNode,
+) -> Result<(), ReplicationError> {
     raft.add_learner(id, node, true)
         .await
         .map_err(write_error)?;
@@ -152,16 +164,37 @@ where
     Ok(())
 }
 
-/// Removes `id` from the membership group's voters (on its leader).
-async fn remove_voter(
-    placement: &Raft<PlacementGroup>,
-    id: ReplicaId,
+/// Takes `ids` out of `raft`'s group (on its leader), voters and learners alike (a replica that
+/// died while it caught up is a learner), none of them kept as a learner.
+async fn remove_members<C: Group>(
+    raft: &Raft<C>,
+    ids: &BTreeSet<ReplicaId>,
 ) -> Result<(), ReplicationError> {
-    placement
-        .change_membership(ChangeMembers::RemoveVoters([id].into()), false)
-        .await
-        .map(drop)
-        .map_err(write_error)
+    let (voting, learning): (BTreeSet<ReplicaId>, BTreeSet<ReplicaId>) = {
+        let metrics = raft.metrics();
+        let metrics = metrics.borrow();
+        let membership = metrics.membership_config.membership();
+        let voting = membership
+            .voter_ids()
+            .filter(|id| ids.contains(id))
+            .collect();
+        let learning = membership
+            .learner_ids()
+            .filter(|id| ids.contains(id))
+            .collect();
+        (voting, learning)
+    };
+    if !voting.is_empty() {
+        raft.change_membership(ChangeMembers::RemoveVoters(voting), false)
+            .await
+            .map_err(write_error)?;
+    }
+    if !learning.is_empty() {
+        raft.change_membership(ChangeMembers::RemoveNodes(learning), false)
+            .await
+            .map_err(write_error)?;
+    }
+    Ok(())
 }
 
 /// How this replica answers a replica asking to join or to leave (see `Join` and `Leave` in the
@@ -182,10 +215,10 @@ impl Membership for PlacementMembership {
         let placement = self.0.clone();
         Box::pin(async move {
             let members = leading_members(&placement).await?;
-            if !members.contains_key(&id) {
+            if members.get_node(&id).is_none() {
                 return Ok(());
             }
-            remove_voter(&placement, id)
+            remove_members(&placement, &[id].into())
                 .await
                 .map_err(|e| tonic::Status::unavailable(e.to_string()))
         })
@@ -200,11 +233,11 @@ fn refusal(message: String, key: &'static str, value: &str) -> tonic::Status {
     status
 }
 
-/// The membership group's voters, if this replica leads it; else a refusal naming the leader
-/// (or saying that there is no cluster yet).
+/// The membership group's members (voters and learners), if this replica leads it; else a
+/// refusal naming the leader (or saying that there is no cluster yet).
 async fn leading_members(
     placement: &Raft<PlacementGroup>,
-) -> Result<BTreeMap<ReplicaId, BasicNode>, tonic::Status> {
+) -> Result<openraft::Membership<ReplicaId, BasicNode>, tonic::Status> {
     let initialized = placement
         .is_initialized()
         .await
@@ -216,14 +249,14 @@ async fn leading_members(
             "none",
         ));
     }
-    let (leader, members) = {
+    let (this, leader, members) = {
         let metrics = placement.metrics();
         let metrics = metrics.borrow();
-        (metrics.current_leader, voters(&metrics))
+        let members = metrics.membership_config.membership().clone();
+        (metrics.id, metrics.current_leader, members)
     };
-    let this = placement.metrics().borrow().id;
     if leader != Some(this) {
-        let Some(at) = leader.and_then(|leader| members.get(&leader)) else {
+        let Some(at) = leader.and_then(|leader| members.get_node(&leader)) else {
             return Err(tonic::Status::unavailable(
                 "the cluster has no leader right now",
             ));
@@ -248,21 +281,22 @@ async fn admit(
 ) -> Result<(), tonic::Status> {
     let members = leading_members(placement).await?;
     let node = BasicNode { addr: address };
-    if members.get(&id) == Some(&node) {
-        return Ok(());
+    let voting = members.voter_ids().any(|voter| voter == id);
+    if !(voting && members.get_node(&id) == Some(&node)) {
+        add_voter(placement, id, node)
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     }
-    add_voter(placement, id, node)
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    // Earlier incarnations of the same ordinal (a replica that lost its disk) leave.
+    // Earlier incarnations of the same ordinal (a replica that lost its disk) leave — looked for
+    // at every admission, so that one whose removal failed after the new one was added (a
+    // deposed leader) goes when the new one asks again.
     let stale: BTreeSet<ReplicaId> = members
-        .keys()
-        .copied()
+        .nodes()
+        .map(|(member, _)| *member)
         .filter(|member| ordinal(*member) == ordinal(id) && *member != id)
         .collect();
     if !stale.is_empty() {
-        placement
-            .change_membership(ChangeMembers::RemoveVoters(stale), false)
+        remove_members(placement, &stale)
             .await
             .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     }
@@ -323,13 +357,26 @@ pub fn identity(data_dir: &Path, ordinal: u32) -> Result<ReplicaId, ReplicationE
             let nanos = crate::clock::unix_now();
             let incarnation = ((nanos ^ (nanos >> 32)) as u32 ^ std::process::id()).max(1);
             let id = (ReplicaId::from(ordinal) << 32) | ReplicaId::from(incarnation);
-            std::fs::create_dir_all(data_dir)
-                .and_then(|()| std::fs::write(&path, format!("{id}\n")))
+            write_durably(data_dir, &path, format!("{id}\n").as_bytes())
                 .map_err(|e| ReplicationError::Start(format!("{}: {e}", path.display())))?;
             Ok(id)
         }
         Err(e) => Err(ReplicationError::Start(format!("{}: {e}", path.display()))),
     }
+}
+
+/// Writes `path` (in `dir`) whole or not at all, surviving a power loss once this returns: a
+/// temporary file synced, renamed over `path`, then the directory synced. A torn `replica-id`
+/// would keep the replica from starting until someone repaired its data directory.
+fn write_durably(dir: &Path, path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir)?;
+    let temporary = path.with_extension("new");
+    let mut file = std::fs::File::create(&temporary)?;
+    file.write_all(contents)?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path)?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// The StatefulSet ordinal of a replica id (its upper 32 bits).
@@ -361,29 +408,37 @@ async fn follow_membership(
     let mut tick = tokio::time::interval(interval);
     loop {
         tick.tick().await;
-        let (leads, current) = {
+        let (leads, current, learners) = {
             let metrics = store_group.metrics();
             let metrics = metrics.borrow();
-            (metrics.state == ServerState::Leader, voters(&metrics))
+            let learners: BTreeSet<ReplicaId> = metrics
+                .membership_config
+                .membership()
+                .learner_ids()
+                .collect();
+            (
+                metrics.state == ServerState::Leader,
+                voters(&metrics),
+                learners,
+            )
         };
         let desired = voters(&members.borrow());
-        if !leads || desired.is_empty() || desired == current {
-            continue;
-        }
-        // A member that moved is taken out first and added again at its new address.
+        // A member that moved is taken out first and added again at its new address; a learner
+        // no longer wanted (it died while catching up, then left the membership) goes too.
         let gone: BTreeSet<ReplicaId> = current
             .iter()
             .filter(|(id, node)| desired.get(id) != Some(node))
             .map(|(id, _)| *id)
+            .chain(learners.into_iter().filter(|id| !desired.contains_key(id)))
             .collect();
-        if !gone.is_empty() {
-            let removed = store_group
-                .change_membership(ChangeMembers::RemoveVoters(gone), false)
-                .await;
-            if let Err(e) = removed {
-                tracing::warn!(error = %e, "taking replicas out of the store group");
-                continue;
-            }
+        if !leads || desired.is_empty() || (desired == current && gone.is_empty()) {
+            continue;
+        }
+        if !gone.is_empty()
+            && let Err(e) = remove_members(&store_group, &gone).await
+        {
+            tracing::warn!(error = %e, "taking replicas out of the store group");
+            continue;
         }
         for (id, node) in desired {
             if current.get(&id) == Some(&node) {
@@ -406,9 +461,9 @@ async fn follow_membership(
 
 /// Mutual TLS between replicas: each presents its certificate (`files.cert`, `files.key`) as a
 /// server and as a client, and takes only peers whose certificate chains to `files.client_ca`
-/// (a client also checks the peer's host name). The files are read again at every outgoing connection, and checked for
-/// changes every `reload_interval` for incoming ones, so a renewed certificate is used
-/// without a restart.
+/// (a client also checks the peer's host name). The files are read again for every outgoing
+/// client and after a failed connection (`network::Transport`), and checked for changes every
+/// `reload_interval` for incoming ones, so a renewed certificate is used without a restart.
 #[derive(Debug, Clone)]
 pub struct ReplicaTls {
     pub files: TlsFiles,
@@ -541,10 +596,10 @@ impl Replica {
         add_voter(&self.placement, id, BasicNode::new(address)).await
     }
 
-    /// Removes replica `id` from the voters (on the membership group's leader); its shards are
+    /// Removes replica `id`, voter or learner (on the membership group's leader); its shards are
     /// placed again by the next [`Replica::rebalance`]. The store group follows.
     pub async fn remove_member(&self, id: ReplicaId) -> Result<(), ReplicationError> {
-        remove_voter(&self.placement, id).await
+        remove_members(&self.placement, &[id].into()).await
     }
 
     /// How this replica reaches its peers.
@@ -610,7 +665,7 @@ impl Replica {
     pub async fn join(&self, peers: &[String], retry: Duration) -> Result<(), ReplicationError> {
         let peers: Vec<&String> = peers.iter().filter(|p| **p != self.address).collect();
         loop {
-            if self.is_voter() {
+            if self.admitted() {
                 return Ok(());
             }
             let mut without_cluster = 0;
@@ -640,9 +695,17 @@ impl Replica {
         }
     }
 
-    /// Whether this replica is a voter of the membership group, as it knows it.
-    fn is_voter(&self) -> bool {
-        voters(&self.placement.metrics().borrow()).contains_key(&self.id)
+    /// Whether this replica is a voter of the membership group and no other incarnation of its
+    /// ordinal is a member, as it knows the group. An earlier incarnation still there (its
+    /// removal failed after this one was added) makes it ask again: admission removes it.
+    fn admitted(&self) -> bool {
+        let metrics = self.placement.metrics();
+        let metrics = metrics.borrow();
+        let membership = metrics.membership_config.membership();
+        membership.voter_ids().any(|voter| voter == self.id)
+            && membership
+                .nodes()
+                .all(|(member, _)| *member == self.id || ordinal(*member) != ordinal(self.id))
     }
 
     /// Waits until this replica leads the store group and has applied everything committed

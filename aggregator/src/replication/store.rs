@@ -241,11 +241,14 @@ impl StoreMachine {
 
 impl RaftSnapshotBuilder<StoreGroup> for StoreMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<StoreGroup>, Error> {
-        // What the snapshot says is applied must be on disk before the log below it goes.
-        // (And the value segments freed before it go.)
+        // What the snapshot says is applied must be on disk before the log below it goes (and
+        // the value segments freed before it go): read before the flush, as openraft applies
+        // further entries while a snapshot is built, and those may not be flushed yet. The
+        // trees written below may hold the effects of such later entries too; every command
+        // is idempotent, so applying them again over the snapshot changes nothing.
+        let (last_log_id, last_membership) = self.applied()?;
         let store = self.store();
         store.flush_and_free().await.map_err(io_error)?;
-        let (last_log_id, last_membership) = self.applied()?;
         let (db, trees, dir) = (self.db.clone(), self.store_trees(), self.snapshots.clone());
         let resolve = move |tree: &[u8], value| {
             store
