@@ -46,9 +46,10 @@
 //! and counted.
 //!
 //! **Late records.** A closed connection is remembered for a grace period. A late record from a
-//! point that counts one of its directions opens one more interval (so totals stay exact); a late
-//! record from any other point is ignored and counted, since its packets are already counted
-//! elsewhere.
+//! point that counts one of its directions, or of a direction no point counted yet (a
+//! connection emitted complete before its reverse direction's record came, say in the agent's
+//! next batch), opens one more interval (so totals stay exact); a late record from any other
+//! point is ignored and counted, since its packets are already counted elsewhere.
 
 mod deadlines;
 mod packed_key;
@@ -1115,6 +1116,49 @@ mod tests {
             ("a", "veth1", 5)
         );
         assert_eq!(t.late_ignored(), 0);
+    }
+
+    /// A connection to a server outside the cluster, complete with the client pod's final
+    /// record of one direction; the other direction's record comes in the agent's next batch,
+    /// after the span went: one more interval counts it, nothing is dropped.
+    #[test]
+    fn a_direction_reported_after_an_early_emit_opens_one_more_interval() {
+        let mut t = table();
+        let mut out = Vec::new();
+        let outside = Ends { server: None };
+        let sent = observation_at(
+            "a",
+            "veth1",
+            Direction::Ingress,
+            true,
+            5,
+            EndReason::TcpClose,
+        );
+        t.apply_knowing(&sent, 100 * S, &outside);
+        t.emit_due(100 * S, &mut out);
+        assert_eq!(out.len(), 1, "complete at once");
+        assert!(out[0].flow.server_to_client.is_none());
+        let answered = observation_at(
+            "a",
+            "veth1",
+            Direction::Egress,
+            false,
+            4,
+            EndReason::TcpClose,
+        );
+        t.apply_knowing(&answered, 100 * S + 1, &outside);
+        t.emit_due(100 * S + 1, &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[1].interval.index, 1);
+        assert!(out[1].flow.client_to_server.is_none());
+        assert_eq!(out[1].flow.server_to_client.as_ref().unwrap().packets, 4);
+        assert_eq!(t.late_ignored(), 0);
+        // Both directions decided now: another view of the answer is ignored, and counted.
+        let elsewhere = observation("b", "eth0", false, 4, EndReason::TcpClose);
+        t.apply_knowing(&elsewhere, 100 * S + 2, &outside);
+        t.emit_due(110 * S, &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(t.late_ignored(), 1);
     }
 
     #[test]

@@ -318,10 +318,12 @@ impl Connection {
         })
     }
 
-    /// Whether `point` counts the direction `orientation` of this connection.
+    /// Whether `point` counts, or may yet count, the direction `orientation` of this connection:
+    /// it is the direction's decided point, or no point was decided for it (no record of that
+    /// direction came before the connection was emitted complete).
     pub fn counts_at(&self, point: PointId, orientation: Orientation) -> bool {
         let decided = self.decided_at[direction(orientation)];
-        !decided.is_none() && decided == point
+        decided.is_none() || decided == point
     }
 
     /// Keeps the connection's translation; the first one reported stands.
