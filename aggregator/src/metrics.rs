@@ -49,6 +49,8 @@ pub struct Metrics {
     shard_last_tick: Family<ShardLabel, Gauge>,
     /// Unix seconds of each shard's last tick (0: not started), for `/livez`.
     shard_ticks: Vec<AtomicU64>,
+    /// The checkpoint writer's thread ended (a panic): nothing becomes durable until a restart.
+    checkpoint_writer_gone: std::sync::atomic::AtomicBool,
     pub intervals_emitted: Counter,
     pub batches_read_back: Counter,
     pub late_records_ignored: Counter,
@@ -277,6 +279,7 @@ impl Metrics {
             tls_handshake_failures,
             shard_last_tick,
             shard_ticks: (0..SHARDS).map(|_| AtomicU64::new(0)).collect(),
+            checkpoint_writer_gone: std::sync::atomic::AtomicBool::new(false),
             intervals_emitted,
             batches_read_back,
             late_records_ignored,
@@ -294,6 +297,12 @@ impl Metrics {
         if let Some(tick) = self.shard_ticks.get(usize::from(shard)) {
             tick.store(now_seconds, Ordering::Relaxed);
         }
+    }
+
+    /// The checkpoint writer is gone: `/livez` fails from now on, so that the aggregator is
+    /// restarted and recovers what was acknowledged from its store.
+    pub fn checkpoint_writer_died(&self) {
+        self.checkpoint_writer_gone.store(true, Ordering::Relaxed);
     }
 
     /// The first shard whose last tick is more than [`STUCK_AFTER_SECONDS`] before `now_seconds`,
@@ -363,7 +372,7 @@ impl Metrics {
 /// The HTTP endpoints. `/readyz` answers ready once the agent endpoint is listening (this router
 /// is only served after that), `ready` is true (the Kubernetes metadata had its first sync) and
 /// the store's last write succeeded: "can take agent batches". `/livez` fails while a shard has
-/// stopped ticking or the store is broken for good.
+/// stopped ticking, or the store is broken for good or its checkpoint writer gone.
 pub fn router(
     metrics: std::sync::Arc<Metrics>,
     ready: tokio::sync::watch::Receiver<bool>,
@@ -391,7 +400,11 @@ pub fn router(
                 let store = store.clone();
                 move |axum::extract::State(m): axum::extract::State<std::sync::Arc<Metrics>>| {
                     let stuck = m.stuck_shard(crate::clock::unix_now() / 1_000_000_000);
-                    let broken = store.broken();
+                    let broken = store.broken().or_else(|| {
+                        m.checkpoint_writer_gone
+                            .load(Ordering::Relaxed)
+                            .then(|| "the checkpoint writer is gone".to_owned())
+                    });
                     async move {
                         let unavailable = axum::http::StatusCode::SERVICE_UNAVAILABLE;
                         match (broken, stuck) {

@@ -360,9 +360,11 @@ impl FlowShard {
             let metrics = &shard.context.metrics;
             let Ok((part, result)) = written else {
                 // The writer is gone (its thread panicked): what it held is gone from memory,
-                // not from the log (positions did not move), so a restart recovers it.
+                // not from the log (positions did not move), so a restart recovers it; `/livez`
+                // fails from now on to get that restart.
                 tracing::error!(shard = shard.id, "the checkpoint writer is gone");
                 metrics.checkpoint_failures.inc();
+                metrics.checkpoint_writer_died();
                 return;
             };
             let Part {

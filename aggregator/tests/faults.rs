@@ -2,7 +2,7 @@
 //! comes back, and on a slow one: batches are refused with a clear status while export of what
 //! is stored goes on, `/readyz` says why, the aggregator recovers by itself when writes work
 //! again, and stopping is bounded even while the disk is full. Everything acknowledged arrives
-//! exactly once.
+//! exactly once. A checkpoint writer that died fails `/livez`.
 
 use std::{
     collections::HashSet,
@@ -170,5 +170,54 @@ async fn a_slow_store_stalls_neither_export_nor_other_streams() {
         sent.elapsed()
     );
     assert_eq!(slow.ack().await, 1, "the slow write completes");
+    aggregator.shutdown().await;
+}
+
+/// A checkpoint writer that died (a bug in the store panicked its thread): nothing can become
+/// durable any more, so `/livez` fails and the orchestrator restarts the aggregator, which
+/// recovers what was acknowledged from its store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_checkpoint_writer_fails_liveness() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics_addr = free_port().await;
+    let (store, faults) = FaultyStore::wrap(SledStore::open(&dir.path().join("data")).unwrap());
+    faults.panic_on_checkpoint(true);
+    let aggregator = Aggregator::start_on(
+        AggregatorConfig {
+            metrics_listen: Some(metrics_addr),
+            ..AggregatorConfig::loopback(
+                dir.path().join("data"),
+                ExportConfig::new("http://127.0.0.1:9".to_owned()),
+            )
+        },
+        store,
+    )
+    .await
+    .unwrap();
+    assert_eq!(get(metrics_addr, "/livez").await.0, 200);
+    let mut agent = connect(aggregator.local_addr).await;
+    agent.hello("node-a", [5; 16]).await;
+    assert_eq!(agent.welcome().await, 0);
+    agent.batch(1, closed_connection(40_003)).await;
+    assert_eq!(
+        agent.ack().await,
+        1,
+        "acknowledged: durable in the batch log"
+    );
+    // The shard's checkpoint at its next tick (250 ms) finds the writer gone.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let answer = loop {
+        let answer = get(metrics_addr, "/livez").await;
+        if answer.0 != 200 || Instant::now() > deadline {
+            break answer;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(answer.0, 503, "{}", answer.1);
+    assert_eq!(
+        answer.1,
+        "the store cannot write until a restart: the checkpoint writer is gone \
+         (the restart recovers from the data on disk)\n"
+    );
     aggregator.shutdown().await;
 }
