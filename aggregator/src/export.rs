@@ -37,6 +37,9 @@
 //! **Headers** ([`OtlpHeader`]) go with every request, as gRPC metadata or HTTP headers; their
 //! values are marked sensitive and never shown.
 //!
+//! **A broken store** (an I/O error sled keeps until a restart; `/livez` fails) exports nothing:
+//! what its outbox holds may not have become durable, and the restart recovers what did.
+//!
 //! Span ids are deterministic, so a request delivered twice (an answer lost after the endpoint
 //! stored it) is deduplicated by Tempo.
 
@@ -326,6 +329,11 @@ pub enum ExportError {
     Tls(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The store cannot make anything durable until a restart (`/livez` fails meanwhile): what
+    /// its outbox holds may not be durable, and a span sent from it could differ from the one
+    /// the restart recovers under the same id. Nothing is sent until then.
+    #[error("the store is broken until a restart ({0}); nothing is exported until then")]
+    StoreBroken(String),
 }
 
 /// The exporter actor (see the module docs).
@@ -703,6 +711,9 @@ impl Exporter {
         let quota = self.config.drop_oldest_above_bytes;
         let delivered = self.delivered.clone();
         let delivery = async move {
+            if let Some(why) = store.broken() {
+                return Err(ExportError::StoreBroken(why));
+            }
             remove_delivered(&store, &delivered).await;
             drop_over_quota(&store, quota, &metrics).await?;
             metrics.outbox_requests.set(store.outbox_len() as i64);
@@ -751,6 +762,13 @@ impl Exporter {
                 let delay = self.backoff.next().unwrap_or(self.config.max_backoff);
                 tracing::warn!(endpoint = %self.config.endpoint, %why, ?delay, "export failed; will retry");
                 ctx.run_later(delay, |exporter, ctx| exporter.deliver_next(ctx));
+            }
+            Err(err @ ExportError::StoreBroken(_)) => {
+                self.metrics.export_paused.inc();
+                tracing::error!(%err);
+                ctx.run_later(Duration::from_secs(10), |exporter, ctx| {
+                    exporter.deliver_next(ctx)
+                });
             }
             Err(err) => {
                 tracing::error!(%err, "cannot read or update the outbox; retrying");

@@ -38,6 +38,7 @@ pub struct Metrics {
     pub spans_exported: Counter,
     pub spans_rejected: Family<ReasonLabel, Counter>,
     pub export_retries: Counter,
+    pub export_paused: Counter,
     pub outbox_requests: Gauge,
     pub outbox_bytes: Gauge,
     pub spans_dropped: Family<ReasonLabel, Counter>,
@@ -133,6 +134,12 @@ impl Metrics {
             "export_retries",
             "Export attempts that failed and will be retried",
             export_retries.clone(),
+        );
+        let export_paused = Counter::default();
+        registry.register(
+            "export_paused",
+            "Export attempts not made because the store is broken until a restart",
+            export_paused.clone(),
         );
         let outbox_requests = Gauge::default();
         registry.register(
@@ -270,6 +277,7 @@ impl Metrics {
             spans_exported,
             spans_rejected,
             export_retries,
+            export_paused,
             outbox_requests,
             outbox_bytes,
             spans_dropped,

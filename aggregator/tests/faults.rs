@@ -29,6 +29,15 @@ use tokio::net::TcpListener;
 
 use mermin_test_support as support;
 
+/// An OTLP/gRPC receiver on loopback: its endpoint, what it received, its task.
+async fn otlp_receiver() -> (String, Receiver, tokio::task::JoinHandle<()>) {
+    let otlp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", otlp.local_addr().unwrap());
+    let receiver = Receiver::default();
+    let task = serve(receiver.clone(), otlp).await;
+    (endpoint, receiver, task)
+}
+
 /// An export request holding one span with the given id.
 fn request_with_span(id: u8) -> Vec<u8> {
     outbox_entry(&ExportTraceServiceRequest {
@@ -50,10 +59,7 @@ fn request_with_span(id: u8) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_batches_keeps_exporting_and_recovers_by_itself() {
     let dir = tempfile::tempdir().unwrap();
-    let otlp = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", otlp.local_addr().unwrap());
-    let receiver = Receiver::default();
-    let _otlp = serve(receiver.clone(), otlp).await;
+    let (endpoint, receiver, _otlp) = otlp_receiver().await;
     let metrics_addr = free_port().await;
 
     let sled = SledStore::open(&dir.path().join("data")).unwrap();
@@ -219,5 +225,41 @@ async fn a_dead_checkpoint_writer_fails_liveness() {
         "the store cannot write until a restart: the checkpoint writer is gone \
          (the restart recovers from the data on disk)\n"
     );
+    aggregator.shutdown().await;
+}
+
+/// A store broken until a restart exports nothing (what its outbox holds may not be durable);
+/// the restart on the same data delivers what was queued, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_store_exports_nothing_until_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (endpoint, receiver, _otlp) = otlp_receiver().await;
+    let metrics_addr = free_port().await;
+    let config = || AggregatorConfig {
+        metrics_listen: Some(metrics_addr),
+        ..AggregatorConfig::loopback(dir.path().join("data"), ExportConfig::new(endpoint.clone()))
+    };
+    {
+        let sled = SledStore::open(&dir.path().join("data")).unwrap();
+        sled.outbox_push(&request_with_span(9)).await.unwrap();
+        let (store, faults) = FaultyStore::wrap(sled);
+        faults.break_for_good("Input/output error (injected)");
+        let aggregator = Aggregator::start_on(config(), store).await.unwrap();
+        let series = "mermin_aggregator_export_paused_total";
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while metric(metrics_addr, series).await == 0 {
+            assert!(Instant::now() < deadline, "no export attempt within 20 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            receiver.spans().is_empty(),
+            "nothing sent from a broken store"
+        );
+        assert_eq!(get(metrics_addr, "/livez").await.0, 503);
+        aggregator.shutdown().await;
+    }
+    let aggregator = Aggregator::start(config()).await.unwrap();
+    until("the queued span delivered", || receiver.spans().len() == 1).await;
+    assert_eq!(receiver.spans()[0].span_id, vec![9; 8]);
     aggregator.shutdown().await;
 }

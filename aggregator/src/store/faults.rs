@@ -1,6 +1,7 @@
 //! Faults on demand: a [`Storage`] that forwards to another one and, when told, delays or fails
-//! its writes — a slow disk, a full disk — for the tests and chaos runs that need one. Reads
-//! always go through. It also counts the checkpoint writes it was asked for.
+//! its writes — a slow disk, a full disk — or says it is broken until a restart, for the tests
+//! and chaos runs that need one. Reads always go through. It also counts the checkpoint writes
+//! it was asked for.
 
 use std::{
     collections::HashSet,
@@ -23,6 +24,7 @@ pub struct Faults {
     writes_fail: Arc<AtomicBool>,
     checkpoints_panic: Arc<AtomicBool>,
     checkpoint_writes: Arc<AtomicU64>,
+    broken: Arc<std::sync::OnceLock<String>>,
 }
 
 impl Faults {
@@ -41,6 +43,11 @@ impl Faults {
     /// Every checkpoint panics (a bug in the store, on its caller's thread), until `false`.
     pub fn panic_on_checkpoint(&self, panic: bool) {
         self.checkpoints_panic.store(panic, Ordering::Relaxed);
+    }
+
+    /// The store is broken until a restart, for `why` (an I/O error sled keeps for good).
+    pub fn break_for_good(&self, why: &str) {
+        let _ = self.broken.set(why.to_owned());
     }
 
     /// Calls of [`Storage::checkpoint`] so far (each may hold several shards' checkpoints).
@@ -196,6 +203,10 @@ impl Storage for FaultyStore {
     }
 
     fn broken(&self) -> Option<String> {
-        self.inner.broken()
+        self.faults
+            .broken
+            .get()
+            .cloned()
+            .or_else(|| self.inner.broken())
     }
 }

@@ -87,6 +87,9 @@ pub struct SledStore {
     /// Per agent, the first batch whose append failed after sled applied it in memory: from
     /// there on nothing counts as durable until it is written again.
     not_durable: Arc<std::sync::Mutex<HashMap<BootId, u64>>>,
+    /// Per agent, the batch whose append is under way (written, its flush not returned yet):
+    /// not durable as far as [`Storage::last_sequence`] (what a Welcome says) is concerned.
+    appending: Arc<std::sync::Mutex<HashMap<BootId, u64>>>,
     /// Held while outbox ids are taken, so that a checkpoint's ids are one unbroken range:
     /// checkpoints of different shards run at once, and sled's ids are unique but not
     /// consecutive across threads (interleaved, two ranges would overlap and one checkpoint's
@@ -146,6 +149,7 @@ impl SledStore {
             write_failure: Arc::default(),
             broken: Arc::default(),
             not_durable: Arc::default(),
+            appending: Arc::default(),
             outbox_ids: Arc::default(),
             group_commit: Arc::default(),
             positions: db.open_tree("positions")?,
@@ -716,6 +720,9 @@ impl SledStore {
             Ok(pointer) => pointer,
             Err(err) => return self.observe_write(Err(err)),
         };
+        // Marked before the agents tree says `sequence`: a Welcome meanwhile (the agent's new
+        // stream superseding this one) must not report it durable before its flush returned.
+        let mut appending = Appending::start(self, boot_id, sequence);
         let result = self.insert_append(boot_id, sequence, pointer, self.not_durable_from(boot_id));
         let written = match result {
             Ok(()) => self
@@ -724,10 +731,14 @@ impl SledStore {
                 .await
                 .map(drop)
                 .map_err(Into::into),
-            Err(err @ StoreError::OutOfOrder { .. }) => return Err(err),
+            Err(err @ StoreError::OutOfOrder { .. }) => {
+                appending.settled = true; // nothing written
+                return Err(err);
+            }
             // sled may fail a commit after applying it in memory.
             Err(err) => Err(err),
         };
+        appending.settled = true;
         let mut pending = self.not_durable.lock().unwrap_or_else(|e| e.into_inner());
         match &written {
             Ok(()) => {
@@ -747,6 +758,21 @@ impl SledStore {
         tokio::task::spawn_blocking(move || values.append(&value))
             .await
             .map_err(|joined| StoreError::Backend(format!("value log: {joined}")))?
+    }
+
+    /// The first sequence of `boot_id` not durable: its write failed (in memory only), or it is
+    /// being appended.
+    fn not_durable_yet(&self, boot_id: &BootId) -> Option<u64> {
+        let appending = self
+            .appending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(boot_id)
+            .copied();
+        match (self.not_durable_from(boot_id), appending) {
+            (Some(failed), Some(under_way)) => Some(failed.min(under_way)),
+            (failed, under_way) => failed.or(under_way),
+        }
     }
 
     /// The first sequence of `boot_id` whose write failed (in memory, not durable), if any.
@@ -800,6 +826,56 @@ impl SledStore {
     }
 }
 
+/// A batch's append under way (see `SledStore::appending`). Dropped unsettled — the append's
+/// future dropped mid-flush, a superseded stream's session ended — it leaves the batch marked
+/// not durable, as a failed flush does: the agent is told to send it again, and it is written
+/// again.
+struct Appending<'a> {
+    store: &'a SledStore,
+    boot_id: BootId,
+    sequence: u64,
+    settled: bool,
+    /// Whether this append made the mark (another one of the same agent may hold it: a stream
+    /// superseding one whose append is under way tries the same sequence, and is refused).
+    marked: bool,
+}
+
+impl<'a> Appending<'a> {
+    fn start(store: &'a SledStore, boot_id: &BootId, sequence: u64) -> Self {
+        let mut appending = lock_map(&store.appending);
+        let marked = !appending.contains_key(boot_id);
+        if marked {
+            appending.insert(*boot_id, sequence);
+        }
+        Appending {
+            store,
+            boot_id: *boot_id,
+            sequence,
+            settled: false,
+            marked,
+        }
+    }
+}
+
+impl Drop for Appending<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            lock_map(&self.store.not_durable)
+                .entry(self.boot_id)
+                .or_insert(self.sequence);
+        }
+        if self.marked {
+            lock_map(&self.store.appending).remove(&self.boot_id);
+        }
+    }
+}
+
+fn lock_map(
+    map: &std::sync::Mutex<HashMap<BootId, u64>>,
+) -> std::sync::MutexGuard<'_, HashMap<BootId, u64>> {
+    map.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Storage for SledStore {
     /// Highest durable sequence of `boot_id`; 0 if none.
     fn last_sequence(&self, boot_id: &BootId) -> Result<u64, StoreError> {
@@ -808,7 +884,7 @@ impl Storage for SledStore {
             Some(bytes) => decode_u64(&bytes)?,
         };
         Ok(self
-            .not_durable_from(boot_id)
+            .not_durable_yet(boot_id)
             .map_or(stored, |from| stored.min(from - 1)))
     }
 
@@ -955,6 +1031,39 @@ impl Storage for SledStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a Welcome reads while a batch's append is under way, and after its future was
+    /// dropped mid-flush (the agent's stream superseded): not durable, so the agent sends it
+    /// again, and then it is written again and durable.
+    #[tokio::test]
+    async fn a_batch_is_not_reported_durable_before_its_flush_returned() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open_concrete(dir.path()).unwrap();
+        let agent = [7; BOOT_ID_LEN];
+        store.bind_agent(&agent, "node-a").await.unwrap();
+        store.append_batch(&agent, &batch(1)).await.unwrap();
+        let under_way = Appending::start(&store, &agent, 2);
+        let pointer = store.values.append(batch(2).bytes()).unwrap();
+        store.insert_append(&agent, 2, pointer, None).unwrap();
+        assert_eq!(
+            store.agents.get(agent).unwrap().map(|v| v.to_vec()),
+            Some(2u64.to_be_bytes().to_vec())
+        );
+        assert_eq!(
+            store.last_sequence(&agent).unwrap(),
+            1,
+            "written, not flushed"
+        );
+        drop(under_way);
+        assert_eq!(store.last_sequence(&agent).unwrap(), 1, "dropped mid-flush");
+        store.append_batch(&agent, &batch(2)).await.unwrap();
+        assert_eq!(store.last_sequence(&agent).unwrap(), 2);
+        // A settled append leaves no mark.
+        store.append_batch(&agent, &batch(3)).await.unwrap();
+        assert_eq!(store.last_sequence(&agent).unwrap(), 3);
+        assert!(lock_map(&store.appending).is_empty());
+        assert!(lock_map(&store.not_durable).is_empty());
+    }
 
     fn batch(sequence: u64) -> BatchBytes {
         BatchBytes::encode(&mermin_protocol::agent::v1::Batch {
