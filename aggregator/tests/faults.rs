@@ -23,7 +23,7 @@ use support::{
     http::{get, metric},
     otlp::{Receiver, serve},
     process::free_port,
-    until,
+    reopen, until,
 };
 use tokio::net::TcpListener;
 
@@ -258,7 +258,13 @@ async fn a_broken_store_exports_nothing_until_a_restart() {
         assert_eq!(get(metrics_addr, "/livez").await.0, 503);
         aggregator.shutdown().await;
     }
-    let aggregator = Aggregator::start(config()).await.unwrap();
+    // Its database is free once the stopped aggregator's last handle goes.
+    let store = reopen(&dir.path().join("data")).await;
+    let restarted = AggregatorConfig {
+        metrics_listen: None,
+        ..config()
+    };
+    let aggregator = Aggregator::start_on(restarted, store).await.unwrap();
     until("the queued span delivered", || receiver.spans().len() == 1).await;
     assert_eq!(receiver.spans()[0].span_id, vec![9; 8]);
     aggregator.shutdown().await;
