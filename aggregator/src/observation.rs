@@ -45,26 +45,6 @@ pub struct Counts {
     pub first_tcp_flags: u32,
 }
 
-impl Counts {
-    /// Adds a later interval of the same direction at the same point.
-    pub fn merge(&mut self, later: &Counts) {
-        if self.packets == 0 && self.first_seen_unix_nanos == 0 {
-            *self = *later;
-            return;
-        }
-        // Validated records cannot get near u64::MAX (see `MAX_BYTES_PER_SECOND`); saturate
-        // rather than wrap all the same.
-        self.packets = self.packets.saturating_add(later.packets);
-        self.bytes = self.bytes.saturating_add(later.bytes);
-        self.tcp_flags |= later.tcp_flags;
-        if later.first_seen_unix_nanos < self.first_seen_unix_nanos {
-            self.first_seen_unix_nanos = later.first_seen_unix_nanos;
-            self.first_tcp_flags = later.first_tcp_flags;
-        }
-        self.last_seen_unix_nanos = self.last_seen_unix_nanos.max(later.last_seen_unix_nanos);
-    }
-}
-
 /// A record, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Observation {
@@ -692,28 +672,5 @@ mod tests {
                 u64::MAX
             ))
         );
-    }
-
-    #[test]
-    fn merging_keeps_the_earliest_first_packet() {
-        let mut a = Counts {
-            packets: 2,
-            bytes: 100,
-            first_seen_unix_nanos: 50,
-            last_seen_unix_nanos: 60,
-            tcp_flags: 0x10,
-            first_tcp_flags: 0x10,
-        };
-        a.merge(&Counts {
-            packets: 1,
-            bytes: 60,
-            first_seen_unix_nanos: 40,
-            last_seen_unix_nanos: 45,
-            tcp_flags: 0x02,
-            first_tcp_flags: 0x02,
-        });
-        assert_eq!((a.packets, a.bytes), (3, 160));
-        assert_eq!((a.first_seen_unix_nanos, a.last_seen_unix_nanos), (40, 60));
-        assert_eq!((a.tcp_flags, a.first_tcp_flags), (0x12, 0x02));
     }
 }

@@ -29,7 +29,8 @@
 //!
 //! One trait, not one per part, because a checkpoint spans three parts in one atomic write.
 //! Writes an agent or the exporter waits for are async; the checkpoint and the reads are
-//! blocking calls (callers run checkpoints on the blocking pool). [`SledStore`] is the
+//! blocking calls (checkpoints run on the checkpoint writer's thread; a read of a stored batch
+//! may touch the disk). [`SledStore`] is the
 //! implementation today (`sled`); the replication issue adds one on openraft. Integer keys are
 //! big-endian so that scans run in order.
 

@@ -920,7 +920,7 @@ impl Storage for SledStore {
     }
 
     /// Writes a shard's checkpoint atomically and durably, then drops the batches every shard
-    /// is past. Blocking: callers run it on the blocking pool. `positions` holds only the agents
+    /// is past. Blocking: it runs on the checkpoint writer's thread. `positions` holds only the agents
     /// whose position moved since the shard's last checkpoint.
     fn checkpoint(&self, checkpoints: &[Checkpoint<'_>]) -> Result<(), StoreError> {
         if self.write_failure().is_some() {
@@ -947,8 +947,8 @@ impl Storage for SledStore {
         let result = self.write_checkpoints(checkpoints);
         let result = self.observe_write(result);
         if self.write_failure().is_none() {
-            // A reserve a full disk took is put back once there is room: here, on the blocking
-            // pool (one atomic load while it is in place).
+            // A reserve a full disk took is put back once there is room: here, on the
+            // checkpoint writer's thread (one atomic load while it is in place).
             self.values.keep_reserve();
         }
         result
