@@ -44,8 +44,17 @@ pub enum AgentError {
     Sink(#[from] SinkError),
     #[error("collector: {0}")]
     Collector(CaptureError),
-    #[error("{0}")]
-    Runtime(std::io::Error),
+    /// Setting up the process: `what` failed (the runtime, a thread, a signal handler).
+    #[error("{what}: {source}")]
+    Runtime {
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// An [`AgentError::Runtime`] for `what`.
+fn setting_up(what: &'static str) -> impl FnOnce(std::io::Error) -> AgentError {
+    move |source| AgentError::Runtime { what, source }
 }
 
 impl AgentError {
@@ -80,7 +89,7 @@ pub fn run(config: Config) -> Result<(), AgentError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(AgentError::Runtime)?;
+        .map_err(setting_up("starting the async runtime"))?;
     runtime.block_on(run_async(config))
 }
 
@@ -162,7 +171,7 @@ async fn run_async(config: Config) -> Result<(), AgentError> {
                 let _ = collector_done_tx.send(());
                 result
             })
-            .map_err(AgentError::Runtime)?
+            .map_err(setting_up("starting the collector thread"))?
     };
 
     let stop_watcher = Arc::new(AtomicBool::new(false));
@@ -187,10 +196,10 @@ async fn run_async(config: Config) -> Result<(), AgentError> {
 
     let stall_ns = (config.scan_interval * 10).as_nanos() as u64;
     let server = axum::serve(listener, metrics::router(metrics.clone(), stall_ns));
-    let mut sigterm =
-        tokio::signal::unix::signal(SignalKind::terminate()).map_err(AgentError::Runtime)?;
-    let mut sigint =
-        tokio::signal::unix::signal(SignalKind::interrupt()).map_err(AgentError::Runtime)?;
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())
+        .map_err(setting_up("handling SIGTERM"))?;
+    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())
+        .map_err(setting_up("handling SIGINT"))?;
     tokio::select! {
         _ = sigterm.recv() => tracing::info!("SIGTERM: stopping"),
         _ = sigint.recv() => tracing::info!("SIGINT: stopping"),

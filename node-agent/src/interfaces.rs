@@ -5,6 +5,12 @@
 //! reconciles: attach to each matching interface not yet attached, detach from each attached one
 //! that vanished or was renamed out of the patterns. The notification is only a trigger; the
 //! truth is always a fresh listing, so a lost or coalesced notification cannot leave a gap.
+//!
+//! The programs read an Ethernet header first, so only Ethernet interfaces get them: one
+//! without a link-layer header (WireGuard's `cilium_wg0`, `flannel-wg`, a tun device) would
+//! have its addresses read as one, and is skipped, logged and counted. An attach that fails
+//! (a CNI racing for the same hook, a transient error) is tried again 1 s later, then after
+//! twice as long each time up to a minute, for as long as the interface keeps its name.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -117,6 +123,8 @@ pub enum WatchError {
     Netlink(io::Error),
     #[error("listing interfaces: {0}")]
     List(io::Error),
+    #[error("starting the interface watcher's thread: {0}")]
+    Thread(io::Error),
     #[error("the interface watcher stopped before it started")]
     Vanished,
 }
@@ -146,7 +154,7 @@ pub fn spawn_watcher(
             let _ = started_tx.send(Ok(()));
             watcher.run(&stop);
         })
-        .map_err(WatchError::Netlink)?;
+        .map_err(WatchError::Thread)?;
     match started_rx.recv() {
         Ok(Ok(())) => Ok(handle),
         Ok(Err(err)) => {
@@ -163,9 +171,15 @@ struct Watcher {
     names: InterfaceNames,
     metrics: Arc<Metrics>,
     netlink: OwnedFd,
-    /// Interfaces whose attach failed, not retried until they change.
-    failed: HashSet<(u32, String)>,
+    /// Interfaces whose attach failed: when to try again, and the wait after that.
+    failed: HashMap<(u32, String), (Instant, Duration)>,
+    /// Interfaces that match but have no Ethernet header, skipped while they keep their name.
+    skipped: HashSet<(u32, String)>,
 }
+
+/// The first wait before an attach that failed is tried again, and the longest.
+const ATTACH_RETRY_FIRST: Duration = Duration::from_secs(1);
+const ATTACH_RETRY_MAX: Duration = Duration::from_secs(60);
 
 impl Watcher {
     fn start(
@@ -186,7 +200,8 @@ impl Watcher {
             names,
             metrics,
             netlink,
-            failed: HashSet::new(),
+            failed: HashMap::new(),
+            skipped: HashSet::new(),
         };
         watcher.reconcile()?;
         Ok(watcher)
@@ -221,23 +236,55 @@ impl Watcher {
             tracing::info!(index, "detached from vanished or renamed interface");
         }
         self.failed
+            .retain(|(index, name), _| present.get(index) == Some(name));
+        self.skipped
             .retain(|(index, name)| present.get(index) == Some(name));
-        self.names.update(&present, Instant::now());
+        let now = Instant::now();
+        self.names.update(&present, now);
 
         let attached: HashSet<u32> = self.programs.attached().map(|(i, _)| i).collect();
         for (index, name) in &present {
+            let interface = (*index, name.clone());
+            let waiting = self
+                .failed
+                .get(&interface)
+                .is_some_and(|(retry_at, _)| now < *retry_at);
             if attached.contains(index)
                 || !self.filter.matches(name)
-                || self.failed.contains(&(*index, name.clone()))
+                || waiting
+                || self.skipped.contains(&interface)
             {
                 continue;
             }
+            match link_type(name) {
+                Ok(libc::ARPHRD_ETHER) => {}
+                Ok(other) => {
+                    tracing::info!(interface = %name, index, link_type = other, "skipped: no Ethernet header for the programs to read");
+                    self.metrics.interfaces_skipped.inc();
+                    self.skipped.insert(interface);
+                    continue;
+                }
+                // Gone since the listing, most likely: the next reconcile sees.
+                Err(err) => {
+                    tracing::debug!(interface = %name, %err, "reading the link type");
+                    continue;
+                }
+            }
             match self.programs.attach(*index, name) {
-                Ok(()) => tracing::info!(interface = %name, index, "attached"),
+                Ok(()) => {
+                    self.failed.remove(&interface);
+                    tracing::info!(interface = %name, index, "attached")
+                }
                 Err(err) => {
                     self.metrics.attach_errors.inc();
-                    self.failed.insert((*index, name.clone()));
-                    tracing::warn!(%err, "attach failed");
+                    let wait = self
+                        .failed
+                        .get(&interface)
+                        .map_or(ATTACH_RETRY_FIRST, |(_, wait)| {
+                            (*wait * 2).min(ATTACH_RETRY_MAX)
+                        });
+                    tracing::warn!(interface = %name, %err, retry_in = ?wait, "attach failed");
+                    self.failed.insert(interface, (now + wait, wait));
                 }
             }
         }
@@ -251,6 +298,34 @@ impl Drop for Watcher {
     fn drop(&mut self) {
         self.programs.detach_all();
     }
+}
+
+/// The link type (`ARPHRD_*`) of interface `name` in the calling thread's network namespace.
+fn link_type(name: &str) -> io::Result<u16> {
+    /// `SIOCGIFHWADDR` (linux/sockios.h).
+    const GET_HARDWARE_ADDRESS: libc::c_ulong = 0x8927;
+    // SAFETY: a plain socket call; the descriptor is owned from here on.
+    let socket = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if socket < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `socket` is a fresh descriptor nobody else owns.
+    let socket = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(socket) };
+    // SAFETY: all-zero is a valid ifreq.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.len() >= request.ifr_name.len() {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    for (to, from) in request.ifr_name.iter_mut().zip(name.bytes()) {
+        *to = from as libc::c_char;
+    }
+    // SAFETY: the request is a valid ifreq naming the interface, NUL-terminated (zeroed).
+    let done = unsafe { libc::ioctl(socket.as_raw_fd(), GET_HARDWARE_ADDRESS as _, &mut request) };
+    if done < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFHWADDR fills the hardware address member of the union.
+    Ok(unsafe { request.ifr_ifru.ifru_hwaddr.sa_family })
 }
 
 /// Interfaces of the calling thread's network namespace: index → name.

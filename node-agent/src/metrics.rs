@@ -38,6 +38,7 @@ pub struct Metrics {
     pub tracked_flows: Gauge,
     pub attached_interfaces: Gauge,
     pub attach_errors: Counter,
+    pub interfaces_skipped: Counter,
     pub scans: Counter,
     pub sink_backpressure: Counter,
     pub sink_reconnects: Counter,
@@ -121,6 +122,12 @@ impl Metrics {
             "Failed attempts to attach to an interface",
             attach_errors.clone(),
         );
+        let interfaces_skipped = Counter::default();
+        registry.register(
+            "interfaces_skipped",
+            "Interfaces that match the patterns but have no Ethernet header (not attached)",
+            interfaces_skipped.clone(),
+        );
         let scans = Counter::default();
         registry.register("scans", "Flow table swaps", scans.clone());
         let sink_backpressure = Counter::default();
@@ -172,6 +179,7 @@ impl Metrics {
             tracked_flows,
             attached_interfaces,
             attach_errors,
+            interfaces_skipped,
             scans,
             sink_backpressure,
             sink_reconnects,

@@ -484,6 +484,23 @@ fn interface_created_later_is_attached_within_a_second() {
     assert_eq!(request.delta_packets, 2);
 }
 
+/// A tun device (no link-layer header, as WireGuard's) that matches the patterns is skipped and
+/// counted; the veth next to it is attached.
+#[test]
+fn an_interface_without_an_ethernet_header_is_skipped() {
+    let node = Netns::new();
+    let peer = Netns::new();
+    node.ip(&["tuntap", "add", "dev", "late-tun", "mode", "tun"]);
+    let _veth = link(&node, "late0", &peer, "p0", LinkOptions::default());
+    let agent = Agent::start(&node, "late*", &[]);
+    assert_eq!(agent.metric("mermin_agent_attached_interfaces"), Some(1));
+    assert_eq!(
+        agent.metric("mermin_agent_interfaces_skipped_total"),
+        Some(1)
+    );
+    assert_eq!(agent.metric("mermin_agent_attach_errors_total"), Some(0));
+}
+
 #[test]
 fn same_node_pod_to_pod_is_seen_once_at_each_of_two_points() {
     // Node namespace routes between two pod namespaces over two veths.
