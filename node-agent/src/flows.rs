@@ -13,7 +13,9 @@
 //! the close timeout is only the bound for flows whose other direction this point never sees,
 //! or whose last ACK never comes. A finished TCP flow leaves a tombstone for
 //! the close timeout: packets that arrive after it (a retransmitted FIN or final ACK) are reported
-//! as one more record of that flow (same start, next sequence), never as a new flow.
+//! as one more record of that flow (same start, next sequence), never as a new flow. A flow
+//! evicted idle or under pressure leaves one too, but its connection may live on: a packet
+//! resumes the flow as it was (same start, next sequence, reported by its timeouts).
 //!
 //! **Work per scan follows what changed, not what is tracked.** Each flow has a deadline (its idle
 //! or close timeout, or its active timeout while it has unreported counts) in a queue of time
@@ -247,6 +249,10 @@ struct Tombstone {
     first_tcp_flags: u32,
     next_sequence: u64,
     until: u64,
+    /// The flow ended with its connection (`TcpClose`): a packet after it is a late one of a
+    /// finished connection, reported at once. Otherwise (evicted idle or under pressure) the
+    /// connection may live on, and a packet resumes the flow as it was.
+    closed: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -430,11 +436,12 @@ impl FlowTracker {
             let state = if opens {
                 FlowState::new(first, first_flags, last, 0)
             } else {
-                // A late packet of a finished connection: one more record of that flow.
+                // A late packet of a finished connection: one more record of that flow. After
+                // an eviction the flow simply goes on (reported by its timeouts again).
                 let mut state =
                     FlowState::new(t.flow_start, t.first_tcp_flags, last, t.next_sequence);
-                state.closing = true;
-                state.late = true;
+                state.closing = t.closed;
+                state.late = t.closed;
                 state
             };
             *tracked = Tracked::Flow(state);
@@ -679,6 +686,7 @@ fn end(
             first_tcp_flags: state.first_tcp_flags,
             next_sequence: state.sequence,
             until,
+            closed: reason == Reason::TcpClose,
         });
         if queued != Some(until) {
             deadlines.push(Deadline {
@@ -1001,6 +1009,44 @@ mod tests {
         assert_eq!(ports, [0, 1, 2]);
         assert!(out.iter().all(|r| r.reason == Reason::TablePressure));
         assert_eq!(tracker.len(), 9);
+    }
+
+    /// A busy TCP connection evicted under pressure lives on: its next packet resumes the flow
+    /// (same start, next sequence), reported by its timeouts again, not as a close at each scan.
+    #[test]
+    fn a_tcp_flow_evicted_under_pressure_resumes_with_its_next_packet() {
+        let mut tracker = FlowTracker::new(timeouts(), 10);
+        let mut out = Vec::new();
+        let busy = key(IPPROTO_TCP, 100);
+        let ack = tcp_flags::ACK;
+        tracker.absorb(&busy, &stats(5, 500, 0, 10, tcp_flags::SYN | ack), &mut out);
+        for port in 0..11u16 {
+            let t = 1000 + u64::from(port);
+            tracker.absorb(&key(IPPROTO_UDP, port), &stats(1, 50, t, t, 0), &mut out);
+        }
+        tracker.evict(20_000, &mut out);
+        let evicted: Vec<&Report> = out.iter().filter(|r| r.key == busy).collect();
+        assert_eq!(evicted.len(), 1);
+        assert_eq!(evicted[0].reason, Reason::TablePressure);
+        assert_eq!(tracker.tombstones(), 1);
+        out.clear();
+        tracker.absorb(&busy, &stats(2, 200, S, S, ack), &mut out);
+        tracker.evict(S + S / 10, &mut out);
+        assert!(
+            out.iter().all(|r| r.key != busy),
+            "reported as a close: {out:?}"
+        );
+        tracker.flush(&mut out);
+        let resumed = out.iter().find(|r| r.key == busy).unwrap();
+        assert_eq!(
+            (
+                resumed.flow_start_ns,
+                resumed.sequence,
+                resumed.delta_packets,
+                resumed.reason
+            ),
+            (0, 1, 2, Reason::AgentShutdown)
+        );
     }
 
     #[test]
