@@ -38,6 +38,13 @@ pub fn anonymous(dir: &Path) -> io::Result<File> {
     Ok(file)
 }
 
+/// Another handle of the anonymous file `file`, at its start, with an offset of its own (a
+/// `try_clone` would share the offset, and reading one would move the other).
+pub fn reopen(file: &File) -> io::Result<File> {
+    use std::os::fd::AsRawFd;
+    File::open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+}
+
 fn frame(out: &mut impl Write, kind: u8, bytes: &[u8]) -> io::Result<()> {
     let len = u32::try_from(bytes.len())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a snapshot entry over 4 GiB"))?;

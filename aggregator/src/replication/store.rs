@@ -191,6 +191,10 @@ pub struct StoreMachine {
     current: Arc<RwLock<Arc<SledStore>>>,
     /// Where snapshot files are made (anonymous: see `snapshot`).
     snapshots: PathBuf,
+    /// The last snapshot built or installed, which `get_current_snapshot` hands out (a handle
+    /// of its own each time): openraft asks for it on its state-machine worker, which applying
+    /// waits for, so it must not be built there.
+    latest: Arc<Mutex<Option<(SnapshotMeta<ReplicaId, BasicNode>, std::fs::File)>>>,
 }
 
 fn io_error(e: impl std::fmt::Display) -> Error {
@@ -208,6 +212,7 @@ impl StoreMachine {
             meta,
             current: Arc::new(RwLock::new(Arc::new(store))),
             snapshots,
+            latest: Arc::default(),
         })
     }
 
@@ -261,14 +266,30 @@ impl RaftSnapshotBuilder<StoreGroup> for StoreMachine {
                 .map_err(io_error)?
                 .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
         let snapshot_id = super::snapshot_id(last_log_id.as_ref(), size);
+        let meta = SnapshotMeta {
+            last_log_id,
+            last_membership,
+            snapshot_id,
+        };
+        let handed = snapshot::reopen(&file).map_err(io_error)?;
+        self.keep_latest(&meta, file);
         Ok(Snapshot {
-            meta: SnapshotMeta {
-                last_log_id,
-                last_membership,
-                snapshot_id,
-            },
-            snapshot: Box::new(tokio::fs::File::from_std(file)),
+            meta,
+            snapshot: Box::new(tokio::fs::File::from_std(handed)),
         })
+    }
+}
+
+impl StoreMachine {
+    fn keep_latest(&self, meta: &SnapshotMeta<ReplicaId, BasicNode>, file: std::fs::File) {
+        let mut latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+        // Built while another was installed (or the other way round): the later one stays.
+        if latest
+            .as_ref()
+            .is_none_or(|(kept, _)| kept.last_log_id <= meta.last_log_id)
+        {
+            *latest = Some((meta.clone(), file));
+        }
     }
 }
 
@@ -321,6 +342,7 @@ impl RaftStateMachine<StoreGroup> for StoreMachine {
     ) -> Result<(), Error> {
         let file = snapshot.into_std().await;
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let kept = snapshot::reopen(&file).map_err(io_error)?;
         let (db, trees) = (self.db.clone(), self.store_trees());
         tokio::task::spawn_blocking(move || {
             for name in trees {
@@ -338,6 +360,7 @@ impl RaftStateMachine<StoreGroup> for StoreMachine {
         // The local store's counts and change-log numbers are read from the trees at open.
         let reopened = SledStore::on_db(self.db.clone()).map_err(io_error)?;
         *self.current.write().expect("store lock") = Arc::new(reopened);
+        self.keep_latest(meta, kept);
         tracing::info!(
             bytes = size,
             up_to = ?meta.last_log_id.map(|id| id.index),
@@ -347,11 +370,23 @@ impl RaftStateMachine<StoreGroup> for StoreMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<StoreGroup>>, Error> {
-        // Built when asked: the state as applied now is as good a snapshot as the last one.
-        if self.applied()?.0.is_none() {
-            return Ok(None);
+        let latest = {
+            let latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+            match latest.as_ref() {
+                Some((meta, file)) => Some((meta.clone(), snapshot::reopen(file))),
+                None => None,
+            }
+        };
+        match latest {
+            Some((meta, handed)) => Ok(Some(Snapshot {
+                meta,
+                snapshot: Box::new(tokio::fs::File::from_std(handed.map_err(io_error)?)),
+            })),
+            // None built since this replica started: one is built now, once (the state as
+            // applied now is as good a snapshot as the last one).
+            None if self.applied()?.0.is_some() => self.build_snapshot().await.map(Some),
+            None => Ok(None),
         }
-        self.build_snapshot().await.map(Some)
     }
 }
 
@@ -680,11 +715,38 @@ mod tests {
         .unwrap();
         let snapshot = from.build_snapshot().await.unwrap();
         assert_eq!(snapshot.meta.last_log_id.map(|id| id.index), Some(3));
+        // What a lagging follower is sent later is the one built, not one built on openraft's
+        // worker: the same meta after more entries, each handle reading it whole on its own.
+        from.apply([entry(
+            4,
+            StoreCommand::Push {
+                request: vec![1; 10],
+            },
+        )])
+        .await
+        .unwrap();
+        let mut current = Vec::new();
+        for _ in 0..2 {
+            let mut sent = from.get_current_snapshot().await.unwrap().unwrap();
+            assert_eq!(sent.meta, snapshot.meta);
+            let mut bytes = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut sent.snapshot, &mut bytes)
+                .await
+                .unwrap();
+            current.push(bytes);
+        }
+        assert_eq!(current[0], current[1]);
+        assert_eq!(
+            current[0].len() as u64,
+            snapshot.snapshot.metadata().await.unwrap().len()
+        );
 
         let mut to = open(to_dir.path());
         to.install_snapshot(&snapshot.meta, snapshot.snapshot)
             .await
             .unwrap();
+        let installed = to.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(installed.meta, snapshot.meta, "kept as the current one");
         let store = to.store();
         assert_eq!(store.last_sequence(&boot_id).unwrap(), 1);
         assert_eq!(store.batch(&boot_id, 1).unwrap(), Some(batch));
