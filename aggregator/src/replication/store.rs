@@ -194,8 +194,11 @@ pub struct StoreMachine {
     /// The last snapshot built or installed, which `get_current_snapshot` hands out (a handle
     /// of its own each time): openraft asks for it on its state-machine worker, which applying
     /// waits for, so it must not be built there.
-    latest: Arc<Mutex<Option<(SnapshotMeta<ReplicaId, BasicNode>, std::fs::File)>>>,
+    latest: Arc<Mutex<Option<KeptSnapshot>>>,
 }
+
+/// A snapshot's meta and its (anonymous) file.
+type KeptSnapshot = (SnapshotMeta<ReplicaId, BasicNode>, std::fs::File);
 
 fn io_error(e: impl std::fmt::Display) -> Error {
     StorageIOError::write_state_machine(&StoreError::Backend(e.to_string())).into()
@@ -372,10 +375,9 @@ impl RaftStateMachine<StoreGroup> for StoreMachine {
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<StoreGroup>>, Error> {
         let latest = {
             let latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
-            match latest.as_ref() {
-                Some((meta, file)) => Some((meta.clone(), snapshot::reopen(file))),
-                None => None,
-            }
+            latest
+                .as_ref()
+                .map(|(meta, file)| (meta.clone(), snapshot::reopen(file)))
         };
         match latest {
             Some((meta, handed)) => Ok(Some(Snapshot {
