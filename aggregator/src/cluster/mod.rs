@@ -27,7 +27,9 @@ use self::{
 use crate::{
     metrics::{EndpointReasonLabel, Metrics},
     pipeline::{Aggregator, AggregatorConfig, ServerTlsConfig, StartError},
-    replication::{RaftTuning, Replica, ReplicaTls, ReplicationError, identity},
+    replication::{
+        RaftTuning, Replica, ReplicaTls, ReplicationError, identity, start_over_if_half_installed,
+    },
 };
 
 /// How often a replica that is not yet a member asks its peers again.
@@ -82,6 +84,7 @@ pub async fn run(
     cluster: ClusterConfig,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), ClusterError> {
+    start_over_if_half_installed(&config.data_dir)?;
     let id = identity(&config.data_dir, cluster.ordinal)?;
     let listener =
         TcpListener::bind(cluster.listen)

@@ -27,7 +27,9 @@ mod replica;
 mod snapshot;
 pub mod store;
 
-pub use self::replica::{RaftTuning, Replica, ReplicaTls, identity, ordinal, take_out};
+pub use self::replica::{
+    RaftTuning, Replica, ReplicaTls, identity, ordinal, start_over_if_half_installed, take_out,
+};
 
 /// A replica's Raft node id: its StatefulSet ordinal in the upper 32 bits, the incarnation of
 /// its data dir in the lower ([`identity`]).

@@ -365,6 +365,35 @@ pub fn identity(data_dir: &Path, ordinal: u32) -> Result<ReplicaId, ReplicationE
     }
 }
 
+/// A replica whose store was cut short while installing a snapshot (see
+/// `store::half_installed`) has no usable store, and no log replayed over it can fix it: it
+/// starts over as a new member, as a replica that lost its disk does — its data dir emptied,
+/// a new incarnation joining, its old identity leaving when the new one is admitted. Returns
+/// whether it did.
+pub fn start_over_if_half_installed(data_dir: &Path) -> Result<bool, ReplicationError> {
+    if !super::store::half_installed(&data_dir.join("store"))? {
+        return Ok(false);
+    }
+    tracing::error!(
+        data_dir = %data_dir.display(),
+        "the store was cut short while installing a snapshot: starting over as a new member"
+    );
+    for name in ["replica-id", "replica", "store"] {
+        let path = data_dir.join(name);
+        let removed = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        match removed {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(ReplicationError::Start(format!("{}: {e}", path.display()))),
+        }
+    }
+    Ok(true)
+}
+
 /// Writes `path` (in `dir`) whole or not at all, surviving a power loss once this returns: a
 /// temporary file synced, renamed over `path`, then the directory synced. A torn `replica-id`
 /// would keep the replica from starting until someone repaired its data directory.
@@ -777,5 +806,46 @@ impl Replica {
             task.abort();
             let _ = task.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store cut short while it installed a snapshot (the marker left behind): the replica
+    /// empties its data dir and comes back as a new incarnation of its ordinal. An intact data
+    /// dir is left alone.
+    #[test]
+    fn a_half_installed_store_starts_the_replica_over_as_a_new_member() {
+        let dir = tempfile::tempdir().unwrap();
+        let before = identity(dir.path(), 2).unwrap();
+        {
+            let db = sled::Config::new()
+                .path(dir.path().join("store"))
+                .open()
+                .unwrap();
+            db.insert(b"a store tree entry", b"kept").unwrap();
+            db.flush().unwrap();
+        }
+        assert!(!start_over_if_half_installed(dir.path()).unwrap());
+        assert_eq!(identity(dir.path(), 2).unwrap(), before);
+        {
+            let db = sled::Config::new()
+                .path(dir.path().join("store"))
+                .open()
+                .unwrap();
+            let machine = db.open_tree(super::super::store::MACHINE_TREE).unwrap();
+            machine
+                .insert(super::super::store::INSTALLING, b"1-7-4096".as_slice())
+                .unwrap();
+            db.flush().unwrap();
+        }
+        assert!(start_over_if_half_installed(dir.path()).unwrap());
+        assert!(!dir.path().join("store").exists());
+        let after = identity(dir.path(), 2).unwrap();
+        assert_ne!(after, before, "a new incarnation");
+        assert_eq!(ordinal(after), 2);
+        assert!(!start_over_if_half_installed(dir.path()).unwrap());
     }
 }

@@ -113,7 +113,10 @@ type Error = StorageError<ReplicaId>;
 type Membership = StoredMembership<ReplicaId, BasicNode>;
 
 const APPLIED: &[u8] = b"applied";
-const MACHINE_TREE: &str = "raft/store/machine";
+/// Present while a snapshot is being installed (its id): the store's trees are then neither the
+/// old state nor the new one.
+pub(super) const INSTALLING: &[u8] = b"installing";
+pub(super) const MACHINE_TREE: &str = "raft/store/machine";
 
 /// Applies `command`, the entry at `index`, to `store`.
 fn apply(store: &SledStore, index: u64, command: &StoreCommand) -> Result<StoreAnswer, StoreError> {
@@ -202,6 +205,17 @@ type KeptSnapshot = (SnapshotMeta<ReplicaId, BasicNode>, std::fs::File);
 
 fn io_error(e: impl std::fmt::Display) -> Error {
     StorageIOError::write_state_machine(&StoreError::Backend(e.to_string())).into()
+}
+
+/// Whether the store database at `path` was cut short while it installed a snapshot (a crash
+/// between clearing its trees and the end): then it holds neither the old state nor the new,
+/// and no log replayed over it can make it right.
+pub fn half_installed(path: &std::path::Path) -> Result<bool, sled::Error> {
+    if !path.exists() {
+        return Ok(false);
+    }
+    let db = sled::Config::new().path(path).open()?;
+    Ok(db.open_tree(MACHINE_TREE)?.contains_key(INSTALLING)?)
 }
 
 impl StoreMachine {
@@ -346,6 +360,12 @@ impl RaftStateMachine<StoreGroup> for StoreMachine {
         let file = snapshot.into_std().await;
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
         let kept = snapshot::reopen(&file).map_err(io_error)?;
+        // Durable before the first tree is cleared: a crash from here until the marker goes
+        // leaves a store that is neither the old state nor the new (see `half_installed`).
+        self.meta
+            .insert(INSTALLING, meta.snapshot_id.as_bytes())
+            .map_err(io_error)?;
+        self.db.flush_async().await.map_err(io_error)?;
         let (db, trees) = (self.db.clone(), self.store_trees());
         tokio::task::spawn_blocking(move || {
             for name in trees {
@@ -359,6 +379,7 @@ impl RaftStateMachine<StoreGroup> for StoreMachine {
         .map_err(io_error)?
         .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         self.set_applied(&(meta.last_log_id, meta.last_membership.clone()))?;
+        self.meta.remove(INSTALLING).map_err(io_error)?;
         self.db.flush_async().await.map_err(io_error)?;
         // The local store's counts and change-log numbers are read from the trees at open.
         let reopened = SledStore::on_db(self.db.clone()).map_err(io_error)?;
@@ -747,6 +768,10 @@ mod tests {
         to.install_snapshot(&snapshot.meta, snapshot.snapshot)
             .await
             .unwrap();
+        assert!(
+            !to.meta.contains_key(super::INSTALLING).unwrap(),
+            "installed whole"
+        );
         let installed = to.get_current_snapshot().await.unwrap().unwrap();
         assert_eq!(installed.meta, snapshot.meta, "kept as the current one");
         let store = to.store();
