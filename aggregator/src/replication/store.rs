@@ -215,7 +215,7 @@ pub fn half_installed(path: &std::path::Path) -> Result<bool, sled::Error> {
         return Ok(false);
     }
     let db = sled::Config::new().path(path).open()?;
-    Ok(db.open_tree(MACHINE_TREE)?.contains_key(INSTALLING)?)
+    db.open_tree(MACHINE_TREE)?.contains_key(INSTALLING)
 }
 
 impl StoreMachine {
