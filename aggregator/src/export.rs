@@ -721,10 +721,14 @@ impl Exporter {
             // Delivered requests go oldest first, so those not removed yet are the oldest ones:
             // the next to deliver is the first after them.
             let skipped = lock(&delivered).last().copied();
-            let next = match skipped {
-                Some(after) => store.outbox_after(after, 1)?,
-                None => store.outbox_oldest(1)?,
-            };
+            // Read on the blocking pool: the request comes from the value log on disk.
+            let reader = store.clone();
+            let next = tokio::task::spawn_blocking(move || match skipped {
+                Some(after) => reader.outbox_after(after, 1),
+                None => reader.outbox_oldest(1),
+            })
+            .await
+            .map_err(|joined| StoreError::Backend(joined.to_string()))??;
             let Some((id, bytes)) = next.into_iter().next() else {
                 return Ok(None);
             };

@@ -624,11 +624,13 @@ impl<S: BatchSink> Worker<S> {
             // Already durable (a replay after reconnect): acknowledge again, apply nothing —
             // if it is the same batch. The log may have dropped it already (every shard applied
             // it); then there is nothing left to compare with.
-            if let Some(stored) = self
-                .ingest
-                .store
-                .batch(&agent.boot_id, sequence)
-                .map_err(internal)?
+            // Read on the blocking pool: the store may read it from disk.
+            let (store, boot_id) = (self.ingest.store.clone(), agent.boot_id);
+            let stored = tokio::task::spawn_blocking(move || store.batch(&boot_id, sequence))
+                .await
+                .map_err(|joined| Status::internal(joined.to_string()))?
+                .map_err(internal)?;
+            if let Some(stored) = stored
                 && !stored.same_content(&batch)
             {
                 self.ingest.metrics.batches_conflicting.inc();

@@ -27,7 +27,7 @@ use std::{
 
 use std::io::IsTerminal as _;
 
-use mermin_protocol::display::flow_line;
+use mermin_protocol::{display::flow_line, wire::read::BatchBytes};
 
 use crate::{
     actors::ActorRuntime,
@@ -184,12 +184,41 @@ impl Handler<Apply> for FlowShard {
 
     /// Applies the part, in sequence: a part this shard is already past is ignored (it was
     /// applied, or recovered from the log), and parts it never got (their session ended while
-    /// this mailbox was full) are first read back from the batch log.
-    fn handle(&mut self, Apply(batch): Apply, _: &mut Context<Self>) {
+    /// this mailbox was full) are first read back from the batch log — on the blocking pool,
+    /// the shard taking no other message until they and this part are applied.
+    fn handle(&mut self, Apply(batch): Apply, ctx: &mut Context<Self>) {
         let applied = self.positions.get(&batch.boot_id).copied().unwrap_or(0);
         if batch.sequence <= applied {
             return;
         }
+        if applied + 1 == batch.sequence {
+            self.apply_part(&[], batch);
+            return;
+        }
+        let (store, boot_id) = (self.context.store.clone(), batch.boot_id);
+        let missed = applied + 1..batch.sequence;
+        let read = tokio::task::spawn_blocking(move || {
+            missed
+                .map(|sequence| (sequence, store.batch(&boot_id, sequence)))
+                .collect::<Vec<_>>()
+        });
+        ctx.wait(read.into_actor(self).map(move |read, shard, _| {
+            let read = read.unwrap_or_else(|joined| {
+                tracing::error!(shard = shard.id, %joined, "reading missed batches back failed");
+                Vec::new()
+            });
+            shard.apply_part(&read, batch);
+        }));
+    }
+}
+
+/// Stored batches read back, by sequence.
+type ReadBack = [(u64, Result<Option<BatchBytes>, StoreError>)];
+
+impl FlowShard {
+    /// Applies the batches read back (`missed`, in sequence), then `batch`'s part, and moves
+    /// the agent's position to it.
+    fn apply_part(&mut self, missed: &ReadBack, batch: AppliedBatch) {
         let now = unix_now();
         let (late_before, reused_before, early_before, forgotten_before) = (
             self.table.late_ignored(),
@@ -197,12 +226,14 @@ impl Handler<Apply> for FlowShard {
             self.table.complete_early(),
             self.table.forgotten_early(),
         );
-        for missing in applied + 1..batch.sequence {
-            self.apply_from_log(&batch.boot_id, missing, now);
-        }
         {
             let index = self.context.metadata.read();
             let ends = IndexedEnds(&index);
+            for (sequence, read) in missed {
+                for observation in self.read_back(*sequence, read) {
+                    self.table.apply_knowing(&observation, now, &ends);
+                }
+            }
             for observation in &batch.observations {
                 self.table.apply_knowing(observation, now, &ends);
             }
@@ -258,49 +289,41 @@ impl Handler<Flush> for FlowShard {
 }
 
 impl FlowShard {
-    /// Applies this shard's part of a stored batch that never reached it. The log still holds it:
-    /// a batch is deleted only once every shard's checkpoint is past it.
-    fn apply_from_log(&mut self, boot_id: &BootId, sequence: u64, now: u64) {
-        let batch = match self.context.store.batch(boot_id, sequence) {
+    /// This shard's part of stored batch `sequence` that never reached it, as `read` from the
+    /// log (a batch is deleted only once every shard's checkpoint is past it): every record read
+    /// and validated first, so that a batch is applied whole or not at all; one that is missing
+    /// or does not read is counted as lost.
+    fn read_back(
+        &self,
+        sequence: u64,
+        read: &Result<Option<BatchBytes>, StoreError>,
+    ) -> Vec<Observation> {
+        let lost = |reason: &str, why: &dyn std::fmt::Display| {
+            tracing::error!(shard = self.id, sequence, %why, "a batch this shard missed is lost: {reason}");
+            self.context.metrics.lost(reason, 1);
+            Vec::new()
+        };
+        let batch = match read {
             Ok(Some(batch)) => batch,
-            Ok(None) => {
-                tracing::error!(
-                    shard = self.id,
-                    sequence,
-                    "a batch this shard missed is not in the log"
-                );
-                self.context.metrics.lost("batch_missing_from_log", 1);
-                return;
-            }
-            Err(err) => {
-                tracing::error!(shard = self.id, sequence, %err, "cannot read a batch this shard missed");
-                self.context.metrics.lost("batch_unreadable", 1);
-                return;
-            }
+            Ok(None) => return lost("batch_missing_from_log", &"not in the log"),
+            Err(err) => return lost("batch_unreadable", err),
         };
-        // All read before any is applied: a batch is applied whole or not at all.
-        let records = match batch.records().collect::<Result<Vec<_>, _>>() {
-            Ok(records) => records,
-            Err(err) => {
-                tracing::error!(
-                    shard = self.id,
-                    sequence,
-                    %err,
-                    "a batch this shard missed is corrupt in the log"
-                );
-                self.context.metrics.lost("batch_unreadable", 1);
-                return;
-            }
-        };
-        for record in &records {
-            // Validated before it was stored.
-            if let Ok(observation) = Observation::try_from(record)
-                && shard_of(&observation.key) == self.id
+        let mut observations = Vec::new();
+        for record in batch.records() {
+            // Validated before it was stored: one that no longer is, is corrupt.
+            let observation = match record
+                .map_err(|e| e.to_string())
+                .and_then(|r| Observation::try_from(&r).map_err(|e| e.to_string()))
             {
-                self.table.apply(&observation, now);
+                Ok(observation) => observation,
+                Err(why) => return lost("batch_unreadable", &why),
+            };
+            if shard_of(&observation.key) == self.id {
+                observations.push(observation);
             }
         }
         self.context.metrics.batches_read_back.inc();
+        observations
     }
 
     /// The checkpoint of everything unsaved, if there is anything: it persists the table's
@@ -675,11 +698,25 @@ mod tests {
         .start();
         shard.send(Apply(part(&batches[1]))).await.unwrap();
         shard.send(Apply(part(&batches[0]))).await.unwrap(); // stale: already read back
+        // A part whose predecessor the log does not hold: that one is counted as lost.
+        let after_a_gap = AppliedBatch {
+            boot_id: boot,
+            sequence: 4,
+            observations: Vec::new(),
+        };
+        shard.send(Apply(after_a_gap)).await.unwrap();
         let (done, flushed) = tokio::sync::oneshot::channel();
         shard.send(Flush(done)).await.unwrap();
         flushed.await.unwrap();
 
         assert_eq!(metrics.batches_read_back.get(), 1);
+        assert!(
+            metrics
+                .render()
+                .contains("mermin_aggregator_lost_total{reason=\"batch_missing_from_log\"} 1\n"),
+            "{}",
+            metrics.render()
+        );
         let entries = store.outbox_oldest(10).unwrap();
         assert_eq!(entries.len(), 1);
         let request =
@@ -692,7 +729,7 @@ mod tests {
             .and_then(|a| a.value.clone()?.value);
         assert_eq!(sent, Some(Value::IntValue(7)), "batches 1 and 2, once each");
         let recovered = store.recover().unwrap();
-        assert_eq!(recovered.positions[&(id, boot)], 2);
+        assert_eq!(recovered.positions[&(id, boot)], 4);
     }
 
     /// Requests are cut at 1,000 intervals, and every span arrives in exactly one of them.
