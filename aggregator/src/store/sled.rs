@@ -752,12 +752,20 @@ impl SledStore {
         self.observe_write(written)
     }
 
-    /// Writes `value` to the value log on the blocking pool (a `pwrite` and an `fdatasync`).
+    /// Writes `value` to the value log on the blocking pool (a `pwrite` and an `fdatasync`). If
+    /// the caller is gone by the time it is written (its stream superseded), the value is
+    /// released there, so that its segment does not stay pinned until a restart.
     async fn append_value(&self, value: Bytes) -> Result<Pointer, StoreError> {
         let values = self.values.clone();
-        tokio::task::spawn_blocking(move || values.append(&value))
-            .await
-            .map_err(|joined| StoreError::Backend(format!("value log: {joined}")))?
+        let (written, pointer) = tokio::sync::oneshot::channel();
+        tokio::task::spawn_blocking(move || {
+            if let Err(Ok(unwanted)) = written.send(values.append(&value)) {
+                values.release(unwanted);
+            }
+        });
+        pointer.await.map_err(|_| {
+            StoreError::Backend("value log: the write ended before it answered".into())
+        })?
     }
 
     /// The first sequence of `boot_id` not durable: its write failed (in memory only), or it is
@@ -1031,6 +1039,38 @@ impl Storage for SledStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A value whose append's caller went away before the write answered (a superseded
+    /// stream) is released once written: its segment is not pinned until a restart.
+    #[test]
+    fn a_value_whose_append_was_dropped_is_released() {
+        use futures_util::FutureExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open_concrete(dir.path()).unwrap();
+        let before = store.values.live_values();
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let dropping = runtime();
+        dropping.block_on(async {
+            // Polled once (the write starts on the blocking pool), then dropped.
+            let appending = store.append_value(Bytes::from(vec![1; 4000]));
+            assert!(
+                appending.now_or_never().is_none(),
+                "answered before it was written"
+            );
+        });
+        drop(dropping); // waits for the write on its blocking pool
+        assert_eq!(store.values.live_values(), before);
+        // One that is awaited stays live.
+        runtime()
+            .block_on(store.append_value(Bytes::from(vec![2; 4000])))
+            .unwrap();
+        assert_eq!(store.values.live_values(), before + 1);
+    }
 
     /// What a Welcome reads while a batch's append is under way, and after its future was
     /// dropped mid-flush (the agent's stream superseded): not durable, so the agent sends it

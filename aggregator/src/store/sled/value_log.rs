@@ -434,6 +434,12 @@ impl ValueLog {
         self.state().dead.extend(segments);
     }
 
+    /// How many values are live, over every segment (for tests).
+    #[cfg(test)]
+    pub(crate) fn live_values(&self) -> u64 {
+        self.state().live.values().sum()
+    }
+
     /// Segment files on disk that hold live values or are being written (for tests).
     #[cfg(test)]
     pub(crate) fn segments(&self) -> Vec<u64> {
