@@ -83,3 +83,55 @@ fn tls_is_required_unless_disabled_explicitly() {
         "error: TLS is required (tls.mode) but --tls-cert, --tls-key and --tls-client-ca are not all given; give them, or --tls-mode=disabled for plaintext"
     );
 }
+
+/// `--check-config` reads the files the settings name, as a start would: a metadata file that
+/// does not parse, or an https endpoint's CA file that holds no certificate, is refused with
+/// exit 2 naming the file.
+#[test]
+fn check_config_reads_the_files_the_settings_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |config: String| {
+        let path = dir.path().join("mermin.hcl");
+        std::fs::write(&path, config).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_mermin-aggregator"))
+            .arg("--config")
+            .arg(&path)
+            .args(["--tls-mode=disabled", "--check-config"])
+            .env_remove("MERMIN_OTLP_ENDPOINT")
+            .output()
+            .unwrap();
+        let stderr =
+            String::from_utf8_lossy(&out.stderr).replace(&dir.path().display().to_string(), "DIR");
+        (out.status.code(), stderr.trim_end().to_owned())
+    };
+    let endpoints = dir.path().join("endpoints.hcl");
+    std::fs::write(&endpoints, "endpoint \"10.0.0.1\" {\n  pod = \n}\n").unwrap();
+    let (code, stderr) = check(format!(
+        "metadata {{\n  static_file = \"{}\"\n}}\n",
+        endpoints.display()
+    ));
+    assert_eq!(code, Some(2));
+    assert!(stderr.starts_with("error: DIR/endpoints.hcl:2"), "{stderr}");
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, "not a certificate\n").unwrap();
+    let (code, stderr) = check(format!(
+        "export \"traces\" {{\n  otlp = {{\n    endpoint = \"https://otlp.example.com:4317\"\n    tls = {{ ca_file = \"{}\" }}\n  }}\n}}\n",
+        ca.display()
+    ));
+    assert_eq!(code, Some(2));
+    assert_eq!(
+        stderr,
+        "error: OTLP endpoint TLS: DIR/ca.pem: no PEM certificate in it"
+    );
+    // A file that parses: fine.
+    std::fs::write(
+        &endpoints,
+        "endpoint \"10.0.0.1\" {\n  pod = \"api-0\"\n  namespace = \"shop\"\n}\n",
+    )
+    .unwrap();
+    let (code, stderr) = check(format!(
+        "metadata {{\n  static_file = \"{}\"\n}}\n",
+        endpoints.display()
+    ));
+    assert_eq!(code, Some(0), "{stderr}");
+}
