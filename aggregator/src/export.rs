@@ -674,12 +674,6 @@ fn accepted(response: ExportTraceServiceResponse) -> Delivery {
     Delivery::Accepted { rejected, message }
 }
 
-/// Checks `config` as the exporter would when it starts (the endpoint, its TLS files read and
-/// parsed) without sending anything: for `--check-config`. Call it inside a tokio runtime.
-pub fn check(config: &ExportConfig) -> Result<(), ExportError> {
-    Transport::new(config).map(drop)
-}
-
 impl Exporter {
     /// Checks the endpoint and prepares a lazily connecting channel (no I/O yet).
     pub fn new(

@@ -152,20 +152,6 @@ pub struct Aggregator {
     _watchers: Option<KubeWatchers>,
 }
 
-/// Reads and checks every file `config` names — the static metadata file, the server's TLS
-/// files, the OTLP endpoint's — as a start would, without starting anything: what
-/// `--check-config` adds to the settings' own checks. Call it inside a tokio runtime.
-pub fn check_files(config: &AggregatorConfig) -> Result<(), StartError> {
-    if let Some(path) = &config.metadata.static_file {
-        static_file::load(path)?;
-    }
-    if let Some(tls) = &config.tls {
-        ServerTls::load(tls.files.clone())?;
-    }
-    crate::export::check(&config.export)?;
-    Ok(())
-}
-
 impl Aggregator {
     /// Starts on the sled store in `config.data_dir`.
     pub async fn start(config: AggregatorConfig) -> Result<Self, StartError> {

@@ -74,8 +74,8 @@ pub struct Settings {
     /// HCL configuration file; options given on the command line take precedence over it.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Check the configuration and read every file it names (metadata, TLS) as a start would,
-    /// print the effective settings as JSON and exit (0 if valid, 2 with what is wrong if not).
+    /// Check the configuration, print the effective settings as JSON and exit (0 if valid, 2
+    /// with `file:line: message` if not).
     #[arg(long)]
     pub check_config: bool,
 
