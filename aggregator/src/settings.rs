@@ -75,7 +75,7 @@ pub struct Settings {
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Check the configuration, print the effective settings as JSON and exit (0 if valid, 2
-    /// with `file:line: message` if not).
+    /// with `file:line: message` if not). The files it names (TLS, metadata) are read at start.
     #[arg(long)]
     pub check_config: bool,
 
