@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import helm_python as helm
 import pytest
 import yaml
@@ -30,6 +32,7 @@ def test_lint_strict_has_no_errors_or_warnings(case):
     [
         ({"aggregator": {"replica": 3}}, "additional properties 'replica'"),
         ({"aggregator": {"replicas": "3"}}, "/aggregator/replicas"),
+        ({"aggregator": {"replicas": 2}}, "/aggregator/replicas"),
         ({"aggregator": {"config": {"metadata": {"attributeNames": "elastiflow"}}}}, "attributeNames"),
         ({"aggregator": {"config": {"settle": "3 seconds"}}}, "settle"),
         ({"tempo": {"storage": {"backend": "minio"}}}, "backend"),
@@ -74,6 +77,8 @@ def test_aggregator_statefulset(rendered):
     assert spec["serviceName"] == "mermin-aggregator-peers"
     assert c["args"] == ["--config=/etc/mermin/config/mermin.hcl", "--metrics-listen=0.0.0.0:9465"]
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"agents": 4600, "metrics": 9465, "peer": 4610, "admin": 4620}
+    # The admin API listens on that port, on the pod's address (a standby forwards it there).
+    assert 'admin {\n  # On the pod\'s address: a standby forwards the admin port to the leader\'s.\n  listen = "0.0.0.0:4620"\n}' in rendered["defaults"].hcl()
     for probe, path in [("livenessProbe", "/livez"), ("readinessProbe", "/readyz"), ("startupProbe", "/livez")]:
         assert c[probe]["httpGet"] == {"path": path, "port": "metrics"}
     assert pod["terminationGracePeriodSeconds"] == 120
@@ -160,8 +165,9 @@ def test_agent_daemonset_capabilities_and_host_access(rendered):
     assert "--metrics-listen=0.0.0.0:9464" in c["args"]
     assert not any(a.startswith("--interfaces") for a in c["args"])
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"metrics": 9464}
-    assert c["volumeMounts"] == [{"name": "bpffs", "mountPath": "/sys/fs/bpf"}]
-    assert pod["volumes"] == [{"name": "bpffs", "hostPath": {"path": "/sys/fs/bpf", "type": "Directory"}}]
+    # Nothing from the host's filesystem: it pins nothing in bpffs.
+    assert "volumeMounts" not in c
+    assert "volumes" not in pod
     assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "metrics"}
 
 
@@ -232,12 +238,18 @@ def test_otlp_endpoint_defaults_to_the_charts_tempo_and_is_required_without_it(r
     assert "headers" not in hcl and "/etc/mermin/tls/otlp" not in hcl
     http = Rendered({"aggregator": {"config": {"export": {"otlp": {"protocol": "http/protobuf"}}}}})
     assert 'endpoint = "http://mermin-tempo.observability.svc:4318"\n    protocol = "http/protobuf"\n' in http.hcl()
+    own_tempo = {"tempo": {"enabled": False}, "grafana": {"tempoUrl": "http://tempo.obs.svc:3200"}}
     with pytest.raises(helm.HelmError) as err:
-        render_raw({"tempo": {"enabled": False}})
+        render_raw(own_tempo)
     assert "aggregator.config.export.otlp.endpoint is required" in str(err.value)
-    own = Rendered({"tempo": {"enabled": False}, "aggregator": {"config": {"export": {"otlp": {"endpoint": "http://collector:4317"}}}}})
+    # Grafana's data source needs to know where that Tempo answers queries.
+    with pytest.raises(helm.HelmError) as err:
+        render_raw({"tempo": {"enabled": False}, "aggregator": {"config": {"export": {"otlp": {"endpoint": "http://collector:4317"}}}}})
+    assert "grafana.tempoUrl is required when tempo.enabled is false" in str(err.value)
+    own = Rendered({**own_tempo, "aggregator": {"config": {"export": {"otlp": {"endpoint": "http://collector:4317"}}}}})
     assert 'endpoint = "http://collector:4317"' in own.hcl()
     assert ("StatefulSet", "mermin-tempo") not in own.names()
+    assert "http://tempo.obs.svc:3200" in json.dumps(own.all("ConfigMap"))
 
 
 def test_export_tls_and_headers_keep_secrets_out_of_the_configmap(rendered):

@@ -88,8 +88,10 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "mermin.tempoQueryUrl" -}}
 {{- if .Values.grafana.tempoUrl -}}
 {{- .Values.grafana.tempoUrl -}}
-{{- else -}}
+{{- else if .Values.tempo.enabled -}}
 {{- printf "http://%s.%s.svc:%d" (include "mermin.tempo.name" .) .Release.Namespace (int .Values.tempo.ports.http) -}}
+{{- else -}}
+{{- fail "grafana.tempoUrl is required when tempo.enabled is false and the Grafana data source is provisioned (or set grafana.provisioning.enabled=false)" -}}
 {{- end -}}
 {{- end -}}
 
