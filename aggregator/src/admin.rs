@@ -28,7 +28,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     clock::unix_now,
     export::split_entry,
-    ingest::{Agents, hex},
+    ingest::Agents,
     metadata::kube::WatchMetrics,
     metrics::{Metrics, ShardLabel},
     observe::{FlowFilter, ObserveHub},
@@ -218,7 +218,7 @@ impl AdminService for Admin {
             .map(|a| Agent {
                 node: a.node,
                 agent_version: a.agent_version,
-                boot_id: hex(&a.boot_id),
+                boot_id: mermin_protocol::json::hex(&a.boot_id),
                 connected_unix_nanos: a.connected_unix_nanos,
                 last_acked_sequence: a.last_acked_sequence,
                 lag_millis: a.lag_millis,

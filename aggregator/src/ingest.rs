@@ -22,6 +22,7 @@ use actix::{
 };
 use mermin_protocol::{
     agent::v1::{AggregatorMessage, Hello, Welcome, aggregator_message},
+    json::hex,
     wire::read::{AgentMessageRead, BatchBytes},
 };
 use tokio::sync::{Notify, mpsc, watch};
@@ -505,6 +506,9 @@ struct Agent {
     points: PointCache,
 }
 
+/// The longest node name (Kubernetes node names are DNS subdomains).
+const MAX_NODE_NAME_BYTES: usize = 253;
+
 impl<S: BatchSink> Worker<S> {
     /// One message of the stream (or the transport's error): the Hello first, then batches.
     async fn handle(
@@ -561,6 +565,13 @@ impl<S: BatchSink> Worker<S> {
         }
         if hello.node_name.is_empty() {
             return Err(Status::invalid_argument("Hello.node_name is empty"));
+        }
+        // Kept per node (and stored): a name no node can have must not cost more than one.
+        if hello.node_name.len() > MAX_NODE_NAME_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "Hello.node_name is {} bytes; a node name is at most {MAX_NODE_NAME_BYTES} (a DNS name)",
+                hello.node_name.len()
+            )));
         }
         let boot_id: BootId = hello.boot_id.as_slice().try_into().map_err(|_| {
             Status::invalid_argument(format!(
@@ -872,10 +883,6 @@ fn code_name(code: tonic::Code) -> &'static str {
 }
 
 /// `bytes` in lowercase hex (how boot ids are shown).
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn internal(err: StoreError) -> Status {
     tracing::error!(%err, "store failure");
     Status::unavailable(format!(

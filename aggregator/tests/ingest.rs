@@ -164,6 +164,16 @@ async fn bad_input_is_refused_with_a_clear_status_and_other_streams_go_on() {
             Code::InvalidArgument,
             "Hello.boot_id is 5 bytes, expected 16",
         ),
+        (
+            agent_message::Message::Hello(Hello {
+                protocol_version: 1,
+                node_name: "n".repeat(254),
+                boot_id: vec![3; 16],
+                ..Hello::default()
+            }),
+            Code::InvalidArgument,
+            "Hello.node_name is 254 bytes; a node name is at most 253 (a DNS name)",
+        ),
     ];
     for (message, code, text) in cases {
         let mut bad = connect(agg.addr).await;
@@ -262,7 +272,7 @@ async fn bad_input_is_refused_with_a_clear_status_and_other_streams_go_on() {
     assert!(agg.flows.try_recv().is_err(), "no bad batch was applied");
     let text = agg.metrics.render();
     for line in [
-        "mermin_aggregator_streams_rejected_total{reason=\"invalid_argument\"} 8",
+        "mermin_aggregator_streams_rejected_total{reason=\"invalid_argument\"} 9",
         "mermin_aggregator_streams_rejected_total{reason=\"failed_precondition\"} 1",
         "mermin_aggregator_streams_rejected_total{reason=\"out_of_range\"} 1",
         "mermin_aggregator_batches_accepted_total 1",

@@ -18,7 +18,8 @@ pub struct Cli {
         long,
         global = true,
         env = "MERMIN_ADMIN_ENDPOINT",
-        default_value = "http://127.0.0.1:9093"
+        default_value = "http://127.0.0.1:9093",
+        value_parser = endpoint
     )]
     pub endpoint: String,
     /// How answers are printed.
@@ -172,4 +173,16 @@ fn end_reason(text: &str) -> Result<EndReason, String> {
             let names: Vec<&str> = REASONS.into_iter().map(end_reason_name).collect();
             format!("expected one of {}", names.join(", "))
         })
+}
+
+/// `--endpoint`: an http:// or https:// URL with a host (a usage error, exit 2, otherwise).
+fn endpoint(text: &str) -> Result<String, String> {
+    if !(text.starts_with("http://") || text.starts_with("https://")) {
+        return Err("must start with http:// or https://".into());
+    }
+    let uri: tonic::transport::Uri = text.parse().map_err(|e| format!("not a valid URL ({e})"))?;
+    if uri.host().is_none_or(str::is_empty) {
+        return Err("names no host".into());
+    }
+    Ok(text.to_owned())
 }

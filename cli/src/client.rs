@@ -123,10 +123,17 @@ async fn connect(endpoint: &str, tls: &TlsArgs) -> Result<Channel, CliError> {
         endpoint: endpoint.to_owned(),
         reason,
     };
-    let mut target = Endpoint::from_shared(endpoint.to_owned())
+    // TLS files given with an http:// endpoint (the default one, say) ask for TLS: tonic only
+    // speaks it to an https:// URI.
+    let tls_wanted = uses_tls(endpoint, tls);
+    let uri = match endpoint.strip_prefix("http://") {
+        Some(rest) if tls_wanted => format!("https://{rest}"),
+        _ => endpoint.to_owned(),
+    };
+    let mut target = Endpoint::from_shared(uri)
         .map_err(|e| unreachable(causes(&e)))?
         .connect_timeout(CONNECT_TIMEOUT);
-    if uses_tls(endpoint, tls) {
+    if tls_wanted {
         let config = tls_config(tls).map_err(|reason| CliError::Tls {
             endpoint: endpoint.to_owned(),
             reason,
@@ -140,7 +147,10 @@ async fn connect(endpoint: &str, tls: &TlsArgs) -> Result<Channel, CliError> {
 }
 
 fn uses_tls(endpoint: &str, tls: &TlsArgs) -> bool {
-    endpoint.starts_with("https://") || tls.ca.is_some() || tls.cert.is_some()
+    endpoint.starts_with("https://")
+        || tls.ca.is_some()
+        || tls.cert.is_some()
+        || tls.server_name.is_some()
 }
 
 fn tls_config(tls: &TlsArgs) -> Result<ClientTlsConfig, String> {

@@ -377,6 +377,18 @@ async fn exit_codes_say_who_failed() {
     assert_eq!(code, 2);
     assert!(stderr.starts_with("error: invalid value 'xyz' for '--protocol <PROTOCOL>': expected tcp, udp, icmp, icmpv6, sctp or a number 0-255"), "{stderr}");
 
+    // An endpoint that is not a URL is a usage error, not an unreachable endpoint.
+    let bad = Command::new(env!("CARGO_BIN_EXE_mermin"))
+        .args(["--endpoint", "127.0.0.1:9093", "status"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    let stderr = String::from_utf8(bad.stderr).unwrap();
+    assert!(
+        stderr.starts_with("error: invalid value '127.0.0.1:9093' for '--endpoint <ENDPOINT>': must start with http:// or https://"),
+        "{stderr}"
+    );
+
     let (code, shards, _) = mermin(admin, &["shards"]).await;
     assert_eq!(code, 0);
     let me = aggregator.local_addr.to_string();

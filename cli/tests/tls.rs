@@ -127,6 +127,12 @@ async fn only_clients_with_a_valid_certificate_get_in_and_the_server_certificate
         status(&endpoint, &ca_file, Some((&valid_cert, &valid_key))).await,
         (0, String::new())
     );
+    // The files ask for TLS even with an http:// endpoint (the default one is): never plaintext.
+    let plain = endpoint.replacen("https://", "http://", 1);
+    assert_eq!(
+        status(&plain, &ca_file, Some((&valid_cert, &valid_key))).await,
+        (0, String::new())
+    );
 
     // Each refused client's channel connects, is closed by the refusal, and reconnects once
     // for the call: one or two handshakes, each counted under its reason and no other.

@@ -29,7 +29,8 @@ pub fn address(bytes: &[u8]) -> Option<IpAddr> {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// `bytes` as lower-case hex (boot ids, as logs and the CLI show them).
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

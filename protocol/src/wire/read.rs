@@ -453,7 +453,13 @@ impl AgentMessageRead {
         enum Reading {
             Nothing,
             Hello(Hello),
-            Batch { parts: Vec<Bytes>, sequence: u64 },
+            /// The batch's parts (protobuf merges a repeated message field): the first as
+            /// received, the later ones appended to a copy of it (never more than the message).
+            Batch {
+                first: Bytes,
+                joined: Option<Vec<u8>>,
+                sequence: u64,
+            },
         }
         let mut reading = Reading::Nothing;
         let mut fields = Fields::of(&bytes);
@@ -469,20 +475,27 @@ impl AgentMessageRead {
                 (
                     2,
                     Reading::Batch {
-                        mut parts,
+                        first,
+                        joined,
                         sequence,
                     },
                 ) => {
                     let part = part()?;
                     let sequence = read_batch(&part)?.unwrap_or(sequence);
-                    parts.push(part);
-                    Reading::Batch { parts, sequence }
+                    let mut joined = joined.unwrap_or_else(|| first.to_vec());
+                    joined.extend_from_slice(&part);
+                    Reading::Batch {
+                        first,
+                        joined: Some(joined),
+                        sequence,
+                    }
                 }
                 (2, _) => {
-                    let part = part()?;
-                    let sequence = read_batch(&part)?.unwrap_or(0);
+                    let first = part()?;
+                    let sequence = read_batch(&first)?.unwrap_or(0);
                     Reading::Batch {
-                        parts: vec![part],
+                        first,
+                        joined: None,
                         sequence,
                     }
                 }
@@ -493,13 +506,11 @@ impl AgentMessageRead {
             Reading::Nothing => None,
             Reading::Hello(hello) => Some(AgentMessageRead::Hello(hello)),
             Reading::Batch {
-                mut parts,
+                first,
+                joined,
                 sequence,
             } => {
-                let bytes = match parts.len() {
-                    1 => parts.pop().expect("one part"),
-                    _ => parts.concat().into(),
-                };
+                let bytes = joined.map_or(first, Bytes::from);
                 Some(AgentMessageRead::Batch(BatchBytes { sequence, bytes }))
             }
         })
