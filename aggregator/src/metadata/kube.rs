@@ -83,6 +83,10 @@ pub enum MappingError {
         name: String,
         address: String,
     },
+    /// A slice another controller made for something else (no `kubernetes.io/service-name`
+    /// label, as multi-cluster slices): nothing to join, skipped without a warning.
+    #[error("EndpointSlice {name} belongs to no Service")]
+    NoService { name: String },
 }
 
 /// uid, namespace (empty for cluster-scoped objects) and name of an object.
@@ -163,9 +167,16 @@ pub fn pod_event(mut pod: Pod) -> Result<MetadataEvent, MappingError> {
             .unwrap_or_default()
             .into_iter()
             .collect(),
+        // Native sidecars (init containers that keep running) serve ports too.
         containers: spec
             .containers
             .into_iter()
+            .chain(
+                spec.init_containers
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|c| c.restart_policy.as_deref() == Some("Always")),
+            )
             .map(|container| ContainerPorts {
                 name: container.name,
                 ports: container
@@ -215,10 +226,7 @@ pub fn endpoint_slice_event(mut slice: EndpointSlice) -> Result<MetadataEvent, M
         .labels
         .as_mut()
         .and_then(|labels| labels.remove(SERVICE_NAME_LABEL))
-        .ok_or(MappingError::Missing {
-            kind: kind.as_str(),
-            field: "label kubernetes.io/service-name",
-        })?;
+        .ok_or_else(|| MappingError::NoService { name: name.clone() })?;
     let by_address = slice.address_type != "FQDN";
     let mut endpoints = Vec::new();
     for endpoint in slice.endpoints {
@@ -609,6 +617,10 @@ impl Context {
             for event in followed.events {
                 match event {
                     Ok(event) => self.index.apply(event, now),
+                    Err(error @ MappingError::NoService { .. }) => {
+                        self.metrics.error(kind, "no_service");
+                        tracing::debug!(%error, "object skipped");
+                    }
                     Err(error) => {
                         self.metrics.error(kind, "object");
                         tracing::warn!(kind = kind.as_str(), %error, "object skipped");

@@ -629,10 +629,36 @@ fn unusable_objects_are_errors() {
     );
     let mut unlabelled = slice("e1", "web", 80, Vec::new());
     unlabelled.metadata.labels = None;
+    // Another controller's slice (no Service label): skipped, quietly (its own reason).
     assert_eq!(
         endpoint_slice_event(unlabelled).unwrap_err().to_string(),
-        "EndpointSlice without label kubernetes.io/service-name"
+        "EndpointSlice web-e1 belongs to no Service"
     );
+}
+
+/// A native sidecar (an init container that keeps running) names the flows to its ports; an
+/// ordinary init container's ports name nothing.
+#[test]
+fn native_sidecars_serve_their_ports() {
+    let mut proxied = pod("a", "web-a", Some("10.0.0.5"), 10);
+    let spec = proxied.spec.as_mut().unwrap();
+    spec.init_containers = Some(vec![
+        Container {
+            restart_policy: Some("Always".into()),
+            ..container("envoy", &[15090])
+        },
+        container("migrate", &[5432]),
+    ]);
+    let mut cluster = Cluster::new();
+    cluster.apply(10, pod_event(proxied));
+    let name = |port| {
+        cluster
+            .lookup("10.0.0.5", port, 20)
+            .and_then(|m| m.container_name)
+    };
+    assert_eq!(name(15090), Some("envoy"));
+    assert_eq!(name(8080), Some("app"));
+    assert_eq!(name(5432), None, "two containers, neither on the port");
 }
 
 #[test]
