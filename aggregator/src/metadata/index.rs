@@ -6,8 +6,9 @@
 //! **Time.** Every address is held by *tenancies*: `[valid_from, valid_until)` (open while the
 //! holder still has the address). A lookup at `at_unix_nanos` considers only the tenancies valid
 //! then, so a pod IP reused by a later pod still joins a late flow to the pod that had it.
-//! - `valid_from` is the object's `creationTimestamp` for its first address (nothing can have
-//!   used the address before the object existed), the event time for an address it gets later;
+//! - `valid_from` is, for its first address, the earliest the object can have used it: a pod's
+//!   sandbox network set up (`PodReadyToStartContainers`, else `startTime`, else creation), a
+//!   Service's or Node's `creationTimestamp`; the event time for an address it gets later;
 //!   for pod IPs and ClusterIPs (held by one object at a time) never before the previous holder
 //!   let go of the address.
 //! - `valid_until` is the time of the event that took the address away: the object's deletion,
@@ -168,7 +169,8 @@ pub struct PodInfo {
     pub namespace: String,
     pub name: String,
     pub node_name: Option<String>,
-    pub created_unix_nanos: Option<u64>,
+    /// The earliest the pod can have held an address (its sandbox's network set up).
+    pub addressed_since_unix_nanos: Option<u64>,
     /// The addresses the pod holds now: empty before it has one and after it finished.
     pub addresses: Vec<IpAddr>,
     pub host_network: bool,
@@ -775,7 +777,13 @@ impl MetadataIndex {
         } else {
             Holder::Pod(record)
         };
-        self.place(uid, pod.addresses, pod.created_unix_nanos, holder, at);
+        self.place(
+            uid,
+            pod.addresses,
+            pod.addressed_since_unix_nanos,
+            holder,
+            at,
+        );
     }
 
     fn allowed_labels(&mut self, labels: Vec<(String, String)>) -> Labels {

@@ -135,6 +135,19 @@ pub fn pod_event(mut pod: Pod) -> Result<MetadataEvent, MappingError> {
     let spec = pod.spec.unwrap_or_default();
     let status = pod.status.unwrap_or_default();
     let finished = matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"));
+    // The earliest the pod can have held its address: when its sandbox's network was set up
+    // (the PodReadyToStartContainers condition), else when the kubelet took it (startTime),
+    // else its creation. A pod Pending for minutes must not take its address's previous
+    // holder's flows of those minutes.
+    let addressed_since = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "PodReadyToStartContainers" && c.status == "True")
+        .and_then(|c| c.last_transition_time.as_ref())
+        .or(status.start_time.as_ref())
+        .or(pod.metadata.creation_timestamp.as_ref())
+        .and_then(unix_nanos);
     let listed = match (status.pod_ips, status.pod_ip) {
         (Some(ips), _) if !ips.is_empty() => ips.into_iter().map(|ip| ip.ip).collect(),
         (_, Some(ip)) => vec![ip],
@@ -153,11 +166,7 @@ pub fn pod_event(mut pod: Pod) -> Result<MetadataEvent, MappingError> {
         namespace,
         name,
         node_name: spec.node_name,
-        created_unix_nanos: pod
-            .metadata
-            .creation_timestamp
-            .as_ref()
-            .and_then(unix_nanos),
+        addressed_since_unix_nanos: addressed_since,
         addresses,
         host_network: spec.host_network.unwrap_or(false),
         controller: controller(pod.metadata.owner_references),

@@ -7,7 +7,7 @@ use k8s_openapi::{
     api::{
         core::v1::{
             Container, ContainerPort, Namespace, Node, NodeAddress, NodeStatus, ObjectReference,
-            Pod, PodIP, PodSpec, PodStatus, Service, ServiceSpec,
+            Pod, PodCondition, PodIP, PodSpec, PodStatus, Service, ServiceSpec,
         },
         discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
         rbac::v1::ClusterRole,
@@ -238,6 +238,37 @@ fn a_deleted_pod_stays_joinable_for_the_grace_period_then_is_purged() {
     assert_eq!(cluster.who("10.0.0.5", 8080, 200), "-");
     cluster.index.purge(500 * SECOND);
     assert_eq!(cluster.who("10.0.0.5", 8080, 150), "-");
+}
+
+/// A pod created long before it got its address (Pending while it waited to be scheduled):
+/// its address is its from when its sandbox's network was set up, not from its creation, so the
+/// previous holder keeps its flows of those minutes even when the API shows the new pod before
+/// the old one's deletion (a relist, a terminating pod).
+#[test]
+fn a_pod_holds_its_address_from_its_sandbox_not_from_its_creation() {
+    let at = |second| Some(Time(Timestamp::from_second(second).unwrap()));
+    let mut late = pod("b", "web-b", Some("10.0.0.7"), 20);
+    let status = late.status.as_mut().unwrap();
+    status.start_time = at(140);
+    status.conditions = Some(vec![PodCondition {
+        type_: "PodReadyToStartContainers".into(),
+        status: "True".into(),
+        last_transition_time: at(150),
+        ..PodCondition::default()
+    }]);
+    let mut started = pod("c", "web-c", Some("10.0.0.8"), 20);
+    started.status.as_mut().unwrap().start_time = at(140);
+    let mut cluster = Cluster::new();
+    cluster
+        .apply(10, pod_event(pod("a", "web-a", Some("10.0.0.7"), 10)))
+        .apply(155, pod_event(late))
+        .apply(156, pod_event(started))
+        .delete(160, ObjectKind::Pod, "a");
+    assert_eq!(cluster.who("10.0.0.7", 8080, 100), "pod/web-a");
+    assert_eq!(cluster.who("10.0.0.7", 8080, 151), "pod/web-b");
+    // Without the condition (older kubelets): from when the kubelet took it.
+    assert_eq!(cluster.who("10.0.0.8", 8080, 100), "-");
+    assert_eq!(cluster.who("10.0.0.8", 8080, 141), "pod/web-c");
 }
 
 #[test]
