@@ -73,7 +73,7 @@ fn pod(i: u32, generation: u32) -> PodInfo {
         namespace: format!("team-{}", deployment % NAMESPACES),
         name: format!("app-{deployment}-{hash}-{i:05}"),
         node_name: Some(format!("node-{}", i % NODES)),
-        created_unix_nanos: Some(u64::from(generation) * 1_000 * SECOND),
+        addressed_since_unix_nanos: Some(u64::from(generation) * 1_000 * SECOND),
         addresses: vec![pod_address(i)],
         host_network: false,
         controller: Some(OwnerRef {
