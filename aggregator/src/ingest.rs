@@ -461,8 +461,15 @@ impl<S: BatchSink> StreamHandler<Result<Inbound, Status>> for Session<S> {
                 () = stopped(stopping) => Err(Status::unavailable(STOPPING)),
                 () = stopped(superseded) => Err(Status::aborted(SUPERSEDED)),
             };
-            if let Err(status) = &outcome {
-                worker.refuse(status.clone());
+            match &outcome {
+                // The agent went away (its stream reset or closed) or the aggregator stops:
+                // an end, not a refusal.
+                Err(status) if ends_without_refusal(status) => {
+                    tracing::info!(code = ?status.code(), message = status.message(), "agent stream ended");
+                    worker.end(status.clone());
+                }
+                Err(status) => worker.refuse(status.clone()),
+                Ok(()) => {}
             }
             (agent, outcome.is_ok())
         };
@@ -863,6 +870,13 @@ impl tonic::transport::server::Connected for FirstBytesDeadline {
     fn connect_info(&self) -> Self::ConnectInfo {
         self.stream.connect_info()
     }
+}
+
+/// Whether a stream ending with `status` ended by no one's refusal: the agent went away (the
+/// transport's error, or its answers no longer read) or the aggregator stops.
+fn ends_without_refusal(status: &Status) -> bool {
+    matches!(status.code(), tonic::Code::Cancelled | tonic::Code::Unknown)
+        || (status.code() == tonic::Code::Unavailable && status.message() == STOPPING)
 }
 
 /// The gRPC status code as a metric label.
