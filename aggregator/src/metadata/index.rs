@@ -452,7 +452,11 @@ pub struct MetadataIndex {
     /// ReplicaSet and Job uid → the pods whose workload is resolved through it.
     pods_by_owner: HashMap<Arc<str>, Vec<Arc<str>>>,
     namespace_names: HashMap<Arc<str>, Arc<str>>,
+    /// By namespace name: the pods of a namespace are looked up by its name.
     namespace_labels: HashMap<Arc<str>, Labels>,
+    /// Names of deleted namespaces, and when: their labels stay for the grace period (their
+    /// pods' late flows still join), unless a namespace of the same name replaced them.
+    namespaces_deleted: Vec<(Arc<str>, u64)>,
     slices: HashMap<Arc<str>, SliceRecord>,
     /// The Services of a pod (by uid) and of an address listed without a pod, sorted by name.
     pod_memberships: HashMap<Arc<str>, Vec<Membership>>,
@@ -473,6 +477,7 @@ impl MetadataIndex {
             pods_by_owner: HashMap::default(),
             namespace_names: HashMap::default(),
             namespace_labels: HashMap::default(),
+            namespaces_deleted: Vec::new(),
             slices: HashMap::default(),
             pod_memberships: HashMap::default(),
             address_memberships: HashMap::default(),
@@ -703,8 +708,10 @@ impl MetadataIndex {
                 }
             }
             ObjectKind::Namespace => {
+                // The labels go with the grace period (see `purge`): a relist may also bring
+                // the deletion of a namespace after its successor of the same name.
                 if let Some(name) = self.namespace_names.remove(uid) {
-                    self.namespace_labels.remove(&name);
+                    self.namespaces_deleted.push((name, at));
                 }
             }
             ObjectKind::ReplicaSet | ObjectKind::Job => {
@@ -917,6 +924,16 @@ impl MetadataIndex {
                     .is_none_or(|until| until.saturating_add(grace) > now_unix_nanos)
             })
         });
+        let (names, labels) = (&self.namespace_names, &mut self.namespace_labels);
+        self.namespaces_deleted.retain(|(name, deleted)| {
+            if deleted.saturating_add(grace) > now_unix_nanos {
+                return true;
+            }
+            if !names.values().any(|live| live == name) {
+                labels.remove(name);
+            }
+            false
+        });
         self.interner.collect_garbage();
     }
 }
@@ -965,8 +982,10 @@ fn deployment_of_replica_set<'a>(
 }
 
 /// The index shared by the tasks that update it and those that look up flows. Writers hold the
-/// lock for one event (mapping API objects happens before), so a lookup waits microseconds at
-/// most, never for the API server.
+/// lock for one event (mapping API objects happens before), so a lookup waits microseconds,
+/// never for the API server — except behind the purge every 30 s, which walks every address
+/// and interned string under the lock (its time grows with what the index holds; not measured
+/// yet).
 #[derive(Debug, Clone)]
 pub struct SharedIndex(Arc<RwLock<MetadataIndex>>);
 

@@ -516,14 +516,37 @@ fn only_allow_listed_labels_appear() {
     };
     assert_eq!(pairs(found.labels), ["app=web"]);
     assert_eq!(pairs(found.namespace_labels), ["team=payments"]);
+    let namespace_labels = |cluster: &Cluster| {
+        pairs(
+            cluster
+                .lookup("10.0.0.5", 8080, 20)
+                .unwrap()
+                .namespace_labels,
+        )
+    };
+    // Deleted: its pods' late flows keep its labels for the grace period, then they go.
     cluster.delete(30, ObjectKind::Namespace, "ns1");
-    assert!(
-        cluster
-            .lookup("10.0.0.5", 8080, 40)
-            .unwrap()
-            .namespace_labels
-            .is_empty()
-    );
+    cluster.index.purge(100 * SECOND);
+    assert_eq!(namespace_labels(&cluster), ["team=payments"]);
+    cluster.index.purge(10_000 * SECOND);
+    assert!(namespace_labels(&cluster).is_empty());
+    // A relist after the namespace was deleted and made again under its name: the new one's
+    // labels come first, the old one's deletion after them, and the new labels stay.
+    let mut relisted = Cluster::with(IndexSettings {
+        label_keys: vec!["team".into()],
+        ..IndexSettings::default()
+    });
+    let mut first = meta("ns1", None, "shop", 1);
+    first.labels = labels(&[("team", "payments")]);
+    let mut again = meta("ns2", None, "shop", 40);
+    again.labels = labels(&[("team", "checkout")]);
+    relisted
+        .apply(1, namespace_event(first))
+        .apply(10, pod_event(pod("a", "web-a", Some("10.0.0.5"), 10)))
+        .apply(50, namespace_event(again))
+        .delete(51, ObjectKind::Namespace, "ns1");
+    relisted.index.purge(10_000 * SECOND);
+    assert_eq!(namespace_labels(&relisted), ["team=checkout"]);
 }
 
 #[test]
