@@ -206,7 +206,15 @@ def test_tls_mounts_secrets_and_requests_certificates(rendered):
         assert cert["spec"]["secretName"] == f"mermin-{kind}-tls"
         assert cert["spec"]["issuerRef"] == {"name": "mermin-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}
     assert r.get("Certificate", "mermin-peer")["spec"]["dnsNames"] == [f"*.mermin-aggregator-peers.{NAMESPACE}.svc"]
-    agent = container(r.get("DaemonSet", "mermin-agent"), "agent")
+    assert r.get("Certificate", "mermin-agent")["spec"]["dnsNames"] == [AGGREGATOR_SVC]
+    # The agents present a client certificate of their own, never the aggregator's key.
+    client = r.get("Certificate", "mermin-agent-client")
+    assert client["spec"]["secretName"] == "mermin-agent-client-tls"
+    assert client["spec"]["dnsNames"] == ["mermin-agent"]
+    assert client["spec"]["usages"] == ["digital signature", "key encipherment", "client auth"]
+    daemonset = r.get("DaemonSet", "mermin-agent")
+    assert daemonset["spec"]["template"]["spec"]["volumes"] == [{"name": "tls-agent", "secret": {"secretName": "mermin-agent-client-tls"}}]
+    agent = container(daemonset, "agent")
     assert {"name": "tls-agent", "mountPath": "/etc/mermin/tls/agent", "readOnly": True} in agent["volumeMounts"]
     assert agent["args"][:4] == [
         f"--aggregator=https://{AGGREGATOR_SVC}:4600",

@@ -98,8 +98,9 @@ app.kubernetes.io/component: {{ .component }}
 {{/* A string as an HCL string literal (JSON's escaping is a subset HCL accepts). */}}
 {{- define "mermin.hclString" -}}{{ toJson (toString . | replace "${" "$${" | replace "%{" "%%{") }}{{- end -}}
 
-{{/* The TLS Secret of one kind (admin, agent, peer): the value, or <fullname>-<kind>-tls. */}}
+{{/* The TLS Secret of one kind (admin, agent, peer, agentClient): the value, or
+<fullname>-<kind>-tls (agentClient: agent-client). */}}
 {{- define "mermin.tls.secretName" -}}
 {{- $given := get .root.Values.tls (printf "%sSecretName" .kind) -}}
-{{- default (printf "%s-%s-tls" (include "mermin.fullname" .root) .kind) $given -}}
+{{- default (printf "%s-%s-tls" (include "mermin.fullname" .root) (kebabcase .kind)) $given -}}
 {{- end -}}
