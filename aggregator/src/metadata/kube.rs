@@ -424,6 +424,9 @@ pub struct WatchMetrics {
     errors: Family<ErrorLabel, Counter>,
     synced: Family<KindLabel, Gauge>,
     last_event: Family<KindLabel, Gauge>,
+    /// Unix seconds since the kind's watch has failed without a success in between (0: not
+    /// failing): a dead watch, told apart from a quiet one.
+    failing_since: Family<KindLabel, Gauge>,
 }
 
 impl WatchMetrics {
@@ -447,6 +450,11 @@ impl WatchMetrics {
             "metadata_watch_last_event_seconds",
             "Unix time of the kind's last watch event (staleness)",
             self.last_event.clone(),
+        );
+        registry.register(
+            "metadata_watch_failing_since_seconds",
+            "Unix time since which the kind's watch has failed without a success (0: not failing); what tells a dead watch from a quiet one",
+            self.failing_since.clone(),
         );
     }
 
@@ -612,9 +620,16 @@ impl Context {
         let mut follower = Follower::new(kind);
         let mut stream = pin!(stream.default_backoff());
         while let Some(item) = stream.next().await {
+            let failing = self.metrics.failing_since.get_or_create(&label);
             let event = match item {
-                Ok(event) => event,
+                Ok(event) => {
+                    failing.set(0);
+                    event
+                }
                 Err(error) => {
+                    if failing.get() == 0 {
+                        failing.set(i64::try_from(unix_now() / 1_000_000_000).unwrap_or(i64::MAX));
+                    }
                     self.metrics.error(kind, "watch");
                     tracing::warn!(kind = kind.as_str(), %error, "Kubernetes watch failed; retrying");
                     continue;
@@ -721,6 +736,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_watch_stream_fills_the_index_and_reports() {
+        let started = unix_now() / 1_000_000_000;
         let index = SharedIndex::new(MetadataIndex::new(&IndexSettings::default()));
         let (synced_tx, synced) = watch::channel(SyncedKinds::default());
         let metrics = WatchMetrics::default();
@@ -799,6 +815,25 @@ mod tests {
                 last_event_unix_seconds: 0,
             }
         );
+        // It ended failing: since when says it is not just quiet; a success clears it.
+        let failing = || {
+            metrics
+                .failing_since
+                .get_or_create(&KindLabel { kind: "Pod" })
+                .get()
+        };
+        let since = u64::try_from(failing()).unwrap();
+        assert!((started..=unix_now() / 1_000_000_000).contains(&since));
+        let (synced_tx, _) = watch::channel(SyncedKinds::default());
+        let again = Context {
+            index: index.clone(),
+            synced: synced_tx,
+            metrics: metrics.clone(),
+        };
+        again
+            .run(ObjectKind::Pod, stream::iter([Ok(Event::Init)]), pod_event)
+            .await;
+        assert_eq!(failing(), 0);
     }
 
     #[tokio::test]
