@@ -756,10 +756,11 @@ mod tests {
         ]);
         context.run(ObjectKind::Pod, events, pod_event).await;
 
-        let read = index.read();
-        let found = read.lookup("10.0.0.1".parse().unwrap(), 80, unix_now());
-        assert_eq!(found.unwrap().pod_name, Some("pod-a"));
-        drop(read);
+        {
+            let read = index.read();
+            let found = read.lookup("10.0.0.1".parse().unwrap(), 80, unix_now());
+            assert_eq!(found.unwrap().pod_name, Some("pod-a"));
+        }
         let synced = *synced.borrow();
         assert!(synced.contains(ObjectKind::Pod));
         assert!(!synced.contains(ObjectKind::Node));
