@@ -790,57 +790,84 @@ impl Drop for Held {
     }
 }
 
-/// The agent endpoint's TCP connections, each of which must start talking (the HTTP/2 preface)
-/// within `deadline` of being accepted or is closed: a connection that sends nothing cannot
-/// hold a slot forever. (Once HTTP/2 runs, its keepalive and the Hello timeout take over.)
+/// The agent endpoint's TCP connections, each of which must make its first request (an agent
+/// stream) within `deadline` of being accepted or is closed: a connection that sends nothing,
+/// a byte, or only the HTTP/2 preface and then pings cannot hold a slot forever. (Once a stream
+/// runs, its keepalive and the Hello timeout take over.)
 pub fn connections(
     listener: tokio::net::TcpListener,
     deadline: Duration,
-) -> impl futures_util::Stream<Item = std::io::Result<FirstBytesDeadline>> {
+) -> impl futures_util::Stream<Item = std::io::Result<FirstRequestDeadline>> {
     use futures_util::StreamExt as _;
     tokio_stream::wrappers::TcpListenerStream::new(listener).map(move |accepted| {
-        accepted.map(|stream| FirstBytesDeadline {
+        accepted.map(|stream| FirstRequestDeadline {
             stream,
             deadline: Some(Box::pin(tokio::time::sleep(deadline))),
+            started: Arc::default(),
         })
     })
 }
 
-/// A TCP stream whose reads fail with `TimedOut` if no byte arrives before its deadline.
-pub struct FirstBytesDeadline {
+/// A TCP stream whose reads fail with `TimedOut` once its deadline passed before the
+/// connection's first request (see [`connections`]).
+pub struct FirstRequestDeadline {
     stream: tokio::net::TcpStream,
-    /// Until the first byte arrives.
+    /// Until the first request.
     deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// Set by the service at the connection's first request ([`AgentConnection::started`]).
+    started: Arc<std::sync::atomic::AtomicBool>,
 }
 
-impl tokio::io::AsyncRead for FirstBytesDeadline {
+/// What the service learns of the connection a request came on (tonic puts it in the
+/// request's extensions, inside `TlsConnectInfo` over TLS).
+#[derive(Clone)]
+pub struct AgentConnection {
+    pub tcp: tonic::transport::server::TcpConnectInfo,
+    started: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl AgentConnection {
+    /// The connection made a request: its deadline no longer applies.
+    pub fn started(&self) {
+        self.started
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The connection of a request, as its extensions carry it (plaintext or TLS).
+    pub fn of(extensions: &http::Extensions) -> Option<&AgentConnection> {
+        extensions.get::<AgentConnection>().or_else(|| {
+            extensions
+                .get::<tonic::transport::server::TlsConnectInfo<AgentConnection>>()
+                .map(|tls| tls.get_ref())
+        })
+    }
+}
+
+impl tokio::io::AsyncRead for FirstRequestDeadline {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         use std::task::Poll;
-        let filled = buf.filled().len();
-        let read = std::pin::Pin::new(&mut self.stream).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = read
-            && buf.filled().len() > filled
-        {
+        if self.deadline.is_some() && self.started.load(std::sync::atomic::Ordering::Relaxed) {
             self.deadline = None;
         }
+        let read = std::pin::Pin::new(&mut self.stream).poll_read(cx, buf);
         if read.is_pending()
             && let Some(deadline) = self.deadline.as_mut()
             && deadline.as_mut().poll(cx).is_ready()
         {
             return Poll::Ready(Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                "the connection sent nothing in time",
+                "the connection made no request in time",
             )));
         }
         read
     }
 }
 
-impl tokio::io::AsyncWrite for FirstBytesDeadline {
+impl tokio::io::AsyncWrite for FirstRequestDeadline {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -864,11 +891,14 @@ impl tokio::io::AsyncWrite for FirstBytesDeadline {
     }
 }
 
-impl tonic::transport::server::Connected for FirstBytesDeadline {
-    type ConnectInfo = <tokio::net::TcpStream as tonic::transport::server::Connected>::ConnectInfo;
+impl tonic::transport::server::Connected for FirstRequestDeadline {
+    type ConnectInfo = AgentConnection;
 
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
+    fn connect_info(&self) -> AgentConnection {
+        AgentConnection {
+            tcp: self.stream.connect_info(),
+            started: self.started.clone(),
+        }
     }
 }
 

@@ -195,8 +195,8 @@ pub struct Settings {
     /// Largest agent message accepted, in bytes [agents { max_message_bytes }].
     #[arg(long, default_value_t = defaults::MAX_MESSAGE_BYTES)]
     pub agents_max_message_bytes: usize,
-    /// A stream without a Hello within this is ended; so is a TCP connection that has not
-    /// started HTTP/2 [agents { hello_timeout }].
+    /// A stream without a Hello within this is ended; so is a TCP connection that has made no
+    /// request [agents { hello_timeout }].
     #[arg(long, default_value_t = defaults::HELLO_TIMEOUT.into(), value_parser = positive_duration)]
     pub agents_hello_timeout: humantime::Duration,
     /// How long a batch waits for room in a full outbox before the stream is refused

@@ -1,8 +1,9 @@
-//! Connections to the agent endpoint that never start talking are closed, so they cannot hold
-//! the endpoint's slots: a TCP connection that sends nothing within the Hello timeout.
+//! Connections to the agent endpoint that make no request are closed, so they cannot hold the
+//! endpoint's slots: a TCP connection that sends nothing within the Hello timeout, and one that
+//! sends HTTP/2's preface and settings but opens no stream.
 
 use std::{
-    io::Read,
+    io::{Read, Write},
     net::TcpStream,
     time::{Duration, Instant},
 };
@@ -12,8 +13,23 @@ use mermin_aggregator::{
     pipeline::{Aggregator, AggregatorConfig},
 };
 
+/// HTTP/2's client preface and an empty SETTINGS frame: a connection, no request.
+const PREFACE_AND_SETTINGS: &[u8] =
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tcp_connection_that_sends_nothing_is_closed() {
+    closed_in_time(b"").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_opens_no_stream_is_closed() {
+    closed_in_time(PREFACE_AND_SETTINGS).await;
+}
+
+/// A connection that sends `first` and nothing more is closed by the aggregator within the
+/// 300 ms Hello timeout, well before 5 s.
+async fn closed_in_time(first: &'static [u8]) {
     let dir = tempfile::tempdir().unwrap();
     let mut config = AggregatorConfig::loopback(
         dir.path().join("data"),
@@ -24,6 +40,7 @@ async fn a_tcp_connection_that_sends_nothing_is_closed() {
     let addr = aggregator.local_addr;
     let (read, waited) = tokio::task::spawn_blocking(move || {
         let mut silent = TcpStream::connect(addr).unwrap();
+        silent.write_all(first).unwrap();
         silent
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();

@@ -74,6 +74,10 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        // Any request ends the connection's first-request deadline.
+        if let Some(connection) = super::AgentConnection::of(request.extensions()) {
+            connection.started();
+        }
         if request.uri().path() != STREAM_PATH {
             return Box::pin(async { Ok(Status::unimplemented("").into_http()) });
         }
