@@ -198,6 +198,10 @@ pub struct StoreMachine {
     /// of its own each time): openraft asks for it on its state-machine worker, which applying
     /// waits for, so it must not be built there.
     latest: Arc<Mutex<Option<KeptSnapshot>>>,
+    /// Held by `apply` and by a snapshot's build: a snapshot is one state, that of its last
+    /// applied entry. (Applying waits for a build: every `snapshot_entries` entries, for as
+    /// long as writing the store to a file takes.)
+    applying: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// A snapshot's meta and its (anonymous) file.
@@ -230,6 +234,7 @@ impl StoreMachine {
             current: Arc::new(RwLock::new(Arc::new(store))),
             snapshots,
             latest: Arc::default(),
+            applying: Arc::default(),
         })
     }
 
@@ -263,11 +268,13 @@ impl StoreMachine {
 
 impl RaftSnapshotBuilder<StoreGroup> for StoreMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<StoreGroup>, Error> {
-        // What the snapshot says is applied must be on disk before the log below it goes (and
-        // the value segments freed before it go): read before the flush, as openraft applies
-        // further entries while a snapshot is built, and those may not be flushed yet. The
-        // trees written below may hold the effects of such later entries too; every command
-        // is idempotent, so applying them again over the snapshot changes nothing.
+        // One consistent state: openraft builds snapshots beside `apply`, and a tree read while
+        // entries are applied could miss one applied after it was passed, or hold a later one
+        // whose entry, applied again over the snapshot, would be refused as out of order. So
+        // no entry is applied until the trees are written (`applying`). What the snapshot says
+        // is applied is then on disk before the log below it goes, with the value segments
+        // freed before it.
+        let _exclusive = self.applying.lock().await;
         let (last_log_id, last_membership) = self.applied()?;
         let store = self.store();
         store.flush_and_free().await.map_err(io_error)?;
@@ -322,6 +329,8 @@ impl RaftStateMachine<StoreGroup> for StoreMachine {
         I: IntoIterator<Item = <StoreGroup as RaftTypeConfig>::Entry> + openraft::OptionalSend,
         I::IntoIter: openraft::OptionalSend,
     {
+        // Not while a snapshot is being written (see `build_snapshot`).
+        let _applying = self.applying.lock().await;
         let store = self.store();
         let mut applied = self.applied()?;
         let mut answers = Vec::new();
@@ -357,6 +366,8 @@ impl RaftStateMachine<StoreGroup> for StoreMachine {
         meta: &SnapshotMeta<ReplicaId, BasicNode>,
         snapshot: Box<tokio::fs::File>,
     ) -> Result<(), Error> {
+        // Not while this replica's own snapshot is being written from the trees cleared here.
+        let _exclusive = self.applying.lock().await;
         let file = snapshot.into_std().await;
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
         let kept = snapshot::reopen(&file).map_err(io_error)?;
