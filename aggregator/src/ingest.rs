@@ -363,10 +363,14 @@ impl<S: BatchSink> Ingest<S> {
 
 impl<S: BatchSink> AgentStreams for Ingest<S> {
     fn stream(&self, inbound: Streaming<Inbound>) -> Answers {
-        let (answers, receiver) = mpsc::channel(self.limits.max_in_flight_batches as usize + 1);
+        // Room for a Welcome or an ack per batch in flight, and one slot kept for the status
+        // that ends the stream (`Worker::end`): a full channel never loses it.
+        let (answers, receiver) = mpsc::channel(self.limits.max_in_flight_batches as usize + 2);
+        let last_word = answers.clone().try_reserve_owned().ok();
         let worker = Worker {
             ingest: self.clone(),
             answers,
+            last_word: Arc::new(std::sync::Mutex::new(last_word)),
             claimed: Arc::default(),
             superseded: Arc::new(watch::Sender::new(false)),
         };
@@ -493,11 +497,16 @@ impl<S: BatchSink> StreamHandler<Result<Inbound, Status>> for Session<S> {
 struct Worker<S> {
     ingest: Ingest<S>,
     answers: mpsc::Sender<Result<AggregatorMessage, Status>>,
+    /// The answer slot kept for the status that ends the stream (taken once).
+    last_word: Arc<std::sync::Mutex<Option<LastWord>>>,
     /// This stream holds its boot id in `agents` (released when the session stops).
     claimed: Arc<std::sync::OnceLock<BootId>>,
     /// Turns true when a newer stream of the same agent process takes over.
     superseded: Superseded,
 }
+
+/// The answer slot kept for a stream's ending status.
+type LastWord = mpsc::OwnedPermit<Result<AggregatorMessage, Status>>;
 
 /// A stream's handle in [`Agents`]: turned true when a newer stream of its agent takes over.
 type Superseded = Arc<watch::Sender<bool>>;
@@ -557,10 +566,18 @@ impl<S: BatchSink> Worker<S> {
             .inc();
     }
 
-    /// Ends the stream with `status` without waiting (the answer channel has room for it: the
-    /// session sends nothing else once it ends).
+    /// Ends the stream with `status` without waiting, in the slot kept for it (a full channel,
+    /// an agent that stopped reading, cannot make the stream end OK instead); the first status
+    /// wins.
     fn end(&self, status: Status) {
-        let _ = self.answers.try_send(Err(status));
+        let permit = self
+            .last_word
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(permit) = permit {
+            permit.send(Err(status));
+        }
     }
 
     async fn welcome(&self, hello: Hello) -> Result<Agent, Status> {
