@@ -128,9 +128,24 @@ pub fn ends_reported(
     }
     let reporting: smallvec::SmallVec<[Reporter<'_>; 8]> = reporting.collect();
     ends.iter().flatten().all(|end| {
-        reporting
+        if !end.pod {
+            return reporting.iter().any(|point| point.node == end.node);
+        }
+        // A pod end needs a pod interface of its node; two pod ends on one node (same-node
+        // traffic) need two different ones: the other pod's interface is not this pod's.
+        let pods_there = ends
             .iter()
-            .any(|point| point.node == end.node && (point.pod_side || !end.pod))
+            .flatten()
+            .filter(|e| e.pod && e.node == end.node)
+            .count();
+        let mut interfaces: smallvec::SmallVec<[&str; 4]> = reporting
+            .iter()
+            .filter(|point| point.pod_side && point.node == end.node)
+            .map(|point| point.interface)
+            .collect();
+        interfaces.sort_unstable();
+        interfaces.dedup();
+        interfaces.len() >= pods_there
     })
 }
 
@@ -1074,6 +1089,40 @@ mod tests {
         assert!(out.is_empty());
         t.emit_due(103 * S, &mut out);
         assert_eq!(out.len(), 1);
+    }
+
+    /// Two pods on one node: the server pod's interface reporting both directions does not
+    /// complete the client pod's end; the client's own interface does.
+    #[test]
+    fn same_node_pods_each_need_their_own_interface() {
+        let mut t = table();
+        let mut out = Vec::new();
+        let same_node = Ends {
+            server: Some(EndPlace {
+                node: "a",
+                pod: true,
+            }),
+        };
+        for (direction, outbound) in [(Direction::Egress, true), (Direction::Ingress, false)] {
+            let at_server =
+                observation_at("a", "veth2", direction, outbound, 5, EndReason::TcpClose);
+            t.apply_knowing(&at_server, 100 * S, &same_node);
+        }
+        t.emit_due(100 * S, &mut out);
+        assert!(out.is_empty(), "the client pod's veth has not reported");
+        let at_client = observation_at(
+            "a",
+            "veth1",
+            Direction::Ingress,
+            true,
+            5,
+            EndReason::TcpClose,
+        );
+        t.apply_knowing(&at_client, 100 * S + 1, &same_node);
+        t.emit_due(100 * S + 1, &mut out);
+        assert_eq!(out.len(), 1, "complete: emitted without the settle time");
+        let sent = out[0].flow.client_to_server.as_ref().unwrap();
+        assert_eq!(sent.point.interface, "veth1");
     }
 
     /// The client pod's node reports its uplink first and its veth a batch later (a Service's

@@ -113,10 +113,11 @@ impl InterfaceKinds {
     }
 }
 
-/// A point that saw a connection: its node, and whether it is a pod's own interface.
+/// A point that saw a connection: its node, its interface, and whether that is a pod's own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reporter<'a> {
     pub node: &'a str,
+    pub interface: &'a str,
     pub pod_side: bool,
 }
 
@@ -312,9 +313,13 @@ impl Connection {
 
     /// The points that saw the connection in this interval, as early completion asks of them.
     pub fn reporters<'a>(&'a self, points: &'a Points) -> impl Iterator<Item = Reporter<'a>> {
-        self.point_ids().map(|id| Reporter {
-            node: points.get(id).node.as_str(),
-            pod_side: points.is_pod_side(id),
+        self.point_ids().map(|id| {
+            let point = points.get(id);
+            Reporter {
+                node: point.node.as_str(),
+                interface: point.interface.as_str(),
+                pod_side: points.is_pod_side(id),
+            }
         })
     }
 
