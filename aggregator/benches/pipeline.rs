@@ -121,7 +121,9 @@ async fn open_store(backend: Backend, dir: &std::path::Path) -> (Store, Vec<Repl
             .unwrap();
     }
     let deadline = Instant::now() + Duration::from_secs(30);
-    while replicas[0].store_voters().len() != count || replicas[0].store_leader() != Some(0) {
+    while replicas[0].store_voters().map_or(0, |voters| voters.len()) != count
+        || replicas[0].store_leader() != Some(0)
+    {
         assert!(Instant::now() < deadline, "the store group did not form");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

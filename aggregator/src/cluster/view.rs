@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use crate::{
     metrics::EndpointReasonLabel,
     replication::{
-        ReplicaId,
+        ReplicaId, membership_settled,
         placement::{Lease, ShardMap},
     },
 };
@@ -42,7 +42,7 @@ impl ReplicaMetrics {
 
 /// This replica's view of both Raft groups, read at each scrape of `/metrics` (the standby's
 /// and the pipeline's): its own `id`, `shard_lease_{replica,epoch}{shard}` (the shard map),
-/// `<group>_leader` (-1: none), `_term`, `_last_applied`, `_voters`, and
+/// `<group>_leader` (-1: none), `_term`, `_last_applied`, `_voters`, `_voters_changing`, and
 /// on the store group's leader `store_replication_lag{replica}`, the entries each other
 /// replica has yet to take.
 #[derive(Debug, Clone)]
@@ -130,6 +130,14 @@ impl Collector for ReplicaView {
                 &format!("{group}_voters"),
                 &format!("The voters of {name} {as_seen} (a quorum of them must be up)"),
                 metrics.membership_config.membership().voter_ids().count() as i64,
+            )?;
+            gauge(
+                &mut encoder,
+                &format!("{group}_voters_changing"),
+                &format!(
+                    "1 while a change of {name}'s voters is under way {as_seen} (a joint configuration, or one not applied yet: `_voters` counts both sides)"
+                ),
+                i64::from(!membership_settled(metrics)),
             )?;
         }
         let shards = self.shards.borrow().clone();

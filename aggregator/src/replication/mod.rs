@@ -28,7 +28,8 @@ mod snapshot;
 pub mod store;
 
 pub use self::replica::{
-    RaftTuning, Replica, ReplicaTls, identity, ordinal, start_over_if_half_installed, take_out,
+    RaftTuning, Replica, ReplicaTls, identity, membership_settled, ordinal,
+    start_over_if_half_installed, take_out,
 };
 
 /// A replica's Raft node id: its StatefulSet ordinal in the upper 32 bits, the incarnation of

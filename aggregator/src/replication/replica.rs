@@ -422,6 +422,22 @@ fn voters(metrics: &openraft::RaftMetrics<ReplicaId, BasicNode>) -> BTreeMap<Rep
         .collect()
 }
 
+/// Whether a group's membership has settled as `metrics` show it: its last change applied and
+/// not a joint configuration. While a change is under way further changes are refused, and
+/// losing a member for good can wedge the group: with voters `{a, b}` becoming `{a, b, c}`, the
+/// joint configuration needs both `a` and `b`.
+pub fn membership_settled(metrics: &openraft::RaftMetrics<ReplicaId, BasicNode>) -> bool {
+    let stored = &metrics.membership_config;
+    stored.membership().get_joint_config().len() == 1 && *stored.log_id() <= metrics.last_applied
+}
+
+/// [`voters`] once the group's membership has settled ([`membership_settled`]).
+fn settled_voters(
+    metrics: &openraft::RaftMetrics<ReplicaId, BasicNode>,
+) -> Option<BTreeMap<ReplicaId, BasicNode>> {
+    membership_settled(metrics).then(|| voters(metrics))
+}
+
 /// How long the store group's leader waits for a new member to catch up before it looks at the
 /// membership again.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(10);
@@ -435,6 +451,8 @@ async fn follow_membership(
     interval: Duration,
 ) {
     let mut tick = tokio::time::interval(interval);
+    // After a wait for a catch-up, one look, not a burst of the ticks missed meanwhile.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let (leads, current, learners) = {
@@ -447,9 +465,13 @@ async fn follow_membership(
                 .collect();
             (
                 metrics.state == ServerState::Leader,
-                voters(&metrics),
+                settled_voters(&metrics),
                 learners,
             )
+        };
+        // A change under way is left to finish: another would be refused.
+        let Some(current) = current else {
+            continue;
         };
         let desired = voters(&members.borrow());
         // A member that moved is taken out first and added again at its new address; a learner
@@ -781,11 +803,11 @@ impl Replica {
         self.store.clone()
     }
 
-    /// The store group's voters as this replica knows them.
-    pub fn store_voters(&self) -> BTreeSet<ReplicaId> {
-        voters(&self.store_group.metrics().borrow())
-            .into_keys()
-            .collect()
+    /// The store group's voters as this replica knows them, once their last change is applied
+    /// here and not a joint configuration; `None` while a change is under way.
+    pub fn store_voters(&self) -> Option<BTreeSet<ReplicaId>> {
+        settled_voters(&self.store_group.metrics().borrow())
+            .map(|voters| voters.into_keys().collect())
     }
 
     /// The store group's leader as this replica knows it.

@@ -420,6 +420,12 @@ impl Cluster {
             store_voters: metric_value(&text, "mermin_aggregator_replica_store_voters"),
             membership_voters: metric_value(&text, "mermin_aggregator_replica_membership_voters"),
             store_last_applied: metric_value(&text, "mermin_aggregator_replica_store_last_applied"),
+            voters_changing: metric_value(&text, "mermin_aggregator_replica_store_voters_changing")
+                + metric_value(
+                    &text,
+                    "mermin_aggregator_replica_membership_voters_changing",
+                )
+                > 0,
             shard_map: shard_map(&text),
         })
     }
@@ -448,6 +454,7 @@ impl Cluster {
                     view.agrees_with(&v[0])
                         && view.store_voters == voters
                         && view.membership_voters == voters
+                        && !view.voters_changing
                         && view.shard_map.len() == SHARDS
                         && view
                             .shard_map
@@ -535,6 +542,8 @@ pub struct View {
     pub store_voters: u64,
     pub membership_voters: u64,
     pub store_last_applied: u64,
+    /// A change of either group's voters under way (a joint configuration, or not applied).
+    pub voters_changing: bool,
     /// Each shard's lease: (shard, replica, epoch), by shard.
     pub shard_map: Vec<(u64, u64, u64)>,
 }
