@@ -728,7 +728,8 @@ impl Replica {
                     other => other,
                 };
                 match asked {
-                    Ok(()) => return Ok(()),
+                    // Admitted by the leader; a member once this replica applied the change.
+                    Ok(()) => break,
                     Err(MembershipRefused::NoCluster) => without_cluster += 1,
                     Err(refused) => {
                         tracing::info!(peer = %peer, reason = %refused, "not admitted yet")
@@ -747,13 +748,16 @@ impl Replica {
     }
 
     /// Whether this replica is a voter of the membership group and no other incarnation of its
-    /// ordinal is a member, as it knows the group. An earlier incarnation still there (its
-    /// removal failed after this one was added) makes it ask again: admission removes it.
+    /// ordinal is a member, as it knows the group, the change that made it so settled. An
+    /// earlier incarnation still there (its removal failed after this one was added) makes it
+    /// ask again: admission removes it. So does a change not committed yet: a leader that dies
+    /// before it commits can leave it out, and nothing else would ask again.
     fn admitted(&self) -> bool {
         let metrics = self.placement.metrics();
         let metrics = metrics.borrow();
         let membership = metrics.membership_config.membership();
-        membership.voter_ids().any(|voter| voter == self.id)
+        membership_settled(&metrics)
+            && membership.voter_ids().any(|voter| voter == self.id)
             && membership
                 .nodes()
                 .all(|(member, _)| *member == self.id || ordinal(*member) != ordinal(self.id))
