@@ -2,7 +2,7 @@
 //!
 //! - `per-packet`: mean cost of the programs per packet for several shapes, measured by the kernel
 //!   with BPF_PROG_TEST_RUN (established-flow path: lookup + atomic adds), the least of five
-//!   rounds.
+//!   rounds; beside them, an empty program's on the same frame (the harness's own cost).
 //! - `throughput`: TCP bulk and small-UDP packet rates over a veth pair, without and with the
 //!   agent attached, alternating runs.
 //! - `agent-load`: the agent's CPU and memory while it evicts 10k new flows per second.
@@ -387,8 +387,11 @@ fn per_packet() {
         ),
     ];
     let mut capture = capture::load(65_536).expect("load (run as root)");
-    println!("| packet shape | ns per packet (egress) | ns per packet (ingress) |");
-    println!("|---|---:|---:|");
+    let floor = EmptyClassifier::load();
+    println!(
+        "| packet shape | ns per packet (egress) | ns per packet (ingress) | an empty program on the same frame (the harness's own cost) |"
+    );
+    println!("|---|---:|---:|---:|");
     for (name, frame) in &shapes {
         let mut cost = |hook| {
             // Warm up (creates the flow entry), then measure the established-flow path.
@@ -406,7 +409,109 @@ fn per_packet() {
         };
         let egress = cost(Hook::Egress);
         let ingress = cost(Hook::Ingress);
-        println!("| {name} | {egress} | {ingress} |");
+        let harness = (0..ROUNDS)
+            .map(|_| floor.test_run(frame, REPEAT))
+            .min()
+            .unwrap();
+        println!("| {name} | {egress} | {ingress} | {harness} |");
+    }
+}
+
+/// A classifier that returns `TC_ACT_UNSPEC` at once (`r0 = -1; exit`), loaded with the raw
+/// `bpf(2)` call: what BPF_PROG_TEST_RUN costs per run with no program work, on the same frame
+/// (copying it into an skb, the run loop, the clock reads), so the figures above can be read
+/// as harness + program.
+struct EmptyClassifier {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl EmptyClassifier {
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+
+    fn load() -> Self {
+        // BPF_ALU64 | BPF_MOV | BPF_K into r0, imm -1; then BPF_JMP | BPF_EXIT.
+        let instructions: [u64; 2] = [
+            u64::from(0xb7u8) | (u64::from(u32::MAX) << 32),
+            u64::from(0x95u8),
+        ];
+        let license = c"GPL";
+        #[repr(C)]
+        struct Load {
+            prog_type: u32,
+            insn_cnt: u32,
+            insns: u64,
+            license: u64,
+            /// The rest of `union bpf_attr` as the kernel reads it for a load: all zero.
+            zero: [u64; 16],
+        }
+        let attr = Load {
+            prog_type: Self::BPF_PROG_TYPE_SCHED_CLS,
+            insn_cnt: instructions.len() as u32,
+            insns: instructions.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            zero: [0; 16],
+        };
+        // SAFETY: `attr` and what it points to outlive the call; the size is the struct's.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                Self::BPF_PROG_LOAD,
+                &attr,
+                std::mem::size_of::<Load>(),
+            )
+        };
+        assert!(
+            fd >= 0,
+            "loading the empty classifier: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: a new descriptor that nothing else owns.
+        Self {
+            fd: unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as i32) },
+        }
+    }
+
+    /// The kernel's mean ns per run over `repeat` runs on `frame`.
+    fn test_run(&self, frame: &[u8], repeat: u32) -> u32 {
+        #[repr(C)]
+        #[derive(Default)]
+        struct TestRun {
+            prog_fd: u32,
+            retval: u32,
+            data_size_in: u32,
+            data_size_out: u32,
+            data_in: u64,
+            data_out: u64,
+            repeat: u32,
+            duration: u32,
+            zero: [u64; 8],
+        }
+        let mut attr = TestRun {
+            prog_fd: std::os::fd::AsRawFd::as_raw_fd(&self.fd) as u32,
+            data_size_in: frame.len() as u32,
+            data_in: frame.as_ptr() as u64,
+            repeat,
+            ..TestRun::default()
+        };
+        // SAFETY: as in `load`; the kernel writes `retval` and `duration` into `attr`.
+        let done = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                Self::BPF_PROG_TEST_RUN,
+                &mut attr,
+                std::mem::size_of::<TestRun>(),
+            )
+        };
+        assert_eq!(
+            done,
+            0,
+            "running the empty classifier: {}",
+            std::io::Error::last_os_error()
+        );
+        assert_eq!(attr.retval, u32::MAX, "TC_ACT_UNSPEC");
+        attr.duration
     }
 }
 
