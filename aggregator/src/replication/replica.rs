@@ -837,7 +837,42 @@ impl Replica {
 
 #[cfg(test)]
 mod tests {
+    use openraft::{CommittedLeaderId, LogId, Membership, StoredMembership};
+
     use super::*;
+
+    /// A group's voters count as settled only when their last change is applied here and is
+    /// not a joint configuration (`{0, 1}` becoming `{0, 1, 2}` lists all three, yet needs
+    /// both 0 and 1).
+    #[test]
+    fn a_membership_settles_when_its_change_is_applied_and_not_joint() {
+        let at = |index| Some(LogId::new(CommittedLeaderId::new(1, 0), index));
+        let metrics = |configs: Vec<BTreeSet<ReplicaId>>, changed, applied| {
+            let mut metrics = openraft::RaftMetrics::<ReplicaId, BasicNode>::new_initial(0);
+            metrics.membership_config = Arc::new(StoredMembership::new(
+                at(changed),
+                Membership::new(configs, ()),
+            ));
+            metrics.last_applied = at(applied);
+            metrics
+        };
+        let uniform = metrics(vec![[0, 1, 2].into()], 4, 4);
+        assert!(membership_settled(&uniform));
+        assert_eq!(
+            settled_voters(&uniform).map(|v| v.into_keys().collect::<Vec<_>>()),
+            Some(vec![0, 1, 2])
+        );
+        let joint = metrics(vec![[0, 1].into(), [0, 1, 2].into()], 4, 4);
+        assert_eq!(
+            voters(&joint).len(),
+            3,
+            "a joint configuration lists both sides"
+        );
+        assert!(!membership_settled(&joint));
+        assert_eq!(settled_voters(&joint), None);
+        let not_applied = metrics(vec![[0, 1, 2].into()], 5, 4);
+        assert!(!membership_settled(&not_applied));
+    }
 
     /// A store cut short while it installed a snapshot (the marker left behind): the replica
     /// empties its data dir and comes back as a new incarnation of its ordinal. An intact data
