@@ -164,6 +164,31 @@ async fn add_voter<C: Group>(
     Ok(())
 }
 
+/// Finishes a change of `raft`'s voters that its leader left half-done, on the leader. openraft
+/// changes voters through a joint configuration, then a uniform one; a leader lost between the
+/// two leaves the group joint, and only another change ends that — until then every change is
+/// refused. Does nothing unless this replica leads and a joint configuration is applied here
+/// (so committed). Returns whether it finished one.
+async fn finish_joint_change<C: Group>(raft: &Raft<C>) -> Result<bool, ReplicationError> {
+    let target = {
+        let metrics = raft.metrics();
+        let metrics = metrics.borrow();
+        let stored = &metrics.membership_config;
+        let configs = stored.membership().get_joint_config();
+        if metrics.state != ServerState::Leader
+            || configs.len() < 2
+            || *stored.log_id() > metrics.last_applied
+        {
+            return Ok(false);
+        }
+        configs.last().cloned().unwrap_or_default()
+    };
+    raft.change_membership(ChangeMembers::ReplaceAllVoters(target), false)
+        .await
+        .map_err(write_error)?;
+    Ok(true)
+}
+
 /// Takes `ids` out of `raft`'s group (on its leader), voters and learners alike (a replica that
 /// died while it caught up is a learner), none of them kept as a learner.
 async fn remove_members<C: Group>(
@@ -279,6 +304,11 @@ async fn admit(
     id: ReplicaId,
     address: String,
 ) -> Result<(), tonic::Status> {
+    // A change left half-done first: the joiner may be listed on its new side only, and would
+    // ask for ever.
+    finish_joint_change(placement)
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     let members = leading_members(placement).await?;
     let node = BasicNode { addr: address };
     let voting = members.voter_ids().any(|voter| voter == id);
@@ -428,7 +458,8 @@ fn voters(metrics: &openraft::RaftMetrics<ReplicaId, BasicNode>) -> BTreeMap<Rep
 /// joint configuration needs both `a` and `b`.
 pub fn membership_settled(metrics: &openraft::RaftMetrics<ReplicaId, BasicNode>) -> bool {
     let stored = &metrics.membership_config;
-    stored.membership().get_joint_config().len() == 1 && *stored.log_id() <= metrics.last_applied
+    // No configuration at all: a group this replica has not joined yet, with nothing under way.
+    stored.membership().get_joint_config().len() <= 1 && *stored.log_id() <= metrics.last_applied
 }
 
 /// [`voters`] once the group's membership has settled ([`membership_settled`]).
@@ -469,8 +500,12 @@ async fn follow_membership(
                 learners,
             )
         };
-        // A change under way is left to finish: another would be refused.
+        // A change under way is left to finish (another would be refused), or finished here if
+        // its leader left it half-done.
         let Some(current) = current else {
+            if leads && let Err(e) = finish_joint_change(&store_group).await {
+                tracing::warn!(error = %e, "finishing a change of the store group's voters");
+            }
             continue;
         };
         let desired = voters(&members.borrow());
@@ -750,8 +785,9 @@ impl Replica {
     /// Whether this replica is a voter of the membership group and no other incarnation of its
     /// ordinal is a member, as it knows the group, the change that made it so settled. An
     /// earlier incarnation still there (its removal failed after this one was added) makes it
-    /// ask again: admission removes it. So does a change not committed yet: a leader that dies
-    /// before it commits can leave it out, and nothing else would ask again.
+    /// ask again: admission removes it. So does a change not committed yet (a leader that dies
+    /// before it commits can leave it out, and nothing else would ask again) or one left joint
+    /// (admission finishes it).
     fn admitted(&self) -> bool {
         let metrics = self.placement.metrics();
         let metrics = metrics.borrow();
@@ -872,6 +908,9 @@ mod tests {
         assert_eq!(settled_voters(&joint), None);
         let not_applied = metrics(vec![[0, 1, 2].into()], 5, 4);
         assert!(!membership_settled(&not_applied));
+        // A group not joined yet has no configuration, and nothing under way.
+        let never_joined = openraft::RaftMetrics::<ReplicaId, BasicNode>::new_initial(0);
+        assert_eq!(settled_voters(&never_joined), Some(BTreeMap::new()));
     }
 
     /// A store cut short while it installed a snapshot (the marker left behind): the replica
