@@ -11,7 +11,7 @@ use std::{
 use futures_util::future::BoxFuture;
 use mermin_protocol::replica::v1::raft_server::RaftServer;
 use openraft::{
-    BasicNode, ChangeMembers, Config, Raft, ServerState, SnapshotPolicy,
+    BasicNode, ChangeMembers, Config, LogId, Raft, ServerState, SnapshotPolicy,
     error::{ClientWriteError, RaftError},
 };
 use prometheus_client::metrics::{counter::Counter, family::Family};
@@ -167,25 +167,40 @@ async fn add_voter<C: Group>(
 /// Finishes a change of `raft`'s voters that its leader left half-done, on the leader. openraft
 /// changes voters through a joint configuration, then a uniform one; a leader lost between the
 /// two leaves the group joint, and only another change ends that — until then every change is
-/// refused. Does nothing unless this replica leads and a joint configuration is applied here
-/// (so committed). Returns whether it finished one.
-async fn finish_joint_change<C: Group>(raft: &Raft<C>) -> Result<bool, ReplicationError> {
-    let target = {
+/// refused. Acts only when this replica leads and finds the same joint configuration applied
+/// (so committed) as at the previous look, kept in `seen`: a first look may fall between the
+/// two steps of a change still running, which its own second step ends. Returns whether it
+/// finished one.
+async fn finish_joint_change<C: Group>(
+    raft: &Raft<C>,
+    seen: &mut Option<LogId<ReplicaId>>,
+) -> Result<bool, ReplicationError> {
+    let (joint_at, target) = {
         let metrics = raft.metrics();
         let metrics = metrics.borrow();
         let stored = &metrics.membership_config;
         let configs = stored.membership().get_joint_config();
-        if metrics.state != ServerState::Leader
-            || configs.len() < 2
-            || *stored.log_id() > metrics.last_applied
-        {
-            return Ok(false);
+        match (*stored.log_id(), configs.last()) {
+            (Some(at), Some(last))
+                if metrics.state == ServerState::Leader
+                    && configs.len() > 1
+                    && Some(at) <= metrics.last_applied =>
+            {
+                (at, last.clone())
+            }
+            _ => {
+                *seen = None;
+                return Ok(false);
+            }
         }
-        configs.last().cloned().unwrap_or_default()
     };
+    if seen.replace(joint_at) != Some(joint_at) {
+        return Ok(false);
+    }
     raft.change_membership(ChangeMembers::ReplaceAllVoters(target), false)
         .await
         .map_err(write_error)?;
+    *seen = None;
     Ok(true)
 }
 
@@ -304,11 +319,6 @@ async fn admit(
     id: ReplicaId,
     address: String,
 ) -> Result<(), tonic::Status> {
-    // A change left half-done first: the joiner may be listed on its new side only, and would
-    // ask for ever.
-    finish_joint_change(placement)
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     let members = leading_members(placement).await?;
     let node = BasicNode { addr: address };
     let voting = members.voter_ids().any(|voter| voter == id);
@@ -475,17 +485,24 @@ const CATCH_UP_WAIT: Duration = Duration::from_secs(10);
 
 /// Keeps the store group's voters those of the membership group (which
 /// [`Replica::add_member`] and [`Replica::remove_member`] change), on whichever replica leads
-/// the store group; checks every `interval` and retries what failed.
+/// the store group, and finishes a change of either group's voters its leader left half-done
+/// ([`finish_joint_change`]) on whichever replica leads that group; checks every `interval`
+/// and retries what failed.
 async fn follow_membership(
-    members: watch::Receiver<openraft::RaftMetrics<ReplicaId, BasicNode>>,
+    placement: Raft<PlacementGroup>,
     store_group: Raft<StoreGroup>,
     interval: Duration,
 ) {
+    let members = placement.metrics();
+    let (mut membership_joint, mut store_joint) = (None, None);
     let mut tick = tokio::time::interval(interval);
     // After a wait for a catch-up, one look, not a burst of the ticks missed meanwhile.
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        if let Err(e) = finish_joint_change(&placement, &mut membership_joint).await {
+            tracing::warn!(error = %e, "finishing a change of the membership group's voters");
+        }
         let (leads, current, learners) = {
             let metrics = store_group.metrics();
             let metrics = metrics.borrow();
@@ -503,7 +520,7 @@ async fn follow_membership(
         // A change under way is left to finish (another would be refused), or finished here if
         // its leader left it half-done.
         let Some(current) = current else {
-            if leads && let Err(e) = finish_joint_change(&store_group).await {
+            if let Err(e) = finish_joint_change(&store_group, &mut store_joint).await {
                 tracing::warn!(error = %e, "finishing a change of the store group's voters");
             }
             continue;
@@ -641,7 +658,7 @@ impl Replica {
             None => tokio::spawn(serve(service, accepted)),
         };
         let membership = tokio::spawn(follow_membership(
-            placement.metrics(),
+            placement.clone(),
             store_group.clone(),
             timings.heartbeat * 2,
         ));
@@ -787,7 +804,7 @@ impl Replica {
     /// earlier incarnation still there (its removal failed after this one was added) makes it
     /// ask again: admission removes it. So does a change not committed yet (a leader that dies
     /// before it commits can leave it out, and nothing else would ask again) or one left joint
-    /// (admission finishes it).
+    /// (the leader's [`follow_membership`] finishes it).
     fn admitted(&self) -> bool {
         let metrics = self.placement.metrics();
         let metrics = metrics.borrow();
@@ -873,7 +890,7 @@ impl Replica {
 
 #[cfg(test)]
 mod tests {
-    use openraft::{CommittedLeaderId, LogId, Membership, StoredMembership};
+    use openraft::{CommittedLeaderId, Membership, StoredMembership};
 
     use super::*;
 
