@@ -166,8 +166,8 @@ async fn add_voter<C: Group>(
 
 /// Finishes a change of `raft`'s voters that its leader left half-done, on the leader. openraft
 /// changes voters through a joint configuration, then a uniform one; a leader lost between the
-/// two leaves the group joint, and only another change ends that — until then every change is
-/// refused. Acts only when this replica leads and finds the same joint configuration applied
+/// two leaves the group joint, and only another change ends that (none may come: the group is
+/// wanted as it would be). Acts only when this replica leads and finds the same joint configuration applied
 /// (so committed) as at the previous look, kept in `seen`: a first look may fall between the
 /// two steps of a change still running, which its own second step ends. Returns whether it
 /// finished one.
@@ -197,9 +197,19 @@ async fn finish_joint_change<C: Group>(
     if seen.replace(joint_at) != Some(joint_at) {
         return Ok(false);
     }
-    raft.change_membership(ChangeMembers::ReplaceAllVoters(target), false)
-        .await
-        .map_err(write_error)?;
+    // Bounded: without a quorum of the new side the answer waits for one, and this loop has
+    // other work.
+    tokio::time::timeout(
+        CATCH_UP_WAIT,
+        raft.change_membership(ChangeMembers::ReplaceAllVoters(target), false),
+    )
+    .await
+    .map_err(|_| {
+        ReplicationError::Raft(format!(
+            "finishing a change of voters: not committed within {CATCH_UP_WAIT:?}"
+        ))
+    })?
+    .map_err(write_error)?;
     *seen = None;
     Ok(true)
 }
