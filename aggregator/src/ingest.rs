@@ -943,7 +943,6 @@ fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
-/// `bytes` in lowercase hex (how boot ids are shown).
 fn internal(err: StoreError) -> Status {
     tracing::error!(%err, "store failure");
     Status::unavailable(format!(

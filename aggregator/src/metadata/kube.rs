@@ -617,10 +617,10 @@ impl Context {
         let label = KindLabel {
             kind: kind.as_str(),
         };
+        let failing = self.metrics.failing_since.get_or_create_owned(&label);
         let mut follower = Follower::new(kind);
         let mut stream = pin!(stream.default_backoff());
         while let Some(item) = stream.next().await {
-            let failing = self.metrics.failing_since.get_or_create(&label);
             let event = match item {
                 Ok(event) => {
                     failing.set(0);

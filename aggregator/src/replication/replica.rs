@@ -167,10 +167,10 @@ async fn add_voter<C: Group>(
 /// Finishes a change of `raft`'s voters that its leader left half-done, on the leader. openraft
 /// changes voters through a joint configuration, then a uniform one; a leader lost between the
 /// two leaves the group joint, and only another change ends that (none may come: the group is
-/// wanted as it would be). Acts only when this replica leads and finds the same joint configuration applied
-/// (so committed) as at the previous look, kept in `seen`: a first look may fall between the
-/// two steps of a change still running, which its own second step ends. Returns whether it
-/// finished one.
+/// wanted as it would be). Acts only when this replica leads and finds the same joint
+/// configuration applied (so committed) as at the previous look, kept in `seen`: a first look
+/// may fall between the two steps of a change still running, which its own second step ends.
+/// Returns whether it finished one.
 async fn finish_joint_change<C: Group>(
     raft: &Raft<C>,
     seen: &mut Option<LogId<ReplicaId>>,
@@ -473,7 +473,7 @@ fn voters(metrics: &openraft::RaftMetrics<ReplicaId, BasicNode>) -> BTreeMap<Rep
 }
 
 /// Whether a group's membership has settled as `metrics` show it: its last change applied and
-/// not a joint configuration. While a change is under way further changes are refused, and
+/// not a joint configuration. While a change is uncommitted further changes are refused, and
 /// losing a member for good can wedge the group: with voters `{a, b}` becoming `{a, b, c}`, the
 /// joint configuration needs both `a` and `b`.
 pub fn membership_settled(metrics: &openraft::RaftMetrics<ReplicaId, BasicNode>) -> bool {
@@ -527,8 +527,8 @@ async fn follow_membership(
                 learners,
             )
         };
-        // A change under way is left to finish (another would be refused), or finished here if
-        // its leader left it half-done.
+        // A change under way is left to finish (another is refused while it is uncommitted),
+        // or finished here if its leader left it half-done.
         let Some(current) = current else {
             if let Err(e) = finish_joint_change(&store_group, &mut store_joint).await {
                 tracing::warn!(error = %e, "finishing a change of the store group's voters");
