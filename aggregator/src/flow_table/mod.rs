@@ -1029,6 +1029,27 @@ mod tests {
         }
     }
 
+    /// Nothing is due yet; then the client pod's veth on node "a" (`veth1`) reports its final
+    /// record (5 packets) and the connection is emitted at once, without the settle time.
+    /// Returns what it emitted.
+    fn completed_by_the_client_veth(t: &mut FlowTable, ends: &Ends) -> Vec<Emitted> {
+        let mut out = Vec::new();
+        t.emit_due(100 * S, &mut out);
+        assert!(out.is_empty(), "the client pod's veth has not reported");
+        let at_client = observation_at(
+            "a",
+            "veth1",
+            Direction::Ingress,
+            true,
+            5,
+            EndReason::TcpClose,
+        );
+        t.apply_knowing(&at_client, 100 * S + 1, ends);
+        t.emit_due(100 * S + 1, &mut out);
+        assert_eq!(out.len(), 1, "complete: emitted without the settle time");
+        out
+    }
+
     #[test]
     fn a_final_interval_is_due_at_once_when_every_point_and_both_ends_have_reported() {
         let mut t = table();
@@ -1096,7 +1117,6 @@ mod tests {
     #[test]
     fn same_node_pods_each_need_their_own_interface() {
         let mut t = table();
-        let mut out = Vec::new();
         let same_node = Ends {
             server: Some(EndPlace {
                 node: "a",
@@ -1108,19 +1128,7 @@ mod tests {
                 observation_at("a", "veth2", direction, outbound, 5, EndReason::TcpClose);
             t.apply_knowing(&at_server, 100 * S, &same_node);
         }
-        t.emit_due(100 * S, &mut out);
-        assert!(out.is_empty(), "the client pod's veth has not reported");
-        let at_client = observation_at(
-            "a",
-            "veth1",
-            Direction::Ingress,
-            true,
-            5,
-            EndReason::TcpClose,
-        );
-        t.apply_knowing(&at_client, 100 * S + 1, &same_node);
-        t.emit_due(100 * S + 1, &mut out);
-        assert_eq!(out.len(), 1, "complete: emitted without the settle time");
+        let out = completed_by_the_client_veth(&mut t, &same_node);
         let sent = out[0].flow.client_to_server.as_ref().unwrap();
         assert_eq!(sent.point.interface, "veth1");
     }
@@ -1130,7 +1138,6 @@ mod tests {
     #[test]
     fn a_pod_end_is_complete_only_once_its_own_interface_reported() {
         let mut t = table();
-        let mut out = Vec::new();
         let ends = node_b();
         t.apply_knowing(
             &observation("a", "eth0", true, 5, EndReason::TcpClose),
@@ -1142,19 +1149,7 @@ mod tests {
             100 * S,
             &ends,
         );
-        t.emit_due(100 * S, &mut out);
-        assert!(out.is_empty(), "the client pod's veth has not reported");
-        let from_the_pod = observation_at(
-            "a",
-            "veth1",
-            Direction::Ingress,
-            true,
-            5,
-            EndReason::TcpClose,
-        );
-        t.apply_knowing(&from_the_pod, 100 * S + 1, &ends);
-        t.emit_due(100 * S + 1, &mut out);
-        assert_eq!(out.len(), 1, "complete: emitted without the settle time");
+        let out = completed_by_the_client_veth(&mut t, &ends);
         let sent = out[0].flow.client_to_server.as_ref().unwrap();
         assert_eq!(
             (
