@@ -3,10 +3,11 @@
 //! on every replica, a new leader after the leader stops, its shards placed elsewhere, and the
 //! stopped replica back with its data. The store group: what the leader acknowledged is on the
 //! replica that leads after it, byte for byte, and a replica that does not lead refuses writes;
-//! a replica that joins after the log was dropped gets the store from a snapshot.
+//! a replica that joins after the log was dropped gets the store from a snapshot, and a change of
+//! voters its leader left half done is finished by the next.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::Path,
     time::{Duration, Instant},
 };
@@ -14,12 +15,15 @@ use std::{
 use mermin_aggregator::{
     placement::ShardId,
     replication::{
-        RaftTuning, Replica, ReplicaId,
+        RaftTuning, Replica, ReplicaId, STORE_GROUP,
+        log::SledLog,
         placement::{Lease, ShardMap},
+        store::StoreGroup,
     },
-    store::{Checkpoint, StoreError},
+    store::{Checkpoint, DurableDb, StoreError},
 };
 use mermin_protocol::{agent::v1::Batch, flow::v1::FlowRecord, wire::read::BatchBytes};
+use openraft::BasicNode;
 use tokio::net::TcpListener;
 
 const WITHIN: Duration = Duration::from_secs(20);
@@ -353,6 +357,44 @@ async fn start_pod(ordinal: u32, listener: TcpListener, data: &Path, peers: &[St
     replica
 }
 
+/// Three replicas on the data dirs `dirs`, started at once as a StatefulSet with parallel pod
+/// management starts them: on fresh loopback ports, or again on `peers` (a restart). Returns the
+/// peer list and the replicas by ordinal.
+async fn start_pods(
+    dirs: &[tempfile::TempDir],
+    peers: Option<Vec<String>>,
+) -> (Vec<String>, [Replica; 3]) {
+    let mut listeners = Vec::new();
+    for ordinal in 0..3 {
+        listeners.push(match &peers {
+            Some(peers) => bind_again(&peers[ordinal]).await,
+            None => TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        });
+    }
+    let peers: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect();
+    let mut listeners = listeners.into_iter();
+    let (zero, one, two) = tokio::join!(
+        start_pod(0, listeners.next().unwrap(), dirs[0].path(), &peers),
+        start_pod(1, listeners.next().unwrap(), dirs[1].path(), &peers),
+        start_pod(2, listeners.next().unwrap(), dirs[2].path(), &peers),
+    );
+    (peers, [zero, one, two])
+}
+
+/// A listener on `address` again, once the replica that held it has let it go (bounded).
+async fn bind_again(address: &str) -> TcpListener {
+    for _ in 0..100 {
+        match TcpListener::bind(address).await {
+            Ok(bound) => return bound,
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    panic!("{address} was not let go within 2 s");
+}
+
 async fn voters_become(replica: &Replica, expected: &[ReplicaId]) {
     let deadline = Instant::now() + WITHIN;
     let expected: std::collections::BTreeSet<ReplicaId> = expected.iter().copied().collect();
@@ -374,21 +416,7 @@ async fn voters_become(replica: &Replica, expected: &[ReplicaId]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_form_one_cluster_from_a_peer_list_and_a_lost_disk_comes_back_as_a_new_member() {
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut listeners = Vec::new();
-    for _ in 0..3 {
-        listeners.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
-    }
-    let peers: Vec<String> = listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().to_string())
-        .collect();
-    // All three start at once, as a StatefulSet with parallel pod management starts them.
-    let mut listeners = listeners.into_iter();
-    let (zero, one, two) = tokio::join!(
-        start_pod(0, listeners.next().unwrap(), dirs[0].path(), &peers),
-        start_pod(1, listeners.next().unwrap(), dirs[1].path(), &peers),
-        start_pod(2, listeners.next().unwrap(), dirs[2].path(), &peers),
-    );
+    let (peers, [zero, one, two]) = start_pods(&dirs, None).await;
     for (ordinal, replica) in [&zero, &one, &two].into_iter().enumerate() {
         assert_eq!(
             mermin_aggregator::replication::ordinal(replica.id()),
@@ -403,17 +431,7 @@ async fn pods_form_one_cluster_from_a_peer_list_and_a_lost_disk_comes_back_as_a_
     let address = one.address().to_owned();
     one.shutdown().await;
     let wiped = tempfile::tempdir().unwrap();
-    let mut listener = None;
-    for _ in 0..100 {
-        match TcpListener::bind(&address).await {
-            Ok(bound) => {
-                listener = Some(bound);
-                break;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
-    let one = start_pod(1, listener.expect("its port again"), wiped.path(), &peers).await;
+    let one = start_pod(1, bind_again(&address).await, wiped.path(), &peers).await;
     assert_ne!(one.id(), old_one, "a new incarnation");
     voters_become(&zero, &[zero.id(), one.id(), two.id()]).await;
     voters_become(&one, &[zero.id(), one.id(), two.id()]).await;
@@ -427,6 +445,84 @@ async fn pods_form_one_cluster_from_a_peer_list_and_a_lost_disk_comes_back_as_a_
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(store);
+    for replica in [zero, one, two] {
+        replica.shutdown().await;
+    }
+}
+
+/// Appends to the store group's log in `data` (its replica stopped) the first step of a change
+/// of voters from `from` to `to`: the joint configuration, as a leader lost before the second
+/// step leaves it. The sled database is retried while the stopped replica's handles let go.
+async fn append_joint_step(
+    data: &Path,
+    from: &BTreeSet<ReplicaId>,
+    to: &BTreeSet<ReplicaId>,
+    nodes: &BTreeMap<ReplicaId, BasicNode>,
+) {
+    use openraft::storage::RaftLogStorageExt;
+    use openraft::{Entry, EntryPayload, LogId, Membership, storage::RaftLogStorage};
+    let mut db = None;
+    for _ in 0..100 {
+        match DurableDb::open(sled::Config::new(), &data.join("replica")) {
+            Ok(opened) => {
+                db = Some(opened);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let db = db.expect("the stopped replica's database let go within 2 s");
+    let mut log = SledLog::<StoreGroup>::open(&db, STORE_GROUP).unwrap();
+    let last = log.get_log_state().await.unwrap().last_log_id.unwrap();
+    let joint = Entry::<StoreGroup> {
+        log_id: LogId::new(last.leader_id, last.index + 1),
+        payload: EntryPayload::Membership(Membership::new(
+            vec![from.clone(), to.clone()],
+            nodes.clone(),
+        )),
+    };
+    log.blocking_append([joint]).await.unwrap();
+    db.flush().unwrap();
+}
+
+/// openraft changes voters in two steps, a joint configuration and then the new one, and a
+/// leader lost between them leaves the group joint: nothing but another change ends that, and
+/// the store group follows the membership group only from a settled configuration. Here every
+/// replica's store log ends with the first step of taking replica 2 out (as if the leader that
+/// appended it died right after), and the cluster is started again: the next leader finishes
+/// the change, and the store group then follows the membership group back to all three voters.
+/// Without the finish the store group stays joint for good, and no voters ever settle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_of_voters_cut_short_by_its_leader_is_finished_by_the_next() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (peers, [zero, one, two]) = start_pods(&dirs, None).await;
+    let all = [zero.id(), one.id(), two.id()];
+    for replica in [&zero, &one, &two] {
+        voters_become(replica, &all).await;
+    }
+    let nodes: BTreeMap<ReplicaId, BasicNode> = [&zero, &one, &two]
+        .iter()
+        .map(|r| (r.id(), BasicNode::new(r.address())))
+        .collect();
+    for replica in [zero, one, two] {
+        replica.shutdown().await;
+    }
+
+    let from: BTreeSet<ReplicaId> = all.into_iter().collect();
+    let to: BTreeSet<ReplicaId> = all[..2].iter().copied().collect();
+    for dir in &dirs {
+        append_joint_step(dir.path(), &from, &to, &nodes).await;
+    }
+
+    let (_, [zero, one, two]) = start_pods(&dirs, Some(peers)).await;
+    assert_eq!(
+        [zero.id(), one.id(), two.id()],
+        all,
+        "the same replicas, their data kept"
+    );
+    for replica in [&zero, &one, &two] {
+        voters_become(replica, &all).await;
+    }
     for replica in [zero, one, two] {
         replica.shutdown().await;
     }
