@@ -2,7 +2,8 @@
 //!
 //! - `per-packet`: mean cost of the programs per packet for several shapes, measured by the kernel
 //!   with BPF_PROG_TEST_RUN (established-flow path: lookup + atomic adds), the least of five
-//!   rounds; beside them, an empty program's on the same frame (the harness's own cost).
+//!   rounds; beside them, an empty program's on the same frame (the harness's own cost), and
+//!   after them the cost of one hash-map lookup alone (48- and 24-byte keys).
 //! - `throughput`: TCP bulk and small-UDP packet rates over a veth pair, without and with the
 //!   agent attached, alternating runs.
 //! - `agent-load`: the agent's CPU and memory while it evicts 10k new flows per second.
@@ -387,7 +388,7 @@ fn per_packet() {
         ),
     ];
     let mut capture = capture::load(65_536).expect("load (run as root)");
-    let floor = EmptyClassifier::load();
+    let floor = BareClassifier::empty();
     println!(
         "| packet shape | ns per packet (egress) | ns per packet (ingress) | an empty program on the same frame (the harness's own cost) |"
     );
@@ -415,27 +416,158 @@ fn per_packet() {
             .unwrap();
         println!("| {name} | {egress} | {ingress} | {harness} |");
     }
+    // The floor under the figures above: the harness alone, then the harness and one lookup
+    // in a hash map, of the flow key's 48 bytes and of the 24 an IPv4-only key would take.
+    let frame = &shapes[0].1;
+    println!("\n| bare classifier on the IPv4 TCP frame | ns per run |\n|---|---:|");
+    for (name, classifier) in [
+        ("empty (the harness)", floor),
+        (
+            "one hash lookup, 48-byte key",
+            BareClassifier::hash_lookup(48),
+        ),
+        (
+            "one hash lookup, 24-byte key",
+            BareClassifier::hash_lookup(24),
+        ),
+        (
+            "one hash lookup, 48-byte key, then two locked adds and the coarse clock",
+            BareClassifier::hash_lookup_and_count(48),
+        ),
+    ] {
+        classifier.test_run(frame, 1000);
+        let least = (0..ROUNDS)
+            .map(|_| classifier.test_run(frame, REPEAT))
+            .min()
+            .unwrap();
+        println!("| {name} | {least} |");
+    }
 }
 
-/// A classifier that returns `TC_ACT_UNSPEC` at once (`r0 = -1; exit`), loaded with the raw
-/// `bpf(2)` call: what BPF_PROG_TEST_RUN costs per run with no program work, on the same frame
-/// (copying it into an skb, the run loop, the clock reads), so the figures above can be read
-/// as harness + program.
-struct EmptyClassifier {
-    fd: std::os::fd::OwnedFd,
+/// A classifier written as raw BPF instructions and loaded with the `bpf(2)` call, run the way
+/// the programs above are: what BPF_PROG_TEST_RUN costs per run with no program work
+/// ([`BareClassifier::empty`]: copying the frame into an skb, the run loop, the clock reads),
+/// and what one hash-map lookup adds ([`BareClassifier::hash_lookup`]), so the figures above can
+/// be read as harness + program and the program against its floor.
+struct BareClassifier {
+    program: std::os::fd::OwnedFd,
+    /// The map the program reads, kept open as long as the program.
+    _map: Option<std::os::fd::OwnedFd>,
 }
 
-impl EmptyClassifier {
+/// One BPF instruction: opcode, destination and source registers, offset, immediate.
+fn bpf_insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+    u64::from(code)
+        | u64::from(dst | src << 4) << 8
+        | u64::from(off as u16) << 16
+        | u64::from(imm as u32) << 32
+}
+
+/// `bpf(cmd, attr)`, the new descriptor it returns (or 0) checked.
+fn bpf_call<T>(cmd: libc::c_long, attr: &mut T, what: &str) -> i32 {
+    // SAFETY: `attr` is the `union bpf_attr` prefix `cmd` reads, and what it points to outlives
+    // the call; the size is its own.
+    let done = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) };
+    assert!(done >= 0, "{what}: {}", std::io::Error::last_os_error());
+    done as i32
+}
+
+impl BareClassifier {
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
     const BPF_PROG_LOAD: libc::c_long = 5;
     const BPF_PROG_TEST_RUN: libc::c_long = 10;
     const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+    /// `r0 = -1` (TC_ACT_UNSPEC); `exit`.
+    const RETURN_UNSPEC: [u64; 2] = [0xb7 | (u32::MAX as u64) << 32, 0x95];
 
-    fn load() -> Self {
-        // BPF_ALU64 | BPF_MOV | BPF_K into r0, imm -1; then BPF_JMP | BPF_EXIT.
-        let instructions: [u64; 2] = [
-            u64::from(0xb7u8) | (u64::from(u32::MAX) << 32),
-            u64::from(0x95u8),
+    /// `r0 = -1; exit`.
+    fn empty() -> Self {
+        Self::load(&Self::RETURN_UNSPEC, None)
+    }
+
+    /// Looks up an all-zero key of `key_bytes` (a multiple of 8) in a hash map holding it with
+    /// a flow entry's 48-byte value, as the programs look a packet's flow up (the verifier
+    /// inlines the lookup of a map it knows, as it does for the programs' inner tables).
+    fn hash_lookup(key_bytes: i16) -> Self {
+        Self::with_flow_entry(key_bytes, &[])
+    }
+
+    /// [`Self::hash_lookup`], then what the programs do to a flow entry found: two locked adds
+    /// (packets, bytes) and the tick-resolution clock stored as its last-seen time.
+    fn hash_lookup_and_count(key_bytes: i16) -> Self {
+        let count = [
+            bpf_insn(0xbf, 6, 0, 0, 0),   // r6 = the entry
+            bpf_insn(0xb7, 1, 0, 0, 1),   // r1 = 1
+            bpf_insn(0xdb, 6, 1, 0, 0),   // lock *(u64 *)(r6 + 0) += r1
+            bpf_insn(0xb7, 1, 0, 0, 64),  // r1 = 64
+            bpf_insn(0xdb, 6, 1, 8, 0),   // lock *(u64 *)(r6 + 8) += r1
+            bpf_insn(0x85, 0, 0, 0, 160), // call bpf_ktime_get_coarse_ns
+            bpf_insn(0x7b, 6, 0, 24, 0),  // *(u64 *)(r6 + 24) = r0
         ];
+        Self::with_flow_entry(key_bytes, &count)
+    }
+
+    /// The lookup of [`Self::hash_lookup`], then `found` on the entry (in r0) when there is one.
+    fn with_flow_entry(key_bytes: i16, found: &[u64]) -> Self {
+        #[repr(C)]
+        #[derive(Default)]
+        struct MapCreate {
+            map_type: u32,
+            key_size: u32,
+            value_size: u32,
+            max_entries: u32,
+            zero: [u64; 12],
+        }
+        let mut create = MapCreate {
+            map_type: Self::BPF_MAP_TYPE_HASH,
+            key_size: key_bytes as u32,
+            value_size: 48,
+            max_entries: 1024,
+            ..MapCreate::default()
+        };
+        let map = bpf_call(Self::BPF_MAP_CREATE, &mut create, "creating a hash map");
+        // SAFETY: a new descriptor that nothing else owns.
+        let map: std::os::fd::OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(map) };
+        let (key, value) = (vec![0u8; key_bytes as usize], [0u8; 48]);
+        #[repr(C)]
+        struct Update {
+            map_fd: u32,
+            _pad: u32,
+            key: u64,
+            value: u64,
+            flags: u64,
+        }
+        let mut update = Update {
+            map_fd: std::os::fd::AsRawFd::as_raw_fd(&map) as u32,
+            _pad: 0,
+            key: key.as_ptr() as u64,
+            value: value.as_ptr() as u64,
+            flags: 0,
+        };
+        bpf_call(Self::BPF_MAP_UPDATE_ELEM, &mut update, "inserting the key");
+        let map_fd = std::os::fd::AsRawFd::as_raw_fd(&map);
+        // The key zeroed on the stack a word at a time; r1 = the map (ld_imm64, pseudo map fd),
+        // r2 = the key; call bpf_map_lookup_elem; return TC_ACT_UNSPEC.
+        let mut program: Vec<u64> = (1..=key_bytes / 8)
+            .map(|word| bpf_insn(0x7a, 10, 0, -8 * word, 0))
+            .collect();
+        program.extend([
+            bpf_insn(0x18, 1, 1, 0, map_fd),
+            0,
+            bpf_insn(0xbf, 2, 10, 0, 0),
+            bpf_insn(0x07, 2, 0, 0, -i32::from(key_bytes)),
+            bpf_insn(0x85, 0, 0, 0, 1),
+            // if r0 == 0 skip `found`
+            bpf_insn(0x15, 0, 0, found.len() as i16, 0),
+        ]);
+        program.extend(found);
+        program.extend(Self::RETURN_UNSPEC);
+        Self::load(&program, Some(map))
+    }
+
+    fn load(instructions: &[u64], map: Option<std::os::fd::OwnedFd>) -> Self {
         let license = c"GPL";
         #[repr(C)]
         struct Load {
@@ -446,30 +578,18 @@ impl EmptyClassifier {
             /// The rest of `union bpf_attr` as the kernel reads it for a load: all zero.
             zero: [u64; 16],
         }
-        let attr = Load {
+        let mut attr = Load {
             prog_type: Self::BPF_PROG_TYPE_SCHED_CLS,
             insn_cnt: instructions.len() as u32,
             insns: instructions.as_ptr() as u64,
             license: license.as_ptr() as u64,
             zero: [0; 16],
         };
-        // SAFETY: `attr` and what it points to outlive the call; the size is the struct's.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                Self::BPF_PROG_LOAD,
-                &attr,
-                std::mem::size_of::<Load>(),
-            )
-        };
-        assert!(
-            fd >= 0,
-            "loading the empty classifier: {}",
-            std::io::Error::last_os_error()
-        );
-        // SAFETY: a new descriptor that nothing else owns.
+        let fd = bpf_call(Self::BPF_PROG_LOAD, &mut attr, "loading a bare classifier");
         Self {
-            fd: unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as i32) },
+            // SAFETY: a new descriptor that nothing else owns.
+            program: unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) },
+            _map: map,
         }
     }
 
@@ -489,26 +609,16 @@ impl EmptyClassifier {
             zero: [u64; 8],
         }
         let mut attr = TestRun {
-            prog_fd: std::os::fd::AsRawFd::as_raw_fd(&self.fd) as u32,
+            prog_fd: std::os::fd::AsRawFd::as_raw_fd(&self.program) as u32,
             data_size_in: frame.len() as u32,
             data_in: frame.as_ptr() as u64,
             repeat,
             ..TestRun::default()
         };
-        // SAFETY: as in `load`; the kernel writes `retval` and `duration` into `attr`.
-        let done = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                Self::BPF_PROG_TEST_RUN,
-                &mut attr,
-                std::mem::size_of::<TestRun>(),
-            )
-        };
-        assert_eq!(
-            done,
-            0,
-            "running the empty classifier: {}",
-            std::io::Error::last_os_error()
+        bpf_call(
+            Self::BPF_PROG_TEST_RUN,
+            &mut attr,
+            "running a bare classifier",
         );
         assert_eq!(attr.retval, u32::MAX, "TC_ACT_UNSPEC");
         attr.duration
