@@ -62,6 +62,7 @@ def test_defaults_render_exactly_these_objects(rendered):
         ("PriorityClass", "mermin-agent"),
         ("ConfigMap", "mermin-tempo"),
         ("StatefulSet", "mermin-tempo"),
+        ("ServiceAccount", "mermin-tempo"),
         ("Service", "mermin-tempo"),
         ("ConfigMap", "mermin-grafana-datasource"),
         ("ConfigMap", "mermin-grafana-dashboard"),

@@ -136,6 +136,40 @@ def test_no_secret_means_no_credentials_in_the_config():
     assert "env" not in container(r.get("StatefulSet", "mermin-tempo"), "tempo")
 
 
+def test_a_cloud_identity_reaches_the_bucket_through_tempos_service_account():
+    role = "arn:aws:iam::123456789012:role/mermin-tempo"
+    r = Rendered(
+        {
+            "tempo": {
+                "storage": {
+                    "backend": "s3",
+                    "s3": {"bucket": "traces", "endpoint": "s3.eu-west-1.amazonaws.com", "region": "eu-west-1"},
+                },
+                "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": role}},
+                "podLabels": {"azure.workload.identity/use": "true"},
+            }
+        }
+    )
+    account = r.get("ServiceAccount", "mermin-tempo")
+    assert account["metadata"]["annotations"] == {"eks.amazonaws.com/role-arn": role}
+    assert account["automountServiceAccountToken"] is False
+    sts = r.get("StatefulSet", "mermin-tempo")
+    pod = sts["spec"]["template"]
+    assert pod["spec"]["serviceAccountName"] == "mermin-tempo"
+    assert pod["metadata"]["labels"]["azure.workload.identity/use"] == "true"
+    assert "azure.workload.identity/use" not in sts["spec"]["selector"]["matchLabels"]
+    # No keys anywhere: the identity is the pod's.
+    assert "env" not in container(sts, "tempo")
+    assert r.tempo_config()["storage"]["trace"]["s3"]["bucket"] == "traces"
+
+
+def test_an_existing_service_account_is_used_not_created():
+    r = Rendered({"tempo": {"serviceAccount": {"create": False, "name": "tempo-bucket-reader"}}})
+    assert ("ServiceAccount", "mermin-tempo") not in r.names()
+    pod = r.get("StatefulSet", "mermin-tempo")["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "tempo-bucket-reader"
+
+
 @pytest.mark.parametrize("case, retention", [("defaults", "720h"), ("s3", "168h"), ("gcs", "336h")])
 def test_retention_is_the_compactors_block_retention(rendered, case, retention):
     assert rendered[case].tempo_config()["compactor"]["compaction"] == {

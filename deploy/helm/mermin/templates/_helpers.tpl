@@ -51,6 +51,10 @@ app.kubernetes.io/component: {{ .component }}
 {{- default (include "mermin.agent.name" .) .Values.agent.serviceAccount.name -}}
 {{- end -}}
 
+{{- define "mermin.tempo.serviceAccountName" -}}
+{{- default (include "mermin.tempo.name" .) .Values.tempo.serviceAccount.name -}}
+{{- end -}}
+
 {{- define "mermin.agent.priorityClassName" -}}
 {{- default (include "mermin.agent.name" .) .Values.agent.priorityClass.name -}}
 {{- end -}}
