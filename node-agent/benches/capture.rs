@@ -3,7 +3,8 @@
 //! - `per-packet`: mean cost of the programs per packet for several shapes, measured by the kernel
 //!   with BPF_PROG_TEST_RUN (established-flow path: lookup + atomic adds), the least of five
 //!   rounds; beside them, an empty program's on the same frame (the harness's own cost), and
-//!   after them the cost of one hash-map lookup alone (48- and 24-byte keys).
+//!   after them bare programs on the floor under them: one hash-map lookup alone (48- and
+//!   24-byte keys), and with the counts (directly and through an array of maps).
 //! - `throughput`: TCP bulk and small-UDP packet rates over a veth pair, without and with the
 //!   agent attached, alternating runs.
 //! - `agent-load`: the agent's CPU and memory while it evicts 10k new flows per second.
@@ -432,7 +433,11 @@ fn per_packet() {
         ),
         (
             "one hash lookup, 48-byte key, then two locked adds and the coarse clock",
-            BareClassifier::hash_lookup_and_count(48),
+            BareClassifier::hash_lookup_and_count(48, false),
+        ),
+        (
+            "the same, the table reached through an array of maps (as the programs do)",
+            BareClassifier::hash_lookup_and_count(48, true),
         ),
     ] {
         classifier.test_run(frame, 1000);
@@ -451,8 +456,8 @@ fn per_packet() {
 /// be read as harness + program and the program against its floor.
 struct BareClassifier {
     program: std::os::fd::OwnedFd,
-    /// The map the program reads, kept open as long as the program.
-    _map: Option<std::os::fd::OwnedFd>,
+    /// The maps the program reads, kept open as long as the program.
+    _maps: Vec<std::os::fd::OwnedFd>,
 }
 
 /// One BPF instruction: opcode, destination and source registers, offset, immediate.
@@ -479,24 +484,25 @@ impl BareClassifier {
     const BPF_PROG_TEST_RUN: libc::c_long = 10;
     const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
     const BPF_MAP_TYPE_HASH: u32 = 1;
+    const BPF_MAP_TYPE_ARRAY_OF_MAPS: u32 = 12;
     /// `r0 = -1` (TC_ACT_UNSPEC); `exit`.
     const RETURN_UNSPEC: [u64; 2] = [0xb7 | (u32::MAX as u64) << 32, 0x95];
 
     /// `r0 = -1; exit`.
     fn empty() -> Self {
-        Self::load(&Self::RETURN_UNSPEC, None)
+        Self::load(&Self::RETURN_UNSPEC, Vec::new())
     }
 
     /// Looks up an all-zero key of `key_bytes` (a multiple of 8) in a hash map holding it with
     /// a flow entry's 48-byte value, as the programs look a packet's flow up (the verifier
     /// inlines the lookup of a map it knows, as it does for the programs' inner tables).
     fn hash_lookup(key_bytes: i16) -> Self {
-        Self::with_flow_entry(key_bytes, &[])
+        Self::with_flow_entry(key_bytes, &[], false)
     }
 
     /// [`Self::hash_lookup`], then what the programs do to a flow entry found: two locked adds
     /// (packets, bytes) and the tick-resolution clock stored as its last-seen time.
-    fn hash_lookup_and_count(key_bytes: i16) -> Self {
+    fn hash_lookup_and_count(key_bytes: i16, nested: bool) -> Self {
         let count = [
             bpf_insn(0xbf, 6, 0, 0, 0),   // r6 = the entry
             bpf_insn(0xb7, 1, 0, 0, 1),   // r1 = 1
@@ -506,11 +512,60 @@ impl BareClassifier {
             bpf_insn(0x85, 0, 0, 0, 160), // call bpf_ktime_get_coarse_ns
             bpf_insn(0x7b, 6, 0, 24, 0),  // *(u64 *)(r6 + 24) = r0
         ];
-        Self::with_flow_entry(key_bytes, &count)
+        Self::with_flow_entry(key_bytes, &count, nested)
     }
 
     /// The lookup of [`Self::hash_lookup`], then `found` on the entry (in r0) when there is one.
-    fn with_flow_entry(key_bytes: i16, found: &[u64]) -> Self {
+    /// `nested`: the hash map is reached as the programs reach their flow table, through slot 0
+    /// of an array of maps (looked up first, then the table it holds).
+    fn with_flow_entry(key_bytes: i16, found: &[u64], nested: bool) -> Self {
+        let table = Self::create_map(Self::BPF_MAP_TYPE_HASH, key_bytes as u32, 48, None);
+        Self::update(&table, &vec![0u8; key_bytes as usize], &[0u8; 48]);
+        let fd = |map: &std::os::fd::OwnedFd| std::os::fd::AsRawFd::as_raw_fd(map);
+        // The key zeroed on the stack a word at a time (below it, slot 0's index when nested).
+        let below_key = -i32::from(key_bytes);
+        let mut program: Vec<u64> = (1..=key_bytes / 8)
+            .map(|word| bpf_insn(0x7a, 10, 0, -8 * word, 0))
+            .collect();
+        let mut maps = vec![];
+        if nested {
+            let slots = Self::create_map(Self::BPF_MAP_TYPE_ARRAY_OF_MAPS, 4, 4, Some(fd(&table)));
+            Self::update(&slots, &0u32.to_ne_bytes(), &fd(&table).to_ne_bytes());
+            let lookup_table = 4;
+            program.extend([
+                bpf_insn(0x7a, 10, 0, (below_key - 8) as i16, 0),
+                bpf_insn(0x18, 1, 1, 0, fd(&slots)),
+                0,
+                bpf_insn(0xbf, 2, 10, 0, 0),
+                bpf_insn(0x07, 2, 0, 0, below_key - 8),
+                bpf_insn(0x85, 0, 0, 0, 1),
+                // if r0 == 0 skip the rest; r1 = the table slot 0 holds
+                bpf_insn(0x15, 0, 0, (lookup_table + 1 + found.len()) as i16, 0),
+                bpf_insn(0xbf, 1, 0, 0, 0),
+            ]);
+            maps.push(slots);
+        } else {
+            program.extend([bpf_insn(0x18, 1, 1, 0, fd(&table)), 0]);
+        }
+        // r2 = the key; call bpf_map_lookup_elem; `found` if there is an entry.
+        program.extend([
+            bpf_insn(0xbf, 2, 10, 0, 0),
+            bpf_insn(0x07, 2, 0, 0, below_key),
+            bpf_insn(0x85, 0, 0, 0, 1),
+            bpf_insn(0x15, 0, 0, found.len() as i16, 0),
+        ]);
+        program.extend(found);
+        program.extend(Self::RETURN_UNSPEC);
+        maps.push(table);
+        Self::load(&program, maps)
+    }
+
+    fn create_map(
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        inner_map_fd: Option<i32>,
+    ) -> std::os::fd::OwnedFd {
         #[repr(C)]
         #[derive(Default)]
         struct MapCreate {
@@ -518,19 +573,24 @@ impl BareClassifier {
             key_size: u32,
             value_size: u32,
             max_entries: u32,
+            map_flags: u32,
+            inner_map_fd: u32,
             zero: [u64; 12],
         }
         let mut create = MapCreate {
-            map_type: Self::BPF_MAP_TYPE_HASH,
-            key_size: key_bytes as u32,
-            value_size: 48,
-            max_entries: 1024,
+            map_type,
+            key_size,
+            value_size,
+            max_entries: if inner_map_fd.is_some() { 1 } else { 1024 },
+            inner_map_fd: inner_map_fd.unwrap_or(0) as u32,
             ..MapCreate::default()
         };
-        let map = bpf_call(Self::BPF_MAP_CREATE, &mut create, "creating a hash map");
+        let map = bpf_call(Self::BPF_MAP_CREATE, &mut create, "creating a map");
         // SAFETY: a new descriptor that nothing else owns.
-        let map: std::os::fd::OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(map) };
-        let (key, value) = (vec![0u8; key_bytes as usize], [0u8; 48]);
+        unsafe { std::os::fd::FromRawFd::from_raw_fd(map) }
+    }
+
+    fn update(map: &std::os::fd::OwnedFd, key: &[u8], value: &[u8]) {
         #[repr(C)]
         struct Update {
             map_fd: u32,
@@ -540,34 +600,16 @@ impl BareClassifier {
             flags: u64,
         }
         let mut update = Update {
-            map_fd: std::os::fd::AsRawFd::as_raw_fd(&map) as u32,
+            map_fd: std::os::fd::AsRawFd::as_raw_fd(map) as u32,
             _pad: 0,
             key: key.as_ptr() as u64,
             value: value.as_ptr() as u64,
             flags: 0,
         };
-        bpf_call(Self::BPF_MAP_UPDATE_ELEM, &mut update, "inserting the key");
-        let map_fd = std::os::fd::AsRawFd::as_raw_fd(&map);
-        // The key zeroed on the stack a word at a time; r1 = the map (ld_imm64, pseudo map fd),
-        // r2 = the key; call bpf_map_lookup_elem; return TC_ACT_UNSPEC.
-        let mut program: Vec<u64> = (1..=key_bytes / 8)
-            .map(|word| bpf_insn(0x7a, 10, 0, -8 * word, 0))
-            .collect();
-        program.extend([
-            bpf_insn(0x18, 1, 1, 0, map_fd),
-            0,
-            bpf_insn(0xbf, 2, 10, 0, 0),
-            bpf_insn(0x07, 2, 0, 0, -i32::from(key_bytes)),
-            bpf_insn(0x85, 0, 0, 0, 1),
-            // if r0 == 0 skip `found`
-            bpf_insn(0x15, 0, 0, found.len() as i16, 0),
-        ]);
-        program.extend(found);
-        program.extend(Self::RETURN_UNSPEC);
-        Self::load(&program, Some(map))
+        bpf_call(Self::BPF_MAP_UPDATE_ELEM, &mut update, "updating a map");
     }
 
-    fn load(instructions: &[u64], map: Option<std::os::fd::OwnedFd>) -> Self {
+    fn load(instructions: &[u64], maps: Vec<std::os::fd::OwnedFd>) -> Self {
         let license = c"GPL";
         #[repr(C)]
         struct Load {
@@ -589,7 +631,7 @@ impl BareClassifier {
         Self {
             // SAFETY: a new descriptor that nothing else owns.
             program: unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) },
-            _map: map,
+            _maps: maps,
         }
     }
 
