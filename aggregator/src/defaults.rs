@@ -38,3 +38,5 @@ pub const MAX_BATCH_RECORDS: u32 = 10_000;
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 pub const OUTBOX_FULL_WAIT: Duration = Duration::from_secs(5);
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an agent process its node replaced keeps its place after its last stream ended.
+pub const RETIRE_AFTER: Duration = Duration::from_secs(300);

@@ -64,6 +64,11 @@ pub struct IngestLimits {
     pub outbox_full_wait: Duration,
     /// A stream whose Hello has not arrived within this is ended (`DEADLINE_EXCEEDED`).
     pub hello_timeout: Duration,
+    /// An agent process its node replaced (a newer boot id) is forgotten only once its stream
+    /// has been closed this long (and every batch of it applied): one whose stream was briefly
+    /// down keeps its place, and comes back where it was instead of as a stranger (which it
+    /// would count as batches lost). Retirement starts this long after the aggregator does.
+    pub retire_after: Duration,
 }
 
 impl Default for IngestLimits {
@@ -75,6 +80,7 @@ impl Default for IngestLimits {
             pause_above_outbox_bytes: None,
             outbox_full_wait: defaults::OUTBOX_FULL_WAIT,
             hello_timeout: defaults::HELLO_TIMEOUT,
+            retire_after: defaults::RETIRE_AFTER,
         }
     }
 }
@@ -142,6 +148,9 @@ struct AgentsInner {
     streams: std::collections::HashMap<BootId, Superseded>,
     /// Streams each node opened since start.
     streams_by_node: std::collections::HashMap<String, u64>,
+    /// When each agent process without a stream lost its last one (kept for
+    /// [`IngestLimits::retire_after`]).
+    closed: std::collections::HashMap<BootId, tokio::time::Instant>,
 }
 
 /// One connected agent, as of the last batch it had acknowledged.
@@ -180,6 +189,7 @@ impl Agents {
         stream: &Superseded,
     ) -> bool {
         let mut agents = self.lock();
+        agents.closed.remove(&boot_id);
         let older = agents.streams.insert(boot_id, stream.clone());
         if let Some(older) = &older {
             older.send_replace(true);
@@ -218,6 +228,7 @@ impl Agents {
         {
             agents.streams.remove(boot_id);
             agents.open.remove(boot_id);
+            agents.closed.insert(*boot_id, tokio::time::Instant::now());
         }
     }
 
@@ -272,9 +283,19 @@ impl Agents {
         agents
     }
 
-    /// The boot ids with a stream open.
-    fn open_boot_ids(&self) -> HashSet<BootId> {
-        self.lock().open.keys().copied().collect()
+    /// The boot ids not to retire: those with a stream open, or closed less than `retire_after`
+    /// ago (older closings are forgotten here).
+    fn kept_from_retirement(&self, retire_after: Duration) -> HashSet<BootId> {
+        let mut agents = self.lock();
+        agents
+            .closed
+            .retain(|_, closed| closed.elapsed() < retire_after);
+        agents
+            .open
+            .keys()
+            .chain(agents.closed.keys())
+            .copied()
+            .collect()
     }
 }
 
@@ -311,11 +332,20 @@ impl<S: BatchSink> Ingest<S> {
         self
     }
 
-    /// Retires the agent processes that are over ([`crate::store::Storage::retire_superseded`]) shortly after
-    /// a new one binds and every [`RETIRE_EVERY`], until the stop; the shards forget their
-    /// positions. Per-agent state stays at one boot id per node plus those still being applied.
+    /// Retires the agent processes that are over ([`crate::store::Storage::retire_superseded`]):
+    /// replaced, without a stream for [`IngestLimits::retire_after`], every batch applied. A
+    /// pass runs shortly after a new one binds and every [`RETIRE_EVERY`], until the stop; the
+    /// shards forget their positions. Per-agent state stays at one boot id per node plus those
+    /// still being applied or replaced only recently.
     pub async fn retire_superseded_agents(self) {
         let mut stop = std::pin::pin!(stopped(self.stopping.clone()));
+        // When the streams of the processes the store knows ended before this start is not
+        // known: none of them retires before `retire_after` has passed.
+        let retire_after = self.limits.retire_after;
+        tokio::select! {
+            () = &mut stop => return,
+            () = tokio::time::sleep(retire_after) => {}
+        }
         loop {
             tokio::select! {
                 () = &mut stop => return,
@@ -329,8 +359,9 @@ impl<S: BatchSink> Ingest<S> {
                 }
                 () = tokio::time::sleep(RETIRE_EVERY) => {}
             }
-            let (store, open) = (self.store.clone(), self.agents.open_boot_ids());
-            match tokio::task::spawn_blocking(move || store.retire_superseded(&open)).await {
+            let store = self.store.clone();
+            let kept = self.agents.kept_from_retirement(retire_after);
+            match tokio::task::spawn_blocking(move || store.retire_superseded(&kept)).await {
                 Ok(Ok(retirement)) => {
                     // The retired count moves before the known gauge: whoever sees the gauge
                     // fall sees the retirements that made it fall.

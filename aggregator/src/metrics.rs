@@ -252,7 +252,7 @@ impl Metrics {
         let agents_known = Gauge::default();
         registry.register(
             "agents_known",
-            "Agent processes (boot ids) the store keeps state for, as of the last retirement pass",
+            "Agent processes (boot ids) the store keeps state for, as of the last retirement pass (the first runs agents.retire_after after the start)",
             agents_known.clone(),
         );
         let batches_held = Gauge::default();

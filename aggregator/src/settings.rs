@@ -199,6 +199,11 @@ pub struct Settings {
     /// request [agents { hello_timeout }].
     #[arg(long, default_value_t = defaults::HELLO_TIMEOUT.into(), value_parser = positive_duration)]
     pub agents_hello_timeout: humantime::Duration,
+    /// An agent process its node replaced keeps its place this long after its last stream
+    /// ended, so that one briefly cut off comes back where it was; then, every batch of it
+    /// applied, it is forgotten [agents { retire_after }].
+    #[arg(long, default_value_t = defaults::RETIRE_AFTER.into())]
+    pub agents_retire_after: humantime::Duration,
     /// How long a batch waits for room in a full outbox before the stream is refused
     /// (backpressure policy) [agents { outbox_full_wait }].
     #[arg(long, default_value_t = defaults::OUTBOX_FULL_WAIT.into())]
@@ -269,6 +274,7 @@ const FILE_KEYS: &[(&str, &str)] = &[
     ("agents_max_batch_records", "agents.max_batch_records"),
     ("agents_max_message_bytes", "agents.max_message_bytes"),
     ("agents_hello_timeout", "agents.hello_timeout"),
+    ("agents_retire_after", "agents.retire_after"),
     ("agents_outbox_full_wait", "agents.outbox_full_wait"),
     ("admin_listen", "admin.listen"),
     ("admin_observe_ring", "admin.observe_ring"),
@@ -435,6 +441,7 @@ impl Settings {
                 pause_above_outbox_bytes: None,
                 outbox_full_wait: self.agents_outbox_full_wait.into(),
                 hello_timeout: self.agents_hello_timeout.into(),
+                retire_after: self.agents_retire_after.into(),
             },
             outbox: OutboxQuota {
                 max_bytes: self.outbox_max_bytes,
@@ -499,6 +506,7 @@ impl Settings {
                 "max_batch_records": self.agents_max_batch_records,
                 "max_message_bytes": self.agents_max_message_bytes,
                 "hello_timeout": duration(&self.agents_hello_timeout),
+                "retire_after": duration(&self.agents_retire_after),
                 "outbox_full_wait": duration(&self.agents_outbox_full_wait),
             },
             "admin": {
@@ -865,7 +873,7 @@ metadata {
   deleted_grace = "2m"
   kubernetes = false
 }
-agents { max_in_flight_batches = 4 hello_timeout = "3s" }
+agents { max_in_flight_batches = 4 hello_timeout = "3s" retire_after = "10m" }
 admin { listen = "0.0.0.0:9093" observe_ring = 50 }
 "#;
         let s = load_file(text, &[]).unwrap();
@@ -900,6 +908,11 @@ admin { listen = "0.0.0.0:9093" observe_ring = 50 }
         );
         assert_eq!(json["grace"], "1m");
         assert_eq!(json["agents"]["hello_timeout"], "3s");
+        assert_eq!(
+            Duration::from(s.agents_retire_after),
+            Duration::from_secs(600)
+        );
+        assert_eq!(json["agents"]["retire_after"], "10m");
         assert_eq!(s.admin_listen, "0.0.0.0:9093".parse().unwrap());
         assert_eq!(s.admin_observe_ring, 50);
         assert_eq!(json["admin"]["listen"], "0.0.0.0:9093");

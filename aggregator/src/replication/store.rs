@@ -81,7 +81,8 @@ pub enum StoreCommand {
         id: u64,
     },
     Retire {
-        open: Vec<BootId>,
+        /// The boot ids the leader's sessions keep (see `Storage::retire_superseded`).
+        kept: Vec<BootId>,
     },
     /// The checkpoints of several shards, written together.
     Checkpoints(Vec<ShardCheckpoint>),
@@ -147,9 +148,9 @@ fn apply(store: &SledStore, index: u64, command: &StoreCommand) -> Result<StoreA
             store.apply_remove(*id)?;
             StoreAnswer::Done
         }
-        StoreCommand::Retire { open } => {
+        StoreCommand::Retire { kept } => {
             let Retirement { retired, known } =
-                store.apply_retire(&open.iter().copied().collect())?;
+                store.apply_retire(&kept.iter().copied().collect())?;
             StoreAnswer::Retired { retired, known }
         }
     };
@@ -524,9 +525,9 @@ impl Storage for ReplicatedStore {
         .boxed()
     }
 
-    fn retire_superseded(&self, open: &HashSet<BootId>) -> Result<Retirement, StoreError> {
+    fn retire_superseded(&self, kept: &HashSet<BootId>) -> Result<Retirement, StoreError> {
         let command = StoreCommand::Retire {
-            open: open.iter().copied().collect(),
+            kept: kept.iter().copied().collect(),
         };
         match self.propose_blocking(command)? {
             StoreAnswer::Retired { retired, known } => Ok(Retirement { retired, known }),

@@ -118,8 +118,8 @@ impl Storage for FaultyStore {
         self.inner.bind_agent(boot_id, node)
     }
 
-    fn retire_superseded(&self, open: &HashSet<BootId>) -> Result<Retirement, StoreError> {
-        self.inner.retire_superseded(open)
+    fn retire_superseded(&self, kept: &HashSet<BootId>) -> Result<Retirement, StoreError> {
+        self.inner.retire_superseded(kept)
     }
 
     fn append<'a>(

@@ -22,8 +22,9 @@
 //!   `/livez` fails on it, so that the orchestrator restarts the process, which recovers from
 //!   what is on disk).
 //! - **Retirement.** Every agent process has its own boot id, so per-agent state would grow with
-//!   every restart. A boot id that a newer boot id of the same node replaced, that has no open
-//!   stream and whose batches every shard's checkpoint is past, is forgotten
+//!   every restart. A boot id that a newer boot id of the same node replaced, that its caller
+//!   does not keep (a stream open, or closed only recently) and whose batches every shard's
+//!   checkpoint is past, is forgotten
 //!   ([`Storage::retire_superseded`]): the store holds one boot id per node plus those still
 //!   being applied.
 //!
@@ -209,10 +210,11 @@ pub trait Storage: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Option<String>, StoreError>>;
 
     /// Forgets every boot id that a later-bound boot id of the same node superseded, that is not
-    /// in `open` (boot ids with a stream open) and whose every batch every shard's checkpoint is
-    /// past: its high-water mark, node and positions — and positions of boot ids already
-    /// forgotten that a checkpoint racing the retirement wrote back. Blocking.
-    fn retire_superseded(&self, open: &HashSet<BootId>) -> Result<Retirement, StoreError>;
+    /// in `kept` (boot ids the caller keeps: a stream open, or closed only recently) and whose
+    /// every batch every shard's checkpoint is past: its high-water mark, node and positions —
+    /// and positions of boot ids already forgotten that a checkpoint racing the retirement
+    /// wrote back. Blocking.
+    fn retire_superseded(&self, kept: &HashSet<BootId>) -> Result<Retirement, StoreError>;
 
     /// Makes `batch` durable as the next batch of `boot_id` (its sequence must be the last + 1).
     /// The log keeps the batch's bytes as they are.

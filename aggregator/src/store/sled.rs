@@ -311,7 +311,7 @@ impl SledStore {
 
 impl SledStore {
     /// See [`Storage::retire_superseded`].
-    fn retire(&self, open: &HashSet<BootId>) -> Result<Retirement, StoreError> {
+    fn retire(&self, kept: &HashSet<BootId>) -> Result<Retirement, StoreError> {
         let mut retirement = Retirement::default();
         let mut newest: Option<(Vec<u8>, sled::IVec)> = None;
         for entry in self.node_agents.iter() {
@@ -320,7 +320,7 @@ impl SledStore {
             // Every entry but a node's last (newest) is superseded.
             if let Some((previous_key, previous)) = newest.take() {
                 let same_node = &previous_key[..previous_key.len().saturating_sub(8)] == node;
-                if same_node && self.retire_one(&previous_key, &previous, open)? {
+                if same_node && self.retire_one(&previous_key, &previous, kept)? {
                     retirement.retired.push(boot_id_of(&previous)?);
                 } else {
                     retirement.known += 1;
@@ -334,16 +334,16 @@ impl SledStore {
         Ok(retirement)
     }
 
-    /// Forgets one superseded boot id if it has no open stream and every shard is past its last
-    /// batch; whether it did.
+    /// Forgets one superseded boot id if it is not kept and every shard is past its last batch;
+    /// whether it did.
     fn retire_one(
         &self,
         index_key: &[u8],
         boot_id: &[u8],
-        open: &HashSet<BootId>,
+        kept: &HashSet<BootId>,
     ) -> Result<bool, StoreError> {
         let boot_id = boot_id_of(boot_id)?;
-        if open.contains(&boot_id) {
+        if kept.contains(&boot_id) {
             return Ok(false);
         }
         let last = self.last_sequence(&boot_id)?;
@@ -632,8 +632,8 @@ impl SledStore {
     }
 
     /// Forgets superseded boot ids (see [`Storage::retire_superseded`]).
-    pub(crate) fn apply_retire(&self, open: &HashSet<BootId>) -> Result<Retirement, StoreError> {
-        self.retire(open)
+    pub(crate) fn apply_retire(&self, kept: &HashSet<BootId>) -> Result<Retirement, StoreError> {
+        self.retire(kept)
     }
 }
 
@@ -915,8 +915,8 @@ impl Storage for SledStore {
 
     /// Not noted for [`Storage::write_failure`]: removals that succeed say nothing of whether
     /// the disk can take batches.
-    fn retire_superseded(&self, open: &HashSet<BootId>) -> Result<Retirement, StoreError> {
-        self.retire(open)
+    fn retire_superseded(&self, kept: &HashSet<BootId>) -> Result<Retirement, StoreError> {
+        self.retire(kept)
     }
 
     /// One stored batch, if the log still holds it.
