@@ -58,6 +58,9 @@ pub struct AggregatorConfig {
     pub admin: AdminConfig,
     /// Mutual TLS on the agent endpoint and the admin API; `None`: plaintext.
     pub tls: Option<ServerTlsConfig>,
+    /// The CA operators' client certificates chain to, for the admin API alone (with `tls`);
+    /// `None`: the admin API takes the agents' client CA too, and so an agent's certificate.
+    pub admin_client_ca: Option<PathBuf>,
 }
 
 /// A server's TLS files and how often they are checked for changes.
@@ -190,6 +193,17 @@ impl Aggregator {
             Some(tls) => Some((ServerTls::load(tls.files.clone())?, tls.reload_interval)),
             None => None,
         };
+        // The admin API's own, when operators have a CA of their own.
+        let admin_tls = match (&config.tls, &config.admin_client_ca) {
+            (Some(tls), Some(client_ca)) => Some((
+                ServerTls::load(TlsFiles {
+                    client_ca: client_ca.clone(),
+                    ..tls.files.clone()
+                })?,
+                tls.reload_interval,
+            )),
+            _ => None,
+        };
         let watchers = if config.metadata.kubernetes {
             watch_kubernetes(index.clone(), &mut metrics).await
         } else {
@@ -289,14 +303,16 @@ impl Aggregator {
         let agent_incoming = crate::ingest::connections(listener, handshake_timeout);
         let admin_incoming = tokio_stream::wrappers::TcpListenerStream::new(admin_listener);
         let admin_server = tonic::transport::Server::builder();
-        let tls = tls.map(|(tls, reload_interval)| {
+        let handshakes = |(tls, reload_interval): (ServerTls, Duration)| {
             tls.watch(reload_interval, server_stop.clone());
             Handshakes {
                 tls,
                 timeout: handshake_timeout,
                 failures: metrics.tls_handshake_failures.clone(),
             }
-        });
+        };
+        let tls = tls.map(handshakes);
+        let admin_tls = admin_tls.map(handshakes);
         let server = spawn_endpoint(
             "agents",
             agent_server,
@@ -310,7 +326,7 @@ impl Aggregator {
             admin_server,
             admin,
             admin_incoming,
-            tls.as_ref(),
+            admin_tls.as_ref().or(tls.as_ref()),
             server_stop.clone(),
         );
         if let Some(listener) = metrics_listener {

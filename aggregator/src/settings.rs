@@ -105,6 +105,11 @@ pub struct Settings {
     /// The CA (PEM) that client certificates must chain to [tls { client_ca_file }].
     #[arg(long)]
     pub tls_client_ca: Option<PathBuf>,
+    /// The CA (PEM) that operators' client certificates chain to, for the admin API alone;
+    /// unset, the admin API takes --tls-client-ca's, an agent's certificate included
+    /// [tls { admin_client_ca_file }].
+    #[arg(long)]
+    pub tls_admin_client_ca: Option<PathBuf>,
     /// How often the three files are checked for changes (new connections get a new
     /// certificate without a restart) [tls { reload_interval }].
     #[arg(long, default_value_t = defaults::TLS_RELOAD_INTERVAL.into(), value_parser = positive_duration)]
@@ -282,6 +287,7 @@ const FILE_KEYS: &[(&str, &str)] = &[
     ("tls_cert", "tls.cert_file"),
     ("tls_key", "tls.key_file"),
     ("tls_client_ca", "tls.client_ca_file"),
+    ("tls_admin_client_ca", "tls.admin_client_ca_file"),
     ("tls_reload_interval", "tls.reload_interval"),
     ("replica_ordinal", "replication.ordinal"),
     ("replication_listen", "replication.listen"),
@@ -401,6 +407,11 @@ impl Settings {
     /// The typed configuration the pipeline runs on.
     pub fn aggregator_config(&self) -> Result<AggregatorConfig, SettingsError> {
         let tls = match self.tls_mode {
+            TlsMode::Disabled if self.tls_admin_client_ca.is_some() => {
+                return Err(SettingsError::Tls(
+                    "--tls-admin-client-ca (tls.admin_client_ca_file) is given but TLS is disabled (tls.mode); the admin API would take any client".into(),
+                ));
+            }
             TlsMode::Disabled => None,
             TlsMode::Required => {
                 let (Some(cert), Some(key), Some(client_ca)) =
@@ -422,6 +433,7 @@ impl Settings {
         };
         Ok(AggregatorConfig {
             tls,
+            admin_client_ca: self.tls_admin_client_ca.clone(),
             listen: self.listen,
             data_dir: self.data_dir.clone(),
             export: ExportConfig {
@@ -518,6 +530,7 @@ impl Settings {
                 "cert_file": self.tls_cert.as_ref().map(|p| p.display().to_string()),
                 "key_file": self.tls_key.as_ref().map(|p| p.display().to_string()),
                 "client_ca_file": self.tls_client_ca.as_ref().map(|p| p.display().to_string()),
+                "admin_client_ca_file": self.tls_admin_client_ca.as_ref().map(|p| p.display().to_string()),
                 "reload_interval": duration(&self.tls_reload_interval),
             },
             "replication": {
@@ -709,6 +722,39 @@ mod tests {
             e.to_string()
                 .replace(&path.display().to_string(), "mermin.hcl")
         })
+    }
+
+    /// Operators may have a CA of their own: the admin API then takes only their certificates
+    /// (an agent's, signed by the agents' CA, opens the agent endpoint alone).
+    #[test]
+    fn the_admin_api_takes_its_own_client_ca_from_the_tls_block() {
+        let text = r#"
+tls {
+  cert_file            = "/tls/tls.crt"
+  key_file             = "/tls/tls.key"
+  client_ca_file       = "/tls/agents-ca.crt"
+  admin_client_ca_file = "/tls/operators-ca.crt"
+}
+"#;
+        let s = load_file(text, &[]).unwrap();
+        let config = s.aggregator_config().unwrap();
+        assert_eq!(
+            config.tls.unwrap().files.client_ca,
+            PathBuf::from("/tls/agents-ca.crt")
+        );
+        assert_eq!(
+            config.admin_client_ca,
+            Some(PathBuf::from("/tls/operators-ca.crt"))
+        );
+        assert_eq!(
+            s.effective_json()["tls"]["admin_client_ca_file"],
+            "/tls/operators-ca.crt"
+        );
+        let plaintext = load_file(text, &["--tls-mode=disabled"]).unwrap();
+        assert_eq!(
+            plaintext.aggregator_config().unwrap_err().to_string(),
+            "--tls-admin-client-ca (tls.admin_client_ca_file) is given but TLS is disabled (tls.mode); the admin API would take any client"
+        );
     }
 
     #[test]

@@ -147,6 +147,15 @@ def test_export_headers_and_tls_files_reach_the_aggregator(tmp_path):
     assert effective(Rendered(template).hcl(), tmp_path)["export"]["traces"]["otlp"]["headers"] == ["x-note"]
 
 
+def test_the_operators_client_ca_reaches_the_aggregator(tmp_path):
+    values = {"tls": {"enabled": True, "adminClientCaSecretName": "operators-ca"}}
+    tls = effective(Rendered(values).hcl(), tmp_path)["tls"]
+    assert (tls["client_ca_file"], tls["admin_client_ca_file"]) == (
+        "/etc/mermin/tls/agent/ca.crt",
+        "/etc/mermin/tls/admin-clients/ca.crt",
+    )
+
+
 def test_the_checker_refuses_an_unknown_key_with_file_and_line(rendered, tmp_path):
     path = tmp_path / "mermin.hcl"
     path.write_text(rendered["defaults"].hcl() + 'peers = "a,b"\n')

@@ -234,6 +234,19 @@ def test_tls_mounts_secrets_and_requests_certificates(rendered):
     assert not rendered["defaults"].all("Certificate")
 
 
+def test_operators_can_have_a_client_ca_of_their_own_for_the_admin_api():
+    r = Rendered({"tls": {"enabled": True, "adminClientCaSecretName": "operators-ca"}})
+    sts = r.get("StatefulSet", "mermin-aggregator")
+    assert {"name": "tls-admin-clients", "secret": {"secretName": "operators-ca"}} in sts["spec"]["template"]["spec"]["volumes"]
+    mounts = container(sts, "aggregator")["volumeMounts"]
+    assert {"name": "tls-admin-clients", "mountPath": "/etc/mermin/tls/admin-clients", "readOnly": True} in mounts
+    assert 'admin_client_ca_file = "/etc/mermin/tls/admin-clients/ca.crt"' in r.hcl()
+    assert "admin_client_ca_file" not in Rendered({"tls": {"enabled": True}}).hcl()
+    with pytest.raises(helm.HelmError) as err:
+        render_raw({"tls": {"adminClientCaSecretName": "operators-ca"}})
+    assert "tls.adminClientCaSecretName is set but tls.enabled is false" in str(err.value)
+
+
 def test_tls_without_cert_manager_uses_given_secrets():
     r = Rendered({"tls": {"enabled": True, "peerSecretName": "my-peer-cert"}})
     assert not r.all("Certificate")
