@@ -110,7 +110,7 @@ pub struct Settings {
     /// [tls { admin_client_ca_file }].
     #[arg(long)]
     pub tls_admin_client_ca: Option<PathBuf>,
-    /// How often the three files are checked for changes (new connections get a new
+    /// How often the TLS files are checked for changes (new connections get a new
     /// certificate without a restart) [tls { reload_interval }].
     #[arg(long, default_value_t = defaults::TLS_RELOAD_INTERVAL.into(), value_parser = positive_duration)]
     pub tls_reload_interval: humantime::Duration,

@@ -452,13 +452,14 @@ async fn pods_form_one_cluster_from_a_peer_list_and_a_lost_disk_comes_back_as_a_
 
 /// Appends to the store group's log in `data` (its replica stopped) the first step of a change
 /// of voters from `from` to `to`: the joint configuration, as a leader lost before the second
-/// step leaves it. The sled database is retried while the stopped replica's handles let go.
+/// step leaves it; returns the entry it follows. The sled database is retried while the
+/// stopped replica's handles let go.
 async fn append_joint_step(
     data: &Path,
     from: &BTreeSet<ReplicaId>,
     to: &BTreeSet<ReplicaId>,
     nodes: &BTreeMap<ReplicaId, BasicNode>,
-) {
+) -> openraft::LogId<ReplicaId> {
     use openraft::storage::RaftLogStorageExt;
     use openraft::{Entry, EntryPayload, LogId, Membership, storage::RaftLogStorage};
     let mut db = None;
@@ -483,6 +484,7 @@ async fn append_joint_step(
     };
     log.blocking_append([joint]).await.unwrap();
     db.flush().unwrap();
+    last
 }
 
 /// openraft changes voters in two steps, a joint configuration and then the new one, and a
@@ -504,15 +506,20 @@ async fn a_change_of_voters_cut_short_by_its_leader_is_finished_by_the_next() {
         .iter()
         .map(|r| (r.id(), BasicNode::new(r.address())))
         .collect();
-    for replica in [zero, one, two] {
-        replica.shutdown().await;
-    }
+    // All three at once: stopped one by one, the others could elect a leader in between,
+    // and the logs would not end alike.
+    tokio::join!(zero.shutdown(), one.shutdown(), two.shutdown());
 
     let from: BTreeSet<ReplicaId> = all.into_iter().collect();
     let to: BTreeSet<ReplicaId> = all[..2].iter().copied().collect();
+    let mut ends = Vec::new();
     for dir in &dirs {
-        append_joint_step(dir.path(), &from, &to, &nodes).await;
+        ends.push(append_joint_step(dir.path(), &from, &to, &nodes).await);
     }
+    assert!(
+        ends.iter().all(|end| *end == ends[0]),
+        "the three logs ended alike, so the joint entry is the same everywhere: {ends:?}"
+    );
 
     let (_, [zero, one, two]) = start_pods(&dirs, Some(peers)).await;
     assert_eq!(

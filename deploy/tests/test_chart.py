@@ -245,6 +245,10 @@ def test_operators_can_have_a_client_ca_of_their_own_for_the_admin_api():
     with pytest.raises(helm.HelmError) as err:
         render_raw({"tls": {"adminClientCaSecretName": "operators-ca"}})
     assert "tls.adminClientCaSecretName is set but tls.enabled is false" in str(err.value)
+    # The issuer's own CA would let every agent in again.
+    with pytest.raises(helm.HelmError) as err:
+        render_raw({"tls": {"enabled": True, "adminClientCaSecretName": "mermin-admin-tls"}})
+    assert "tls.adminClientCaSecretName is the chart's own admin TLS Secret" in str(err.value)
 
 
 def test_tls_without_cert_manager_uses_given_secrets():

@@ -163,6 +163,15 @@ def test_a_cloud_identity_reaches_the_bucket_through_tempos_service_account():
     assert r.tempo_config()["storage"]["trace"]["s3"]["bucket"] == "traces"
 
 
+def test_azure_without_a_key_signs_in_with_the_workload_identity_token():
+    storage = {"backend": "azure", "azure": {"containerName": "traces", "storageAccountName": "acct"}}
+    azure = Rendered({"tempo": {"storage": storage}}).tempo_config()["storage"]["trace"]["azure"]
+    assert azure["use_federated_token"] is True
+    assert "storage_account_key" not in azure
+    keyed = Rendered({"tempo": {"storage": {**storage, "secretName": "tempo-azure"}}}).tempo_config()
+    assert "use_federated_token" not in keyed["storage"]["trace"]["azure"]
+
+
 def test_an_existing_service_account_is_used_not_created():
     r = Rendered({"tempo": {"serviceAccount": {"create": False, "name": "tempo-bucket-reader"}}})
     assert ("ServiceAccount", "mermin-tempo") not in r.names()
