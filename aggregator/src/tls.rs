@@ -113,13 +113,19 @@ impl ServerTls {
                     _ = stopping.wait_for(|stop| *stop) => return,
                 }
                 match tls.reload() {
-                    Ok(true) => {
-                        tracing::info!(cert = %tls.files.cert.display(), "TLS certificate reloaded")
-                    }
+                    // Both files named: the agent endpoint and the admin API share a
+                    // certificate but may check clients against different CAs.
+                    Ok(true) => tracing::info!(
+                        cert = %tls.files.cert.display(),
+                        client_ca = %tls.files.client_ca.display(),
+                        "TLS files reloaded"
+                    ),
                     Ok(false) => {}
-                    Err(err) => {
-                        tracing::warn!(%err, "TLS files changed but do not load; keeping the previous ones")
-                    }
+                    Err(err) => tracing::warn!(
+                        %err,
+                        client_ca = %tls.files.client_ca.display(),
+                        "TLS files changed but do not load; keeping the previous ones"
+                    ),
                 }
             }
         });

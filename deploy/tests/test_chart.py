@@ -251,6 +251,26 @@ def test_operators_can_have_a_client_ca_of_their_own_for_the_admin_api():
     assert "tls.adminClientCaSecretName is the chart's own admin TLS Secret" in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "component, kind, name",
+    [
+        ("aggregator", "StatefulSet", "mermin-aggregator"),
+        ("agent", "DaemonSet", "mermin-agent"),
+        ("tempo", "StatefulSet", "mermin-tempo"),
+    ],
+)
+def test_a_service_account_the_chart_does_not_create_must_be_named(component, kind, name):
+    with pytest.raises(helm.HelmError) as err:
+        render_raw({component: {"serviceAccount": {"create": False}}})
+    assert (
+        f"{component}.serviceAccount.name is required when {component}.serviceAccount.create is false"
+        in str(err.value)
+    )
+    r = Rendered({component: {"serviceAccount": {"create": False, "name": "given"}}})
+    assert ("ServiceAccount", name) not in r.names()
+    assert r.get(kind, name)["spec"]["template"]["spec"]["serviceAccountName"] == "given"
+
+
 def test_tls_without_cert_manager_uses_given_secrets():
     r = Rendered({"tls": {"enabled": True, "peerSecretName": "my-peer-cert"}})
     assert not r.all("Certificate")

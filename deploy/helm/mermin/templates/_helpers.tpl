@@ -43,16 +43,30 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "mermin.tempo.name" -}}{{ include "mermin.fullname" . }}-tempo{{- end -}}
 {{- define "mermin.grafana.name" -}}{{ include "mermin.fullname" . }}-grafana{{- end -}}
 
+{{/*
+A component's ServiceAccount name: the given one, else the component's name when the chart
+creates it. One the chart does not create must be named: the default name would not exist and
+the pods would never start.
+Called with (list component-key default-name account-values).
+*/}}
+{{- define "mermin.serviceAccountName" -}}
+{{- $key := index . 0 -}}{{- $account := index . 2 -}}
+{{- if and (not $account.create) (not $account.name) -}}
+{{- fail (printf "%s.serviceAccount.name is required when %s.serviceAccount.create is false: name the ServiceAccount to use (it must exist)" $key $key) -}}
+{{- end -}}
+{{- default (index . 1) $account.name -}}
+{{- end -}}
+
 {{- define "mermin.aggregator.serviceAccountName" -}}
-{{- default (include "mermin.aggregator.name" .) .Values.aggregator.serviceAccount.name -}}
+{{- include "mermin.serviceAccountName" (list "aggregator" (include "mermin.aggregator.name" .) .Values.aggregator.serviceAccount) -}}
 {{- end -}}
 
 {{- define "mermin.agent.serviceAccountName" -}}
-{{- default (include "mermin.agent.name" .) .Values.agent.serviceAccount.name -}}
+{{- include "mermin.serviceAccountName" (list "agent" (include "mermin.agent.name" .) .Values.agent.serviceAccount) -}}
 {{- end -}}
 
 {{- define "mermin.tempo.serviceAccountName" -}}
-{{- default (include "mermin.tempo.name" .) .Values.tempo.serviceAccount.name -}}
+{{- include "mermin.serviceAccountName" (list "tempo" (include "mermin.tempo.name" .) .Values.tempo.serviceAccount) -}}
 {{- end -}}
 
 {{- define "mermin.agent.priorityClassName" -}}
