@@ -280,7 +280,7 @@ impl AdminService for Admin {
         let mut stopping = self.stopping.clone();
         tokio::spawn(async move {
             for flow in std::mem::take(&mut watch.recent) {
-                if flows.send(Ok(ObservedFlow::clone(&flow))).await.is_err() {
+                if flows.send(Ok(flow)).await.is_err() {
                     return;
                 }
             }

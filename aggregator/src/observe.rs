@@ -6,6 +6,14 @@
 //! its oldest) and broadcasts into a bounded channel that never blocks the sender. An observer
 //! that falls behind loses the flows it missed, counted as
 //! `observe_flows_dropped{reason="slow_observer"}`.
+//!
+//! **Named when seen.** The ring keeps the emitted intervals as the shards made them, and a
+//! flow becomes an `ObservedFlow` only when someone sees it: the live feed builds it at
+//! publication, and only while someone watches; `--last N` builds the ring's flows when it is
+//! asked, both ends named from the index as of the flow's start (the index answers for past
+//! times: a deleted pod stays joinable for `metadata { deleted_grace }`, 5 min, after its
+//! deletion; a flow read later than that shows such an end by address only). Building every
+//! flow as it was emitted cost a tenth of the aggregator's CPU (BENCHMARKS.md).
 
 use std::{
     collections::VecDeque,
@@ -21,7 +29,7 @@ use tokio::sync::broadcast;
 
 use crate::{
     flow_table::Emitted,
-    metadata::{MetadataIndex, static_file},
+    metadata::{MetadataIndex, SharedIndex, static_file},
     metrics::{Metrics, ReasonLabel},
     stitch::Side,
 };
@@ -37,63 +45,78 @@ pub struct ObserveHub {
 
 struct Hub {
     /// The newest flows, oldest first; at most `capacity`.
-    ring: Mutex<VecDeque<Arc<ObservedFlow>>>,
+    ring: Mutex<VecDeque<Arc<Emitted>>>,
     capacity: usize,
     live: broadcast::Sender<Arc<ObservedFlow>>,
+    /// Names both ends of a flow when it is seen.
+    index: SharedIndex,
     metrics: Arc<Metrics>,
 }
 
 impl ObserveHub {
-    /// A feed keeping the last `ring_capacity` flows (0: none, live observers only).
-    pub fn new(ring_capacity: usize, metrics: Arc<Metrics>) -> Self {
+    /// A feed keeping the last `ring_capacity` flows (0: none, live observers only), naming
+    /// their ends from `index`.
+    pub fn new(ring_capacity: usize, index: SharedIndex, metrics: Arc<Metrics>) -> Self {
         Self {
             inner: Arc::new(Hub {
                 ring: Mutex::new(VecDeque::with_capacity(ring_capacity.min(LIVE_CAPACITY))),
                 capacity: ring_capacity,
                 live: broadcast::channel(LIVE_CAPACITY).0,
+                index,
                 metrics,
             }),
         }
     }
 
     /// Whether anyone can see a published flow (the ring keeps flows, or someone watches): if
-    /// not, shards need not build them.
+    /// not, shards need not keep them.
     pub fn wanted(&self) -> bool {
         self.inner.capacity > 0 || self.inner.live.receiver_count() > 0
     }
 
-    /// Adds flows to the ring and sends them to the live observers. Never waits.
-    pub fn publish(&self, flows: impl IntoIterator<Item = ObservedFlow>) {
+    /// Adds flows to the ring and sends them, named, to the live observers. Never waits.
+    pub fn publish(&self, flows: Vec<Emitted>) {
         let mut ring = self.inner.ring.lock().unwrap_or_else(|e| e.into_inner());
-        for flow in flows {
-            let flow = Arc::new(flow);
-            if self.inner.capacity > 0 {
-                if ring.len() == self.inner.capacity {
-                    ring.pop_front();
-                }
-                ring.push_back(flow.clone());
+        // Under the ring's lock, so that a new watch sees each flow exactly once: in its
+        // snapshot or live.
+        if self.inner.live.receiver_count() > 0 {
+            let index = self.inner.index.read();
+            for flow in &flows {
+                // An error only means the last observer has just gone.
+                let _ = self.inner.live.send(Arc::new(observed(flow, &index)));
             }
-            // Under the ring's lock, so that a new watch sees each flow exactly once: in its
-            // snapshot or live. An error only means nobody is watching.
-            let _ = self.inner.live.send(flow);
         }
+        if self.inner.capacity == 0 {
+            return;
+        }
+        let kept = flows.len().min(self.inner.capacity);
+        let evicted = (ring.len() + kept).saturating_sub(self.inner.capacity);
+        ring.drain(..evicted);
+        let skipped = flows.len() - kept;
+        ring.extend(flows.into_iter().skip(skipped).map(Arc::new));
     }
 
-    /// The last `last` flows of the ring that match `filter` (oldest first), and, with `follow`,
-    /// the live flows published after them.
+    /// The last `last` flows of the ring that match `filter` (oldest first), named now, and,
+    /// with `follow`, the live flows published after them.
     pub fn watch(&self, filter: &FlowFilter, last: usize, follow: bool) -> Watch {
-        let ring = self.inner.ring.lock().unwrap_or_else(|e| e.into_inner());
-        let mut recent: Vec<Arc<ObservedFlow>> = ring
+        let (kept, live) = {
+            let ring = self.inner.ring.lock().unwrap_or_else(|e| e.into_inner());
+            let kept: Vec<Arc<Emitted>> = ring.iter().cloned().collect();
+            (kept, follow.then(|| self.inner.live.subscribe()))
+        };
+        // Named outside the ring's lock: the shards publishing meanwhile do not wait for it.
+        let index = self.inner.index.read();
+        let mut recent: Vec<ObservedFlow> = kept
             .iter()
             .rev()
+            .map(|flow| observed(flow, &index))
             .filter(|flow| filter.matches(flow))
             .take(last)
-            .cloned()
             .collect();
         recent.reverse();
         Watch {
             recent,
-            live: follow.then(|| self.inner.live.subscribe()),
+            live,
             metrics: self.inner.metrics.clone(),
         }
     }
@@ -101,7 +124,7 @@ impl ObserveHub {
 
 /// What one observer gets: a snapshot, then (if it follows) the live feed.
 pub struct Watch {
-    pub recent: Vec<Arc<ObservedFlow>>,
+    pub recent: Vec<ObservedFlow>,
     live: Option<broadcast::Receiver<Arc<ObservedFlow>>>,
     metrics: Arc<Metrics>,
 }
@@ -377,30 +400,107 @@ mod tests {
         );
     }
 
+    /// The fixture flow with `bytes` sent, as a shard emits it.
+    fn emitted(bytes: u64) -> Emitted {
+        let mut flow = crate::stitch::fixtures::flow();
+        flow.client_to_server.as_mut().unwrap().bytes = bytes;
+        Emitted {
+            flow,
+            interval: crate::flow_table::Interval {
+                connection_start_unix_nanos: 1_000,
+                index: 0,
+            },
+        }
+    }
+
+    /// The fixture's client pod, addressed since before the flow began.
+    fn web_pod() -> crate::metadata::MetadataEvent {
+        crate::metadata::MetadataEvent::Pod(crate::metadata::index::PodInfo {
+            uid: "u-web".into(),
+            namespace: "frontend".into(),
+            name: "web-7c9".into(),
+            node_name: Some("node-c".into()),
+            addressed_since_unix_nanos: Some(0),
+            addresses: vec!["10.0.1.5".parse().unwrap()],
+            host_network: false,
+            controller: None,
+            labels: Vec::new(),
+            containers: Vec::new(),
+        })
+    }
+
+    fn empty_index() -> SharedIndex {
+        SharedIndex::new(MetadataIndex::new(
+            &crate::metadata::IndexSettings::default(),
+        ))
+    }
+
+    /// An index naming the fixture's client pod.
+    fn index() -> SharedIndex {
+        let index = empty_index();
+        index.apply(web_pod(), 0);
+        index
+    }
+
+    fn sent(flows: &[ObservedFlow]) -> Vec<u64> {
+        flows.iter().map(|f| f.sent_bytes).collect()
+    }
+
     #[tokio::test]
     async fn the_ring_keeps_the_newest_and_a_watch_sees_each_flow_once() {
         let metrics = Arc::new(Metrics::new());
-        let hub = ObserveHub::new(3, metrics.clone());
-        hub.publish((1..=5).map(|bytes| flow("frontend", 443, bytes)));
+        let hub = ObserveHub::new(3, index(), metrics.clone());
+        // More than the ring holds at once, then one at a time.
+        hub.publish((1..=5).map(emitted).collect());
         let all = FlowFilter::default();
         let mut watch = hub.watch(&all, 10, true);
-        let bytes = |flows: &[Arc<ObservedFlow>]| -> Vec<u64> {
-            flows.iter().map(|f| f.sent_bytes).collect()
-        };
-        assert_eq!(bytes(&watch.recent), vec![3, 4, 5]);
-        assert_eq!(bytes(&hub.watch(&all, 2, false).recent), vec![4, 5]);
-        hub.publish([flow("frontend", 443, 6)]);
-        assert_eq!(watch.next_live().await.unwrap().sent_bytes, 6);
+        assert_eq!(sent(&watch.recent), vec![3, 4, 5]);
+        assert_eq!(sent(&hub.watch(&all, 2, false).recent), vec![4, 5]);
+        hub.publish(vec![emitted(6)]);
+        let live = watch.next_live().await.unwrap();
+        assert_eq!(live.sent_bytes, 6);
+        assert_eq!(sent(&hub.watch(&all, 10, false).recent), vec![4, 5, 6]);
         assert!(hub.watch(&all, 1, false).next_live().await.is_none());
+        // Named both ways: the ring's flows when read, the live ones when published.
+        let client = |flow: &ObservedFlow| {
+            let end = flow.client.as_ref().unwrap();
+            (end.namespace.clone(), end.pod.clone(), end.port)
+        };
+        let named = ("frontend".to_owned(), "web-7c9".to_owned(), 51_000);
+        assert_eq!(client(&watch.recent[0]), named);
+        assert_eq!(client(&live), named);
+        assert_eq!(live.server.as_ref().unwrap().pod, "");
+    }
+
+    #[tokio::test]
+    async fn the_ring_names_a_flow_from_the_index_when_it_is_read() {
+        let metrics = Arc::new(Metrics::new());
+        let index = empty_index();
+        let hub = ObserveHub::new(10, index.clone(), metrics);
+        hub.publish(vec![emitted(7)]);
+        let pod = |hub: &ObserveHub| {
+            let recent = hub.watch(&FlowFilter::default(), 1, false).recent;
+            recent[0].client.as_ref().unwrap().pod.clone()
+        };
+        assert_eq!(pod(&hub), "");
+        // The pod becomes known after the flow was emitted (as of the flow's start).
+        index.apply(web_pod(), 2_000);
+        assert_eq!(pod(&hub), "web-7c9");
+        // Filters see the names too.
+        let frontend = filter(ObserveRequest {
+            namespace: vec!["frontend".into()],
+            ..Default::default()
+        });
+        assert_eq!(sent(&hub.watch(&frontend, 10, false).recent), vec![7]);
     }
 
     #[tokio::test]
     async fn a_slow_observer_loses_flows_counted_and_never_blocks_the_feed() {
         let metrics = Arc::new(Metrics::new());
-        let hub = ObserveHub::new(0, metrics.clone());
+        let hub = ObserveHub::new(0, index(), metrics.clone());
         let mut watch = hub.watch(&FlowFilter::default(), 0, true);
         let extra = 10;
-        hub.publish((0..LIVE_CAPACITY as u64 + extra).map(|b| flow("frontend", 443, b)));
+        hub.publish((0..LIVE_CAPACITY as u64 + extra).map(emitted).collect());
         assert_eq!(watch.next_live().await.unwrap().sent_bytes, extra);
         assert_eq!(
             Metrics::by_reason(&metrics.observe_dropped),

@@ -252,7 +252,7 @@ impl Aggregator {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let actors = ActorRuntime::start(threads).map_err(StartError::Actors)?;
         let exporter = Exporter::start_in_arbiter(actors.arbiters().get(0), move |_| exporter);
-        let observe = ObserveHub::new(config.admin.observe_ring, metrics.clone());
+        let observe = ObserveHub::new(config.admin.observe_ring, index.clone(), metrics.clone());
         let (checkpoints, checkpoint_writer) =
             CheckpointWriter::start(store.clone(), usize::from(SHARDS));
         let shards = shard::start(

@@ -136,7 +136,7 @@ struct Unsaved {
     outbox: Vec<Vec<u8>>,
     /// The intervals for `--print-flows` and the observers, published once their spans are
     /// durable.
-    observed: Vec<mermin_protocol::admin::v1::ObservedFlow>,
+    observed: Vec<Emitted>,
     intervals: u64,
 }
 
@@ -356,13 +356,12 @@ impl FlowShard {
             self.unsaved
                 .outbox
                 .extend(encode_requests(&self.emitted, &enrichment));
-            if self.context.print_flows || self.context.observe.wanted() {
-                self.unsaved
-                    .observed
-                    .extend(self.emitted.iter().map(|e| observed(e, &index)));
-            }
             self.unsaved.intervals += self.emitted.len() as u64;
-            self.emitted.clear();
+            if self.context.print_flows || self.context.observe.wanted() {
+                self.unsaved.observed.append(&mut self.emitted);
+            } else {
+                self.emitted.clear();
+            }
         }
         if self.unsaved.is_empty() && self.moved.is_empty() {
             self.context.checkpoints.skip(self.id);
@@ -443,11 +442,14 @@ impl FlowShard {
         }
         if self.context.print_flows {
             let colour = std::io::stdout().is_terminal();
+            let index = self.context.metadata.read();
             for flow in &unsaved.observed {
-                println!("{}", flow_line(flow, colour));
+                println!("{}", flow_line(&observed(flow, &index), colour));
             }
         }
-        self.context.observe.publish(unsaved.observed);
+        if !unsaved.observed.is_empty() {
+            self.context.observe.publish(unsaved.observed);
+        }
     }
 }
 
@@ -677,6 +679,7 @@ mod tests {
         .start();
         let settle = Duration::from_secs(60);
         let (checkpoints, _writer) = CheckpointWriter::start(store.clone(), 1);
+        let metadata = SharedIndex::new(MetadataIndex::new(&IndexSettings::default()));
         let shard = FlowShard {
             id,
             table: FlowTable::new(InterfaceKinds::default(), settle, settle),
@@ -689,8 +692,8 @@ mod tests {
                 metrics: metrics.clone(),
                 exporter: exporter.recipient(),
                 print_flows: false,
-                observe: ObserveHub::new(0, metrics.clone()),
-                metadata: SharedIndex::new(MetadataIndex::new(&IndexSettings::default())),
+                observe: ObserveHub::new(0, metadata.clone(), metrics.clone()),
+                metadata,
                 naming: AttributeNaming::Seed,
             },
             emitted: Vec::new(),

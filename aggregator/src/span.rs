@@ -432,7 +432,6 @@ impl std::fmt::Display for ServiceName<'_> {
 mod tests {
     use std::collections::HashMap;
 
-    use mermin_protocol::flow::v1::EndReason;
     use opentelemetry_proto::tonic::{
         collector::trace::v1::ExportTraceServiceRequest,
         common::v1::{AnyValue, any_value::Value},
@@ -442,9 +441,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        connection_key::{ConnectionKey, Tuple},
         metadata::{IndexSettings, static_file},
-        stitch::{ClientRule, Measured},
+        stitch::fixtures::flow,
     };
 
     /// The spans of `flow` with nothing known about its ends.
@@ -466,64 +464,6 @@ mod tests {
         ExportTraceServiceRequest::decode(&entry[4..])
             .unwrap()
             .resource_spans
-    }
-
-    fn flow() -> Flow {
-        let tuple = Tuple {
-            protocol: 6,
-            source: "10.0.1.5".parse().unwrap(),
-            destination: "10.0.2.7".parse().unwrap(),
-            source_port: 51000,
-            destination_port: 443,
-            icmp_type: 0,
-            icmp_code: 0,
-        };
-        let point = |node: &str, interface: &str, hook| {
-            std::sync::Arc::new(ObservationPoint {
-                node: node.into(),
-                interface: interface.into(),
-                hook,
-            })
-        };
-        let measured = |packets, bytes, tcp_flags, point| Measured {
-            packets,
-            bytes,
-            tcp_flags,
-            first_tcp_flags: 0x02,
-            point,
-        };
-        Flow {
-            key: ConnectionKey::of(&tuple).0,
-            client: Side {
-                address: tuple.source,
-                port: 51000,
-            },
-            server: Side {
-                address: tuple.destination,
-                port: 443,
-            },
-            client_rule: ClientRule::TcpHandshake,
-            client_to_server: Some(measured(
-                12,
-                2_400_000,
-                0x1b,
-                point("node-c", "vethc1", Hook::Ingress),
-            )),
-            server_to_client: Some(measured(
-                9,
-                900,
-                0x12,
-                point("node-s", "veths1", Hook::Ingress),
-            )),
-            points: vec![
-                point("node-c", "vethc1", Hook::Ingress),
-                point("node-s", "veths1", Hook::Ingress),
-            ],
-            start_unix_nanos: 1_000,
-            end_unix_nanos: 9_500,
-            end_reason: EndReason::TcpClose,
-            translation: None,
-        }
     }
 
     fn attributes(span: &Span) -> HashMap<&str, Value> {

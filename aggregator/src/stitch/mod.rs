@@ -685,6 +685,73 @@ fn more_final(a: EndReason, b: EndReason) -> EndReason {
     if weight(b) > weight(a) { b } else { a }
 }
 
+/// Flows for the tests of the modules that take them.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use super::*;
+    use crate::connection_key::Tuple;
+
+    /// A TCP connection 10.0.1.5:51000 → 10.0.2.7:443 seen at one pod interface on each node
+    /// (`node-c`, `node-s`): 12 packets and 2,400,000 bytes sent, 9 and 900 received.
+    pub fn flow() -> Flow {
+        let tuple = Tuple {
+            protocol: 6,
+            source: "10.0.1.5".parse().unwrap(),
+            destination: "10.0.2.7".parse().unwrap(),
+            source_port: 51000,
+            destination_port: 443,
+            icmp_type: 0,
+            icmp_code: 0,
+        };
+        let point = |node: &str, interface: &str, hook| {
+            std::sync::Arc::new(ObservationPoint {
+                node: node.into(),
+                interface: interface.into(),
+                hook,
+            })
+        };
+        let measured = |packets, bytes, tcp_flags, point| Measured {
+            packets,
+            bytes,
+            tcp_flags,
+            first_tcp_flags: 0x02,
+            point,
+        };
+        Flow {
+            key: ConnectionKey::of(&tuple).0,
+            client: Side {
+                address: tuple.source,
+                port: 51000,
+            },
+            server: Side {
+                address: tuple.destination,
+                port: 443,
+            },
+            client_rule: ClientRule::TcpHandshake,
+            client_to_server: Some(measured(
+                12,
+                2_400_000,
+                0x1b,
+                point("node-c", "vethc1", Hook::Ingress),
+            )),
+            server_to_client: Some(measured(
+                9,
+                900,
+                0x12,
+                point("node-s", "veths1", Hook::Ingress),
+            )),
+            points: vec![
+                point("node-c", "vethc1", Hook::Ingress),
+                point("node-s", "veths1", Hook::Ingress),
+            ],
+            start_unix_nanos: 1_000,
+            end_unix_nanos: 9_500,
+            end_reason: EndReason::TcpClose,
+            translation: None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use mermin_protocol::flow::v1::{Direction, FlowRecord};
