@@ -5,8 +5,10 @@
 //!
 //! The queue may be early, never late: a slot is queued in the bucket of its deadline (2^26 ns,
 //! ~67 ms, wide), and a bucket is taken as soon as it begins; the table checks what is really
-//! due and queues again what is not. A deadline that moved later, a slot emptied or given to
-//! another key, and a slot queued twice only cost a look. An item is a slot alone (4 bytes: the
+//! due and queues again what is not. A slot emptied or given to another key, or queued for a
+//! deadline that has since moved later, costs a look and leaves the queue (the table queues
+//! again only a slot whose deadline's bucket has begun, once per take): the queue holds about
+//! one item per connection with a deadline, plus the moves since the last take. An item is a slot alone (4 bytes: the
 //! queue is part of what a live flow costs, see BENCHMARKS.md).
 
 use std::collections::BTreeMap;
@@ -41,6 +43,12 @@ impl Deadlines {
         let due = std::mem::replace(&mut self.buckets, later);
         self.len -= due.values().map(Vec::len).sum::<usize>();
         due.into_values().flatten()
+    }
+
+    /// Whether the bucket of `deadline` has begun by `now_unix_nanos`: then an item queued
+    /// for it is among those [`Deadlines::take_due`] takes.
+    pub fn begun(deadline: u64, now_unix_nanos: u64) -> bool {
+        deadline >> BUCKET_SHIFT <= now_unix_nanos >> BUCKET_SHIFT
     }
 
     /// Whether the queue holds so many stale items (see the module docs) that it should be
