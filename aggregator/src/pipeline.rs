@@ -50,6 +50,8 @@ pub struct AggregatorConfig {
     pub settle: Duration,
     /// How long a closed connection is remembered for late records.
     pub grace: Duration,
+    /// How often the shards emit what is due and checkpoint.
+    pub checkpoint_interval: Duration,
     /// Print a one-line summary of every emitted flow on standard output.
     pub print_flows: bool,
     /// Where `/metrics`, `/livez` and `/readyz` are served; `None` for none.
@@ -267,6 +269,7 @@ impl Aggregator {
                 observe: observe.clone(),
                 metadata: index,
                 naming: config.metadata.naming,
+                tick: config.checkpoint_interval,
             },
         );
         let ingest = Ingest::new(

@@ -168,6 +168,10 @@ pub struct Settings {
     /// How long a closed connection is remembered for late records [grace].
     #[arg(long, default_value_t = defaults::GRACE.into())]
     pub grace: humantime::Duration,
+    /// How often the shards emit the intervals that are due and make them durable: shorter,
+    /// spans sooner; longer, less CPU [checkpoint_interval].
+    #[arg(long, default_value_t = defaults::CHECKPOINT_INTERVAL.into(), value_parser = positive_duration)]
+    pub checkpoint_interval: humantime::Duration,
 
     /// Static metadata file (HCL): names for addresses and CIDRs, without Kubernetes
     /// [metadata { static_file }].
@@ -257,6 +261,7 @@ const FILE_KEYS: &[(&str, &str)] = &[
     ("print_flows", "print_flows"),
     ("settle", "settle"),
     ("grace", "grace"),
+    ("checkpoint_interval", "checkpoint_interval"),
     ("outbox_max_bytes", "outbox_max_bytes"),
     ("outbox_when_full", "outbox_when_full"),
     ("otlp_endpoint", "export.traces.otlp.endpoint"),
@@ -461,6 +466,7 @@ impl Settings {
             },
             settle: self.settle.into(),
             grace: self.grace.into(),
+            checkpoint_interval: self.checkpoint_interval.into(),
             print_flows: self.print_flows,
             metrics_listen: Some(self.metrics_listen),
             admin: AdminConfig {
@@ -491,6 +497,7 @@ impl Settings {
             "print_flows": self.print_flows,
             "settle": duration(&self.settle),
             "grace": duration(&self.grace),
+            "checkpoint_interval": duration(&self.checkpoint_interval),
             "outbox_max_bytes": self.outbox_max_bytes,
             "outbox_when_full": self.outbox_when_full.as_str(),
             "export": { "traces": { "otlp": {
@@ -762,6 +769,10 @@ tls {
         let settings = Settings::defaults();
         assert_eq!(settings.listen, defaults::LISTEN);
         assert_eq!(Duration::from(settings.settle), defaults::SETTLE);
+        assert_eq!(
+            Duration::from(settings.checkpoint_interval),
+            defaults::CHECKPOINT_INTERVAL
+        );
         assert_eq!(settings.outbox_max_bytes, defaults::OUTBOX_MAX_BYTES);
         assert!(settings.kubernetes);
         assert!(!settings.print_flows);
@@ -908,6 +919,7 @@ listen = "127.0.0.1:4600"
 data_dir = "/var/lib/mermin"
 settle = "2s"
 grace = "1m"
+checkpoint_interval = "500ms"
 outbox_max_bytes = 5000000
 outbox_when_full = "drop_oldest"
 print_flows = true
@@ -929,6 +941,10 @@ admin { listen = "0.0.0.0:9093" observe_ring = 50 }
         assert_eq!(s.data_dir, PathBuf::from("/var/lib/mermin"));
         assert_eq!(Duration::from(s.settle), Duration::from_secs(2));
         assert_eq!(Duration::from(s.grace), Duration::from_secs(60));
+        assert_eq!(
+            Duration::from(s.checkpoint_interval),
+            Duration::from_millis(500)
+        );
         assert_eq!(s.outbox_max_bytes, 5_000_000);
         assert_eq!(s.outbox_when_full, WhenFull::DropOldest);
         assert!(s.print_flows);
@@ -1062,6 +1078,10 @@ admin { listen = "0.0.0.0:9093" observe_ring = 50 }
             "mermin.hcl:2: reload_interval = \"0s\": must be longer than zero"
         );
         assert_eq!(
+            load_file("\ncheckpoint_interval = \"0s\"\n", &[]).unwrap_err(),
+            "mermin.hcl:2: checkpoint_interval = \"0s\": must be longer than zero"
+        );
+        assert_eq!(
             load_file("", &["--otlp-timeout", "0s"]).unwrap_err(),
             "error: invalid value '0s' for '--otlp-timeout <OTLP_TIMEOUT>': must be longer than zero\n\nFor more information, try '--help'.\n"
         );
@@ -1079,7 +1099,7 @@ admin { listen = "0.0.0.0:9093" observe_ring = 50 }
         );
         assert_eq!(
             load_file("bogus = 1\n", &[]).unwrap_err(),
-            "mermin.hcl:1: unknown key `bogus` (known: listen, metrics_listen, data_dir, log_format, print_flows, settle, grace, outbox_max_bytes, outbox_when_full, export \"traces\", metadata, agents, admin, tls, replication)"
+            "mermin.hcl:1: unknown key `bogus` (known: listen, metrics_listen, data_dir, log_format, print_flows, settle, grace, checkpoint_interval, outbox_max_bytes, outbox_when_full, export \"traces\", metadata, agents, admin, tls, replication)"
         );
     }
 }

@@ -9,7 +9,7 @@
 //!
 //! A shard's life: [`Apply`] messages (its part of one durable agent batch) arrive through a
 //! bounded mailbox — a full mailbox makes the sending agent session wait, which stops that agent's
-//! acks and so its draining. Every [`TICK`] the shard emits the intervals that are due and writes
+//! acks and so its draining. Every tick (`checkpoint_interval`) the shard emits the intervals that are due and writes
 //! one checkpoint (its changed connections, its positions in the agents' batch logs, the emitted
 //! spans), atomically and together with the other shards' of the same tick (the
 //! [`CheckpointWriter`]); then it tells the exporter ([`OutboxChanged`]). [`Flush`] (shutdown)
@@ -53,9 +53,6 @@ use actix::{
 
 pub use crate::placement::{SHARDS, ShardId, shard_of};
 
-/// How often a shard looks for due intervals and checkpoints.
-pub const TICK: Duration = Duration::from_millis(250);
-
 /// Parts of agent batches a shard's mailbox holds before senders wait.
 const MAILBOX_CAPACITY: usize = 16;
 
@@ -90,6 +87,10 @@ pub struct ShardContext {
     /// What spans are enriched with.
     pub metadata: SharedIndex,
     pub naming: AttributeNaming,
+    /// How often the shard emits what is due and checkpoints (`checkpoint_interval`). A
+    /// longer tick writes a connection whose nodes' reports arrive within one tick once (its
+    /// end) instead of twice, and wakes the checkpoint writer less often.
+    pub tick: Duration,
 }
 
 /// The nodes the metadata index places a connection's ends on, as of the flow's start.
@@ -153,16 +154,17 @@ impl Actor for FlowShard {
     /// reach the store together and are made durable by one flush (the store groups them).
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
-        ctx.run_later(until_next_tick(unix_now()), |shard, ctx| {
+        let tick = self.context.tick;
+        ctx.run_later(until_next_tick(unix_now(), tick), move |shard, ctx| {
             shard.tick(ctx);
-            ctx.run_interval(TICK, Self::tick);
+            ctx.run_interval(tick, Self::tick);
         });
     }
 }
 
-/// From `now_unix_nanos` to the next multiple of [`TICK`].
-fn until_next_tick(now_unix_nanos: u64) -> Duration {
-    let tick = TICK.as_nanos() as u64;
+/// From `now_unix_nanos` to the next multiple of `tick`.
+fn until_next_tick(now_unix_nanos: u64, tick: Duration) -> Duration {
+    let tick = (tick.as_nanos() as u64).max(1);
     Duration::from_nanos(tick - now_unix_nanos % tick)
 }
 
@@ -695,6 +697,7 @@ mod tests {
                 observe: ObserveHub::new(0, metadata.clone(), metrics.clone()),
                 metadata,
                 naming: AttributeNaming::Seed,
+                tick: crate::defaults::CHECKPOINT_INTERVAL,
             },
             emitted: Vec::new(),
         }

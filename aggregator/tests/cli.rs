@@ -25,7 +25,7 @@ fn a_bad_key_is_refused_with_file_and_line() {
     assert_eq!(code, Some(2));
     assert_eq!(
         stderr.trim_end(),
-        "error: mermin.hcl:3: unknown key `bogus` (known: listen, metrics_listen, data_dir, log_format, print_flows, settle, grace, outbox_max_bytes, outbox_when_full, export \"traces\", metadata, agents, admin, tls, replication)"
+        "error: mermin.hcl:3: unknown key `bogus` (known: listen, metrics_listen, data_dir, log_format, print_flows, settle, grace, checkpoint_interval, outbox_max_bytes, outbox_when_full, export \"traces\", metadata, agents, admin, tls, replication)"
     );
 }
 

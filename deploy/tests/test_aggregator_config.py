@@ -24,6 +24,7 @@ DEFAULTS = {
     "data_dir": "/var/lib/mermin",
     "settle": "3s",
     "grace": "1m",
+    "checkpoint_interval": "250ms",
     "outbox_max_bytes": 1073741824,
     "outbox_when_full": "backpressure",
     "export": {"traces": {"otlp": {"endpoint": f"http://mermin-tempo.{NAMESPACE}.svc:4317", "protocol": "grpc"}}},
@@ -104,6 +105,7 @@ def test_every_config_value_reaches_the_aggregator(tmp_path):
             "config": {
                 "settle": "5s",
                 "grace": "2m",
+                "checkpointInterval": "500ms",
                 "outbox": {"maxBytes": 2147483648, "whenFull": "drop_oldest"},
                 "export": {"otlp": {"endpoint": "http://otel-collector.otel.svc:4318", "protocol": "http/protobuf"}},
                 "metadata": {"labels": ["app.kubernetes.io/name"], "deletedGrace": "10m", "kubernetes": False},
@@ -116,6 +118,7 @@ def test_every_config_value_reaches_the_aggregator(tmp_path):
             "listen": "0.0.0.0:4700",
             "settle": "5s",
             "grace": "2m",
+            "checkpoint_interval": "500ms",
             "outbox_max_bytes": 2147483648,
             "outbox_when_full": "drop_oldest",
             "export": {"traces": {"otlp": {"endpoint": "http://otel-collector.otel.svc:4318", "protocol": "http/protobuf"}}},
