@@ -1,6 +1,7 @@
 //! The observe feed: every consolidated flow the shards emit (once its checkpoint is durable),
-//! as a `mermin.admin.v1.ObservedFlow` named from the metadata index, kept in a bounded ring for
-//! `--last N` and broadcast to live observers — and the server-side filters they ask for.
+//! kept in a bounded ring for `--last N` and broadcast to live observers, each seen as a
+//! `mermin.admin.v1.ObservedFlow` named from the metadata index — and the server-side filters
+//! observers ask for.
 //!
 //! Nothing here ever makes a shard wait: [`ObserveHub::publish`] appends to the ring (dropping
 //! its oldest) and broadcasts into a bounded channel that never blocks the sender. An observer
@@ -13,7 +14,7 @@
 //! asked, both ends named from the index as of the flow's start (the index answers for past
 //! times: a deleted pod stays joinable for `metadata { deleted_grace }`, 5 min, after its
 //! deletion; a flow read later than that shows such an end by address only). Building every
-//! flow as it was emitted cost a tenth of the aggregator's CPU (BENCHMARKS.md).
+//! flow as it was emitted cost ~6% of the aggregator's CPU (BENCHMARKS.md).
 
 use std::{
     collections::VecDeque,
@@ -36,6 +37,9 @@ use crate::{
 
 /// Flows a live observer may fall behind by before it loses some.
 const LIVE_CAPACITY: usize = 1024;
+
+/// Ring flows a `--last` names under one hold of the index's lock.
+const NAMED_PER_LOCK: usize = 256;
 
 /// The feed (cheap to clone).
 #[derive(Clone)]
@@ -104,15 +108,21 @@ impl ObserveHub {
             let kept: Vec<Arc<Emitted>> = ring.iter().cloned().collect();
             (kept, follow.then(|| self.inner.live.subscribe()))
         };
-        // Named outside the ring's lock: the shards publishing meanwhile do not wait for it.
-        let index = self.inner.index.read();
-        let mut recent: Vec<ObservedFlow> = kept
-            .iter()
-            .rev()
-            .map(|flow| observed(flow, &index))
-            .filter(|flow| filter.matches(flow))
-            .take(last)
-            .collect();
+        // Named outside the ring's lock, newest first, the index held for a few hundred flows
+        // at a time: a metadata update waits for no more than that, nor do the shards behind it.
+        let mut recent: Vec<ObservedFlow> = Vec::new();
+        'named: for chunk in kept.rchunks(NAMED_PER_LOCK) {
+            let index = self.inner.index.read();
+            for flow in chunk.iter().rev() {
+                if recent.len() == last {
+                    break 'named;
+                }
+                let flow = observed(flow, &index);
+                if filter.matches(&flow) {
+                    recent.push(flow);
+                }
+            }
+        }
         recent.reverse();
         Watch {
             recent,
@@ -461,6 +471,11 @@ mod tests {
         assert_eq!(live.sent_bytes, 6);
         assert_eq!(sent(&hub.watch(&all, 10, false).recent), vec![4, 5, 6]);
         assert!(hub.watch(&all, 1, false).next_live().await.is_none());
+        // A batch into a ring partly filled: only as many of the oldest go as must.
+        let partly = ObserveHub::new(3, index(), metrics.clone());
+        partly.publish(vec![emitted(1), emitted(2)]);
+        partly.publish(vec![emitted(3), emitted(4)]);
+        assert_eq!(sent(&partly.watch(&all, 10, false).recent), vec![2, 3, 4]);
         // Named both ways: the ring's flows when read, the live ones when published.
         let client = |flow: &ObservedFlow| {
             let end = flow.client.as_ref().unwrap();

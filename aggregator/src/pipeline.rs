@@ -306,16 +306,16 @@ impl Aggregator {
         let agent_incoming = crate::ingest::connections(listener, handshake_timeout);
         let admin_incoming = tokio_stream::wrappers::TcpListenerStream::new(admin_listener);
         let admin_server = tonic::transport::Server::builder();
-        let handshakes = |(tls, reload_interval): (ServerTls, Duration)| {
-            tls.watch(reload_interval, server_stop.clone());
+        let handshakes = |(tls, reload_interval): (ServerTls, Duration), endpoint| {
+            tls.watch(endpoint, reload_interval, server_stop.clone());
             Handshakes {
                 tls,
                 timeout: handshake_timeout,
                 failures: metrics.tls_handshake_failures.clone(),
             }
         };
-        let tls = tls.map(handshakes);
-        let admin_tls = admin_tls.map(handshakes);
+        let tls = tls.map(|tls| handshakes(tls, "agents"));
+        let admin_tls = admin_tls.map(|tls| handshakes(tls, "admin"));
         let server = spawn_endpoint(
             "agents",
             agent_server,

@@ -170,7 +170,7 @@ pub struct Settings {
     pub grace: humantime::Duration,
     /// How often the shards emit the intervals that are due and make them durable: shorter,
     /// spans sooner; longer, less CPU [checkpoint_interval].
-    #[arg(long, default_value_t = defaults::CHECKPOINT_INTERVAL.into(), value_parser = positive_duration)]
+    #[arg(long, default_value_t = defaults::CHECKPOINT_INTERVAL.into(), value_parser = checkpoint_interval)]
     pub checkpoint_interval: humantime::Duration,
 
     /// Static metadata file (HCL): names for addresses and CIDRs, without Kubernetes
@@ -661,6 +661,15 @@ fn positive_duration(text: &str) -> Result<humantime::Duration, String> {
     Ok(duration)
 }
 
+/// A checkpoint interval: at least 10 ms (every tick is a store write and a flush).
+fn checkpoint_interval(text: &str) -> Result<humantime::Duration, String> {
+    let duration = positive_duration(text)?;
+    if *duration < std::time::Duration::from_millis(10) {
+        return Err("must be at least 10ms".to_owned());
+    }
+    Ok(duration)
+}
+
 /// The name of the export header `text` (`name=value`), as sent: lower case.
 fn header_name(text: &str) -> String {
     text.split_once('=')
@@ -1080,6 +1089,10 @@ admin { listen = "0.0.0.0:9093" observe_ring = 50 }
         assert_eq!(
             load_file("\ncheckpoint_interval = \"0s\"\n", &[]).unwrap_err(),
             "mermin.hcl:2: checkpoint_interval = \"0s\": must be longer than zero"
+        );
+        assert_eq!(
+            load_file("checkpoint_interval = \"5ms\"\n", &[]).unwrap_err(),
+            "mermin.hcl:1: checkpoint_interval = \"5ms\": must be at least 10ms"
         );
         assert_eq!(
             load_file("", &["--otlp-timeout", "0s"]).unwrap_err(),

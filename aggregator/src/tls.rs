@@ -102,8 +102,14 @@ impl ServerTls {
         Ok(true)
     }
 
-    /// Checks the files every `interval` until `stopping` turns true (see the module docs).
-    pub fn watch(&self, interval: Duration, mut stopping: tokio::sync::watch::Receiver<bool>) {
+    /// Checks the files every `interval` until `stopping` turns true (see the module docs);
+    /// what it finds is logged with `endpoint`'s name.
+    pub fn watch(
+        &self,
+        endpoint: &'static str,
+        interval: Duration,
+        mut stopping: tokio::sync::watch::Receiver<bool>,
+    ) {
         let tls = self.clone();
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(interval);
@@ -113,9 +119,8 @@ impl ServerTls {
                     _ = stopping.wait_for(|stop| *stop) => return,
                 }
                 match tls.reload() {
-                    // Both files named: the agent endpoint and the admin API share a
-                    // certificate but may check clients against different CAs.
                     Ok(true) => tracing::info!(
+                        endpoint,
                         cert = %tls.files.cert.display(),
                         client_ca = %tls.files.client_ca.display(),
                         "TLS files reloaded"
@@ -123,7 +128,7 @@ impl ServerTls {
                     Ok(false) => {}
                     Err(err) => tracing::warn!(
                         %err,
-                        client_ca = %tls.files.client_ca.display(),
+                        endpoint,
                         "TLS files changed but do not load; keeping the previous ones"
                     ),
                 }

@@ -489,8 +489,10 @@ impl FlowTable {
                 entry.due_no_later_than(now);
                 self.complete_early += 1;
             }
-            if let Some(moved) = entry.deadline().filter(|&d| Some(d) != deadline) {
-                self.deadlines.push(moved, head);
+            if entry.deadline() != deadline {
+                // Queued for the chain's earliest deadline, not this connection's: one that
+                // moved later may leave another connection's deadline the earliest.
+                self.schedule(head);
             }
             self.mark_changed(owner);
         } else {
@@ -798,10 +800,11 @@ impl FlowTable {
             chain.push(slot);
             slot = self.entries.get(slot).previous;
         }
+        let trimmed = chain.len();
         while let [.., later, oldest] = chain[..] {
             let entry = self.entries.get(oldest);
             if newest.wrapping_sub(entry.generation) < MAX_CHAIN || entry.has(state::DUE) {
-                return;
+                break;
             }
             let forgotten = self.entries.remove(oldest);
             self.entries.get_mut(later).previous = NO_SLOT;
@@ -809,6 +812,10 @@ impl FlowTable {
                 .push(Row::Connection(forgotten.key.key(), forgotten.generation));
             self.forgotten_early += 1;
             chain.pop();
+        }
+        if chain.len() < trimmed {
+            // What was cut may have held the chain's earliest deadline.
+            self.schedule(head);
         }
     }
 
@@ -1467,6 +1474,49 @@ mod tests {
             record.direction = Direction::Ingress as i32;
         }
         Observation::try_from(&record).unwrap()
+    }
+
+    #[test]
+    fn a_chain_is_looked_at_by_its_earliest_deadline_when_another_moves_later() {
+        // Two connections on one port: the older forgotten at 134 s, the newer at 135 s. A late
+        // record makes the older one's interval due at 136 s: the newer must still be
+        // forgotten at 135 s, not when the older's interval is due.
+        let mut t = table();
+        let mut out = Vec::new();
+        let port = 20_000;
+        for start in [100 * S, 101 * S] {
+            let last = start + S / 10;
+            t.apply(&on_port(port, "a", true, 3, start, last), last);
+            t.apply(&on_port(port, "b", false, 2, start, last), last);
+        }
+        t.emit_due(104 * S, &mut out);
+        t.emit_due(105 * S, &mut out);
+        assert_eq!(out.len(), 2, "both connections emitted");
+        let last = 100 * S + S / 10;
+        t.apply(&on_port(port, "a", true, 1, last, last + 1), 133 * S);
+        t.take_changes().unwrap();
+        let forgotten = |t: &mut FlowTable| {
+            t.take_changes()
+                .unwrap()
+                .iter()
+                .filter(|change| change.state.is_none())
+                .count()
+        };
+        t.emit_due(134 * S + S / 5, &mut out);
+        assert_eq!(
+            forgotten(&mut t),
+            0,
+            "the older connection's interval is due"
+        );
+        t.emit_due(135 * S + S / 5, &mut out);
+        assert_eq!(
+            forgotten(&mut t),
+            1,
+            "the newer connection forgotten on time"
+        );
+        assert_eq!(out.len(), 2);
+        t.emit_due(136 * S + S / 5, &mut out);
+        assert_eq!(out.len(), 3, "the late record's interval");
     }
 
     #[test]

@@ -660,7 +660,7 @@ impl Replica {
             Some(tls) => {
                 let server_tls = ServerTls::load(tls.files.clone())
                     .map_err(|e| ReplicationError::Start(e.to_string()))?;
-                server_tls.watch(tls.reload_interval, stopping);
+                server_tls.watch("replication", tls.reload_interval, stopping);
                 let incoming =
                     server_tls.incoming(accepted, "replication", HANDSHAKE_WAIT, tls.failures);
                 tokio::spawn(serve(service, incoming))
