@@ -99,6 +99,11 @@ impl ConnectionKey {
 
     /// Community ID v1 of this connection with the given seed: `"1:" + base64(sha1(...))`.
     pub fn community_id(&self, seed: u16) -> String {
+        Self::community_text(&self.community_digest(seed))
+    }
+
+    /// The SHA-1 digest that Community ID v1 of this connection shows in base64.
+    pub fn community_digest(&self, seed: u16) -> [u8; 20] {
         let mut hash = Sha1::new();
         hash.update(seed.to_be_bytes());
         hash.update(octets(&self.first.address).as_slice());
@@ -111,10 +116,15 @@ impl ConnectionKey {
             hash.update(self.first.port.to_be_bytes());
             hash.update(self.second.port.to_be_bytes());
         }
+        hash.finalize().into()
+    }
+
+    /// A Community ID v1 digest as the ID's text.
+    pub fn community_text(digest: &[u8; 20]) -> String {
         // One allocation: "1:" and the 28 characters of a SHA-1 in base64.
         let mut id = String::with_capacity(30);
         id.push_str("1:");
-        STANDARD.encode_string(hash.finalize(), &mut id);
+        STANDARD.encode_string(digest, &mut id);
         id
     }
 }

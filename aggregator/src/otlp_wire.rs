@@ -109,21 +109,33 @@ pub fn join_entries(entries: &[&[u8]], spare: &mut Vec<Vec<u8>>) -> Vec<Vec<u8>>
 
 /// The OTLP writer's string fields beyond the protobuf basics.
 trait TextFields {
-    /// A string field whose value is `parts` joined by dots, written without building it.
-    fn dotted(&mut self, tag: u32, parts: &[&str]);
+    /// A string field whose value is `parts` joined by `separator`, written without building
+    /// it.
+    fn joined(&mut self, tag: u32, parts: &[&str], separator: &str);
+
+    /// A string field whose value is `parts` joined by dots.
+    fn dotted(&mut self, tag: u32, parts: &[&str]) {
+        self.joined(tag, parts, ".");
+    }
 
     /// A string field holding `value` formatted, written without building the string.
     fn formatted(&mut self, tag: u32, value: impl std::fmt::Display);
 }
 
 impl TextFields for Fields<'_> {
-    fn dotted(&mut self, tag: u32, parts: &[&str]) {
-        let len = parts.iter().map(|p| p.len()).sum::<usize>() + parts.len().saturating_sub(1);
+    fn joined(&mut self, tag: u32, parts: &[&str], separator: &str) {
+        if let [whole] = parts {
+            // Every attribute's key.
+            return self.bytes(tag, whole.as_bytes());
+        }
+        let len = parts.iter().map(|p| p.len()).sum::<usize>()
+            + parts.len().saturating_sub(1) * separator.len();
         self.key(tag, WireType::LengthDelimited);
         put_varint(self.0, len as u64);
+        self.0.reserve(len);
         for (i, part) in parts.iter().enumerate() {
             if i > 0 {
-                self.0.push(b'.');
+                self.0.extend_from_slice(separator.as_bytes());
             }
             self.0.extend_from_slice(part.as_bytes());
         }
@@ -182,20 +194,34 @@ impl Attributes<'_> {
         });
     }
 
-    /// An array of strings, each formatted.
-    pub fn strings<T: std::fmt::Display>(
+    /// An array of strings, each its parts joined by `separator` (written without building
+    /// them: observation points are `node/interface/hook`, eight per connection).
+    pub fn joined_strings<'s, P: AsRef<[&'s str]>>(
         &mut self,
         key: &str,
-        values: impl IntoIterator<Item = T>,
+        separator: &str,
+        values: impl IntoIterator<Item = P>,
     ) {
         self.fields.message(self.tag, |kv| {
             kv.dotted(KEY_VALUE_KEY, &[key]);
             kv.message(KEY_VALUE_VALUE, |any| {
                 any.message(ANY_ARRAY, |array| {
                     for value in values {
-                        array.message(ARRAY_VALUES, |element| element.formatted(ANY_STRING, value));
+                        array.message(ARRAY_VALUES, |element| {
+                            element.joined(ANY_STRING, value.as_ref(), separator)
+                        });
                     }
                 });
+            });
+        });
+    }
+
+    /// A string attribute whose value is `parts` joined by `separator`.
+    pub fn joined_string(&mut self, key: &str, separator: &str, parts: &[&str]) {
+        self.fields.message(self.tag, |kv| {
+            kv.dotted(KEY_VALUE_KEY, &[key]);
+            kv.message(KEY_VALUE_VALUE, |any| {
+                any.joined(ANY_STRING, parts, separator)
             });
         });
     }
@@ -292,7 +318,9 @@ impl RequestWriter {
         span: impl FnOnce(&mut SpanWriter),
     ) {
         let mut request = Fields(&mut self.entry);
-        request.message(REQUEST_RESOURCE_SPANS, |resource_spans| {
+        // A span takes 128 bytes to 16 KiB, and so do the messages around it: two bytes of
+        // length each (see `Fields::message_sized`).
+        request.message_sized(REQUEST_RESOURCE_SPANS, 2, |resource_spans| {
             resource_spans.message(RESOURCE_SPANS_RESOURCE, |resource| {
                 Attributes {
                     fields: Fields(&mut *resource.0),
@@ -300,12 +328,12 @@ impl RequestWriter {
                 }
                 .display("service.name", service_name);
             });
-            resource_spans.message(RESOURCE_SPANS_SCOPE_SPANS, |scope_spans| {
+            resource_spans.message_sized(RESOURCE_SPANS_SCOPE_SPANS, 2, |scope_spans| {
                 scope_spans.message(SCOPE_SPANS_SCOPE, |s| {
                     s.bytes(SCOPE_NAME, scope.0.as_bytes());
                     s.bytes(SCOPE_VERSION, scope.1.as_bytes());
                 });
-                scope_spans.message(SCOPE_SPANS_SPANS, |s| {
+                scope_spans.message_sized(SCOPE_SPANS_SPANS, 2, |s| {
                     span(&mut SpanWriter(Fields(&mut *s.0)))
                 });
             });
@@ -372,8 +400,10 @@ mod tests {
             attributes.int("flow.bytes.sent", i64::MAX);
             attributes.int("negative", -1);
             attributes.display("source.address", std::net::Ipv4Addr::new(10, 0, 0, 1));
-            attributes.strings("flow.tcp.flags", ["SYN", "ACK"]);
-            attributes.strings("empty", Vec::<&str>::new());
+            attributes.joined_strings("flow.tcp.flags", "", [["SYN"], ["ACK"]]);
+            attributes.joined_strings("empty", "", Vec::<[&str; 1]>::new());
+            attributes.joined_string("point", "/", &["node-a", "eth0", "ingress"]);
+            attributes.joined_strings("points", "/", [["a", "", "c"], ["d", "e", "f"]]);
         });
         let (count, decoded) = decode(&request.finish());
         assert_eq!(count, 1);
@@ -427,6 +457,8 @@ mod tests {
                 ("source.address", &Value::StringValue("10.0.0.1".into())),
                 ("flow.tcp.flags", &strings(&["SYN", "ACK"])),
                 ("empty", &strings(&[])),
+                ("point", &Value::StringValue("node-a/eth0/ingress".into())),
+                ("points", &strings(&["a//c", "d/e/f"])),
             ]
         );
     }

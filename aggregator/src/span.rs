@@ -33,6 +33,7 @@ use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use sha1::{Digest, Sha1};
 
 use crate::{
+    connection_key::ConnectionKey,
     flow_table::Interval,
     metadata::{
         AttributeNaming, EndpointMetadata, FlowSide, MetadataIndex, append_metadata_attributes,
@@ -56,17 +57,15 @@ pub const INTERVALS_PER_TRACE: u64 = 60;
 /// Spans written per interval ([`write_flow_spans`]): CLIENT and SERVER.
 pub const SPANS_PER_INTERVAL: u32 = 2;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
-    Client,
-    Server,
-}
-
-pub fn trace_id(community_id: &str, interval: &Interval) -> [u8; 16] {
+/// The trace of an interval: a function of the connection (its Community ID digest and start)
+/// and of the window of [`INTERVALS_PER_TRACE`] intervals the interval falls in, so that a
+/// request written again (after a restart, by another replica) carries the same ids. One SHA-1
+/// block: 13 + 20 + 8 + 8 bytes.
+pub fn trace_id(community_digest: &[u8; 20], interval: &Interval) -> [u8; 16] {
     let window = interval.index / INTERVALS_PER_TRACE;
     let digest = Sha1::new()
         .chain_update(b"mermin.trace\0")
-        .chain_update(community_id.as_bytes())
+        .chain_update(community_digest)
         .chain_update(interval.connection_start_unix_nanos.to_be_bytes())
         .chain_update(window.to_be_bytes())
         .finalize();
@@ -75,20 +74,34 @@ pub fn trace_id(community_id: &str, interval: &Interval) -> [u8; 16] {
     id
 }
 
-fn span_id(trace_id: &[u8; 16], index: u64, role: Role) -> [u8; 8] {
-    let digest = Sha1::new()
-        .chain_update(b"mermin.span\0")
-        .chain_update(trace_id)
-        .chain_update(index.to_be_bytes())
-        .chain_update([role as u8])
-        .finalize();
-    let mut id = [0; 8];
-    id.copy_from_slice(&digest[..8]);
-    // An all-zero span id is invalid in OTLP; astronomically unlikely, but never emit one.
-    if id == [0; 8] {
-        id[7] = 1;
+/// The ids of an interval's CLIENT and SERVER spans, from one SHA-1 of its trace and index.
+struct SpanIds {
+    client: [u8; 8],
+    server: [u8; 8],
+}
+
+impl SpanIds {
+    fn of(trace_id: &[u8; 16], index: u64) -> SpanIds {
+        let digest = Sha1::new()
+            .chain_update(b"mermin.span\0")
+            .chain_update(trace_id)
+            .chain_update(index.to_be_bytes())
+            .finalize();
+        let id = |at: usize| {
+            let mut id = [0; 8];
+            id.copy_from_slice(&digest[at..at + 8]);
+            // An all-zero span id is invalid in OTLP; astronomically unlikely, but never emit
+            // one.
+            if id == [0; 8] {
+                id[7] = 1;
+            }
+            id
+        };
+        SpanIds {
+            client: id(0),
+            server: id(8),
+        }
     }
-    id
 }
 
 /// Writes the OTLP spans of one flow interval to `request`: the client side's resource with the
@@ -99,10 +112,10 @@ pub fn write_flow_spans(
     enrichment: &Enrichment,
     request: &mut RequestWriter,
 ) {
-    let community_id = flow.key.community_id(0);
-    let trace = trace_id(&community_id, interval);
-    let client_id = span_id(&trace, interval.index, Role::Client);
-    let server_id = span_id(&trace, interval.index, Role::Server);
+    let community_digest = flow.key.community_digest(0);
+    let community_id = ConnectionKey::community_text(&community_digest);
+    let trace = trace_id(&community_digest, interval);
+    let ids = SpanIds::of(&trace, interval.index);
     let names = ProtocolNames::of(flow.key.protocol);
     let protocol = names.protocol.as_str();
     let name = names.span_name(flow.client.address.is_ipv4());
@@ -133,7 +146,7 @@ pub fn write_flow_spans(
         ServiceName::of(&client, false, client_workload),
         scope,
         |span| {
-            span.ids(&trace, &client_id, None);
+            span.ids(&trace, &ids.client, None);
             span.name(name);
             span.kind(SpanKind::Client as i32);
             span.times(flow.start_unix_nanos, flow.end_unix_nanos);
@@ -142,10 +155,10 @@ pub fn write_flow_spans(
                     index: interval.index - 1,
                     ..*interval
                 };
-                let previous_trace = trace_id(&community_id, &previous);
+                let previous_trace = trace_id(&community_digest, &previous);
                 span.link(
                     &previous_trace,
-                    &span_id(&previous_trace, previous.index, Role::Client),
+                    &SpanIds::of(&previous_trace, previous.index).client,
                 );
             }
             let mut attributes = span.attributes();
@@ -172,7 +185,7 @@ pub fn write_flow_spans(
         ServiceName::of(&flow.server, true, server_workload),
         scope,
         |span| {
-            span.ids(&trace, &server_id, Some(&client_id));
+            span.ids(&trace, &ids.server, Some(&ids.client));
             span.name(name);
             span.kind(SpanKind::Server as i32);
             span.times(flow.start_unix_nanos, flow.end_unix_nanos);
@@ -271,9 +284,12 @@ fn write_flow_attributes(
     attributes.string("network.protocol", &names.protocol);
     attributes.string("network.transport", &names.transport);
     attributes.string("network.type", network_type(flow));
-    attributes.display("source.address", Address(client.address));
+    attributes.string("source.address", AddressText::of(client.address).as_str());
     attributes.int("source.port", i64::from(client.port));
-    attributes.display("destination.address", Address(flow.server.address));
+    attributes.string(
+        "destination.address",
+        AddressText::of(flow.server.address).as_str(),
+    );
     attributes.int("destination.port", i64::from(flow.server.port));
     attributes.string("flow.community_id", community_id);
     attributes.string("flow.client_rule", flow.client_rule.as_str());
@@ -281,13 +297,16 @@ fn write_flow_attributes(
     attributes.int("flow.interval", saturating_i64(interval.index));
     if let Some(t) = &flow.translation {
         if t.dialled != t.server {
-            attributes.display("flow.dialled.address", Address(t.dialled.address));
+            attributes.string(
+                "flow.dialled.address",
+                AddressText::of(t.dialled.address).as_str(),
+            );
             attributes.int("flow.dialled.port", i64::from(t.dialled.port));
         }
         if t.translates_client() {
-            attributes.display(
+            attributes.string(
                 "flow.translated.source.address",
-                Address(t.translated_client.address),
+                AddressText::of(t.translated_client.address).as_str(),
             );
             attributes.int(
                 "flow.translated.source.port",
@@ -305,7 +324,7 @@ fn write_flow_attributes(
         attributes.int(direction.packets_key(), saturating_i64(packets));
         if let Some(m) = measured {
             flags |= u32::from(m.tcp_flags);
-            attributes.display(direction.point_key(), PointLabel(&m.point));
+            attributes.joined_string(direction.point_key(), "/", &point_label(&m.point));
         }
     }
     if flow.key.protocol == 6 {
@@ -313,11 +332,12 @@ fn write_flow_attributes(
             .iter()
             .filter(|(bit, _)| flags & bit != 0)
             .map(|(_, name)| *name);
-        attributes.strings("flow.tcp.flags", names);
+        attributes.joined_strings("flow.tcp.flags", "", names.map(|name| [name]));
     }
-    attributes.strings(
+    attributes.joined_strings(
         "flow.observation_points",
-        flow.points.iter().map(|point| PointLabel(point)),
+        "/",
+        flow.points.iter().map(|point| point_label(point)),
     );
 }
 
@@ -351,52 +371,63 @@ impl Direction {
     }
 }
 
-/// `node/interface/ingress` — how users read an observation point.
-struct PointLabel<'a>(&'a ObservationPoint);
-
-impl std::fmt::Display for PointLabel<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let hook = match self.0.hook {
-            Hook::Ingress => "ingress",
-            Hook::Egress => "egress",
-        };
-        // Piece by piece: no format string to interpret (eight labels per connection).
-        f.write_str(&self.0.node)?;
-        f.write_str("/")?;
-        f.write_str(&self.0.interface)?;
-        f.write_str("/")?;
-        f.write_str(hook)
-    }
+/// `node/interface/ingress` — how users read an observation point — in parts, joined by `/`
+/// as they are written (eight labels per connection).
+fn point_label(point: &ObservationPoint) -> [&str; 3] {
+    let hook = match point.hook {
+        Hook::Ingress => "ingress",
+        Hook::Egress => "egress",
+    };
+    [&point.node, &point.interface, hook]
 }
 
-/// An address as `IpAddr` shows it; IPv4 written digit by digit, without the formatter's
-/// padding machinery (at least two per span).
-struct Address(IpAddr);
+/// An address as `IpAddr` shows it, on the stack; IPv4 written digit by digit, without the
+/// formatter (at least two per span).
+struct AddressText {
+    text: [u8; 45],
+    len: usize,
+}
 
-impl std::fmt::Display for Address {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let IpAddr::V4(v4) = self.0 else {
-            return self.0.fmt(f);
+impl AddressText {
+    fn of(address: IpAddr) -> Self {
+        let mut out = AddressText {
+            text: [0; 45],
+            len: 0,
         };
-        let mut text = [0u8; 15];
-        let mut len = 0;
-        for (i, octet) in v4.octets().into_iter().enumerate() {
-            if i > 0 {
-                text[len] = b'.';
-                len += 1;
+        match address {
+            IpAddr::V4(v4) => {
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(b'.');
+                    }
+                    if octet >= 100 {
+                        out.push(b'0' + octet / 100);
+                    }
+                    if octet >= 10 {
+                        out.push(b'0' + octet / 10 % 10);
+                    }
+                    out.push(b'0' + octet % 10);
+                }
             }
-            if octet >= 100 {
-                text[len] = b'0' + octet / 100;
-                len += 1;
+            IpAddr::V6(v6) => {
+                use std::io::Write;
+                let mut cursor = std::io::Cursor::new(&mut out.text[..]);
+                // The longest IPv6 text (an IPv4-mapped address in full) is 45 bytes.
+                let _ = write!(cursor, "{v6}");
+                out.len = cursor.position() as usize;
             }
-            if octet >= 10 {
-                text[len] = b'0' + octet / 10 % 10;
-                len += 1;
-            }
-            text[len] = b'0' + octet % 10;
-            len += 1;
         }
-        f.write_str(std::str::from_utf8(&text[..len]).map_err(|_| std::fmt::Error)?)
+        out
+    }
+
+    fn push(&mut self, byte: u8) {
+        self.text[self.len] = byte;
+        self.len += 1;
+    }
+
+    fn as_str(&self) -> &str {
+        // ASCII digits, dots, colons and hex letters only.
+        std::str::from_utf8(&self.text[..self.len]).unwrap_or_default()
     }
 }
 
@@ -422,8 +453,15 @@ impl std::fmt::Display for ServiceName<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ServiceName::Workload(workload) => f.write_str(workload),
-            ServiceName::Endpoint(side) => write!(f, "{}:{}", Address(side.address), side.port),
-            ServiceName::Address(side) => Address(side.address).fmt(f),
+            ServiceName::Endpoint(side) => {
+                write!(
+                    f,
+                    "{}:{}",
+                    AddressText::of(side.address).as_str(),
+                    side.port
+                )
+            }
+            ServiceName::Address(side) => f.write_str(AddressText::of(side.address).as_str()),
         }
     }
 }
@@ -511,10 +549,12 @@ mod tests {
             "fd00::1",
             "::ffff:10.0.0.1",
             "2001:db8:0:0:1:0:0:1",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "::ffff:255.255.255.255",
         ];
         for text in addresses {
             let address: IpAddr = text.parse().unwrap();
-            assert_eq!(Address(address).to_string(), address.to_string());
+            assert_eq!(AddressText::of(address).as_str(), address.to_string());
         }
         let side = Side {
             address: "10.96.0.10".parse().unwrap(),
@@ -581,6 +621,8 @@ mod tests {
         assert_eq!(server.kind, SpanKind::Server as i32);
         assert_eq!(server.trace_id, client.trace_id);
         assert_eq!(server.parent_span_id, client.span_id);
+        assert_ne!(server.span_id, client.span_id);
+        assert_eq!(client.span_id.len(), 8);
         let service = |rs: &ResourceSpans| {
             rs.resource.as_ref().unwrap().attributes[0]
                 .value

@@ -5,8 +5,8 @@
 //! prost's `encode_varint` is generic over `BufMut` and, called once per key and once per value,
 //! was not inlined: 11% of an agent's CPU at 5k connections/s went to it (BENCHMARKS.md). Here a
 //! varint is a loop of pushes, and a nested message's length is written in front of it when it
-//! is complete (one byte is reserved, and the body is moved right in the rare case its length
-//! needs more). What is written decodes with the generated types; the tests compare bytes with
+//! is complete (one byte is reserved, or as many as the caller expects, and the body is moved
+//! in the rare case its length needs another width). What is written decodes with the generated types; the tests compare bytes with
 //! prost's output. [`read`] is the other way: the agents' batches, read by the aggregator.
 
 pub mod read;
@@ -57,23 +57,34 @@ impl Fields<'_> {
 
     /// A nested message written by `body`, its length put in front of it afterwards.
     pub fn message(&mut self, tag: u32, body: impl FnOnce(&mut Fields)) {
+        self.message_sized(tag, 1, body);
+    }
+
+    /// [`Fields::message`] for a body expected to need a length of `width` bytes (2 for 128
+    /// bytes to 16 KiB): that much room is left in front of it, and the body moves only if its
+    /// length needs another width, so large messages are not moved as they are completed.
+    pub fn message_sized(&mut self, tag: u32, width: usize, body: impl FnOnce(&mut Fields)) {
         self.key(tag, WireType::LengthDelimited);
         let at = self.0.len();
-        self.0.push(0);
+        self.0.resize(at + width, 0);
         body(&mut Fields(&mut *self.0));
-        let len = self.0.len() - at - 1;
-        let width = encoded_len_varint(len as u64);
-        if width > 1 {
+        let start = at + width;
+        let len = self.0.len() - start;
+        let needed = encoded_len_varint(len as u64);
+        if needed != width {
             let end = self.0.len();
-            self.0.resize(end + width - 1, 0);
-            self.0.copy_within(at + 1..end, at + width);
+            if needed > width {
+                self.0.resize(end + needed - width, 0);
+            }
+            self.0.copy_within(start..end, at + needed);
+            self.0.truncate(at + needed + len);
         }
         let mut rest = len as u64;
-        for byte in &mut self.0[at..at + width] {
+        for byte in &mut self.0[at..at + needed] {
             *byte = rest as u8 | 0x80;
             rest >>= 7;
         }
-        self.0[at + width - 1] &= 0x7f;
+        self.0[at + needed - 1] &= 0x7f;
     }
 
     /// A proto3 scalar: nothing when it is zero, as prost writes it.
@@ -228,5 +239,26 @@ mod tests {
             Fields(&mut out).flow_record(2, record);
         }
         assert_eq!(crate::agent::v1::Batch::decode(&out[..]).unwrap(), batch);
+    }
+
+    /// Whatever width the caller expects, the length in front of a message is the one prost
+    /// writes: bodies of 0, 127, 128, 16,383 and 16,384 bytes, with 1, 2 and 3 bytes expected.
+    #[test]
+    fn a_message_is_written_as_prost_writes_it_whatever_width_was_expected() {
+        for name_len in [0, 125, 126, 16_380, 16_381] {
+            let record = FlowRecord {
+                interface_name: "i".repeat(name_len),
+                ..FlowRecord::default()
+            };
+            let expected = prost_field(5, &record);
+            for width in 1..=3 {
+                let mut out = vec![0xaa];
+                Fields(&mut out).message_sized(5, width, |f| {
+                    f.nonempty(2, record.interface_name.as_bytes())
+                });
+                assert_eq!(out[0], 0xaa);
+                assert_eq!(out[1..], expected[..], "body {name_len}, width {width}");
+            }
+        }
     }
 }
