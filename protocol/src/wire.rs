@@ -6,8 +6,9 @@
 //! was not inlined: 11% of an agent's CPU at 5k connections/s went to it (BENCHMARKS.md). Here a
 //! varint is a loop of pushes, and a nested message's length is written in front of it when it
 //! is complete (one byte is reserved, or as many as the caller expects, and the body is moved
-//! in the rare case its length needs another width). What is written decodes with the generated types; the tests compare bytes with
-//! prost's output. [`read`] is the other way: the agents' batches, read by the aggregator.
+//! in the rare case its length needs another width). What is written decodes with the generated
+//! types; the tests compare bytes with prost's output. [`read`] is the other way: the agents'
+//! batches, read by the aggregator.
 
 pub mod read;
 
